@@ -1,0 +1,1 @@
+"""The `zerostack` command: one Typer sub-app per subsystem."""

@@ -1,0 +1,25 @@
+"""Entry point of the `zerostack` command; each subsystem contributes one sub-app or commands."""
+
+from __future__ import annotations
+
+import typer
+
+from zerostack.cli import identity
+
+app = typer.Typer(
+    name="zerostack",
+    help="A grid of autonomous nodes driven by signed IT smart contracts.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+app.add_typer(identity.app, name="id")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

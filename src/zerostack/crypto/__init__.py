@@ -1,0 +1,28 @@
+"""Identities and hashing: ed25519 keys, canonical JSON, blake2b-256, sealed boxes, key files."""
+
+from zerostack.crypto.canonical import CanonicalError, canonical_json, hash_hex, hash_obj
+from zerostack.crypto.identity import (
+    CryptoError,
+    Identity,
+    load_identity,
+    open_sealed,
+    public_key_from_hex,
+    save_identity,
+    seal_to,
+    verify,
+)
+
+__all__ = [
+    "CanonicalError",
+    "CryptoError",
+    "Identity",
+    "canonical_json",
+    "hash_hex",
+    "hash_obj",
+    "load_identity",
+    "open_sealed",
+    "public_key_from_hex",
+    "save_identity",
+    "seal_to",
+    "verify",
+]

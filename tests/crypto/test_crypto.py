@@ -1,0 +1,79 @@
+"""Identities, canonical JSON, hashes, sealed boxes and key files."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from zerostack.crypto import (
+    CanonicalError,
+    CryptoError,
+    Identity,
+    canonical_json,
+    hash_hex,
+    load_identity,
+    open_sealed,
+    save_identity,
+    seal_to,
+    verify,
+)
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.text(),
+    lambda children: st.lists(children, max_size=5)
+    | st.dictionaries(st.text(max_size=10), children, max_size=5),
+    max_leaves=20,
+)
+
+
+def test_canonical_json_sorts_keys_and_has_no_whitespace() -> None:
+    assert canonical_json({"b": 1, "a": [True, None, "é"]}) == '{"a":[true,null,"é"],"b":1}'.encode()
+
+
+@pytest.mark.parametrize("bad", [1.5, {"a": 0.1}, {1: "x"}, b"raw", [object()]])
+def test_canonical_json_refuses_non_canonical_values(bad: object) -> None:
+    with pytest.raises(CanonicalError):
+        canonical_json(bad)
+
+
+@given(json_values)
+def test_hash_ignores_key_order(value: object) -> None:
+    if isinstance(value, dict):
+        reordered = dict(reversed(list(value.items())))
+        assert hash_hex(reordered) == hash_hex(value)
+    assert len(hash_hex(value)) == 64
+
+
+def test_sign_and_verify() -> None:
+    a, b = Identity.generate(), Identity.generate()
+    msg = bytes(32)
+    sig = a.sign(msg)
+    assert verify(a.public_hex, msg, sig)
+    assert not verify(b.public_hex, msg, sig)
+    assert not verify(a.public_hex, b"\x01" + msg[1:], sig)
+    assert not verify(a.public_hex, msg, sig[:-1])
+    assert not verify("zz", msg, sig)
+
+
+def test_sealed_box_opens_only_for_its_recipient() -> None:
+    a, b = Identity.generate(), Identity.generate()
+    box = seal_to(a.public_hex, b"secret instructions")
+    assert b"secret" not in box
+    assert open_sealed(a, box) == b"secret instructions"
+    with pytest.raises(CryptoError):
+        open_sealed(b, box)
+
+
+def test_key_file_mode_and_round_trip(tmp_path: Path) -> None:
+    ident = Identity.generate()
+    path = tmp_path / "ids" / "alice.key"
+    save_identity(ident, path, "alice")
+    assert os.stat(path).st_mode & 0o777 == 0o600
+    assert load_identity(path).public_hex == ident.public_hex
+    os.chmod(path, 0o644)
+    with pytest.raises(CryptoError, match="0600"):
+        load_identity(path)
