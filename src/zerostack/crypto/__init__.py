@@ -26,3 +26,11 @@ __all__ = [
     "seal_to",
     "verify",
 ]
+
+from zerostack.crypto.multisig import (
+    QuorumError,
+    SignatureRequest,
+    SignatureRequirement,
+)
+
+__all__ += ["QuorumError", "SignatureRequest", "SignatureRequirement"]
