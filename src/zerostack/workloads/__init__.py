@@ -1,0 +1,55 @@
+"""Workload primitives and the Deployment: typed specs, canonical hash, signatures, diff."""
+
+from zerostack.workloads.capacity import Resources, total_resources, workload_resources
+from zerostack.workloads.deployment import (
+    Deployment,
+    DeploymentDiff,
+    SignatureRequestSpec,
+    SignatureRequirementSpec,
+    WorkloadError,
+    diff,
+    workload_hash,
+)
+from zerostack.workloads.types import (
+    WORKLOAD_TYPES,
+    ContainerNetwork,
+    ContainerWorkload,
+    GatewayFqdnProxyWorkload,
+    GatewayNameProxyWorkload,
+    HealthCheck,
+    Mount,
+    NetworkWorkload,
+    PublicIPWorkload,
+    VolumeWorkload,
+    WireguardPeer,
+    Workload,
+    ZdbWorkload,
+    parse_size,
+)
+
+__all__ = [
+    "WORKLOAD_TYPES",
+    "ContainerNetwork",
+    "ContainerWorkload",
+    "Deployment",
+    "DeploymentDiff",
+    "GatewayFqdnProxyWorkload",
+    "GatewayNameProxyWorkload",
+    "HealthCheck",
+    "Mount",
+    "NetworkWorkload",
+    "PublicIPWorkload",
+    "Resources",
+    "SignatureRequestSpec",
+    "SignatureRequirementSpec",
+    "VolumeWorkload",
+    "WireguardPeer",
+    "Workload",
+    "WorkloadError",
+    "ZdbWorkload",
+    "diff",
+    "parse_size",
+    "total_resources",
+    "workload_hash",
+    "workload_resources",
+]

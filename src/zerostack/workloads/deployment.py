@@ -1,0 +1,210 @@
+"""The Deployment: versioned set of named workloads with its owner, signature requirement,
+canonical hash, multi-signature check and version diff."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from zerostack.crypto import Identity, QuorumError, SignatureRequirement, hash_hex, hash_obj, verify
+from zerostack.workloads.types import ContainerWorkload, Spec, Workload
+
+
+class WorkloadError(ValueError):
+    """A deployment or workload that is malformed, unauthorised or an invalid change."""
+
+
+class SignatureRequestSpec(Spec):
+    twin: int = Field(ge=0)
+    weight: int = Field(default=1, ge=0)
+    required: bool = False
+
+
+class SignatureRequirementSpec(Spec):
+    """Who must sign, with which weight, and the weight that makes a quorum."""
+
+    requests: list[SignatureRequestSpec] = Field(min_length=1)
+    weight_required: int = Field(ge=0)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SignatureRequirementSpec:
+        try:
+            SignatureRequirement.from_dict(self.model_dump())
+        except QuorumError as exc:
+            raise ValueError(str(exc)) from exc
+        return self
+
+    def to_requirement(self) -> SignatureRequirement:
+        return SignatureRequirement.from_dict(self.model_dump())
+
+
+def workload_hash(workload: Workload) -> str:
+    """Content hash of one workload: tells the node whether a new version changed it."""
+    return hash_hex(workload.model_dump(mode="json"))
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """One line per problem, with the path a YAML author can find: `workloads.0.zdb.sise: ...`."""
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        lines.append(f"{loc}: {err['msg']}" if loc else err["msg"])
+    return "; ".join(lines)
+
+
+class Deployment(Spec):
+    """What a contract asks one node to run. Its hash is what stakeholders sign."""
+
+    version: int = Field(default=0, ge=0)
+    twin_id: int = Field(ge=0)
+    contract_id: int = Field(default=0, ge=0)
+    metadata: str = ""
+    description: str = ""
+    signature_requirement: SignatureRequirementSpec
+    delete_requirement: SignatureRequirementSpec | None = None
+    workloads: list[Workload] = Field(default_factory=list)
+
+    @field_validator("workloads")
+    @classmethod
+    def _unique_names(cls, v: list[Workload]) -> list[Workload]:
+        seen: set[str] = set()
+        for w in v:
+            if w.name in seen:
+                raise ValueError(f"workload name {w.name!r} is used twice")
+            seen.add(w.name)
+        return v
+
+    @model_validator(mode="after")
+    def _references_resolve(self) -> Deployment:
+        # A container may only mount volumes and join networks of its own deployment.
+        kinds = {w.name: w.type for w in self.workloads}
+        for w in self.workloads:
+            if not isinstance(w, ContainerWorkload):
+                continue
+            for m in w.mounts:
+                if kinds.get(m.volume) != "volume":
+                    raise ValueError(f"container {w.name!r} mounts {m.volume!r}, not a volume here")
+            if w.network is not None and kinds.get(w.network.network) != "network":
+                raise ValueError(
+                    f"container {w.name!r} joins {w.network.network!r}, not a network here"
+                )
+        return self
+
+    @classmethod
+    def parse(cls, data: Any) -> Deployment:
+        """Validate user or wire data, turning pydantic's error into a WorkloadError."""
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise WorkloadError(f"invalid deployment: {describe_validation_error(exc)}") from exc
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def canonical(self) -> dict[str, Any]:
+        """The signed content. The contract id is excluded: it is known only after the
+        contract that carries this hash is created."""
+        return self.model_dump(mode="json", exclude={"contract_id"})
+
+    def hash(self) -> str:
+        return hash_hex(self.canonical())
+
+    def hash_bytes(self) -> bytes:
+        return hash_obj(self.canonical())
+
+    def workload(self, name: str) -> Workload | None:
+        for w in self.workloads:
+            if w.name == name:
+                return w
+        return None
+
+    def requirement(self) -> SignatureRequirement:
+        """The signature requirement with the owner made required, as every party applies it."""
+        return self.signature_requirement.to_requirement().with_owner(self.twin_id)
+
+    def delete_quorum(self) -> SignatureRequirement | None:
+        if self.delete_requirement is None:
+            return None
+        return self.delete_requirement.to_requirement().with_owner(self.twin_id)
+
+    def sign(self, identity: Identity) -> str:
+        """A stakeholder's signature over the deployment hash, hex-encoded."""
+        return identity.sign(self.hash_bytes()).hex()
+
+    def verify_signatures(
+        self,
+        signatures: Mapping[int, str],
+        twin_keys: Mapping[int, str],
+        requirement: SignatureRequirement | None = None,
+    ) -> set[int]:
+        """Check every signature against the twin's key and the quorum itself.
+
+        Returns the twins whose signatures verify. Raises WorkloadError when any signature
+        is forged or the quorum does not hold: a node acts on neither.
+        """
+        req = requirement or self.requirement()
+        digest = self.hash_bytes()
+        valid: set[int] = set()
+        for twin, sig_hex in sorted(signatures.items()):
+            key = twin_keys.get(twin)
+            if key is None:
+                raise WorkloadError(f"twin {twin} signed but its key is unknown")
+            try:
+                sig = bytes.fromhex(sig_hex)
+            except ValueError as exc:
+                raise WorkloadError(f"signature of twin {twin} is not hex") from exc
+            if not verify(key, digest, sig):
+                raise WorkloadError(
+                    f"signature of twin {twin} does not verify against deployment hash "
+                    f"{self.hash()[:16]}…: forged or for another deployment"
+                )
+            valid.add(twin)
+        why = req.missing(valid)
+        if why is not None:
+            raise WorkloadError(f"approval quorum does not hold: {why}")
+        return valid
+
+
+@dataclass(frozen=True)
+class DeploymentDiff:
+    """What changes between two versions of a deployment, by workload name."""
+
+    added: tuple[Workload, ...]
+    updated: tuple[tuple[Workload, Workload], ...]
+    removed: tuple[Workload, ...]
+    unchanged: tuple[str, ...]
+
+    @property
+    def empty(self) -> bool:
+        return not (self.added or self.updated or self.removed)
+
+
+def diff(old: Deployment, new: Deployment) -> DeploymentDiff:
+    """Compare versions. A workload keeps its type for life: changing it is refused."""
+    if new.twin_id != old.twin_id:
+        raise WorkloadError(f"the owner cannot change (twin {old.twin_id} -> {new.twin_id})")
+    if new.version <= old.version:
+        raise WorkloadError(
+            f"new version {new.version} must be greater than the current {old.version}"
+        )
+    old_by = {w.name: w for w in old.workloads}
+    new_by = {w.name: w for w in new.workloads}
+    added, updated, unchanged = [], [], []
+    for name, w in new_by.items():
+        prev = old_by.get(name)
+        if prev is None:
+            added.append(w)
+        elif prev.type != w.type:
+            raise WorkloadError(
+                f"workload {name!r} cannot change type from {prev.type} to {w.type}; "
+                "remove it and add a new one under another name"
+            )
+        elif workload_hash(prev) != workload_hash(w):
+            updated.append((prev, w))
+        else:
+            unchanged.append(name)
+    removed = [w for name, w in old_by.items() if name not in new_by]
+    return DeploymentDiff(tuple(added), tuple(updated), tuple(removed), tuple(unchanged))

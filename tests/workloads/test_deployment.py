@@ -1,0 +1,168 @@
+"""Deployments: validation, canonical hash, multi-signature verification and version diff."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from zerostack.crypto import Identity
+from zerostack.workloads import (
+    Deployment,
+    WorkloadError,
+    ZdbWorkload,
+    diff,
+    total_resources,
+    workload_hash,
+)
+
+names = st.from_regex(r"[a-z][a-z0-9]{0,8}", fullmatch=True)
+
+
+def zdb(name: str, size: int = 1 << 20, **kw: Any) -> dict[str, Any]:
+    return {"type": "zdb", "name": name, "size": size, **kw}
+
+
+def dep(workloads: list[dict[str, Any]], version: int = 0, owner: int = 1,
+        requests: list[dict[str, Any]] | None = None, weight: int = 1) -> Deployment:
+    return Deployment.parse(
+        {
+            "version": version,
+            "twin_id": owner,
+            "signature_requirement": {
+                "requests": requests or [{"twin": owner, "weight": 1, "required": True}],
+                "weight_required": weight,
+            },
+            "workloads": workloads,
+        }
+    )
+
+
+workload_dicts = st.one_of(
+    st.builds(
+        lambda n, s, m, p, pub, d: zdb(n, s, mode=m, password=p, public=pub, disk_type=d),
+        names, st.integers(1, 1 << 40), st.sampled_from(["user", "seq"]),
+        st.text(max_size=10), st.booleans(), st.sampled_from(["hdd", "ssd"]),
+    ),
+    st.builds(lambda n, s: {"type": "volume", "name": n, "size": s}, names,
+              st.integers(1, 1 << 40)),
+    st.builds(lambda n, c, m: {"type": "container", "name": n, "flist": "hub://x", "cpu": c,
+                               "memory": m}, names, st.integers(1, 8), st.integers(1, 1 << 34)),
+    st.builds(lambda n, v6: {"type": "public_ip", "name": n, "v6": v6}, names, st.booleans()),
+)
+deployments = st.lists(workload_dicts, max_size=6, unique_by=lambda w: w["name"]).map(dep)
+
+
+def test_every_primitive_parses() -> None:
+    d = dep([
+        zdb("db", "1G", mode="seq", password="pw", public=True, disk_type="ssd"),
+        {"type": "volume", "name": "data", "size": "512M"},
+        {"type": "network", "name": "net", "ip_range": "10.1.0.0/16", "subnet": "10.1.2.0/24"},
+        {"type": "container", "name": "web", "flist": "hub://web", "env": {"A": "1"},
+         "secret_env": {"K": "s"}, "mounts": [{"volume": "data", "mountpoint": "/data"}],
+         "network": {"network": "net", "ip": "10.1.2.5"}, "publishers": ["ab" * 32]},
+        {"type": "gateway_name_proxy", "name": "gw", "domain_name": "shop",
+         "backends": ["http://10.1.2.5:80"]},
+        {"type": "gateway_fqdn_proxy", "name": "gw2", "fqdn": "shop.example.com",
+         "backends": ["http://10.1.2.5:80"]},
+        {"type": "public_ip", "name": "ip"},
+    ])
+    assert [w.type for w in d.workloads][:2] == ["zdb", "volume"]
+    db = d.workload("db")
+    assert isinstance(db, ZdbWorkload) and db.size == 1 << 30
+    res = total_resources(d.workloads)
+    assert res.sru == (1 << 30) + (512 << 20) and res.cru == 1
+
+
+@pytest.mark.parametrize(
+    ("workloads", "needle"),
+    [
+        ([zdb("db", sise=1)], "workloads.0.zdb.sise: Extra inputs are not permitted"),
+        ([zdb("db"), zdb("db")], "used twice"),
+        ([{"type": "teleport", "name": "x"}], "does not match any of the expected tags"),
+        ([zdb("db", mode="fast")], "mode"),
+        ([zdb("Bad Name")], "name"),
+        ([zdb("db", size="lots")], "not a number of bytes"),
+        ([{"type": "container", "name": "c", "flist": "f",
+           "mounts": [{"volume": "nope", "mountpoint": "/m"}]}], "not a volume here"),
+    ],
+)
+def test_invalid_deployments_are_refused_clearly(workloads: list[dict[str, Any]],
+                                                 needle: str) -> None:
+    with pytest.raises(WorkloadError, match="invalid deployment") as err:
+        dep(workloads)
+    assert needle in str(err.value)
+
+
+def test_requirement_weight_is_checked() -> None:
+    with pytest.raises(WorkloadError, match="exceeds the total weight"):
+        dep([], weight=5)
+
+
+@given(deployments)
+def test_hash_is_stable_across_round_trip_and_ignores_contract_id(d: Deployment) -> None:
+    again = Deployment.parse(d.to_dict())
+    assert again.hash() == d.hash()
+    assert d.model_copy(update={"contract_id": 42}).hash() == d.hash()
+    assert len(d.hash()) == 64
+
+
+@given(deployments, st.integers(1, 1 << 30))
+def test_any_change_changes_the_hash(d: Deployment, v: int) -> None:
+    assert d.model_copy(update={"version": d.version + v}).hash() != d.hash()
+    assert d.model_copy(update={"metadata": "x"}).hash() != d.hash()
+
+
+def test_multisig_two_of_three() -> None:
+    ids = {t: Identity.generate() for t in (1, 2, 3)}
+    keys = {t: i.public_hex for t, i in ids.items()}
+    d = dep([zdb("db")], requests=[{"twin": 2, "weight": 1}, {"twin": 3, "weight": 1}], weight=2)
+    sig = {1: d.sign(ids[1])}
+    with pytest.raises(WorkloadError, match="below the required 2"):
+        d.verify_signatures(sig, keys)
+    sig[3] = d.sign(ids[3])
+    assert d.verify_signatures(sig, keys) == {1, 3}
+    # the owner is always required, whatever the weights say
+    with pytest.raises(WorkloadError, match=r"twin\(s\) 1"):
+        d.verify_signatures({2: d.sign(ids[2]), 3: d.sign(ids[3])}, keys)
+    # a forged signature (someone else's key) is refused outright
+    forged = dict(sig)
+    forged[3] = d.sign(ids[2])
+    with pytest.raises(WorkloadError, match="twin 3 does not verify"):
+        d.verify_signatures(forged, keys)
+    # a signature over another deployment does not count
+    other = d.model_copy(update={"version": 1})
+    with pytest.raises(WorkloadError, match="does not verify"):
+        other.verify_signatures(sig, keys)
+
+
+@given(deployments, deployments)
+@settings(max_examples=60)
+def test_diff_partitions_names(a: Deployment, b: Deployment) -> None:
+    b = b.model_copy(update={"version": a.version + 1})
+    a_types = {w.name: w.type for w in a.workloads}
+    if any(a_types.get(w.name, w.type) != w.type for w in b.workloads):
+        with pytest.raises(WorkloadError, match="cannot change type"):
+            diff(a, b)
+        return
+    d = diff(a, b)
+    added = {w.name for w in d.added}
+    updated = {new.name for _, new in d.updated}
+    removed = {w.name for w in d.removed}
+    assert added | updated | set(d.unchanged) == {w.name for w in b.workloads}
+    assert removed == {w.name for w in a.workloads} - {w.name for w in b.workloads}
+    assert not (added & updated) and not (updated & set(d.unchanged))
+    for old, new in d.updated:
+        assert workload_hash(old) != workload_hash(new)
+
+
+def test_diff_refuses_type_change_and_old_versions() -> None:
+    a = dep([zdb("x")], version=1)
+    with pytest.raises(WorkloadError, match="cannot change type from zdb to volume"):
+        diff(a, dep([{"type": "volume", "name": "x", "size": 1}], version=2))
+    with pytest.raises(WorkloadError, match="must be greater"):
+        diff(a, dep([zdb("x")], version=1))
+    d = diff(a, dep([zdb("x", size=2 << 20), zdb("y")], version=2))
+    assert [w.name for w in d.added] == ["y"] and len(d.updated) == 1
