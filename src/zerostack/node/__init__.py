@@ -1,0 +1,1 @@
+"""The Zero-OS node agent: identity, registration, reconcile engine, provisioners, reports."""

@@ -1,0 +1,56 @@
+"""Provisioners: one per workload type, in ONE registry, installed in ONE declared order.
+
+Adding a workload type = one module here and one line in `PROVISIONERS`.
+"""
+
+from __future__ import annotations
+
+from zerostack.node.provisioners.base import (
+    NodeContext,
+    Pool,
+    Provisioned,
+    Provisioner,
+    ProvisionError,
+    WorkloadID,
+)
+from zerostack.node.provisioners.dry import DryProvisioner
+from zerostack.node.provisioners.volume import VolumeProvisioner
+from zerostack.node.provisioners.zdb import ZdbProvisioner
+
+# Storage before network before compute, then what exposes compute; removal runs reversed.
+INSTALL_ORDER: tuple[str, ...] = (
+    "volume",
+    "zdb",
+    "network",
+    "public_ip",
+    "container",
+    "gateway_name_proxy",
+    "gateway_fqdn_proxy",
+)
+
+PROVISIONERS: dict[str, type[Provisioner]] = {
+    "volume": VolumeProvisioner,
+    "zdb": ZdbProvisioner,
+}
+
+
+def build_provisioners(node: NodeContext, dry: bool = False) -> dict[str, Provisioner]:
+    """Instantiate the registry for a node; a dry node records every type and touches nothing."""
+    if dry:
+        shared = DryProvisioner(node)
+        return {kind: shared for kind in INSTALL_ORDER}
+    return {kind: cls(node) for kind, cls in PROVISIONERS.items()}
+
+
+__all__ = [
+    "INSTALL_ORDER",
+    "PROVISIONERS",
+    "DryProvisioner",
+    "NodeContext",
+    "Pool",
+    "ProvisionError",
+    "Provisioned",
+    "Provisioner",
+    "WorkloadID",
+    "build_provisioners",
+]

@@ -1,0 +1,118 @@
+"""Zero-DB namespaces on the node's own Zero-DB server, managed over RESP with admin rights."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import redis
+
+from zerostack.node.provisioners.base import (
+    NodeContext,
+    Provisioned,
+    Provisioner,
+    ProvisionError,
+    WorkloadID,
+)
+from zerostack.workloads import Deployment, Workload, ZdbWorkload
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class ZdbProvisioner(Provisioner):
+    """One namespace per zdb workload, named after the workload id so it is never doubled."""
+
+    def __init__(self, node: NodeContext) -> None:
+        super().__init__(node)
+        self._conn: redis.Redis | None = None
+        self._lock = threading.Lock()
+
+    def _admin(self) -> redis.Redis:
+        if self._conn is None:
+            self._conn = redis.Redis(
+                host=self.node.zdb_host, port=self.node.zdb_port,
+                socket_timeout=10, socket_connect_timeout=5,
+            )
+        return self._conn
+
+    def _cmd(self, *args: Any) -> Any:
+        # One admin connection, re-authenticated when redis-py reconnects after a zdb restart.
+        with self._lock:
+            conn = self._admin()
+            for attempt in (0, 1):
+                try:
+                    if self.node.zdb_admin:
+                        conn.execute_command("AUTH", self.node.zdb_admin)
+                    return conn.execute_command(*args)
+                except redis.ConnectionError as exc:
+                    if attempt:
+                        raise ProvisionError(
+                            f"node Zero-DB at {self.node.zdb_host}:{self.node.zdb_port} "
+                            f"is unreachable: {exc}"
+                        ) from exc
+                    conn.connection_pool.disconnect()
+                except redis.ResponseError as exc:
+                    raise ProvisionError(f"Zero-DB refused {_text(args[0])}: {exc}") from exc
+            raise AssertionError("unreachable")
+
+    def namespaces(self) -> set[str]:
+        return {_text(n) for n in self._cmd("NSLIST")}
+
+    def info(self, ns: str) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for line in _text(self._cmd("NSINFO", ns)).splitlines():
+            if ":" in line:
+                k, _, v = line.partition(":")
+                out[k.strip()] = v.strip()
+        return out
+
+    def _converge(self, wid: WorkloadID, spec: Workload) -> Provisioned:
+        assert isinstance(spec, ZdbWorkload)
+        ns = wid.key
+        if ns not in self.namespaces():
+            self._cmd("NSNEW", ns)
+        info = self.info(ns)
+        want_mode = "userkey" if spec.mode == "user" else "sequential"
+        if info.get("mode") != want_mode:
+            if int(info.get("entries", "0") or 0):
+                raise ProvisionError(
+                    f"namespace {ns} holds data in {info.get('mode')} mode; "
+                    "the mode of a used namespace cannot change"
+                )
+            self._cmd("NSSET", ns, "mode", spec.mode)
+        self._cmd("NSSET", ns, "maxsize", str(spec.size))
+        self._cmd("NSSET", ns, "password", spec.password or "*")
+        self._cmd("NSSET", ns, "public", "1" if spec.public else "0")
+        return Provisioned(
+            data={"host": self.node.public_host, "port": self.node.zdb_port, "namespace": ns,
+                  "mode": spec.mode, "size": spec.size}
+        )
+
+    def provision(self, wid: WorkloadID, spec: Workload, deployment: Deployment) -> Provisioned:
+        return self._converge(wid, spec)
+
+    def update(
+        self, wid: WorkloadID, old: Workload, new: Workload, deployment: Deployment
+    ) -> Provisioned:
+        assert isinstance(new, ZdbWorkload)
+        info = self.info(wid.key) if wid.key in self.namespaces() else {}
+        used = int(info.get("data_size_bytes", "0") or 0)
+        if new.size < used:
+            raise ProvisionError(
+                f"namespace {wid.key} already holds {used} bytes; cannot shrink to {new.size}"
+            )
+        return self._converge(wid, new)
+
+    def deprovision(self, wid: WorkloadID, spec: Workload) -> None:
+        if wid.key in self.namespaces():
+            self._cmd("NSDEL", wid.key)
+
+    def exists(self, wid: WorkloadID, spec: Workload) -> bool:
+        return wid.key in self.namespaces()
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
