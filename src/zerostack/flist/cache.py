@@ -1,0 +1,359 @@
+"""The node's image cache: fetch a signed flist from the hub, verify every byte, materialize it.
+
+One directory per manifest hash (`images/<hash>/rootfs`), written under a temp name and
+renamed into place only once every chunk matched its hash, then sealed: the seal records
+each path's inode, size, mode, owner, mtime and ctime, so `check` can confirm before every
+container start that nothing was changed since, without re-hashing the content.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import os
+import queue
+import shutil
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import orjson
+
+from zerostack.flist.manifest import FlistError, Manifest, SignedFlist
+from zerostack.flist.store import ChunkStore
+
+FETCH_BATCH_BYTES = 16 * 1024 * 1024
+FETCH_BATCH_KEYS = 128
+_SEAL_VERSION = 1
+
+
+def _check_hash(text: str) -> bytes:
+    try:
+        raw = bytes.fromhex(text)
+    except ValueError:
+        raw = b""
+    if len(raw) != 32 or raw.hex() != text:
+        raise FlistError(f"{text[:70]!r} is not an flist hash (64 lowercase hex digits)")
+    return raw
+
+
+@dataclass(frozen=True)
+class CachedImage:
+    """A verified, sealed image on this node; `rootfs` is read-only by convention."""
+
+    hash: str
+    rootfs: Path
+    flist: SignedFlist
+
+    @property
+    def manifest(self) -> Manifest:
+        return self.flist.manifest
+
+
+@dataclass
+class FetchStats:
+    chunks_fetched: int = 0
+    chunks_local: int = 0
+    bytes_fetched: int = 0
+
+
+def _stamp(st: os.stat_result) -> list[int]:
+    return [st.st_ino, st.st_size, st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns,
+            st.st_ctime_ns, st.st_nlink]
+
+
+def fetch_flist(hub: ChunkStore, manifest_hash: str,
+                allowed_publishers: Iterable[str] | None) -> SignedFlist:
+    """Get a signed flist from the hub and check its hash and its publisher's signature."""
+    key = _check_hash(manifest_hash)
+    raw = hub.get_many([key])[0]
+    if raw is None:
+        raise FlistError(f"flist {manifest_hash[:16]} is not on the hub")
+    flist = SignedFlist.from_bytes(raw)
+    if flist.hash_hex != manifest_hash:
+        raise FlistError(f"flist {manifest_hash[:16]} from the hub hashes to "
+                         f"{flist.hash_hex[:16]}: the manifest was tampered with")
+    flist.verify(None if allowed_publishers is None else frozenset(allowed_publishers))
+    return flist
+
+
+class ImageCache:
+    """Verified images materialized under `root`, shared by every container on the node."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.images = root / "images"
+        self.locks = root / "locks"
+
+    def image_dir(self, manifest_hash: str) -> Path:
+        _check_hash(manifest_hash)
+        return self.images / manifest_hash
+
+    @contextlib.contextmanager
+    def _lock(self, manifest_hash: str) -> Iterator[None]:
+        self.locks.mkdir(parents=True, exist_ok=True)
+        with open(self.locks / f"{manifest_hash}.lock", "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def fetch(self, hub: ChunkStore, manifest_hash: str,
+              allowed_publishers: Iterable[str] | None,
+              stats: FetchStats | None = None) -> CachedImage:
+        """The image `manifest_hash`, fetched and verified unless already cached and intact.
+
+        `allowed_publishers` are the public keys (hex) whose signature the deployment
+        accepts (None accepts any valid signature). Raises FlistError on any mismatch;
+        nothing is left behind in that case.
+        """
+        allowed = None if allowed_publishers is None else frozenset(allowed_publishers)
+        with self._lock(manifest_hash):
+            target = self.image_dir(manifest_hash)
+            if target.exists():
+                image = self._load(manifest_hash)
+                image.flist.verify(allowed)
+                try:
+                    self._check_seal(image)
+                    return image
+                except FlistError:
+                    self._discard(target)  # altered behind our back: fetch it again
+            flist = fetch_flist(hub, manifest_hash, allowed)
+            self.images.mkdir(parents=True, exist_ok=True)
+            for stale in self.images.glob(f".tmp-{manifest_hash}-*"):
+                self._discard(stale)
+            tmp = self.images / f".tmp-{manifest_hash}-{os.getpid()}-{threading.get_ident()}"
+            try:
+                tmp.mkdir(mode=0o700)
+                rootfs = tmp / "rootfs"
+                self._materialize(hub, flist.manifest, rootfs, stats or FetchStats())
+                seal = {"version": _SEAL_VERSION, "hash": manifest_hash,
+                        "root": _stamp(os.lstat(rootfs)),
+                        "paths": [_stamp(os.lstat(rootfs / e.path)) for e in flist.manifest.entries]}
+                (tmp / "flist").write_bytes(flist.to_bytes())
+                (tmp / "seal.json").write_bytes(orjson.dumps(seal))
+                os.chmod(tmp, 0o755)
+                os.rename(tmp, target)
+            except BaseException:
+                self._discard(tmp)
+                raise
+            return CachedImage(manifest_hash, target / "rootfs", flist)
+
+    def _load(self, manifest_hash: str) -> CachedImage:
+        d = self.image_dir(manifest_hash)
+        try:
+            flist = SignedFlist.from_bytes((d / "flist").read_bytes())
+        except OSError as exc:
+            raise FlistError(f"image {manifest_hash[:16]} is not in the cache: {exc}") from None
+        if flist.hash_hex != manifest_hash:
+            raise FlistError(f"cached image {manifest_hash[:16]}: its manifest was altered")
+        return CachedImage(manifest_hash, d / "rootfs", flist)
+
+    def get(self, manifest_hash: str) -> CachedImage:
+        """A cached image, checked against its seal (FlistError if absent or altered)."""
+        image = self._load(manifest_hash)
+        self._check_seal(image)
+        return image
+
+    def check(self, manifest_hash: str) -> None:
+        """Confirm the cached image still matches its manifest; FlistError if not."""
+        self.get(manifest_hash)
+
+    def _check_seal(self, image: CachedImage) -> None:
+        # Writing, chmod, chown, utime or replacing a file all move its ctime (or inode),
+        # which userspace cannot set back; adding or removing a path moves its parent's.
+        d = image.rootfs.parent
+        try:
+            seal = orjson.loads((d / "seal.json").read_bytes())
+        except (OSError, orjson.JSONDecodeError) as exc:
+            raise FlistError(f"cached image {image.hash[:16]} has no valid seal: {exc}") from None
+        entries = image.manifest.entries
+        if seal.get("hash") != image.hash or len(seal.get("paths", ())) != len(entries):
+            raise FlistError(f"cached image {image.hash[:16]}: seal does not match the manifest")
+        try:
+            if _stamp(os.lstat(image.rootfs)) != seal["root"]:
+                raise FlistError(f"cached image {image.hash[:16]}: the root directory changed")
+            for e, stamp in zip(entries, seal["paths"], strict=True):
+                st = os.lstat(image.rootfs / e.path)
+                if _stamp(st) != stamp or (e.type == "file" and st.st_size != e.size):
+                    raise FlistError(f"cached image {image.hash[:16]}: {e.path} was modified")
+        except FileNotFoundError as exc:
+            raise FlistError(f"cached image {image.hash[:16]}: {exc.filename} is missing") from None
+
+    def remove(self, manifest_hash: str) -> None:
+        with self._lock(manifest_hash):
+            self._discard(self.image_dir(manifest_hash))
+
+    def list(self) -> list[str]:
+        if not self.images.exists():
+            return []
+        return sorted(p.name for p in self.images.iterdir() if not p.name.startswith("."))
+
+    @staticmethod
+    def _discard(path: Path) -> None:
+        if path.exists():
+            trash = path.with_name(f".trash-{path.name}-{os.getpid()}")
+            os.rename(path, trash)
+            shutil.rmtree(trash, ignore_errors=True)
+
+    def _local_chunks(self, exclude: str) -> dict[str, tuple[Path, int, int]]:
+        """Chunks already on this node inside other sealed images: hash -> (file, offset, len)."""
+        out: dict[str, tuple[Path, int, int]] = {}
+        for h in self.list():
+            if h == exclude:
+                continue
+            try:
+                image = self._load(h)
+            except FlistError:
+                continue
+            cs = image.manifest.chunk_size
+            for e in image.manifest.entries:
+                for i, c in enumerate(e.chunks):
+                    n = min(cs, e.size - i * cs)
+                    out.setdefault(c, (image.rootfs / e.path, i * cs, n))
+        return out
+
+    def _materialize(self, hub: ChunkStore, manifest: Manifest, rootfs: Path,
+                     stats: FetchStats) -> None:
+        rootfs.mkdir(mode=0o755)
+        local = self._local_chunks(manifest.hash_hex)
+        written: dict[str, tuple[Path, int, int]] = {}
+        # Chunks to fetch from the hub, in the order files are written.
+        remote: list[tuple[str, int]] = []
+        seen: set[str] = set()
+        cs = manifest.chunk_size
+        for e in manifest.entries:
+            for i, c in enumerate(e.chunks):
+                if c not in seen and c not in local:
+                    seen.add(c)
+                    remote.append((c, min(cs, e.size - i * cs)))
+        fetched = _Prefetcher(hub, remote)
+        try:
+            for e in manifest.entries:
+                path = rootfs / e.path
+                if e.type == "dir":
+                    os.mkdir(path, 0o700)
+                elif e.type == "symlink":
+                    os.symlink(e.target, path)
+                elif e.type == "file":
+                    self._write_file(manifest, e.path, path, e.chunks, e.size, fetched, local,
+                                     written, stats)
+            for e in manifest.entries:
+                if e.type == "hardlink":
+                    os.link(rootfs / e.target, rootfs / e.path)
+        finally:
+            fetched.close()
+        # Owners before modes (chown clears set-id bits); directories last and deepest
+        # first so setting their mtime is not undone by work inside them.
+        for e in manifest.entries:
+            if e.type == "hardlink":
+                continue
+            path = rootfs / e.path
+            os.lchown(path, e.uid, e.gid)
+            if e.type != "symlink":
+                os.chmod(path, e.mode)
+            if e.type != "dir":
+                os.utime(path, ns=(e.mtime * 10**9, e.mtime * 10**9), follow_symlinks=False)
+        for e in reversed(manifest.entries):
+            if e.type == "dir":
+                os.utime(rootfs / e.path, ns=(e.mtime * 10**9, e.mtime * 10**9))
+
+    @staticmethod
+    def _write_file(manifest: Manifest, rel: str, path: Path, chunks: Sequence[str], size: int,
+                    fetched: _Prefetcher, local: dict[str, tuple[Path, int, int]],
+                    written: dict[str, tuple[Path, int, int]], stats: FetchStats) -> None:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            offset = 0
+            for c in chunks:
+                data: bytes | None = None
+                for where in (written.get(c), local.get(c)):
+                    if where is not None:
+                        data = _read_at(*where)
+                        if data is not None and hashlib.blake2b(data, digest_size=32).hexdigest() == c:
+                            stats.chunks_local += 1
+                            break
+                        data = None
+                if data is None:
+                    data = fetched.take(c)
+                    if hashlib.blake2b(data, digest_size=32).hexdigest() != c:
+                        raise FlistError(f"chunk {c[:16]} of {rel} does not match its hash "
+                                         "(tampered or corrupt on the hub): image refused")
+                    stats.chunks_fetched += 1
+                    stats.bytes_fetched += len(data)
+                written.setdefault(c, (path, offset, len(data)))
+                os.write(fd, data)
+                offset += len(data)
+            if offset != size:
+                raise FlistError(f"{rel}: chunks hold {offset} bytes, manifest says {size}")
+        finally:
+            os.close(fd)
+
+
+def _read_at(path: Path, offset: int, length: int) -> bytes | None:
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            data = f.read(length)
+    except OSError:
+        return None
+    return data if len(data) == length else None
+
+
+class _Prefetcher:
+    """Fetches the hub chunks in a thread, a batch ahead of the writer, in write order."""
+
+    def __init__(self, hub: ChunkStore, keys: Sequence[tuple[str, int]]) -> None:
+        self.hub = hub
+        self.keys = list(keys)
+        self.ready: queue.Queue[tuple[list[str], list[bytes | None]] | BaseException] = queue.Queue(2)
+        self.buffer: dict[str, bytes] = {}
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        if self.keys:
+            self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            batch: list[str] = []
+            size = 0
+            for n, (key, length) in enumerate(self.keys):
+                batch.append(key)
+                size += length
+                last = n == len(self.keys) - 1
+                if last or size >= FETCH_BATCH_BYTES or len(batch) >= FETCH_BATCH_KEYS:
+                    if self.stop.is_set():
+                        return
+                    values = self.hub.get_many([bytes.fromhex(k) for k in batch])
+                    self._put((batch, values))
+                    batch, size = [], 0
+        except BaseException as exc:
+            self._put(exc)
+
+    def _put(self, item: tuple[list[str], list[bytes | None]] | BaseException) -> None:
+        while not self.stop.is_set():
+            try:
+                self.ready.put(item, timeout=0.2)
+                return
+            except queue.Full:
+                continue
+
+    def take(self, key: str) -> bytes:
+        while key not in self.buffer:
+            item = self.ready.get()
+            if isinstance(item, BaseException):
+                raise item if isinstance(item, FlistError) else FlistError(f"hub fetch failed: {item}")
+            for k, v in zip(*item, strict=True):
+                if v is None:
+                    raise FlistError(f"chunk {k[:16]} is missing from the hub: image refused")
+                self.buffer[k] = v
+        # Each hub chunk is used once from here; later uses read it back from disk.
+        return self.buffer.pop(key)
+
+    def close(self) -> None:
+        self.stop.set()
+        if self.thread.is_alive():
+            self.thread.join(timeout=5)
