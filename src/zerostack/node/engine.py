@@ -6,6 +6,7 @@ type, recording each step in the node's state before and after it happens.
 
 from __future__ import annotations
 
+import base64
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -195,7 +196,8 @@ class Executor:
         if done.secret:
             if not d.owner_key:
                 raise ProvisionError(f"{d.wid}: a secret result needs the owner's key")
-            result["sealed"] = seal_to(d.owner_key, canonical_json(done.secret)).hex()
+            box = seal_to(d.owner_key, canonical_json(done.secret))
+            result["sealed"] = base64.b64encode(box).decode()
         self.state.put_workload(WorkloadRecord(
             d.wid, d.type, spec_json, d.spec_hash, "ok", "", result))
         return Outcome(d.wid, d.type, "ok", "", result)

@@ -39,6 +39,7 @@ CREATE TABLE IF NOT EXISTS contracts (
     status TEXT NOT NULL,
     message TEXT NOT NULL DEFAULT '',
     reported TEXT NOT NULL DEFAULT '',
+    refused TEXT NOT NULL DEFAULT '',
     updated REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -67,9 +68,10 @@ class ContractRecord:
     hash: str
     deployment: dict[str, Any]
     owner_key: str
-    status: str  # active | refused | cancelled | deleted
-    message: str
-    reported: str
+    status: str  # active | refused | cancelled
+    message: str  # why the last version was refused, if it was
+    reported: str  # hash of the last report posted
+    refused: str = ""  # deployment hash of a version this node refused
 
 
 class NodeState:
@@ -120,29 +122,30 @@ class NodeState:
     def put_contract(self, rec: ContractRecord) -> None:
         with self._lock:
             self._db.execute(
-                "INSERT OR REPLACE INTO contracts VALUES (?,?,?,?,?,?,?,?,?)",
+                "INSERT OR REPLACE INTO contracts VALUES (?,?,?,?,?,?,?,?,?,?)",
                 (rec.id, rec.version, rec.hash, orjson.dumps(rec.deployment).decode(),
-                 rec.owner_key, rec.status, rec.message, rec.reported, time.time()),
+                 rec.owner_key, rec.status, rec.message, rec.reported, rec.refused,
+                 time.time()),
             )
 
     def contract(self, cid: int) -> ContractRecord | None:
         with self._lock:
             row = self._db.execute(
-                "SELECT id,version,hash,deployment,owner_key,status,message,reported "
+                "SELECT id,version,hash,deployment,owner_key,status,message,reported,refused "
                 "FROM contracts WHERE id=?", (cid,)).fetchone()
         return None if row is None else self._contract(row)
 
     def contracts(self) -> list[ContractRecord]:
         with self._lock:
             rows = self._db.execute(
-                "SELECT id,version,hash,deployment,owner_key,status,message,reported "
+                "SELECT id,version,hash,deployment,owner_key,status,message,reported,refused "
                 "FROM contracts ORDER BY id").fetchall()
         return [self._contract(r) for r in rows]
 
     @staticmethod
     def _contract(row: tuple[Any, ...]) -> ContractRecord:
-        i, v, h, d, k, s, m, r = row
-        return ContractRecord(i, v, h, orjson.loads(d), k, s, m, r)
+        i, v, h, d, k, s, m, r, f = row
+        return ContractRecord(i, v, h, orjson.loads(d), k, s, m, r, f)
 
     def set_reported(self, cid: int, digest: str) -> None:
         with self._lock:

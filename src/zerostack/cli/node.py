@@ -1,0 +1,96 @@
+"""`zerostack node`: run a Zero-OS node agent, and look at one (read-only)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+from pathlib import Path
+
+import httpx
+import typer
+
+from zerostack.cli.output import fail, print_json, print_table
+from zerostack.ledger.errors import LedgerError
+from zerostack.node.agent import AgentConfig, NodeAgent
+from zerostack.node.provisioners import Pool, ProvisionError
+from zerostack.workloads import parse_size
+
+app = typer.Typer(help="Run a Zero-OS node agent (no shell, no exec: contracts only).",
+                  no_args_is_help=True)
+
+
+def _size(text: str | None, option: str) -> int | None:
+    if text is None:
+        return None
+    try:
+        return int(parse_size(text))
+    except ValueError as exc:
+        fail(f"{option}: {exc}")
+
+
+@app.command("run")
+def run(
+    ledger: str = typer.Option(..., "--ledger", envvar="ZEROSTACK_LEDGER",
+                               help="Ledger URL, e.g. http://127.0.0.1:8700."),
+    farm: int = typer.Option(..., "--farm", help="Farm id this node belongs to."),
+    data: Path = typer.Option(..., "--data", help="The node's state dir (identity, state, zdb)."),
+    zdb_port: int = typer.Option(9900, "--zdb-port", help="Port of the node's Zero-DB."),
+    zdb_listen: str = typer.Option("127.0.0.1", "--zdb-listen",
+                                   help="Address the node's Zero-DB listens on."),
+    pool: list[str] = typer.Option([], "--pool", help="Storage pool NAME:PATH:ssd|hdd "
+                                   "(repeatable; default: an ssd and an hdd pool in --data)."),
+    cpu: int | None = typer.Option(None, "--cpu", help="Cores to offer (default: all)."),
+    memory: str | None = typer.Option(None, "--memory",
+                                      help="Memory to offer, e.g. 8G (default: all)."),
+    country: str = typer.Option("BE", "--country", help="Location: country code."),
+    city: str = typer.Option("", "--city", help="Location: city."),
+    endpoint: str = typer.Option("127.0.0.1", "--endpoint",
+                                 help="Public address users reach this node's workloads on."),
+    status_port: int | None = typer.Option(None, "--status-port",
+                                           help="Serve read-only JSON status on 127.0.0.1."),
+    heartbeat: float = typer.Option(10.0, "--heartbeat", help="Seconds between heartbeats."),
+    resync: float = typer.Option(10.0, "--resync",
+                                 help="Seconds between full reconcile/self-healing passes."),
+    dry: bool = typer.Option(False, "--dry", help="Record actions only; touch nothing."),
+) -> None:
+    """Run the node agent until interrupted."""
+    try:
+        pools = [Pool.parse(p) for p in pool]
+    except ProvisionError as exc:
+        fail(str(exc))
+    if not dry and os.geteuid() != 0:
+        logging.getLogger("zerostack.node").warning("event=not_root volumes_need_root=true")
+    cfg = AgentConfig(
+        ledger_url=ledger, farm=farm, data_dir=data, zdb_port=zdb_port, zdb_listen=zdb_listen,
+        pools=pools, cpu=cpu, memory=_size(memory, "--memory"), country=country, city=city,
+        endpoint=endpoint, status_port=status_port, heartbeat=heartbeat, resync=resync, dry=dry,
+    )
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    try:
+        asyncio.run(NodeAgent(cfg).run())
+    except KeyboardInterrupt:
+        pass
+    except (LedgerError, RuntimeError, OSError) as exc:
+        fail(f"node agent stopped: {exc}")
+
+
+@app.command("status")
+def status(
+    port: int = typer.Option(..., "--status-port", help="The agent's --status-port."),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Show a local node's contracts and workloads (from its read-only status endpoint)."""
+    try:
+        snap = httpx.get(f"http://127.0.0.1:{port}/", timeout=5).json()
+    except (httpx.HTTPError, ValueError) as exc:
+        fail(f"no node status on 127.0.0.1:{port}: {exc}")
+    if json_out:
+        print_json(snap)
+        return
+    print_table(f"node {snap['node']} (twin {snap['twin']})",
+                ["contract", "workload", "type", "state", "message"],
+                [(w["contract"], w["name"], w["type"], w["state"], w["message"])
+                 for w in snap["workloads"]])

@@ -1,0 +1,409 @@
+"""The node agent: registers the node, follows its contracts on the ledger, verifies them
+itself, reconciles the machine against them, and reports back, signed.
+
+Level-triggered: events only say "look at contract N now"; a periodic pass looks at all
+of them again (and checks workloads still exist), so nothing depends on seeing an event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from zerostack.crypto import CryptoError, Identity, hash_hex, load_identity, save_identity
+from zerostack.ledger.errors import LedgerError
+from zerostack.node.capacity import node_capacity, system_reserve
+from zerostack.node.engine import Desired, Executor, Outcome, observe, plan
+from zerostack.node.link import LedgerLink
+from zerostack.node.provisioners import (
+    NodeContext,
+    Pool,
+    Provisioner,
+    WorkloadID,
+    build_provisioners,
+)
+from zerostack.node.state import ContractRecord, NodeState
+from zerostack.node.status import StatusServer
+from zerostack.node.zdbd import ZdbServer
+from zerostack.workloads import (
+    Deployment,
+    Resources,
+    WorkloadError,
+    diff,
+    total_resources,
+    workload_hash,
+)
+
+log = logging.getLogger("zerostack.node.agent")
+
+LIVE = ("approved", "deployed", "error")
+
+
+@dataclass
+class AgentConfig:
+    """Everything `zerostack node run` configures."""
+
+    ledger_url: str
+    farm: int
+    data_dir: Path
+    zdb_port: int = 9900
+    zdb_listen: str = "127.0.0.1"
+    pools: list[Pool] = field(default_factory=list)
+    cpu: int | None = None
+    memory: int | None = None
+    country: str = "BE"
+    city: str = ""
+    endpoint: str = "127.0.0.1"
+    status_port: int | None = None
+    heartbeat: float = 10.0
+    resync: float = 10.0
+    dry: bool = False
+
+
+class Refused(Exception):
+    """A contract version this node will not run, with the reason it reports."""
+
+
+@dataclass
+class ContractView:
+    """What the agent decided about one contract in one pass."""
+
+    cid: int
+    version: int
+    owner_key: str
+    deployment: Deployment | None  # the verified deployment to run (None: run nothing)
+    cancelled: bool = False
+    final: bool = False  # deleted/expired on the ledger: clean up, report nothing
+    error: str = ""
+    ledger_report: dict[str, Any] | None = None
+
+
+def default_pools(data_dir: Path) -> list[Pool]:
+    """Without --pool a node keeps an SSD and an HDD pool in its data dir (same disk)."""
+    return [Pool("ssd", data_dir / "pools" / "ssd", "ssd"),
+            Pool("hdd", data_dir / "pools" / "hdd", "hdd")]
+
+
+def load_or_create_identity(data_dir: Path) -> Identity:
+    path = data_dir / "identity.key"
+    if path.exists():
+        return load_identity(path)
+    ident = Identity.generate()
+    save_identity(ident, path, "node")
+    log.info("event=identity_created public=%s", ident.public_hex)
+    return ident
+
+
+class NodeAgent:
+    """One node. `run()` until cancelled; every change to the machine goes through plan()."""
+
+    def __init__(self, cfg: AgentConfig) -> None:
+        self.cfg = cfg
+        cfg.data_dir.mkdir(parents=True, exist_ok=True)
+        self.pools = cfg.pools or default_pools(cfg.data_dir)
+        self.identity = load_or_create_identity(cfg.data_dir)
+        self.state = NodeState(cfg.data_dir / "state.db")
+        self.capacity = node_capacity(self.pools, cfg.cpu, cfg.memory)
+        self.reserve = system_reserve(self.capacity)
+        self.zdb: ZdbServer | None = None
+        self.link = LedgerLink(cfg.ledger_url, self.identity)
+        self.context = NodeContext(cfg.data_dir, self.identity, self.pools, cfg.endpoint,
+                                   "127.0.0.1", cfg.zdb_port)
+        self.provisioners: dict[str, Provisioner] = {}
+        self.executor: Executor | None = None
+        self.node_id = 0
+        self.started = time.time()
+        self._lock = asyncio.Lock()
+        self._pending: set[int] = set()
+        self._wake = asyncio.Event()
+        self._status: StatusServer | None = None
+
+    # ---- lifecycle ------------------------------------------------------------------
+
+    async def start(self) -> None:
+        for pool in self.pools:
+            pool.path.mkdir(parents=True, exist_ok=True)
+        if not self.cfg.dry:
+            self.zdb = ZdbServer(self.cfg.data_dir, self.pools, self.cfg.zdb_port,
+                                 self.cfg.zdb_listen)
+            self.context.zdb_admin = self.zdb.admin
+            await self.zdb.start()
+        self.provisioners = build_provisioners(self.context, dry=self.cfg.dry)
+        self.executor = Executor(self.provisioners, self.state)
+        await self.link.open()
+        self.node_id = await self.register()
+        if self.cfg.status_port:
+            self._status = StatusServer(self.snapshot, self.cfg.status_port)
+            await self._status.start()
+        log.info("event=node_ready node=%s twin=%s capacity=%s", self.node_id,
+                 self.link.twin_id, self.capacity.to_dict())
+
+    async def stop(self) -> None:
+        if self._status is not None:
+            await self._status.stop()
+        for prov in {id(p): p for p in self.provisioners.values()}.values():
+            prov.close()
+        await self.link.close()
+        if self.zdb is not None:
+            await self.zdb.stop()
+        self.state.close()
+
+    async def run(self) -> None:
+        await self.start()
+        try:
+            await self.reconcile_all()  # after a restart: converge before anything else
+            await asyncio.gather(self._follow(), self._worker(), self._heartbeats(),
+                                 self._resyncs())
+        finally:
+            await self.stop()
+
+    async def register(self) -> int:
+        """Register the node's twin and the node itself, once; later starts update nothing."""
+        await self.link.ensure_twin(self.cfg.endpoint)
+        node = await self.link.node_of_twin()
+        if node is not None:
+            return int(node["id"])
+        cap = self.capacity.to_dict()
+        receipt = await self.link.submit("node.register", {
+            "farm": self.cfg.farm,
+            "capacity": cap,
+            "location": {"country": self.cfg.country, "city": self.cfg.city},
+            "endpoint": self.cfg.endpoint,
+        })
+        return int(receipt["node"])
+
+    # ---- loops ----------------------------------------------------------------------
+
+    async def _follow(self) -> None:
+        """Long-poll the ledger's events; queue the contracts on this node they touch."""
+        height = await self.link.height()
+        while True:
+            try:
+                height, contracts = await self.link.node_events(self.node_id, height)
+            except LedgerError as exc:
+                log.warning("event=follow_failed error=%r", str(exc))
+                await asyncio.sleep(1)
+                continue
+            if contracts:
+                self._pending |= contracts
+                self._wake.set()
+
+    async def _worker(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            batch, self._pending = self._pending, set()
+            try:
+                await self.reconcile(batch)
+            except LedgerError as exc:
+                log.warning("event=reconcile_failed error=%r", str(exc))
+                self._pending |= batch
+                await asyncio.sleep(1)
+                self._wake.set()
+
+    async def _heartbeats(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.heartbeat)
+            try:
+                await self.link.submit("node.heartbeat", {
+                    "used": self._used().to_dict(),
+                    "uptime": int(time.time() - self.started)})
+            except LedgerError as exc:
+                log.warning("event=heartbeat_failed error=%r", str(exc))
+
+    async def _resyncs(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.resync)
+            try:
+                await self.reconcile_all()
+            except LedgerError as exc:
+                log.warning("event=resync_failed error=%r", str(exc))
+
+    # ---- reconciliation -------------------------------------------------------------
+
+    async def reconcile_all(self) -> None:
+        """Every contract the ledger gives this node, plus any the node still runs."""
+        ids = {int(c["id"]) for c in await self.link.node_contracts(self.node_id)}
+        ids |= {w.wid.contract for w in self.state.workloads()}
+        await self.reconcile(ids)
+
+    async def reconcile(self, contract_ids: set[int]) -> None:
+        async with self._lock:
+            reports = []
+            for cid in sorted(contract_ids):
+                contract = await self.link.contract(cid)
+                if contract is not None and int(contract["node"]) != self.node_id:
+                    continue
+                view = await self._view(cid, contract)
+                if view is None:
+                    continue
+                await asyncio.to_thread(self._converge, view)
+                report = self._report(view)
+                if report is not None:
+                    reports.append((cid, report))
+            if reports:
+                await self.link.submit_many("contract.report", [r for _, r in reports])
+                for cid, r in reports:
+                    self.state.set_reported(cid, hash_hex(r))
+
+    async def _view(self, cid: int, c: dict[str, Any] | None) -> ContractView | None:
+        local = self.state.contract(cid)
+        if c is None or c["state"] in ("deleted", "expired") or c.get("active") is None:
+            if not self.state.workloads(cid):
+                return None
+            return ContractView(cid, 0, "", None, final=True)
+        active = c["active"]
+        owner_key = await self.link.twin_key(int(c["owner"]))
+        view = ContractView(cid, int(active["version"]), owner_key, None,
+                            ledger_report=c.get("report"))
+        if c["state"] == "cancelled":
+            view.cancelled = True
+            view.deployment = (Deployment.parse(local.deployment)
+                               if local and local.deployment else None)
+            return view
+        if c["state"] not in LIVE:
+            return None
+        h = active["deployment_hash"]
+        previous = (Deployment.parse(local.deployment)
+                    if local and local.status == "active" and local.deployment else None)
+        if local is not None and local.hash == h and local.status == "active":
+            view.deployment = previous
+            return view
+        if local is not None and local.refused == h:
+            view.deployment, view.error = previous, local.message
+            return view
+        try:
+            dep = await self._verify(cid, c, active, previous)
+        except Refused as exc:
+            msg = str(exc)
+            log.warning("event=contract_refused contract=%s version=%s reason=%r",
+                        cid, active["version"], msg)
+            self.state.put_contract(ContractRecord(
+                cid, local.version if local else 0, local.hash if local else "",
+                local.deployment if local else {}, owner_key,
+                local.status if local else "refused", msg, "", h))
+            view.deployment, view.error = previous, msg
+            return view
+        self.state.put_contract(ContractRecord(
+            cid, int(active["version"]), h, dep.to_dict(), owner_key, "active", "", "", ""))
+        view.deployment = dep
+        return view
+
+    async def _verify(self, cid: int, c: dict[str, Any], active: dict[str, Any],
+                      previous: Deployment | None) -> Deployment:
+        """Trust no server: open, parse, hash, signatures, quorum, update rules, capacity."""
+        try:
+            box = base64.b64decode(active["instructions"], validate=True)
+            raw = self.identity.open_sealed(box)
+        except (CryptoError, binascii.Error, ValueError) as exc:
+            raise Refused("instructions do not open with this node's key") from exc
+        try:
+            data = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise Refused("instructions are not JSON") from exc
+        try:
+            dep = Deployment.parse(data)
+        except WorkloadError as exc:
+            raise Refused(str(exc)) from exc
+        got, want = dep.hash(), active["deployment_hash"]
+        if got != want:
+            raise Refused(f"deployment hash mismatch: the contract says {want[:16]}…, "
+                          f"the instructions hash to {got[:16]}…")
+        if dep.twin_id != int(c["owner"]):
+            raise Refused(f"deployment owner twin {dep.twin_id} is not the contract owner "
+                          f"twin {c['owner']}")
+        if dep.contract_id not in (0, cid):
+            raise Refused(f"deployment is for contract {dep.contract_id}, not {cid}")
+        approvals = {int(k): v for k, v in (active.get("approvals") or {}).items()}
+        keys = {t: await self.link.twin_key(t) for t in approvals}
+        try:
+            signed = dep.verify_signatures(approvals, keys)
+            if previous is not None:
+                diff(previous, dep)
+                why = previous.requirement().missing(signed)
+                if why is not None:
+                    raise Refused(f"update lacks the current stakeholders' consent: {why}")
+        except WorkloadError as exc:
+            raise Refused(str(exc)) from exc
+        need = total_resources(dep.workloads)
+        free = self.capacity - self.reserve - self._used(exclude=cid)
+        why = need.fits_in(free)
+        if why is not None:
+            raise Refused(f"over capacity: {why} (after the system reserve)")
+        return dep
+
+    def _used(self, exclude: int | None = None) -> Resources:
+        used = Resources()
+        for rec in self.state.contracts():
+            if rec.status == "active" and rec.id != exclude and rec.deployment:
+                used = used + total_resources(Deployment.parse(rec.deployment).workloads)
+        return used
+
+    def _converge(self, view: ContractView) -> list[Outcome]:
+        """Runs in a worker thread: observe, plan, execute for one contract."""
+        assert self.executor is not None
+        desired: dict[WorkloadID, Desired] = {}
+        if view.deployment is not None and not (view.cancelled or view.final):
+            for w in view.deployment.workloads:
+                wid = WorkloadID(view.cid, w.name)
+                desired[wid] = Desired(wid, w, workload_hash(w), view.deployment, view.owner_key)
+        actual = observe(self.state.workloads(view.cid), self.provisioners)
+        actions = plan(desired, actual)
+        outcomes = self.executor.execute(actions)
+        if (view.cancelled or view.final) and not self.state.workloads(view.cid):
+            rec = self.state.contract(view.cid)
+            if rec is not None and rec.status == "active":
+                self.state.put_contract(ContractRecord(
+                    rec.id, rec.version, rec.hash, rec.deployment, rec.owner_key,
+                    "cancelled", rec.message, rec.reported, rec.refused))
+        return outcomes
+
+    def _report(self, view: ContractView) -> dict[str, Any] | None:
+        if view.final:
+            return None
+        records = {r.wid.name: r for r in self.state.workloads(view.cid)}
+        workloads = []
+        for w in view.deployment.workloads if view.deployment else []:
+            rec = records.get(w.name)
+            if rec is None:
+                state, msg, data = ("deleted" if view.cancelled else "init"), "", {}
+            else:
+                state, msg, data = rec.state, rec.message, dict(rec.result)
+                if view.cancelled and state != "error":
+                    state = "init"  # still being removed
+            sealed = data.pop("sealed", "")
+            workloads.append({"name": w.name, "type": w.type, "state": state,
+                              "message": msg[:1000], "data": data, "sealed": sealed})
+        report = {"contract": view.cid, "version": view.version, "error": view.error[:1000],
+                  "workloads": workloads}
+        crec = self.state.contract(view.cid)
+        lr = view.ledger_report
+        if (crec is not None and crec.reported == hash_hex(report) and lr is not None
+                and int(lr.get("version", 0)) == view.version):
+            return None
+        return report
+
+    # ---- read-only status -------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "node": self.node_id,
+            "twin": self.link.twin_id,
+            "public_key": self.identity.public_hex,
+            "capacity": self.capacity.to_dict(),
+            "reserve": self.reserve.to_dict(),
+            "used": self._used().to_dict(),
+            "contracts": [{"id": c.id, "version": c.version, "status": c.status,
+                           "message": c.message} for c in self.state.contracts()],
+            "workloads": [{"contract": w.wid.contract, "name": w.wid.name, "type": w.type,
+                           "state": w.state, "message": w.message}
+                          for w in self.state.workloads()],
+        }

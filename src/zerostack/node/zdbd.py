@@ -1,0 +1,124 @@
+"""The node's own Zero-DB server: started as a child process and restarted if it dies.
+
+Its admin password is generated once and kept (mode 0600) in the node's data dir; only
+the zdb provisioner uses it. Data goes on an HDD pool when the node has one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import logging
+import os
+import secrets
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+
+from zerostack.node.provisioners import Pool
+
+log = logging.getLogger("zerostack.node.zdbd")
+
+
+def admin_password(data_dir: Path) -> str:
+    path = data_dir / "zdb-admin.secret"
+    if path.exists():
+        return path.read_text().strip()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    pwd = secrets.token_hex(16)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(pwd)
+    return pwd
+
+
+def zdb_dirs(data_dir: Path, pools: list[Pool]) -> tuple[Path, Path]:
+    """(data, index) dirs: data on an HDD pool if any ("optimized for HD"), index beside it."""
+    hdd = [p for p in pools if p.kind == "hdd"]
+    base = (hdd[0].path if hdd else (pools[0].path if pools else data_dir)) / "zdb"
+    return base / "data", base / "index"
+
+
+def _die_with_parent() -> None:
+    # Runs in the child before exec: if the agent is killed (even with -9), so is its zdb,
+    # and the restarted agent starts a fresh one on the same files.
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def _listening(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.3):
+            return True
+    except OSError:
+        return False
+
+
+class ZdbServer:
+    """Supervises `zerostack zdb` for this node."""
+
+    def __init__(self, data_dir: Path, pools: list[Pool], port: int,
+                 listen: str = "127.0.0.1") -> None:
+        self.port = port
+        self.listen = listen
+        self.admin = admin_password(data_dir)
+        self.data, self.index = zdb_dirs(data_dir, pools)
+        self.log_path = data_dir / "zdb.log"
+        self.proc: asyncio.subprocess.Process | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    def _args(self) -> list[str]:
+        # The admin password goes in the environment, not argv: argv is world-readable.
+        return [sys.executable, "-m", "zerostack.cli.main", "zdb", "--listen", self.listen,
+                "--port", str(self.port), "--data", str(self.data), "--index", str(self.index)]
+
+    async def _spawn(self) -> None:
+        self.data.mkdir(parents=True, exist_ok=True)
+        self.index.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as logf:
+            self.proc = await asyncio.create_subprocess_exec(
+                *self._args(), stdout=logf, stderr=logf, stdin=asyncio.subprocess.DEVNULL,
+                env={**os.environ, "ZEROSTACK_ZDB_ADMIN": self.admin},
+                preexec_fn=_die_with_parent)
+        log.info("event=zdb_started pid=%s port=%s", self.proc.pid, self.port)
+
+    async def start(self, timeout: float = 15.0) -> None:
+        """Start the server and wait until it accepts connections."""
+        if _listening(self.port):
+            raise RuntimeError(f"port {self.port} is taken; choose another with --zdb-port")
+        await self._spawn()
+        deadline = time.monotonic() + timeout
+        while not _listening(self.port):
+            if self.proc is not None and self.proc.returncode is not None:
+                raise RuntimeError(f"Zero-DB exited with {self.proc.returncode}; see {self.log_path}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"Zero-DB did not listen on port {self.port} in {timeout}s")
+            await asyncio.sleep(0.05)
+        self._task = asyncio.create_task(self._supervise())
+
+    async def _supervise(self) -> None:
+        backoff = 0.2
+        while not self._stopping:
+            assert self.proc is not None
+            code = await self.proc.wait()
+            if self._stopping:
+                return
+            log.warning("event=zdb_exited code=%s restart_in=%.1fs", code, backoff)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 10.0)
+            await self._spawn()
+
+    async def stop(self) -> None:
+        self._stopping = True
+        if self._task is not None:
+            self._task.cancel()
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.terminate()
+            try:
+                await asyncio.wait_for(self.proc.wait(), 5)
+            except TimeoutError:
+                self.proc.kill()
+                await self.proc.wait()
