@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from zerostack.cli import identity
+from zerostack.cli import flist, identity, node, zdb
 
 app = typer.Typer(
     name="zerostack",
@@ -15,6 +15,10 @@ app = typer.Typer(
 )
 
 app.add_typer(identity.app, name="id")
+app.add_typer(flist.app, name="flist")
+app.add_typer(zdb.app, name="zdb")
+app.add_typer(node.app, name="node")
+app.command("demo")(zdb.demo)
 
 
 def main() -> None:

@@ -1,0 +1,95 @@
+"""Key reads: GET, MGET, EXISTS, CHECK, LENGTH, KEYTIME (the reference's commands_get / _dataset)."""
+
+from __future__ import annotations
+
+from zerostack.zdb.commands.rules import (
+    FROZEN,
+    INVALID_ARGUMENT,
+    INVALID_KEY,
+    MAX_KEY_LENGTH,
+    UNEXPECTED_ARGUMENTS,
+)
+from zerostack.zdb.commands.session import Session
+from zerostack.zdb.protocol import NIL, ONE, ZERO
+
+MISSING_ARGUMENTS = b"-Missing arguments\r\n"
+
+
+def _key(s: Session, args: list[bytes]) -> bytes | None:
+    """The error reply for a malformed single-key request, or None when it is fine."""
+    if len(args) != 2:
+        return UNEXPECTED_ARGUMENTS
+    key = args[1]
+    if not key:
+        return INVALID_ARGUMENT
+    if len(key) > MAX_KEY_LENGTH:
+        return INVALID_KEY
+    if s.ns.frozen:
+        return FROZEN
+    return None
+
+
+def cmd_get(s: Session, args: list[bytes]) -> bytes:
+    if len(args) != 2 or not args[1] or len(args[1]) > MAX_KEY_LENGTH or s.ns.frozen:
+        return _key(s, args) or INVALID_ARGUMENT
+    value = s.ns.get(args[1])
+    if value is None:
+        return NIL
+    return b"$%d\r\n%b\r\n" % (len(value), value)
+
+
+def cmd_mget(s: Session, args: list[bytes]) -> bytes:
+    if len(args) < 2:
+        return MISSING_ARGUMENTS
+    if s.ns.frozen:
+        return FROZEN
+    get = s.ns.get
+    out = [b"*%d\r\n" % (len(args) - 1)]
+    for key in args[1:]:
+        value = get(key) if 0 < len(key) <= MAX_KEY_LENGTH else None
+        out.append(NIL if value is None else b"$%d\r\n%b\r\n" % (len(value), value))
+    return b"".join(out)
+
+
+def cmd_exists(s: Session, args: list[bytes]) -> bytes:
+    bad = _key(s, args)
+    if bad is not None:
+        return bad
+    return ONE if s.ns.exists(args[1]) else ZERO
+
+
+def cmd_check(s: Session, args: list[bytes]) -> bytes:
+    """CHECK key: re-read the payload and verify its CRC; nil when the key is missing."""
+    bad = _key(s, args)
+    if bad is not None:
+        return bad
+    valid = s.ns.check(args[1])
+    if valid is None:
+        return NIL
+    return ONE if valid else ZERO
+
+
+def cmd_length(s: Session, args: list[bytes]) -> bytes:
+    bad = _key(s, args)
+    if bad is not None:
+        return bad
+    length = s.ns.length(args[1])
+    return NIL if length is None else b":%d\r\n" % length
+
+
+def cmd_keytime(s: Session, args: list[bytes]) -> bytes:
+    bad = _key(s, args)
+    if bad is not None:
+        return bad
+    stamp = s.ns.keytime(args[1])
+    return NIL if stamp is None else b":%d\r\n" % stamp
+
+
+HANDLERS = {
+    b"GET": cmd_get,
+    b"MGET": cmd_mget,
+    b"EXISTS": cmd_exists,
+    b"CHECK": cmd_check,
+    b"LENGTH": cmd_length,
+    b"KEYTIME": cmd_keytime,
+}

@@ -1,0 +1,53 @@
+"""Argument and permission rules shared by the command families, with the reference texts."""
+
+from __future__ import annotations
+
+from zerostack.zdb.commands.session import Session
+from zerostack.zdb.protocol import error
+
+MAX_KEY_LENGTH = 255
+MAX_NAMESPACE_LENGTH = 128
+
+UNEXPECTED_ARGUMENTS = error("Unexpected arguments")
+INVALID_ARGUMENT = error("Invalid argument")
+INVALID_ARGUMENTS = error("Invalid arguments")
+INVALID_KEY = error("Invalid key")
+PERMISSION_DENIED = error("Permission denied")
+READ_ONLY = error("Namespace is in read-only mode")
+LOCKED = error("Namespace is temporarily locked (read-only)")
+FROZEN = error("Namespace is temporarily frozen (read-write disabled)")
+NAMESPACE_TOO_LONG = error("Namespace too long")
+NAMESPACE_NOT_FOUND = error("Namespace not found")
+
+
+def arity(args: list[bytes], expected: int, allow_empty: bool = False) -> bytes | None:
+    """None when `args` has exactly `expected` items (non-empty unless allowed), else the error."""
+    if len(args) != expected:
+        return UNEXPECTED_ARGUMENTS
+    if not allow_empty:
+        for arg in args:
+            if not arg:
+                return INVALID_ARGUMENT
+    return None
+
+
+def admin(session: Session) -> bytes | None:
+    """None when the client is admin, else `-Permission denied` (and counted)."""
+    if session.admin:
+        return None
+    session.state.commands_unauthorized += 1
+    return PERMISSION_DENIED
+
+
+def atoll(raw: bytes) -> int:
+    """C atoll(): optional sign and leading digits, 0 when there are none."""
+    text = raw.strip()
+    end = 0
+    if text[:1] in (b"-", b"+"):
+        end = 1
+    while end < len(text) and 48 <= text[end] <= 57:
+        end += 1
+    try:
+        return int(text[:end])
+    except ValueError:
+        return 0

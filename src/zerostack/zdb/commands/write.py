@@ -1,0 +1,88 @@
+"""SET and DEL: the write commands of a namespace (the reference's commands_set / _dataset)."""
+
+from __future__ import annotations
+
+from zerostack.zdb.commands.rules import (
+    FROZEN,
+    INVALID_ARGUMENT,
+    INVALID_KEY,
+    LOCKED,
+    MAX_KEY_LENGTH,
+    READ_ONLY,
+    UNEXPECTED_ARGUMENTS,
+    admin,
+    atoll,
+)
+from zerostack.zdb.commands.session import Session
+from zerostack.zdb.engine import Mode, ZdbError
+from zerostack.zdb.protocol import NIL, OK, error
+
+KEY_TOO_LARGE = error("Key too large")
+KEY_NEEDED = error("Invalid argument, key needed")
+
+
+def cmd_set(s: Session, args: list[bytes]) -> bytes:
+    """SET key value [timestamp]: the stored key as bulk, nil when the value is unchanged."""
+    n = len(args)
+    if n == 3:
+        timestamp = None
+    elif n == 4:
+        # Setting a timestamp rewrites history: only replication (admin) may do it.
+        denied = admin(s)
+        if denied is not None:
+            return denied
+        timestamp = atoll(args[3])
+    else:
+        return UNEXPECTED_ARGUMENTS
+    key = args[1]
+    if len(key) > MAX_KEY_LENGTH:
+        return KEY_TOO_LARGE
+    if not s.writable:
+        return READ_ONLY
+    ns = s.ns
+    if ns.frozen:
+        return FROZEN
+    if ns.locked:
+        return LOCKED
+    if not key and ns.mode is Mode.USER:
+        return KEY_NEEDED
+    try:
+        stored = ns.set(key, args[2], timestamp)
+    except ZdbError as exc:
+        return error(str(exc))
+    if stored is None:
+        return NIL
+    return b"$%d\r\n%b\r\n" % (len(stored), stored)
+
+
+def cmd_del(s: Session, args: list[bytes]) -> bytes:
+    """DEL key [timestamp]: +OK, or `-Key not found`."""
+    n = len(args)
+    timestamp = None
+    if n == 3:
+        denied = admin(s)
+        if denied is not None:
+            return denied
+        timestamp = atoll(args[2])
+    elif n != 2:
+        return UNEXPECTED_ARGUMENTS
+    key = args[1]
+    if not key:
+        return INVALID_ARGUMENT
+    if len(key) > MAX_KEY_LENGTH:
+        return INVALID_KEY
+    if not s.writable:
+        return READ_ONLY
+    ns = s.ns
+    if ns.frozen:
+        return FROZEN
+    if ns.locked:
+        return LOCKED
+    try:
+        ns.delete(key, timestamp)
+    except ZdbError as exc:
+        return error(str(exc))
+    return OK
+
+
+HANDLERS = {b"SET": cmd_set, b"SETX": cmd_set, b"DEL": cmd_del}

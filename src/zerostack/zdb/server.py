@@ -1,0 +1,361 @@
+"""The Zero-DB network server: asyncio protocol over TCP and unix sockets, wiring RESP parsing,
+the command table and the storage engine together.
+
+Replies to everything one read brought in are written with a single transport.write after
+one engine.flush_all(), so pipelined clients get one segment per batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from zerostack.zdb.commands import HANDLERS, ServerState, Session, lookup
+from zerostack.zdb.engine import Engine, EngineConfig, ZdbError
+from zerostack.zdb.protocol import ProtocolViolation, RequestParser, error
+
+log = logging.getLogger("zerostack.zdb")
+
+MISSING_ARGUMENTS = error("Missing arguments")
+NOT_SUPPORTED = error("Command not supported")
+INTERNAL_ERROR = error("Internal Error")
+TIMEOUT = error("Timeout")
+NAMESPACE_GONE = error("Your active namespace is not available anymore (probably removed).")
+
+
+def log_event(event: str, level: int = logging.INFO, **fields: object) -> None:
+    """One structured line: `event=... key=value ...`. Callers never pass secrets."""
+    if not log.isEnabledFor(level):
+        return
+    parts = [f"event={event}"]
+    for key, value in fields.items():
+        text = str(value)
+        if not text or any(c in text for c in ' "='):
+            text = '"' + text.replace('"', '\\"') + '"'
+        parts.append(f"{key}={text}")
+    log.log(level, " ".join(parts))
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """key=value lines on stderr, with a UTC timestamp and the level."""
+    handler = logging.StreamHandler(sys.stderr)
+    formatter = logging.Formatter("ts=%(asctime)s level=%(levelname)s %(message)s",
+                                  datefmt="%Y-%m-%dT%H:%M:%SZ")
+    formatter.converter = time.gmtime
+    handler.setFormatter(formatter)
+    log.handlers[:] = [handler]
+    log.setLevel(level)
+    log.propagate = False
+
+
+@dataclass
+class ServerConfig:
+    """How to listen and what to serve; `engine` says where and how data is stored."""
+
+    engine: EngineConfig
+    listen: str = "0.0.0.0"
+    port: int = 9900
+    socket_path: Path | None = None  # when set, listen on this unix socket instead of TCP
+    admin_password: str | None = field(default=None, repr=False)
+    protect: bool = False
+
+
+class Connection(asyncio.Protocol):
+    """One client: parse what arrives, run each request, answer the whole batch at once."""
+
+    def __init__(self, server: ZdbServer) -> None:
+        self.server = server
+        self.state = server.state
+        self.parser = RequestParser()
+        self.session = Session(server.state)
+        self.transport: asyncio.Transport | None = None
+        self.peer = "-"
+        # WAIT in progress: requests that arrived after it wait here, in order.
+        self.waiting = False
+        self.wait_timer: asyncio.TimerHandle | None = None
+        self.pending: list[list[bytes]] = []
+        self.pending_violation: str | None = None
+        self.closing = False
+
+    # -- asyncio callbacks -------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            # The reference's lack of TCP_NODELAY is what stalls its pipelined replies.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            peer = transport.get_extra_info("peername")
+            self.peer = f"{peer[0]}:{peer[1]}" if peer else "-"
+        else:
+            self.peer = "unix"
+        self.state.sessions.add(self.session)
+        self.state.clients_lifetime += 1
+        self.server.connections.add(self)
+        log_event("zdb.client.connect", logging.DEBUG, peer=self.peer)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.state.sessions.discard(self.session)
+        self.server.connections.discard(self)
+        self._cancel_wait()
+        log_event("zdb.client.disconnect", logging.DEBUG, peer=self.peer)
+
+    def pause_writing(self) -> None:
+        # The client does not read its replies: stop reading its requests until it does.
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.transport is not None and not self.waiting and not self.closing:
+            self.transport.resume_reading()
+
+    def data_received(self, data: bytes) -> None:
+        if self.closing:
+            return
+        try:
+            requests = self.parser.feed(data)
+            violation = None
+        except ProtocolViolation as exc:
+            requests, violation = exc.requests, exc.message
+        if self.waiting:
+            self.pending.extend(requests)
+            if violation is not None:
+                self.pending_violation = violation
+            return
+        self.process(requests, violation)
+
+    # -- request processing ------------------------------------------------------------
+
+    def process(self, requests: list[list[bytes]], violation: str | None) -> None:
+        transport = self.transport
+        if transport is None:
+            return
+        session = self.session
+        if session.removed:
+            self._close_with(NAMESPACE_GONE)
+            return
+        out: list[bytes] = []
+        handlers = HANDLERS
+        waiters = self.server.waiters
+        failed = 0
+        index = 0
+        for index, request in enumerate(requests):
+            if not request:
+                out.append(MISSING_ARGUMENTS)
+                continue
+            handler = handlers.get(request[0])
+            if handler is None:
+                handler = lookup(request[0])
+                if handler is None:
+                    out.append(NOT_SUPPORTED)
+                    failed += 1
+                    continue
+            try:
+                reply = handler(session, request)
+            except ZdbError as exc:
+                reply = error(str(exc))
+            except Exception as exc:  # a bug or an I/O failure must not kill the connection
+                log_event("zdb.command.failed", logging.ERROR,
+                          command=request[0][:32].decode("ascii", "replace"),
+                          error=type(exc).__name__, detail=str(exc)[:200])
+                reply = INTERNAL_ERROR
+            if waiters:
+                self.server.notify_waiters(self, request[0])
+            if reply is None:  # WAIT: answer later, keep the rest in order behind it
+                self.pending = requests[index + 1 :]
+                self.pending_violation = violation
+                violation = None
+                self._start_wait()
+                break
+            out.append(reply)
+        state = self.state
+        state.commands_executed += len(requests) - failed
+        state.commands_failed += failed
+        try:
+            self.server.engine.flush_all()
+        except OSError as exc:
+            log_event("zdb.flush.failed", logging.ERROR, error=str(exc))
+        if out:
+            transport.write(b"".join(out) if len(out) > 1 else out[0])
+        if violation is not None:
+            log_event("zdb.client.protocol_error", logging.INFO, peer=self.peer, reply=violation)
+            self._close_with(error(violation))
+
+    def _close_with(self, reply: bytes) -> None:
+        self.closing = True
+        if self.transport is not None:
+            self.transport.write(reply)
+            self.transport.close()
+
+    # -- WAIT --------------------------------------------------------------------------
+
+    def _start_wait(self) -> None:
+        self.waiting = True
+        assert self.transport is not None
+        self.transport.pause_reading()
+        self.server.waiters.setdefault(self.session.ns.name, set()).add(self)
+        loop = asyncio.get_running_loop()
+        self.wait_timer = loop.call_later(self.session.wait_timeout_ms / 1000, self.wake, TIMEOUT)
+
+    def _cancel_wait(self) -> None:
+        if self.wait_timer is not None:
+            self.wait_timer.cancel()
+            self.wait_timer = None
+        group = self.server.waiters.get(self.session.ns.name)
+        if group is not None:
+            group.discard(self)
+            if not group:
+                del self.server.waiters[self.session.ns.name]
+
+    def wake(self, reply: bytes) -> None:
+        """End a WAIT with `reply`, then serve what arrived meanwhile."""
+        if not self.waiting:
+            return
+        self._cancel_wait()
+        self.waiting = False
+        self.session.wait_for = None
+        if self.transport is None or self.transport.is_closing():
+            return
+        self.transport.write(reply)
+        requests, self.pending = self.pending, []
+        violation, self.pending_violation = self.pending_violation, None
+        if requests or violation:
+            self.process(requests, violation)
+        if not self.waiting and not self.closing:
+            self.transport.resume_reading()
+
+
+class ZdbServer:
+    """Owns the engine and the listeners; `start()` then `serve_until_stopped()`."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.engine = Engine(config.engine)
+        self.state = ServerState(
+            engine=self.engine, admin_password=config.admin_password, protect=config.protect,
+        )
+        self.state.on_stop = self.request_stop
+        self.state.on_namespace_removed = self._namespace_removed
+        self.connections: set[Connection] = set()
+        # namespace name -> connections blocked in WAIT on it
+        self.waiters: dict[str, set[Connection]] = {}
+        self._servers: list[asyncio.AbstractServer] = []
+        self._stopped: asyncio.Event | None = None
+        self._sync_task: asyncio.Task[None] | None = None
+        self.port: int | None = None
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._stopped = asyncio.Event()
+        cfg = self.config
+        if cfg.socket_path is not None:
+            path = cfg.socket_path
+            if path.is_socket():
+                path.unlink()  # left over by a crashed run: nothing can be listening on it
+            srv = await loop.create_unix_server(lambda: Connection(self), str(path))
+            self._servers.append(srv)
+            log_event("zdb.listen", socket=path)
+        else:
+            srv = await loop.create_server(lambda: Connection(self), cfg.listen, cfg.port,
+                                           reuse_address=True, backlog=1024)
+            self._servers.append(srv)
+            self.port = srv.sockets[0].getsockname()[1]
+            log_event("zdb.listen", addr=cfg.listen, port=self.port)
+        if cfg.engine.synctime > 0:
+            self._sync_task = asyncio.create_task(self._sync_loop(cfg.engine.synctime))
+        log_event("zdb.ready", namespaces=len(self.engine.namespaces), mode=cfg.engine.mode.value,
+                  sync="always" if cfg.engine.sync else (
+                      f"{cfg.engine.synctime}s" if cfg.engine.synctime else "os"),
+                  admin="yes" if cfg.admin_password else "no", protect=cfg.protect)
+
+    async def _sync_loop(self, synctime: int) -> None:
+        period = min(1.0, float(synctime))
+        while True:
+            await asyncio.sleep(period)
+            try:
+                self.engine.flush_all()
+                self.engine.sync_if_due()
+            except OSError as exc:
+                log_event("zdb.sync.failed", logging.ERROR, error=str(exc))
+
+    def request_stop(self) -> None:
+        """End serving soon (after the current replies are written)."""
+        if self._stopped is not None:
+            asyncio.get_running_loop().call_soon(self._stopped.set)
+
+    async def serve_until_stopped(self) -> None:
+        assert self._stopped is not None
+        await self._stopped.wait()
+
+    async def close(self) -> None:
+        for srv in self._servers:
+            srv.close()
+        for conn in list(self.connections):
+            if conn.transport is not None:
+                conn.transport.close()
+        for srv in self._servers:
+            await srv.wait_closed()
+        if self._sync_task is not None:
+            self._sync_task.cancel()
+        self.engine.close()
+        if self.config.socket_path is not None:
+            try:
+                self.config.socket_path.unlink()
+            except OSError:
+                pass
+        log_event("zdb.stopped")
+
+    def notify_waiters(self, source: Connection, command: bytes) -> None:
+        """Answer the clients WAITing for `command` in the namespace `source` works in."""
+        group = self.waiters.get(source.session.ns.name)
+        if not group:
+            return
+        name = command.upper()
+        loop = asyncio.get_running_loop()
+        for conn in list(group):
+            if conn is source:
+                continue
+            wanted = conn.session.wait_for
+            if wanted == b"*" or wanted == name:
+                group.discard(conn)
+                # Woken outside this client's loop so replies keep their order per connection.
+                loop.call_soon(conn.wake, b"+" + name + b"\r\n")
+
+    def _namespace_removed(self, name: str) -> None:
+        for conn in self.connections:
+            if conn.session.ns.name == name:
+                conn.session.removed = True
+
+
+async def run(config: ServerConfig) -> None:
+    """Serve until STOP, SIGINT or SIGTERM, then close files cleanly."""
+    import signal
+
+    server = ZdbServer(config)
+    await server.start()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, server.request_stop)
+        except (NotImplementedError, RuntimeError):
+            pass
+    try:
+        await server.serve_until_stopped()
+    finally:
+        await server.close()
+
+
+def run_forever(config: ServerConfig) -> None:
+    """Run the server on uvloop when it is installed, else on the default asyncio loop."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(run(config))
+        return
+    uvloop.run(run(config))

@@ -1,0 +1,167 @@
+"""RESP request parsing: framing, limits checked from declared sizes, and fuzzing."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from zerostack.zdb.protocol import (
+    MALFORMED,
+    MALFORMED_ARG,
+    MAX_ARG_SIZE,
+    MAX_ARGS,
+    PAYLOAD_TOO_BIG,
+    TOO_MANY_ARGS,
+    ProtocolViolation,
+    RequestParser,
+    bulk,
+    bulk_or_nil,
+    encode_request,
+    integer,
+)
+
+
+def feed_all(chunks: list[bytes]) -> list[list[bytes]]:
+    parser = RequestParser()
+    out: list[list[bytes]] = []
+    for chunk in chunks:
+        out.extend(parser.feed(chunk))
+    return out
+
+
+def violation(chunks: list[bytes]) -> ProtocolViolation:
+    parser = RequestParser()
+    with pytest.raises(ProtocolViolation) as info:
+        for chunk in chunks:
+            parser.feed(chunk)
+    return info.value
+
+
+def test_pipelined_requests_come_out_in_order() -> None:
+    data = encode_request("SET", "k", "v") + encode_request("GET", "k") + encode_request("PING")
+    assert feed_all([data]) == [[b"SET", b"k", b"v"], [b"GET", b"k"], [b"PING"]]
+
+
+def test_every_split_point_gives_the_same_requests() -> None:
+    data = encode_request("SET", b"\x00\r\nkey", b"v" * 300) + encode_request("GET", "k")
+    for cut in range(1, len(data)):
+        assert feed_all([data[:cut], data[cut:]]) == [[b"SET", b"\x00\r\nkey", b"v" * 300],
+                                                      [b"GET", b"k"]]
+
+
+def test_byte_by_byte() -> None:
+    data = encode_request("SET", "key", "value") * 3
+    assert feed_all([data[i : i + 1] for i in range(len(data))]) == [[b"SET", b"key", b"value"]] * 3
+
+
+def test_inline_command_is_refused() -> None:
+    exc = violation([b"PING\r\n"])
+    assert exc.message == MALFORMED and exc.requests == []
+
+
+def test_inline_after_valid_requests_keeps_them() -> None:
+    exc = violation([encode_request("PING") + b"GET x\r\n"])
+    assert exc.message == MALFORMED
+    assert exc.requests == [[b"PING"]]
+
+
+def test_inline_after_a_partial_frame_boundary() -> None:
+    exc = violation([encode_request("PING")[:5], encode_request("PING")[5:] + b"PI", b"NG\r\n"])
+    assert exc.message == MALFORMED
+
+
+def test_empty_array_is_an_empty_request() -> None:
+    assert feed_all([b"*0\r\n" + encode_request("PING")]) == [[], [b"PING"]]
+
+
+def test_too_many_arguments_complete_frame() -> None:
+    exc = violation([encode_request(*(["x"] * (MAX_ARGS + 1)))])
+    assert exc.message == TOO_MANY_ARGS
+
+
+def test_too_many_arguments_refused_from_the_header() -> None:
+    assert violation([b"*999999\r\n$1\r\n"]).message == TOO_MANY_ARGS
+
+
+def test_payload_too_big_refused_before_buffering() -> None:
+    parser = RequestParser()
+    parser.feed(b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n")
+    with pytest.raises(ProtocolViolation) as info:
+        parser.feed(b"$%d\r\n" % (MAX_ARG_SIZE + 1) + b"x" * 100)
+    assert info.value.message == PAYLOAD_TOO_BIG
+
+
+def test_argument_of_exactly_the_limit_is_accepted() -> None:
+    value = b"v" * MAX_ARG_SIZE
+    data = encode_request(b"SET", b"k", value)
+    chunks = [data[i : i + 65536] for i in range(0, len(data), 65536)]
+    assert feed_all(chunks) == [[b"SET", b"k", value]]
+
+
+@pytest.mark.parametrize("frame", [
+    b"*1\r\n$-5\r\n", b"*1\r\n:1\r\n", b"*2\r\n*1\r\n$1\r\na\r\n$1\r\nb\r\n", b"*1\r\n$abc\r\n",
+    b"*1\r\n$-1\r\n", b"*x\r\n", b"*-3\r\n", b"+OK\r\n", b"$3\r\nfoo\r\n",
+])
+def test_malformed_frames(frame: bytes) -> None:
+    exc = violation([frame])
+    assert exc.message in (MALFORMED, MALFORMED_ARG)
+
+
+def test_negative_array_length_is_malformed() -> None:
+    assert violation([b"*-1\r\n"]).message == MALFORMED
+
+
+def test_header_without_end_is_refused() -> None:
+    assert violation([b"*1\r\n$" + b"1" * 40]).message == MALFORMED_ARG
+
+
+def test_reply_encoders() -> None:
+    assert bulk(b"ab") == b"$2\r\nab\r\n"
+    assert bulk_or_nil(None) == b"$-1\r\n"
+    assert integer(-3) == b":-3\r\n"
+
+
+args_st = st.lists(st.binary(max_size=300), min_size=1, max_size=8)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(args_st, min_size=1, max_size=6), st.lists(st.integers(1, 2000), max_size=8))
+def test_round_trip_with_random_splits(requests: list[list[bytes]], cuts: list[int]) -> None:
+    data = b"".join(encode_request(*r) for r in requests)
+    points = sorted({c % len(data) for c in cuts} - {0})
+    chunks = [data[a:b] for a, b in zip([0, *points], [*points, len(data)], strict=True)]
+    assert feed_all(chunks) == requests
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.binary(max_size=64), max_size=6))
+def test_random_bytes_never_crash(chunks: list[bytes]) -> None:
+    parser = RequestParser()
+    try:
+        for chunk in chunks:
+            for request in parser.feed(chunk):
+                assert all(isinstance(a, bytes) for a in request)
+                assert len(request) <= MAX_ARGS
+    except ProtocolViolation as exc:
+        assert exc.message in (MALFORMED, MALFORMED_ARG, TOO_MANY_ARGS, PAYLOAD_TOO_BIG)
+
+
+resp_token = st.one_of(
+    st.sampled_from([b"*", b"$", b":", b"+", b"-", b"\r\n", b"\r", b"\n", b"-1", b"0"]),
+    st.integers(-5, 10**12).map(lambda n: str(n).encode()),
+    st.binary(max_size=8),
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(resp_token, max_size=30), st.integers(1, 50))
+def test_resp_like_noise_never_crashes(tokens: list[bytes], step: int) -> None:
+    data = b"*" + b"".join(tokens)
+    parser = RequestParser()
+    try:
+        for i in range(0, len(data), step):
+            for request in parser.feed(data[i : i + step]):
+                assert all(isinstance(a, bytes) for a in request)
+    except ProtocolViolation as exc:
+        assert exc.message in (MALFORMED, MALFORMED_ARG, TOO_MANY_ARGS, PAYLOAD_TOO_BIG)
