@@ -1,0 +1,194 @@
+"""`zerostack ledger`: run the ledger server, verify a ledger file, and query a running ledger."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from zerostack.cli.output import console, fail, print_json, print_table
+
+app = typer.Typer(help="The ledger (BCDB): serve, verify, query.", no_args_is_help=True)
+
+DEFAULT_LISTEN = "127.0.0.1:7700"
+
+
+def default_db() -> Path:
+    home = Path(os.environ.get("ZEROSTACK_HOME", Path.home() / ".zerostack"))
+    return home / "ledger.db"
+
+
+def default_url() -> str:
+    return os.environ.get("ZEROSTACK_LEDGER", f"http://{DEFAULT_LISTEN}")
+
+
+LedgerUrl = typer.Option(None, "--ledger", help="Ledger URL (default $ZEROSTACK_LEDGER or "
+                         f"http://{DEFAULT_LISTEN}).")
+JsonOut = typer.Option(False, "--json", help="Print JSON.")
+
+
+def _client(url: str | None) -> Any:
+    from zerostack.ledger import LedgerClient
+
+    return LedgerClient(url or default_url())
+
+
+@app.command("serve")
+def serve(
+    db: Path = typer.Option(None, "--db", help="SQLite ledger file (default $ZEROSTACK_HOME/ledger.db)."),
+    listen: str = typer.Option(DEFAULT_LISTEN, "--listen", help="HOST:PORT to listen on."),
+    block_interval: float = typer.Option(0.0, "--block-interval",
+                                         help="Minimum seconds between blocks (0: as soon as "
+                                              "transactions wait)."),
+) -> None:
+    """Run the ledger's HTTP API."""
+    import uvicorn
+
+    from zerostack.ledger import LedgerError
+    from zerostack.ledger.api import create_app
+
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit():
+        fail(f"--listen must be HOST:PORT, got {listen!r}")
+    path = db or default_db()
+    try:
+        application = create_app(path, block_interval=block_interval)
+    except LedgerError as exc:
+        fail(str(exc))
+    console.print(f"ledger {path} listening on http://{host}:{port}", highlight=False)
+    uvicorn.run(application, host=host, port=int(port), log_level="warning", access_log=False,
+                loop="uvloop", http="httptools")
+
+
+@app.command("verify")
+def verify(
+    db: Path = typer.Option(None, "--db", help="SQLite ledger file (default $ZEROSTACK_HOME/ledger.db)."),
+    json_out: bool = JsonOut,
+) -> None:
+    """Replay the log from genesis, re-checking every hash, signature and transition."""
+    from zerostack.ledger import BadBlock, LedgerError, SqliteLog, verify_log
+
+    path = db or default_db()
+    if not path.exists():
+        fail(f"{path} does not exist")
+    try:
+        log = SqliteLog(path)
+        try:
+            result = verify_log(log)
+        finally:
+            log.close()
+    except BadBlock as exc:
+        if json_out:
+            print_json({"ok": False, "bad_block": exc.height, "reason": exc.reason})
+            raise typer.Exit(1) from None
+        fail(f"first bad block is {exc.height}: {exc.reason}")
+    except LedgerError as exc:
+        fail(str(exc))
+    summary = {"ok": True, "height": result.height, "hash": result.hash, "txs": result.txs,
+               "twins": len(result.state.twins), "nodes": len(result.state.nodes),
+               "contracts": len(result.state.contracts)}
+    if json_out:
+        print_json(summary)
+    else:
+        console.print(f"ok: {result.height} blocks, {result.txs} transactions, head "
+                      f"{result.hash}", highlight=False)
+
+
+def _run(fn: Any) -> Any:
+    from zerostack.ledger import LedgerError
+
+    try:
+        return fn()
+    except LedgerError as exc:
+        fail(str(exc))
+
+
+@app.command("head")
+def head(url: str = LedgerUrl, json_out: bool = JsonOut) -> None:
+    """Show the last block of a running ledger."""
+    data = _run(lambda: _client(url).head())
+    if json_out:
+        print_json(data)
+    else:
+        console.print(f"height {data['height']} hash {data['hash']} time {data['time']}",
+                      highlight=False)
+
+
+@app.command("nodes")
+def nodes(
+    url: str = LedgerUrl,
+    country: str = typer.Option(None, help="Only nodes in this country."),
+    farm: int = typer.Option(None, help="Only nodes of this farm."),
+    free_mru: int = typer.Option(0, "--free-mru", help="Minimum free memory (bytes)."),
+    free_cru: int = typer.Option(0, "--free-cru", help="Minimum free CPU cores."),
+    status: str = typer.Option(None, help="up or down."),
+    json_out: bool = JsonOut,
+) -> None:
+    """List nodes, filtered."""
+    data = _run(lambda: _client(url).nodes(country=country, farm=farm, free_mru=free_mru,
+                                           free_cru=free_cru, status=status, limit=1000))
+    if json_out:
+        print_json(data)
+        return
+    print_table("nodes", ["id", "twin", "farm", "country", "city", "free cru", "free mru",
+                          "status"],
+                [[n["id"], n["twin"], n["farm"], n["location"]["country"],
+                  n["location"]["city"], n["free"]["cru"], n["free"]["mru"], n["status"]]
+                 for n in data])
+
+
+@app.command("contracts")
+def contracts(
+    url: str = LedgerUrl,
+    owner: int = typer.Option(None, help="Only contracts of this owner twin."),
+    node: int = typer.Option(None, help="Only contracts on this node."),
+    state: str = typer.Option(None, help="Only contracts in this state."),
+    json_out: bool = JsonOut,
+) -> None:
+    """List contracts, filtered."""
+    data = _run(lambda: _client(url).contracts(owner=owner, node=node, state=state, limit=1000))
+    if json_out:
+        print_json(data)
+        return
+    print_table("contracts", ["id", "owner", "node", "state", "version", "approvals"],
+                [[c["id"], c["owner"], c["node"], c["state"], c["version"],
+                  ",".join(c["approvals"])] for c in data])
+
+
+@app.command("contract")
+def contract(contract_id: int, url: str = LedgerUrl, json_out: bool = JsonOut) -> None:
+    """Show one contract."""
+    data = _run(lambda: _client(url).contract(contract_id))
+    if data is None:
+        fail(f"contract {contract_id} does not exist")
+    if json_out:
+        print_json(data)
+        return
+    data = {k: v for k, v in data.items() if k != "instructions"}
+    if data.get("active"):
+        data["active"] = {k: v for k, v in data["active"].items() if k != "instructions"}
+    print_json(data)
+
+
+@app.command("tx")
+def tx(tx_hash: str, url: str = LedgerUrl, json_out: bool = JsonOut) -> None:
+    """Show a committed transaction."""
+    data = _run(lambda: _client(url).tx(tx_hash))
+    if data is None:
+        fail(f"transaction {tx_hash} is not in the ledger")
+    print_json(data)
+
+
+@app.command("register-twin")
+def register_twin(name: str, url: str = LedgerUrl, json_out: bool = JsonOut) -> None:
+    """Register identity NAME (see `zerostack id new`) as a twin; prints its twin id."""
+    from zerostack.cli.identity import load_named
+
+    ident = load_named(name)
+    twin_id = _run(lambda: _client(url).register_twin(ident))
+    if json_out:
+        print_json({"name": name, "twin": twin_id, "public": ident.public_hex})
+    else:
+        console.print(f"{name} is twin {twin_id}", highlight=False)

@@ -1,0 +1,641 @@
+"""Python clients of the ledger API, used by the node agent, the bot and the CLI.
+
+`LedgerClient` (sync) and `AsyncLedgerClient` (asyncio) share one shape: `send()` signs a
+transaction with the sender's identity, tracking the next nonce per sender (and re-reading
+it from the ledger when another client used it); typed helpers build each transaction's
+payload; getters return the API's JSON (dicts; `None` for a missing object); `events()`
+long-polls and `wait_for()` waits until a predicate over the ledger holds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any, TypeVar
+
+import httpx
+import orjson
+
+from zerostack.crypto import Identity
+from zerostack.ledger.errors import LedgerError, LedgerRejected
+from zerostack.ledger.tx import sign_deployment, sign_tx
+
+T = TypeVar("T")
+NONCE_RETRIES = 3
+
+
+def _drop_none(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in d.items() if v is not None}
+
+
+def _params(filters: dict[str, Any]) -> dict[str, Any]:
+    return {k: (str(v).lower() if isinstance(v, bool) else v)
+            for k, v in filters.items() if v is not None}
+
+
+def _decode(url: str, response: httpx.Response) -> Any:
+    try:
+        data = orjson.loads(response.content) if response.content else None
+    except orjson.JSONDecodeError:
+        data = None
+    if response.status_code >= 400:
+        if isinstance(data, dict) and "error" in data:
+            message, code = str(data["error"]), str(data.get("code", "error"))
+        else:
+            message, code = f"HTTP {response.status_code} from {url}", "error"
+        cls = LedgerRejected if response.request.method == "POST" else LedgerError
+        raise cls(message, code=code, status=response.status_code)
+    return data
+
+
+# ---- payload builders shared by both clients -----------------------------------------------
+
+
+def farm_payload(name: str, public_ips: list[str] | None = None,
+                 pricing: dict[str, Any] | None = None) -> dict[str, Any]:
+    return _drop_none({"name": name, "public_ips": public_ips, "pricing": pricing})
+
+
+def node_payload(
+    farm: int,
+    capacity: dict[str, int],
+    country: str,
+    city: str = "",
+    endpoint: str = "",
+    public_ips: list[str] | None = None,
+    pricing: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    return _drop_none({
+        "farm": farm,
+        "capacity": capacity,
+        "location": {"country": country, "city": city},
+        "endpoint": endpoint,
+        "public_ips": public_ips,
+        "pricing": pricing,
+    })
+
+
+def contract_payload(
+    node: int,
+    deployment_hash: str,
+    instructions: str,
+    signature_requirement: dict[str, Any],
+    *,
+    delete_requirement: dict[str, Any] | None = None,
+    deadline: int | None = None,
+    capacity: dict[str, int] | None = None,
+    approval: str | None = None,
+    metadata: str | None = None,
+) -> dict[str, Any]:
+    return _drop_none({
+        "node": node,
+        "deployment_hash": deployment_hash,
+        "instructions": instructions,
+        "signature_requirement": signature_requirement,
+        "delete_requirement": delete_requirement,
+        "deadline": deadline,
+        "capacity": capacity,
+        "approval": approval,
+        "metadata": metadata,
+    })
+
+
+class _NonceBook:
+    """Next nonce per sender, shared by the threads (or tasks) of one client."""
+
+    def __init__(self) -> None:
+        self._next: dict[int, int] = {}
+        self.lock = threading.Lock()
+
+    def take(self, sender: int) -> int | None:
+        with self.lock:
+            n = self._next.get(sender)
+            if n is not None:
+                self._next[sender] = n + 1
+            return n
+
+    def set(self, sender: int, next_nonce: int) -> None:
+        with self.lock:
+            self._next[sender] = next_nonce
+
+    def forget(self, sender: int) -> None:
+        with self.lock:
+            self._next.pop(sender, None)
+
+
+class LedgerClient:
+    """Synchronous client (httpx)."""
+
+    def __init__(self, url: str, *, timeout: float = 30.0) -> None:
+        self.url = url.rstrip("/")
+        self._http = httpx.Client(base_url=self.url, timeout=timeout)
+        self._nonces = _NonceBook()
+        self._twin_ids: dict[str, int] = {}
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> LedgerClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _request(self, method: str, path: str, *, params: dict[str, Any] | None = None,
+                 body: Any = None, timeout: float | None = None) -> Any:
+        kwargs: dict[str, Any] = {}
+        if body is not None:
+            kwargs["content"] = orjson.dumps(body)
+            kwargs["headers"] = {"content-type": "application/json"}
+        if timeout is not None:
+            kwargs["timeout"] = timeout
+        try:
+            response = self._http.request(method, path, params=params, **kwargs)
+        except httpx.HTTPError as exc:
+            raise LedgerError(f"cannot reach the ledger at {self.url}: {exc}",
+                              code="unreachable") from exc
+        return _decode(self.url, response)
+
+    def _get_or_none(self, path: str) -> Any:
+        try:
+            return self._request("GET", path)
+        except LedgerError as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    # ---- submission ------------------------------------------------------------------
+
+    def submit(self, tx: dict[str, Any]) -> dict[str, Any]:
+        """Submit a signed transaction; returns {hash, height, receipt} or raises LedgerRejected."""
+        result: dict[str, Any] = self._request("POST", "/tx", body=tx)
+        return result
+
+    def submit_many(self, txs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Submit a batch; one result per transaction ({hash, height, receipt} or {error, code})."""
+        data = self._request("POST", "/txs", body=txs)
+        results: list[dict[str, Any]] = data["results"]
+        return results
+
+    def twin_id(self, identity: Identity) -> int:
+        """The twin id of `identity` (raises if it is not registered)."""
+        key = identity.public_hex
+        if key not in self._twin_ids:
+            twin = self.twin_by_key(key)
+            if twin is None:
+                raise LedgerError(f"identity {key[:16]}... is not a registered twin",
+                                  code="not_found", status=404)
+            self._twin_ids[key] = int(twin["id"])
+        return self._twin_ids[key]
+
+    def next_nonce(self, sender: int) -> int:
+        twin = self.twin(sender)
+        if twin is None:
+            raise LedgerError(f"twin {sender} is not registered", code="not_found", status=404)
+        return int(twin["nonce"])
+
+    def send(self, identity: Identity, ttype: str, payload: dict[str, Any],
+             *, sender: int | None = None) -> dict[str, Any]:
+        """Sign and submit a transaction from `identity`'s twin, managing its nonce."""
+        twin = sender if sender is not None else self.twin_id(identity)
+        for attempt in range(NONCE_RETRIES + 1):
+            nonce = self._nonces.take(twin)
+            if nonce is None:
+                self._nonces.set(twin, self.next_nonce(twin))
+                nonce = self._nonces.take(twin)
+                assert nonce is not None
+            try:
+                return self.submit(sign_tx(identity, ttype, twin, nonce, payload))
+            except LedgerRejected as exc:
+                self._nonces.forget(twin)
+                if exc.code != "bad_nonce" or attempt == NONCE_RETRIES:
+                    raise
+        raise AssertionError("unreachable")
+
+    def register_twin(self, identity: Identity, endpoint: str = "") -> int:
+        """Register `identity` as a twin (or find it, if it already is); returns the twin id."""
+        existing = self.twin_by_key(identity.public_hex)
+        if existing is None:
+            payload = {"endpoint": endpoint} if endpoint else {}
+            try:
+                tx = sign_tx(identity, "twin.register", identity.public_hex, 0, payload)
+                result = self.submit(tx)
+                twin_id = int(result["receipt"]["twin"])
+            except LedgerRejected as exc:
+                if exc.code != "conflict":
+                    raise
+                existing = self.twin_by_key(identity.public_hex)
+                assert existing is not None
+                twin_id = int(existing["id"])
+        else:
+            twin_id = int(existing["id"])
+        self._twin_ids[identity.public_hex] = twin_id
+        return twin_id
+
+    def create_farm(self, identity: Identity, name: str, **kw: Any) -> int:
+        return int(self.send(identity, "farm.create", farm_payload(name, **kw))["receipt"]["farm"])
+
+    def register_node(self, identity: Identity, farm: int, capacity: dict[str, int],
+                      country: str, **kw: Any) -> int:
+        payload = node_payload(farm, capacity, country, **kw)
+        return int(self.send(identity, "node.register", payload)["receipt"]["node"])
+
+    def update_node(self, identity: Identity, farm: int, capacity: dict[str, int],
+                    country: str, **kw: Any) -> dict[str, Any]:
+        return self.send(identity, "node.update", node_payload(farm, capacity, country, **kw))
+
+    def heartbeat(self, identity: Identity, used: dict[str, int] | None = None,
+                  uptime: int | None = None) -> dict[str, Any]:
+        return self.send(identity, "node.heartbeat", _drop_none({"used": used, "uptime": uptime}))
+
+    def publish_template(self, identity: Identity, name: str, body: dict[str, Any],
+                         version: str = "", description: str = "") -> str:
+        payload = {"name": name, "version": version, "description": description, "body": body}
+        return str(self.send(identity, "template.publish", payload)["receipt"]["template"])
+
+    def create_contract(self, identity: Identity, node: int, deployment_hash: str,
+                        instructions: str, signature_requirement: dict[str, Any],
+                        *, approve: bool = True, **kw: Any) -> int:
+        """Create a contract; with `approve`, the owner's approval travels with it."""
+        if approve:
+            kw.setdefault("approval", sign_deployment(identity, deployment_hash))
+        payload = contract_payload(node, deployment_hash, instructions, signature_requirement, **kw)
+        return int(self.send(identity, "contract.create", payload)["receipt"]["contract"])
+
+    def approve(self, identity: Identity, contract: int, deployment_hash: str) -> dict[str, Any]:
+        payload = {"contract": contract, "deployment_hash": deployment_hash,
+                   "signature": sign_deployment(identity, deployment_hash)}
+        return self.send(identity, "contract.approve", payload)
+
+    def update_contract(self, identity: Identity, contract: int, deployment_hash: str,
+                        instructions: str, *, approve: bool = True,
+                        **kw: Any) -> dict[str, Any]:
+        if approve:
+            kw.setdefault("approval", sign_deployment(identity, deployment_hash))
+        payload = _drop_none({"contract": contract, "deployment_hash": deployment_hash,
+                              "instructions": instructions, **kw})
+        return self.send(identity, "contract.update", payload)
+
+    def cancel(self, identity: Identity, contract: int) -> dict[str, Any]:
+        return self.send(identity, "contract.cancel", {"contract": contract})
+
+    def report(self, identity: Identity, contract: int, version: int,
+               workloads: list[dict[str, Any]], error: str = "") -> dict[str, Any]:
+        payload = {"contract": contract, "version": version, "workloads": workloads,
+                   "error": error}
+        return self.send(identity, "contract.report", payload)
+
+    def register_name(self, identity: Identity, name: str) -> dict[str, Any]:
+        return self.send(identity, "name.register", {"name": name})
+
+    def release_name(self, identity: Identity, name: str) -> dict[str, Any]:
+        return self.send(identity, "name.release", {"name": name})
+
+    # ---- queries ---------------------------------------------------------------------
+
+    def head(self) -> dict[str, Any]:
+        result: dict[str, Any] = self._request("GET", "/head")
+        return result
+
+    def block(self, height: int) -> dict[str, Any] | None:
+        return self._get_or_none(f"/blocks/{height}")
+
+    def tx(self, tx_hash: str) -> dict[str, Any] | None:
+        return self._get_or_none(f"/tx/{tx_hash}")
+
+    def twin(self, twin_id: int) -> dict[str, Any] | None:
+        return self._get_or_none(f"/twins/{twin_id}")
+
+    def twin_by_key(self, public_hex: str) -> dict[str, Any] | None:
+        found = self._request("GET", "/twins", params={"key": public_hex})
+        return found[0] if found else None
+
+    def account(self, twin_id: int) -> dict[str, Any] | None:
+        return self._get_or_none(f"/accounts/{twin_id}")
+
+    def farm(self, farm_id: int) -> dict[str, Any] | None:
+        return self._get_or_none(f"/farms/{farm_id}")
+
+    def farms(self, **filters: Any) -> list[dict[str, Any]]:
+        return self._request("GET", "/farms", params=_params(filters))
+
+    def node(self, node_id: int) -> dict[str, Any] | None:
+        return self._get_or_none(f"/nodes/{node_id}")
+
+    def nodes(self, **filters: Any) -> list[dict[str, Any]]:
+        """Filters: country, city, farm, twin, free_cru/mru/sru/hru, status, limit, offset."""
+        return self._request("GET", "/nodes", params=_params(filters))
+
+    def contract(self, contract_id: int) -> dict[str, Any] | None:
+        return self._get_or_none(f"/contracts/{contract_id}")
+
+    def contracts(self, **filters: Any) -> list[dict[str, Any]]:
+        """Filters: owner, node, state, twin (stakeholder), limit, offset."""
+        return self._request("GET", "/contracts", params=_params(filters))
+
+    def template(self, template_hash: str) -> dict[str, Any] | None:
+        return self._get_or_none(f"/templates/{template_hash}")
+
+    def templates(self, **filters: Any) -> list[dict[str, Any]]:
+        return self._request("GET", "/templates", params=_params(filters))
+
+    def name(self, name: str) -> dict[str, Any] | None:
+        return self._get_or_none(f"/names/{name}")
+
+    def names(self, **filters: Any) -> list[dict[str, Any]]:
+        return self._request("GET", "/names", params=_params(filters))
+
+    # ---- events ----------------------------------------------------------------------
+
+    def events(self, since: int = 0, *, timeout: float = 25.0, **filters: Any) -> dict[str, Any]:
+        """One long-poll: {head, next, events} for blocks after `since` (filters: node,
+        contract, twin, type (prefix), full). Ask again with `since=next`."""
+        params = _params({"since": since, "timeout": timeout, **filters})
+        return self._request("GET", "/events", params=params,
+                             timeout=timeout + 10)
+
+    def follow(self, since: int = 0, *, timeout: float = 25.0, **filters: Any) -> Iterator[dict[str, Any]]:
+        """Every matching event after `since`, forever (a generator; break out of it)."""
+        while True:
+            batch = self.events(since, timeout=timeout, **filters)
+            yield from batch["events"]
+            since = batch["next"]
+
+    def wait_for(self, predicate: Callable[[], T | None], *, timeout: float = 30.0,
+                 **filters: Any) -> T:
+        """Return `predicate()` as soon as it is truthy, re-checking after each new block."""
+        deadline = time.monotonic() + timeout
+        since = self.head()["height"]
+        while True:
+            value = predicate()
+            if value:
+                return value
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise LedgerError(f"timed out after {timeout:g} s waiting on the ledger",
+                                  code="timeout")
+            since = self.events(since, timeout=min(left, 25.0), **filters)["next"]
+
+    def wait_contract(self, contract_id: int, states: set[str] | frozenset[str], *,
+                      timeout: float = 30.0) -> dict[str, Any]:
+        """Wait until the contract is in one of `states`; returns the contract."""
+        def check() -> dict[str, Any] | None:
+            c = self.contract(contract_id)
+            return c if c is not None and c["state"] in states else None
+        return self.wait_for(check, timeout=timeout, contract=contract_id)
+
+
+class AsyncLedgerClient:
+    """Asyncio client (httpx.AsyncClient); the same methods as LedgerClient, awaitable."""
+
+    def __init__(self, url: str, *, timeout: float = 30.0) -> None:
+        self.url = url.rstrip("/")
+        self._http = httpx.AsyncClient(base_url=self.url, timeout=timeout)
+        self._nonces = _NonceBook()
+        self._twin_ids: dict[str, int] = {}
+        self._send_lock = asyncio.Lock()
+
+    async def close(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self) -> AsyncLedgerClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def _request(self, method: str, path: str, *, params: dict[str, Any] | None = None,
+                       body: Any = None, timeout: float | None = None) -> Any:
+        kwargs: dict[str, Any] = {}
+        if body is not None:
+            kwargs["content"] = orjson.dumps(body)
+            kwargs["headers"] = {"content-type": "application/json"}
+        if timeout is not None:
+            kwargs["timeout"] = timeout
+        try:
+            response = await self._http.request(method, path, params=params, **kwargs)
+        except httpx.HTTPError as exc:
+            raise LedgerError(f"cannot reach the ledger at {self.url}: {exc}",
+                              code="unreachable") from exc
+        return _decode(self.url, response)
+
+    async def _get_or_none(self, path: str) -> Any:
+        try:
+            return await self._request("GET", path)
+        except LedgerError as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    async def submit(self, tx: dict[str, Any]) -> dict[str, Any]:
+        result: dict[str, Any] = await self._request("POST", "/tx", body=tx)
+        return result
+
+    async def submit_many(self, txs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        data = await self._request("POST", "/txs", body=txs)
+        results: list[dict[str, Any]] = data["results"]
+        return results
+
+    async def twin_id(self, identity: Identity) -> int:
+        key = identity.public_hex
+        if key not in self._twin_ids:
+            twin = await self.twin_by_key(key)
+            if twin is None:
+                raise LedgerError(f"identity {key[:16]}... is not a registered twin",
+                                  code="not_found", status=404)
+            self._twin_ids[key] = int(twin["id"])
+        return self._twin_ids[key]
+
+    async def next_nonce(self, sender: int) -> int:
+        twin = await self.twin(sender)
+        if twin is None:
+            raise LedgerError(f"twin {sender} is not registered", code="not_found", status=404)
+        return int(twin["nonce"])
+
+    async def send(self, identity: Identity, ttype: str, payload: dict[str, Any],
+                   *, sender: int | None = None) -> dict[str, Any]:
+        """Sign and submit; transactions of one client are sent one at a time so their
+        nonces reach the ledger in order."""
+        twin = sender if sender is not None else await self.twin_id(identity)
+        async with self._send_lock:
+            for attempt in range(NONCE_RETRIES + 1):
+                nonce = self._nonces.take(twin)
+                if nonce is None:
+                    self._nonces.set(twin, await self.next_nonce(twin))
+                    nonce = self._nonces.take(twin)
+                    assert nonce is not None
+                try:
+                    return await self.submit(sign_tx(identity, ttype, twin, nonce, payload))
+                except LedgerRejected as exc:
+                    self._nonces.forget(twin)
+                    if exc.code != "bad_nonce" or attempt == NONCE_RETRIES:
+                        raise
+        raise AssertionError("unreachable")
+
+    async def register_twin(self, identity: Identity, endpoint: str = "") -> int:
+        existing = await self.twin_by_key(identity.public_hex)
+        if existing is None:
+            payload = {"endpoint": endpoint} if endpoint else {}
+            try:
+                tx = sign_tx(identity, "twin.register", identity.public_hex, 0, payload)
+                twin_id = int((await self.submit(tx))["receipt"]["twin"])
+            except LedgerRejected as exc:
+                if exc.code != "conflict":
+                    raise
+                existing = await self.twin_by_key(identity.public_hex)
+                assert existing is not None
+                twin_id = int(existing["id"])
+        else:
+            twin_id = int(existing["id"])
+        self._twin_ids[identity.public_hex] = twin_id
+        return twin_id
+
+    async def create_farm(self, identity: Identity, name: str, **kw: Any) -> int:
+        result = await self.send(identity, "farm.create", farm_payload(name, **kw))
+        return int(result["receipt"]["farm"])
+
+    async def register_node(self, identity: Identity, farm: int, capacity: dict[str, int],
+                            country: str, **kw: Any) -> int:
+        payload = node_payload(farm, capacity, country, **kw)
+        return int((await self.send(identity, "node.register", payload))["receipt"]["node"])
+
+    async def update_node(self, identity: Identity, farm: int, capacity: dict[str, int],
+                          country: str, **kw: Any) -> dict[str, Any]:
+        return await self.send(identity, "node.update",
+                               node_payload(farm, capacity, country, **kw))
+
+    async def heartbeat(self, identity: Identity, used: dict[str, int] | None = None,
+                        uptime: int | None = None) -> dict[str, Any]:
+        return await self.send(identity, "node.heartbeat",
+                               _drop_none({"used": used, "uptime": uptime}))
+
+    async def publish_template(self, identity: Identity, name: str, body: dict[str, Any],
+                               version: str = "", description: str = "") -> str:
+        payload = {"name": name, "version": version, "description": description, "body": body}
+        return str((await self.send(identity, "template.publish", payload))["receipt"]["template"])
+
+    async def create_contract(self, identity: Identity, node: int, deployment_hash: str,
+                              instructions: str, signature_requirement: dict[str, Any],
+                              *, approve: bool = True, **kw: Any) -> int:
+        if approve:
+            kw.setdefault("approval", sign_deployment(identity, deployment_hash))
+        payload = contract_payload(node, deployment_hash, instructions, signature_requirement, **kw)
+        return int((await self.send(identity, "contract.create", payload))["receipt"]["contract"])
+
+    async def approve(self, identity: Identity, contract: int,
+                      deployment_hash: str) -> dict[str, Any]:
+        payload = {"contract": contract, "deployment_hash": deployment_hash,
+                   "signature": sign_deployment(identity, deployment_hash)}
+        return await self.send(identity, "contract.approve", payload)
+
+    async def update_contract(self, identity: Identity, contract: int, deployment_hash: str,
+                              instructions: str, *, approve: bool = True,
+                              **kw: Any) -> dict[str, Any]:
+        if approve:
+            kw.setdefault("approval", sign_deployment(identity, deployment_hash))
+        payload = _drop_none({"contract": contract, "deployment_hash": deployment_hash,
+                              "instructions": instructions, **kw})
+        return await self.send(identity, "contract.update", payload)
+
+    async def cancel(self, identity: Identity, contract: int) -> dict[str, Any]:
+        return await self.send(identity, "contract.cancel", {"contract": contract})
+
+    async def report(self, identity: Identity, contract: int, version: int,
+                     workloads: list[dict[str, Any]], error: str = "") -> dict[str, Any]:
+        payload = {"contract": contract, "version": version, "workloads": workloads,
+                   "error": error}
+        return await self.send(identity, "contract.report", payload)
+
+    async def register_name(self, identity: Identity, name: str) -> dict[str, Any]:
+        return await self.send(identity, "name.register", {"name": name})
+
+    async def release_name(self, identity: Identity, name: str) -> dict[str, Any]:
+        return await self.send(identity, "name.release", {"name": name})
+
+    async def head(self) -> dict[str, Any]:
+        result: dict[str, Any] = await self._request("GET", "/head")
+        return result
+
+    async def block(self, height: int) -> dict[str, Any] | None:
+        return await self._get_or_none(f"/blocks/{height}")
+
+    async def tx(self, tx_hash: str) -> dict[str, Any] | None:
+        return await self._get_or_none(f"/tx/{tx_hash}")
+
+    async def twin(self, twin_id: int) -> dict[str, Any] | None:
+        return await self._get_or_none(f"/twins/{twin_id}")
+
+    async def twin_by_key(self, public_hex: str) -> dict[str, Any] | None:
+        found = await self._request("GET", "/twins", params={"key": public_hex})
+        return found[0] if found else None
+
+    async def account(self, twin_id: int) -> dict[str, Any] | None:
+        return await self._get_or_none(f"/accounts/{twin_id}")
+
+    async def farm(self, farm_id: int) -> dict[str, Any] | None:
+        return await self._get_or_none(f"/farms/{farm_id}")
+
+    async def farms(self, **filters: Any) -> list[dict[str, Any]]:
+        return await self._request("GET", "/farms", params=_params(filters))
+
+    async def node(self, node_id: int) -> dict[str, Any] | None:
+        return await self._get_or_none(f"/nodes/{node_id}")
+
+    async def nodes(self, **filters: Any) -> list[dict[str, Any]]:
+        return await self._request("GET", "/nodes", params=_params(filters))
+
+    async def contract(self, contract_id: int) -> dict[str, Any] | None:
+        return await self._get_or_none(f"/contracts/{contract_id}")
+
+    async def contracts(self, **filters: Any) -> list[dict[str, Any]]:
+        return await self._request("GET", "/contracts", params=_params(filters))
+
+    async def template(self, template_hash: str) -> dict[str, Any] | None:
+        return await self._get_or_none(f"/templates/{template_hash}")
+
+    async def templates(self, **filters: Any) -> list[dict[str, Any]]:
+        return await self._request("GET", "/templates", params=_params(filters))
+
+    async def name(self, name: str) -> dict[str, Any] | None:
+        return await self._get_or_none(f"/names/{name}")
+
+    async def names(self, **filters: Any) -> list[dict[str, Any]]:
+        return await self._request("GET", "/names", params=_params(filters))
+
+    async def events(self, since: int = 0, *, timeout: float = 25.0,
+                     **filters: Any) -> dict[str, Any]:
+        params = _params({"since": since, "timeout": timeout, **filters})
+        return await self._request("GET", "/events", params=params,
+                                   timeout=timeout + 10)
+
+    async def follow(self, since: int = 0, *, timeout: float = 25.0,
+                     **filters: Any) -> AsyncIterator[dict[str, Any]]:
+        while True:
+            batch = await self.events(since, timeout=timeout, **filters)
+            for event in batch["events"]:
+                yield event
+            since = batch["next"]
+
+    async def wait_for(self, predicate: Callable[[], Awaitable[T | None]], *,
+                       timeout: float = 30.0, **filters: Any) -> T:
+        """Return `await predicate()` as soon as it is truthy, re-checking after each block."""
+        deadline = time.monotonic() + timeout
+        since = (await self.head())["height"]
+        while True:
+            value = await predicate()
+            if value:
+                return value
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise LedgerError(f"timed out after {timeout:g} s waiting on the ledger",
+                                  code="timeout")
+            since = (await self.events(since, timeout=min(left, 25.0), **filters))["next"]
+
+    async def wait_contract(self, contract_id: int, states: set[str] | frozenset[str], *,
+                            timeout: float = 30.0) -> dict[str, Any]:
+        async def check() -> dict[str, Any] | None:
+            c = await self.contract(contract_id)
+            return c if c is not None and c["state"] in states else None
+        return await self.wait_for(check, timeout=timeout, contract=contract_id)

@@ -1,0 +1,856 @@
+"""The ledger's state machine: `apply(state, tx, time=...)` returns a new State or a Rejected.
+
+Pure and deterministic, like etcd's raft: no I/O, no clock (the block's time is passed in),
+no mutation (maps are persistent `immutables.Map`s and records are frozen dataclasses, so
+an old State stays valid and a rejected transaction leaves nothing behind). Storage,
+ordering and HTTP live in other modules.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from immutables import Map
+
+from zerostack.crypto import QuorumError, SignatureRequirement, hash_hex, verify
+from zerostack.ledger import tx as t
+from zerostack.ledger.errors import Rejected
+
+CREATED = "created"
+APPROVED = "approved"
+DEPLOYED = "deployed"
+ERROR = "error"
+CANCELLED = "cancelled"
+DELETED = "deleted"
+EXPIRED = "expired"
+CONTRACT_STATES = (CREATED, APPROVED, DEPLOYED, ERROR, CANCELLED, DELETED, EXPIRED)
+FINAL_STATES = frozenset({DELETED, EXPIRED})
+
+DEFAULT_DEADLINE = 24 * 3600
+"""Seconds a contract (or a new version) has to gather its approval quorum by default."""
+MAX_DEADLINE = 30 * 24 * 3600
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+Receipt = dict[str, Any]
+"""What a transaction did, for events and clients (ids it created or touched)."""
+
+
+# ---- records ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Capacity:
+    cru: int = 0
+    mru: int = 0
+    sru: int = 0
+    hru: int = 0
+
+    @classmethod
+    def of(cls, model: t.Capacity | None) -> Capacity:
+        if model is None:
+            return ZERO
+        return cls(model.cru, model.mru, model.sru, model.hru)
+
+    def __add__(self, o: Capacity) -> Capacity:
+        return Capacity(self.cru + o.cru, self.mru + o.mru, self.sru + o.sru, self.hru + o.hru)
+
+    def __sub__(self, o: Capacity) -> Capacity:
+        return Capacity(self.cru - o.cru, self.mru - o.mru, self.sru - o.sru, self.hru - o.hru)
+
+    def to_dict(self) -> dict[str, int]:
+        return {"cru": self.cru, "mru": self.mru, "sru": self.sru, "hru": self.hru}
+
+
+ZERO = Capacity()
+
+
+@dataclass(frozen=True, slots=True)
+class Twin:
+    id: int
+    public_key: str
+    nonce: int  # the next nonce this twin must use
+    endpoint: str
+    created: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "public_key": self.public_key,
+            "nonce": self.nonce,
+            "endpoint": self.endpoint,
+            "created": self.created,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Farm:
+    id: int
+    name: str
+    owner: int
+    public_ips: tuple[str, ...]
+    pricing: dict[str, Any] | None  # never mutated
+    created: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "name": self.name,
+            "owner": self.owner,
+            "public_ips": list(self.public_ips),
+            "pricing": self.pricing,
+            "created": self.created,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Node:
+    id: int
+    twin: int
+    farm: int
+    capacity: Capacity
+    country: str
+    city: str
+    endpoint: str
+    public_ips: tuple[str, ...]
+    pricing: dict[str, Any] | None
+    created: int
+    updated: int
+    used: Capacity = ZERO  # as reported by the node's last heartbeat
+    reserved: Capacity = ZERO  # summed capacity of its live contracts
+    last_heartbeat: int = 0
+    uptime: int = 0
+
+    @property
+    def free(self) -> Capacity:
+        """Total minus the larger of what the node says it uses and what contracts reserve."""
+        c, u, r = self.capacity, self.used, self.reserved
+        return Capacity(
+            max(0, c.cru - max(u.cru, r.cru)),
+            max(0, c.mru - max(u.mru, r.mru)),
+            max(0, c.sru - max(u.sru, r.sru)),
+            max(0, c.hru - max(u.hru, r.hru)),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "twin": self.twin,
+            "farm": self.farm,
+            "capacity": self.capacity.to_dict(),
+            "used": self.used.to_dict(),
+            "reserved": self.reserved.to_dict(),
+            "free": self.free.to_dict(),
+            "location": {"country": self.country, "city": self.city},
+            "endpoint": self.endpoint,
+            "public_ips": list(self.public_ips),
+            "pricing": self.pricing,
+            "created": self.created,
+            "updated": self.updated,
+            "last_heartbeat": self.last_heartbeat,
+            "uptime": self.uptime,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Template:
+    hash: str
+    name: str
+    version: str
+    description: str
+    body: dict[str, Any]
+    author: int
+    created: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "hash": self.hash,
+            "name": self.name,
+            "version": self.version,
+            "description": self.description,
+            "body": self.body,
+            "author": self.author,
+            "created": self.created,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Version:
+    """One version of a contract's deployment, and the approvals gathered for it."""
+
+    version: int
+    deployment_hash: str
+    instructions: str
+    requirement: SignatureRequirement  # as given; the owner is added when checking
+    capacity: Capacity
+    approvals: Map[int, str] = field(default_factory=Map)  # twin -> signature hex
+    deadline: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "deployment_hash": self.deployment_hash,
+            "instructions": self.instructions,
+            "signature_requirement": self.requirement.to_dict(),
+            "capacity": self.capacity.to_dict(),
+            "approvals": {str(k): v for k, v in sorted(self.approvals.items())},
+            "deadline": self.deadline,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Report:
+    version: int
+    time: int
+    error: str
+    workloads: tuple[dict[str, Any], ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "time": self.time,
+            "error": self.error,
+            "workloads": list(self.workloads),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Contract:
+    id: int
+    owner: int
+    node: int
+    state: str
+    proposal: Version  # the latest version (waiting for its quorum unless == active)
+    active: Version | None  # the latest approved version: what the node must run
+    delete_requirement: SignatureRequirement | None
+    metadata: str
+    created: int
+    updated: int
+    cancel_votes: tuple[int, ...] = ()
+    report: Report | None = None
+
+    @property
+    def pending(self) -> bool:
+        """A version is waiting for its approval quorum."""
+        return self.active is None or self.active.version != self.proposal.version
+
+    def to_dict(self) -> dict[str, Any]:
+        p = self.proposal
+        return {
+            "id": self.id,
+            "owner": self.owner,
+            "node": self.node,
+            "state": self.state,
+            "version": p.version,
+            "deployment_hash": p.deployment_hash,
+            "instructions": p.instructions,
+            "signature_requirement": p.requirement.to_dict(),
+            "delete_requirement": (
+                self.delete_requirement.to_dict() if self.delete_requirement else None
+            ),
+            "deadline": p.deadline,
+            "capacity": p.capacity.to_dict(),
+            "approvals": {str(k): v for k, v in sorted(p.approvals.items())},
+            "pending": self.pending,
+            "active": self.active.to_dict() if self.active else None,
+            "cancel_votes": list(self.cancel_votes),
+            "report": self.report.to_dict() if self.report else None,
+            "metadata": self.metadata,
+            "created": self.created,
+            "updated": self.updated,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Name:
+    name: str
+    owner: int
+    created: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "owner": self.owner, "created": self.created}
+
+
+def _empty() -> Map[Any, Any]:
+    return Map()
+
+
+@dataclass(frozen=True, slots=True)
+class State:
+    """Everything the ledger knows, plus the indexes queries need."""
+
+    twins: Map[int, Twin] = field(default_factory=_empty)
+    twin_by_key: Map[str, int] = field(default_factory=_empty)
+    farms: Map[int, Farm] = field(default_factory=_empty)
+    farm_by_name: Map[str, int] = field(default_factory=_empty)
+    nodes: Map[int, Node] = field(default_factory=_empty)
+    node_by_twin: Map[int, int] = field(default_factory=_empty)
+    nodes_by_country: Map[str, Map[int, bool]] = field(default_factory=_empty)
+    nodes_by_farm: Map[int, Map[int, bool]] = field(default_factory=_empty)
+    templates: Map[str, Template] = field(default_factory=_empty)
+    contracts: Map[int, Contract] = field(default_factory=_empty)
+    contracts_by_node: Map[int, Map[int, bool]] = field(default_factory=_empty)
+    contracts_by_owner: Map[int, Map[int, bool]] = field(default_factory=_empty)
+    deadlines: Map[int, int] = field(default_factory=_empty)  # contract -> pending deadline
+    names: Map[str, Name] = field(default_factory=_empty)
+    balances: Map[int, int] = field(default_factory=_empty)  # billing comes later
+    next_deadline: int = 2**62  # earliest value in `deadlines`, so tick() is O(1) mostly
+    last_twin: int = 0
+    last_farm: int = 0
+    last_node: int = 0
+    last_contract: int = 0
+
+
+def genesis() -> State:
+    """The empty state every ledger starts from."""
+    return State()
+
+
+def _replace(obj: Any, **changes: Any) -> Any:
+    return dataclasses.replace(obj, **changes)
+
+
+def _index_add(index: Map[K, Map[int, bool]], key: K, item: int) -> Map[K, Map[int, bool]]:
+    return index.set(key, index.get(key, Map()).set(item, True))
+
+
+def _index_remove(index: Map[K, Map[int, bool]], key: K, item: int) -> Map[K, Map[int, bool]]:
+    members = index.get(key)
+    if members is None or item not in members:
+        return index
+    members = members.delete(item)
+    return index.set(key, members) if members else index.delete(key)
+
+
+# ---- the transition function -----------------------------------------------------------
+
+
+class _Refuse(Exception):
+    """Internal: unwinds a handler with a Rejected (nothing was committed)."""
+
+    def __init__(self, code: str, reason: str) -> None:
+        self.rejected = Rejected(code, reason)
+
+
+def apply(state: State, tx: t.Tx, *, time: int, verified: bool = False) -> State | Rejected:
+    """Apply one transaction at block time `time`; return the new State or why not."""
+    result = apply_with_receipt(state, tx, time=time, verified=verified)
+    return result if isinstance(result, Rejected) else result[0]
+
+
+def apply_with_receipt(
+    state: State, tx: t.Tx, *, time: int, verified: bool = False
+) -> tuple[State, Receipt] | Rejected:
+    """`apply`, also returning a receipt: the ids the transaction created or touched.
+
+    `verified=True` skips the signature check for a caller that already verified it
+    against the same sender key (the server verifies batches in parallel threads).
+    """
+    try:
+        if tx.type == "twin.register":
+            return _twin_register(state, tx, time, verified)
+        twin = _sender(state, tx, verified)
+        handler = _HANDLERS[tx.type]
+        new, receipt = handler(state, tx, twin, time)
+        bumped = _replace(twin, nonce=twin.nonce + 1)
+        return _replace(new, twins=new.twins.set(twin.id, bumped)), receipt
+    except _Refuse as exc:
+        return exc.rejected
+
+
+def tick(state: State, time: int) -> State:
+    """Advance the clock to `time` (start of a block): expire proposals past their deadline.
+
+    A contract never approved by its deadline becomes `expired`; a new version not
+    approved in time is dropped and the contract keeps running its active version.
+    """
+    if time <= state.next_deadline:
+        return state
+    contracts, deadlines, nodes = state.contracts, state.deadlines, state.nodes
+    for cid, deadline in state.deadlines.items():
+        if deadline >= time:
+            continue
+        deadlines = deadlines.delete(cid)
+        c = contracts[cid]
+        if c.active is None:
+            nodes = _reserve(nodes, c.node, c.proposal.capacity, ZERO)
+            c = _replace(c, state=EXPIRED, updated=time)
+        else:
+            nodes = _reserve(nodes, c.node, c.proposal.capacity, c.active.capacity)
+            c = _replace(c, proposal=c.active, updated=time)
+        contracts = contracts.set(cid, c)
+    return _replace(
+        state,
+        contracts=contracts,
+        deadlines=deadlines,
+        nodes=nodes,
+        next_deadline=min(deadlines.values(), default=2**62),
+    )
+
+
+def _sender(state: State, tx: t.Tx, verified: bool) -> Twin:
+    if not isinstance(tx.sender, int):
+        raise _Refuse("invalid", f"{tx.type} must be sent by a twin id, not a public key")
+    twin = state.twins.get(tx.sender)
+    if twin is None:
+        raise _Refuse("not_found", f"sender twin {tx.sender} is not registered")
+    if not verified and not verify(twin.public_key, tx.hash, tx.signature):
+        raise _Refuse("bad_signature", f"signature does not verify with twin {twin.id}'s key")
+    if tx.nonce != twin.nonce:
+        if tx.nonce < twin.nonce:
+            why = f"nonce {tx.nonce} of twin {twin.id} was already used (replay?)"
+        else:
+            why = f"nonce {tx.nonce} of twin {twin.id} is out of order"
+        raise _Refuse("bad_nonce", f"{why}; the next nonce is {twin.nonce}")
+    return twin
+
+
+def sender_key(state: State, tx: t.Tx) -> str | None:
+    """The public key a transaction's signature must verify against, if known yet."""
+    if isinstance(tx.sender, str):
+        return tx.sender
+    twin = state.twins.get(tx.sender)
+    return twin.public_key if twin else None
+
+
+def _twin_register(
+    state: State, tx: t.Tx, time: int, verified: bool
+) -> tuple[State, Receipt]:
+    key = tx.sender
+    if not isinstance(key, str):
+        raise _Refuse("invalid", "twin.register is sent by the new twin's public key (hex)")
+    if not verified and not verify(key, tx.hash, tx.signature):
+        raise _Refuse("bad_signature", "signature does not verify with the sender's public key")
+    existing = state.twin_by_key.get(key)
+    if existing is not None:
+        raise _Refuse("conflict", f"this public key is already twin {existing}")
+    if tx.nonce != 0:
+        raise _Refuse("bad_nonce", "twin.register uses nonce 0")
+    p: t.TwinRegister = tx.payload
+    tid = state.last_twin + 1
+    twin = Twin(tid, key, 1, p.endpoint, time)
+    return _replace(
+        state,
+        twins=state.twins.set(tid, twin),
+        twin_by_key=state.twin_by_key.set(key, tid),
+        balances=state.balances.set(tid, 0),
+        last_twin=tid,
+    ), {"twin": tid}
+
+
+def _farm_create(state: State, tx: t.Tx, twin: Twin, time: int) -> tuple[State, Receipt]:
+    p: t.FarmCreate = tx.payload
+    if p.name in state.farm_by_name:
+        raise _Refuse("conflict", f"farm name {p.name!r} is taken by farm {state.farm_by_name[p.name]}")
+    fid = state.last_farm + 1
+    farm = Farm(fid, p.name, twin.id, tuple(p.public_ips), p.pricing, time)
+    return _replace(
+        state,
+        farms=state.farms.set(fid, farm),
+        farm_by_name=state.farm_by_name.set(p.name, fid),
+        last_farm=fid,
+    ), {"farm": fid}
+
+
+def _node_fields(state: State, p: t.NodeRegister) -> dict[str, Any]:
+    if p.farm not in state.farms:
+        raise _Refuse("not_found", f"farm {p.farm} does not exist")
+    return {
+        "farm": p.farm,
+        "capacity": Capacity.of(p.capacity),
+        "country": p.location.country,
+        "city": p.location.city,
+        "endpoint": p.endpoint,
+        "public_ips": tuple(p.public_ips),
+        "pricing": p.pricing,
+    }
+
+
+def _node_register(state: State, tx: t.Tx, twin: Twin, time: int) -> tuple[State, Receipt]:
+    existing = state.node_by_twin.get(twin.id)
+    if existing is not None:
+        raise _Refuse(
+            "conflict", f"twin {twin.id} already registered node {existing} (send node.update)"
+        )
+    fields = _node_fields(state, tx.payload)
+    nid = state.last_node + 1
+    node = Node(id=nid, twin=twin.id, created=time, updated=time, **fields)
+    return _replace(
+        state,
+        nodes=state.nodes.set(nid, node),
+        node_by_twin=state.node_by_twin.set(twin.id, nid),
+        nodes_by_country=_index_add(state.nodes_by_country, node.country, nid),
+        nodes_by_farm=_index_add(state.nodes_by_farm, node.farm, nid),
+        last_node=nid,
+    ), {"node": nid, "farm": node.farm}
+
+
+def _own_node(state: State, twin: Twin, what: str) -> Node:
+    nid = state.node_by_twin.get(twin.id)
+    if nid is None:
+        raise _Refuse("not_found", f"twin {twin.id} has no node ({what} needs node.register first)")
+    return state.nodes[nid]
+
+
+def _node_update(state: State, tx: t.Tx, twin: Twin, time: int) -> tuple[State, Receipt]:
+    old = _own_node(state, twin, "node.update")
+    node = _replace(old, updated=time, **_node_fields(state, tx.payload))
+    by_country, by_farm = state.nodes_by_country, state.nodes_by_farm
+    if node.country != old.country:
+        by_country = _index_add(_index_remove(by_country, old.country, old.id), node.country, old.id)
+    if node.farm != old.farm:
+        by_farm = _index_add(_index_remove(by_farm, old.farm, old.id), node.farm, old.id)
+    return _replace(
+        state,
+        nodes=state.nodes.set(node.id, node),
+        nodes_by_country=by_country,
+        nodes_by_farm=by_farm,
+    ), {"node": node.id, "farm": node.farm}
+
+
+def _node_heartbeat(state: State, tx: t.Tx, twin: Twin, time: int) -> tuple[State, Receipt]:
+    old = _own_node(state, twin, "node.heartbeat")
+    p: t.NodeHeartbeat = tx.payload
+    node = _replace(
+        old,
+        last_heartbeat=time,
+        used=old.used if p.used is None else Capacity.of(p.used),
+        uptime=old.uptime if p.uptime is None else p.uptime,
+    )
+    return _replace(state, nodes=state.nodes.set(node.id, node)), {"node": node.id}
+
+
+def _template_publish(state: State, tx: t.Tx, twin: Twin, time: int) -> tuple[State, Receipt]:
+    p: t.TemplatePublish = tx.payload
+    digest = hash_hex(tx.raw_payload)
+    existing = state.templates.get(digest)
+    if existing is not None:
+        raise _Refuse(
+            "conflict", f"template {digest} is already published (by twin {existing.author})"
+        )
+    tpl = Template(digest, p.name, p.version, p.description, tx.raw_payload["body"], twin.id, time)
+    return _replace(state, templates=state.templates.set(digest, tpl)), {"template": digest}
+
+
+# ---- contracts ---------------------------------------------------------------------------
+
+
+def _requirement(model: t.SignatureRequirementModel, what: str) -> SignatureRequirement:
+    try:
+        return SignatureRequirement.from_dict(model.model_dump())
+    except QuorumError as exc:
+        raise _Refuse("invalid", f"{what}: {exc}") from None
+
+
+def _reserve(nodes: Map[int, Node], nid: int, old: Capacity, new: Capacity) -> Map[int, Node]:
+    if old == new:
+        return nodes
+    node = nodes[nid]
+    return nodes.set(nid, _replace(node, reserved=node.reserved - old + new))
+
+
+def _deadline(requested: int | None, time: int) -> int:
+    if requested is None:
+        return time + DEFAULT_DEADLINE
+    if requested <= time:
+        raise _Refuse("invalid", f"deadline {requested} is not after the block time {time}")
+    if requested > time + MAX_DEADLINE:
+        raise _Refuse("invalid", f"deadline is more than {MAX_DEADLINE} s after the block time")
+    return requested
+
+
+def _check_approval(state: State, twin_id: int, deployment_hash: str, signature: str) -> None:
+    twin = state.twins.get(twin_id)
+    if twin is None:
+        raise _Refuse("not_found", f"twin {twin_id} is not registered")
+    if not verify(twin.public_key, bytes.fromhex(deployment_hash), bytes.fromhex(signature)):
+        raise _Refuse(
+            "bad_signature",
+            f"approval signature does not verify with twin {twin_id}'s key over {deployment_hash}",
+        )
+
+
+def _signers(c: Contract) -> frozenset[int]:
+    """Who may approve the pending version: its stakeholders, plus the active version's."""
+    allowed = c.proposal.requirement.with_owner(c.owner).twins
+    if c.active is not None:
+        allowed |= c.active.requirement.with_owner(c.owner).twins
+    return allowed
+
+
+def _quorum(c: Contract) -> bool:
+    """The pending version needs its own quorum and, for an update, the active one's too,
+    so an update cannot drop stakeholders without their consent."""
+    signed = c.proposal.approvals.keys()
+    if not c.proposal.requirement.with_owner(c.owner).holds(signed):
+        return False
+    return c.active is None or c.active.requirement.with_owner(c.owner).holds(signed)
+
+
+def _settle(state: State, c: Contract, time: int) -> State:
+    """Store `c`; if its pending version now has its quorum, make it the active version."""
+    deadlines = state.deadlines
+    if _quorum(c):
+        c = _replace(c, active=c.proposal, state=APPROVED, report=None, updated=time)
+        deadlines = deadlines.delete(c.id) if c.id in deadlines else deadlines
+    else:
+        deadlines = deadlines.set(c.id, c.proposal.deadline)
+    return _replace(
+        state,
+        contracts=state.contracts.set(c.id, c),
+        deadlines=deadlines,
+        next_deadline=min(deadlines.values(), default=2**62),
+    )
+
+
+def _receipt(c: Contract) -> Receipt:
+    return {
+        "contract": c.id,
+        "node": c.node,
+        "owner": c.owner,
+        "state": c.state,
+        "version": c.proposal.version,
+    }
+
+
+def _contract_create(state: State, tx: t.Tx, twin: Twin, time: int) -> tuple[State, Receipt]:
+    p: t.ContractCreate = tx.payload
+    if p.node not in state.nodes:
+        raise _Refuse("not_found", f"node {p.node} does not exist")
+    requirement = _requirement(p.signature_requirement, "signature_requirement")
+    delete_req = (
+        _requirement(p.delete_requirement, "delete_requirement") if p.delete_requirement else None
+    )
+    for req in (requirement, delete_req):
+        for signer in req.twins if req else ():
+            if signer not in state.twins:
+                raise _Refuse("not_found", f"stakeholder twin {signer} is not registered")
+    approvals: Map[int, str] = Map()
+    if p.approval is not None:
+        _check_approval(state, twin.id, p.deployment_hash, p.approval)
+        approvals = approvals.set(twin.id, p.approval)
+    cid = state.last_contract + 1
+    version = Version(
+        1,
+        p.deployment_hash,
+        p.instructions,
+        requirement,
+        Capacity.of(p.capacity),
+        approvals,
+        _deadline(p.deadline, time),
+    )
+    c = Contract(cid, twin.id, p.node, CREATED, version, None, delete_req, p.metadata, time, time)
+    state = _replace(
+        state,
+        nodes=_reserve(state.nodes, p.node, ZERO, version.capacity),
+        contracts_by_node=_index_add(state.contracts_by_node, p.node, cid),
+        contracts_by_owner=_index_add(state.contracts_by_owner, twin.id, cid),
+        last_contract=cid,
+    )
+    state = _settle(state, c, time)
+    return state, _receipt(state.contracts[cid])
+
+
+def _contract(state: State, cid: int) -> Contract:
+    c = state.contracts.get(cid)
+    if c is None:
+        raise _Refuse("not_found", f"contract {cid} does not exist")
+    return c
+
+
+def _live(c: Contract, action: str) -> None:
+    if c.state in (CANCELLED, DELETED, EXPIRED):
+        raise _Refuse("state", f"contract {c.id} is {c.state}: cannot {action}")
+
+
+def _contract_approve(state: State, tx: t.Tx, twin: Twin, time: int) -> tuple[State, Receipt]:
+    p: t.ContractApprove = tx.payload
+    c = _contract(state, p.contract)
+    _live(c, "approve")
+    if not c.pending:
+        raise _Refuse(
+            "conflict", f"contract {c.id} version {c.proposal.version} is already approved"
+        )
+    if p.deployment_hash != c.proposal.deployment_hash:
+        raise _Refuse(
+            "state",
+            f"approval is for deployment {p.deployment_hash} but contract {c.id} version "
+            f"{c.proposal.version} is {c.proposal.deployment_hash}",
+        )
+    if twin.id not in _signers(c):
+        raise _Refuse("unauthorized", f"twin {twin.id} is not a stakeholder of contract {c.id}")
+    if twin.id in c.proposal.approvals:
+        raise _Refuse("conflict", f"twin {twin.id} already approved contract {c.id} version "
+                      f"{c.proposal.version}")
+    _check_approval(state, twin.id, p.deployment_hash, p.signature)
+    proposal = _replace(c.proposal, approvals=c.proposal.approvals.set(twin.id, p.signature))
+    state = _settle(state, _replace(c, proposal=proposal, updated=time), time)
+    return state, _receipt(state.contracts[c.id])
+
+
+def _contract_update(state: State, tx: t.Tx, twin: Twin, time: int) -> tuple[State, Receipt]:
+    p: t.ContractUpdate = tx.payload
+    c = _contract(state, p.contract)
+    if c.owner != twin.id:
+        raise _Refuse("unauthorized", f"only the owner (twin {c.owner}) updates contract {c.id}")
+    _live(c, "update")
+    requirement = (
+        _requirement(p.signature_requirement, "signature_requirement")
+        if p.signature_requirement is not None
+        else c.proposal.requirement
+    )
+    for signer in requirement.twins:
+        if signer not in state.twins:
+            raise _Refuse("not_found", f"stakeholder twin {signer} is not registered")
+    approvals: Map[int, str] = Map()
+    if p.approval is not None:
+        _check_approval(state, twin.id, p.deployment_hash, p.approval)
+        approvals = approvals.set(twin.id, p.approval)
+    capacity = Capacity.of(p.capacity) if p.capacity is not None else c.proposal.capacity
+    proposal = Version(
+        c.proposal.version + 1,
+        p.deployment_hash,
+        p.instructions,
+        requirement,
+        capacity,
+        approvals,
+        _deadline(p.deadline, time),
+    )
+    state = _replace(state, nodes=_reserve(state.nodes, c.node, c.proposal.capacity, capacity))
+    c = _replace(
+        c,
+        proposal=proposal,
+        metadata=c.metadata if p.metadata is None else p.metadata,
+        updated=time,
+    )
+    state = _settle(state, c, time)
+    return state, _receipt(state.contracts[c.id])
+
+
+def _finish(state: State, c: Contract, final: str, time: int) -> State:
+    """Move `c` to a final or cancelled state, releasing what it held."""
+    deadlines = state.deadlines.delete(c.id) if c.id in state.deadlines else state.deadlines
+    nodes = state.nodes
+    if final in FINAL_STATES:
+        nodes = _reserve(nodes, c.node, c.proposal.capacity, ZERO)
+    elif c.pending and c.active is not None:
+        # a cancelled contract's pending version will never run: reserve only the active one
+        nodes = _reserve(nodes, c.node, c.proposal.capacity, c.active.capacity)
+        c = _replace(c, proposal=c.active)
+    c = _replace(c, state=final, updated=time)
+    return _replace(
+        state,
+        contracts=state.contracts.set(c.id, c),
+        deadlines=deadlines,
+        nodes=nodes,
+        next_deadline=min(deadlines.values(), default=2**62),
+    )
+
+
+def _contract_cancel(state: State, tx: t.Tx, twin: Twin, time: int) -> tuple[State, Receipt]:
+    p: t.ContractCancel = tx.payload
+    c = _contract(state, p.contract)
+    _live(c, "cancel")
+    if c.delete_requirement is None:
+        if twin.id != c.owner:
+            raise _Refuse("unauthorized", f"only the owner (twin {c.owner}) cancels contract {c.id}")
+        done = True
+    else:
+        if twin.id not in c.delete_requirement.twins:
+            raise _Refuse(
+                "unauthorized", f"twin {twin.id} is not in contract {c.id}'s delete requirement"
+            )
+        if twin.id in c.cancel_votes:
+            raise _Refuse("conflict", f"twin {twin.id} already voted to cancel contract {c.id}")
+        c = _replace(c, cancel_votes=(*c.cancel_votes, twin.id), updated=time)
+        done = c.delete_requirement.holds(c.cancel_votes)
+    if done:
+        # nothing was ever approved, so nothing runs: straight to deleted
+        state = _finish(state, c, DELETED if c.active is None else CANCELLED, time)
+    else:
+        state = _replace(state, contracts=state.contracts.set(c.id, c))
+    return state, _receipt(state.contracts[c.id])
+
+
+def _contract_report(state: State, tx: t.Tx, twin: Twin, time: int) -> tuple[State, Receipt]:
+    p: t.ContractReport = tx.payload
+    c = _contract(state, p.contract)
+    node = state.nodes[c.node]
+    if node.twin != twin.id:
+        raise _Refuse(
+            "unauthorized", f"only node {c.node}'s twin ({node.twin}) reports on contract {c.id}"
+        )
+    if c.state in FINAL_STATES:
+        raise _Refuse("state", f"contract {c.id} is {c.state}: nothing to report")
+    if c.active is None:
+        raise _Refuse("state", f"contract {c.id} has no approved version to report on")
+    if p.version != c.active.version:
+        raise _Refuse(
+            "state", f"report for version {p.version}, but contract {c.id} runs version "
+            f"{c.active.version}"
+        )
+    workloads = tuple(w.model_dump() for w in p.workloads)
+    states = [w.state for w in p.workloads]
+    if c.state == CANCELLED:
+        new_state = DELETED if all(s == "deleted" for s in states) and not p.error else CANCELLED
+    elif p.error or "error" in states:
+        new_state = ERROR
+    elif all(s != "init" for s in states):
+        new_state = DEPLOYED
+    else:
+        new_state = APPROVED
+    c = _replace(c, report=Report(p.version, time, p.error, workloads), updated=time)
+    if new_state == DELETED:
+        state = _finish(state, c, DELETED, time)
+    else:
+        state = _replace(state, contracts=state.contracts.set(c.id, _replace(c, state=new_state)))
+    return state, _receipt(state.contracts[c.id])
+
+
+# ---- names -------------------------------------------------------------------------------
+
+
+def _name_register(state: State, tx: t.Tx, twin: Twin, time: int) -> tuple[State, Receipt]:
+    p: t.NameRegister = tx.payload
+    existing = state.names.get(p.name)
+    if existing is not None:
+        raise _Refuse("conflict", f"name {p.name!r} is taken by twin {existing.owner}")
+    return _replace(
+        state, names=state.names.set(p.name, Name(p.name, twin.id, time))
+    ), {"name": p.name}
+
+
+def _name_release(state: State, tx: t.Tx, twin: Twin, time: int) -> tuple[State, Receipt]:
+    p: t.NameRelease = tx.payload
+    existing = state.names.get(p.name)
+    if existing is None:
+        raise _Refuse("not_found", f"name {p.name!r} is not registered")
+    if existing.owner != twin.id:
+        raise _Refuse("unauthorized", f"name {p.name!r} belongs to twin {existing.owner}")
+    return _replace(state, names=state.names.delete(p.name)), {"name": p.name}
+
+
+_HANDLERS: dict[str, Any] = {
+    "farm.create": _farm_create,
+    "node.register": _node_register,
+    "node.update": _node_update,
+    "node.heartbeat": _node_heartbeat,
+    "template.publish": _template_publish,
+    "contract.create": _contract_create,
+    "contract.approve": _contract_approve,
+    "contract.update": _contract_update,
+    "contract.cancel": _contract_cancel,
+    "contract.report": _contract_report,
+    "name.register": _name_register,
+    "name.release": _name_release,
+}
+
+assert set(_HANDLERS) | {"twin.register"} == t.TX_TYPES
+
+
+def contract_ids(index: Map[int, Map[int, bool]], key: int) -> Iterable[int]:
+    return index.get(key, Map()).keys()

@@ -1,0 +1,317 @@
+"""Ledger transactions: the signed wire format, one payload model per type, size limits, signing.
+
+A transaction is `{type, sender, nonce, payload, signature}`. The signature is the sender's
+ed25519 signature over the transaction hash: blake2b-256 of the canonical JSON of
+`{type, sender, nonce, payload}`. That hash is also the transaction's id.
+"""
+
+from __future__ import annotations
+
+import binascii
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from zerostack.crypto import CanonicalError, Identity, hash_obj
+from zerostack.ledger.errors import HTTP_STATUS, LedgerRejected
+
+MAX_TX_BYTES = 128 * 1024
+"""Largest accepted transaction, as encoded JSON (sealed instructions are the bulk)."""
+MAX_BATCH = 2000
+"""Most transactions in one `POST /txs`."""
+MAX_INSTRUCTIONS = 96 * 1024
+"""Largest sealed instructions (base64 characters)."""
+
+HexHash = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+HexSignature = Annotated[str, Field(pattern=r"^[0-9a-f]{128}$")]
+PublicKeyHex = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+Base64 = Annotated[str, Field(max_length=MAX_INSTRUCTIONS, pattern=r"^[A-Za-z0-9+/]*={0,2}$")]
+Id = Annotated[int, Field(ge=1, le=2**53)]
+Count = Annotated[int, Field(ge=0, le=2**62)]
+Label = Annotated[str, Field(min_length=1, max_length=64)]
+Text = Annotated[str, Field(max_length=1024)]
+GatewayName = Annotated[str, Field(pattern=r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")]
+ShortList = Annotated[list[Annotated[str, Field(max_length=64)]], Field(max_length=64)]
+
+
+class _Model(BaseModel):
+    # strict: "5" is not 5 and true is not 1; forbid: an unknown field is an error, not ignored.
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class Capacity(_Model):
+    """Resource units: cru = CPU cores, mru/sru/hru = bytes of memory, SSD and HDD."""
+
+    cru: Count = 0
+    mru: Count = 0
+    sru: Count = 0
+    hru: Count = 0
+
+
+class Location(_Model):
+    country: Label
+    city: Annotated[str, Field(max_length=64)] = ""
+
+
+class SignatureRequestModel(_Model):
+    twin: Id
+    weight: Annotated[int, Field(ge=0, le=2**31)] = 1
+    required: bool = False
+
+
+class SignatureRequirementModel(_Model):
+    """Mirrors `zerostack.crypto.SignatureRequirement` (which does the quorum arithmetic)."""
+
+    requests: Annotated[list[SignatureRequestModel], Field(min_length=1, max_length=64)]
+    weight_required: Annotated[int, Field(ge=0, le=2**40)]
+
+
+# ---- payloads, one per transaction type -------------------------------------------------
+
+
+class TwinRegister(_Model):
+    """Sent with `sender` = the new twin's public key (hex) and nonce 0."""
+
+    endpoint: Annotated[str, Field(max_length=256)] = ""
+
+
+class FarmCreate(_Model):
+    name: Label
+    public_ips: ShortList = []
+    pricing: dict[str, Any] | None = None
+
+
+class NodeRegister(_Model):
+    """The sender twin becomes the node's identity; one node per twin."""
+
+    farm: Id
+    capacity: Capacity
+    location: Location
+    endpoint: Annotated[str, Field(max_length=256)] = ""
+    public_ips: ShortList = []
+    pricing: dict[str, Any] | None = None
+
+
+class NodeUpdate(NodeRegister):
+    """Same fields as node.register; sent by the node's twin to change them."""
+
+
+class NodeHeartbeat(_Model):
+    used: Capacity | None = None
+    uptime: Count | None = None
+
+
+class TemplatePublish(_Model):
+    """Content-addressed: the template's id is the hash of this payload."""
+
+    name: Label
+    version: Annotated[str, Field(max_length=64)] = ""
+    description: Text = ""
+    body: dict[str, Any]
+
+
+class ContractCreate(_Model):
+    node: Id
+    deployment_hash: HexHash
+    instructions: Base64
+    signature_requirement: SignatureRequirementModel
+    delete_requirement: SignatureRequirementModel | None = None
+    deadline: Count | None = None
+    capacity: Capacity | None = None
+    approval: HexSignature | None = None
+    metadata: Text = ""
+
+
+class ContractApprove(_Model):
+    contract: Id
+    deployment_hash: HexHash
+    signature: HexSignature
+
+
+class ContractUpdate(_Model):
+    contract: Id
+    deployment_hash: HexHash
+    instructions: Base64
+    signature_requirement: SignatureRequirementModel | None = None
+    deadline: Count | None = None
+    capacity: Capacity | None = None
+    approval: HexSignature | None = None
+    metadata: Text | None = None
+
+
+class ContractCancel(_Model):
+    contract: Id
+
+
+WorkloadState = Literal["init", "ok", "error", "deleted", "paused"]
+
+
+class WorkloadResult(_Model):
+    name: Label
+    type: Annotated[str, Field(max_length=32)] = ""
+    state: WorkloadState
+    message: Text = ""
+    data: dict[str, Any] = {}
+    sealed: Annotated[str, Field(max_length=16 * 1024, pattern=r"^[A-Za-z0-9+/]*={0,2}$")] = ""
+
+
+class ContractReport(_Model):
+    contract: Id
+    version: Id
+    error: Text = ""
+    workloads: Annotated[list[WorkloadResult], Field(max_length=256)] = []
+
+
+class NameRegister(_Model):
+    name: GatewayName
+
+
+class NameRelease(_Model):
+    name: GatewayName
+
+
+PAYLOADS: dict[str, type[_Model]] = {
+    "twin.register": TwinRegister,
+    "farm.create": FarmCreate,
+    "node.register": NodeRegister,
+    "node.update": NodeUpdate,
+    "node.heartbeat": NodeHeartbeat,
+    "template.publish": TemplatePublish,
+    "contract.create": ContractCreate,
+    "contract.approve": ContractApprove,
+    "contract.update": ContractUpdate,
+    "contract.cancel": ContractCancel,
+    "contract.report": ContractReport,
+    "name.register": NameRegister,
+    "name.release": NameRelease,
+}
+"""Every transaction type and the model its payload must match."""
+
+TX_TYPES = frozenset(PAYLOADS)
+
+
+class SignedTxModel(BaseModel):
+    """A transaction on the wire (for the OpenAPI spec and for clients that want a model)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    type: str
+    sender: Annotated[int, Field(ge=1)] | PublicKeyHex
+    nonce: Count
+    payload: dict[str, Any]
+    signature: HexSignature
+
+
+# ---- parsed transactions ----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Tx:
+    """A well-formed transaction; its signature is checked by the state machine, not here."""
+
+    type: str
+    sender: int | str
+    nonce: int
+    payload: Any  # the type's payload model instance
+    raw_payload: dict[str, Any]
+    signature: bytes
+    hash: bytes
+
+    @property
+    def hash_hex(self) -> str:
+        return self.hash.hex()
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "type": self.type,
+            "sender": self.sender,
+            "nonce": self.nonce,
+            "payload": self.raw_payload,
+            "signature": self.signature.hex(),
+        }
+
+
+_ENVELOPE = frozenset({"type", "sender", "nonce", "payload", "signature"})
+_HEX = frozenset("0123456789abcdef")
+
+
+def _reject(code: str, reason: str) -> LedgerRejected:
+    return LedgerRejected(reason, code=code, status=HTTP_STATUS[code])
+
+
+def _first_error(exc: ValidationError, prefix: str) -> str:
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err["loc"])
+    if err["type"] == "extra_forbidden":
+        return f"{prefix}unknown field {where!r}"
+    return f"{prefix}{where or 'value'}: {err['msg']}"
+
+
+def _is_hex(value: str, length: int) -> bool:
+    return len(value) == length and _HEX.issuperset(value)
+
+
+def parse_tx(data: Any) -> Tx:
+    """Check a decoded JSON transaction's shape and payload; raise `LedgerRejected` if wrong.
+
+    This is the hot path of submission, so the envelope is checked by hand (a pydantic
+    model would cost more than the rest of the work) and the payload by its model.
+    """
+    if not isinstance(data, dict):
+        raise _reject("malformed", "a transaction is a JSON object")
+    keys = data.keys()
+    if keys != _ENVELOPE:
+        unknown = sorted(set(keys) - _ENVELOPE)
+        if unknown:
+            raise _reject("invalid", f"unknown field {unknown[0]!r} in transaction")
+        missing = sorted(_ENVELOPE - set(keys))
+        raise _reject("malformed", f"transaction is missing {', '.join(missing)}")
+    ttype, sender, nonce = data["type"], data["sender"], data["nonce"]
+    payload, signature = data["payload"], data["signature"]
+    model = PAYLOADS.get(ttype) if isinstance(ttype, str) else None
+    if model is None:
+        raise _reject("invalid", f"unknown transaction type {str(ttype)[:40]!r}")
+    if type(sender) is int:
+        if sender < 1:
+            raise _reject("invalid", "sender must be a twin id (>= 1) or a public key")
+    elif not (isinstance(sender, str) and _is_hex(sender, 64)):
+        raise _reject("invalid", "sender must be a twin id or a lowercase hex public key")
+    if type(nonce) is not int or nonce < 0 or nonce >= 2**62:
+        raise _reject("invalid", "nonce must be a non-negative integer")
+    if not isinstance(payload, dict):
+        raise _reject("invalid", "payload must be an object")
+    if not (isinstance(signature, str) and _is_hex(signature, 128)):
+        raise _reject("invalid", "signature must be 64 bytes as lowercase hex")
+    try:
+        parsed = model.model_validate(payload)
+    except ValidationError as exc:
+        raise _reject("invalid", _first_error(exc, f"{ttype} payload: ")) from None
+    try:
+        digest = hash_obj({"type": ttype, "sender": sender, "nonce": nonce, "payload": payload})
+    except CanonicalError as exc:
+        raise _reject("invalid", f"payload: {exc}") from None
+    return Tx(ttype, sender, nonce, parsed, payload, binascii.unhexlify(signature), digest)
+
+
+def tx_body(ttype: str, sender: int | str, nonce: int, payload: dict[str, Any]) -> dict[str, Any]:
+    return {"type": ttype, "sender": sender, "nonce": nonce, "payload": payload}
+
+
+def tx_hash(tx: dict[str, Any]) -> str:
+    """The id of a wire transaction (hex): the hash its signature signs."""
+    return hash_obj(tx_body(tx["type"], tx["sender"], tx["nonce"], tx["payload"])).hex()
+
+
+def sign_tx(
+    identity: Identity, ttype: str, sender: int | str, nonce: int, payload: dict[str, Any]
+) -> dict[str, Any]:
+    """Build a wire transaction signed by `identity` (the sender's key)."""
+    body = tx_body(ttype, sender, nonce, payload)
+    body["signature"] = identity.sign(hash_obj(body)).hex()
+    return body
+
+
+def sign_deployment(identity: Identity, deployment_hash: str) -> str:
+    """A stakeholder's approval: the signature (hex) over the raw 32-byte deployment hash."""
+    return identity.sign(bytes.fromhex(deployment_hash)).hex()
