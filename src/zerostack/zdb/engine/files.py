@@ -1,0 +1,180 @@
+"""File-level operations on one namespace's index and data files: create, append, read, scan.
+
+Kept free of key/namespace logic so replication (append raw entries) and compaction
+(rewrite file pairs) can reuse them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from zerostack.zdb.engine.errors import ZdbError
+from zerostack.zdb.engine.format import (
+    DATA_ENTRY,
+    DATA_HEADER,
+    FLAG_DELETED,
+    crc32,
+    data_header,
+    index_header,
+)
+
+# Opening many old files for reads costs descriptors; keep at most this many around.
+MAX_READERS = 64
+
+
+class AppendFile:
+    """An index or data file open for appending, with an in-memory tail.
+
+    Appends land in `buf` and reach the OS on `write_out()`; `read()` sees both the file
+    and the buffered tail, so readers never notice the buffering.
+    """
+
+    __slots__ = ("buf", "disk_size", "fd", "fileid", "path")
+
+    def __init__(self, path: Path, fileid: int) -> None:
+        self.path = path
+        self.fileid = fileid
+        self.fd = os.open(path, os.O_RDWR)
+        self.disk_size = os.fstat(self.fd).st_size
+        self.buf = bytearray()
+
+    @property
+    def size(self) -> int:
+        return self.disk_size + len(self.buf)
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Bytes [offset, offset+length) (fewer at the end of the file)."""
+        disk = self.disk_size
+        if offset >= disk:
+            start = offset - disk
+            return bytes(self.buf[start:start + length])
+        if offset + length <= disk:
+            return os.pread(self.fd, length, offset)
+        head = os.pread(self.fd, disk - offset, offset)
+        return head + bytes(self.buf[:offset + length - disk])
+
+    def patch(self, offset: int, data: bytes) -> bool:
+        """Overwrite bytes still in the buffer; False when they are already on disk."""
+        if offset < self.disk_size:
+            return False
+        start = offset - self.disk_size
+        self.buf[start:start + len(data)] = data
+        return True
+
+    def write_out(self) -> None:
+        """Hand the buffered tail to the OS (not fsync)."""
+        buf = self.buf
+        if not buf:
+            return
+        view = memoryview(buf)
+        done = 0
+        try:
+            while done < len(buf):
+                done += os.pwrite(self.fd, view[done:], self.disk_size + done)
+        finally:
+            view.release()
+            self.disk_size += done
+            del buf[:done]
+
+    def fsync(self) -> None:
+        os.fsync(self.fd)
+
+    def truncate(self, size: int) -> None:
+        """Cut the file (and drop any buffered tail) at `size`."""
+        self.buf.clear()
+        os.ftruncate(self.fd, size)
+        self.disk_size = size
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            self.write_out()
+            os.close(self.fd)
+            self.fd = -1
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_new_file(path: Path, content: bytes, durable: bool = True) -> None:
+    """Create `path` holding `content`, replacing it atomically if it exists."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, content)
+        if durable:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    if durable:
+        fsync_dir(path.parent)
+
+
+def create_pair(index_path: Path, data_path: Path, fileid: int, mode: int,
+                durable: bool = True) -> None:
+    """Create data file then index file N with their headers (data first: an index file
+    never exists without its data file)."""
+    write_new_file(data_path, data_header(fileid), durable)
+    write_new_file(index_path, index_header(fileid, mode), durable)
+
+
+class Readers:
+    """A small cache of read/write descriptors for files other than the current pair."""
+
+    def __init__(self) -> None:
+        self._fds: dict[Path, int] = {}
+
+    def fd(self, path: Path) -> int:
+        fd = self._fds.get(path)
+        if fd is None:
+            try:
+                fd = os.open(path, os.O_RDWR)
+            except FileNotFoundError:
+                raise ZdbError(f"{path} is missing") from None
+            if len(self._fds) >= MAX_READERS:
+                old = next(iter(self._fds))
+                os.close(self._fds.pop(old))
+            self._fds[path] = fd
+        return fd
+
+    def forget(self, path: Path) -> None:
+        fd = self._fds.pop(path, None)
+        if fd is not None:
+            os.close(fd)
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+
+def iter_data_entries(buf: bytes | memoryview, start: int = DATA_HEADER.size
+                      ) -> Iterator[tuple[int, int, int, int, int, int, int]]:
+    """Walk the data entries of a whole data file from `start`.
+
+    Yields (offset, key_len, payload_len, previous, crc, flags, timestamp) for every entry
+    that fits in `buf` and whose payload matches its CRC; stops at the first torn or bad one
+    (the caller compares the last yielded end with len(buf) to find a torn tail).
+    """
+    end = len(buf)
+    off = start
+    head = DATA_ENTRY.size
+    while off + head <= end:
+        kl, ln, prev, crc, fl, ts = DATA_ENTRY.unpack_from(buf, off)
+        stop = off + head + kl + ln
+        if kl == 0 or stop > end:
+            return
+        if fl & FLAG_DELETED and ln == 0:
+            if crc != 0:
+                return
+        elif crc32(buf[off + head + kl:stop]) != crc:
+            return
+        yield off, kl, ln, prev, crc, fl, ts
+        off = stop

@@ -1,0 +1,1068 @@
+"""One Zero-DB namespace: its settings, its index/data file pairs and the key operations.
+
+User-mode namespaces keep every live key in a dict whose value is ONE int packing where the
+entry lives (see `_pack`); sequential namespaces keep no per-key memory at all, since a slot's
+index entry sits at a fixed offset. Writes are appended to in-memory tails and reach the OS
+on `write_out()` (the engine calls it from `flush_all()`), in an order that keeps the files
+recoverable after a crash at any point: data, then delete flags, then index appends, then the
+"superseded" flags of overwritten entries.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import struct
+import time
+from bisect import bisect_right
+from collections.abc import Callable
+from pathlib import Path
+
+from zerostack.zdb.engine.config import EngineConfig, Mode
+from zerostack.zdb.engine.errors import ZdbError
+from zerostack.zdb.engine.files import (
+    AppendFile,
+    Readers,
+    create_pair,
+    fsync_dir,
+    iter_data_entries,
+    write_new_file,
+)
+from zerostack.zdb.engine.format import (
+    DATA_ENTRY,
+    DATA_HEADER,
+    FLAG_DELETED,
+    INDEX_ENTRY,
+    INDEX_FLAGS_AT,
+    INDEX_HEADER,
+    MAX_KEY,
+    MODE_SEQ,
+    MODE_USER,
+    NS_FILENAME,
+    SEQ_ENTRY_SIZE,
+    SEQ_KEY,
+    U32,
+    NamespaceDescriptor,
+    crc32,
+    data_header,
+    data_name,
+    index_header,
+    index_name,
+    parse_index_header,
+)
+
+log = logging.getLogger("zerostack.zdb.engine")
+
+# Packed in-memory location of a live user-mode key (one int of <= 180 bits, i.e. 48 bytes):
+#   bits   0-19  file id (data and index file N always go together in user mode)
+#   bits  20-51  data offset       bits  52-83  payload length
+#   bits  84-115 index offset      bits 116-147 payload crc      bits 148-179 timestamp
+FID_BITS = 20
+MAX_FILEID = (1 << FID_BITS) - 1
+FID_MASK = MAX_FILEID
+
+IHEAD = INDEX_HEADER.size   # 29
+DHEAD = DATA_HEADER.size    # 28
+IENT = INDEX_ENTRY.size     # 34
+DENT = DATA_ENTRY.size      # 18
+CURSOR = struct.Struct("<BIIQ")  # version 1, index file id, index offset, reserved: 17 bytes
+CURSOR_VERSION = 1
+AUTO_WRITE_OUT = 4 * 1024 * 1024  # never hold more than this in a tail between flushes
+MAX_REPAIRS = 10000
+
+_idx_pack = INDEX_ENTRY.pack
+_idx_unpack = INDEX_ENTRY.unpack_from
+_dat_pack = DATA_ENTRY.pack
+_dat_unpack = DATA_ENTRY.unpack_from
+_seq_pack = SEQ_KEY.pack
+_seq_unpack = SEQ_KEY.unpack
+_DELETED_BYTE = bytes([FLAG_DELETED])
+
+
+def _pack(fid: int, doff: int, length: int, ioff: int, crc: int, ts: int) -> int:
+    return fid | doff << 20 | length << 52 | ioff << 84 | crc << 116 | ts << 148
+
+
+def _atoll(value: str) -> int:
+    """The reference parses numbers with atoll(): leading digits, anything else is 0."""
+    digits = ""
+    for i, ch in enumerate(value.strip()):
+        if ch.isdigit() or (i == 0 and ch in "+-"):
+            digits += ch
+        else:
+            break
+    try:
+        return max(0, int(digits))
+    except ValueError:
+        return 0
+
+
+def encode_cursor(fid: int, off: int) -> bytes:
+    return CURSOR.pack(CURSOR_VERSION, fid, off, 0)
+
+
+def decode_cursor(cursor: bytes) -> tuple[int, int]:
+    if len(cursor) != CURSOR.size or cursor[0] != CURSOR_VERSION:
+        raise ZdbError("Invalid cursor")
+    _v, fid, off, _r = CURSOR.unpack(cursor)
+    return fid, off
+
+
+def replay_user_index(raw: bytes, fid: int, keys: dict[bytes, int]) -> tuple[int, int]:
+    """Replay the entries of user-mode index file `fid` into `keys`.
+
+    Returns (end of the last whole entry, offset of the last entry or 0). An entry flagged
+    deleted removes its key: it was either overwritten (a later entry sets it again) or deleted.
+    """
+    unpack = _idx_unpack
+    off = IHEAD
+    n = len(raw)
+    last = 0
+    pop = keys.pop
+    while off + IENT <= n:
+        kl, doff, ln, _p, fl, _d, ts, crc, _pi, _po = unpack(raw, off)
+        end = off + IENT + kl
+        if kl == 0 or end > n or doff < DHEAD:
+            break
+        key = raw[off + IENT:end]
+        if fl & FLAG_DELETED:
+            pop(key, None)
+        else:
+            keys[key] = fid | doff << 20 | ln << 52 | off << 84 | crc << 116 | ts << 148
+        last = off
+        off = end
+    return off, last
+
+
+class Namespace:
+    """A namespace: settings, files and the key/value operations of the command layer."""
+
+    def __init__(self, name: str, index_root: Path, data_root: Path, config: EngineConfig,
+                 on_dirty: Callable[[Namespace], None], create_mode: Mode | None = None) -> None:
+        self.name = name
+        self.index_root = index_root
+        self.data_root = data_root
+        self._config = config
+        self._on_dirty = on_dirty
+        self._sync = config.sync
+        self.password: str | None = None
+        self.public = True
+        self.worm = False
+        self.locked = False
+        self.frozen = False
+        self.maxsize = 0
+        self.mode = Mode.USER
+        self._readers = Readers()
+        self._keys: dict[bytes, int] = {}
+        self._early: list[tuple[int, int, bytes]] = []   # delete flags (before index appends)
+        self._late: list[tuple[int, int, bytes]] = []    # superseded flags (after index appends)
+        self._patched_paths: set[Path] = set()           # older index files to fsync
+        self._closed_isizes: list[int] = []
+        self._closed_dsizes: list[int] = []
+        self._seq_bases: list[int] = [0]
+        self._seq_next = 0
+        self._count = 0
+        self._bytes = 0
+        self._data_prev = 0
+        self._idx_prev = 0
+        self._idx_prev_fid = -1
+        self._index: AppendFile
+        self._data: AppendFile
+        if create_mode is not None:
+            self._create(create_mode)
+        self._load()
+
+    # ----------------------------------------------------------------- files
+
+    def _ipath(self, fid: int) -> Path:
+        return self.index_root / index_name(fid)
+
+    def _dpath(self, fid: int) -> Path:
+        return self.data_root / data_name(fid)
+
+    def _create(self, mode: Mode) -> None:
+        self.index_root.mkdir(parents=True, exist_ok=True)
+        self.data_root.mkdir(parents=True, exist_ok=True)
+        desc = NamespaceDescriptor(self.name, None, self._config.maxsize, True, False)
+        write_new_file(self.index_root / NS_FILENAME, desc.encode())
+        create_pair(self._ipath(0), self._dpath(0), 0, MODE_SEQ if mode is Mode.SEQ else MODE_USER)
+
+    def _count_files(self, root: Path, name: Callable[[int], str]) -> int:
+        n = 0
+        while (root / name(n)).exists():
+            n += 1
+        return n
+
+    def _prepare_files(self) -> int:
+        """Make sure pairs 0..N-1 exist with valid headers; returns N. Only the last pair
+        may be missing a file or hold a torn header (a crash while rotating)."""
+        self.data_root.mkdir(parents=True, exist_ok=True)
+        n_idx = self._count_files(self.index_root, index_name)
+        n_dat = self._count_files(self.data_root, data_name)
+        pairs = max(n_idx, n_dat)
+        mode = MODE_SEQ if self.mode is Mode.SEQ else MODE_USER
+        if pairs == 0:
+            create_pair(self._ipath(0), self._dpath(0), 0, mode)
+            return 1
+        if pairs - min(n_idx, n_dat) > 1:
+            raise ZdbError(f"namespace {self.name}: {n_idx} index files but {n_dat} data files; "
+                           "run `zerostack zdb check --repair`")
+        last = pairs - 1
+        if n_idx == 0:
+            raise ZdbError(f"namespace {self.name}: index file i0 is missing; "
+                           "run `zerostack zdb check --repair` to rebuild it")
+        with open(self._ipath(0), "rb") as f:
+            _fid, mode = parse_index_header(f.read(IHEAD), str(self._ipath(0)))
+        for fid in range(pairs):
+            for path, head, hsize in ((self._dpath(fid), None, DHEAD),
+                                      (self._ipath(fid), mode, IHEAD)):
+                size = path.stat().st_size if path.exists() else -1
+                if size >= hsize:
+                    continue
+                if fid != last:
+                    raise ZdbError(f"{path}: missing or truncated in the middle of the namespace; "
+                                   "run `zerostack zdb check --repair`")
+                log.warning("event=zdb.repair namespace=%s file=%s action=rewrite-header",
+                            self.name, path.name)
+                if head is None:
+                    write_new_file(path, data_header(fid))
+                else:
+                    write_new_file(path, index_header(fid, head))
+        return pairs
+
+    def _close_files(self) -> None:
+        for f in (getattr(self, "_index", None), getattr(self, "_data", None)):
+            if f is not None:
+                f.close()
+        self._readers.close()
+
+    # ------------------------------------------------------------------ load
+
+    def _load_descriptor(self) -> None:
+        path = self.index_root / NS_FILENAME
+        if not path.exists():
+            desc = NamespaceDescriptor(self.name)
+            write_new_file(path, desc.encode())
+        else:
+            desc = NamespaceDescriptor.decode(path.read_bytes(), str(path))
+        self.password = desc.password
+        self.public = desc.public
+        self.worm = desc.worm
+        self.maxsize = desc.maxsize
+
+    def _save_descriptor(self) -> None:
+        desc = NamespaceDescriptor(self.name, self.password, self.maxsize, self.public, self.worm)
+        write_new_file(self.index_root / NS_FILENAME, desc.encode())
+
+    def _load(self) -> None:
+        try:
+            self._load_descriptor()
+            for _ in range(MAX_REPAIRS):
+                if self._load_once():
+                    return
+            raise ZdbError(f"namespace {self.name}: too many torn entries; "
+                           "run `zerostack zdb check --repair`")
+        except ZdbError:
+            self._close_files()
+            raise
+        except (OSError, ValueError, struct.error, IndexError, OverflowError) as exc:
+            self._close_files()
+            raise ZdbError(f"namespace {self.name} cannot be loaded: {exc}; "
+                           "run `zerostack zdb check`") from exc
+
+    def _reset_state(self) -> None:
+        self._close_files()
+        self._readers = Readers()
+        self._keys = {}
+        self._early.clear()
+        self._late.clear()
+        self._closed_isizes = []
+        self._closed_dsizes = []
+        self._seq_bases = [0]
+        self._seq_next = 0
+        self._count = 0
+        self._bytes = 0
+        self._data_prev = 0
+        self._idx_prev = 0
+        self._idx_prev_fid = -1
+
+    def _load_once(self) -> bool:
+        """Load every file pair; False when a torn entry was cut and loading must restart."""
+        self._reset_state()
+        pairs = self._prepare_files()
+        last = pairs - 1
+        file_mode: int | None = None
+        # (data fid, data offset, entry end, index fid, index offset) of the newest indexed data
+        newest: tuple[int, int, int, int, int] | None = None
+        for fid in range(pairs):
+            path = self._ipath(fid)
+            raw = path.read_bytes()
+            _hfid, mode = parse_index_header(raw, str(path))
+            if file_mode is None:
+                file_mode = mode
+                self.mode = Mode.SEQ if mode == MODE_SEQ else Mode.USER
+                self._check_server_mode()
+            elif mode != file_mode:
+                raise ZdbError(f"{path}: mode {mode} differs from i0 (mode {file_mode})")
+            if self.mode is Mode.USER:
+                end, last_off = replay_user_index(raw, fid, self._keys)
+                if last_off:
+                    kl, doff, ln = struct.unpack_from("<BII", raw, last_off)
+                    newest = (fid, doff, doff + DENT + kl + ln, fid, last_off)
+            else:
+                end, last_off, found = self._replay_seq_index(raw, fid, last)
+                if found is not None and (newest is None or found[:2] > newest[:2]):
+                    newest = found
+            if end != len(raw):
+                if fid != last:
+                    raise ZdbError(f"{path}: corrupt entry at offset {end}; "
+                                   "run `zerostack zdb check --repair`")
+                log.warning("event=zdb.repair namespace=%s file=%s action=cut-torn-index "
+                            "offset=%d bytes=%d", self.name, path.name, end, len(raw) - end)
+                with open(path, "r+b") as f:
+                    f.truncate(end)
+            if last_off:
+                self._idx_prev, self._idx_prev_fid = last_off, fid
+            if fid != last:
+                self._closed_isizes.append(end)
+                self._closed_dsizes.append(self._dpath(fid).stat().st_size)
+            if self.mode is Mode.SEQ:
+                self._seq_next += (end - IHEAD) // SEQ_ENTRY_SIZE
+                if fid != last:
+                    self._seq_bases.append(self._seq_next)
+        if self.mode is Mode.USER:
+            self._count = len(self._keys)
+            self._bytes = sum((p >> 52) & U32 for p in self._keys.values())
+        self._index = AppendFile(self._ipath(last), last)
+        self._data = AppendFile(self._dpath(last), last)
+        if newest is not None and not self._verify_newest(newest):
+            return False
+        self._recover_data_tail(newest)
+        return True
+
+    def _check_server_mode(self) -> None:
+        server = self._config.mode
+        if server is not Mode.MIXED and server is not self.mode:
+            raise ZdbError(f"namespace {self.name} was created in {self.mode.value} mode but the "
+                           f"server runs in {server.value} mode; start it with --mode "
+                           f"{self.mode.value} (or without --mode)")
+
+    def _replay_seq_index(self, raw: bytes, fid: int, last_data: int
+                          ) -> tuple[int, int, tuple[int, int, int, int, int] | None]:
+        off = IHEAD
+        n = len(raw)
+        last = 0
+        newest: tuple[int, int, int, int, int] | None = None
+        count = 0
+        total = 0
+        unpack = _idx_unpack
+        while off + SEQ_ENTRY_SIZE <= n:
+            kl, doff, ln, _p, fl, did, _ts, _crc, _pi, _po = unpack(raw, off)
+            if kl != SEQ_KEY.size or doff < DHEAD:
+                break
+            dfid = did or fid
+            pos = (dfid, doff, doff + DENT + kl + ln, fid, off)
+            if newest is None or pos[:2] > newest[:2]:
+                newest = pos
+            if not fl & FLAG_DELETED:
+                count += 1
+                total += ln
+            last = off
+            off += SEQ_ENTRY_SIZE
+        self._count += count
+        self._bytes += total
+        return off, last, newest
+
+    def _read_data_entry(self, fid: int, doff: int) -> tuple[tuple[int, ...], bytes, bytes] | None:
+        """(header fields, key, payload) of the data entry at (fid, doff), None if torn."""
+        head = self._read_data(fid, doff, DENT)
+        if len(head) < DENT:
+            return None
+        fields = _dat_unpack(head, 0)
+        kl, ln = fields[0], fields[1]
+        body = self._read_data(fid, doff + DENT, kl + ln)
+        if len(body) < kl + ln:
+            return None
+        return fields, body[:kl], body[kl:]
+
+    def _verify_newest(self, newest: tuple[int, int, int, int, int]) -> bool:
+        """Check that the newest indexed payload is whole; if not, cut it and ask for a reload."""
+        dfid, doff, _end, ifid, ioff = newest
+        raw = self._read_index(ifid, ioff, IENT + MAX_KEY)
+        kl, _d, ln, _p, fl, _di, _ts, crc, _pi, _po = _idx_unpack(raw, 0)
+        if fl & FLAG_DELETED:
+            return True
+        key = raw[IENT:IENT + kl]
+        found = self._read_data_entry(dfid, doff) if dfid <= self._data.fileid else None
+        if found is not None:
+            fields, dkey, payload = found
+            if dkey == key and fields[1] == ln and fields[3] == crc and crc32(payload) == crc:
+                return True
+        # The index points at data that never fully reached the disk (power loss without
+        # sync): drop that entry and everything written after its data.
+        log.warning("event=zdb.repair namespace=%s file=%s action=cut-dangling-index offset=%d",
+                    self.name, index_name(ifid), ioff)
+        if ifid == self._index.fileid and ioff == self._idx_prev:
+            self._index.truncate(ioff)
+        else:
+            fd = self._index.fd if ifid == self._index.fileid else self._readers.fd(self._ipath(ifid))
+            os.pwrite(fd, _DELETED_BYTE, ioff + INDEX_FLAGS_AT)
+        if dfid == self._data.fileid and doff < self._data.disk_size:
+            self._data.truncate(doff)
+        return False
+
+    def _recover_data_tail(self, newest: tuple[int, int, int, int, int] | None) -> None:
+        """Walk the data written after the newest indexed entry of the last data file.
+
+        Tombstones there are deletes whose index flag may not have been written yet: finish
+        them. The first entry that is not a tombstone was never indexed, and a torn entry was
+        never completed: cut the file there.
+        """
+        data = self._data
+        start = DHEAD
+        prev_off = 0
+        if newest is not None and newest[0] == data.fileid:
+            start = min(newest[2], data.disk_size)
+            prev_off = newest[1]
+        tail = os.pread(data.fd, max(0, data.disk_size - start), start)
+        good = 0
+        for off, kl, ln, _prev, _crc, fl, _ts in iter_data_entries(tail, 0):
+            if not (fl & FLAG_DELETED and ln == 0):
+                break
+            key = tail[off + DENT:off + DENT + kl]
+            self._finish_delete(key)
+            good = off + DENT + kl
+            prev_off = start + off
+        if start + good < data.disk_size:
+            log.warning("event=zdb.repair namespace=%s file=%s action=cut-data-tail offset=%d "
+                        "bytes=%d", self.name, data.path.name, start + good,
+                        data.disk_size - start - good)
+            data.truncate(start + good)
+        if prev_off == 0 and data.fileid > 0:
+            prev_off = self._last_entry_before(data.fileid, newest)
+        self._data_prev = prev_off
+
+    def _last_entry_before(self, fid: int, newest: tuple[int, int, int, int, int] | None) -> int:
+        """Offset of the last data entry in the newest non-empty data file before `fid`
+        (the `previous` link of the next entry continues across files)."""
+        for f in range(fid - 1, -1, -1):
+            start = newest[1] if newest is not None and newest[0] == f else DHEAD
+            if newest is not None and newest[0] > f:
+                return 0
+            raw = self._dpath(f).read_bytes()
+            last = 0
+            for off, *_rest in iter_data_entries(raw, start):
+                last = off
+            if last:
+                return last
+        return 0
+
+    def _finish_delete(self, key: bytes) -> None:
+        if self.mode is Mode.USER:
+            p = self._keys.pop(key, None)
+            if p is None:
+                return
+            fid, ioff = p & FID_MASK, (p >> 84) & U32
+            self._count -= 1
+            self._bytes -= (p >> 52) & U32
+        else:
+            loc = self._slot(key)
+            if loc is None:
+                return
+            fid, ioff = loc
+            raw = self._read_index(fid, ioff, IENT)
+            if raw[INDEX_FLAGS_AT] & FLAG_DELETED:
+                return
+            self._count -= 1
+            self._bytes -= _idx_unpack(raw, 0)[2]
+        log.warning("event=zdb.repair namespace=%s action=finish-delete file=%s offset=%d",
+                    self.name, index_name(fid), ioff)
+        fd = self._index.fd if fid == self._index.fileid else self._readers.fd(self._ipath(fid))
+        os.pwrite(fd, _DELETED_BYTE, ioff + INDEX_FLAGS_AT)
+
+    # ------------------------------------------------------------- low level
+
+    def _read_data(self, fid: int, offset: int, length: int) -> bytes:
+        d = self._data
+        if fid == d.fileid:
+            return d.read(offset, length)
+        return os.pread(self._readers.fd(self._dpath(fid)), length, offset)
+
+    def _read_index(self, fid: int, offset: int, length: int) -> bytes:
+        if self._early or self._late:
+            self.write_out()
+        ix = self._index
+        if fid == ix.fileid:
+            return ix.read(offset, length)
+        return os.pread(self._readers.fd(self._ipath(fid)), length, offset)
+
+    def _index_size(self, fid: int) -> int:
+        if fid == self._index.fileid:
+            return self._index.size
+        if 0 <= fid < len(self._closed_isizes):
+            return self._closed_isizes[fid]
+        return 0
+
+    def _data_size(self, fid: int) -> int:
+        if fid == self._data.fileid:
+            return self._data.size
+        if 0 <= fid < len(self._closed_dsizes):
+            return self._closed_dsizes[fid]
+        return 0
+
+    def _flag_deleted(self, fid: int, ioff: int, late: bool) -> None:
+        ix = self._index
+        at = ioff + INDEX_FLAGS_AT
+        if fid == ix.fileid and ix.patch(at, _DELETED_BYTE):
+            return
+        (self._late if late else self._early).append((fid, at, _DELETED_BYTE))
+
+    def _apply_patches(self, patches: list[tuple[int, int, bytes]]) -> None:
+        ix = self._index
+        for fid, at, raw in patches:
+            if fid == ix.fileid:
+                os.pwrite(ix.fd, raw, at)
+            else:
+                path = self._ipath(fid)
+                os.pwrite(self._readers.fd(path), raw, at)
+                self._patched_paths.add(path)
+        patches.clear()
+
+    def write_out(self) -> None:
+        """Hand every buffered write to the OS, in the crash-safe order."""
+        self._data.write_out()
+        if self._early:
+            self._apply_patches(self._early)
+        self._index.write_out()
+        if self._late:
+            self._apply_patches(self._late)
+
+    def fsync(self) -> None:
+        """write_out() then make it durable."""
+        self.write_out()
+        self._data.fsync()
+        self._index.fsync()
+        for path in self._patched_paths:
+            os.fsync(self._readers.fd(path))
+        self._patched_paths.clear()
+
+    def _written(self) -> None:
+        if self._sync:
+            self.fsync()
+        else:
+            self._on_dirty(self)
+            if len(self._data.buf) > AUTO_WRITE_OUT:
+                self.write_out()
+
+    def _make_room(self, entry_size: int) -> None:
+        if self._data.size + entry_size > self._config.datasize and self._data.size > DHEAD:
+            self._rotate()
+
+    def _rotate(self) -> None:
+        self.write_out()
+        if self._sync:
+            self.fsync()
+        old_i, old_d = self._index, self._data
+        new = old_d.fileid + 1
+        if new > MAX_FILEID:
+            raise ZdbError(f"namespace {self.name}: too many data files (max {MAX_FILEID})")
+        create_pair(self._ipath(new), self._dpath(new), new,
+                    MODE_SEQ if self.mode is Mode.SEQ else MODE_USER)
+        self._closed_isizes.append(old_i.size)
+        self._closed_dsizes.append(old_d.size)
+        old_i.close()
+        old_d.close()
+        self._index = AppendFile(self._ipath(new), new)
+        self._data = AppendFile(self._dpath(new), new)
+        if self.mode is Mode.SEQ:
+            self._seq_bases.append(self._seq_next)
+        log.info("event=zdb.rotate namespace=%s fileid=%d", self.name, new)
+
+    def _check_writable(self) -> None:
+        if self.frozen:
+            raise ZdbError("Namespace is temporarily frozen")
+        if self.locked:
+            raise ZdbError("Namespace is in read-only mode")
+
+    def _slot(self, key: bytes) -> tuple[int, int] | None:
+        """(index file id, offset) of sequential key `key`, None if it was never assigned."""
+        if len(key) != SEQ_KEY.size:
+            return None
+        s = _seq_unpack(key)[0]
+        if s >= self._seq_next:
+            return None
+        f = bisect_right(self._seq_bases, s) - 1
+        return f, IHEAD + (s - self._seq_bases[f]) * SEQ_ENTRY_SIZE
+
+    def _seq_entry(self, key: bytes) -> tuple[int, int, tuple[int, ...]] | None:
+        """(file id, offset, fields) of the live entry of a sequential key, or None."""
+        loc = self._slot(key)
+        if loc is None:
+            return None
+        raw = self._read_index(loc[0], loc[1], IENT)
+        if len(raw) < IENT:
+            return None
+        fields = _idx_unpack(raw, 0)
+        if fields[4] & FLAG_DELETED:
+            return None
+        return loc[0], loc[1], fields
+
+    # ------------------------------------------------------------ public API
+
+    def set(self, key: bytes, value: bytes, timestamp: int | None = None) -> bytes | None:
+        """SET: store `value`; returns the key, or None when the stored value is identical."""
+        self._check_writable()
+        if self.mode is Mode.SEQ:
+            return self._seq_set(key, value, timestamp)
+        kl = len(key)
+        if not kl:
+            raise ZdbError("Invalid argument, key needed")
+        if kl > MAX_KEY:
+            raise ZdbError("Key too large")
+        vl = len(value)
+        crc = crc32(value)
+        old = self._keys.get(key)
+        floating = 0
+        if old is not None:
+            if self.worm:
+                raise ZdbError("Namespace is protected by worm mode")
+            floating = (old >> 52) & U32
+            if (old >> 116) & U32 == crc and floating == vl and self.get(key) == value:
+                return None
+        if self.maxsize and self._bytes + vl > self.maxsize + floating:
+            raise ZdbError("No space left on this namespace")
+        ts = (int(time.time()) if timestamp is None else timestamp) & U32
+        self._make_room(DENT + kl + vl)
+        d = self._data
+        doff = d.size
+        dbuf = d.buf
+        dbuf += _dat_pack(kl, vl, self._data_prev, crc, 0, ts)
+        dbuf += key
+        dbuf += value
+        self._data_prev = doff
+        ix = self._index
+        fid = ix.fileid
+        ioff = ix.size
+        if old is None:
+            ibuf = ix.buf
+            ibuf += _idx_pack(kl, doff, vl, self._idx_prev, 0, fid, ts, crc, 0, 0)
+            ibuf += key
+            self._count += 1
+        else:
+            ofid = old & FID_MASK
+            ooff = (old >> 84) & U32
+            ibuf = ix.buf
+            ibuf += _idx_pack(kl, doff, vl, self._idx_prev, 0, fid, ts, crc, ofid, ooff)
+            ibuf += key
+            self._flag_deleted(ofid, ooff, True)
+            self._bytes -= floating
+        self._idx_prev = ioff
+        self._idx_prev_fid = fid
+        self._bytes += vl
+        self._keys[key] = fid | doff << 20 | vl << 52 | ioff << 84 | crc << 116 | ts << 148
+        self._written()
+        return key
+
+    def _seq_set(self, key: bytes, value: bytes, timestamp: int | None) -> bytes | None:
+        vl = len(value)
+        crc = crc32(value)
+        ts = (int(time.time()) if timestamp is None else timestamp) & U32
+        kl = SEQ_KEY.size
+        if not key:
+            if self.maxsize and self._bytes + vl > self.maxsize:
+                raise ZdbError("No space left on this namespace")
+            self._make_room(DENT + kl + vl)
+            key = _seq_pack(self._seq_next)
+            d = self._data
+            doff = d.size
+            d.buf += _dat_pack(kl, vl, self._data_prev, crc, 0, ts) + key
+            d.buf += value
+            self._data_prev = doff
+            ix = self._index
+            ioff = ix.size
+            ix.buf += _idx_pack(kl, doff, vl, self._idx_prev, 0, d.fileid, ts, crc, 0, 0) + key
+            self._idx_prev = ioff
+            self._idx_prev_fid = ix.fileid
+            self._seq_next += 1
+            self._count += 1
+            self._bytes += vl
+            self._written()
+            return key
+        found = self._seq_entry(key)
+        if found is None:
+            raise ZdbError("Invalid key, only update authorized")
+        if self.worm:
+            raise ZdbError("Namespace is protected by worm mode")
+        sfid, soff, (_kl, odoff, oln, oprev, ofl, odid, ots, ocrc, opid, opoff) = found
+        if ocrc == crc and oln == vl and self.get(key) == value:
+            return None
+        if self.maxsize and self._bytes + vl > self.maxsize + oln:
+            raise ZdbError("No space left on this namespace")
+        self._make_room(DENT + kl + vl)
+        d = self._data
+        doff = d.size
+        d.buf += _dat_pack(kl, vl, self._data_prev, crc, 0, ts) + key
+        d.buf += value
+        self._data_prev = doff
+        # Keep the old version as a deleted copy (it takes the next slot, like the
+        # reference), then point the slot at the new data with the copy as its parent.
+        ix = self._index
+        copy_off = ix.size
+        ix.buf += _idx_pack(kl, odoff, oln, self._idx_prev, ofl | FLAG_DELETED, odid or sfid,
+                            ots, ocrc, opid, opoff) + key
+        self._idx_prev = copy_off
+        self._idx_prev_fid = ix.fileid
+        self._seq_next += 1
+        image = _idx_pack(kl, doff, vl, oprev, 0, d.fileid, ts, crc, ix.fileid, copy_off) + key
+        if not (sfid == ix.fileid and ix.patch(soff, image)):
+            # The slot is on disk: the rewrite must follow the data and the copy.
+            self.write_out()
+            fd = ix.fd if sfid == ix.fileid else self._readers.fd(self._ipath(sfid))
+            os.pwrite(fd, image, soff)
+            if sfid != ix.fileid:
+                self._patched_paths.add(self._ipath(sfid))
+        self._bytes += vl - oln
+        self._written()
+        return key
+
+    def get(self, key: bytes) -> bytes | None:
+        """GET: the value of `key`, or None."""
+        if self.frozen:
+            raise ZdbError("Namespace is temporarily frozen")
+        p = self._keys.get(key)
+        if p is None:
+            if self.mode is Mode.SEQ:
+                found = self._seq_entry(key)
+                if found is None:
+                    return None
+                sfid, _soff, fields = found
+                return self._payload(fields[5] or sfid, fields[1], fields[0], fields[2])
+            return None
+        return self._payload(p & FID_MASK, (p >> 20) & U32, len(key), (p >> 52) & U32)
+
+    def _payload(self, fid: int, doff: int, kl: int, ln: int) -> bytes:
+        start = doff + DENT + kl
+        d = self._data
+        if fid == d.fileid:
+            value = d.read(start, ln)
+        else:
+            value = os.pread(self._readers.fd(self._dpath(fid)), ln, start)
+        if len(value) != ln:
+            raise ZdbError(f"namespace {self.name}: data file d{fid} is shorter than its index "
+                           "says; run `zerostack zdb check`")
+        return value
+
+    def exists(self, key: bytes) -> bool:
+        if self.frozen:
+            raise ZdbError("Namespace is temporarily frozen")
+        if self.mode is Mode.SEQ:
+            return self._seq_entry(key) is not None
+        return key in self._keys
+
+    def _locate(self, key: bytes) -> tuple[int, int, int, int, int, int, int] | None:
+        """(index fid, index offset, data fid, data offset, length, crc, ts) of a live key."""
+        if self.frozen:
+            raise ZdbError("Namespace is temporarily frozen")
+        if self.mode is Mode.SEQ:
+            found = self._seq_entry(key)
+            if found is None:
+                return None
+            sfid, soff, f = found
+            return sfid, soff, f[5] or sfid, f[1], f[2], f[7], f[6]
+        p = self._keys.get(key)
+        if p is None:
+            return None
+        fid = p & FID_MASK
+        return (fid, (p >> 84) & U32, fid, (p >> 20) & U32, (p >> 52) & U32,
+                (p >> 116) & U32, (p >> 148) & U32)
+
+    def check(self, key: bytes) -> bool | None:
+        """CHECK: re-read the payload from disk and verify its CRC; None if the key is missing."""
+        loc = self._locate(key)
+        if loc is None:
+            return None
+        _if, _io, dfid, doff, ln, crc, _ts = loc
+        found = self._read_data_entry(dfid, doff)
+        if found is None:
+            return False
+        fields, dkey, payload = found
+        return dkey == key and fields[1] == ln and fields[3] == crc and crc32(payload) == crc
+
+    def delete(self, key: bytes, timestamp: int | None = None) -> None:
+        """DEL: append a tombstone and flag the index entry deleted."""
+        self._check_writable()
+        loc = self._locate(key)
+        if loc is None:
+            raise ZdbError("Key not found")
+        if self.worm:
+            raise ZdbError("Cannot delete a key when namespace is in worm mode")
+        ifid, ioff, _df, _do, ln, _crc, _ts = loc
+        ts = (int(time.time()) if timestamp is None else timestamp) & U32
+        kl = len(key)
+        self._make_room(DENT + kl)
+        d = self._data
+        doff = d.size
+        d.buf += _dat_pack(kl, 0, self._data_prev, 0, FLAG_DELETED, ts) + key
+        self._data_prev = doff
+        self._flag_deleted(ifid, ioff, False)
+        if self.mode is Mode.USER:
+            del self._keys[key]
+        self._count -= 1
+        self._bytes -= ln
+        self._written()
+
+    def length(self, key: bytes) -> int | None:
+        loc = self._locate(key)
+        return None if loc is None else loc[4]
+
+    def keytime(self, key: bytes) -> int | None:
+        loc = self._locate(key)
+        return None if loc is None else loc[6]
+
+    def keycur(self, key: bytes) -> bytes | None:
+        """KEYCUR: a cursor positioned on `key` (SCAN from it continues after the key)."""
+        loc = self._locate(key)
+        return None if loc is None else encode_cursor(loc[0], loc[1])
+
+    def dbsize(self) -> int:
+        return self._count
+
+    # ----------------------------------------------------------------- scans
+
+    def _entry_at(self, fid: int, off: int) -> tuple[tuple[int, ...], bytes]:
+        raw = self._read_index(fid, off, IENT + MAX_KEY)
+        if len(raw) < IENT or len(raw) < IENT + raw[0]:
+            raise ZdbError("Invalid cursor")
+        fields = _idx_unpack(raw, 0)
+        return fields, raw[IENT:IENT + fields[0]]
+
+    def _first_pos(self, fid: int) -> tuple[int, int] | None:
+        """First entry at or after the start of index file `fid`."""
+        last = self._index.fileid
+        while fid <= last:
+            if self._index_size(fid) > IHEAD:
+                return fid, IHEAD
+            fid += 1
+        return None
+
+    def _last_pos(self, fid: int) -> tuple[int, int] | None:
+        """Last entry of index file `fid` or of the newest non-empty file before it."""
+        while fid >= 0:
+            size = self._index_size(fid)
+            if size > IHEAD:
+                if self.mode is Mode.SEQ:
+                    return fid, size - SEQ_ENTRY_SIZE
+                if fid == self._idx_prev_fid:
+                    return fid, self._idx_prev
+                # the first entry of the next non-empty file links back to our last one
+                nxt = self._first_pos(fid + 1)
+                if nxt is None:
+                    return None
+                fields, _k = self._entry_at(*nxt)
+                return fid, fields[3]
+            fid -= 1
+        return None
+
+    def _live_at(self, fid: int, off: int, fields: tuple[int, ...], key: bytes) -> bool:
+        if fields[4] & FLAG_DELETED:
+            return False
+        if self.mode is Mode.SEQ:
+            return True
+        p = self._keys.get(key)
+        return p is not None and p & FID_MASK == fid and (p >> 84) & U32 == off
+
+    def scan(self, cursor: bytes | None, reverse: bool = False, count: int = 1
+             ) -> tuple[bytes, list[tuple[bytes, int, int]]]:
+        """SCAN/RSCAN: up to `count` live keys after `cursor` in write order (or before it).
+
+        Returns (cursor of the last key returned, [(key, length, timestamp)]);
+        ZdbError('No more data') when nothing is left.
+        """
+        if self.frozen:
+            raise ZdbError("Namespace is temporarily frozen")
+        pos: tuple[int, int] | None
+        if cursor is None:
+            pos = self._last_pos(self._index.fileid) if reverse else self._first_pos(0)
+        else:
+            fid, off = decode_cursor(cursor)
+            if not 0 <= fid <= self._index.fileid or not IHEAD <= off < self._index_size(fid):
+                raise ZdbError("Invalid cursor")
+            fields, _key = self._entry_at(fid, off)
+            pos = self._step(fid, off, fields, reverse)
+        out: list[tuple[bytes, int, int]] = []
+        last = (0, 0)
+        while pos is not None and len(out) < count:
+            fid, off = pos
+            fields, key = self._entry_at(fid, off)
+            if self._live_at(fid, off, fields, key):
+                out.append((key, fields[2], fields[6]))
+                last = pos
+            pos = self._step(fid, off, fields, reverse)
+        if not out:
+            raise ZdbError("No more data")
+        return encode_cursor(*last), out
+
+    def _step(self, fid: int, off: int, fields: tuple[int, ...], reverse: bool
+              ) -> tuple[int, int] | None:
+        if not reverse:
+            nxt = off + IENT + fields[0]
+            if nxt < self._index_size(fid):
+                return fid, nxt
+            return self._first_pos(fid + 1)
+        if off > IHEAD:
+            prev = off - SEQ_ENTRY_SIZE if self.mode is Mode.SEQ else fields[3]
+            if not IHEAD <= prev < off:
+                raise ZdbError(f"namespace {self.name}: broken previous link in "
+                               f"{index_name(fid)} at {off}; run `zerostack zdb check`")
+            return fid, prev
+        return self._last_pos(fid - 1)
+
+    def history(self, key: bytes, cursor: bytes | None = None
+                ) -> tuple[bytes | None, int, bytes] | None:
+        """HISTORY: (cursor of the older version or None, timestamp, value), newest first.
+
+        Without a cursor, starts at the live value of `key` (None if the key is missing).
+        """
+        if cursor is None:
+            loc = self._locate(key)
+            if loc is None:
+                return None
+            fid, off = loc[0], loc[1]
+        else:
+            fid, off = decode_cursor(cursor)
+            if not 0 <= fid <= self._index.fileid or not IHEAD <= off < self._index_size(fid):
+                raise ZdbError("Invalid cursor")
+        fields, ekey = self._entry_at(fid, off)
+        if ekey != key:
+            raise ZdbError("Invalid cursor")
+        _kl, doff, ln, _p, _fl, did, ts, crc, pid, poff = fields
+        value = self._history_payload(fid, did, doff, key, ln, crc)
+        older = encode_cursor(pid, poff) if (pid or poff) else None
+        return older, ts, value
+
+    def _history_payload(self, ifid: int, did: int, doff: int, key: bytes, ln: int,
+                         crc: int) -> bytes:
+        # The reference writes data_id 0 for first inserts: the payload then sits in the
+        # data file of the index file's number. A sequential deleted copy may also point at
+        # an older file with data_id 0, so check the key and fall back to d0.
+        candidates = [did or ifid] + ([0] if did == 0 and ifid != 0 else [])
+        for dfid in candidates:
+            if dfid > self._data.fileid:
+                continue
+            found = self._read_data_entry(dfid, doff)
+            if found is not None and found[1] == key and found[0][1] == ln:
+                return found[2]
+        raise ZdbError(f"namespace {self.name}: history entry of {key!r} points at missing data")
+
+    # ------------------------------------------------------------- settings
+
+    def info(self) -> dict[str, str | int]:
+        """NSINFO fields."""
+        isize = sum(self._closed_isizes) + self._index.size
+        info: dict[str, str | int] = {
+            "name": self.name,
+            "entries": self._count,
+            "public": "yes" if self.public else "no",
+            "worm": "yes" if self.worm else "no",
+            "locked": "yes" if self.locked else "no",
+            "frozen": "yes" if self.frozen else "no",
+            "password": "yes" if self.password else "no",
+            "data_size_bytes": self._bytes,
+            "data_size_mb": f"{self._bytes / (1024 * 1024):.2f}",
+            "data_limits_bytes": self.maxsize,
+            "index_size_bytes": isize,
+            "index_size_kb": f"{isize / 1024:.2f}",
+            "mode": "sequential" if self.mode is Mode.SEQ else "userkey",
+            "data_current_id": self._data.fileid,
+            "data_current_offset": self._data.size,
+        }
+        if self.maxsize:
+            info["space_available"] = max(0, self.maxsize - self._bytes)
+        return info
+
+    def set_property(self, prop: str, value: str) -> None:
+        """NSSET: change one setting (password, maxsize, public, worm, lock, freeze, mode)."""
+        if self.name == "default":
+            raise ZdbError("Cannot update default namespace")
+        if len(value) > 63:
+            raise ZdbError("Invalid value")
+        flag = value[:1] == "1"
+        if prop == "maxsize":
+            self.maxsize = _atoll(value)
+        elif prop == "password":
+            self.password = None if value in ("*", "") else value
+        elif prop == "public":
+            self.public = flag
+        elif prop == "worm":
+            self.worm = flag
+        elif prop == "lock":
+            self.locked = flag
+        elif prop == "freeze":
+            self.frozen = flag
+        elif prop == "mode":
+            self._set_mode(value)
+        else:
+            raise ZdbError("Invalid property")
+        self._save_descriptor()
+
+    def _is_fresh(self) -> bool:
+        return self._seq_next == 0 and not self._keys and self._index.fileid == 0 \
+            and self._index.size == IHEAD and self._data.size == DHEAD
+
+    def _set_mode(self, value: str) -> None:
+        if self._config.mode is not Mode.MIXED:
+            raise ZdbError("This server instance is configured to use a single runtime mode")
+        if not self._is_fresh():
+            raise ZdbError("Cannot change mode of used namespace")
+        if value not in ("user", "seq"):
+            raise ZdbError("Invalid property value (expected: user, seq)")
+        self.mode = Mode.USER if value == "user" else Mode.SEQ
+        self._index.truncate(0)
+        os.pwrite(self._index.fd, index_header(0, MODE_SEQ if value == "seq" else MODE_USER), 0)
+        self._index.disk_size = IHEAD
+        if self._sync:
+            self._index.fsync()
+
+    def flush(self) -> None:
+        """FLUSH: drop every key and file, keep the settings."""
+        self._close_files()
+        for root, name in ((self.index_root, index_name), (self.data_root, data_name)):
+            for fid in range(self._count_files(root, name)):
+                (root / name(fid)).unlink()
+        create_pair(self._ipath(0), self._dpath(0), 0,
+                    MODE_SEQ if self.mode is Mode.SEQ else MODE_USER)
+        self._load()
+
+    def jump(self) -> None:
+        """NSJUMP: close the current file pair and start the next one."""
+        self._rotate()
+
+    def data_raw(self, fileid: int, offset: int) -> tuple[bytes, int, int, int, int, bytes]:
+        """DATA RAW: (key, previous, crc, flags, timestamp, payload) of the data entry at
+        (fileid, offset); ZdbError('EOF') past the end."""
+        if not 0 <= fileid <= self._data.fileid or offset < DHEAD:
+            raise ZdbError("EOF")
+        if offset + DENT > self._data_size(fileid):
+            raise ZdbError("EOF")
+        found = self._read_data_entry(fileid, offset)
+        if found is None:
+            raise ZdbError("EOF")
+        (_kl, _ln, prev, crc, fl, ts), key, payload = found
+        return key, prev, crc, fl, ts, payload
+
+    def position(self) -> tuple[int, int]:
+        """(current data file id, offset where the next entry goes), for replication."""
+        return self._data.fileid, self._data.size
+
+    def close(self) -> None:
+        self._close_files()
+
+    def remove_files(self) -> None:
+        """Delete this namespace's directories (after close())."""
+        self._close_files()
+        shutil.rmtree(self.index_root, ignore_errors=True)
+        shutil.rmtree(self.data_root, ignore_errors=True)
+        for parent in (self.index_root.parent, self.data_root.parent):
+            if parent.exists():
+                fsync_dir(parent)
