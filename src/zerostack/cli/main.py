@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from zerostack.cli import flist, identity, ledger, node, zdb
+from zerostack.cli import bot, flist, identity, ledger, node, zdb
 
 app = typer.Typer(
     name="zerostack",
@@ -18,6 +18,7 @@ app.add_typer(identity.app, name="id")
 app.add_typer(flist.app, name="flist")
 app.add_typer(zdb.app, name="zdb")
 app.add_typer(node.app, name="node")
+bot.register(app)
 app.add_typer(ledger.app, name="ledger")
 app.command("demo")(zdb.demo)
 

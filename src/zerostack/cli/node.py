@@ -33,7 +33,7 @@ def _size(text: str | None, option: str) -> int | None:
 @app.command("run")
 def run(
     ledger: str = typer.Option(..., "--ledger", envvar="ZEROSTACK_LEDGER",
-                               help="Ledger URL, e.g. http://127.0.0.1:8700."),
+                               help="Ledger URL, e.g. http://127.0.0.1:7700."),
     farm: int = typer.Option(..., "--farm", help="Farm id this node belongs to."),
     data: Path = typer.Option(..., "--data", help="The node's state dir (identity, state, zdb)."),
     zdb_port: int = typer.Option(9900, "--zdb-port", help="Port of the node's Zero-DB."),
@@ -69,6 +69,7 @@ def run(
     )
     logging.basicConfig(stream=sys.stderr, level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request is noise
     try:
         asyncio.run(NodeAgent(cfg).run())
     except KeyboardInterrupt:

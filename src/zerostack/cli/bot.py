@@ -1,0 +1,193 @@
+"""`zerostack deploy | approve | status | cancel`: the user's side of a smart contract."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from zerostack.bot import (
+    BotError,
+    ThreeBot,
+    build_deployment,
+    load_deployment_file,
+    quorum_progress,
+)
+from zerostack.cli.identity import load_named
+from zerostack.cli.output import console, fail, print_json, print_table
+
+LEDGER = typer.Option("http://127.0.0.1:7700", "--ledger", envvar="ZEROSTACK_LEDGER",
+                      help="Ledger URL.")
+IDENTITY = typer.Option("default", "--identity", "-i", envvar="ZEROSTACK_IDENTITY",
+                        help="Identity name (see `zerostack id`).")
+JSON = typer.Option(False, "--json", help="Print JSON.")
+
+
+def _bot(ledger: str, identity: str) -> ThreeBot:
+    return ThreeBot(ledger, load_named(identity))
+
+
+def _summary(c: dict[str, Any]) -> str:
+    report = c.get("report") or {}
+    ws = report.get("workloads") or []
+    done = sum(1 for w in ws if w["state"] in ("ok", "deleted"))
+    if c["state"] == "created":
+        return f"waiting for approvals: {quorum_progress(c)}"
+    if c["state"] == "approved" and not ws:
+        return "approved: waiting for the node"
+    return f"{c['state']}: {done}/{len(ws)} workloads ready" if ws else c["state"]
+
+
+def _print_result(bot: ThreeBot, c: dict[str, Any]) -> None:
+    report = c.get("report") or {}
+    if report.get("error"):
+        console.print(f"[bold red]node error:[/] {report['error']}", highlight=False)
+    rows = []
+    for w in report.get("workloads", []):
+        rows.append((w["name"], w["type"], w["state"], w.get("message", ""),
+                     ", ".join(f"{k}={v}" for k, v in sorted(w.get("data", {}).items()))))
+    if rows:
+        print_table(f"contract {c['id']} ({c['state']})",
+                    ["workload", "type", "state", "message", "result"], rows)
+    for w in report.get("workloads", []):
+        d = w.get("data", {})
+        if w["type"] == "zdb" and w["state"] == "ok":
+            console.print(f"connect to [bold]{w['name']}[/]: redis-cli -h {d['host']} "
+                          f"-p {d['port']}  then  SELECT {d['namespace']} <password>",
+                          highlight=False)
+
+
+def _json_contract(bot: ThreeBot, c: dict[str, Any]) -> dict[str, Any]:
+    out = dict(c)
+    out.pop("instructions", None)
+    if out.get("active"):
+        out["active"] = {k: v for k, v in out["active"].items() if k != "instructions"}
+    if bot.identity and c.get("report") and int(c["owner"]) == bot.twin_id(register=False):
+        for w in out["report"]["workloads"]:
+            if w.get("sealed"):
+                w["secret"] = bot.open_secret(w["sealed"])
+    return out
+
+
+def deploy(
+    file: Path = typer.Argument(..., help="Deployment YAML (workloads, optional metadata)."),
+    node: int | None = typer.Option(None, "--node", help="Node id (default: one with room)."),
+    stakeholder: list[str] = typer.Option([], "--stakeholder",
+                                          help="TWIN:WEIGHT[:required] (repeatable)."),
+    weight_required: int | None = typer.Option(None, "--weight-required",
+                                               help="Approval weight the quorum needs."),
+    wait: float = typer.Option(120.0, "--wait", help="Seconds to wait for the node (0: none)."),
+    ledger: str = LEDGER,
+    identity: str = IDENTITY,
+    json_out: bool = JSON,
+) -> None:
+    """Deploy workloads to a node under a signed contract, and wait for the node's report."""
+    try:
+        with _bot(ledger, identity) as bot:
+            dep = build_deployment(load_deployment_file(file), bot.twin_id(), stakeholder,
+                                   weight_required)
+            cid = bot.deploy(dep, node)
+            c = bot.contract(cid)
+            if not json_out:
+                console.print(f"contract [bold]{cid}[/] on node {c['node']}, deployment "
+                              f"{dep.hash()[:16]}…", highlight=False)
+            if c["state"] == "created":
+                if json_out:
+                    print_json(_json_contract(bot, c))
+                else:
+                    console.print(f"{quorum_progress(c)}; each stakeholder runs "
+                                  f"`zerostack approve {cid} -i NAME`", highlight=False)
+                return
+            if wait <= 0:
+                return
+            with console.status("waiting for the node…") as spinner:
+                c = bot.wait(cid, lambda c: c["state"] in ("deployed", "error", "deleted"),
+                             wait, lambda c: spinner.update(_summary(c)))
+            if json_out:
+                print_json(_json_contract(bot, c))
+            else:
+                _print_result(bot, c)
+            if c["state"] == "error":
+                raise typer.Exit(1)
+    except BotError as exc:
+        fail(str(exc))
+
+
+def approve(
+    contract: int = typer.Argument(..., help="Contract id."),
+    expect_hash: str | None = typer.Option(None, "--hash",
+                                           help="Refuse unless the deployment hash is this."),
+    ledger: str = LEDGER,
+    identity: str = IDENTITY,
+    json_out: bool = JSON,
+) -> None:
+    """Approve a contract's pending deployment as a stakeholder (signs its hash)."""
+    try:
+        with _bot(ledger, identity) as bot:
+            receipt = bot.approve(contract, expect_hash)
+            c = bot.contract(contract)
+            if json_out:
+                print_json({"receipt": receipt, "state": c["state"]})
+            else:
+                console.print(f"approved contract {contract}: {_summary(c)}", highlight=False)
+    except BotError as exc:
+        fail(str(exc))
+
+
+def status(
+    contract: int | None = typer.Argument(None, help="Contract id (default: all of yours)."),
+    ledger: str = LEDGER,
+    identity: str = IDENTITY,
+    json_out: bool = JSON,
+) -> None:
+    """Show one contract (workloads and results) or all contracts you own."""
+    try:
+        with _bot(ledger, identity) as bot:
+            if contract is not None:
+                c = bot.contract(contract)
+                if json_out:
+                    print_json(_json_contract(bot, c))
+                    return
+                console.print(f"contract {c['id']} on node {c['node']}: {_summary(c)}",
+                              highlight=False)
+                _print_result(bot, c)
+                return
+            cs = bot.contracts()
+            if json_out:
+                print_json([_json_contract(bot, c) for c in cs])
+                return
+            print_table("contracts", ["id", "node", "version", "state", "summary"],
+                        [(c["id"], c["node"], c["version"], c["state"], _summary(c))
+                         for c in cs])
+    except BotError as exc:
+        fail(str(exc))
+
+
+def cancel(
+    contract: int = typer.Argument(..., help="Contract id."),
+    wait: float = typer.Option(60.0, "--wait", help="Seconds to wait for removal (0: none)."),
+    ledger: str = LEDGER,
+    identity: str = IDENTITY,
+    json_out: bool = JSON,
+) -> None:
+    """Cancel a contract; the node removes its workloads and reports them deleted."""
+    try:
+        with _bot(ledger, identity) as bot:
+            bot.cancel(contract)
+            c = bot.contract(contract)
+            if wait > 0 and c["state"] == "cancelled":
+                with console.status("waiting for the node to remove the workloads…"):
+                    c = bot.wait(contract, lambda c: c["state"] == "deleted", wait)
+            if json_out:
+                print_json({"contract": contract, "state": c["state"]})
+            else:
+                console.print(f"contract {contract} is {c['state']}", highlight=False)
+    except BotError as exc:
+        fail(str(exc))
+
+
+def register(app: typer.Typer) -> None:
+    """Add the top-level user commands to the `zerostack` app."""
+    for fn in (deploy, approve, status, cancel):
+        app.command(fn.__name__)(fn)
