@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import hmac
 import time
 
 from zerostack import __version__
 from zerostack.zdb.commands.session import Session
-from zerostack.zdb.protocol import PONG
+from zerostack.zdb.protocol import PONG, bulk, error
 
 
 def cmd_ping(s: Session, args: list[bytes]) -> bytes:
@@ -52,4 +53,41 @@ def cmd_info(s: Session, args: list[bytes]) -> bytes:
     return b"$%d\r\n%b\r\n" % (len(text), text)
 
 
-HANDLERS = {b"PING": cmd_ping, b"TIME": cmd_time, b"INFO": cmd_info}
+def cmd_hello(s: Session, args: list[bytes]) -> bytes:
+    """HELLO [protover [AUTH user password] [SETNAME name]]: the handshake RESP3-first clients
+    (redis-py 8) open with. Not in the reference; replies keep their RESP2 shapes, which
+    RESP3 parsers read unchanged."""
+    version = 2
+    if len(args) >= 2:
+        try:
+            version = int(args[1])
+        except ValueError:
+            return error("Protocol version is not an integer or out of range")
+        if version not in (2, 3):
+            return error("NOPROTO unsupported protocol version")
+    rest = args[2:]
+    while rest:
+        option = rest[0].upper()
+        if option == b"AUTH" and len(rest) >= 3:
+            password = s.state.admin_password
+            if password is not None:
+                if not hmac.compare_digest(rest[2], password.encode()):
+                    return error("Access denied")
+                s.admin = True
+            rest = rest[3:]
+        elif option == b"SETNAME" and len(rest) >= 2:
+            rest = rest[2:]
+        else:
+            return error("Syntax error in HELLO option")
+    fields = [
+        (b"server", bulk(b"zdb")),
+        (b"version", bulk(__version__.encode())),
+        (b"proto", b":%d\r\n" % version),
+        (b"mode", bulk(b"standalone")),
+        (b"role", bulk(b"master")),
+    ]
+    head = b"%%%d\r\n" % len(fields) if version == 3 else b"*%d\r\n" % (2 * len(fields))
+    return head + b"".join(bulk(key) + value for key, value in fields)
+
+
+HANDLERS = {b"PING": cmd_ping, b"TIME": cmd_time, b"INFO": cmd_info, b"HELLO": cmd_hello}

@@ -1,0 +1,392 @@
+"""Zero-DB server over real sockets: redis-py, redis-cli and raw RESP against `zerostack zdb`."""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import redis
+
+from tests.conftest import require_tool
+from tests.zdb.conftest import ZdbProcess, ZdbStarter
+
+
+def err(r: redis.Redis, *args: object) -> str:
+    """The error text a command gets (redis-py strips the leading '-')."""
+    with pytest.raises(redis.ResponseError) as info:
+        r.execute_command(*args)
+    return str(info.value)
+
+
+def raw(port: int, payload: bytes, wait: float = 0.3) -> tuple[bytes, bool]:
+    """Send bytes on a fresh connection; (everything received, whether the server closed)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(payload)
+        s.settimeout(wait)
+        got = b""
+        closed = False
+        try:
+            while True:
+                chunk = s.recv(65536)
+                if not chunk:
+                    closed = True
+                    break
+                got += chunk
+        except TimeoutError:
+            pass
+        except ConnectionResetError:
+            closed = True
+        return got, closed
+
+
+def test_data_commands_with_redis_py(zdb: ZdbProcess) -> None:
+    plain = zdb.client(raw=False)  # redis-py exactly as users run it
+    assert plain.ping() is True
+    plain.set("plain", "value")
+    assert plain.get("plain") == b"value"
+    assert plain.exists("plain") == 1
+    assert plain.delete("plain")
+    r = zdb.client()
+    assert r.execute_command("SET", "k1", "v1") == b"k1"
+    assert r.execute_command("SET", "k1", "v1") is None  # same value: nothing written
+    assert r.get("k1") == b"v1"
+    assert r.get("missing") is None
+    assert r.execute_command("SET", b"\x00bin\xff", b"\x00" * 1000) == b"\x00bin\xff"
+    assert r.mget("k1", "missing", b"\x00bin\xff") == [b"v1", None, b"\x00" * 1000]
+    assert r.exists("k1") == 1 and r.exists("missing") == 0
+    assert r.execute_command("CHECK", "k1") == 1
+    assert r.execute_command("CHECK", "missing") is None
+    assert r.execute_command("LENGTH", "k1") == 2
+    assert r.execute_command("LENGTH", "missing") is None
+    assert abs(r.execute_command("KEYTIME", "k1") - time.time()) < 60
+    assert r.dbsize() == 2
+    assert r.execute_command("DEL", "k1") == b"OK"
+    assert err(r, "DEL", "k1") == "Key not found"
+    assert r.dbsize() == 1
+    assert err(r, "SET", "x" * 256, "v") == "Key too large"
+    assert err(r, "SET", "", "v") == "Invalid argument, key needed"
+    assert err(r, "GET") == "Unexpected arguments"
+    assert err(r, "CONFIG", "GET", "save") == "Command not supported"
+    assert err(r, "NOPE") == "Command not supported"
+    sec, usec = r.execute_command("TIME")
+    assert abs(int(sec) - time.time()) < 60 and 0 <= int(usec) < 1_000_000
+    info = r.execute_command("INFO")
+    assert b"server_name: 0-db (zdb)" in info
+    big = b"b" * (4 * 1024 * 1024)
+    assert r.execute_command("SET", "big", big) == b"big"
+    assert r.get("big") == big
+    assert r.execute_command("set", "lower", "case") == b"lower"
+
+
+def test_redis_cli_works_unchanged(zdb: ZdbProcess) -> None:
+    cli = require_tool("redis-cli")
+
+    def run(*args: str) -> str:
+        out = subprocess.run([cli, "-p", str(zdb.port), *args], capture_output=True, text=True,
+                             timeout=10, check=True)
+        return out.stdout.strip()
+
+    assert run("PING") == "PONG"
+    assert run("SET", "hello", "world") == "hello"
+    assert run("GET", "hello") == "world"
+    assert run("NSNEW", "photos") == "OK"
+    assert "photos" in run("NSLIST")
+    assert "name: photos" in run("NSINFO", "photos")
+    assert run("DBSIZE") == "1"
+    assert run("DEL", "nope").endswith("Key not found")
+
+
+def test_scan_rscan_keycur_and_history(zdb: ZdbProcess) -> None:
+    r = zdb.client()
+    assert err(r, "SCAN") == "No more data"
+    keys = [b"key%03d" % i for i in range(250)]
+    for k in keys:
+        r.execute_command("SET", k, b"value-" + k)
+    r.execute_command("DEL", keys[10])
+    r.execute_command("SET", keys[20], b"new")  # overwritten: now the newest entry
+
+    def walk(command: str) -> list[bytes]:
+        seen: list[bytes] = []
+        reply = r.execute_command(command)
+        while True:
+            cursor, entries = reply
+            for key, length, stamp in entries:
+                assert isinstance(length, int) and isinstance(stamp, int)
+                seen.append(key)
+            try:
+                reply = r.execute_command(command, cursor)
+            except redis.ResponseError as exc:
+                assert str(exc) == "No more data"
+                return seen
+
+    expected = [k for k in keys if k not in (keys[10], keys[20])] + [keys[20]]
+    assert walk("SCAN") == expected
+    assert walk("RSCAN") == expected[::-1]
+    cursor = r.execute_command("KEYCUR", keys[100])
+    assert isinstance(cursor, bytes)
+    _, entries = r.execute_command("SCAN", cursor)
+    assert entries[0][0] == keys[101]
+    assert err(r, "KEYCUR", "missing") == "Key not found"
+    assert err(r, "SCAN", "garbage") != ""
+
+    for v in (b"v2", b"v3"):
+        r.execute_command("SET", keys[0], v)
+    versions = []
+    reply = r.execute_command("HISTORY", keys[0])
+    while True:
+        older, stamp, value = reply
+        assert int(stamp) > 0
+        versions.append(value)
+        if older is None:
+            break
+        reply = r.execute_command("HISTORY", keys[0], older)
+    assert versions == [b"v3", b"v2", b"value-" + keys[0]]
+    assert err(r, "HISTORY", "missing") == "Key not found"
+
+
+def test_sequential_namespace(zdb: ZdbProcess) -> None:
+    r = zdb.client()
+    assert r.execute_command("NSNEW", "log") == b"OK"
+    assert r.execute_command("NSSET", "log", "mode", "seq") == b"OK"
+    assert r.execute_command("SELECT", "log") == b"OK"
+    k0 = r.execute_command("SET", "", "first")
+    k1 = r.execute_command("SET", "", "second")
+    assert (k0, k1) == ((0).to_bytes(8, "little"), (1).to_bytes(8, "little"))
+    assert r.execute_command("SET", k0, "updated") == k0
+    assert r.get(k0) == b"updated"
+    assert err(r, "SET", (99).to_bytes(8, "little"), "x") == "Invalid key, only update authorized"
+    assert b"mode: sequential" in r.execute_command("NSINFO", "log")
+    r.execute_command("SELECT", "default")
+    r.execute_command("SET", "user-key", "v")
+    assert err(r, "NSSET", "log", "mode", "user") == "Cannot change mode of used namespace"
+
+
+def test_admin_namespaces_and_permissions(zdb_start: ZdbStarter) -> None:
+    server = zdb_start("--admin", "adminpw")
+    r = server.client()
+    for command in (("NSNEW", "a"), ("NSDEL", "a"), ("NSSET", "a", "public", "0"), ("NSJUMP",),
+                    ("DATA", "RAW", "0", "28"), ("SET", "k", "v", "12345"), ("STOP",),
+                    ("HOOKS",), ("INDEX", "DIRTY"), ("RELOAD", "default")):
+        assert err(r, *command) == "Permission denied", command
+    assert err(r, "AUTH", "wrong") == "Access denied"
+    assert r.execute_command("AUTH", "adminpw") == b"OK"
+    assert r.execute_command("NSNEW", "private") == b"OK"
+    for bad in (".", "..", "a/b", "default", "x" * 129):
+        assert err(r, "NSNEW", bad) != ""
+    assert err(r, "NSNEW", "private") != ""
+    r.execute_command("NSSET", "private", "password", "s3cret")
+    r.execute_command("NSSET", "private", "public", "0")
+    assert err(r, "NSSET", "private", "color", "blue") == "Invalid property"
+    assert err(r, "NSSET", "default", "public", "0") == "Cannot update default namespace"
+    assert err(r, "NSSET", "nothere", "public", "0") == "Namespace not found"
+
+    other = server.client()
+    assert err(other, "SELECT", "private") == "Namespace protected and private"
+    assert err(other, "SELECT", "private", "nope") == "Access denied"
+    assert err(other, "SELECT", "nothere") == "Namespace not found"
+    assert other.execute_command("SELECT", "private", "s3cret") == b"OK"
+    assert other.execute_command("SET", "k", "v") == b"k"
+    assert err(other, "SET", "k", "v2", "1000") == "Permission denied"
+    info = r.execute_command("NSINFO", "private").decode()
+    fields = dict(line.split(": ", 1) for line in info.splitlines()[1:])
+    assert fields["name"] == "private" and fields["entries"] == "1"
+    assert fields["public"] == "no" and fields["password"] == "yes"
+    assert fields["mode"] == "userkey"
+    for key in ("worm", "locked", "data_size_bytes", "data_limits_bytes", "index_size_bytes",
+                "data_current_id", "data_current_offset"):
+        assert key in fields
+
+    # public + password: readable by anyone, writable only with the password
+    r.execute_command("NSSET", "private", "public", "1")
+    reader = server.client()
+    assert reader.execute_command("SELECT", "private") == b"OK"
+    assert reader.get("k") == b"v"
+    assert err(reader, "SET", "k", "x") == "Namespace is in read-only mode"
+    assert err(reader, "FLUSH") == "Flushing public namespace denied"
+
+    # SECURE: sha1("<challenge>:<password>")
+    secure = server.client()
+    challenge = secure.execute_command("AUTH", "SECURE", "CHALLENGE")
+    challenge = challenge.decode() if isinstance(challenge, bytes) else challenge
+    assert len(challenge) == 16
+    digest = hashlib.sha1(f"{challenge}:s3cret".encode()).hexdigest()
+    assert secure.execute_command("SELECT", "private", "SECURE", digest) == b"OK"
+    assert secure.execute_command("SET", "k2", "v2") == b"k2"
+    admin2 = server.client()
+    challenge = admin2.execute_command("AUTH", "SECURE", "CHALLENGE")
+    challenge = challenge.decode() if isinstance(challenge, bytes) else challenge
+    wrong = hashlib.sha1(f"{challenge}:bad".encode()).hexdigest()
+    assert err(admin2, "AUTH", "SECURE", wrong) == "Access denied"
+    assert err(admin2, "AUTH", "SECURE", wrong) != "OK"  # the challenge is spent
+    challenge = admin2.execute_command("AUTH", "SECURE", "CHALLENGE")
+    challenge = challenge.decode() if isinstance(challenge, bytes) else challenge
+    digest = hashlib.sha1(f"{challenge}:adminpw".encode()).hexdigest()
+    assert admin2.execute_command("AUTH", "SECURE", digest) == b"OK"
+    assert admin2.execute_command("NSNEW", "fromsecure") == b"OK"
+
+    # FLUSH a private password-protected namespace
+    r.execute_command("NSSET", "private", "public", "0")
+    assert other.execute_command("FLUSH") == b"OK"
+    assert other.dbsize() == 0
+
+    # admin-only timestamp, DATA RAW, NSJUMP
+    r.execute_command("SELECT", "fromsecure")
+    assert r.execute_command("SET", "stamped", "v", "1234567") == b"stamped"
+    assert r.execute_command("KEYTIME", "stamped") == 1234567
+    entry = r.execute_command("DATA", "RAW", "0", "28")
+    assert entry[0] == b"stamped" and entry[5] == b"v" and entry[4] == 1234567
+    assert entry[2].startswith(b"0x") and len(entry[2]) == 10
+    assert err(r, "DATA", "RAW", "0", "999999") == "EOF"
+    assert r.execute_command("NSJUMP") == b"OK"
+    assert b"data_current_id: 1" in r.execute_command("NSINFO", "fromsecure")
+    assert r.get("stamped") == b"v"
+
+    # NSDEL rules
+    assert err(r, "NSDEL", "default") == "Cannot remove default namespace"
+    assert err(r, "NSDEL", "fromsecure") == "Cannot remove namespace you're currently using."
+    assert err(r, "NSDEL", "nothere") == "This namespace doesn't exists"
+    r.execute_command("SELECT", "default")
+    assert r.execute_command("NSDEL", "private") == b"OK"
+    assert b"private" not in r.execute_command("NSLIST")
+    # the client still inside the removed namespace is told and disconnected
+    with pytest.raises((redis.ResponseError, redis.ConnectionError)) as info:
+        other.get("k")
+    assert "not available anymore" in str(info.value) or isinstance(info.value,
+                                                                     redis.ConnectionError)
+
+
+def test_worm_lock_freeze_and_maxsize(zdb: ZdbProcess) -> None:
+    r = zdb.client()
+    r.execute_command("NSNEW", "w")
+    r.execute_command("NSSET", "w", "worm", "1")
+    r.execute_command("SELECT", "w")
+    assert r.execute_command("SET", "k", "v") == b"k"
+    assert err(r, "SET", "k", "other") == "Namespace is protected by worm mode"
+    assert err(r, "DEL", "k") == "Cannot delete a key when namespace is in worm mode"
+    r.execute_command("NSSET", "w", "worm", "0")
+    r.execute_command("NSSET", "w", "lock", "1")
+    assert err(r, "SET", "k2", "v") == "Namespace is temporarily locked (read-only)"
+    assert r.get("k") == b"v"
+    r.execute_command("NSSET", "w", "lock", "0")
+    r.execute_command("NSSET", "w", "freeze", "1")
+    assert "frozen" in err(r, "GET", "k")
+    assert "frozen" in err(r, "SET", "k", "x")
+    r.execute_command("NSSET", "w", "freeze", "0")
+    r.execute_command("NSSET", "w", "maxsize", "100")
+    assert r.execute_command("SET", "a", b"x" * 90) == b"a"
+    assert err(r, "SET", "b", b"x" * 20) == "No space left on this namespace"
+    assert r.execute_command("SET", "a", b"y" * 95) == b"a"  # replacing is judged by the net size
+
+
+def test_protect_guards_default_with_the_admin_password(zdb_start: ZdbStarter) -> None:
+    server = zdb_start("--admin", "pw", "--protect")
+    r = server.client()
+    assert err(r, "SET", "k", "v") == "Namespace is in read-only mode"
+    assert r.execute_command("SELECT", "default", "pw") == b"OK"
+    assert r.execute_command("SET", "k", "v") == b"k"
+    other = server.client()
+    assert other.get("k") == b"v"
+    assert err(other, "SELECT", "default", "bad") == "Access denied"
+    assert b"password: yes" in other.execute_command("NSINFO", "default")
+
+
+def test_protocol_errors_close_or_answer(zdb: ZdbProcess) -> None:
+    got, closed = raw(zdb.port, b"PING\r\n")
+    assert got == b"-Malformed request, array expected\r\n" and closed
+    got, closed = raw(zdb.port, b"*0\r\n*1\r\n$4\r\nPING\r\n")
+    assert got == b"-Missing arguments\r\n+PONG\r\n" and not closed
+    many = b"*1025\r\n" + b"$1\r\nx\r\n" * 1025
+    got, closed = raw(zdb.port, many)
+    assert got == b"-Too many arguments\r\n" and closed
+    got, closed = raw(zdb.port, b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$9000000\r\nxx")
+    assert got == b"-Payload too big\r\n" and closed
+    got, closed = raw(zdb.port, b"*1\r\n$4\r\nPING\r\n*2\r\n:1\r\n:2\r\n")
+    assert got.startswith(b"+PONG\r\n-") and closed
+    r = zdb.client()  # the server is still fine
+    assert r.ping() == b"PONG"
+
+
+def test_wait_answers_when_another_client_runs_the_command(zdb: ZdbProcess) -> None:
+    waiter, writer = zdb.client(), zdb.client()
+    result: list[object] = []
+    thread = threading.Thread(target=lambda: result.append(
+        waiter.execute_command("WAIT", "SET", "5000")))
+    thread.start()
+    time.sleep(0.3)
+    writer.execute_command("GET", "x")
+    writer.execute_command("SET", "x", "1")
+    thread.join(10)
+    assert result == [b"SET"]
+    assert err(waiter, "WAIT", "SET", "100") == "Timeout"
+    assert err(waiter, "WAIT", "NOPE") == "Unknown command to watch"
+    assert err(waiter, "WAIT", "SET", "10") == "Invalid timeout"
+    thread = threading.Thread(target=lambda: result.append(waiter.execute_command("WAIT", "*")))
+    thread.start()
+    time.sleep(0.3)
+    writer.execute_command("PING")
+    thread.join(10)
+    assert result[-1] == b"PING"
+
+
+def test_many_clients_pipelining(zdb: ZdbProcess) -> None:
+    errors: list[BaseException] = []
+
+    def worker(n: int) -> None:
+        try:
+            r = zdb.client()
+            pipe = r.pipeline(transaction=False)
+            for i in range(300):
+                pipe.execute_command("SET", f"c{n}-{i}", f"value-{n}-{i}" * 3)
+            assert pipe.execute() == [f"c{n}-{i}".encode() for i in range(300)]
+            pipe = r.pipeline(transaction=False)
+            for i in range(300):
+                pipe.get(f"c{n}-{i}")
+            assert pipe.execute() == [(f"value-{n}-{i}" * 3).encode() for i in range(300)]
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(40)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors[:3]
+    assert zdb.client().dbsize() == 40 * 300
+
+    # one big pipelined write of raw RESP, replies arrive complete and in order
+    payload = b"".join(b"*2\r\n$3\r\nGET\r\n$%d\r\n%b\r\n" % (len(k), k)
+                       for k in (f"c0-{i}".encode() for i in range(300)))
+    with socket.create_connection(("127.0.0.1", zdb.port), timeout=10) as s:
+        s.sendall(payload)
+        got = b""
+        want = sum(len(b"$%d\r\n%b\r\n" % (len(v), v)) for v in
+                   ((f"value-0-{i}" * 3).encode() for i in range(300)))
+        while len(got) < want:
+            got += s.recv(65536)
+        assert got.startswith(b"$" + str(len("value-0-0" * 3)).encode())
+
+
+def test_unix_socket(zdb_start: ZdbStarter, tmp_path: Path) -> None:
+    path = tmp_path / "zdb.sock"
+    zdb_start("--socket", str(path))
+    r = redis.Redis(unix_socket_path=str(path), socket_timeout=10)
+    r.response_callbacks.clear()
+    assert r.execute_command("SET", "k", "v") == b"k"
+    assert r.get("k") == b"v"
+
+
+def test_stop_ends_the_server(zdb_start: ZdbStarter) -> None:
+    server = zdb_start("--admin", "pw")
+    r = server.client()
+    r.execute_command("AUTH", "pw")
+    r.execute_command("SET", "k", "v")
+    try:
+        r.execute_command("STOP")
+    except redis.ConnectionError:
+        pass
+    assert server.proc.wait(timeout=15) == 0
