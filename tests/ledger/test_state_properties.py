@@ -1,0 +1,220 @@
+"""Property tests: invariants of the state machine hold after any sequence of transactions."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.ledger.world import World, deployment, sealed
+from zerostack.crypto import Identity, verify
+from zerostack.ledger.errors import Rejected
+from zerostack.ledger.state import (
+    CONTRACT_STATES,
+    FINAL_STATES,
+    ZERO,
+    Capacity,
+    State,
+    apply_with_receipt,
+    genesis,
+    tick,
+)
+
+USERS = 3
+
+create = st.tuples(st.just("create"), st.integers(0, USERS - 1), st.integers(0, 1),
+              st.sets(st.integers(0, USERS - 1), max_size=USERS), st.integers(0, 3),
+              st.booleans(), st.integers(0, 4), st.integers(-5, 300), st.booleans())
+contract_id = st.integers(0, 1000)  # an index into the existing contracts
+action = st.one_of(
+    create,
+    create,
+    st.tuples(st.just("approve"), st.integers(0, 10), contract_id,
+              st.sampled_from(["stakeholder", "anyone", "wrong_hash", "forged"])),
+    st.tuples(st.just("approve"), st.integers(0, 10), contract_id, st.just("stakeholder")),
+    st.tuples(st.just("update"), st.integers(0, 4), contract_id,
+              st.integers(0, 5), st.booleans(), st.integers(1, 300)),
+    st.tuples(st.just("cancel"), st.integers(0, 6), contract_id),
+    st.tuples(st.just("report"), st.integers(0, 3), contract_id,
+              st.sampled_from([0, 0, 0, 1]),
+              st.lists(st.sampled_from(["init", "ok", "error", "deleted"]),
+                                          max_size=3), st.booleans()),
+    st.tuples(st.just("time"), st.sampled_from([0, 1, 30, 120, 400])),
+    st.tuples(st.just("heartbeat"), st.integers(0, 1), st.integers(0, 4)),
+    st.tuples(st.just("name"), st.integers(0, USERS - 1), st.sampled_from(["a", "b"]),
+              st.booleans()),
+    st.tuples(st.just("replay"), st.integers(0, 50)),
+    st.tuples(st.just("bad_nonce"), st.integers(0, USERS - 1), st.integers(-3, 3)),
+)
+
+
+def build() -> tuple[World, list[int], list[tuple[int, int]]]:
+    w = World()
+    users = [w.twin(Identity.from_seed(bytes([i + 1]) * 32)) for i in range(USERS)]
+    farm = w.farm(users[0])
+    nodes = [w.node(farm, country=c) for c in ("BE", "NL")]
+    return w, users, nodes
+
+
+def run(w: World, users: list[int], nodes: list[tuple[int, int]], step: tuple[Any, ...]) -> None:
+    kind = step[0]
+    everyone = users + [t for _, t in nodes]
+    ids = sorted(w.state.contracts.keys())
+
+    def pick(i: int) -> int:
+        return ids[i % len(ids)] if ids else 1
+
+    if kind == "create":
+        _, o, n, signers, wr, approve, cap, deadline, with_delete = step
+        owner = users[o]
+        req_twins = sorted({users[i] for i in signers} | {owner})
+        h = deployment(len(w.accepted))
+        payload: dict[str, Any] = {
+            "node": nodes[n][0], "deployment_hash": h, "instructions": sealed(),
+            "signature_requirement": {"requests": [{"twin": t} for t in req_twins],
+                                      "weight_required": min(wr, len(req_twins))},
+            "capacity": {"cru": cap}, "deadline": w.time + deadline,
+        }
+        if approve:
+            payload["approval"] = w.approval(owner, h)
+        if with_delete:
+            payload["delete_requirement"] = {"requests": [{"twin": t} for t in req_twins],
+                                             "weight_required": 1}
+        w.send(owner, "contract.create", payload)
+    elif kind == "approve":
+        _, who, ci, how = step
+        cid = pick(ci)
+        c = w.state.contracts.get(cid)
+        twin = everyone[who % len(everyone)]
+        if how == "stakeholder" and c is not None:
+            signers = sorted(c.proposal.requirement.with_owner(c.owner).twins)
+            twin = signers[who % len(signers)]
+        h = c.proposal.deployment_hash if c else deployment(0)
+        if how == "wrong_hash":
+            h = deployment(999)
+        signer = users[0] if how == "forged" and twin != users[0] else twin
+        w.send(twin, "contract.approve", {"contract": cid, "deployment_hash": h,
+                                          "signature": w.approval(signer, h)})
+    elif kind == "update":
+        _, o, ci, n, approve, deadline = step
+        cid = pick(ci)
+        c = w.state.contracts.get(cid)
+        owner = c.owner if c is not None and o == 0 else users[o % USERS]
+        h = deployment(1000 + len(w.accepted) + n)
+        payload = {"contract": cid, "deployment_hash": h, "instructions": sealed("u"),
+                   "deadline": w.time + deadline, "capacity": {"cru": n}}
+        if approve:
+            payload["approval"] = w.approval(owner, h)
+        w.send(owner, "contract.update", payload)
+    elif kind == "cancel":
+        _, who, ci = step
+        cid = pick(ci)
+        c = w.state.contracts.get(cid)
+        twin = c.owner if c is not None and who < 3 else everyone[who % len(everyone)]
+        w.send(twin, "contract.cancel", {"contract": cid})
+    elif kind == "report":
+        _, who, ci, bump, states, err = step
+        cid = pick(ci)
+        c = w.state.contracts.get(cid)
+        if c is not None and who < 3:
+            twin = w.state.nodes[c.node].twin
+        else:
+            twin = everyone[who % len(everyone)]
+        version = (c.active.version if c and c.active else 1) + bump
+        w.send(twin, "contract.report", {
+            "contract": cid, "version": version, "error": "boom" if err else "",
+            "workloads": [{"name": f"w{i}", "state": s} for i, s in enumerate(states)]})
+    elif kind == "time":
+        w.time += step[1]
+    elif kind == "heartbeat":
+        _, n, used = step
+        w.send(nodes[n][1], "node.heartbeat", {"used": {"cru": used}})
+    elif kind == "name":
+        _, o, name, release = step
+        w.send(users[o], "name.release" if release else "name.register", {"name": name})
+    elif kind == "replay":
+        if w.accepted:
+            _, tx = w.accepted[step[1] % len(w.accepted)]
+            assert isinstance(w.apply_tx(tx), Rejected), "a replayed transaction was accepted"
+    elif kind == "bad_nonce":
+        _, o, delta = step
+        twin = users[o]
+        if delta:
+            result = w.send(twin, "name.register", {"name": "z"},
+                            nonce=max(0, w.nonces[twin] + delta))
+            assert isinstance(result, Rejected) and result.code == "bad_nonce"
+
+
+def check(w: World, finals: dict[int, str]) -> None:
+    s = w.state
+    sent: dict[int, int] = {}
+    for _, tx in w.accepted:
+        if isinstance(tx.sender, int):
+            sent[tx.sender] = sent.get(tx.sender, 0) + 1
+    for tid, twin in s.twins.items():
+        assert twin.nonce == 1 + sent.get(tid, 0)
+    reserved: dict[int, Capacity] = {nid: ZERO for nid in s.nodes}
+    for cid, c in s.contracts.items():
+        assert c.state in CONTRACT_STATES
+        if cid in finals:
+            assert c.state == finals[cid], "a final contract changed"
+        if c.state in FINAL_STATES:
+            finals[cid] = c.state
+            assert cid not in s.deadlines
+        else:
+            reserved[c.node] = reserved[c.node] + c.proposal.capacity
+        if c.state == "created":
+            assert c.active is None
+        if c.state in ("approved", "deployed", "error", "cancelled"):
+            assert c.active is not None
+        for version in (c.proposal, c.active):
+            if version is None:
+                continue
+            for twin_id, sig in version.approvals.items():
+                key = s.twins[twin_id].public_key
+                assert verify(key, bytes.fromhex(version.deployment_hash), bytes.fromhex(sig))
+        if c.active is not None:
+            assert c.active.requirement.with_owner(c.owner).holds(c.active.approvals.keys())
+        waiting = c.pending and c.state not in FINAL_STATES and c.state != "cancelled"
+        assert (cid in s.deadlines) == waiting
+        assert cid in s.contracts_by_node[c.node] and cid in s.contracts_by_owner[c.owner]
+    for nid, node in s.nodes.items():
+        assert node.reserved == reserved[nid]
+        assert nid in s.nodes_by_country[node.country]
+    assert s.next_deadline == min(s.deadlines.values(), default=2**62)
+    for name in s.names.values():
+        assert name.owner in s.twins
+
+
+def views(s: State) -> Any:
+    return (
+        [t.to_dict() for t in s.twins.values()],
+        [n.to_dict() for n in s.nodes.values()],
+        [c.to_dict() for c in s.contracts.values()],
+        [n.to_dict() for n in s.names.values()],
+        dict(s.deadlines.items()),
+    )
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(action, min_size=10, max_size=50))
+def test_invariants_hold_for_random_sequences(steps: list[tuple[Any, ...]]) -> None:
+    w, users, nodes = build()
+    finals: dict[int, str] = {}
+    for step in steps:
+        before = w.state
+        count = len(w.accepted)
+        run(w, users, nodes, step)
+        if len(w.accepted) == count and step[0] != "time":
+            # a refused transaction changed nothing (beyond the deadline tick of its block)
+            assert views(w.state) == views(tick(before, w.time))
+        check(w, finals)
+    # determinism: replaying the accepted transactions at their times rebuilds the state
+    state = genesis()
+    for t, tx in w.accepted:
+        state = tick(state, t)
+        result = apply_with_receipt(state, tx, time=t)
+        assert not isinstance(result, Rejected), result
+        state = result[0]
+    assert views(tick(state, w.time)) == views(tick(w.state, w.time))

@@ -1,0 +1,89 @@
+"""A small driver for the pure state machine: identities, nonces and a clock for tests."""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+from zerostack.crypto import Identity, hash_hex
+from zerostack.ledger.errors import Rejected
+from zerostack.ledger.state import Receipt, State, apply_with_receipt, genesis, tick
+from zerostack.ledger.tx import Tx, parse_tx, sign_deployment, sign_tx
+
+GiB = 1 << 30
+
+
+class World:
+    """Applies signed transactions to a State, one block (same time) per call unless told."""
+
+    def __init__(self, time: int = 1_000_000) -> None:
+        self.state: State = genesis()
+        self.time = time
+        self.keys: dict[int, Identity] = {}
+        self.nonces: dict[int, int] = {}
+        self.accepted: list[tuple[int, Tx]] = []
+
+    def tx(self, twin: int, ttype: str, payload: dict[str, Any], nonce: int | None = None,
+           identity: Identity | None = None) -> Tx:
+        ident = identity or self.keys[twin]
+        n = self.nonces[twin] if nonce is None else nonce
+        return parse_tx(sign_tx(ident, ttype, twin, n, payload))
+
+    def apply_tx(self, tx: Tx) -> Receipt | Rejected:
+        self.state = tick(self.state, self.time)
+        result = apply_with_receipt(self.state, tx, time=self.time)
+        if isinstance(result, Rejected):
+            return result
+        self.state, receipt = result
+        self.accepted.append((self.time, tx))
+        if isinstance(tx.sender, int):
+            self.nonces[tx.sender] = tx.nonce + 1
+        return receipt
+
+    def send(self, twin: int, ttype: str, payload: dict[str, Any], **kw: Any) -> Receipt | Rejected:
+        return self.apply_tx(self.tx(twin, ttype, payload, **kw))
+
+    def ok(self, twin: int, ttype: str, payload: dict[str, Any], **kw: Any) -> Receipt:
+        result = self.send(twin, ttype, payload, **kw)
+        assert not isinstance(result, Rejected), result
+        return result
+
+    def twin(self, ident: Identity | None = None) -> int:
+        ident = ident or Identity.generate()
+        result = self.apply_tx(parse_tx(sign_tx(ident, "twin.register", ident.public_hex, 0, {})))
+        assert not isinstance(result, Rejected), result
+        tid = int(result["twin"])
+        self.keys[tid] = ident
+        self.nonces[tid] = 1
+        return tid
+
+    def farm(self, owner: int, name: str = "farm") -> int:
+        return int(self.ok(owner, "farm.create", {"name": name})["farm"])
+
+    def node(self, farm: int, country: str = "BE", mru: int = 16 * GiB) -> tuple[int, int]:
+        twin = self.twin()
+        receipt = self.ok(twin, "node.register", {
+            "farm": farm,
+            "capacity": {"cru": 8, "mru": mru, "sru": 100 * GiB, "hru": 1000 * GiB},
+            "location": {"country": country, "city": "x"},
+        })
+        return int(receipt["node"]), twin
+
+    def approval(self, twin: int, deployment_hash: str) -> str:
+        return sign_deployment(self.keys[twin], deployment_hash)
+
+
+def deployment(n: int = 0) -> str:
+    return hash_hex({"deployment": n})
+
+
+def sealed(text: str = "instructions") -> str:
+    return base64.b64encode(text.encode()).decode()
+
+
+def requirement(*twins: int, weight_required: int | None = None,
+                required: tuple[int, ...] = ()) -> dict[str, Any]:
+    return {
+        "requests": [{"twin": t, "weight": 1, "required": t in required} for t in twins],
+        "weight_required": len(twins) if weight_required is None else weight_required,
+    }
