@@ -51,6 +51,11 @@ class CachedImage:
     def manifest(self) -> Manifest:
         return self.flist.manifest
 
+    @property
+    def cache_root(self) -> Path:
+        """The ImageCache root this image belongs to (`<root>/images/<hash>/rootfs`)."""
+        return self.rootfs.parent.parent.parent
+
 
 @dataclass
 class FetchStats:

@@ -1,0 +1,74 @@
+"""Who reads container logs: only the contract's owner, on a request signed with their key.
+
+The node answers with the lines sealed to the owner's key, so they never travel in clear
+and nobody else (not even whoever relays the answer) can read them.
+"""
+
+from __future__ import annotations
+
+import base64
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from zerostack.crypto import Identity, canonical_json, seal_to, verify
+from zerostack.crypto.canonical import hash_bytes
+from zerostack.node.runtime.logs import read_logs
+from zerostack.node.runtime.spec import ContainerError
+
+REQUEST_MAX_AGE = 300
+
+
+@dataclass(frozen=True)
+class LogRequest:
+    """A request for a workload's logs, signed by the owner: what `zerostack logs` sends."""
+
+    contract: int
+    workload: str
+    tail: int
+    timestamp: int
+    requester: str  # public key (hex) of the signer
+    signature: str = ""
+
+    def body(self) -> dict[str, Any]:
+        return {"contract": self.contract, "workload": self.workload, "tail": self.tail,
+                "timestamp": self.timestamp, "requester": self.requester}
+
+    def digest(self) -> bytes:
+        return hash_bytes(canonical_json({"logs": self.body()}))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.body(), "signature": self.signature}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> LogRequest:
+        try:
+            return cls(int(data["contract"]), str(data["workload"]), int(data["tail"]),
+                       int(data["timestamp"]), str(data["requester"]), str(data["signature"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ContainerError(f"malformed log request: {exc}") from None
+
+
+def sign_log_request(identity: Identity, contract: int, workload: str, tail: int = 200) -> LogRequest:
+    """Build and sign a log request as `identity`."""
+    req = LogRequest(contract, workload, tail, int(time.time()), identity.public_hex)
+    return LogRequest(**{**req.body(), "signature": identity.sign(req.digest()).hex()})
+
+
+def answer_log_request(request: LogRequest, owner_key: str, log_dir: Path,
+                       now: float | None = None) -> dict[str, str]:
+    """Check the request is fresh and signed by the contract's owner; return the lines sealed
+    to the owner (base64). Raises ContainerError otherwise, saying why."""
+    if request.requester != owner_key:
+        raise ContainerError("only the contract's owner may read its logs")
+    try:
+        sig = bytes.fromhex(request.signature)
+    except ValueError:
+        sig = b""
+    if not verify(owner_key, request.digest(), sig):
+        raise ContainerError("log request signature does not verify")
+    if abs((now or time.time()) - request.timestamp) > REQUEST_MAX_AGE:
+        raise ContainerError("log request is too old (or the clocks disagree): sign a new one")
+    text = "\n".join(read_logs(log_dir, min(max(request.tail, 0), 100_000))).encode()
+    return {"sealed": base64.b64encode(seal_to(owner_key, text)).decode()}

@@ -1,0 +1,284 @@
+"""The node's container runtime: bundles, shims, state, health, logs and cleanup.
+
+Layout under `root`: `runc/` (runc's state) and `containers/<id>/` holding `bundle/`
+(config.json, mode 0600 as it carries secret env; `rootfs/`, the overlay mount point),
+`overlay/{upper,work}` (the container's writable layer), `logs/`, and the shim's files.
+Every call is idempotent and safe to repeat after a crash of the caller.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from zerostack.flist import CachedImage, FlistError, ImageCache
+from zerostack.node.runtime.health import probe
+from zerostack.node.runtime.logs import read_logs
+from zerostack.node.runtime.oci import cgroups_path, oci_config
+from zerostack.node.runtime.runc import RUNC, Runc, is_mounted, unmount
+from zerostack.node.runtime.spec import ContainerError, ContainerSpec
+from zerostack.node.runtime.statusfile import read_status
+
+State = Literal["init", "ok", "error"]
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+@dataclass(frozen=True)
+class ContainerStatus:
+    """What the node reports for a container: `init`, `ok` or `error`, and why."""
+
+    state: State
+    message: str
+    restarts: int = 0
+    last_exit: int | None = None
+    pid: int | None = None
+
+
+class ContainerRuntime:
+    """Runs containers under runc on this node, each supervised by its own shim process."""
+
+    def __init__(self, root: Path, runc: str = RUNC, python: str = sys.executable) -> None:
+        self.root = root
+        self.runc = Runc(root / "runc", runc)
+        self.python = python
+        # Consecutive health-probe failures and whether a probe ever passed, per container.
+        self._health: dict[str, tuple[float, bool, str, bool]] = {}
+
+    def dir(self, container_id: str) -> Path:
+        return self.root / "containers" / container_id
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    def supervised(self, container_id: str) -> bool:
+        """True while a shim holds the container's lock."""
+        lock = self.dir(container_id) / "shim.lock"
+        if not lock.exists():
+            return False
+        with open(lock, "a") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(f, fcntl.LOCK_UN)
+        return False
+
+    def start(self, spec: ContainerSpec, image: CachedImage, wait: float = 15.0) -> ContainerStatus:
+        """Run `spec` from the verified `image` unless it already runs with the same spec.
+
+        A different spec under the same id replaces the running container. Returns once
+        the container runs (or failed to), at most after `wait` seconds.
+        """
+        if image.hash != spec.image_hash:
+            raise ContainerError(f"container {spec.id}: image {image.hash[:16]} is not the "
+                                 f"spec's image {spec.image_hash[:16]}")
+        d = self.dir(spec.id)
+        config = oci_config(spec, image.manifest.config, image.rootfs)
+        fingerprint = hashlib.blake2b(json.dumps({"spec": spec.public_dict(), "config": config},
+                                                 sort_keys=True).encode(), digest_size=32).hexdigest()
+        if self.supervised(spec.id):
+            if (d / "fingerprint").exists() and (d / "fingerprint").read_text() == fingerprint:
+                return self.status(spec.id)
+            self.stop(spec.id)
+        for sub in ("bundle/rootfs", "overlay/upper", "overlay/work", "logs"):
+            (d / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(d, 0o700)
+        # The image cache is checked now; the shim checks again before every restart.
+        image_cache = image.cache_root
+        try:
+            ImageCache(image_cache).check(image.hash)
+        except FlistError as exc:
+            raise ContainerError(f"container {spec.id}: {exc}") from None
+        _write_private(d / "bundle" / "config.json", json.dumps(config).encode())
+        _write_private(d / "spec.json", json.dumps(spec.public_dict()).encode())
+        _write_private(d / "shim.json", json.dumps({
+            "id": spec.id, "runc": self.runc.binary, "runc_root": str(self.runc.root),
+            "bundle": str(d / "bundle"), "lower": str(image.rootfs),
+            "upper": str(d / "overlay" / "upper"), "work": str(d / "overlay" / "work"),
+            "restart": spec.restart, "stop_timeout": spec.stop_timeout,
+            "log_max_bytes": spec.log_max_bytes, "log_keep": spec.log_keep,
+            "image_cache": str(image_cache), "image_hash": image.hash,
+        }).encode())
+        (d / "fingerprint").write_text(fingerprint)
+        try:
+            (d / "status.json").unlink()
+        except FileNotFoundError:
+            pass
+        self._health.pop(spec.id, None)
+        subprocess.run([self.python, "-m", "zerostack.node.runtime.shim", str(d)],
+                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                       stderr=open(d / "shim.log", "ab"), close_fds=True, check=True,  # noqa: SIM115
+                       timeout=30)
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            st = read_status(d)
+            if st.get("state") in ("running", "exited", "error", "backoff", "stopped"):
+                break
+            time.sleep(0.01)
+        return self.status(spec.id)
+
+    def stop(self, container_id: str, timeout: float = 30.0) -> None:
+        """Stop the container and its shim (TERM, then KILL past the spec's stop timeout)."""
+        d = self.dir(container_id)
+        pid = _read_int(d / "shim.pid")
+        if pid and self.supervised(container_id):
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            deadline = time.monotonic() + timeout
+            while self.supervised(container_id) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            if self.supervised(container_id):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                while self.supervised(container_id):
+                    time.sleep(0.02)
+        self.runc.delete(container_id)
+        unmount(d / "bundle" / "rootfs")
+
+    def delete(self, container_id: str) -> None:
+        """Remove every trace: processes, runc state, mounts, cgroups, overlay, logs."""
+        self.stop(container_id)
+        _remove_cgroups(container_id)
+        d = self.dir(container_id)
+        if d.exists():
+            if is_mounted(d / "bundle" / "rootfs"):
+                raise ContainerError(f"container {container_id}: rootfs is still mounted")
+            shutil.rmtree(d)
+        self._health.pop(container_id, None)
+
+    def ids(self) -> list[str]:
+        base = self.root / "containers"
+        return sorted(p.name for p in base.iterdir()) if base.exists() else []
+
+    # -- state -----------------------------------------------------------------------
+
+    def pid(self, container_id: str) -> int | None:
+        st = self.runc.state(container_id)
+        if st and st.get("status") == "running" and st.get("pid"):
+            return int(st["pid"])
+        return None
+
+    def status(self, container_id: str) -> ContainerStatus:
+        """init / ok / error for the node's report, probing health when the spec has one."""
+        d = self.dir(container_id)
+        if not d.exists():
+            return ContainerStatus("error", "container does not exist")
+        st = read_status(d)
+        restarts = int(st.get("restarts", 0))
+        last_exit = st.get("last_exit")
+        state = st.get("state", "")
+        msg = str(st.get("message", ""))
+        alive = self.supervised(container_id)
+
+        def out(s: State, m: str, pid: int | None = None) -> ContainerStatus:
+            return ContainerStatus(s, m, restarts, last_exit, pid)
+
+        if not alive:
+            if state == "exited" and last_exit == 0:
+                return out("ok", "exited with 0")
+            if state in ("exited", "error"):
+                return out("error", msg or "container exited")
+            return out("error", "container is not running (its supervisor is gone)")
+        if state in ("", "starting"):
+            return out("init", "starting")
+        if state == "backoff":
+            return out("error", msg)
+        if state != "running":
+            return out("error", msg or state)
+        pid = self.pid(container_id)
+        if pid is None:
+            return out("init", "starting")
+        spec = _read_json(d / "spec.json")
+        health = spec.get("health")
+        if not health:
+            return out("ok", "running", pid)
+        return self._health_state(container_id, pid, health, float(st.get("started_at", 0)), out)
+
+    def _health_state(self, container_id: str, pid: int, health: dict[str, Any],
+                      started_at: float, out: Any) -> ContainerStatus:
+        from zerostack.node.runtime.spec import HealthProbe
+
+        check = HealthProbe(**health)
+        last_at, ever_ok, detail, healthy = self._health.get(container_id, (0.0, False, "", False))
+        now = time.time()
+        if now - last_at >= check.interval or not healthy:
+            healthy, detail = probe(pid, check)
+            ever_ok = ever_ok or healthy
+            self._health[container_id] = (now, ever_ok, detail, healthy)
+        if healthy:
+            result: ContainerStatus = out("ok", f"healthy ({detail})", pid)
+        elif not ever_ok and now - started_at < check.grace:
+            result = out("init", f"waiting for health check ({detail})", pid)
+        else:
+            result = out("error", f"health check failing: {detail}", pid)
+        return result
+
+    def logs(self, container_id: str, tail: int = 200) -> list[str]:
+        d = self.dir(container_id)
+        if not d.exists():
+            raise ContainerError(f"container {container_id} does not exist")
+        return read_logs(d / "logs", tail)
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def _read_int(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data: dict[str, Any] = json.loads(path.read_text())
+        return data
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def cgroup_dirs(container_id: str) -> list[Path]:
+    """The container's cgroup directory in every v1 hierarchy (or v2) that has one."""
+    rel = cgroups_path(container_id).lstrip("/")
+    if not CGROUP_ROOT.exists():
+        return []
+    out = [CGROUP_ROOT / rel] if (CGROUP_ROOT / "cgroup.controllers").exists() else []
+    out += [h / rel for h in CGROUP_ROOT.iterdir() if h.is_dir() and (h / rel).exists()]
+    return [p for p in out if p.exists()]
+
+
+def _remove_cgroups(container_id: str) -> None:
+    # runc removes them on delete; a runc killed mid-way may not have.
+    for path in cgroup_dirs(container_id):
+        for _ in range(50):
+            try:
+                os.rmdir(path)
+                break
+            except FileNotFoundError:
+                break
+            except OSError as exc:
+                if exc.errno != errno.EBUSY:
+                    raise ContainerError(f"cannot remove cgroup {path}: {exc}") from None
+                time.sleep(0.05)
