@@ -109,17 +109,21 @@ def decode_cursor(cursor: bytes) -> tuple[int, int]:
     return fid, off
 
 
-def replay_user_index(raw: bytes, fid: int, keys: dict[bytes, int]) -> tuple[int, int]:
+def replay_user_index(raw: bytes, fid: int, keys: dict[bytes, int], superseded: list[int]
+                      ) -> tuple[int, int]:
     """Replay the entries of user-mode index file `fid` into `keys`.
 
     Returns (end of the last whole entry, offset of the last entry or 0). An entry flagged
     deleted removes its key: it was either overwritten (a later entry sets it again) or deleted.
+    A live entry replaced by a newer one lost its "overwritten" flag in a crash: it goes
+    to `superseded` so the loader can finish that flag.
     """
     unpack = _idx_unpack
     off = IHEAD
     n = len(raw)
     last = 0
     pop = keys.pop
+    get = keys.get
     while off + IENT <= n:
         kl, doff, ln, _p, fl, _d, ts, crc, _pi, _po = unpack(raw, off)
         end = off + IENT + kl
@@ -129,6 +133,9 @@ def replay_user_index(raw: bytes, fid: int, keys: dict[bytes, int]) -> tuple[int
         if fl & FLAG_DELETED:
             pop(key, None)
         else:
+            old = get(key)
+            if old is not None:
+                superseded.append(old)
             keys[key] = fid | doff << 20 | ln << 52 | off << 84 | crc << 116 | ts << 148
         last = off
         off = end
@@ -295,6 +302,7 @@ class Namespace:
         file_mode: int | None = None
         # (data fid, data offset, entry end, index fid, index offset) of the newest indexed data
         newest: tuple[int, int, int, int, int] | None = None
+        superseded: list[int] = []
         for fid in range(pairs):
             path = self._ipath(fid)
             raw = path.read_bytes()
@@ -306,7 +314,7 @@ class Namespace:
             elif mode != file_mode:
                 raise ZdbError(f"{path}: mode {mode} differs from i0 (mode {file_mode})")
             if self.mode is Mode.USER:
-                end, last_off = replay_user_index(raw, fid, self._keys)
+                end, last_off = replay_user_index(raw, fid, self._keys, superseded)
                 if last_off:
                     kl, doff, ln = struct.unpack_from("<BII", raw, last_off)
                     newest = (fid, doff, doff + DENT + kl + ln, fid, last_off)
@@ -336,6 +344,12 @@ class Namespace:
             self._bytes = sum((p >> 52) & U32 for p in self._keys.values())
         self._index = AppendFile(self._ipath(last), last)
         self._data = AppendFile(self._dpath(last), last)
+        for p in superseded:
+            fid, ioff = p & FID_MASK, (p >> 84) & U32
+            log.warning("event=zdb.repair namespace=%s action=finish-overwrite file=%s "
+                        "offset=%d", self.name, index_name(fid), ioff)
+            fd = self._index.fd if fid == last else self._readers.fd(self._ipath(fid))
+            os.pwrite(fd, _DELETED_BYTE, ioff + INDEX_FLAGS_AT)
         if newest is not None and not self._verify_newest(newest):
             return False
         self._recover_data_tail(newest)
@@ -530,7 +544,14 @@ class Namespace:
         patches.clear()
 
     def write_out(self) -> None:
-        """Hand every buffered write to the OS, in the crash-safe order."""
+        """Hand every buffered write to the OS, in the crash-safe order.
+
+        Data first (the index never points at data the OS has not seen), then delete flags
+        of entries already on disk (their tombstone is the first thing in this batch, see
+        delete()), then index appends, then the flags of overwritten entries (until then the
+        loader resolves an overwrite by replay order). A crash anywhere leaves a prefix of
+        the operations once the loader has cut the unindexed data tail.
+        """
         self._data.write_out()
         if self._early:
             self._apply_patches(self._early)
@@ -800,6 +821,11 @@ class Namespace:
         ifid, ioff, _df, _do, ln, _crc, _ts = loc
         ts = (int(time.time()) if timestamp is None else timestamp) & U32
         kl = len(key)
+        ix = self._index
+        if (ifid != ix.fileid or ioff < ix.disk_size) and (self._data.buf or ix.buf):
+            # The flag goes to disk before this batch's index appends (see write_out); hand
+            # earlier writes over first so a crash keeps a prefix of the operations.
+            self.write_out()
         self._make_room(DENT + kl)
         d = self._data
         doff = d.size
