@@ -478,7 +478,7 @@ def _node_register(state: State, tx: t.Tx, twin: Twin, time: int) -> tuple[State
         )
     fields = _node_fields(state, tx.payload)
     nid = state.last_node + 1
-    node = Node(id=nid, twin=twin.id, created=time, updated=time, **fields)
+    node = Node(id=nid, twin=twin.id, created=time, updated=time, last_heartbeat=time, **fields)
     return _replace(
         state,
         nodes=state.nodes.set(nid, node),

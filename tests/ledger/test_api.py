@@ -1,0 +1,252 @@
+"""The ledger server as a real process: clients, bad input over HTTP, events, restart, verify."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+
+from tests.conftest import ProcessGroup, free_port, wait_for_port, zerostack_cmd
+from tests.ledger.world import GiB, deployment, requirement, sealed
+from zerostack.crypto import Identity
+from zerostack.ledger import AsyncLedgerClient, LedgerClient, LedgerRejected, sign_tx
+
+
+@dataclass
+class Server:
+    url: str
+    db: Path
+    port: int
+    proc: subprocess.Popen[bytes]
+
+
+def start(procs: ProcessGroup, db: Path, port: int | None = None) -> Server:
+    port = port or free_port()
+    proc = procs.start([*zerostack_cmd(), "ledger", "serve", "--db", str(db),
+                        "--listen", f"127.0.0.1:{port}"], stdout=subprocess.DEVNULL)
+    wait_for_port(port, proc=proc)
+    return Server(f"http://127.0.0.1:{port}", db, port, proc)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """One server for the tests that only add fresh identities (starting one takes ~2 s)."""
+    group = ProcessGroup()
+    try:
+        yield start(group, tmp_path_factory.mktemp("ledger") / "ledger.db")
+    finally:
+        group.stop_all()
+
+
+@pytest.fixture
+def client(server: Server) -> Iterator[LedgerClient]:
+    with LedgerClient(server.url) as c:
+        yield c
+
+
+def grid(client: LedgerClient) -> dict[str, Any]:
+    """Owner + two stakeholders + one node on a farm, registered through the client."""
+    ids = {name: Identity.generate() for name in ("owner", "s1", "s2", "node")}
+    twins = {name: client.register_twin(ident) for name, ident in ids.items()}
+    farm = client.create_farm(ids["owner"], f"farm-{ids['owner'].public_hex[:8]}")
+    node = client.register_node(ids["node"], farm, {"cru": 4, "mru": 8 * GiB}, "BE",
+                                city="Gent", endpoint="198.18.0.2:7000")
+    return {"ids": ids, "twins": twins, "farm": farm, "node": node}
+
+
+def test_contract_flow_through_the_client(client: LedgerClient) -> None:
+    g = grid(client)
+    ids, twins = g["ids"], g["twins"]
+    assert client.register_twin(ids["owner"]) == twins["owner"]  # idempotent
+    h = deployment(1)
+    req = requirement(twins["owner"], twins["s1"], twins["s2"], weight_required=2)
+    cid = client.create_contract(ids["owner"], g["node"], h, sealed(), req,
+                                 capacity={"mru": 2 * GiB})
+    assert client.contract(cid)["state"] == "created"  # type: ignore[index]
+    assert client.contracts(node=g["node"], state="created")[0]["id"] == cid
+    since = client.head()["height"]
+    client.approve(ids["s1"], cid, h)
+    c = client.wait_contract(cid, {"approved"}, timeout=5)
+    assert c["active"]["deployment_hash"] == h
+    events = client.events(since, timeout=0, node=g["node"])["events"]
+    assert [e["type"] for e in events] == ["contract.approve"]
+    client.report(ids["node"], cid, 1, [{"name": "db", "type": "zdb", "state": "ok",
+                                         "data": {"port": 9900}}])
+    assert client.contract(cid)["state"] == "deployed"  # type: ignore[index]
+    node = client.node(g["node"])
+    assert node is not None and node["free"]["mru"] == 6 * GiB and node["status"] == "up"
+    assert [n["id"] for n in client.nodes(country="BE", free_mru=6 * GiB)] == [g["node"]]
+    assert client.nodes(country="BE", free_mru=6 * GiB + 1) == []
+    assert client.nodes(country="NL") == []
+    tpl = client.publish_template(ids["owner"], "zdb", {"workloads": [], "by": twins["owner"]})
+    assert client.template(tpl)["author"] == twins["owner"]  # type: ignore[index]
+    client.register_name(ids["s2"], "shop-flow")
+    assert client.name("shop-flow")["owner"] == twins["s2"]  # type: ignore[index]
+    client.cancel(ids["owner"], cid)
+    client.report(ids["node"], cid, 1, [{"name": "db", "state": "deleted"}])
+    assert client.contract(cid)["state"] == "deleted"  # type: ignore[index]
+    assert client.contract(999) is None
+    assert client.account(twins["s1"]) == {"twin": twins["s1"], "balance": 0}
+
+
+def raw_post(server: Server, path: str, body: bytes) -> httpx.Response:
+    return httpx.post(server.url + path, content=body,
+                      headers={"content-type": "application/json"})
+
+
+def test_bad_input_is_refused_precisely_and_changes_nothing(server: Server,
+                                                             client: LedgerClient) -> None:
+    g = grid(client)
+    ids, twins = g["ids"], g["twins"]
+    owner = twins["owner"]
+    nonce = client.next_nonce(owner)
+    head = client.head()
+    good = sign_tx(ids["owner"], "name.register", owner, nonce, {"name": "ok"})
+
+    def refused(body: bytes, status: int, words: str, path: str = "/tx") -> None:
+        r = raw_post(server, path, body)
+        assert r.status_code == status, r.text
+        assert words in r.json()["error"], r.json()
+
+    refused(b"{not json", 400, "not JSON")
+    refused(b"[1, 2]", 400, "JSON object")
+    refused(orjson.dumps({**good, "extra": 1}), 422, "unknown field 'extra'")
+    refused(orjson.dumps({**good, "type": "node.destroy"}), 422, "unknown transaction type")
+    refused(orjson.dumps(sign_tx(ids["owner"], "name.register", owner, nonce,
+                                 {"name": "ok", "ttl": 5})), 422, "unknown field 'ttl'")
+    refused(orjson.dumps(sign_tx(ids["s1"], "name.register", owner, nonce, {"name": "ok"})),
+            401, "signature does not verify")
+    refused(orjson.dumps(sign_tx(ids["owner"], "name.register", owner, nonce + 3,
+                                 {"name": "ok"})), 409, "out of order")
+    refused(b'{"pad": "' + b"x" * 200_000 + b'"}', 413, "limit")
+    # unauthorised: a stakeholder who is not the owner cancels
+    h = deployment(7)
+    cid = client.create_contract(ids["owner"], g["node"], h, sealed(),
+                                 requirement(owner, twins["s1"]))
+    with pytest.raises(LedgerRejected) as info:
+        client.cancel(ids["s1"], cid)
+    assert info.value.status == 403 and "only the owner" in str(info.value)
+    head = client.head()
+    refused(orjson.dumps(sign_tx(ids["s2"], "contract.approve", twins["s2"],
+                                 client.next_nonce(twins["s2"]),
+                                 {"contract": cid, "deployment_hash": h,
+                                  "signature": "00" * 64})), 403, "not a stakeholder")
+    # replay an accepted transaction
+    nonce = client.next_nonce(owner)
+    tx = sign_tx(ids["owner"], "name.register", owner, nonce, {"name": "once"})
+    assert raw_post(server, "/tx", orjson.dumps(tx)).status_code == 200
+    head = client.head()
+    refused(orjson.dumps(tx), 409, "already used")
+    # batches: independent results, and limits
+    results = client.submit_many([
+        sign_tx(ids["owner"], "name.register", owner, nonce + 1, {"name": "b1"}),
+        {"type": "name.register"},
+        sign_tx(ids["owner"], "name.register", owner, nonce + 2, {"name": "b1"}),
+    ])
+    assert "receipt" in results[0]
+    assert results[1]["code"] == "malformed" and results[2]["code"] == "conflict"
+    refused(b"{}", 400, "JSON array", path="/txs")
+    refused(orjson.dumps([{}] * 2001), 413, "at most", path="/txs")
+    after = client.head()
+    assert after["height"] == head["height"] + 1  # only the batch's good tx made a block
+    assert client.twin(owner)["nonce"] == nonce + 2  # type: ignore[index]
+    r = httpx.get(server.url + "/nodes", params={"free_mru": -1})
+    assert r.status_code == 422 and "error" in r.json()
+    assert httpx.get(server.url + "/contracts/77").json() == {
+        "error": "contract 77 does not exist", "code": "not_found"}
+    spec = httpx.get(server.url + "/openapi.json").json()
+    assert {"/tx", "/txs", "/events", "/nodes"} <= set(spec["paths"])
+
+
+def test_events_long_poll_wakes_on_a_new_block(client: LedgerClient) -> None:
+    ident = Identity.generate()
+    twin = client.register_twin(ident)
+    head = client.head()["height"]
+    got: dict[str, Any] = {}
+
+    def poll() -> None:
+        start = time.monotonic()
+        got["batch"] = client.events(head, timeout=20, twin=twin)
+        got["waited"] = time.monotonic() - start
+
+    waiter = threading.Thread(target=poll)
+    waiter.start()
+    time.sleep(0.3)
+    client.register_name(ident, "late")
+    waiter.join(10)
+    assert got["waited"] < 5
+    assert [e["type"] for e in got["batch"]["events"]] == ["name.register"]
+    assert got["batch"]["next"] == head + 1
+    idle = client.events(head + 1, timeout=0.2)
+    assert idle["events"] == [] and idle["next"] == head + 1
+
+
+def test_server_sent_events(server: Server, client: LedgerClient) -> None:
+    ident = Identity.generate()
+    client.register_twin(ident)
+    with httpx.stream("GET", server.url + "/events/stream", params={"since": 0},
+                      timeout=10) as r:
+        lines = r.iter_lines()
+        data = next(line for line in lines if line.startswith("data:"))
+    assert orjson.loads(data[5:])["type"] == "twin.register"
+
+
+def test_async_client(server: Server) -> None:
+    async def main() -> None:
+        async with AsyncLedgerClient(server.url) as c:
+            a, n = Identity.generate(), Identity.generate()
+            owner = await c.register_twin(a)
+            await c.register_twin(n)
+            farm = await c.create_farm(a, "async-farm")
+            node = await c.register_node(n, farm, {"cru": 1}, "FR")
+            await c.heartbeat(n, used={"cru": 1}, uptime=3)
+            h = deployment(9)
+            cid = await c.create_contract(a, node, h, sealed(), requirement(owner))
+            contract = await c.wait_contract(cid, {"approved"}, timeout=5)
+            assert contract["owner"] == owner
+            # concurrent sends from one identity keep their nonces in order
+            await asyncio.gather(*(c.register_name(a, f"n{i}") for i in range(5)))
+            assert len(await c.names(owner=owner)) == 5
+            assert (await c.node(node))["free"]["cru"] == 0  # type: ignore[index]
+
+    asyncio.run(main())
+
+
+def test_restart_keeps_state_and_verify_detects_edits(procs: ProcessGroup,
+                                                      tmp_path: Path) -> None:
+    db = tmp_path / "ledger.db"
+    server = start(procs, db)
+    with LedgerClient(server.url) as c:
+        g = grid(c)
+        head = c.head()
+    server.proc.kill()  # no clean shutdown: what was answered must be on disk
+    server.proc.wait()
+    again = start(procs, db)
+    with LedgerClient(again.url) as c:
+        assert c.head() == head
+        assert c.node(g["node"])["location"]["city"] == "Gent"  # type: ignore[index]
+        c.register_name(g["ids"]["s1"], "after-restart")
+    again.proc.terminate()
+    again.proc.wait(10)
+    ok = subprocess.run([*zerostack_cmd(), "ledger", "verify", "--db", str(db), "--json"],
+                        capture_output=True, check=False)
+    assert ok.returncode == 0, ok.stderr
+    assert orjson.loads(ok.stdout)["height"] == head["height"] + 1
+    with sqlite3.connect(db) as conn:
+        (data,) = conn.execute("SELECT data FROM blocks WHERE height = 3").fetchone()
+        conn.execute("UPDATE blocks SET data = ? WHERE height = 3",
+                     (bytes(data).replace(b'"nonce":0', b'"nonce":1', 1),))
+    bad = subprocess.run([*zerostack_cmd(), "ledger", "verify", "--db", str(db), "--json"],
+                         capture_output=True, check=False)
+    assert bad.returncode == 1
+    assert orjson.loads(bad.stdout)["bad_block"] == 3
