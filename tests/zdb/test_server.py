@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import random
 import socket
 import subprocess
 import threading
@@ -390,3 +391,21 @@ def test_stop_ends_the_server(zdb_start: ZdbStarter) -> None:
     except redis.ConnectionError:
         pass
     assert server.proc.wait(timeout=15) == 0
+
+
+def test_garbage_on_the_wire_never_touches_stored_data(zdb: ZdbProcess) -> None:
+    r = zdb.client()
+    stored = {b"k%d" % i: b"v%d" % i * 50 for i in range(50)}
+    for k, v in stored.items():
+        r.execute_command("SET", k, v)
+    rnd = random.Random(5)
+    samples = [b"*", b"$", b"\r\n", b"*3\r\n", b"$3\r\nSET\r\n", b"*-1\r\n", b"$-7\r\n",
+               b"*99999999999\r\n", b"$9999999999\r\n", b"DEL k1\r\n", b":1\r\n", b"*1\r\n*1\r\n"]
+    for _ in range(60):
+        payload = b"".join(rnd.choice(samples) if rnd.random() < 0.7 else rnd.randbytes(
+            rnd.randint(1, 30)) for _ in range(rnd.randint(1, 12)))
+        raw(zdb.port, payload, wait=0.05)
+    assert zdb.proc.poll() is None
+    for k, v in stored.items():
+        assert r.get(k) == v
+    assert r.execute_command("DBSIZE") == len(stored)

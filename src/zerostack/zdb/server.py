@@ -16,15 +16,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import cast
 
-from zerostack.zdb.commands import HANDLERS, ServerState, Session, lookup
+from zerostack.zdb.commands import (
+    HANDLERS,
+    INTERNAL_ERROR,
+    MISSING_ARGUMENTS,
+    NOT_SUPPORTED,
+    ServerState,
+    Session,
+    lookup,
+)
 from zerostack.zdb.engine import Engine, EngineConfig, ZdbError
 from zerostack.zdb.protocol import ProtocolViolation, RequestParser, error
 
 log = logging.getLogger("zerostack.zdb")
 
-MISSING_ARGUMENTS = error("Missing arguments")
-NOT_SUPPORTED = error("Command not supported")
-INTERNAL_ERROR = error("Internal Error")
 TIMEOUT = error("Timeout")
 NAMESPACE_GONE = error("Your active namespace is not available anymore (probably removed).")
 

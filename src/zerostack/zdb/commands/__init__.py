@@ -10,6 +10,8 @@ from collections.abc import Callable
 
 from zerostack.zdb.commands import admin, namespace, read, scan, system, wait, write
 from zerostack.zdb.commands.session import DEFAULT_NAMESPACE, ServerState, Session
+from zerostack.zdb.engine import ZdbError
+from zerostack.zdb.protocol import error
 
 Handler = Callable[[Session, list[bytes]], bytes | None]
 
@@ -26,10 +28,6 @@ for _name, _handler in COMMANDS.items():
     HANDLERS[_name] = _handler
     HANDLERS[_name.lower()] = _handler
 
-WRITES = frozenset({b"SET", b"SETX", b"DEL", b"FLUSH", b"NSJUMP", b"NSNEW", b"NSDEL", b"NSSET"})
-"""Commands that change stored data; a batch holding one needs the engine flushed."""
-
-
 def lookup(name: bytes) -> Handler | None:
     """The handler for a command name in any letter case."""
     handler = HANDLERS.get(name)
@@ -38,5 +36,25 @@ def lookup(name: bytes) -> Handler | None:
     return handler
 
 
-__all__ = ["COMMANDS", "DEFAULT_NAMESPACE", "HANDLERS", "WRITES", "Handler", "ServerState",
-           "Session", "lookup"]
+NOT_SUPPORTED = error("Command not supported")
+MISSING_ARGUMENTS = error("Missing arguments")
+INTERNAL_ERROR = error("Internal Error")
+
+
+def execute(session: Session, request: list[bytes]) -> bytes | None:
+    """Run one request and return its encoded reply (None: WAIT, answered later).
+
+    The server inlines this in its batch loop for speed; both follow the same rules."""
+    if not request:
+        return MISSING_ARGUMENTS
+    handler = lookup(request[0])
+    if handler is None:
+        return NOT_SUPPORTED
+    try:
+        return handler(session, request)
+    except ZdbError as exc:
+        return error(str(exc))
+
+
+__all__ = ["COMMANDS", "DEFAULT_NAMESPACE", "HANDLERS", "INTERNAL_ERROR", "MISSING_ARGUMENTS",
+           "NOT_SUPPORTED", "Handler", "ServerState", "Session", "execute", "lookup"]
