@@ -19,6 +19,7 @@ import redis
 
 from tests.conftest import ProcessGroup, require_root, require_tool
 from tests.node.harness import Grid
+from zerostack.bot import build_deployment
 from zerostack.crypto import Identity, canonical_json, hash_hex, seal_to
 from zerostack.ledger import LedgerRejected
 from zerostack.ledger.tx import sign_deployment, sign_tx
@@ -248,3 +249,36 @@ def test_kill9_mid_provisioning_converges(procs: ProcessGroup, tmp_path: Path) -
                           ).fetchone() == (60, "ok", "ok")
     assert grid.node_id(data, proc2) == node  # same identity, no second registration
     print(f"killed with {len(states)} workloads recorded: {sorted(set(states))}")
+
+
+def test_update_applies_the_diff_and_refuses_a_type_change(procs: ProcessGroup,
+                                                           tmp_path: Path) -> None:
+    grid = Grid(procs, tmp_path)
+    proc, zport, data = grid.start_node("unode")
+    node = grid.node_id(data, proc)
+    owner, twin = grid.user()
+    cid, _ = grid.deploy(owner, twin, [zdb_wl("a"), zdb_wl("b")], node)
+    grid.wait_contract(cid, {"deployed"})
+    open_ns(zport, f"c{cid}-a", "pw").execute_command("SET", "x", "1")
+
+    def update(workloads: list[dict[str, Any]], version: int) -> None:
+        dep = build_deployment({"workloads": workloads}, twin, [], None, version)
+        with grid.bot(owner) as bot:
+            bot.update(cid, dep)
+
+    # v2: a grows, b goes, c comes
+    update([zdb_wl("a", size=2 << 20), zdb_wl("c")], 2)
+    wait_until(lambda: (grid.client.contract(cid) or {}).get("report") is not None
+               and grid.client.contract(cid)["report"]["version"] == 2, what="v2 report")
+    c = grid.client.contract(cid)
+    assert c["state"] == "deployed", c["report"]
+    assert [w["name"] for w in c["report"]["workloads"]] == ["a", "c"]
+    assert namespaces(zport, data) == {f"c{cid}-a", f"c{cid}-c"}
+    info = admin(zport, data).execute_command("NSINFO", f"c{cid}-a").decode()
+    assert f"data_limits_bytes: {2 << 20}" in info
+    assert open_ns(zport, f"c{cid}-a", "pw").execute_command("GET", "x") == b"1"
+    # v3 turns `a` into a volume: refused, v2's workloads keep running
+    update([{"type": "volume", "name": "a", "size": 16 << 20}, zdb_wl("c")], 3)
+    wait_until(lambda: grid.client.contract(cid)["state"] == "error", what="v3 refused")
+    assert "cannot change type from zdb to volume" in grid.client.contract(cid)["report"]["error"]
+    assert namespaces(zport, data) == {f"c{cid}-a", f"c{cid}-c"}

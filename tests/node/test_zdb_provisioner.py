@@ -41,7 +41,7 @@ def test_namespace_lifecycle(tmp_path: Path) -> None:
         with pytest.raises(redis.ResponseError):
             user.execute_command("SELECT", "c3-db", "wrong")
         # a client pool reconnects per command; keep one connection to stay in the namespace
-        conn = user.connection_pool.get_connection("SELECT")
+        conn = user.connection_pool.get_connection()
         conn.send_command("SELECT", "c3-db", "s3cret")
         assert conn.read_response() == b"OK"
         conn.send_command("SET", "k", "v")

@@ -136,6 +136,21 @@ class ThreeBot:
             payload["deadline"] = deadline
         return int(self.submit("contract.create", payload)["contract"])
 
+    def update(self, cid: int, deployment: Deployment) -> dict[str, Any]:
+        """Propose a new version of a running contract (approved by the owner at once)."""
+        c = self.contract(cid)
+        if int(c["owner"]) != self.twin_id():
+            raise BotError(f"contract {cid} belongs to twin {c['owner']}, not to you")
+        sealed = seal_to(self.node_key(int(c["node"])), canonical_json(deployment.to_dict()))
+        return self.submit("contract.update", {
+            "contract": cid,
+            "deployment_hash": deployment.hash(),
+            "instructions": base64.b64encode(sealed).decode(),
+            "signature_requirement": deployment.signature_requirement.model_dump(),
+            "capacity": total_resources(deployment.workloads).to_dict(),
+            "approval": deployment.sign(self.identity),
+        })
+
     def approve(self, cid: int, expect_hash: str | None = None) -> dict[str, Any]:
         """Sign the pending version's deployment hash as a stakeholder."""
         c = self.contract(cid)

@@ -39,6 +39,14 @@ def _summary(c: dict[str, Any]) -> str:
     return f"{c['state']}: {done}/{len(ws)} workloads ready" if ws else c["state"]
 
 
+def _settled(c: dict[str, Any], version: int) -> bool:
+    """The node has reported on this version: every workload ok, or an error."""
+    report = c.get("report") or {}
+    if c["state"] in ("error", "deleted", "expired"):
+        return True
+    return c["state"] == "deployed" and int(report.get("version", 0)) >= version
+
+
 def _print_result(bot: ThreeBot, c: dict[str, Any]) -> None:
     report = c.get("report") or {}
     if report.get("error"):
@@ -78,6 +86,8 @@ def deploy(
     weight_required: int | None = typer.Option(None, "--weight-required",
                                                help="Approval weight the quorum needs."),
     wait: float = typer.Option(120.0, "--wait", help="Seconds to wait for the node (0: none)."),
+    update: int | None = typer.Option(None, "--update", metavar="CONTRACT",
+                                      help="Deploy FILE as the next version of CONTRACT."),
     ledger: str = LEDGER,
     identity: str = IDENTITY,
     json_out: bool = JSON,
@@ -85,14 +95,21 @@ def deploy(
     """Deploy workloads to a node under a signed contract, and wait for the node's report."""
     try:
         with _bot(ledger, identity) as bot:
-            dep = build_deployment(load_deployment_file(file), bot.twin_id(), stakeholder,
-                                   weight_required)
-            cid = bot.deploy(dep, node)
+            data = load_deployment_file(file)
+            if update is not None:
+                version = int(bot.contract(update)["version"]) + 1
+                dep = build_deployment(data, bot.twin_id(), stakeholder, weight_required,
+                                       version)
+                bot.update(update, dep)
+                cid = update
+            else:
+                dep = build_deployment(data, bot.twin_id(), stakeholder, weight_required)
+                cid = bot.deploy(dep, node)
             c = bot.contract(cid)
             if not json_out:
                 console.print(f"contract [bold]{cid}[/] on node {c['node']}, deployment "
                               f"{dep.hash()[:16]}…", highlight=False)
-            if c["state"] == "created":
+            if c["pending"]:
                 if json_out:
                     print_json(_json_contract(bot, c))
                 else:
@@ -102,8 +119,8 @@ def deploy(
             if wait <= 0:
                 return
             with console.status("waiting for the node…") as spinner:
-                c = bot.wait(cid, lambda c: c["state"] in ("deployed", "error", "deleted"),
-                             wait, lambda c: spinner.update(_summary(c)))
+                c = bot.wait(cid, lambda c: _settled(c, dep.version), wait,
+                             lambda c: spinner.update(_summary(c)))
             if json_out:
                 print_json(_json_contract(bot, c))
             else:

@@ -135,11 +135,13 @@ class NodeAgent:
             self.zdb = ZdbServer(self.cfg.data_dir, self.pools, self.cfg.zdb_port,
                                  self.cfg.zdb_listen)
             self.context.zdb_admin = self.zdb.admin
-            await self.zdb.start()
+            await self.zdb.spawn()
         self.provisioners = build_provisioners(self.context, dry=self.cfg.dry)
         self.executor = Executor(self.provisioners, self.state)
         await self.link.open()
         self.node_id = await self.register()
+        if self.zdb is not None:
+            await self.zdb.ready()
         if self.cfg.status_port:
             self._status = StatusServer(self.snapshot, self.cfg.status_port)
             await self._status.start()

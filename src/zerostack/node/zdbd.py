@@ -87,9 +87,17 @@ class ZdbServer:
 
     async def start(self, timeout: float = 15.0) -> None:
         """Start the server and wait until it accepts connections."""
+        await self.spawn()
+        await self.ready(timeout)
+
+    async def spawn(self) -> None:
+        """Start the process without waiting for it (the agent registers meanwhile)."""
         if _listening(self.port):
             raise RuntimeError(f"port {self.port} is taken; choose another with --zdb-port")
         await self._spawn()
+
+    async def ready(self, timeout: float = 15.0) -> None:
+        """Wait until the server accepts connections, then supervise it."""
         deadline = time.monotonic() + timeout
         while not _listening(self.port):
             if self.proc is not None and self.proc.returncode is not None:

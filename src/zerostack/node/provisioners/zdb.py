@@ -31,20 +31,20 @@ class ZdbProvisioner(Provisioner):
 
     def _admin(self) -> redis.Redis:
         if self._conn is None:
+            # redis-py sends `AUTH <password>` on every (re)connect, as Zero-DB expects.
             self._conn = redis.Redis(
                 host=self.node.zdb_host, port=self.node.zdb_port,
+                password=self.node.zdb_admin or None,
                 socket_timeout=10, socket_connect_timeout=5,
             )
         return self._conn
 
     def _cmd(self, *args: Any) -> Any:
-        # One admin connection, re-authenticated when redis-py reconnects after a zdb restart.
+        # Retried once: the first command after a Zero-DB restart meets a dead socket.
         with self._lock:
             conn = self._admin()
             for attempt in (0, 1):
                 try:
-                    if self.node.zdb_admin:
-                        conn.execute_command("AUTH", self.node.zdb_admin)
                     return conn.execute_command(*args)
                 except redis.ConnectionError as exc:
                     if attempt:

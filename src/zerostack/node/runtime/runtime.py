@@ -187,11 +187,12 @@ class ContainerRuntime:
         def out(s: State, m: str, pid: int | None = None) -> ContainerStatus:
             return ContainerStatus(s, m, restarts, last_exit, pid)
 
+        # "exited" and "error" are final: the shim may still be finishing its cleanup.
+        if state == "exited" and last_exit == 0:
+            return out("ok", "exited with 0")
+        if state in ("exited", "error"):
+            return out("error", msg or "container exited")
         if not alive:
-            if state == "exited" and last_exit == 0:
-                return out("ok", "exited with 0")
-            if state in ("exited", "error"):
-                return out("error", msg or "container exited")
             return out("error", "container is not running (its supervisor is gone)")
         if state in ("", "starting"):
             return out("init", "starting")
