@@ -13,6 +13,7 @@ from zerostack.node.provisioners.base import (
     ProvisionError,
     WorkloadID,
 )
+from zerostack.node.provisioners.container import ContainerProvisioner
 from zerostack.node.provisioners.dry import DryProvisioner
 from zerostack.node.provisioners.volume import VolumeProvisioner
 from zerostack.node.provisioners.zdb import ZdbProvisioner
@@ -31,6 +32,7 @@ INSTALL_ORDER: tuple[str, ...] = (
 PROVISIONERS: dict[str, type[Provisioner]] = {
     "volume": VolumeProvisioner,
     "zdb": ZdbProvisioner,
+    "container": ContainerProvisioner,
 }
 
 

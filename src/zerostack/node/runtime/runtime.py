@@ -88,7 +88,7 @@ class ContainerRuntime:
                                                  sort_keys=True).encode(), digest_size=32).hexdigest()
         if self.supervised(spec.id):
             if (d / "fingerprint").exists() and (d / "fingerprint").read_text() == fingerprint:
-                return self.status(spec.id)
+                return self._settled(spec.id, wait)
             self.stop(spec.id)
         for sub in ("bundle/rootfs", "overlay/upper", "overlay/work", "logs"):
             (d / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -119,13 +119,17 @@ class ContainerRuntime:
                        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                        stderr=open(d / "shim.log", "ab"), close_fds=True, check=True,  # noqa: SIM115
                        timeout=30)
+        return self._settled(spec.id, wait)
+
+    def _settled(self, container_id: str, wait: float) -> ContainerStatus:
+        """The status once the shim has got past starting (or `wait` seconds passed)."""
+        d = self.dir(container_id)
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
-            st = read_status(d)
-            if st.get("state") in ("running", "exited", "error", "backoff", "stopped"):
+            if read_status(d).get("state") in ("running", "exited", "error", "backoff", "stopped"):
                 break
             time.sleep(0.01)
-        return self.status(spec.id)
+        return self.status(container_id)
 
     def stop(self, container_id: str, timeout: float = 30.0) -> None:
         """Stop the container and its shim (TERM, then KILL past the spec's stop timeout)."""

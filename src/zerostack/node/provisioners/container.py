@@ -1,0 +1,174 @@
+"""Containers: fetch and verify the flist into the node's image cache, then run it under runc.
+
+`flist` in the workload is the hub location: `host:port[/namespace]` with `flist_hash`, or
+`host:port[/namespace]/<hash>`. The image must be signed by one of the workload's
+`publishers` (or the node's configured `flist_publishers`); anything else is refused and
+nothing runs. Volumes of the same deployment are bind-mounted from the node's volume dir.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+from zerostack.flist import FlistError, Hub, HubAddress, ImageCache
+from zerostack.node.provisioners.base import (
+    NodeContext,
+    Provisioned,
+    Provisioner,
+    ProvisionError,
+    WorkloadID,
+)
+from zerostack.node.runtime import (
+    ContainerError,
+    ContainerRuntime,
+    ContainerSpec,
+    ContainerStatus,
+    HealthProbe,
+    LogRequest,
+    VolumeBind,
+    answer_log_request,
+)
+from zerostack.node.runtime.runc import is_mounted
+from zerostack.node.runtime.statusfile import read_status
+from zerostack.workloads import ContainerWorkload, Deployment, Workload
+
+_HASH = re.compile(r"^[0-9a-f]{64}$")
+HEALTH_WAIT = 30.0  # how long provisioning waits for a first passing health check
+
+
+def parse_flist_ref(flist: str, flist_hash: str, default_hub: str = "") -> tuple[HubAddress, str]:
+    """(hub, manifest hash) from a workload's `flist` and `flist_hash` fields."""
+    ref = flist.removeprefix("zdb://").removeprefix("hub://")
+    if not flist_hash:
+        head, _, tail = ref.rpartition("/")
+        if _HASH.match(ref):
+            ref, flist_hash = default_hub, ref
+        elif _HASH.match(tail):
+            ref, flist_hash = head, tail
+    if not flist_hash:
+        raise ProvisionError(f"flist {flist!r}: give flist_hash, or flist as HUB/HASH")
+    if not ref:
+        raise ProvisionError(f"flist {flist!r}: no hub given and this node has no default hub")
+    try:
+        return HubAddress.parse(ref), flist_hash
+    except FlistError as exc:
+        raise ProvisionError(str(exc)) from None
+
+
+class ContainerProvisioner(Provisioner):
+    """Runs container workloads; `status` gives the live init/ok/error for reports."""
+
+    def __init__(self, node: NodeContext) -> None:
+        super().__init__(node)
+        self.images = ImageCache(Path(node.extra.get("image_cache", node.data_dir / "images")))
+        self.runtime = ContainerRuntime(node.data_dir / "containers")
+
+    def container_id(self, wid: WorkloadID) -> str:
+        # Unique per machine: several nodes may share one machine (and its cgroups).
+        return f"zs-{self.node.identity.public_hex[:10]}-{wid.key}"
+
+    def _spec(self, wid: WorkloadID, spec: ContainerWorkload, image_hash: str) -> ContainerSpec:
+        volumes = []
+        for m in spec.mounts:
+            source = self.node.volume_mountpoint(WorkloadID(wid.contract, m.volume))
+            if not source.is_dir() or not is_mounted(source):
+                raise ProvisionError(f"container {wid.name}: volume {m.volume!r} is not "
+                                     "provisioned on this node")
+            volumes.append(VolumeBind(source, m.mountpoint))
+        netns = ""
+        if spec.network is not None:
+            resolve = self.node.extra.get("container_netns")
+            if resolve is None:
+                raise ProvisionError(f"container {wid.name}: this node cannot attach containers "
+                                     f"to network {spec.network.network!r} yet")
+            netns = str(resolve(wid, spec.network))
+        health = None
+        if spec.healthcheck is not None:
+            hc = spec.healthcheck
+            port = hc.http_port or hc.tcp_port
+            if port is None:
+                raise ProvisionError(f"container {wid.name}: healthcheck needs tcp_port or http_port")
+            health = HealthProbe(port=port, http_path=(hc.http_path or "") if hc.http_port else "",
+                                 interval=float(hc.interval))
+        try:
+            return ContainerSpec(
+                id=self.container_id(wid), image_hash=image_hash,
+                entrypoint=tuple(spec.entrypoint), args=tuple(spec.args), env=dict(spec.env),
+                secret_env=dict(spec.secret_env), workdir=spec.workdir, user=spec.user,
+                hostname=spec.hostname or wid.name, cpu_millis=spec.cpu * 1000,
+                memory=spec.memory, pids=spec.pids, volumes=tuple(volumes),
+                restart=spec.restart, health=health, netns=netns,
+            )
+        except ContainerError as exc:
+            raise ProvisionError(f"container {wid.name}: {exc}") from None
+
+    def provision(self, wid: WorkloadID, spec: Workload, deployment: Deployment) -> Provisioned:
+        if not isinstance(spec, ContainerWorkload):
+            raise ProvisionError(f"{wid}: not a container workload")
+        hub, image_hash = parse_flist_ref(spec.flist, spec.flist_hash,
+                                          str(self.node.extra.get("hub", "")))
+        allowed = list(spec.publishers) or list(self.node.extra.get("flist_publishers", []))
+        if not allowed:
+            raise ProvisionError(f"container {wid.name}: no allowed flist publishers "
+                                 "(set publishers in the workload)")
+        try:
+            with Hub(hub, self.node.extra.get("hub_password")) as h:
+                image = self.images.fetch(h, image_hash, allowed)
+        except FlistError as exc:
+            raise ProvisionError(f"container {wid.name}: {exc}") from None
+        cspec = self._spec(wid, spec, image_hash)
+        try:
+            status = self.runtime.start(cspec, image)
+            deadline = time.monotonic() + (HEALTH_WAIT if cspec.health else 0)
+            while status.state == "init" and time.monotonic() < deadline:
+                time.sleep(0.1)
+                status = self.runtime.status(cspec.id)
+        except ContainerError as exc:
+            raise ProvisionError(f"container {wid.name}: {exc}") from None
+        if status.state == "error":
+            raise ProvisionError(f"container {wid.name}: {status.message}")
+        return Provisioned(data={"container": cspec.id, "image": image_hash,
+                                 "state": status.state, "message": status.message})
+
+    def update(self, wid: WorkloadID, old: Workload, new: Workload,
+               deployment: Deployment) -> Provisioned:
+        # The runtime replaces a running container whose spec changed (volumes survive).
+        return self.provision(wid, new, deployment)
+
+    def deprovision(self, wid: WorkloadID, spec: Workload) -> None:
+        try:
+            self.runtime.delete(self.container_id(wid))
+        except ContainerError as exc:
+            raise ProvisionError(f"container {wid.name}: {exc}") from None
+
+    def exists(self, wid: WorkloadID, spec: Workload) -> bool:
+        """Supervised, or finished as its restart policy wants; otherwise provision again
+        (which re-verifies the image and restarts it)."""
+        cid = self.container_id(wid)
+        if self.runtime.supervised(cid):
+            return True
+        return read_status(self.runtime.dir(cid)).get("state") == "exited"
+
+    def status(self, wid: WorkloadID) -> ContainerStatus:
+        """Live state for the node's report: init (starting / not yet healthy), ok, error."""
+        return self.runtime.status(self.container_id(wid))
+
+    def logs(self, wid: WorkloadID, tail: int = 200) -> list[str]:
+        try:
+            return self.runtime.logs(self.container_id(wid), tail)
+        except ContainerError as exc:
+            raise ProvisionError(str(exc)) from None
+
+    def answer_logs(self, request: LogRequest, owner_key: str) -> dict[str, Any]:
+        """Answer a `zerostack logs` request: only for the contract's owner, sealed to them."""
+        wid = WorkloadID(request.contract, request.workload)
+        log_dir = self.runtime.dir(self.container_id(wid)) / "logs"
+        if not log_dir.exists():
+            raise ProvisionError(f"no container {wid} on this node")
+        try:
+            return answer_log_request(request, owner_key, log_dir)
+        except ContainerError as exc:
+            raise ProvisionError(str(exc)) from None
