@@ -3,19 +3,18 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
-from zerostack.bot import (
-    BotError,
-    ThreeBot,
-    build_deployment,
-    load_deployment_file,
-    quorum_progress,
-)
 from zerostack.cli.identity import load_named
 from zerostack.cli.output import console, fail, print_json, print_table
+
+if TYPE_CHECKING:
+    from zerostack.bot import ThreeBot
+
+# zerostack.bot (pydantic models, httpx) is imported inside the commands: every other
+# `zerostack` command starts faster without it.
 
 LEDGER = typer.Option("http://127.0.0.1:7700", "--ledger", envvar="ZEROSTACK_LEDGER",
                       help="Ledger URL.")
@@ -25,10 +24,14 @@ JSON = typer.Option(False, "--json", help="Print JSON.")
 
 
 def _bot(ledger: str, identity: str) -> ThreeBot:
+    from zerostack.bot import ThreeBot
+
     return ThreeBot(ledger, load_named(identity))
 
 
 def _summary(c: dict[str, Any]) -> str:
+    from zerostack.bot import quorum_progress
+
     report = c.get("report") or {}
     ws = report.get("workloads") or []
     done = sum(1 for w in ws if w["state"] in ("ok", "deleted"))
@@ -93,6 +96,8 @@ def deploy(
     json_out: bool = JSON,
 ) -> None:
     """Deploy workloads to a node under a signed contract, and wait for the node's report."""
+    from zerostack.bot import BotError, build_deployment, load_deployment_file, quorum_progress
+
     try:
         with _bot(ledger, identity) as bot:
             data = load_deployment_file(file)
@@ -140,6 +145,8 @@ def approve(
     json_out: bool = JSON,
 ) -> None:
     """Approve a contract's pending deployment as a stakeholder (signs its hash)."""
+    from zerostack.bot import BotError
+
     try:
         with _bot(ledger, identity) as bot:
             receipt = bot.approve(contract, expect_hash)
@@ -159,6 +166,8 @@ def status(
     json_out: bool = JSON,
 ) -> None:
     """Show one contract (workloads and results) or all contracts you own."""
+    from zerostack.bot import BotError
+
     try:
         with _bot(ledger, identity) as bot:
             if contract is not None:
@@ -189,6 +198,8 @@ def cancel(
     json_out: bool = JSON,
 ) -> None:
     """Cancel a contract; the node removes its workloads and reports them deleted."""
+    from zerostack.bot import BotError
+
     try:
         with _bot(ledger, identity) as bot:
             bot.cancel(contract)

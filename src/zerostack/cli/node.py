@@ -8,20 +8,17 @@ import os
 import sys
 from pathlib import Path
 
-import httpx
 import typer
 
 from zerostack.cli.output import fail, print_json, print_table
-from zerostack.ledger.errors import LedgerError
-from zerostack.node.agent import AgentConfig, NodeAgent
-from zerostack.node.provisioners import Pool, ProvisionError
-from zerostack.workloads import parse_size
 
 app = typer.Typer(help="Run a Zero-OS node agent (no shell, no exec: contracts only).",
                   no_args_is_help=True)
 
 
 def _size(text: str | None, option: str) -> int | None:
+    from zerostack.workloads import parse_size
+
     if text is None:
         return None
     try:
@@ -56,6 +53,10 @@ def run(
     dry: bool = typer.Option(False, "--dry", help="Record actions only; touch nothing."),
 ) -> None:
     """Run the node agent until interrupted."""
+    from zerostack.ledger.errors import LedgerError
+    from zerostack.node.agent import AgentConfig, NodeAgent
+    from zerostack.node.provisioners import Pool, ProvisionError
+
     try:
         pools = [Pool.parse(p) for p in pool]
     except ProvisionError as exc:
@@ -84,6 +85,8 @@ def status(
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Show a local node's contracts and workloads (from its read-only status endpoint)."""
+    import httpx
+
     try:
         snap = httpx.get(f"http://127.0.0.1:{port}/", timeout=5).json()
     except (httpx.HTTPError, ValueError) as exc:

@@ -1,0 +1,182 @@
+"""Node provisioning benchmark: latency from the approval that completes a contract's quorum
+to the node's signed `ok` report for a Zero-DB namespace, over N contracts on one node.
+
+    .venv/bin/python -m bench.provision_bench [--contracts 50] [--json]
+
+Starts a real `zerostack ledger serve` and a real `zerostack node run` (with its own
+Zero-DB) on loopback. Each contract needs the owner and a stakeholder; the owner approves
+on creation, then the clock runs from just before the stakeholder's approval is submitted
+until the ledger's event feed shows the node's report. Contracts go one at a time.
+
+References measured in the same run: the round trip of one bare ledger transaction
+(submit -> committed), and creating the same namespace directly with redis-py (the
+commands the zdb provisioner sends), so the figures show what the node itself adds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+import redis
+
+from zerostack.bot import ThreeBot, build_deployment
+from zerostack.crypto import Identity
+from zerostack.ledger import LedgerClient
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on {port}")
+
+
+def pct(values: list[float], p: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, max(0, round(p / 100 * len(s) + 0.5) - 1))]
+
+
+def cmd() -> list[str]:
+    return [sys.executable, "-m", "zerostack.cli.main"]
+
+
+def run(contracts: int) -> dict[str, Any]:
+    tmp = Path(tempfile.mkdtemp(prefix="zs-provision-bench-"))
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        lport, zport = free_port(), free_port()
+        url = f"http://127.0.0.1:{lport}"
+        logf = open(tmp / "ledger.log", "wb")  # noqa: SIM115
+        procs.append(subprocess.Popen([*cmd(), "ledger", "serve", "--db", str(tmp / "l.db"),
+                                       "--listen", f"127.0.0.1:{lport}"],
+                                      stdout=logf, stderr=logf, start_new_session=True))
+        wait_port(lport)
+        client = LedgerClient(url)
+        farmer, owner, holder = Identity.generate(), Identity.generate(), Identity.generate()
+        client.register_twin(farmer)
+        farm = client.create_farm(farmer, "bench")
+        owner_twin = client.register_twin(owner)
+        holder_twin = client.register_twin(holder)
+        nlog = open(tmp / "node.log", "wb")  # noqa: SIM115
+        procs.append(subprocess.Popen(
+            [*cmd(), "node", "run", "--ledger", url, "--farm", str(farm),
+             "--data", str(tmp / "node"), "--zdb-port", str(zport), "--resync", "30"],
+            stdout=nlog, stderr=nlog, start_new_session=True))
+        node = 0
+        deadline = time.monotonic() + 30
+        while not node:
+            if time.monotonic() > deadline:
+                raise TimeoutError("node did not register")
+            nodes = client.nodes(farm=farm)
+            node = int(nodes[0]["id"]) if nodes else 0
+            time.sleep(0.05)
+        try:
+            wait_port(zport)
+        except TimeoutError:
+            raise RuntimeError("node Zero-DB did not start:\n"
+                               + (tmp / "node.log").read_text()[-2000:]) from None
+        bot = ThreeBot(url, owner)
+
+        # reference 1: one bare transaction's round trip (a heartbeat-like no-op: a name)
+        tx_times = []
+        for i in range(contracts):
+            t0 = time.perf_counter()
+            client.register_name(owner, f"bench{i}")
+            tx_times.append(time.perf_counter() - t0)
+
+        latencies = []
+        for i in range(contracts):
+            dep = build_deployment(
+                {"workloads": [{"type": "zdb", "name": "db", "size": "16M",
+                                "password": f"pw{i}"}]},
+                owner_twin, [f"{holder_twin}:1:required"], None)
+            cid = bot.deploy(dep, node)
+            since = int(client.head()["height"])
+            t0 = time.perf_counter()
+            client.approve(holder, cid, dep.hash())
+            while True:
+                ev = client.events(since, timeout=10, contract=cid, type="contract.report")
+                since = int(ev["next"])
+                if ev["events"]:
+                    c = client.contract(cid)
+                    assert c is not None
+                    states = [w["state"] for w in (c.get("report") or {}).get("workloads", [])]
+                    if states == ["ok"]:
+                        break
+                    raise RuntimeError(f"contract {cid} reported {c.get('report')}")
+            latencies.append(time.perf_counter() - t0)
+
+        # reference 2: the same namespace operations straight to the node's Zero-DB
+        admin = (tmp / "node" / "zdb-admin.secret").read_text().strip()
+        r = redis.Redis(port=zport, password=admin)
+        direct = []
+        for i in range(contracts):
+            t0 = time.perf_counter()
+            ns = f"direct{i}"
+            if ns not in {n.decode() for n in r.execute_command("NSLIST")}:
+                r.execute_command("NSNEW", ns)
+            r.execute_command("NSINFO", ns)
+            for prop, val in (("maxsize", str(16 << 20)), ("password", "pw"), ("public", "0")):
+                r.execute_command("NSSET", ns, prop, val)
+            direct.append(time.perf_counter() - t0)
+        r.close()
+        bot.close()
+        client.close()
+        p50, p99 = pct(latencies, 50), pct(latencies, 99)
+        return {
+            "contracts": contracts,
+            "approval_to_ok_p50_s": round(p50, 4),
+            "approval_to_ok_p99_s": round(p99, 4),
+            "approval_to_ok_mean_s": round(statistics.mean(latencies), 4),
+            "approval_to_ok_max_s": round(max(latencies), 4),
+            "ledger_tx_roundtrip_p50_s": round(pct(tx_times, 50), 4),
+            "direct_zdb_namespace_p50_s": round(pct(direct, 50), 5),
+            "ratio_p50_to_ledger_tx": round(p50 / pct(tx_times, 50), 2),
+            "ratio_p50_to_direct_zdb": round(p50 / pct(direct, 50), 1),
+            "target": "p50 <= 1 s, p99 <= 3 s",
+            "met": p50 <= 1.0 and p99 <= 3.0,
+        }
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, 9)
+                p.wait()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--contracts", type=int, default=50)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    res = run(args.contracts)
+    if args.json:
+        print(orjson.dumps(res, option=orjson.OPT_INDENT_2).decode())
+        return
+    for k, v in res.items():
+        print(f"{k:32} {v}")
+
+
+if __name__ == "__main__":
+    main()
