@@ -51,6 +51,11 @@ def run(
     resync: float = typer.Option(10.0, "--resync",
                                  help="Seconds between full reconcile/self-healing passes."),
     dry: bool = typer.Option(False, "--dry", help="Record actions only; touch nothing."),
+    hub: str | None = typer.Option(None, "--hub",
+                                   help="Default flist hub (Zero-DB address) for containers."),
+    flist_publisher: list[str] = typer.Option(
+        [], "--flist-publisher",
+        help="Publisher key trusted for flists when a workload names none (repeatable)."),
 ) -> None:
     """Run the node agent until interrupted."""
     from zerostack.ledger.errors import LedgerError
@@ -67,6 +72,7 @@ def run(
         ledger_url=ledger, farm=farm, data_dir=data, zdb_port=zdb_port, zdb_listen=zdb_listen,
         pools=pools, cpu=cpu, memory=_size(memory, "--memory"), country=country, city=city,
         endpoint=endpoint, status_port=status_port, heartbeat=heartbeat, resync=resync, dry=dry,
+        extra={k: v for k, v in (("hub", hub), ("flist_publishers", flist_publisher)) if v},
     )
     logging.basicConfig(stream=sys.stderr, level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")

@@ -27,6 +27,7 @@ from zerostack.node.provisioners import (
     NodeContext,
     Pool,
     Provisioner,
+    ProvisionError,
     WorkloadID,
     build_provisioners,
 )
@@ -66,6 +67,8 @@ class AgentConfig:
     heartbeat: float = 10.0
     resync: float = 10.0
     dry: bool = False
+    # Settings for provisioners beyond storage (e.g. "hub", "flist_publishers").
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class Refused(Exception):
@@ -84,6 +87,7 @@ class ContractView:
     final: bool = False  # deleted/expired on the ledger: clean up, report nothing
     error: str = ""
     ledger_report: dict[str, Any] | None = None
+    live: dict[str, tuple[str, str]] = field(default_factory=dict)
 
 
 def default_pools(data_dir: Path) -> list[Pool]:
@@ -116,7 +120,7 @@ class NodeAgent:
         self.zdb: ZdbServer | None = None
         self.link = LedgerLink(cfg.ledger_url, self.identity)
         self.context = NodeContext(cfg.data_dir, self.identity, self.pools, cfg.endpoint,
-                                   "127.0.0.1", cfg.zdb_port)
+                                   "127.0.0.1", cfg.zdb_port, extra=dict(cfg.extra))
         self.provisioners: dict[str, Provisioner] = {}
         self.executor: Executor | None = None
         self.node_id = 0
@@ -360,6 +364,16 @@ class NodeAgent:
         actual = observe(self.state.workloads(view.cid), self.provisioners)
         actions = plan(desired, actual)
         outcomes = self.executor.execute(actions)
+        for wrec in self.state.workloads(view.cid):
+            prov = self.provisioners.get(wrec.type)
+            d = desired.get(wrec.wid)
+            if wrec.state == "ok" and prov is not None and d is not None:
+                try:
+                    live = prov.live_state(wrec.wid, d.spec)
+                except ProvisionError as exc:
+                    live = ("error", str(exc))
+                if live is not None:
+                    view.live[wrec.wid.name] = live
         if (view.cancelled or view.final) and not self.state.workloads(view.cid):
             rec = self.state.contract(view.cid)
             if rec is not None and rec.status == "active":
@@ -379,6 +393,7 @@ class NodeAgent:
                 state, msg, data = ("deleted" if view.cancelled else "init"), "", {}
             else:
                 state, msg, data = rec.state, rec.message, dict(rec.result)
+                state, msg = view.live.get(w.name, (state, msg))
                 if view.cancelled and state != "error":
                     state = "init"  # still being removed
             sealed = data.pop("sealed", "")

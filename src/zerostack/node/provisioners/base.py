@@ -104,5 +104,11 @@ class Provisioner(ABC):
         """Whether the workload is still really there (self-healing asks this)."""
         return True
 
+    def live_state(self, wid: WorkloadID, spec: Workload) -> tuple[str, str] | None:
+        """(state, message) of a provisioned workload right now, for the report
+        (a container that crashed is `error` although it was provisioned `ok`).
+        None: nothing changes after provisioning, report the recorded state."""
+        return None
+
     def close(self) -> None:  # noqa: B027 - optional hook, most provisioners hold nothing
         """Release connections at agent shutdown."""
