@@ -10,7 +10,7 @@ from pathlib import Path
 from zerostack.zdb.engine import Engine, EngineConfig, ZdbError
 
 POOL = 150
-DATASIZE = 64 * 1024
+DATASIZE = 8 * 1024
 
 
 def operations(seed: int, n: int) -> list[tuple[str, bytes, bytes]]:

@@ -1,8 +1,9 @@
 """One Zero-DB namespace: its settings, its index/data file pairs and the key operations.
 
-User-mode namespaces keep every live key in a dict whose value is ONE int packing where the
-entry lives (see `_pack`); sequential namespaces keep no per-key memory at all, since a slot's
-index entry sits at a fixed offset. Writes are appended to in-memory tails and reach the OS
+User-mode namespaces keep every live key in a dict whose value is ONE small int: the file id
+and offset of the key's index entry (`fid << 32 | offset`); the entry itself is read from a
+shared memory map of the index file. Sequential namespaces keep no per-key memory at all,
+since a slot's index entry sits at a fixed offset. Writes are appended to in-memory tails and reach the OS
 on `write_out()` (the engine calls it from `flush_all()`), in an order that keeps the files
 recoverable after a crash at any point: data, then delete flags, then index appends, then the
 "superseded" flags of overwritten entries.
@@ -11,12 +12,14 @@ recoverable after a crash at any point: data, then delete flags, then index appe
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 import shutil
 import struct
 import time
 from bisect import bisect_right
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from operator import itemgetter
 from pathlib import Path
 
 from zerostack.zdb.engine.config import EngineConfig, Mode
@@ -54,13 +57,11 @@ from zerostack.zdb.engine.format import (
 
 log = logging.getLogger("zerostack.zdb.engine")
 
-# Packed in-memory location of a live user-mode key (one int of <= 180 bits, i.e. 48 bytes):
-#   bits   0-19  file id (data and index file N always go together in user mode)
-#   bits  20-51  data offset       bits  52-83  payload length
-#   bits  84-115 index offset      bits 116-147 payload crc      bits 148-179 timestamp
-FID_BITS = 20
-MAX_FILEID = (1 << FID_BITS) - 1
-FID_MASK = MAX_FILEID
+# A live user-mode key maps to `fid << 32 | index offset` (data and index file N always go
+# together in user mode), an int of at most 2 digits: 32 bytes.
+MAX_FILEID = 0xFFFFFFF
+# Re-map the current index file once this many bytes were written past the mapping.
+REMAP_AFTER = 1 << 20
 
 IHEAD = INDEX_HEADER.size   # 29
 DHEAD = DATA_HEADER.size    # 28
@@ -77,11 +78,8 @@ _dat_pack = DATA_ENTRY.pack
 _dat_unpack = DATA_ENTRY.unpack_from
 _seq_pack = SEQ_KEY.pack
 _seq_unpack = SEQ_KEY.unpack
+_u32 = struct.Struct("<I").unpack_from
 _DELETED_BYTE = bytes([FLAG_DELETED])
-
-
-def _pack(fid: int, doff: int, length: int, ioff: int, crc: int, ts: int) -> int:
-    return fid | doff << 20 | length << 52 | ioff << 84 | crc << 116 | ts << 148
 
 
 def _atoll(value: str) -> int:
@@ -109,37 +107,99 @@ def decode_cursor(cursor: bytes) -> tuple[int, int]:
     return fid, off
 
 
-def replay_user_index(raw: bytes, fid: int, keys: dict[bytes, int], superseded: list[int]
-                      ) -> tuple[int, int]:
+def _index_offsets(raw: mmap.mmap | bytes) -> tuple[Sequence[int], list[bytes], int]:
+    """(entry offsets, keys, end of the last whole entry) of an index file's bytes.
+
+    Runs of equal-size entries (fixed-size keys, the usual case) are found with a strided
+    slice and decoded by struct.iter_unpack, so a million entries load without a Python
+    loop per entry; anything else falls back to walking entry by entry.
+    """
+    n = len(raw)
+    if n < IHEAD + IENT:
+        return [], [], IHEAD
+    kl0 = raw[IHEAD]
+    step = IENT + kl0
+    count = (n - IHEAD) // step
+    end = IHEAD + count * step
+    if kl0 and raw[IHEAD:end:step] == bytes([kl0]) * count:
+        getkey = struct.Struct(f"<{IENT}x{kl0}s").iter_unpack
+        keys = list(map(itemgetter(0), getkey(memoryview(raw)[IHEAD:end])))
+        offs: Sequence[int] = range(IHEAD, end, step)
+        if end == n or end + IENT > n:
+            return offs, keys, end
+        more, mkeys, end = _walk_entries(raw, end)
+        return [*offs, *more], keys + mkeys, end
+    offs, keys, end = _walk_entries(raw, IHEAD)
+    return offs, keys, end
+
+
+def _walk_entries(raw: mmap.mmap | bytes, off: int) -> tuple[list[int], list[bytes], int]:
+    n = len(raw)
+    offs: list[int] = []
+    keys: list[bytes] = []
+    while off + IENT <= n:
+        kl = raw[off]
+        end = off + IENT + kl
+        if kl == 0 or end > n:
+            break
+        offs.append(off)
+        keys.append(raw[off + IENT:end])
+        off = end
+    return offs, keys, off
+
+
+def replay_user_index(raw: mmap.mmap | bytes, fid: int, keys: dict[bytes, int]
+                      ) -> tuple[int, int, int, int]:
     """Replay the entries of user-mode index file `fid` into `keys`.
 
-    Returns (end of the last whole entry, offset of the last entry or 0). An entry flagged
-    deleted removes its key: it was either overwritten (a later entry sets it again) or deleted.
-    A live entry replaced by a newer one lost its "overwritten" flag in a crash: it goes
-    to `superseded` so the loader can finish that flag.
+    Returns (end of the last whole entry, offset of the last entry or 0, number of entries
+    not flagged deleted, their payload bytes). Replaying in order, the newest entry of a
+    key decides: flagged deleted means the key was deleted (an overwritten entry is flagged
+    too, and a newer entry of the same key follows it).
     """
-    unpack = _idx_unpack
-    off = IHEAD
-    n = len(raw)
-    last = 0
-    pop = keys.pop
+    offs, klist, end = _index_offsets(raw)
+    if not offs:
+        return end, 0, 0, 0
+    base = fid << 32
+    vals: Sequence[int]
+    lens: list[int]
+    if isinstance(offs, range):
+        vals = range(base | offs.start, base | offs.stop, offs.step)
+        flags = raw[offs.start + INDEX_FLAGS_AT:offs.stop:offs.step]
+        getlen = struct.Struct(f"<5xI{offs.step - 9}x").iter_unpack
+        with memoryview(raw) as view:
+            lens = list(map(itemgetter(0), getlen(view[offs.start:offs.stop])))
+    else:
+        vals = [base | o for o in offs]
+        flags = bytes([raw[o + INDEX_FLAGS_AT] for o in offs])
+        lens = [_u32(raw, o + 5)[0] for o in offs]
+    keys.update(zip(klist, vals, strict=True))
+    if flags.count(0) == len(flags):
+        return end, offs[-1], len(offs), sum(lens)
+    deleted = 0
+    total = 0
     get = keys.get
-    while off + IENT <= n:
-        kl, doff, ln, _p, fl, _d, ts, crc, _pi, _po = unpack(raw, off)
-        end = off + IENT + kl
-        if kl == 0 or end > n or doff < DHEAD:
-            break
-        key = raw[off + IENT:end]
-        if fl & FLAG_DELETED:
-            pop(key, None)
+    for i, f in enumerate(flags):
+        if f & FLAG_DELETED:
+            deleted += 1
+            k = klist[i]
+            if get(k) == vals[i]:
+                del keys[k]
         else:
-            old = get(key)
-            if old is not None:
-                superseded.append(old)
-            keys[key] = fid | doff << 20 | ln << 52 | off << 84 | crc << 116 | ts << 148
-        last = off
-        off = end
-    return off, last
+            total += lens[i]
+    return end, offs[-1], len(offs) - deleted, total
+
+
+def find_superseded(raws: Sequence[mmap.mmap | bytes], keys: dict[bytes, int]) -> list[tuple[int, int]]:
+    """Entries not flagged deleted although a newer entry of their key exists (the flag was
+    lost in a crash): (fid, offset) of each."""
+    out = []
+    for fid, raw in enumerate(raws):
+        offs, klist, _end = _index_offsets(raw)
+        for off, key in zip(offs, klist, strict=True):
+            if not raw[off + INDEX_FLAGS_AT] & FLAG_DELETED and keys.get(key) != (fid << 32 | off):
+                out.append((fid, off))
+    return out
 
 
 class Namespace:
@@ -162,6 +222,7 @@ class Namespace:
         self.mode = Mode.USER
         self._readers = Readers()
         self._keys: dict[bytes, int] = {}
+        self._maps: dict[int, mmap.mmap] = {}             # index files, shared read-only maps
         self._early: list[tuple[int, int, bytes]] = []   # delete flags (before index appends)
         self._late: list[tuple[int, int, bytes]] = []    # superseded flags (after index appends)
         self._patched_paths: set[Path] = set()           # older index files to fsync
@@ -239,10 +300,43 @@ class Namespace:
         return pairs
 
     def _close_files(self) -> None:
+        self._drop_maps()
         for f in (getattr(self, "_index", None), getattr(self, "_data", None)):
             if f is not None:
                 f.close()
         self._readers.close()
+
+    def _drop_maps(self) -> None:
+        for mm in self._maps.values():
+            mm.close()
+        self._maps.clear()
+
+    def _map(self, fid: int) -> mmap.mmap:
+        """A read-only shared map of index file `fid` (it sees later in-place patches)."""
+        old = self._maps.pop(fid, None)
+        if old is not None:
+            old.close()
+        with open(self._ipath(fid), "rb") as f:
+            mm = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+        self._maps[fid] = mm
+        return mm
+
+    def _ientry(self, fid: int, off: int) -> tuple[int, ...]:
+        """Fields of the index entry at (fid, off) (not its key), buffered tail included."""
+        ix = self._index
+        if fid == ix.fileid:
+            if off >= ix.disk_size:
+                return _idx_unpack(ix.buf, off - ix.disk_size)
+            mm = self._maps.get(fid)
+            if mm is None or off + IENT > len(mm):
+                if mm is not None and ix.disk_size - len(mm) < REMAP_AFTER:
+                    return _idx_unpack(os.pread(ix.fd, IENT, off), 0)
+                mm = self._map(fid)
+            return _idx_unpack(mm, off)
+        mm = self._maps.get(fid)
+        if mm is None or off + IENT > len(mm):
+            mm = self._map(fid)
+        return _idx_unpack(mm, off)
 
     # ------------------------------------------------------------------ load
 
@@ -302,11 +396,11 @@ class Namespace:
         file_mode: int | None = None
         # (data fid, data offset, entry end, index fid, index offset) of the newest indexed data
         newest: tuple[int, int, int, int, int] | None = None
-        superseded: list[int] = []
+        unflagged = 0
         for fid in range(pairs):
             path = self._ipath(fid)
-            raw = path.read_bytes()
-            _hfid, mode = parse_index_header(raw, str(path))
+            raw = self._map(fid)
+            _hfid, mode = parse_index_header(raw[:IHEAD], str(path))
             if file_mode is None:
                 file_mode = mode
                 self.mode = Mode.SEQ if mode == MODE_SEQ else Mode.USER
@@ -314,22 +408,27 @@ class Namespace:
             elif mode != file_mode:
                 raise ZdbError(f"{path}: mode {mode} differs from i0 (mode {file_mode})")
             if self.mode is Mode.USER:
-                end, last_off = replay_user_index(raw, fid, self._keys, superseded)
+                end, last_off, live, total = replay_user_index(raw, fid, self._keys)
+                unflagged += live
+                self._bytes += total
                 if last_off:
                     kl, doff, ln = struct.unpack_from("<BII", raw, last_off)
                     newest = (fid, doff, doff + DENT + kl + ln, fid, last_off)
             else:
-                end, last_off, found = self._replay_seq_index(raw, fid, last)
+                end, last_off, found = self._replay_seq_index(raw, fid)
                 if found is not None and (newest is None or found[:2] > newest[:2]):
                     newest = found
-            if end != len(raw):
+            size = len(raw)
+            if end != size:
                 if fid != last:
                     raise ZdbError(f"{path}: corrupt entry at offset {end}; "
                                    "run `zerostack zdb check --repair`")
                 log.warning("event=zdb.repair namespace=%s file=%s action=cut-torn-index "
-                            "offset=%d bytes=%d", self.name, path.name, end, len(raw) - end)
+                            "offset=%d bytes=%d", self.name, path.name, end, size - end)
+                self._maps.pop(fid).close()
                 with open(path, "r+b") as f:
                     f.truncate(end)
+                self._map(fid)
             if last_off:
                 self._idx_prev, self._idx_prev_fid = last_off, fid
             if fid != last:
@@ -339,21 +438,29 @@ class Namespace:
                 self._seq_next += (end - IHEAD) // SEQ_ENTRY_SIZE
                 if fid != last:
                     self._seq_bases.append(self._seq_next)
-        if self.mode is Mode.USER:
-            self._count = len(self._keys)
-            self._bytes = sum((p >> 52) & U32 for p in self._keys.values())
         self._index = AppendFile(self._ipath(last), last)
         self._data = AppendFile(self._dpath(last), last)
-        for p in superseded:
-            fid, ioff = p & FID_MASK, (p >> 84) & U32
-            log.warning("event=zdb.repair namespace=%s action=finish-overwrite file=%s "
-                        "offset=%d", self.name, index_name(fid), ioff)
-            fd = self._index.fd if fid == last else self._readers.fd(self._ipath(fid))
-            os.pwrite(fd, _DELETED_BYTE, ioff + INDEX_FLAGS_AT)
+        if self.mode is Mode.USER:
+            if unflagged != len(self._keys):
+                self._finish_overwrites(pairs)
+            self._count = len(self._keys)
         if newest is not None and not self._verify_newest(newest):
             return False
         self._recover_data_tail(newest)
+        # The maps were read once to load; let the kernel keep those pages as cache only.
+        for mm in self._maps.values():
+            mm.madvise(mmap.MADV_DONTNEED)
         return True
+
+    def _finish_overwrites(self, pairs: int) -> None:
+        """Flag entries whose key has a newer entry (a crash lost that flag)."""
+        maps = [self._maps[fid] for fid in range(pairs)]
+        for fid, ioff in find_superseded(maps, self._keys):
+            log.warning("event=zdb.repair namespace=%s action=finish-overwrite file=%s "
+                        "offset=%d", self.name, index_name(fid), ioff)
+            fd = self._index.fd if fid == self._index.fileid else self._readers.fd(self._ipath(fid))
+            os.pwrite(fd, _DELETED_BYTE, ioff + INDEX_FLAGS_AT)
+        self._bytes = sum(_u32(maps[p >> 32], (p & U32) + 5)[0] for p in self._keys.values())
 
     def _check_server_mode(self) -> None:
         server = self._config.mode
@@ -362,7 +469,7 @@ class Namespace:
                            f"server runs in {server.value} mode; start it with --mode "
                            f"{self.mode.value} (or without --mode)")
 
-    def _replay_seq_index(self, raw: bytes, fid: int, last_data: int
+    def _replay_seq_index(self, raw: mmap.mmap, fid: int
                           ) -> tuple[int, int, tuple[int, int, int, int, int] | None]:
         off = IHEAD
         n = len(raw)
@@ -417,6 +524,7 @@ class Namespace:
         # sync): drop that entry and everything written after its data.
         log.warning("event=zdb.repair namespace=%s file=%s action=cut-dangling-index offset=%d",
                     self.name, index_name(ifid), ioff)
+        self._drop_maps()
         if ifid == self._index.fileid and ioff == self._idx_prev:
             self._index.truncate(ioff)
         else:
@@ -477,9 +585,9 @@ class Namespace:
             p = self._keys.pop(key, None)
             if p is None:
                 return
-            fid, ioff = p & FID_MASK, (p >> 84) & U32
+            fid, ioff = p >> 32, p & U32
             self._count -= 1
-            self._bytes -= (p >> 52) & U32
+            self._bytes -= self._ientry(fid, ioff)[2]
         else:
             loc = self._slot(key)
             if loc is None:
@@ -648,8 +756,9 @@ class Namespace:
         if old is not None:
             if self.worm:
                 raise ZdbError("Namespace is protected by worm mode")
-            floating = (old >> 52) & U32
-            if (old >> 116) & U32 == crc and floating == vl and self.get(key) == value:
+            ofields = self._ientry(old >> 32, old & U32)
+            floating = ofields[2]
+            if ofields[7] == crc and floating == vl and self.get(key) == value:
                 return None
         if self.maxsize and self._bytes + vl > self.maxsize + floating:
             raise ZdbError("No space left on this namespace")
@@ -671,8 +780,8 @@ class Namespace:
             ibuf += key
             self._count += 1
         else:
-            ofid = old & FID_MASK
-            ooff = (old >> 84) & U32
+            ofid = old >> 32
+            ooff = old & U32
             ibuf = ix.buf
             ibuf += _idx_pack(kl, doff, vl, self._idx_prev, 0, fid, ts, crc, ofid, ooff)
             ibuf += key
@@ -681,7 +790,7 @@ class Namespace:
         self._idx_prev = ioff
         self._idx_prev_fid = fid
         self._bytes += vl
-        self._keys[key] = fid | doff << 20 | vl << 52 | ioff << 84 | crc << 116 | ts << 148
+        self._keys[key] = fid << 32 | ioff
         self._written()
         return key
 
@@ -760,7 +869,9 @@ class Namespace:
                 sfid, _soff, fields = found
                 return self._payload(fields[5] or sfid, fields[1], fields[0], fields[2])
             return None
-        return self._payload(p & FID_MASK, (p >> 20) & U32, len(key), (p >> 52) & U32)
+        fid = p >> 32
+        f = self._ientry(fid, p & U32)
+        return self._payload(fid, f[1], f[0], f[2])
 
     def _payload(self, fid: int, doff: int, kl: int, ln: int) -> bytes:
         start = doff + DENT + kl
@@ -794,9 +905,9 @@ class Namespace:
         p = self._keys.get(key)
         if p is None:
             return None
-        fid = p & FID_MASK
-        return (fid, (p >> 84) & U32, fid, (p >> 20) & U32, (p >> 52) & U32,
-                (p >> 116) & U32, (p >> 148) & U32)
+        fid, ioff = p >> 32, p & U32
+        f = self._ientry(fid, ioff)
+        return fid, ioff, fid, f[1], f[2], f[7], f[6]
 
     def check(self, key: bytes) -> bool | None:
         """CHECK: re-read the payload from disk and verify its CRC; None if the key is missing."""
@@ -896,7 +1007,7 @@ class Namespace:
         if self.mode is Mode.SEQ:
             return True
         p = self._keys.get(key)
-        return p is not None and p & FID_MASK == fid and (p >> 84) & U32 == off
+        return p == (fid << 32 | off)
 
     def scan(self, cursor: bytes | None, reverse: bool = False, count: int = 1
              ) -> tuple[bytes, list[tuple[bytes, int, int]]]:
@@ -1044,6 +1155,7 @@ class Namespace:
         if value not in ("user", "seq"):
             raise ZdbError("Invalid property value (expected: user, seq)")
         self.mode = Mode.USER if value == "user" else Mode.SEQ
+        self._drop_maps()
         self._index.truncate(0)
         os.pwrite(self._index.fd, index_header(0, MODE_SEQ if value == "seq" else MODE_USER), 0)
         self._index.disk_size = IHEAD
