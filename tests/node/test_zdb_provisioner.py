@@ -51,6 +51,10 @@ def test_namespace_lifecycle(tmp_path: Path) -> None:
         with pytest.raises(ProvisionError, match="mode of a used namespace"):
             prov.provision(wid, spec.model_copy(update={"mode": "seq"}), dep)
         user.connection_pool.release(conn)
+        prov.update(wid, spec, spec.model_copy(update={"public": True, "size": 2 << 20}), dep)
+        info = prov.info("c3-db")
+        assert info["public"] == "yes" and info["data_limits_bytes"] == str(2 << 20)
+        assert info["password"] == "yes"
         # removed behind the agent's back: exists() notices, provision recreates once
         prov._cmd("NSDEL", "c3-db")
         assert not prov.exists(wid, spec)

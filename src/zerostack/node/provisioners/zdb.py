@@ -82,9 +82,13 @@ class ZdbProvisioner(Provisioner):
                     "the mode of a used namespace cannot change"
                 )
             self._cmd("NSSET", ns, "mode", spec.mode)
-        self._cmd("NSSET", ns, "maxsize", str(spec.size))
-        self._cmd("NSSET", ns, "password", spec.password or "*")
-        self._cmd("NSSET", ns, "public", "1" if spec.public else "0")
+        # Each NSSET rewrites the namespace descriptor on disk: skip the ones already true.
+        if info.get("data_limits_bytes") != str(spec.size):
+            self._cmd("NSSET", ns, "maxsize", str(spec.size))
+        if spec.password or info.get("password") != "no":
+            self._cmd("NSSET", ns, "password", spec.password or "*")
+        if info.get("public") != ("yes" if spec.public else "no"):
+            self._cmd("NSSET", ns, "public", "1" if spec.public else "0")
         return Provisioned(
             data={"host": self.node.public_host, "port": self.node.zdb_port, "namespace": ns,
                   "mode": spec.mode, "size": spec.size}
