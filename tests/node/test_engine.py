@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import base64
 from pathlib import Path
+from typing import Any
 
+import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -22,6 +25,7 @@ from zerostack.node.provisioners import (
     INSTALL_ORDER,
     DryProvisioner,
     NodeContext,
+    Provisioned,
     WorkloadID,
     build_provisioners,
 )
@@ -157,4 +161,27 @@ def test_executor_reports_missing_provisioner(tmp_path: Path) -> None:
     [out] = ex.execute(plan(desired, {}))
     assert out.state == "error" and "no provisioner for public_ip" in out.message
     assert state.workloads()[0].state == "error"
+    state.close()
+
+
+class SecretProvisioner(DryProvisioner):
+    """Returns a secret with its result, as e.g. a generated credential would be."""
+
+    def provision(self, wid: WorkloadID, spec: Any, deployment: Deployment) -> Provisioned:
+        return Provisioned(data={"id": wid.key}, secret={"token": "t0p"})
+
+
+def test_secret_results_are_sealed_to_the_owner(tmp_path: Path) -> None:
+    owner = Identity.generate()
+    node = NodeContext(tmp_path, Identity.generate())
+    state = NodeState(tmp_path / "state.db")
+    desired = desired_of([(1, "a", "zdb", 0)])
+    wid = WorkloadID(1, "a")
+    d = desired[wid]
+    desired[wid] = Desired(wid, d.spec, d.spec_hash, d.deployment, owner.public_hex)
+    [out] = Executor({"zdb": SecretProvisioner(node)}, state).execute(plan(desired, {}))
+    assert out.state == "ok" and "token" not in str(out.result)
+    opened = owner.open_sealed(base64.b64decode(out.result["sealed"]))
+    assert orjson.loads(opened) == {"token": "t0p"}
+    assert state.workloads()[0].result["sealed"] == out.result["sealed"]
     state.close()

@@ -19,7 +19,7 @@ from typing import Any
 import orjson
 
 from zerostack.crypto import CryptoError, Identity, hash_hex, load_identity, save_identity
-from zerostack.ledger.errors import LedgerError
+from zerostack.ledger.errors import LedgerError, LedgerRejected
 from zerostack.node.capacity import node_capacity, system_reserve
 from zerostack.node.engine import Desired, Executor, Outcome, observe, plan
 from zerostack.node.link import LedgerLink
@@ -143,7 +143,15 @@ class NodeAgent:
         self.provisioners = build_provisioners(self.context, dry=self.cfg.dry)
         self.executor = Executor(self.provisioners, self.state)
         await self.link.open()
-        self.node_id = await self.register()
+        while True:
+            try:
+                self.node_id = await self.register()
+                break
+            except LedgerRejected:
+                raise
+            except LedgerError as exc:  # not up yet: a node waits for its ledger
+                log.warning("event=register_failed retry_in=1s error=%r", str(exc))
+                await asyncio.sleep(1)
         if self.zdb is not None:
             await self.zdb.ready()
         if self.cfg.status_port:
@@ -165,7 +173,10 @@ class NodeAgent:
     async def run(self) -> None:
         await self.start()
         try:
-            await self.reconcile_all()  # after a restart: converge before anything else
+            try:
+                await self.reconcile_all()  # after a restart: converge before anything else
+            except LedgerError as exc:
+                log.warning("event=resync_failed error=%r", str(exc))
             await asyncio.gather(self._follow(), self._worker(), self._heartbeats(),
                                  self._resyncs())
         finally:
@@ -248,11 +259,18 @@ class NodeAgent:
                 contract = await self.link.contract(cid)
                 if contract is not None and int(contract["node"]) != self.node_id:
                     continue
-                view = await self._view(cid, contract)
-                if view is None:
+                try:
+                    view = await self._view(cid, contract)
+                    if view is None:
+                        continue
+                    await asyncio.to_thread(self._converge, view)
+                    report = self._report(view)
+                except LedgerError:
+                    raise
+                except Exception:
+                    # A bug met by one contract must not stop the node serving the others.
+                    log.exception("event=contract_failed contract=%s", cid)
                     continue
-                await asyncio.to_thread(self._converge, view)
-                report = self._report(view)
                 if report is not None:
                     reports.append((cid, report))
             if reports:
