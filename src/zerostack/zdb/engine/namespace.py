@@ -22,6 +22,8 @@ from collections.abc import Callable, Sequence
 from operator import itemgetter
 from pathlib import Path
 
+import crc32c as _crc32c
+
 from zerostack.zdb.engine.config import EngineConfig, Mode
 from zerostack.zdb.engine.errors import ZdbError
 from zerostack.zdb.engine.files import (
@@ -79,6 +81,8 @@ _dat_unpack = DATA_ENTRY.unpack_from
 _seq_pack = SEQ_KEY.pack
 _seq_unpack = SEQ_KEY.unpack
 _u32 = struct.Struct("<I").unpack_from
+_crc = _crc32c.crc32c
+_now = time.time
 _DELETED_BYTE = bytes([FLAG_DELETED])
 
 
@@ -213,6 +217,8 @@ class Namespace:
         self._config = config
         self._on_dirty = on_dirty
         self._sync = config.sync
+        self._datasize = config.datasize
+        self._pending = False  # buffered writes the engine has not been told about yet
         self.password: str | None = None
         self.public = True
         self.worm = False
@@ -660,6 +666,7 @@ class Namespace:
         loader resolves an overwrite by replay order). A crash anywhere leaves a prefix of
         the operations once the loader has cut the unindexed data tail.
         """
+        self._pending = False
         self._data.write_out()
         if self._early:
             self._apply_patches(self._early)
@@ -680,12 +687,14 @@ class Namespace:
         if self._sync:
             self.fsync()
         else:
-            self._on_dirty(self)
+            if not self._pending:
+                self._pending = True
+                self._on_dirty(self)
             if len(self._data.buf) > AUTO_WRITE_OUT:
                 self.write_out()
 
     def _make_room(self, entry_size: int) -> None:
-        if self._data.size + entry_size > self._config.datasize and self._data.size > DHEAD:
+        if self._data.size + entry_size > self._datasize and self._data.size > DHEAD:
             self._rotate()
 
     def _rotate(self) -> None:
@@ -741,17 +750,18 @@ class Namespace:
 
     def set(self, key: bytes, value: bytes, timestamp: int | None = None) -> bytes | None:
         """SET: store `value`; returns the key, or None when the stored value is identical."""
-        self._check_writable()
-        if self.mode is Mode.SEQ:
+        # The hot path of the server: attribute lookups and calls are kept to a minimum.
+        if self.locked or self.frozen:
+            self._check_writable()
+        if self.mode is not Mode.USER:
             return self._seq_set(key, value, timestamp)
         kl = len(key)
-        if not kl:
-            raise ZdbError("Invalid argument, key needed")
-        if kl > MAX_KEY:
-            raise ZdbError("Key too large")
+        if not 0 < kl <= MAX_KEY:
+            raise ZdbError("Key too large" if kl else "Invalid argument, key needed")
         vl = len(value)
-        crc = crc32(value)
-        old = self._keys.get(key)
+        crc = _crc(value, 0xFFFFFFFF) ^ 0xFFFFFFFF
+        keys = self._keys
+        old = keys.get(key)
         floating = 0
         if old is not None:
             if self.worm:
@@ -762,27 +772,30 @@ class Namespace:
                 return None
         if self.maxsize and self._bytes + vl > self.maxsize + floating:
             raise ZdbError("No space left on this namespace")
-        ts = (int(time.time()) if timestamp is None else timestamp) & U32
-        self._make_room(DENT + kl + vl)
+        ts = (int(_now()) if timestamp is None else timestamp) & U32
         d = self._data
-        doff = d.size
         dbuf = d.buf
+        doff = d.disk_size + len(dbuf)
+        if doff + DENT + kl + vl > self._datasize and doff > DHEAD:
+            self._rotate()
+            d = self._data
+            dbuf = d.buf
+            doff = d.disk_size + len(dbuf)
         dbuf += _dat_pack(kl, vl, self._data_prev, crc, 0, ts)
         dbuf += key
         dbuf += value
         self._data_prev = doff
         ix = self._index
+        ibuf = ix.buf
         fid = ix.fileid
-        ioff = ix.size
+        ioff = ix.disk_size + len(ibuf)
         if old is None:
-            ibuf = ix.buf
             ibuf += _idx_pack(kl, doff, vl, self._idx_prev, 0, fid, ts, crc, 0, 0)
             ibuf += key
             self._count += 1
         else:
             ofid = old >> 32
             ooff = old & U32
-            ibuf = ix.buf
             ibuf += _idx_pack(kl, doff, vl, self._idx_prev, 0, fid, ts, crc, ofid, ooff)
             ibuf += key
             self._flag_deleted(ofid, ooff, True)
@@ -790,8 +803,15 @@ class Namespace:
         self._idx_prev = ioff
         self._idx_prev_fid = fid
         self._bytes += vl
-        self._keys[key] = fid << 32 | ioff
-        self._written()
+        keys[key] = fid << 32 | ioff
+        if self._sync:
+            self.fsync()
+        else:
+            if not self._pending:
+                self._pending = True
+                self._on_dirty(self)
+            if len(dbuf) > AUTO_WRITE_OUT:
+                self.write_out()
         return key
 
     def _seq_set(self, key: bytes, value: bytes, timestamp: int | None) -> bytes | None:
