@@ -165,3 +165,19 @@ def test_resp_like_noise_never_crashes(tokens: list[bytes], step: int) -> None:
                 assert all(isinstance(a, bytes) for a in request)
     except ProtocolViolation as exc:
         assert exc.message in (MALFORMED, MALFORMED_ARG, TOO_MANY_ARGS, PAYLOAD_TOO_BIG)
+
+
+def test_payload_too_big_when_the_read_ends_after_the_type_byte() -> None:
+    parser = RequestParser()
+    parser.feed(b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$")
+    with pytest.raises(ProtocolViolation) as info:
+        parser.feed(b"%d\r\nxx" % (MAX_ARG_SIZE + 1))
+    assert info.value.message == PAYLOAD_TOO_BIG
+
+
+def test_oversized_argument_is_refused_after_a_few_bytes() -> None:
+    """The refusal comes from the header: nothing near the declared size is ever buffered."""
+    parser = RequestParser()
+    with pytest.raises(ProtocolViolation) as info:
+        parser.feed(b"*2\r\n$3\r\nGET\r\n$1000000000000\r\nabc")
+    assert info.value.message == PAYLOAD_TOO_BIG

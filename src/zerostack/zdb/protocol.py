@@ -85,42 +85,31 @@ def encode_request(*args: bytes | str | int) -> bytes:
     return b"".join(out)
 
 
-def _frames_size(requests: list[list[bytes]]) -> int:
-    """Bytes the given requests (arrays of bulk strings) occupied on the wire."""
-    lengths = [len(arg) for request in requests for arg in request]
-    return (sum(lengths) + 5 * len(lengths) + sum(map(len, map(str, lengths)))
-            + 3 * len(requests) + sum(len(str(len(request))) for request in requests))
-
-
 class RequestParser:
     """Incremental request parser for one connection.
 
     `feed(data)` returns the complete requests found so far (a request is a list of bytes;
     an empty list stands for `*0`). After a framing violation it raises ProtocolViolation
     and must not be fed again.
+
+    hiredis parses. Whenever a read ends inside a token (hiredis holds unconsumed bytes),
+    the parser walks the token headers from the last known token boundary to find the
+    incomplete one and checks what it declares, so an oversized argument is refused from
+    its `$N` header before its payload is buffered. Reads ending on a token boundary, the
+    common case, cost nothing beyond hiredis.
     """
 
-    __slots__ = ("_left", "_pos", "_reader", "_tail")
+    __slots__ = ("_reader", "_window")
 
     def __init__(self) -> None:
         self._reader = hiredis.Reader()
-        # Bytes of the incomplete frame at the end of the stream (None: at a frame boundary).
-        self._tail: bytearray | None = None
-        self._pos = 0  # next header to check inside _tail
-        self._left = -1  # arguments still to come in the frame being checked (-1: need `*N`)
+        # Stream bytes from the last known token boundary, kept while hiredis holds an
+        # incomplete token (None: the stream ends on a token boundary).
+        self._window: bytearray | None = None
 
     def feed(self, data: bytes) -> list[list[bytes]]:
         if not data:
             return []
-        tail = self._tail
-        stream: bytes | bytearray
-        if tail is None:
-            if data[0] != 42:  # not '*': an inline command
-                raise ProtocolViolation(MALFORMED, [])
-            stream = data
-        else:
-            tail += data
-            stream = tail
         reader = self._reader
         reader.feed(data)
         requests: list[list[bytes]] = []
@@ -129,6 +118,7 @@ class RequestParser:
             try:
                 req = gets()
             except (hiredis.ProtocolError, MemoryError):
+                # Inline commands end here: their first byte is no RESP type.
                 raise ProtocolViolation(MALFORMED, requests) from None
             if req is False:
                 break
@@ -141,62 +131,54 @@ class RequestParser:
             if len(req) > MAX_ARGS:
                 raise ProtocolViolation(TOO_MANY_ARGS, requests)
             requests.append(req)
-        # Fast path: the stream ends exactly where the last request ends, so the next read
-        # starts a new frame. hiredis consumed everything and the tail matches its encoding.
-        if requests and not reader.has_data() and stream.endswith(encode_request(*requests[-1])):
-            self._tail = None
+        if not reader.has_data():
+            # Everything was consumed: the stream ends on a token boundary, or just after
+            # the type byte of the next token (hiredis consumes that byte first).
+            self._window = None if data[-1] == 10 else bytearray(data[-1:])
             return requests
-        # A frame is incomplete: keep its bytes and check the headers seen so far.
-        consumed = _frames_size(requests)
-        if consumed > len(stream):
-            # Only non-bulk arguments (`+status` lines hiredis hands over as bytes) get here.
-            raise ProtocolViolation(MALFORMED_ARG, requests)
-        if tail is None:
-            tail = self._tail = bytearray(data[consumed:])
-            self._pos, self._left = 0, -1
-        elif consumed:
-            del tail[:consumed]
-            self._pos, self._left = 0, -1
-        if not tail:
-            self._tail = None
-            return requests
-        message = self._check_tail(tail)
-        if message is not None:
-            raise ProtocolViolation(message, requests)
+        window = self._window
+        if window is None:
+            window = bytearray(data)
+        else:
+            window += data
+        start = _incomplete_token(window, requests)
+        del window[:start]
+        self._window = window or None
         return requests
 
-    def _check_tail(self, tail: bytearray) -> str | None:
-        """Walk the headers of the incomplete frame; a violation's reply text, or None."""
-        pos, left, end_of_data = self._pos, self._left, len(tail)
-        while pos < end_of_data:
-            marker = tail[pos]
-            if left < 0 and marker != 42:
-                return MALFORMED
-            if left >= 0 and marker != 36:  # '$'
-                return MALFORMED_ARG
-            eol = tail.find(b"\r\n", pos, pos + _MAX_HEADER)
-            if eol < 0:
-                if end_of_data - pos >= _MAX_HEADER:
-                    return MALFORMED if left < 0 else MALFORMED_ARG
-                break
-            try:
-                n = int(tail[pos + 1 : eol])
-            except ValueError:
-                return MALFORMED if left < 0 else MALFORMED_ARG
-            if left < 0:
-                if n > MAX_ARGS:
-                    return TOO_MANY_ARGS
-                left = n if n > 0 else -1
-                pos = eol + 2
-            else:
-                if n > MAX_ARG_SIZE:
-                    return PAYLOAD_TOO_BIG
-                if n < 0:
-                    return MALFORMED_ARG
-                pos = eol + 2 + n + 2
-                left -= 1
-                if left == 0:
-                    left = -1
-        self._pos, self._left = pos, left
-        return None
 
+def _incomplete_token(window: bytearray, requests: list[list[bytes]]) -> int:
+    """Walk complete tokens from window[0] (a token boundary); the offset of the incomplete
+    last token, after checking what its header declares."""
+    pos, end = 0, len(window)
+    find = window.find
+    while pos < end:
+        marker = window[pos]
+        if marker != 36 and marker != 42:  # '$' / '*': nothing else belongs in a request
+            raise ProtocolViolation(MALFORMED if marker != 43 else MALFORMED_ARG, requests)
+        eol = find(b"\r\n", pos, pos + _MAX_HEADER)
+        if eol < 0:
+            if end - pos >= _MAX_HEADER:
+                raise ProtocolViolation(MALFORMED if marker == 42 else MALFORMED_ARG, requests)
+            return pos
+        try:
+            n = int(window[pos + 1 : eol])
+        except ValueError:
+            raise ProtocolViolation(MALFORMED if marker == 42 else MALFORMED_ARG,
+                                    requests) from None
+        if marker == 42:
+            if n > MAX_ARGS:
+                raise ProtocolViolation(TOO_MANY_ARGS, requests)
+            if n < 0:
+                raise ProtocolViolation(MALFORMED, requests)
+            pos = eol + 2
+            continue
+        if n > MAX_ARG_SIZE:
+            raise ProtocolViolation(PAYLOAD_TOO_BIG, requests)
+        if n < 0:
+            raise ProtocolViolation(MALFORMED_ARG, requests)
+        following = eol + 2 + n + 2
+        if following > end:
+            return pos
+        pos = following
+    return pos

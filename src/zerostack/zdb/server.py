@@ -1,8 +1,8 @@
 """The Zero-DB network server: asyncio protocol over TCP and unix sockets, wiring RESP parsing,
 the command table and the storage engine together.
 
-Replies to everything one read brought in are written with a single transport.write after
-one engine.flush_all(), so pipelined clients get one segment per batch.
+Replies to everything one read brought in are written with a single transport.write, and
+all replies of one event-loop pass go out after a single engine.flush_all().
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from zerostack.zdb.commands import (
     Session,
     lookup,
 )
+from zerostack.zdb.commands.rules import refusal
 from zerostack.zdb.engine import Engine, EngineConfig, ZdbError
 from zerostack.zdb.protocol import ProtocolViolation, RequestParser, error
 
@@ -150,8 +151,7 @@ class Connection(asyncio.Protocol):
         handlers = HANDLERS
         waiters = self.server.waiters
         failed = 0
-        index = 0
-        for index, request in enumerate(requests):
+        for request in requests:
             if not request:
                 out.append(MISSING_ARGUMENTS)
                 continue
@@ -165,7 +165,7 @@ class Connection(asyncio.Protocol):
             try:
                 reply = handler(session, request)
             except ZdbError as exc:
-                reply = error(str(exc))
+                reply = refusal(exc)
             except Exception as exc:  # a bug or an I/O failure must not kill the connection
                 log_event("zdb.command.failed", logging.ERROR,
                           command=request[0][:32].decode("ascii", "replace"),
@@ -174,6 +174,7 @@ class Connection(asyncio.Protocol):
             if waiters:
                 self.server.notify_waiters(self, request[0])
             if reply is None:  # WAIT: answer later, keep the rest in order behind it
+                index = next(i for i, r in enumerate(requests) if r is request)
                 self.pending = requests[index + 1 :]
                 self.pending_violation = violation
                 violation = None
@@ -183,12 +184,8 @@ class Connection(asyncio.Protocol):
         state = self.state
         state.commands_executed += len(requests) - failed
         state.commands_failed += failed
-        try:
-            self.server.engine.flush_all()
-        except OSError as exc:
-            log_event("zdb.flush.failed", logging.ERROR, error=str(exc))
         if out:
-            transport.write(b"".join(out) if len(out) > 1 else out[0])
+            self.server.send(transport, b"".join(out) if len(out) > 1 else out[0])
         if violation is not None:
             log_event("zdb.client.protocol_error", logging.INFO, peer=self.peer, reply=violation)
             self._close_with(error(violation))
@@ -196,8 +193,9 @@ class Connection(asyncio.Protocol):
     def _close_with(self, reply: bytes) -> None:
         self.closing = True
         if self.transport is not None:
-            self.transport.write(reply)
-            self.transport.close()
+            self.transport.pause_reading()
+            self.server.send(self.transport, reply)
+            self.server.send(self.transport, None)
 
     # -- WAIT --------------------------------------------------------------------------
 
@@ -228,7 +226,7 @@ class Connection(asyncio.Protocol):
         self.session.wait_for = None
         if self.transport is None or self.transport.is_closing():
             return
-        self.transport.write(reply)
+        self.server.send(self.transport, reply)
         requests, self.pending = self.pending, []
         violation, self.pending_violation = self.pending_violation, None
         if requests or violation:
@@ -252,6 +250,9 @@ class ZdbServer:
         # namespace name -> connections blocked in WAIT on it
         self.waiters: dict[str, set[Connection]] = {}
         self._servers: list[asyncio.AbstractServer] = []
+        # Replies waiting for the engine flush at the end of this event-loop pass (None: close).
+        self._outbox: list[tuple[asyncio.Transport, bytes | None]] = []
+        self._outbox_scheduled = False
         self._stopped: asyncio.Event | None = None
         self._sync_task: asyncio.Task[None] | None = None
         self.port: int | None = None
@@ -279,6 +280,38 @@ class ZdbServer:
                   sync="always" if cfg.engine.sync else (
                       f"{cfg.engine.synctime}s" if cfg.engine.synctime else "os"),
                   admin="yes" if cfg.admin_password else "no", protect=cfg.protect)
+
+    def send(self, transport: asyncio.Transport, payload: bytes | None) -> None:
+        """Queue a reply (None: close the connection) behind one engine flush.
+
+        Replies of every connection served in this event-loop pass go out after a single
+        engine.flush_all(): acknowledged writes have reached the OS, and many clients
+        writing at once cost one flush instead of one each (group commit).
+        """
+        self._outbox.append((transport, payload))
+        if not self._outbox_scheduled:
+            self._outbox_scheduled = True
+            asyncio.get_running_loop().call_soon(self._send_outbox)
+
+    def _send_outbox(self) -> None:
+        self._outbox_scheduled = False
+        try:
+            self.engine.flush_all()
+        except OSError as exc:
+            # Nothing buffered may be acknowledged: drop the connections waiting on it.
+            log_event("zdb.flush.failed", logging.ERROR, error=str(exc))
+            for transport, _ in self._outbox:
+                transport.abort()
+            self._outbox = []
+            return
+        box, self._outbox = self._outbox, []
+        for transport, payload in box:
+            if transport.is_closing():
+                continue
+            if payload is None:
+                transport.close()
+            else:
+                transport.write(payload)
 
     async def _sync_loop(self, synctime: int) -> None:
         period = min(1.0, float(synctime))

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from zerostack.zdb.commands import admin, namespace, read, scan, system, wait, write
+from zerostack.zdb.commands.rules import refusal
 from zerostack.zdb.commands.session import DEFAULT_NAMESPACE, ServerState, Session
 from zerostack.zdb.engine import ZdbError
 from zerostack.zdb.protocol import error
@@ -53,7 +54,7 @@ def execute(session: Session, request: list[bytes]) -> bytes | None:
     try:
         return handler(session, request)
     except ZdbError as exc:
-        return error(str(exc))
+        return refusal(exc)
 
 
 __all__ = ["COMMANDS", "DEFAULT_NAMESPACE", "HANDLERS", "INTERNAL_ERROR", "MISSING_ARGUMENTS",

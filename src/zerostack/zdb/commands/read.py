@@ -8,8 +8,10 @@ from zerostack.zdb.commands.rules import (
     INVALID_KEY,
     MAX_KEY_LENGTH,
     UNEXPECTED_ARGUMENTS,
+    refusal,
 )
 from zerostack.zdb.commands.session import Session
+from zerostack.zdb.engine import ZdbError
 from zerostack.zdb.protocol import NIL, ONE, ZERO
 
 MISSING_ARGUMENTS = b"-Missing arguments\r\n"
@@ -30,9 +32,12 @@ def _key(s: Session, args: list[bytes]) -> bytes | None:
 
 
 def cmd_get(s: Session, args: list[bytes]) -> bytes:
-    if len(args) != 2 or not args[1] or len(args[1]) > MAX_KEY_LENGTH or s.ns.frozen:
+    if len(args) != 2 or not args[1] or len(args[1]) > MAX_KEY_LENGTH:
         return _key(s, args) or INVALID_ARGUMENT
-    value = s.ns.get(args[1])
+    try:
+        value = s.ns.get(args[1])
+    except ZdbError as exc:
+        return refusal(exc)
     if value is None:
         return NIL
     return b"$%d\r\n%b\r\n" % (len(value), value)

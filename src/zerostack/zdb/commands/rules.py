@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from zerostack.zdb.commands.session import Session
+from zerostack.zdb.engine import ZdbError
 from zerostack.zdb.protocol import error
 
 MAX_KEY_LENGTH = 255
@@ -18,6 +19,19 @@ LOCKED = error("Namespace is temporarily locked (read-only)")
 FROZEN = error("Namespace is temporarily frozen (read-write disabled)")
 NAMESPACE_TOO_LONG = error("Namespace too long")
 NAMESPACE_NOT_FOUND = error("Namespace not found")
+
+
+# The engine's texts for a locked or frozen namespace, and what the reference replies.
+_REFERENCE_TEXTS = {
+    "Namespace is temporarily frozen": FROZEN,
+    "Namespace is in read-only mode": LOCKED,  # raised for `lock`; session read-only is ours
+}
+
+
+def refusal(exc: ZdbError) -> bytes:
+    """The error reply for an engine refusal, in the reference's words."""
+    text = str(exc)
+    return _REFERENCE_TEXTS.get(text) or error(text)
 
 
 def arity(args: list[bytes], expected: int, allow_empty: bool = False) -> bytes | None:

@@ -3,22 +3,20 @@
 from __future__ import annotations
 
 from zerostack.zdb.commands.rules import (
-    FROZEN,
     INVALID_ARGUMENT,
     INVALID_KEY,
-    LOCKED,
     MAX_KEY_LENGTH,
     READ_ONLY,
     UNEXPECTED_ARGUMENTS,
     admin,
     atoll,
+    refusal,
 )
 from zerostack.zdb.commands.session import Session
-from zerostack.zdb.engine import Mode, ZdbError
+from zerostack.zdb.engine import ZdbError
 from zerostack.zdb.protocol import NIL, OK, error
 
 KEY_TOO_LARGE = error("Key too large")
-KEY_NEEDED = error("Invalid argument, key needed")
 
 
 def cmd_set(s: Session, args: list[bytes]) -> bytes:
@@ -34,22 +32,15 @@ def cmd_set(s: Session, args: list[bytes]) -> bytes:
         timestamp = atoll(args[3])
     else:
         return UNEXPECTED_ARGUMENTS
-    key = args[1]
-    if len(key) > MAX_KEY_LENGTH:
+    if len(args[1]) > MAX_KEY_LENGTH:
         return KEY_TOO_LARGE
     if not s.writable:
         return READ_ONLY
-    ns = s.ns
-    if ns.frozen:
-        return FROZEN
-    if ns.locked:
-        return LOCKED
-    if not key and ns.mode is Mode.USER:
-        return KEY_NEEDED
+    # The engine refuses the rest (frozen, locked, empty user key, worm, maxsize).
     try:
-        stored = ns.set(key, args[2], timestamp)
+        stored = s.ns.set(args[1], args[2], timestamp)
     except ZdbError as exc:
-        return error(str(exc))
+        return refusal(exc)
     if stored is None:
         return NIL
     return b"$%d\r\n%b\r\n" % (len(stored), stored)
@@ -73,15 +64,10 @@ def cmd_del(s: Session, args: list[bytes]) -> bytes:
         return INVALID_KEY
     if not s.writable:
         return READ_ONLY
-    ns = s.ns
-    if ns.frozen:
-        return FROZEN
-    if ns.locked:
-        return LOCKED
     try:
-        ns.delete(key, timestamp)
+        s.ns.delete(key, timestamp)
     except ZdbError as exc:
-        return error(str(exc))
+        return refusal(exc)
     return OK
 
 

@@ -1,0 +1,185 @@
+"""Zero-DB server vs redis-server under redis-benchmark, in the same run; writes docs/benchmarks.md.
+
+usage: .venv/bin/python -m bench.zdb_bench [--requests N] [--no-docs]
+Both servers run on 127.0.0.1 with a fresh data directory; ours keeps its default
+durability (every write handed to the OS before the reply, no fsync), redis-server runs
+with persistence off (`--save "" --appendonly no`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+DOC = REPO / "docs" / "benchmarks.md"
+SECTION = "## Zero-DB server"
+START, END = "<!-- zdb-server:start -->", "<!-- zdb-server:end -->"
+TARGETS = {1: 0.8, 16: 0.25}
+MACHINE = "2-core Debian 12 VM, Python 3.11"
+
+
+@dataclass
+class Result:
+    pipeline: int
+    test: str
+    zdb: float
+    redis: float
+
+    @property
+    def ratio(self) -> float:
+        return self.zdb / self.redis if self.redis else 0.0
+
+    @property
+    def target(self) -> float:
+        return TARGETS[self.pipeline]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited with {proc.returncode} before listening on {port}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"nothing listens on {port} after {timeout}s")
+
+
+def start(args: list[str], port: int, log: Path) -> subprocess.Popen[bytes]:
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(args, stdout=out, stderr=out, start_new_session=True)
+    wait_port(port, proc)
+    return proc
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def benchmark_command(port: int, pipeline: int, requests: int) -> list[str]:
+    return ["redis-benchmark", "-p", str(port), "-c", "50", "-n", str(requests), "-d", "64",
+            "-r", "100000", "-t", "set,get", "-P", str(pipeline), "--csv"]
+
+
+def run_benchmark(port: int, pipeline: int, requests: int) -> dict[str, float]:
+    out = subprocess.run(benchmark_command(port, pipeline, requests), capture_output=True,
+                         text=True, timeout=900, check=True).stdout
+    rows = [row for row in csv.reader(io.StringIO(out)) if row and row[0] in ("SET", "GET")]
+    return {row[0]: float(row[1]) for row in rows}
+
+
+def zerostack_cli() -> list[str]:
+    exe = Path(sys.executable).parent / "zerostack"
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "zerostack.cli.main"]
+
+
+def measure(requests: int, work: Path) -> list[Result]:
+    zport, rport = free_port(), free_port()
+    zdb = start([*zerostack_cli(), "zdb", "--listen", "127.0.0.1", "--port", str(zport),
+                 "--data", str(work / "data"), "--index", str(work / "index")],
+                zport, work / "zdb.log")
+    redis = start(["redis-server", "--save", "", "--appendonly", "no", "--port", str(rport),
+                   "--bind", "127.0.0.1", "--dir", str(work)], rport, work / "redis.log")
+    results: list[Result] = []
+    try:
+        for pipeline in (1, 16):
+            # Alternate the servers so both see the same machine load as far as possible.
+            theirs = run_benchmark(rport, pipeline, requests)
+            ours = run_benchmark(zport, pipeline, requests)
+            for test in ("SET", "GET"):
+                results.append(Result(pipeline, test, ours[test], theirs[test]))
+                print(f"-P {pipeline:<2} {test}: zdb {ours[test]:>10,.0f} ops/s   "
+                      f"redis {theirs[test]:>10,.0f} ops/s", flush=True)
+    finally:
+        stop(zdb)
+        stop(redis)
+    return results
+
+
+def table(results: list[Result]) -> str:
+    lines = ["| pipeline | test | zerostack zdb ops/s | redis-server ops/s | ratio | target | |",
+             "| --- | --- | ---: | ---: | ---: | ---: | --- |"]
+    for r in results:
+        verdict = "meets" if r.ratio >= r.target else "misses"
+        lines.append(f"| -P {r.pipeline} | {r.test} | {r.zdb:,.0f} | {r.redis:,.0f} | "
+                     f"{r.ratio:.2f}x | {r.target:.2f}x | {verdict} |")
+    return "\n".join(lines)
+
+
+def write_docs(results: list[Result], requests: int, date: str) -> None:
+    command = " ".join(benchmark_command(0, 1, requests)).replace("-p 0 ", "-p PORT ").replace(
+        "-P 1", "-P {1,16}")
+    body = "\n".join([
+        START,
+        f"Command: `.venv/bin/python -m bench.zdb_bench` runs `{command}` against",
+        "`zerostack zdb` (fresh data directory, default durability: writes reach the OS before",
+        "the reply, no fsync) and against `redis-server --save \"\" --appendonly no`, in the",
+        "same run, alternating the two servers.",
+        "",
+        f"Machine: {MACHINE} ({platform.python_implementation()} "
+        f"{platform.python_version()}), shared with other test runs, so figures are noisy.",
+        f"Date: {date}",
+        "",
+        table(results),
+        END,
+    ])
+    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
+    if START in text and END in text:
+        text = re.sub(re.escape(START) + r".*?" + re.escape(END), lambda _: body, text,
+                      flags=re.DOTALL)
+    elif SECTION in text:
+        head, _, rest = text.partition(SECTION)
+        text = head + SECTION + "\n\n" + body + "\n" + rest
+    else:
+        text = text.rstrip("\n") + f"\n\n{SECTION}\n\n{body}\n"
+    DOC.write_text(text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=200_000, help="redis-benchmark -n")
+    parser.add_argument("--no-docs", action="store_true", help="do not update docs/benchmarks.md")
+    args = parser.parse_args()
+    for tool in ("redis-benchmark", "redis-server"):
+        if shutil.which(tool) is None:
+            raise SystemExit(f"{tool} is missing: run scripts/install-system-deps")
+    date = subprocess.run(["date", "-u"], capture_output=True, text=True, check=True).stdout.strip()
+    with tempfile.TemporaryDirectory(prefix="zdb-bench-") as tmp:
+        results = measure(args.requests, Path(tmp))
+    print()
+    print(table(results))
+    if not args.no_docs:
+        write_docs(results, args.requests, date)
+        print(f"\nwrote {DOC.relative_to(REPO)}")
+
+
+if __name__ == "__main__":
+    main()
