@@ -16,16 +16,18 @@ import queue
 import shutil
 import threading
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import orjson
 
-from zerostack.flist.manifest import FlistError, Manifest, SignedFlist
+from zerostack.flist.manifest import Entry, FlistError, Manifest, SignedFlist
 from zerostack.flist.store import ChunkStore
 
 FETCH_BATCH_BYTES = 16 * 1024 * 1024
 FETCH_BATCH_KEYS = 128
+WRITERS = 4
 _SEAL_VERSION = 1
 
 
@@ -137,7 +139,8 @@ class ImageCache:
                 self._materialize(hub, flist.manifest, rootfs, stats or FetchStats())
                 seal = {"version": _SEAL_VERSION, "hash": manifest_hash,
                         "root": _stamp(os.lstat(rootfs)),
-                        "paths": [_stamp(os.lstat(rootfs / e.path)) for e in flist.manifest.entries]}
+                        "paths": [_stamp(os.lstat(f"{rootfs}/{e.path}"))
+                                  for e in flist.manifest.entries]}
                 (tmp / "flist").write_bytes(flist.to_bytes())
                 (tmp / "seal.json").write_bytes(orjson.dumps(seal))
                 os.chmod(tmp, 0o755)
@@ -181,8 +184,9 @@ class ImageCache:
         try:
             if _stamp(os.lstat(image.rootfs)) != seal["root"]:
                 raise FlistError(f"cached image {image.hash[:16]}: the root directory changed")
+            base = f"{image.rootfs}/"
             for e, stamp in zip(entries, seal["paths"], strict=True):
-                st = os.lstat(image.rootfs / e.path)
+                st = os.lstat(base + e.path)
                 if _stamp(st) != stamp or (e.type == "file" and st.st_size != e.size):
                     raise FlistError(f"cached image {image.hash[:16]}: {e.path} was modified")
         except FileNotFoundError as exc:
@@ -204,9 +208,9 @@ class ImageCache:
             os.rename(path, trash)
             shutil.rmtree(trash, ignore_errors=True)
 
-    def _local_chunks(self, exclude: str) -> dict[str, tuple[Path, int, int]]:
+    def _local_chunks(self, exclude: str) -> dict[str, tuple[str, int, int]]:
         """Chunks already on this node inside other sealed images: hash -> (file, offset, len)."""
-        out: dict[str, tuple[Path, int, int]] = {}
+        out: dict[str, tuple[str, int, int]] = {}
         for h in self.list():
             if h == exclude:
                 continue
@@ -218,87 +222,100 @@ class ImageCache:
             for e in image.manifest.entries:
                 for i, c in enumerate(e.chunks):
                     n = min(cs, e.size - i * cs)
-                    out.setdefault(c, (image.rootfs / e.path, i * cs, n))
+                    out.setdefault(c, (f"{image.rootfs}/{e.path}", i * cs, n))
         return out
 
     def _materialize(self, hub: ChunkStore, manifest: Manifest, rootfs: Path,
                      stats: FetchStats) -> None:
         rootfs.mkdir(mode=0o755)
+        base = str(rootfs) + "/"  # plain strings: pathlib costs more than the syscalls here
         local = self._local_chunks(manifest.hash_hex)
-        written: dict[str, tuple[Path, int, int]] = {}
-        # Chunks to fetch from the hub, in the order files are written.
+        # Chunks to fetch from the hub, in the order files are written, and how many
+        # times each is used (the prefetcher keeps a chunk until its last use).
         remote: list[tuple[str, int]] = []
-        seen: set[str] = set()
+        uses: dict[str, int] = {}
         cs = manifest.chunk_size
         for e in manifest.entries:
             for i, c in enumerate(e.chunks):
-                if c not in seen and c not in local:
-                    seen.add(c)
+                if c in local:
+                    continue
+                if c not in uses:
                     remote.append((c, min(cs, e.size - i * cs)))
-        fetched = _Prefetcher(hub, remote)
+                    uses[c] = 0
+                uses[c] += 1
+        for e in manifest.entries:
+            path = base + e.path
+            if e.type == "dir":
+                os.mkdir(path, 0o700)
+            elif e.type == "symlink":
+                os.symlink(e.target, path)
+                os.lchown(path, e.uid, e.gid)
+                os.utime(path, ns=(e.mtime * 10**9, e.mtime * 10**9), follow_symlinks=False)
+        fetched = _Prefetcher(hub, remote, uses)
+        lock = threading.Lock()
+        # File creation is syscall-bound: a few writer threads overlap it (and the hashing,
+        # which releases the GIL) while the prefetcher keeps the hub busy.
         try:
-            for e in manifest.entries:
-                path = rootfs / e.path
-                if e.type == "dir":
-                    os.mkdir(path, 0o700)
-                elif e.type == "symlink":
-                    os.symlink(e.target, path)
-                elif e.type == "file":
-                    self._write_file(manifest, e.path, path, e.chunks, e.size, fetched, local,
-                                     written, stats)
+            with ThreadPoolExecutor(WRITERS, thread_name_prefix="flist-write") as pool:
+                futures = [pool.submit(self._write_file, base, e, fetched, local, stats, lock)
+                           for e in manifest.entries if e.type == "file"]
+                for fut in futures:
+                    if fut.exception() is not None:
+                        fetched.fail(fut.exception())  # unblock and stop the other writers
+                        for other in futures:
+                            other.cancel()
+                        raise fut.exception()  # type: ignore[misc]
             for e in manifest.entries:
                 if e.type == "hardlink":
-                    os.link(rootfs / e.target, rootfs / e.path)
+                    os.link(base + e.target, base + e.path)
         finally:
             fetched.close()
-        # Owners before modes (chown clears set-id bits); directories last and deepest
-        # first so setting their mtime is not undone by work inside them.
-        for e in manifest.entries:
-            if e.type == "hardlink":
-                continue
-            path = rootfs / e.path
-            os.lchown(path, e.uid, e.gid)
-            if e.type != "symlink":
-                os.chmod(path, e.mode)
-            if e.type != "dir":
-                os.utime(path, ns=(e.mtime * 10**9, e.mtime * 10**9), follow_symlinks=False)
+        stats.chunks_fetched += len(remote)
+        stats.bytes_fetched += sum(n for _, n in remote)
+        # Directories last, once nothing more is created inside them.
         for e in reversed(manifest.entries):
             if e.type == "dir":
-                os.utime(rootfs / e.path, ns=(e.mtime * 10**9, e.mtime * 10**9))
+                path = base + e.path
+                os.lchown(path, e.uid, e.gid)
+                os.chmod(path, e.mode)
+                os.utime(path, ns=(e.mtime * 10**9, e.mtime * 10**9))
 
     @staticmethod
-    def _write_file(manifest: Manifest, rel: str, path: Path, chunks: Sequence[str], size: int,
-                    fetched: _Prefetcher, local: dict[str, tuple[Path, int, int]],
-                    written: dict[str, tuple[Path, int, int]], stats: FetchStats) -> None:
+    def _write_file(base: str, e: Entry, fetched: _Prefetcher,
+                    local: dict[str, tuple[str, int, int]], stats: FetchStats,
+                    lock: threading.Lock) -> None:
+        path = base + e.path
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
-            offset = 0
-            for c in chunks:
+            offset = local_chunks = 0
+            for c in e.chunks:
                 data: bytes | None = None
-                for where in (written.get(c), local.get(c)):
-                    if where is not None:
-                        data = _read_at(*where)
-                        if data is not None and hashlib.blake2b(data, digest_size=32).hexdigest() == c:
-                            stats.chunks_local += 1
-                            break
-                        data = None
-                if data is None:
+                where = local.get(c)
+                if where is not None:
+                    data = _read_at(*where)
+                    if data is None or hashlib.blake2b(data, digest_size=32).hexdigest() != c:
+                        raise FlistError(f"chunk {c[:16]} changed in the local cache")
+                    local_chunks += 1
+                else:
                     data = fetched.take(c)
                     if hashlib.blake2b(data, digest_size=32).hexdigest() != c:
-                        raise FlistError(f"chunk {c[:16]} of {rel} does not match its hash "
+                        raise FlistError(f"chunk {c[:16]} of {e.path} does not match its hash "
                                          "(tampered or corrupt on the hub): image refused")
-                    stats.chunks_fetched += 1
-                    stats.bytes_fetched += len(data)
-                written.setdefault(c, (path, offset, len(data)))
                 os.write(fd, data)
                 offset += len(data)
-            if offset != size:
-                raise FlistError(f"{rel}: chunks hold {offset} bytes, manifest says {size}")
+            if offset != e.size:
+                raise FlistError(f"{e.path}: chunks hold {offset} bytes, manifest says {e.size}")
+            # Owner before mode: chown clears set-id bits.
+            os.fchown(fd, e.uid, e.gid)
+            os.fchmod(fd, e.mode)
+            os.utime(fd, ns=(e.mtime * 10**9, e.mtime * 10**9))
         finally:
             os.close(fd)
+        with lock:
+            stats.chunks_local += local_chunks
 
 
-def _read_at(path: Path, offset: int, length: int) -> bytes | None:
+def _read_at(path: str, offset: int, length: int) -> bytes | None:
     try:
         with open(path, "rb") as f:
             f.seek(offset)
@@ -309,13 +326,19 @@ def _read_at(path: Path, offset: int, length: int) -> bytes | None:
 
 
 class _Prefetcher:
-    """Fetches the hub chunks in a thread, a batch ahead of the writer, in write order."""
+    """Fetches hub chunks in a thread, a batch or two ahead of the writers, in write order."""
 
-    def __init__(self, hub: ChunkStore, keys: Sequence[tuple[str, int]]) -> None:
+    def __init__(self, hub: ChunkStore, keys: Sequence[tuple[str, int]],
+                 uses: dict[str, int]) -> None:
         self.hub = hub
         self.keys = list(keys)
-        self.ready: queue.Queue[tuple[list[str], list[bytes | None]] | BaseException] = queue.Queue(2)
+        self.uses = dict(uses)
+        self.ready: queue.Queue[tuple[list[str], list[bytes | None]] | BaseException | None] = (
+            queue.Queue(2))
         self.buffer: dict[str, bytes] = {}
+        self.lock = threading.Lock()
+        self.error: BaseException | None = None
+        self.done = False
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
         if self.keys:
@@ -335,10 +358,11 @@ class _Prefetcher:
                     values = self.hub.get_many([bytes.fromhex(k) for k in batch])
                     self._put((batch, values))
                     batch, size = [], 0
+            self._put(None)
         except BaseException as exc:
             self._put(exc)
 
-    def _put(self, item: tuple[list[str], list[bytes | None]] | BaseException) -> None:
+    def _put(self, item: tuple[list[str], list[bytes | None]] | BaseException | None) -> None:
         while not self.stop.is_set():
             try:
                 self.ready.put(item, timeout=0.2)
@@ -346,17 +370,38 @@ class _Prefetcher:
             except queue.Full:
                 continue
 
+    def fail(self, exc: BaseException | None) -> None:
+        """Make every later `take` raise (a writer failed: the image is refused)."""
+        self.error = self.error or exc or FlistError("image refused")
+        self.stop.set()
+
     def take(self, key: str) -> bytes:
-        while key not in self.buffer:
-            item = self.ready.get()
-            if isinstance(item, BaseException):
-                raise item if isinstance(item, FlistError) else FlistError(f"hub fetch failed: {item}")
-            for k, v in zip(*item, strict=True):
-                if v is None:
-                    raise FlistError(f"chunk {k[:16]} is missing from the hub: image refused")
-                self.buffer[k] = v
-        # Each hub chunk is used once from here; later uses read it back from disk.
-        return self.buffer.pop(key)
+        with self.lock:
+            while key not in self.buffer:
+                if self.error is not None:
+                    raise self.error if isinstance(self.error, FlistError) else FlistError(
+                        f"hub fetch failed: {self.error}")
+                if self.done:
+                    raise FlistError(f"chunk {key[:16]} was never fetched")
+                try:
+                    item = self.ready.get(timeout=0.5)
+                except queue.Empty:
+                    continue
+                if item is None:
+                    self.done = True
+                    continue
+                if isinstance(item, BaseException):
+                    self.error = item
+                    continue
+                for k, v in zip(*item, strict=True):
+                    if v is None:
+                        self.error = FlistError(f"chunk {k[:16]} is missing from the hub: "
+                                                "image refused")
+                        break
+                    self.buffer[k] = v
+            self.uses[key] -= 1
+            # A chunk several files share stays until its last use.
+            return self.buffer.pop(key) if self.uses[key] <= 0 else self.buffer[key]
 
     def close(self) -> None:
         self.stop.set()

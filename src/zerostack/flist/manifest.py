@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Literal
 
 import orjson
@@ -121,8 +122,9 @@ class Manifest(BaseModel):
             "entries": [e.as_dict() for e in self.entries],
         }
 
-    @property
+    @cached_property
     def hash(self) -> bytes:
+        # Cached: a manifest is frozen, and hashing a big one walks every entry.
         return hash_obj(self.as_dict())
 
     @property

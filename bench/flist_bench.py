@@ -1,0 +1,198 @@
+"""Images and containers benchmark.
+
+1. Materializing an image from the hub (manifest fetch, signature check, every chunk
+   fetched and its hash verified, files written, cache sealed) vs `tar -x` of a tarball of
+   the same files, in the same run. Ratio = tar time / our time (target >= 0.5).
+2. Container start latency with a warm image cache: the container provisioner's
+   `provision` (manifest fetched and signature checked again, cache seal checked, runc
+   started) until the container runs and is reported `ok` (target p50 <= 1 s).
+
+    .venv/bin/python -m bench.flist_bench [--files 3000] [--mib 200] [--starts 20] [--json]
+
+Needs root (runc, mounts). Starts its own `zerostack zdb` hub on loopback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from zerostack.crypto import Identity
+from zerostack.flist import (
+    Hub,
+    ImageCache,
+    ImageConfig,
+    LocalStore,
+    SignedFlist,
+    build_dir,
+    push_flist,
+)
+from zerostack.node.provisioners import NodeContext, WorkloadID
+from zerostack.node.provisioners.container import ContainerProvisioner
+from zerostack.workloads import ContainerWorkload
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_hub(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    exe = Path(sys.executable).parent / "zerostack"
+    proc = subprocess.Popen([str(exe), "zdb", "--listen", "127.0.0.1", "--port", str(port),
+                             "--data", str(workdir / "hub-data"), "--index", str(workdir / "hub-index")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return proc, f"127.0.0.1:{port}"
+        except OSError:
+            time.sleep(0.05)
+    proc.kill()
+    raise SystemExit("the hub did not start")
+
+
+def make_tree(root: Path, files: int, total_mib: int, seed: int = 7) -> int:
+    """An image-like tree: mostly small files, some medium, a few large; incompressible."""
+    rng = random.Random(seed)
+    budget = total_mib << 20
+    sizes = []
+    for i in range(files):
+        r = rng.random()
+        sizes.append(rng.randint(100, 16 << 10) if r < 0.8 else
+                     rng.randint(16 << 10, 512 << 10) if r < 0.98 else rng.randint(1 << 20, 8 << 20))
+        if i == files - 1:
+            break
+    scale = budget / sum(sizes)
+    written = 0
+    for i, size in enumerate(sizes):
+        d = root / f"d{i % 60:02d}" / f"s{i % 7}"
+        d.mkdir(parents=True, exist_ok=True)
+        n = max(1, int(size * scale))
+        (d / f"f{i}.bin").write_bytes(rng.randbytes(n))
+        written += n
+    shutil.copy2("/bin/busybox", root / "busybox")
+    (root / "bin").mkdir(exist_ok=True)
+    os.symlink("../busybox", root / "bin" / "sh")
+    os.symlink("../busybox", root / "bin" / "sleep")
+    return written
+
+
+def drop_dir(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def bench_materialize(tmp: Path, hub: str, rounds: int, files: int, mib: int) -> dict[str, Any]:
+    src = tmp / "src"
+    size = make_tree(src, files, mib)
+    ident = Identity.generate()
+    store = LocalStore(tmp / "store")
+    manifest, _ = build_dir(src, store, ImageConfig(entrypoint=("/bin/sh",)))
+    flist = SignedFlist.sign(manifest, ident)
+    with Hub(hub) as h:
+        push_flist(flist, store, h)
+    tarball = tmp / "image.tar"
+    subprocess.run(["tar", "-cf", str(tarball), "-C", str(src), "."], check=True)
+    ours: list[float] = []
+    tars: list[float] = []
+    for i in range(rounds):
+        dest = tmp / f"tar-{i}"
+        dest.mkdir()
+        t0 = time.perf_counter()
+        subprocess.run(["tar", "-xf", str(tarball), "-C", str(dest)], check=True)
+        tars.append(time.perf_counter() - t0)
+        drop_dir(dest)
+        cache = ImageCache(tmp / f"cache-{i}")
+        t0 = time.perf_counter()
+        with Hub(hub) as h:
+            cache.fetch(h, flist.hash_hex, [ident.public_hex])
+        ours.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        cache.check(flist.hash_hex)
+        check = time.perf_counter() - t0
+        drop_dir(tmp / f"cache-{i}")
+    ours_med, tar_med = statistics.median(ours), statistics.median(tars)
+    return {"files": len(manifest.entries), "bytes": size, "chunks": len(manifest.chunk_hashes()),
+            "ours_s": ours, "tar_s": tars, "ours_median_s": ours_med, "tar_median_s": tar_med,
+            "ours_mib_s": size / ours_med / (1 << 20), "tar_mib_s": size / tar_med / (1 << 20),
+            "ratio_tar_over_ours": tar_med / ours_med, "seal_check_s": check}
+
+
+def bench_start(tmp: Path, hub: str, starts: int) -> dict[str, Any]:
+    from tests.flist.image import busybox_rootfs  # the same tiny image the tests use
+
+    ident = Identity.generate()
+    store = LocalStore(tmp / "store-bb")
+    manifest, _ = build_dir(busybox_rootfs(tmp / "bb"), store, ImageConfig(entrypoint=("/bin/sh", "-c")))
+    flist = SignedFlist.sign(manifest, ident)
+    with Hub(hub) as h:
+        push_flist(flist, store, h)
+    prov = ContainerProvisioner(NodeContext(tmp / "node", Identity.generate()))
+    spec = ContainerWorkload(name="bench", flist=f"{hub}/{flist.hash_hex}",
+                             publishers=[ident.public_hex],
+                             args=["trap 'exit 0' TERM; sleep 1000 & wait"])
+    prov.provision(WorkloadID(0, "warm"), spec, None)  # type: ignore[arg-type]  # warms the cache
+    prov.deprovision(WorkloadID(0, "warm"), spec)
+    times: list[float] = []
+    for i in range(starts):
+        wid = WorkloadID(1, f"c{i}")
+        t0 = time.perf_counter()
+        done = prov.provision(wid, spec, None)  # type: ignore[arg-type]
+        times.append(time.perf_counter() - t0)
+        assert done.data["state"] == "ok", done.data
+        prov.deprovision(wid, spec)
+    times.sort()
+    return {"starts": starts, "p50_s": statistics.median(times),
+            "p90_s": times[int(0.9 * (len(times) - 1))], "max_s": times[-1], "min_s": times[0]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--files", type=int, default=3000)
+    ap.add_argument("--mib", type=int, default=200)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--starts", type=int, default=20)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        raise SystemExit("needs root (runc, mounts)")
+    tmp = Path(tempfile.mkdtemp(prefix="zs-flist-bench-"))
+    hub_proc, hub = start_hub(tmp)
+    try:
+        mat = bench_materialize(tmp, hub, args.rounds, args.files, args.mib)
+        start = bench_start(tmp, hub, args.starts)
+    finally:
+        hub_proc.kill()
+        hub_proc.wait()
+        shutil.rmtree(tmp, ignore_errors=True)
+    if args.json:
+        sys.stdout.write(orjson.dumps({"materialize": mat, "start": start},
+                                      option=orjson.OPT_INDENT_2).decode() + "\n")
+        return
+    print(f"materialize {mat['files']} paths, {mat['bytes'] / (1 << 20):.0f} MiB, "
+          f"{mat['chunks']} chunks (median of {len(mat['ours_s'])}):")
+    print(f"  zerostack fetch+verify: {mat['ours_median_s']:.2f} s ({mat['ours_mib_s']:.0f} MiB/s)")
+    print(f"  tar -x:                 {mat['tar_median_s']:.2f} s ({mat['tar_mib_s']:.0f} MiB/s)")
+    print(f"  ratio tar/ours: {mat['ratio_tar_over_ours']:.2f} (target >= 0.5); "
+          f"seal check {mat['seal_check_s'] * 1000:.0f} ms")
+    print(f"container start, warm cache ({start['starts']} starts): p50 {start['p50_s'] * 1000:.0f} ms, "
+          f"p90 {start['p90_s'] * 1000:.0f} ms, max {start['max_s'] * 1000:.0f} ms (target p50 <= 1 s)")
+
+
+if __name__ == "__main__":
+    main()
