@@ -22,6 +22,9 @@ class World:
         self.keys: dict[int, Identity] = {}
         self.nonces: dict[int, int] = {}
         self.accepted: list[tuple[int, Tx]] = []
+        # every (time, accepted tx or None) in order: what a chain of blocks would hold,
+        # including the clock ticks of refused transactions (empty blocks)
+        self.timeline: list[tuple[int, Tx | None]] = []
 
     def tx(self, twin: int, ttype: str, payload: dict[str, Any], nonce: int | None = None,
            identity: Identity | None = None) -> Tx:
@@ -33,9 +36,11 @@ class World:
         self.state = tick(self.state, self.time)
         result = apply_with_receipt(self.state, tx, time=self.time)
         if isinstance(result, Rejected):
+            self.timeline.append((self.time, None))
             return result
         self.state, receipt = result
         self.accepted.append((self.time, tx))
+        self.timeline.append((self.time, tx))
         if isinstance(tx.sender, int):
             self.nonces[tx.sender] = tx.nonce + 1
         return receipt

@@ -34,9 +34,7 @@ def node_status(node: Node, now: int, down_after: int = NODE_DOWN_AFTER) -> str:
 
 
 def node_view(node: Node, now: int) -> dict[str, Any]:
-    view = node.to_dict()
-    view["status"] = node_status(node, now)
-    return view
+    return {**node.to_dict(), "status": node_status(node, now)}
 
 
 def find_nodes(

@@ -124,36 +124,44 @@ class Node:
     reserved: Capacity = ZERO  # summed capacity of its live contracts
     last_heartbeat: int = 0
     uptime: int = 0
+    # derived once per version of the record: queries read them for thousands of nodes
+    free: Capacity = field(init=False, compare=False)
+    _view: dict[str, Any] | None = field(init=False, compare=False, repr=False)
 
-    @property
-    def free(self) -> Capacity:
-        """Total minus the larger of what the node says it uses and what contracts reserve."""
+    def __post_init__(self) -> None:
         c, u, r = self.capacity, self.used, self.reserved
-        return Capacity(
+        # total minus the larger of what the node says it uses and what contracts reserve
+        free = Capacity(
             max(0, c.cru - max(u.cru, r.cru)),
             max(0, c.mru - max(u.mru, r.mru)),
             max(0, c.sru - max(u.sru, r.sru)),
             max(0, c.hru - max(u.hru, r.hru)),
         )
+        object.__setattr__(self, "free", free)
+        object.__setattr__(self, "_view", None)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "twin": self.twin,
-            "farm": self.farm,
-            "capacity": self.capacity.to_dict(),
-            "used": self.used.to_dict(),
-            "reserved": self.reserved.to_dict(),
-            "free": self.free.to_dict(),
-            "location": {"country": self.country, "city": self.city},
-            "endpoint": self.endpoint,
-            "public_ips": list(self.public_ips),
-            "pricing": self.pricing,
-            "created": self.created,
-            "updated": self.updated,
-            "last_heartbeat": self.last_heartbeat,
-            "uptime": self.uptime,
-        }
+        """The node as JSON; built once per record and shared, so callers must not mutate it."""
+        if self._view is None:
+            object.__setattr__(self, "_view", {
+                "id": self.id,
+                "twin": self.twin,
+                "farm": self.farm,
+                "capacity": self.capacity.to_dict(),
+                "used": self.used.to_dict(),
+                "reserved": self.reserved.to_dict(),
+                "free": self.free.to_dict(),
+                "location": {"country": self.country, "city": self.city},
+                "endpoint": self.endpoint,
+                "public_ips": list(self.public_ips),
+                "pricing": self.pricing,
+                "created": self.created,
+                "updated": self.updated,
+                "last_heartbeat": self.last_heartbeat,
+                "uptime": self.uptime,
+            })
+        assert self._view is not None
+        return self._view
 
 
 @dataclass(frozen=True, slots=True)

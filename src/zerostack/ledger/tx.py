@@ -8,6 +8,7 @@ ed25519 signature over the transaction hash: blake2b-256 of the canonical JSON o
 from __future__ import annotations
 
 import binascii
+import re
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
@@ -233,7 +234,8 @@ class Tx:
 
 
 _ENVELOPE = frozenset({"type", "sender", "nonce", "payload", "signature"})
-_HEX = frozenset("0123456789abcdef")
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_HEX128 = re.compile(r"[0-9a-f]{128}")
 
 
 def _reject(code: str, reason: str) -> LedgerRejected:
@@ -246,10 +248,6 @@ def _first_error(exc: ValidationError, prefix: str) -> str:
     if err["type"] == "extra_forbidden":
         return f"{prefix}unknown field {where!r}"
     return f"{prefix}{where or 'value'}: {err['msg']}"
-
-
-def _is_hex(value: str, length: int) -> bool:
-    return len(value) == length and _HEX.issuperset(value)
 
 
 def parse_tx(data: Any) -> Tx:
@@ -275,13 +273,13 @@ def parse_tx(data: Any) -> Tx:
     if type(sender) is int:
         if sender < 1:
             raise _reject("invalid", "sender must be a twin id (>= 1) or a public key")
-    elif not (isinstance(sender, str) and _is_hex(sender, 64)):
+    elif not (isinstance(sender, str) and _HEX64.fullmatch(sender)):
         raise _reject("invalid", "sender must be a twin id or a lowercase hex public key")
     if type(nonce) is not int or nonce < 0 or nonce >= 2**62:
         raise _reject("invalid", "nonce must be a non-negative integer")
     if not isinstance(payload, dict):
         raise _reject("invalid", "payload must be an object")
-    if not (isinstance(signature, str) and _is_hex(signature, 128)):
+    if not (isinstance(signature, str) and _HEX128.fullmatch(signature)):
         raise _reject("invalid", "signature must be 64 bytes as lowercase hex")
     try:
         parsed = model.model_validate(payload)
