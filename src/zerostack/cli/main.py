@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from zerostack.cli import bot, flist, identity, ledger, node, zdb
+from zerostack.cli import bot, flist, identity, ledger, logs, node, zdb
 
 app = typer.Typer(
     name="zerostack",
@@ -16,6 +16,7 @@ app = typer.Typer(
 
 app.add_typer(identity.app, name="id")
 app.add_typer(flist.app, name="flist")
+app.command("logs")(logs.logs)
 app.add_typer(zdb.app, name="zdb")
 app.add_typer(node.app, name="node")
 bot.register(app)

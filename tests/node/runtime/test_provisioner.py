@@ -4,15 +4,21 @@ refuse bad images, cancel removes everything."""
 from __future__ import annotations
 
 import base64
+import json
+import os
+import subprocess
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
+from urllib.parse import parse_qs, urlparse
 
 import pytest
 
-from tests.conftest import ProcessGroup
+from tests.conftest import ProcessGroup, zerostack_cmd
 from tests.node.harness import Grid
 from tests.node.runtime.conftest import Env
-from zerostack.crypto import Identity, open_sealed
+from zerostack.crypto import Identity, open_sealed, save_identity
 from zerostack.node.provisioners import NodeContext, ProvisionError, WorkloadID
 from zerostack.node.provisioners.container import ContainerProvisioner, parse_flist_ref
 from zerostack.node.runtime import ContainerRuntime, cgroup_dirs, sign_log_request
@@ -54,9 +60,51 @@ def test_provisioner_refuses_unlisted_publisher_and_serves_owner_logs(env: Env, 
         forged = type(forged)(**{**forged.to_dict(), "requester": owner.public_hex})
         with pytest.raises(ProvisionError, match="signature does not verify"):
             prov.answer_logs(forged, owner.public_hex)
+        _logs_cli(tmp_path, prov, owner, stranger)
     finally:
         prov.deprovision(wid, ok)
     assert prov.runtime.ids() == [] and cgroup_dirs(prov.container_id(wid)) == []
+
+
+def _logs_cli(tmp_path: Path, prov: ContainerProvisioner, owner: Identity,
+              stranger: Identity) -> None:
+    """`zerostack logs` against the node's `GET /logs` answer (served here by the provisioner's
+    `serve_logs_query`, as the node's status endpoint does)."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            query = parse_qs(urlparse(self.path).query)
+            status, body = prov.serve_logs_query(query.get("request", [""])[0],
+                                                 lambda c: owner.public_hex if c == 7 else None)
+            data = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    home = tmp_path / "home"
+    save_identity(owner, home / "identities" / "owner.key", "owner")
+    save_identity(stranger, home / "identities" / "stranger.key", "stranger")
+    env = {**os.environ, "ZEROSTACK_HOME": str(home), "COLUMNS": "300"}
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        ok = subprocess.run([*zerostack_cmd(), "logs", "7", "app", "--node", url,
+                             "--identity", "owner", "--json"],
+                            capture_output=True, text=True, env=env, timeout=60)
+        assert ok.returncode == 0, ok.stderr
+        assert any(line.endswith("stdout secret-line") for line in json.loads(ok.stdout)["lines"])
+        bad = subprocess.run([*zerostack_cmd(), "logs", "7", "app", "--node", url,
+                              "--identity", "stranger"],
+                             capture_output=True, text=True, env=env, timeout=60)
+        assert bad.returncode != 0 and "only the contract's owner" in bad.stderr
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_container_deployed_by_contract_and_cancelled(env: Env, procs: ProcessGroup,

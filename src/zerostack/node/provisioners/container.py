@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ from zerostack.node.runtime import (
     LogRequest,
     VolumeBind,
     answer_log_request,
+    decode_request,
 )
 from zerostack.node.runtime.runc import is_mounted
 from zerostack.node.runtime.statusfile import read_status
@@ -172,3 +174,22 @@ class ContainerProvisioner(Provisioner):
             return answer_log_request(request, owner_key, log_dir)
         except ContainerError as exc:
             raise ProvisionError(str(exc)) from None
+
+    def serve_logs_query(self, token: str,
+                         owner_key_for: Callable[[int], str | None]) -> tuple[int, dict[str, Any]]:
+        """`GET /logs?request=<token>` on the node: (HTTP status, JSON body).
+
+        `owner_key_for(contract_id)` gives the public key of the contract's owner (or None
+        when the node has no such contract)."""
+        try:
+            request = decode_request(token)
+        except ContainerError as exc:
+            return 400, {"error": str(exc)}
+        owner = owner_key_for(request.contract)
+        if owner is None:
+            return 404, {"error": f"no contract {request.contract} on this node"}
+        try:
+            return 200, self.answer_logs(request, owner)
+        except ProvisionError as exc:
+            status = 404 if "no container" in str(exc) else 403
+            return status, {"error": str(exc)}

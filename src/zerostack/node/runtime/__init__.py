@@ -11,7 +11,13 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from zerostack.node.runtime.logaccess import LogRequest, answer_log_request, sign_log_request
+    from zerostack.node.runtime.logaccess import (
+        LogRequest,
+        answer_log_request,
+        decode_request,
+        encode_request,
+        sign_log_request,
+    )
     from zerostack.node.runtime.logs import read_logs
     from zerostack.node.runtime.oci import oci_config, resolve_user
     from zerostack.node.runtime.runtime import ContainerRuntime, ContainerStatus, cgroup_dirs
@@ -38,6 +44,8 @@ _EXPORTS = {
     "LogRequest": "logaccess",
     "answer_log_request": "logaccess",
     "sign_log_request": "logaccess",
+    "encode_request": "logaccess",
+    "decode_request": "logaccess",
 }
 
 __all__ = [
@@ -51,6 +59,8 @@ __all__ = [
     "VolumeBind",
     "answer_log_request",
     "cgroup_dirs",
+    "decode_request",
+    "encode_request",
     "oci_config",
     "read_logs",
     "resolve_user",

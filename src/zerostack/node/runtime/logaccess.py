@@ -7,6 +7,7 @@ and nobody else (not even whoever relays the answer) can read them.
 from __future__ import annotations
 
 import base64
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,3 +73,16 @@ def answer_log_request(request: LogRequest, owner_key: str, log_dir: Path,
         raise ContainerError("log request is too old (or the clocks disagree): sign a new one")
     text = "\n".join(read_logs(log_dir, min(max(request.tail, 0), 100_000))).encode()
     return {"sealed": base64.b64encode(seal_to(owner_key, text)).decode()}
+
+
+def encode_request(request: LogRequest) -> str:
+    """The request as one URL-safe token (`GET /logs?request=<token>` on the node)."""
+    return base64.urlsafe_b64encode(canonical_json(request.to_dict())).decode().rstrip("=")
+
+
+def decode_request(token: str) -> LogRequest:
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        return LogRequest.from_dict(json.loads(raw))
+    except (ValueError, TypeError) as exc:
+        raise ContainerError(f"malformed log request: {exc}") from None
