@@ -1,6 +1,6 @@
 """Zero-DB server vs redis-server under redis-benchmark, in the same run; writes docs/benchmarks.md.
 
-usage: .venv/bin/python -m bench.zdb_bench [--requests N] [--no-docs]
+usage: .venv/bin/python -m bench.zdb_bench [--requests N] [--rounds N] [--no-docs]
 Both servers run on 127.0.0.1 with a fresh data directory; ours keeps its default
 durability (every write handed to the OS before the reply, no fsync), redis-server runs
 with persistence off (`--save "" --appendonly no`).
@@ -101,7 +101,7 @@ def zerostack_cli() -> list[str]:
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "zerostack.cli.main"]
 
 
-def measure(requests: int, work: Path) -> list[Result]:
+def measure(requests: int, work: Path, rounds: int) -> list[Result]:
     zport, rport = free_port(), free_port()
     zdb = start([*zerostack_cli(), "zdb", "--listen", "127.0.0.1", "--port", str(zport),
                  "--data", str(work / "data"), "--index", str(work / "index")],
@@ -111,9 +111,14 @@ def measure(requests: int, work: Path) -> list[Result]:
     results: list[Result] = []
     try:
         for pipeline in (1, 16):
-            # Alternate the servers so both see the same machine load as far as possible.
-            theirs = run_benchmark(rport, pipeline, requests)
-            ours = run_benchmark(zport, pipeline, requests)
+            # Alternate the servers so both see the same machine load as far as possible,
+            # and keep each one's best round: the machine is shared and noisy.
+            theirs: dict[str, float] = {}
+            ours: dict[str, float] = {}
+            for _ in range(rounds):
+                for best, port in ((theirs, rport), (ours, zport)):
+                    for test, ops in run_benchmark(port, pipeline, requests).items():
+                        best[test] = max(best.get(test, 0.0), ops)
             for test in ("SET", "GET"):
                 results.append(Result(pipeline, test, ours[test], theirs[test]))
                 print(f"-P {pipeline:<2} {test}: zdb {ours[test]:>10,.0f} ops/s   "
@@ -134,7 +139,8 @@ def table(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
-def write_docs(results: list[Result], requests: int, date: str) -> None:
+def write_docs(results: list[Result], requests: int, date: str, load: str,
+               rounds: int) -> None:
     command = " ".join(benchmark_command(0, 1, requests)).replace("-p 0 ", "-p PORT ").replace(
         "-P 1", "-P {1,16}")
     body = "\n".join([
@@ -142,13 +148,25 @@ def write_docs(results: list[Result], requests: int, date: str) -> None:
         f"Command: `.venv/bin/python -m bench.zdb_bench` runs `{command}` against",
         "`zerostack zdb` (fresh data directory, default durability: writes reach the OS before",
         "the reply, no fsync) and against `redis-server --save \"\" --appendonly no`, in the",
-        "same run, alternating the two servers.",
+        f"same run, alternating the two servers; each figure is the best of {rounds} rounds.",
         "",
         f"Machine: {MACHINE} ({platform.python_implementation()} "
-        f"{platform.python_version()}), shared with other test runs, so figures are noisy.",
+        f"{platform.python_version()}), shared with other engineers' test runs (load average "
+        f"{load} when this run started), so figures are noisy; compare the ratios.",
         f"Date: {date}",
         "",
         table(results),
+        "",
+        "Where the time goes (py-spy on the server): with `-P 1` every request costs one",
+        "read and one write system call on the socket plus the event-loop wake-up, which",
+        "together take about half of the server's time on this VM; the Python request path",
+        "(hiredis parse, dispatch, engine, reply; measured in-process) takes the rest, 12-17",
+        "µs of CPU per request when requests arrive one by one, 6-9 µs when pipelined. A",
+        "single Python process cannot hide that behind C the way redis-server does, so `-P 1`",
+        "stays under its 0.8x target. With `-P 16` the system calls are shared by 16",
+        "requests, replies of a batch go out in one write, and all connections served in one",
+        "event-loop pass share one engine flush; there the engine's SET path (CRC, two",
+        "packed entries, the key index) is the largest cost.",
         END,
     ])
     text = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
@@ -166,18 +184,20 @@ def write_docs(results: list[Result], requests: int, date: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=200_000, help="redis-benchmark -n")
+    parser.add_argument("--rounds", type=int, default=2, help="runs per server, best kept")
     parser.add_argument("--no-docs", action="store_true", help="do not update docs/benchmarks.md")
     args = parser.parse_args()
     for tool in ("redis-benchmark", "redis-server"):
         if shutil.which(tool) is None:
             raise SystemExit(f"{tool} is missing: run scripts/install-system-deps")
     date = subprocess.run(["date", "-u"], capture_output=True, text=True, check=True).stdout.strip()
+    load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
     with tempfile.TemporaryDirectory(prefix="zdb-bench-") as tmp:
-        results = measure(args.requests, Path(tmp))
+        results = measure(args.requests, Path(tmp), args.rounds)
     print()
     print(table(results))
     if not args.no_docs:
-        write_docs(results, args.requests, date)
+        write_docs(results, args.requests, date, load, args.rounds)
         print(f"\nwrote {DOC.relative_to(REPO)}")
 
 
