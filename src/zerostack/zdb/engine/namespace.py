@@ -24,6 +24,7 @@ from pathlib import Path
 
 import crc32c as _crc32c
 
+from zerostack.zdb.engine import swap
 from zerostack.zdb.engine.config import EngineConfig, Mode
 from zerostack.zdb.engine.errors import ZdbError
 from zerostack.zdb.engine.files import (
@@ -364,6 +365,7 @@ class Namespace:
 
     def _load(self) -> None:
         try:
+            swap.recover(self.index_root, self.data_root)
             self._load_descriptor()
             for _ in range(MAX_REPAIRS):
                 if self._load_once():
@@ -1093,13 +1095,14 @@ class Namespace:
         fields, ekey = self._entry_at(fid, off)
         if ekey != key:
             raise ZdbError("Invalid cursor")
-        _kl, doff, ln, _p, _fl, did, ts, crc, pid, poff = fields
-        value = self._history_payload(fid, did, doff, key, ln, crc)
+        _kl, doff, ln, _p, _fl, did, ts, _crc, pid, poff = fields
+        _dfid, value = self._versioned_payload(fid, did, doff, key, ln)
         older = encode_cursor(pid, poff) if (pid or poff) else None
         return older, ts, value
 
-    def _history_payload(self, ifid: int, did: int, doff: int, key: bytes, ln: int,
-                         crc: int) -> bytes:
+    def _versioned_payload(self, ifid: int, did: int, doff: int, key: bytes, ln: int
+                           ) -> tuple[int, bytes]:
+        """(data file id, payload) of the version whose index entry sits in file `ifid`."""
         # The reference writes data_id 0 for first inserts: the payload then sits in the
         # data file of the index file's number. A sequential deleted copy may also point at
         # an older file with data_id 0, so check the key and fall back to d0.
@@ -1109,8 +1112,36 @@ class Namespace:
                 continue
             found = self._read_data_entry(dfid, doff)
             if found is not None and found[1] == key and found[0][1] == ln:
-                return found[2]
+                return dfid, found[2]
         raise ZdbError(f"namespace {self.name}: history entry of {key!r} points at missing data")
+
+    def version_chain(self, key: bytes) -> list[tuple[int, int, int]]:
+        """(data file id, data offset, timestamp) of every stored version of a live key,
+        newest first (used by compaction)."""
+        loc = self._locate(key)
+        if loc is None:
+            return []
+        fid, off = loc[0], loc[1]
+        out: list[tuple[int, int, int]] = []
+        seen: set[tuple[int, int]] = set()
+        while (fid, off) not in seen:
+            seen.add((fid, off))
+            fields, ekey = self._entry_at(fid, off)
+            if ekey != key:
+                break
+            dfid, _value = self._versioned_payload(fid, fields[5], fields[1], key, fields[2])
+            out.append((dfid, fields[1], fields[6]))
+            if not (fields[8] or fields[9]):
+                break
+            fid, off = fields[8], fields[9]
+        return out
+
+    def payload_at(self, fileid: int, offset: int) -> bytes:
+        """Payload of the data entry at (fileid, offset); ZdbError if it is torn."""
+        found = self._read_data_entry(fileid, offset)
+        if found is None or crc32(found[2]) != found[0][3]:
+            raise ZdbError(f"namespace {self.name}: data entry d{fileid}:{offset} is damaged")
+        return found[2]
 
     # ------------------------------------------------------------- settings
 
@@ -1214,6 +1245,10 @@ class Namespace:
         return self._data.fileid, self._data.size
 
     def close(self) -> None:
+        """Write out everything buffered (patches included) and close the files."""
+        index = getattr(self, "_index", None)
+        if index is not None and index.fd >= 0:
+            self.write_out()
         self._close_files()
 
     def remove_files(self) -> None:
