@@ -285,15 +285,31 @@ def test_worm_lock_freeze_and_maxsize(zdb: ZdbProcess) -> None:
 
 
 def test_protect_guards_default_with_the_admin_password(zdb_start: ZdbStarter) -> None:
-    server = zdb_start("--admin", "pw", "--protect")
+    server = zdb_start("--admin", "Secr3tAdm1n", "--protect")
     r = server.client()
     assert err(r, "SET", "k", "v") == "Namespace is in read-only mode"
-    assert r.execute_command("SELECT", "default", "pw") == b"OK"
+    assert r.execute_command("SELECT", "default", "Secr3tAdm1n") == b"OK"
     assert r.execute_command("SET", "k", "v") == b"k"
     other = server.client()
     assert other.get("k") == b"v"
     assert err(other, "SELECT", "default", "bad") == "Access denied"
     assert b"password: yes" in other.execute_command("NSINFO", "default")
+    server.proc.terminate()
+    assert server.proc.wait(timeout=15) == 0
+    log = server.log.read_text()
+    assert "event=zdb.ready" in log and "event=zdb.stopped" in log
+    assert all(line.startswith("ts=") for line in log.splitlines() if line.strip())
+    assert "Secr3tAdm1n" not in log  # no password in any event
+
+
+def test_synctime_server_serves_and_stops_cleanly(zdb_start: ZdbStarter) -> None:
+    server = zdb_start("--synctime", "1")
+    r = server.client()
+    assert r.execute_command("SET", "k", "v") == b"k"
+    time.sleep(1.5)  # at least one periodic sync pass
+    assert r.get("k") == b"v"
+    server.proc.terminate()
+    assert server.proc.wait(timeout=15) == 0
 
 
 def test_protocol_errors_close_or_answer(zdb: ZdbProcess) -> None:
@@ -336,6 +352,7 @@ def test_wait_answers_when_another_client_runs_the_command(zdb: ZdbProcess) -> N
 
 def test_many_clients_pipelining(zdb: ZdbProcess) -> None:
     errors: list[BaseException] = []
+    idle = [socket.create_connection(("127.0.0.1", zdb.port), timeout=10) for _ in range(200)]
 
     def worker(n: int) -> None:
         try:
@@ -358,6 +375,11 @@ def test_many_clients_pipelining(zdb: ZdbProcess) -> None:
         t.join(60)
     assert not errors, errors[:3]
     assert zdb.client().dbsize() == 40 * 300
+    for s in idle:  # the 200 idle connections are still served
+        s.sendall(b"*1\r\n$4\r\nPING\r\n")
+    assert all(s.recv(16) == b"+PONG\r\n" for s in idle)
+    for s in idle:
+        s.close()
 
     # one big pipelined write of raw RESP, replies arrive complete and in order
     payload = b"".join(b"*2\r\n$3\r\nGET\r\n$%d\r\n%b\r\n" % (len(k), k)
