@@ -176,6 +176,12 @@ def test_admin_namespaces_and_permissions(zdb_start: ZdbStarter) -> None:
         assert err(r, *command) == "Permission denied", command
     assert err(r, "AUTH", "wrong") == "Access denied"
     assert r.execute_command("AUTH", "adminpw") == b"OK"
+    # redis-py's own password option authenticates as admin (HELLO 3 AUTH, or AUTH on RESP2)
+    for protocol in (2, 3):
+        logged_in = redis.Redis(port=server.port, password="adminpw", protocol=protocol)
+        assert logged_in.execute_command("NSNEW", f"viapy{protocol}") in (b"OK", "OK", True)
+    with pytest.raises(redis.RedisError):
+        redis.Redis(port=server.port, password="wrong").ping()
     assert r.execute_command("NSNEW", "private") == b"OK"
     for bad in (".", "..", "a/b", "default", "x" * 129):
         assert err(r, "NSNEW", bad) != ""
