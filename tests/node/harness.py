@@ -35,14 +35,15 @@ class Grid:
         ident = Identity.generate()
         return ident, self.client.register_twin(ident)
 
-    def start_node(self, name: str = "node", *extra: str,
-                   zdb_port: int | None = None) -> tuple[Any, int, Path]:
+    def start_node(self, name: str = "node", *extra: str, zdb_port: int | None = None,
+                   ledger: str | None = None) -> tuple[Any, int, Path]:
         """Start an agent; returns (process, zdb port, data dir) once it is registered."""
         data = self.tmp / name
         zdb_port = zdb_port or free_port()
         log = open(self.tmp / f"{name}.log", "ab")  # noqa: SIM115
         proc = self.procs.start(
-            [*zerostack_cmd(), "node", "run", "--ledger", self.url, "--farm", str(self.farm),
+            [*zerostack_cmd(), "node", "run", "--ledger", ledger or self.url,
+             "--farm", str(self.farm),
              "--data", str(data), "--zdb-port", str(zdb_port), "--resync", "1",
              "--heartbeat", "2", *extra],
             stdout=log, stderr=log)

@@ -74,9 +74,16 @@ def _json_contract(bot: ThreeBot, c: dict[str, Any]) -> dict[str, Any]:
     out.pop("instructions", None)
     if out.get("active"):
         out["active"] = {k: v for k, v in out["active"].items() if k != "instructions"}
-    if bot.identity and c.get("report") and int(c["owner"]) == bot.twin_id(register=False):
-        for w in out["report"]["workloads"]:
-            if w.get("sealed"):
+    report = out.get("report")
+    if report and any(w.get("sealed") for w in report["workloads"]):
+        from zerostack.bot import BotError
+
+        try:
+            mine = int(c["owner"]) == bot.twin_id(register=False)
+        except BotError:
+            mine = False
+        for w in report["workloads"]:
+            if mine and w.get("sealed"):
                 w["secret"] = bot.open_secret(w["sealed"])
     return out
 

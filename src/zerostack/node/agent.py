@@ -129,6 +129,7 @@ class NodeAgent:
         self._pending: set[int] = set()
         self._wake = asyncio.Event()
         self._status: StatusServer | None = None
+        self._resources: dict[tuple[int, str], Resources] = {}  # (contract, hash) -> need
 
     # ---- lifecycle ------------------------------------------------------------------
 
@@ -248,15 +249,19 @@ class NodeAgent:
 
     async def reconcile_all(self) -> None:
         """Every contract the ledger gives this node, plus any the node still runs."""
-        ids = {int(c["id"]) for c in await self.link.node_contracts(self.node_id)}
-        ids |= {w.wid.contract for w in self.state.workloads()}
-        await self.reconcile(ids)
+        await self.reconcile(set(), everything=True)
 
-    async def reconcile(self, contract_ids: set[int]) -> None:
+    async def reconcile(self, contract_ids: set[int], everything: bool = False) -> None:
         async with self._lock:
+            # Listed under the lock: a pass must never act on a view older than the last one.
+            listed: dict[int, dict[str, Any]] = {}
+            if everything:
+                listed = {int(c["id"]): c for c in await self.link.node_contracts(self.node_id)}
+                contract_ids = (set(contract_ids) | set(listed)
+                                | {w.wid.contract for w in self.state.workloads()})
             reports = []
             for cid in sorted(contract_ids):
-                contract = await self.link.contract(cid)
+                contract = listed[cid] if cid in listed else await self.link.contract(cid)
                 if contract is not None and int(contract["node"]) != self.node_id:
                     continue
                 try:
@@ -301,7 +306,11 @@ class NodeAgent:
         if local is not None and local.hash == h and local.status == "active":
             view.deployment = previous
             return view
-        if local is not None and local.refused == h:
+        # A refusal is remembered for exactly what was judged: if the approvals or the
+        # instructions the node sees change (a real approval after a forged one), judge again.
+        attempt = hash_hex({"hash": h, "instructions": active.get("instructions", ""),
+                            "approvals": active.get("approvals") or {}})
+        if local is not None and local.refused == attempt:
             view.deployment, view.error = previous, local.message
             return view
         try:
@@ -313,7 +322,7 @@ class NodeAgent:
             self.state.put_contract(ContractRecord(
                 cid, local.version if local else 0, local.hash if local else "",
                 local.deployment if local else {}, owner_key,
-                local.status if local else "refused", msg, "", h))
+                local.status if local else "refused", msg, "", attempt))
             view.deployment, view.error = previous, msg
             return view
         self.state.put_contract(ContractRecord(
@@ -368,7 +377,11 @@ class NodeAgent:
         used = Resources()
         for rec in self.state.contracts():
             if rec.status == "active" and rec.id != exclude and rec.deployment:
-                used = used + total_resources(Deployment.parse(rec.deployment).workloads)
+                key = (rec.id, rec.hash)
+                if key not in self._resources:
+                    self._resources[key] = total_resources(
+                        Deployment.parse(rec.deployment).workloads)
+                used = used + self._resources[key]
         return used
 
     def _converge(self, view: ContractView) -> list[Outcome]:

@@ -83,6 +83,7 @@ class ZdbServer:
                 *self._args(), stdout=logf, stderr=logf, stdin=asyncio.subprocess.DEVNULL,
                 env={**os.environ, "ZEROSTACK_ZDB_ADMIN": self.admin},
                 preexec_fn=_die_with_parent)
+        self.log_path.with_name("zdb.pid").write_text(str(self.proc.pid))
         log.info("event=zdb_started pid=%s port=%s", self.proc.pid, self.port)
 
     async def start(self, timeout: float = 15.0) -> None:
@@ -92,9 +93,34 @@ class ZdbServer:
 
     async def spawn(self) -> None:
         """Start the process without waiting for it (the agent registers meanwhile)."""
-        if _listening(self.port):
-            raise RuntimeError(f"port {self.port} is taken; choose another with --zdb-port")
+        await self._reap_previous()
+        deadline = time.monotonic() + 5
+        while _listening(self.port):
+            # The previous agent's server may still be dying (it gets SIGKILL when its
+            # parent dies, asynchronously); anything else on the port is a real conflict.
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"port {self.port} is taken; choose another with --zdb-port")
+            await asyncio.sleep(0.1)
         await self._spawn()
+
+    async def _reap_previous(self) -> None:
+        """Kill a Zero-DB a previous run of this agent left behind (same pid file and dirs)."""
+        pid_path = self.log_path.with_name("zdb.pid")
+        try:
+            pid = int(pid_path.read_text())
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except (OSError, ValueError):
+            return
+        if b"zdb" in cmdline and str(self.data).encode() in cmdline:
+            log.warning("event=zdb_stale pid=%s action=kill", pid)
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                return
+            for _ in range(50):
+                if not Path(f"/proc/{pid}").exists():
+                    return
+                await asyncio.sleep(0.1)
 
     async def ready(self, timeout: float = 15.0) -> None:
         """Wait until the server accepts connections, then supervise it."""
