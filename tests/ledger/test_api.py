@@ -85,7 +85,8 @@ def test_contract_flow_through_the_client(client: LedgerClient) -> None:
     assert client.contract(cid)["state"] == "deployed"  # type: ignore[index]
     node = client.node(g["node"])
     assert node is not None and node["free"]["mru"] == 6 * GiB and node["status"] == "up"
-    assert [n["id"] for n in client.nodes(country="BE", free_mru=6 * GiB)] == [g["node"]]
+    listed = client.nodes(country="BE", free_mru=6 * GiB, status="up")
+    assert [n["id"] for n in listed] == [g["node"]] and listed[0] == node
     assert client.nodes(country="BE", free_mru=6 * GiB + 1) == []
     assert client.nodes(country="NL") == []
     tpl = client.publish_template(ids["owner"], "zdb", {"workloads": [], "by": twins["owner"]})

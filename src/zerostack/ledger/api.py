@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl
 
 import orjson
 from fastapi import FastAPI, Query, Request
@@ -28,7 +29,14 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from zerostack.crypto import verify
 from zerostack.ledger.chain import Chain, block_json
 from zerostack.ledger.errors import HTTP_STATUS, LedgerError, LedgerRejected, Rejected
-from zerostack.ledger.query import NodeFilter, find_contracts, find_nodes, node_view, page
+from zerostack.ledger.query import (
+    NodeFilter,
+    find_contracts,
+    find_node_records,
+    node_view,
+    nodes_json,
+    page,
+)
 from zerostack.ledger.state import CONTRACT_STATES, sender_key
 from zerostack.ledger.store import BlockLog, SqliteLog
 from zerostack.ledger.tx import MAX_BATCH, MAX_TX_BYTES, SignedTxModel, Tx, parse_tx
@@ -146,6 +154,11 @@ class LedgerService:
             results = [too_big if i in oversize else next(it) for i in range(len(raws))]
         return 200, orjson.dumps({"results": results})
 
+    def nodes_json(self, f: NodeFilter, limit: int, offset: int) -> bytes:
+        now = int(self.clock())
+        return nodes_json(find_node_records(self.chain.state, f, now=now, limit=limit,
+                                            offset=offset), now)
+
     def _future(self) -> asyncio.Future[int]:
         if self._pending_future is None:
             self._pending_future = asyncio.get_running_loop().create_future()
@@ -255,6 +268,13 @@ class _SubmitFastPath:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path")
+        if scope["type"] == "http" and scope["method"] == "GET" and path == "/nodes":
+            query = _node_query(scope.get("query_string", b""))
+            if query is None:  # let FastAPI word the validation error
+                await self.app(scope, receive, send)
+                return
+            await _answer(send, 200, self.service.nodes_json(*query))
+            return
         if scope["type"] != "http" or scope["method"] != "POST" or path not in ("/tx", "/txs"):
             await self.app(scope, receive, send)
             return
@@ -278,11 +298,41 @@ class _SubmitFastPath:
             status, answer = await self.service.submit_one(body)
         else:
             status, answer = await self.service.submit_batch(body)
-        await send({"type": "http.response.start", "status": status, "headers": [
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(answer)).encode()),
-        ]})
-        await send({"type": "http.response.body", "body": answer})
+        await _answer(send, status, answer)
+
+
+async def _answer(send: Send, status: int, body: bytes) -> None:
+    await send({"type": "http.response.start", "status": status, "headers": [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+    ]})
+    await send({"type": "http.response.body", "body": body})
+
+
+_NODE_INTS = {"farm": 1, "twin": 1, "free_cru": 0, "free_mru": 0, "free_sru": 0, "free_hru": 0,
+              "limit": 1, "offset": 0}
+
+
+def _node_query(query_string: bytes) -> tuple[NodeFilter, int, int] | None:
+    """Parse `GET /nodes` parameters the quick way; None when anything is off (FastAPI then
+    answers, with its precise validation message)."""
+    values: dict[str, Any] = {}
+    for key, value in parse_qsl(query_string.decode("latin-1")):
+        if key in _NODE_INTS:
+            if not value.isdigit() or int(value) < _NODE_INTS[key]:
+                return None
+            values[key] = int(value)
+        elif key in ("country", "city"):
+            values[key] = value
+        elif key == "status":
+            if value not in ("up", "down"):
+                return None
+            values[key] = value
+    limit = values.pop("limit", 100)
+    if limit > 10000:
+        return None
+    offset = values.pop("offset", 0)
+    return NodeFilter(**values), limit, offset
 
 
 def _verify_chunk(txs: list[Tx], keys: list[str | None]) -> list[bool | None]:
@@ -461,8 +511,7 @@ def create_app(
         offset: int = Query(0, ge=0),
     ) -> Response:
         f = NodeFilter(country, city, farm, twin, free_cru, free_mru, free_sru, free_hru, status)
-        return _json(find_nodes(service.chain.state, f, now=int(service.clock()),
-                                limit=limit, offset=offset))
+        return Response(service.nodes_json(f, limit, offset), media_type="application/json")
 
     @app.get("/nodes/{node_id}", summary="A node, with its free capacity and status.")
     async def get_node(node_id: int) -> Response:

@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+import orjson
 from immutables import Map
 
 from zerostack.crypto import QuorumError, SignatureRequirement, hash_hex, verify
@@ -127,6 +128,7 @@ class Node:
     # derived once per version of the record: queries read them for thousands of nodes
     free: Capacity = field(init=False, compare=False)
     _view: dict[str, Any] | None = field(init=False, compare=False, repr=False)
+    _json: bytes | None = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         c, u, r = self.capacity, self.used, self.reserved
@@ -139,6 +141,7 @@ class Node:
         )
         object.__setattr__(self, "free", free)
         object.__setattr__(self, "_view", None)
+        object.__setattr__(self, "_json", None)
 
     def to_dict(self) -> dict[str, Any]:
         """The node as JSON; built once per record and shared, so callers must not mutate it."""
@@ -162,6 +165,14 @@ class Node:
             })
         assert self._view is not None
         return self._view
+
+    def to_json(self) -> bytes:
+        """`to_dict()` encoded (sorted keys), cached like it."""
+        if self._json is None:
+            object.__setattr__(self, "_json", orjson.dumps(self.to_dict(),
+                                                           option=orjson.OPT_SORT_KEYS))
+        assert self._json is not None
+        return self._json
 
 
 @dataclass(frozen=True, slots=True)
