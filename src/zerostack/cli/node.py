@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -77,8 +78,18 @@ def run(
     logging.basicConfig(stream=sys.stderr, level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request is noise
+    async def serve() -> None:
+        # SIGTERM stops the agent cleanly (its Zero-DB, connections, state file).
+        task = asyncio.current_task()
+        assert task is not None
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+        try:
+            await NodeAgent(cfg).run()
+        except asyncio.CancelledError:
+            pass
+
     try:
-        asyncio.run(NodeAgent(cfg).run())
+        asyncio.run(serve())
     except KeyboardInterrupt:
         pass
     except (LedgerError, RuntimeError, OSError) as exc:
@@ -104,3 +115,30 @@ def status(
                 ["contract", "workload", "type", "state", "message"],
                 [(w["contract"], w["name"], w["type"], w["state"], w["message"])
                  for w in snap["workloads"]])
+
+
+@app.command("create-farm")
+def create_farm(
+    name: str = typer.Argument(..., help="Farm name (unique on the ledger)."),
+    ledger: str = typer.Option("http://127.0.0.1:7700", "--ledger", envvar="ZEROSTACK_LEDGER",
+                               help="Ledger URL."),
+    identity: str = typer.Option("default", "--identity", "-i", envvar="ZEROSTACK_IDENTITY",
+                                 help="The farmer's identity (see `zerostack id`)."),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Create a farm owned by your twin (registered on first use); nodes join it with --farm."""
+    from zerostack.cli.identity import load_named
+    from zerostack.cli.output import console
+    from zerostack.ledger import LedgerClient, LedgerError
+
+    ident = load_named(identity)
+    try:
+        with LedgerClient(ledger) as client:
+            twin = client.register_twin(ident)
+            farm = client.create_farm(ident, name)
+    except LedgerError as exc:
+        fail(f"cannot create farm {name!r}: {exc}")
+    if json_out:
+        print_json({"farm": farm, "name": name, "owner": twin})
+    else:
+        console.print(f"farm [bold]{farm}[/] ({name}) owned by twin {twin}")

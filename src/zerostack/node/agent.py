@@ -172,8 +172,8 @@ class NodeAgent:
         self.state.close()
 
     async def run(self) -> None:
-        await self.start()
         try:
+            await self.start()
             try:
                 await self.reconcile_all()  # after a restart: converge before anything else
             except LedgerError as exc:
