@@ -100,6 +100,20 @@ def test_redis_cli_works_unchanged(zdb: ZdbProcess) -> None:
     assert "name: photos" in run("NSINFO", "photos")
     assert run("DBSIZE") == "1"
     assert run("DEL", "nope").endswith("Key not found")
+    assert run("EXISTS", "hello") == "1"
+    assert run("SET", "hello", "again") == "hello"
+    history = run("HISTORY", "hello").splitlines()
+    assert history[-1] == "again"
+    scan = run("SCAN").splitlines()
+    assert "hello" in scan
+    assert "server_name: 0-db (zdb)" in run("INFO")
+    assert len(run("TIME").splitlines()) == 2
+    assert run("NSSET", "photos", "password", "pw") == "OK"
+    assert run("NSSET", "photos", "public", "0") == "OK"
+    assert run("SELECT", "photos").endswith("Namespace protected and private")
+    assert run("AUTH", "x").endswith("Authentication disabled")
+    assert run("NSDEL", "photos") == "OK"
+    assert run("CONFIG", "GET", "save").endswith("Command not supported")
 
 
 def test_scan_rscan_keycur_and_history(zdb: ZdbProcess) -> None:
