@@ -1,8 +1,8 @@
 """RESP2 for Zero-DB: split a client's byte stream into requests and encode replies.
 
-Requests are arrays of bulk strings. hiredis does the parsing of complete frames; a small
-scanner checks the headers of an incomplete frame so that an oversized argument is refused
-from its declared size, before its bytes are buffered.
+Requests are arrays of bulk strings. hiredis does the parsing; when a read ends inside a
+token, a small scanner checks that token's header, so an oversized argument is refused
+from its declared size before its bytes are buffered.
 """
 
 from __future__ import annotations
