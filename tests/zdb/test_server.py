@@ -451,3 +451,22 @@ def test_garbage_on_the_wire_never_touches_stored_data(zdb: ZdbProcess) -> None:
     for k, v in stored.items():
         assert r.get(k) == v
     assert r.execute_command("DBSIZE") == len(stored)
+
+
+def test_requests_pipelined_behind_wait_keep_their_order(zdb: ZdbProcess) -> None:
+    with socket.create_connection(("127.0.0.1", zdb.port), timeout=10) as s:
+        s.sendall(b"*3\r\n$4\r\nWAIT\r\n$3\r\nDEL\r\n$4\r\n2000\r\n*1\r\n$4\r\nPING\r\n")
+        time.sleep(0.3)
+        other = zdb.client()
+        other.execute_command("SET", "k", "v")
+        assert err(other, "DEL", "nothere") == "Key not found"
+        got = b""
+        while len(got) < len(b"+DEL\r\n+PONG\r\n"):
+            got += s.recv(64)
+        assert got == b"+DEL\r\n+PONG\r\n"
+
+
+def test_hello_handshake(zdb: ZdbProcess) -> None:
+    got, closed = raw(zdb.port, b"*2\r\n$5\r\nHELLO\r\n$1\r\n3\r\n*2\r\n$5\r\nHELLO\r\n$1\r\n9\r\n")
+    assert got.startswith(b"%5\r\n") and b"$5\r\nproto\r\n:3\r\n" in got
+    assert got.endswith(b"-NOPROTO unsupported protocol version\r\n") and not closed
