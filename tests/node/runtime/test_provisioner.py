@@ -14,11 +14,14 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
 import pytest
+import redis
 
 from tests.conftest import ProcessGroup, zerostack_cmd
+from tests.flist.image import busybox_rootfs
 from tests.node.harness import Grid
 from tests.node.runtime.conftest import Env
 from zerostack.crypto import Identity, open_sealed, save_identity
+from zerostack.flist import Hub, ImageConfig, SignedFlist, build_dir, push_flist
 from zerostack.node.provisioners import NodeContext, ProvisionError, WorkloadID
 from zerostack.node.provisioners.container import ContainerProvisioner, parse_flist_ref
 from zerostack.node.runtime import ContainerRuntime, cgroup_dirs, sign_log_request
@@ -34,7 +37,7 @@ def test_flist_references() -> None:
         parse_flist_ref("127.0.0.1:9900", "")
 
 
-def test_provisioner_refuses_unlisted_publisher_and_serves_owner_logs(env: Env, tmp_path: Path) -> None:
+def test_provisioner_refuses_bad_images_and_serves_owner_logs(env: Env, tmp_path: Path) -> None:
     node = NodeContext(tmp_path / "node", Identity.generate())
     prov = ContainerProvisioner(node)
     wid = WorkloadID(7, "app")
@@ -44,6 +47,28 @@ def test_provisioner_refuses_unlisted_publisher_and_serves_owner_logs(env: Env, 
     with pytest.raises(ProvisionError, match="not among the publishers"):
         prov.provision(wid, spec, None)  # type: ignore[arg-type]
     assert prov.runtime.ids() == [] and not prov.exists(wid, spec)
+
+    # An image whose chunk was altered on the hub, and one whose manifest is unsigned.
+    root = busybox_rootfs(tmp_path / "img2")
+    (root / "etc" / "unique").write_text(str(tmp_path))
+    manifest, _ = build_dir(root, env.store, ImageConfig(entrypoint=("/bin/sh", "-c")))
+    bad = SignedFlist.sign(manifest, env.publisher)
+    with Hub(env.hub) as h:
+        push_flist(bad, env.store, h)
+    host, port = env.hub.split(":")
+    r = redis.Redis(host=host, port=int(port))
+    unique = next(e for e in manifest.entries if e.path == "etc/unique")
+    r.set(bytes.fromhex(unique.chunks[0]), b"tampered")  # a chunk no other image shares
+    tampered = spec.model_copy(update={"publishers": [env.publisher.public_hex],
+                                       "flist": f"{env.hub}/{bad.hash_hex}"})
+    with pytest.raises(ProvisionError, match="etc/unique does not match its hash"):
+        prov.provision(wid, tampered, None)  # type: ignore[arg-type]
+    unsigned = bad.to_dict()
+    del unsigned["signature"]
+    r.set(bytes.fromhex(bad.hash_hex), json.dumps(unsigned))
+    with pytest.raises(ProvisionError, match="unsigned"):
+        prov.provision(wid, tampered, None)  # type: ignore[arg-type]
+    assert prov.runtime.ids() == [] and bad.hash_hex not in prov.images.list()
 
     ok = spec.model_copy(update={"publishers": [env.publisher.public_hex]})
     try:
@@ -141,3 +166,16 @@ def test_container_deployed_by_contract_and_cancelled(env: Env, procs: ProcessGr
         proc.wait()
         for left in runtime.ids():
             runtime.delete(left)
+        _unmount_under(data)
+
+
+def _unmount_under(data: Path) -> None:
+    """Volumes a failed test left mounted (loop devices go with a lazy unmount + detach)."""
+    with open("/proc/self/mountinfo") as f:
+        points = [line.split()[4] for line in f if line.split()[4].startswith(str(data))]
+    for point in sorted(points, reverse=True):
+        subprocess.run(["umount", "-l", point], check=False)
+    for image in data.parent.rglob("*.img"):
+        out = subprocess.run(["losetup", "-j", str(image)], capture_output=True, text=True)
+        for line in out.stdout.splitlines():
+            subprocess.run(["losetup", "-d", line.split(":")[0]], check=False)

@@ -154,6 +154,12 @@ class ContainerProvisioner(Provisioner):
             return True
         return read_status(self.runtime.dir(cid)).get("state") == "exited"
 
+    def live_state(self, wid: WorkloadID, spec: Workload) -> tuple[str, str] | None:
+        """The container's init / ok / error right now (restarts, health), for reports."""
+        st = self.status(wid)
+        detail = st.message + (f" (restarts: {st.restarts})" if st.restarts else "")
+        return st.state, detail
+
     def status(self, wid: WorkloadID) -> ContainerStatus:
         """Live state for the node's report: init (starting / not yet healthy), ok, error."""
         return self.runtime.status(self.container_id(wid))
