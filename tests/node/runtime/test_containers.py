@@ -110,7 +110,7 @@ def test_health_checks_probe_inside_the_container_netns(env: Env) -> None:
         assert isinstance(s, ContainerStatus) and "200" in s.message
         env.runtime.start(ContainerSpec(
             id=dead, image_hash=env.image.hash, args=("exec sleep 1000",),
-            health=HealthProbe(port=9999, interval=0.1, grace=1.0), stop_timeout=0.3), env.image)
+            health=HealthProbe(port=9999, interval=0.1, grace=3.0), stop_timeout=0.3), env.image)
         assert env.runtime.status(dead).state == "init"
         s = wait_for(lambda: (x := env.runtime.status(dead)).state == "error" and x, what="unhealthy")
         assert isinstance(s, ContainerStatus) and "health check failing" in s.message
