@@ -102,6 +102,7 @@ def test_requirement_weight_is_checked() -> None:
 
 
 @given(deployments)
+@settings(deadline=None)
 def test_hash_is_stable_across_round_trip_and_ignores_contract_id(d: Deployment) -> None:
     again = Deployment.parse(d.to_dict())
     assert again.hash() == d.hash()
@@ -110,6 +111,7 @@ def test_hash_is_stable_across_round_trip_and_ignores_contract_id(d: Deployment)
 
 
 @given(deployments, st.integers(1, 1 << 30))
+@settings(deadline=None)
 def test_any_change_changes_the_hash(d: Deployment, v: int) -> None:
     assert d.model_copy(update={"version": d.version + v}).hash() != d.hash()
     assert d.model_copy(update={"metadata": "x"}).hash() != d.hash()
@@ -139,7 +141,7 @@ def test_multisig_two_of_three() -> None:
 
 
 @given(deployments, deployments)
-@settings(max_examples=60)
+@settings(max_examples=60, deadline=None)
 def test_diff_partitions_names(a: Deployment, b: Deployment) -> None:
     b = b.model_copy(update={"version": a.version + 1})
     a_types = {w.name: w.type for w in a.workloads}
