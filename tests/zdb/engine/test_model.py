@@ -191,3 +191,21 @@ def test_same_value_is_not_written_again(tmp_path: Path) -> None:
     assert ns.set(b"k", b"v") is None
     assert ns.position() == size
     engine.close()
+
+
+def test_reopening_changes_no_byte(tmp_path: Path) -> None:
+    engine = Engine(config(tmp_path))
+    ns = engine.namespace("default")
+    seq = engine.create_namespace("log")
+    seq.set_property("mode", "seq")
+    for i in range(100):
+        ns.set(b"k%d" % (i % 37), b"v%d" % i, 1_700_000_000 + i)
+        key = seq.set(b"", b"s%d" % i)
+        if i % 7 == 0:
+            seq.set(key, b"updated")
+        if i % 11 == 0:
+            ns.delete(b"k%d" % (i % 37))
+    engine.close()
+    files = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    Engine(config(tmp_path)).close()
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == files

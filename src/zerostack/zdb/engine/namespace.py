@@ -757,10 +757,9 @@ class Namespace:
         loc = self._slot(key)
         if loc is None:
             return None
-        raw = self._read_index(loc[0], loc[1], IENT)
-        if len(raw) < IENT:
-            return None
-        fields = _idx_unpack(raw, 0)
+        if self._early or self._late:
+            self.write_out()  # pending slot flags must be visible to the read below
+        fields = self._ientry(loc[0], loc[1])
         if fields[4] & FLAG_DELETED:
             return None
         return loc[0], loc[1], fields
