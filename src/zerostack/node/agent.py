@@ -279,9 +279,13 @@ class NodeAgent:
                 if report is not None:
                     reports.append((cid, report))
             if reports:
-                await self.link.submit_many("contract.report", [r for _, r in reports])
-                for cid, r in reports:
-                    self.state.set_reported(cid, hash_hex(r))
+                errors = await self.link.submit_many("contract.report",
+                                                     [r for _, r in reports])
+                # A rejected report (often: a nonce after an earlier rejection in the same
+                # batch) stays unreported, so the next pass sends it again.
+                for (cid, r), err in zip(reports, errors, strict=True):
+                    if not err:
+                        self.state.set_reported(cid, hash_hex(r))
 
     async def _view(self, cid: int, c: dict[str, Any] | None) -> ContractView | None:
         local = self.state.contract(cid)

@@ -123,21 +123,34 @@ class LedgerLink:
             raise AssertionError("unreachable")
 
     async def submit_many(self, ttype: str, payloads: list[dict[str, Any]]) -> list[str]:
-        """Submit a batch in one request; returns the error of each ('' when accepted)."""
+        """Submit a batch in one request; returns the error of each ('' when accepted).
+
+        A rejected transaction leaves a gap in the nonces, so the ones after it fail with
+        `bad_nonce`: those are signed again with fresh nonces and resubmitted.
+        """
+        errors = [""] * len(payloads)
+        todo = list(range(len(payloads)))
         async with self._submit_lock:
-            txs = [sign_tx(self.identity, ttype, self.twin_id, self._nonce + i, p)
-                   for i, p in enumerate(payloads)]
-            data = await self._post("/txs", txs)
-            errors = [str(r.get("error", "")) for r in data["results"]]
-            if any(errors):
-                for p, e in zip(payloads, errors, strict=True):
-                    if e:
+            for _ in range(3):
+                if not todo:
+                    break
+                txs = [sign_tx(self.identity, ttype, self.twin_id, self._nonce + k, payloads[i])
+                       for k, i in enumerate(todo)]
+                data = await self._post("/txs", txs)
+                retry = []
+                for i, r in zip(todo, data["results"], strict=True):
+                    errors[i] = str(r.get("error", ""))
+                    if r.get("code") == "bad_nonce":
+                        retry.append(i)
+                    elif errors[i]:
                         log.warning("event=submit_rejected type=%s contract=%s error=%r",
-                                    ttype, p.get("contract"), e)
-                await self._refresh_nonce()
-            else:
-                self._nonce += len(txs)
-            return errors
+                                    ttype, payloads[i].get("contract"), errors[i])
+                if any(errors[i] for i in todo):
+                    await self._refresh_nonce()
+                else:
+                    self._nonce += len(todo)
+                todo = retry
+        return errors
 
     # ---- contracts and events ---------------------------------------------------------
 
