@@ -251,3 +251,38 @@ def test_restart_keeps_state_and_verify_detects_edits(procs: ProcessGroup,
                          capture_output=True, check=False)
     assert bad.returncode == 1
     assert orjson.loads(bad.stdout)["bad_block"] == 3
+
+
+def test_deadline_expires_without_other_traffic(client: LedgerClient) -> None:
+    g = grid(client)
+    ids, twins = g["ids"], g["twins"]
+    cid = client.create_contract(ids["owner"], g["node"], deployment(11), sealed(),
+                                 requirement(twins["owner"], twins["s1"]),
+                                 deadline=int(time.time()) + 1, capacity={"cru": 1})
+    assert client.node(g["node"])["reserved"]["cru"] == 1  # type: ignore[index]
+    # the server cuts an empty block once the deadline has passed
+    c = client.wait_contract(cid, {"expired"}, timeout=6)
+    assert c["active"] is None
+    assert client.node(g["node"])["reserved"]["cru"] == 0  # type: ignore[index]
+    with pytest.raises(LedgerRejected) as info:
+        client.approve(ids["s1"], cid, deployment(11))
+    assert "expired" in str(info.value)
+
+
+def test_cli_queries(server: Server, client: LedgerClient) -> None:
+    g = grid(client)
+    cid = client.create_contract(g["ids"]["owner"], g["node"], deployment(12), sealed(),
+                                 requirement(g["twins"]["owner"]))
+
+    def cli(*args: str) -> Any:
+        out = subprocess.run([*zerostack_cmd(), "ledger", *args, "--ledger", server.url,
+                              "--json"], capture_output=True, check=True)
+        return orjson.loads(out.stdout)
+
+    assert cli("head")["height"] >= 1
+    assert cid in [c["id"] for c in cli("contracts", "--owner", str(g["twins"]["owner"]))]
+    assert cli("contract", str(cid))["state"] == "approved"
+    assert g["node"] in [n["id"] for n in cli("nodes", "--country", "BE")]
+    missing = subprocess.run([*zerostack_cmd(), "ledger", "contract", "9999", "--ledger",
+                              server.url], capture_output=True, check=False)
+    assert missing.returncode == 1 and b"does not exist" in missing.stderr

@@ -58,8 +58,9 @@ def serve(
     except LedgerError as exc:
         fail(str(exc))
     console.print(f"ledger {path} listening on http://{host}:{port}", highlight=False)
+    # long-polls would otherwise hold a graceful shutdown for their whole timeout
     uvicorn.run(application, host=host, port=int(port), log_level="warning", access_log=False,
-                loop="uvloop", http="httptools")
+                loop="uvloop", http="httptools", timeout_graceful_shutdown=3)
 
 
 @app.command("verify")

@@ -72,6 +72,7 @@ class LedgerService:
         self._pending_future: asyncio.Future[int] | None = None
         self._sealer: asyncio.Task[None] | None = None
         self._broken: str | None = None
+        self._closing = False
 
     # ---- lifecycle ----------------------------------------------------------------------
 
@@ -79,14 +80,14 @@ class LedgerService:
         self._sealer = asyncio.create_task(self._seal_loop(), name="ledger-sealer")
 
     async def stop(self) -> None:
+        """Write every accepted transaction, answer its waiters, then close the log."""
+        self._closing = True
+        self._wake.set()
         if self._sealer is not None:
-            self._sealer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sealer
-        # write what was accepted but not yet sealed
-        cut = self.chain.cut()
-        if cut is not None:
-            self.chain.commit(*cut)
+            try:
+                await asyncio.wait_for(self._sealer, timeout=30)
+            except (TimeoutError, asyncio.CancelledError):
+                log.error("event=sealer_stuck_at_shutdown")
         self._executor.shutdown(wait=False)
         self.log.close()
 
@@ -94,8 +95,9 @@ class LedgerService:
 
     async def submit(self, raws: list[Any]) -> list[dict[str, Any]]:
         """Check, verify and apply each transaction; answer once their block is committed."""
-        if self._broken:
-            raise LedgerError(f"the ledger stopped accepting transactions: {self._broken}",
+        if self._broken or self._closing:
+            why = self._broken or "it is shutting down"
+            raise LedgerError(f"the ledger stopped accepting transactions: {why}",
                               code="unavailable", status=503)
         results: list[dict[str, Any]] = [{} for _ in raws]
         parsed: list[tuple[int, Tx]] = []
@@ -186,8 +188,9 @@ class LedgerService:
     async def _seal_loop(self) -> None:
         last = 0.0
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=1.0)
+            if not self._closing:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), timeout=1.0)
             self._wake.clear()
             if self.block_interval:
                 wait = last + self.block_interval - _time.monotonic()
@@ -195,6 +198,8 @@ class LedgerService:
                     await asyncio.sleep(wait)
             cut = self.chain.cut(allow_empty=self.chain.pending is None and self.chain.deadline_due())
             if cut is None:
+                if self._closing:
+                    return
                 continue
             last = _time.monotonic()
             future, self._pending_future = self._pending_future, None
