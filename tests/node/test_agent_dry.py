@@ -41,3 +41,14 @@ def test_dry_node_follows_contract_lifecycle(procs: ProcessGroup, tmp_path: Path
     while (grid.client.node(node) or {}).get("last_heartbeat", 0) == 0:
         assert time.monotonic() < deadline, "no heartbeat"
         time.sleep(0.1)
+
+    # restarted with other settings: the same node, updated on the ledger
+    proc.kill()
+    proc.wait()
+    proc2, _, _ = grid.start_node("dry", "--dry", "--cpu", "1", "--country", "NL")
+    deadline = time.monotonic() + 20
+    while (grid.client.node(node) or {}).get("capacity", {}).get("cru") != 1:
+        assert proc2.poll() is None and time.monotonic() < deadline, grid.log_tail("dry")
+        time.sleep(0.1)
+    info = grid.client.node(node)
+    assert info["location"]["country"] == "NL" and len(grid.client.nodes()) == 1

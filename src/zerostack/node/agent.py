@@ -184,19 +184,23 @@ class NodeAgent:
             await self.stop()
 
     async def register(self) -> int:
-        """Register the node's twin and the node itself, once; later starts update nothing."""
+        """Register the node's twin and the node itself; on later starts, update the
+        ledger only if the capacity, farm, location or endpoint changed."""
         await self.link.ensure_twin(self.cfg.endpoint)
-        node = await self.link.node_of_twin()
-        if node is not None:
-            return int(node["id"])
-        cap = self.capacity.to_dict()
-        receipt = await self.link.submit("node.register", {
+        fields = {
             "farm": self.cfg.farm,
-            "capacity": cap,
+            "capacity": self.capacity.to_dict(),
             "location": {"country": self.cfg.country, "city": self.cfg.city},
             "endpoint": self.cfg.endpoint,
-        })
-        return int(receipt["node"])
+        }
+        node = await self.link.node_of_twin()
+        if node is None:
+            receipt = await self.link.submit("node.register", fields)
+            return int(receipt["node"])
+        if {k: node.get(k) for k in fields} != fields:
+            await self.link.submit("node.update", fields)
+            log.info("event=node_updated node=%s", node["id"])
+        return int(node["id"])
 
     # ---- loops ----------------------------------------------------------------------
 
