@@ -470,3 +470,15 @@ def test_hello_handshake(zdb: ZdbProcess) -> None:
     got, closed = raw(zdb.port, b"*2\r\n$5\r\nHELLO\r\n$1\r\n3\r\n*2\r\n$5\r\nHELLO\r\n$1\r\n9\r\n")
     assert got.startswith(b"%5\r\n") and b"$5\r\nproto\r\n:3\r\n" in got
     assert got.endswith(b"-NOPROTO unsupported protocol version\r\n") and not closed
+
+
+def test_server_wide_modes(zdb_start: ZdbStarter) -> None:
+    seq = zdb_start("--mode", "seq").client()
+    assert seq.execute_command("SET", "", "first") == (0).to_bytes(8, "little")
+    assert err(seq, "SET", "mykey", "v") == "Invalid key, only update authorized"
+    seq.execute_command("NSNEW", "other")
+    assert err(seq, "NSSET", "other", "mode", "user") == (
+        "This server instance is configured to use a single runtime mode")
+    user = zdb_start("--mode", "user").client()
+    assert user.execute_command("SET", "mykey", "v") == b"mykey"
+    assert err(user, "SET", "", "v") == "Invalid argument, key needed"
