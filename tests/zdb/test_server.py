@@ -143,7 +143,7 @@ def test_scan_rscan_keycur_and_history(zdb: ZdbProcess) -> None:
     assert walk("SCAN") == expected
     assert walk("RSCAN") == expected[::-1]
     cursor = r.execute_command("KEYCUR", keys[100])
-    assert isinstance(cursor, bytes)
+    assert isinstance(cursor, bytes) and len(cursor) == 17
     _, entries = r.execute_command("SCAN", cursor)
     assert entries[0][0] == keys[101]
     assert err(r, "KEYCUR", "missing") == "Key not found"
