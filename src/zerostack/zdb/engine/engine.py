@@ -6,6 +6,7 @@ import logging
 import time
 from pathlib import Path
 
+from zerostack.zdb.engine.compact import CompactReport, compact_namespace
 from zerostack.zdb.engine.config import EngineConfig, Mode
 from zerostack.zdb.engine.errors import ZdbError
 from zerostack.zdb.engine.format import NS_FILENAME
@@ -92,6 +93,19 @@ class Engine:
         self._unsynced.discard(ns)
         ns.remove_files()
         log.info("event=zdb.namespace.delete namespace=%s", name)
+
+    def compact_namespace(self, name: str, keep_history: int | None = None) -> CompactReport:
+        """Compact a namespace of this running engine (see compact.py). It runs to completion
+        before returning, so the caller is blocked meanwhile; the Namespace object stays
+        valid and serves the compacted files afterwards."""
+        ns = self.namespace(name)
+        ns.close()
+        self._dirty.discard(ns)
+        try:
+            return compact_namespace(self.config.index_dir, self.config.data_dir, name,
+                                     keep_history, self.config.datasize)
+        finally:
+            ns.reopen()
 
     def flush_all(self) -> None:
         """Hand every buffered write to the OS (not fsync)."""

@@ -1283,6 +1283,35 @@ class Namespace:
         (_kl, _ln, prev, crc, fl, ts), key, payload = found
         return key, prev, crc, fl, ts, payload
 
+    def replay_raw(self, key: bytes, flags: int, timestamp: int, payload: bytes) -> None:
+        """Apply one data entry read from a primary with `data_raw()` (log shipping).
+
+        Applying a primary's entries in order, with the same datasize, reproduces its data
+        and index files byte for byte: the index entries, history links and in-place flags
+        follow from the data. The primary already enforced lock, worm and maxsize, so they
+        are not checked again here. When the primary's stream moves on to file N+1 while
+        this namespace is still on N, call jump() first (the primary ran NSJUMP).
+        """
+        saved = (self.locked, self.frozen, self.worm, self.maxsize)
+        self.locked = self.frozen = self.worm = False
+        self.maxsize = 0
+        try:
+            if flags & FLAG_DELETED:
+                self.delete(key, timestamp)
+            elif self.mode is Mode.SEQ and len(key) == SEQ_KEY.size \
+                    and _seq_unpack(key)[0] == self._seq_next:
+                self.set(b"", payload, timestamp)
+            elif self.set(key, payload, timestamp) is None:
+                raise ZdbError(f"namespace {self.name}: replayed entry for {key!r} repeats the "
+                               "stored value; this namespace has diverged from its primary")
+        finally:
+            self.locked, self.frozen, self.worm, self.maxsize = saved
+
+    def reopen(self) -> None:
+        """Close and load the files again (after they were rewritten, e.g. by compaction)."""
+        self.close()
+        self._load()
+
     def position(self) -> tuple[int, int]:
         """(current data file id, offset where the next entry goes), for replication."""
         return self._data.fileid, self._data.size
