@@ -59,13 +59,15 @@ def test_entrypoint_env_memory_limit_restart_and_volume(env: Env) -> None:
         status = wait_for(lambda: (s := env.runtime.status(cid)).restarts >= 1
                           and s.state == "ok" and s, what="restart after OOM")
         assert isinstance(status, ContainerStatus)
-        assert status.last_exit == 137  # SIGKILL by the OOM killer
+        assert status.last_exit == 137 and status.oom_killed  # SIGKILL by the OOM killer
         assert (vol / "runs").read_text() == "run\nrun\n"
-        limit = next(p for p in cgroup_dirs(cid) if p.parent.parent.name == "memory")
-        assert int((limit / "memory.limit_in_bytes").read_text()) == 32 << 20
+        dirs = {p.parent.parent.name: p for p in cgroup_dirs(cid)}
+        assert int((dirs["memory"] / "memory.limit_in_bytes").read_text()) == 32 << 20
+        assert int((dirs["cpu"] / "cpu.cfs_quota_us").read_text()) == 100_000  # 1 core
+        assert (dirs["pids"] / "pids.max").read_text().strip() == "1024"
         logs = env.runtime.logs(cid)
         assert sum("stdout run hello s3cret 1" in line for line in logs) == 2
-        assert any("exited with 137" in line for line in logs)
+        assert any("exited with 137 (out of memory)" in line for line in logs)
         assert (env.runtime.dir(cid) / "bundle" / "config.json").stat().st_mode & 0o077 == 0
         assert "s3cret" not in (env.runtime.dir(cid) / "spec.json").read_text()
         pid = status.pid
@@ -84,6 +86,7 @@ def test_restart_policies(env: Env) -> None:
         s = wait_for(lambda: (x := env.runtime.status(never)).state == "error" and x,
                      what="never-restarted failure")
         assert isinstance(s, ContainerStatus) and s.last_exit == 3 and s.restarts == 0
+        assert not s.oom_killed
         env.runtime.start(ContainerSpec(id=always, image_hash=env.image.hash,
                                         args=("echo tick; exit 0",), restart="always"), env.image)
         wait_for(lambda: env.runtime.status(always).restarts >= 2, what="always restarting")

@@ -43,6 +43,7 @@ class ContainerStatus:
     restarts: int = 0
     last_exit: int | None = None
     pid: int | None = None
+    oom_killed: bool = False  # the last run was ended by the OOM killer
 
 
 class ContainerRuntime:
@@ -108,6 +109,7 @@ class ContainerRuntime:
             "restart": spec.restart, "stop_timeout": spec.stop_timeout,
             "log_max_bytes": spec.log_max_bytes, "log_keep": spec.log_keep,
             "image_cache": str(image_cache), "image_hash": image.hash,
+            "cgroup": cgroups_path(spec.id),
         }).encode())
         (d / "fingerprint").write_text(fingerprint)
         try:
@@ -188,8 +190,10 @@ class ContainerRuntime:
         msg = str(st.get("message", ""))
         alive = self.supervised(container_id)
 
+        oom = bool(st.get("oom_killed", False))
+
         def out(s: State, m: str, pid: int | None = None) -> ContainerStatus:
-            return ContainerStatus(s, m, restarts, last_exit, pid)
+            return ContainerStatus(s, m, restarts, last_exit, pid, oom)
 
         # "exited" and "error" are final: the shim may still be finishing its cleanup.
         if state == "exited" and last_exit == 0:

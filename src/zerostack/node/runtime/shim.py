@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from zerostack.node.runtime.logs import RotatingLog
+from zerostack.node.runtime.oom import OomWatch
 from zerostack.node.runtime.runc import Runc, mount_overlay, unmount
 from zerostack.node.runtime.statusfile import write_status
 
@@ -37,11 +38,13 @@ class Shim:
         self.stop = threading.Event()
         self.restarts = 0
         self.last_exit: int | None = None
+        self.oom_killed = False
         self.started_at = 0.0
 
     def status(self, state: str, message: str = "", **extra: Any) -> None:
         write_status(self.dir, state=state, message=message, restarts=self.restarts,
-                     last_exit=self.last_exit, started_at=self.started_at, **extra)
+                     last_exit=self.last_exit, oom_killed=self.oom_killed,
+                     started_at=self.started_at, **extra)
 
     def check_image(self) -> str:
         """'' when the image cache still matches its manifest, else why not."""
@@ -59,6 +62,7 @@ class Shim:
                       bundle / "rootfs")
         self.started_at = time.time()
         self.status("starting")
+        oom = OomWatch(self.cfg.get("cgroup", "")).start() if self.cfg.get("cgroup") else None
         proc = subprocess.Popen(
             self.runc.argv("run", "--bundle", str(bundle), self.id),
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -77,6 +81,8 @@ class Shim:
                 break
             except subprocess.TimeoutExpired:
                 pass
+            if oom is not None:
+                oom.poll()
             if not announced:
                 state = self.runc.state(self.id)
                 if state and state.get("status") == "running":
@@ -93,6 +99,7 @@ class Shim:
             t.join(timeout=2)
         # runc removes an exited container itself; a killed runc leaves it behind.
         self.runc.delete(self.id)
+        self.oom_killed = oom.stop(code) if oom is not None else False
         return code
 
     def main(self) -> int:
@@ -124,15 +131,16 @@ class Shim:
                     return 1
                 self.last_exit = code
                 ran = time.time() - self.started_at
-                log.write("shim", f"container exited with {code} after {ran:.1f}s".encode())
+                how = f"exited with {code}" + (" (out of memory)" if self.oom_killed else "")
+                log.write("shim", f"container {how} after {ran:.1f}s".encode())
                 if self.stop.is_set():
                     break
                 if policy == "never" or (policy == "on-failure" and code == 0):
-                    self.status("exited", f"exited with {code}")
+                    self.status("exited", how)
                     return 0
                 if ran > STABLE_AFTER:
                     backoff = BACKOFF_START
-                self.status("backoff", f"exited with {code}; restarting in {backoff:.1f}s",
+                self.status("backoff", f"{how}; restarting in {backoff:.1f}s",
                             retry_at=time.time() + backoff)
                 if self.stop.wait(backoff):
                     break
