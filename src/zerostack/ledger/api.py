@@ -208,10 +208,11 @@ class LedgerService:
             except Exception as exc:  # the log is unusable: stop accepting, tell the waiters
                 self._broken = str(exc)
                 log.error("event=commit_failed height=%d error=%r", cut[0].height, str(exc))
-                if future is not None and not future.done():
-                    future.set_exception(
-                        LedgerError(f"cannot write block: {exc}", code="unavailable", status=503)
-                    )
+                # fail this block's waiters and those of the block filling behind it
+                for waiting in (future, self._pending_future):
+                    if waiting is not None and not waiting.done():
+                        waiting.set_exception(LedgerError(
+                            f"cannot write block: {exc}", code="unavailable", status=503))
                 return
             if future is not None and not future.done():
                 future.set_result(cut[0].height)
@@ -230,7 +231,8 @@ class LedgerService:
         head = self.chain.height
         upper = min(head, since + MAX_EVENT_BLOCKS)
         if upper <= since:
-            return {"head": head, "next": max(since, 0) if since <= head else head, "events": []}
+            # a client ahead of the head (a ledger rebuilt from scratch) is sent back to it
+            return {"head": head, "next": min(since, head), "events": []}
         rows = await asyncio.to_thread(self.log.txs_between, since, upper)
         events = []
         for row in rows:

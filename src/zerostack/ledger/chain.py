@@ -178,7 +178,7 @@ def _replay_block(
     txs: list[Tx] = []
     for i, raw in enumerate(raw_txs):
         try:
-            txs.append(parse_tx(raw))
+            txs.append(parse_tx(raw, canonical_checked=True))
         except LedgerRejected as exc:
             raise BadBlock(height, f"transaction {i}: {exc}") from None
     if header["tx_count"] != len(txs):

@@ -8,7 +8,6 @@ ordering and HTTP live in other modules.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -330,13 +329,11 @@ def genesis() -> State:
 
 
 def _replace(obj: Any, **changes: Any) -> Any:
-    """`dataclasses.replace`, several times faster for records without `__post_init__`
-    (State is replaced twice per transaction: this is on the hot path)."""
+    """`dataclasses.replace`, but several times faster: State is replaced twice per
+    transaction, so this is on the hot path."""
     cls = type(obj)
     fast = _REPLACERS.get(cls)
     if fast is None:
-        if hasattr(cls, "__post_init__"):
-            return dataclasses.replace(obj, **changes)
         fast = _REPLACERS[cls] = _compile_replacer(cls)
     return fast(obj, changes)
 
@@ -351,8 +348,10 @@ def _compile_replacer(cls: type) -> Any:
     body += [f"    _set(new, {n!r}, changes.pop({n!r}) if {n!r} in changes else obj.{n})"
              for n in names]
     body += ["    if changes:",
-             "        raise TypeError(f'{cls.__name__} has no field(s) {sorted(changes)}')",
-             "    return new"]
+             "        raise TypeError(f'{cls.__name__} has no field(s) {sorted(changes)}')"]
+    if hasattr(cls, "__post_init__"):  # derived fields (Node.free...) are recomputed
+        body.append("    new.__post_init__()")
+    body.append("    return new")
     scope: dict[str, Any] = {"_new": object.__new__, "_set": object.__setattr__, "cls": cls}
     exec("\n".join(body), scope)
     return scope["replace"]

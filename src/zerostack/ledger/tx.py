@@ -12,9 +12,11 @@ import re
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
+import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from zerostack.crypto import CanonicalError, Identity, hash_obj
+from zerostack.crypto.canonical import hash_bytes
 from zerostack.ledger.errors import HTTP_STATUS, LedgerRejected
 
 MAX_TX_BYTES = 128 * 1024
@@ -250,11 +252,13 @@ def _first_error(exc: ValidationError, prefix: str) -> str:
     return f"{prefix}{where or 'value'}: {err['msg']}"
 
 
-def parse_tx(data: Any) -> Tx:
+def parse_tx(data: Any, *, canonical_checked: bool = False) -> Tx:
     """Check a decoded JSON transaction's shape and payload; raise `LedgerRejected` if wrong.
 
     This is the hot path of submission, so the envelope is checked by hand (a pydantic
     model would cost more than the rest of the work) and the payload by its model.
+    `canonical_checked` says the caller already checked that `data` has a canonical JSON
+    form (replay checks whole blocks at once), so only the hash is left to take.
     """
     if not isinstance(data, dict):
         raise _reject("malformed", "a transaction is a JSON object")
@@ -285,10 +289,14 @@ def parse_tx(data: Any) -> Tx:
         parsed = model.model_validate(payload)
     except ValidationError as exc:
         raise _reject("invalid", _first_error(exc, f"{ttype} payload: ")) from None
-    try:
-        digest = hash_obj({"type": ttype, "sender": sender, "nonce": nonce, "payload": payload})
-    except CanonicalError as exc:
-        raise _reject("invalid", f"payload: {exc}") from None
+    body = {"type": ttype, "sender": sender, "nonce": nonce, "payload": payload}
+    if canonical_checked:
+        digest = hash_bytes(orjson.dumps(body, option=orjson.OPT_SORT_KEYS))
+    else:
+        try:
+            digest = hash_obj(body)
+        except CanonicalError as exc:
+            raise _reject("invalid", f"payload: {exc}") from None
     return Tx(ttype, sender, nonce, parsed, payload, binascii.unhexlify(signature), digest)
 
 
