@@ -232,6 +232,7 @@ class Namespace:
         self.locked = False
         self.frozen = False
         self.maxsize = 0
+        self._seqmode = False
         self.mode = Mode.USER
         self._readers = Readers()
         self._keys: dict[bytes, int] = {}
@@ -247,12 +248,21 @@ class Namespace:
         self._bytes = 0
         self._data_prev = 0
         self._idx_prev = 0
-        self._idx_prev_fid = -1
         self._index: AppendFile
         self._data: AppendFile
         if create_mode is not None:
             self._create(create_mode)
         self._load()
+
+    @property
+    def mode(self) -> Mode:
+        """USER or SEQ (from the index file header)."""
+        return self._mode
+
+    @mode.setter
+    def mode(self, value: Mode) -> None:
+        self._mode = value
+        self._seqmode = value is Mode.SEQ
 
     # ----------------------------------------------------------------- files
 
@@ -404,7 +414,6 @@ class Namespace:
         self._bytes = 0
         self._data_prev = 0
         self._idx_prev = 0
-        self._idx_prev_fid = -1
 
     def _load_once(self) -> bool:
         """Load every file pair; False when a torn entry was cut and loading must restart."""
@@ -448,7 +457,7 @@ class Namespace:
                     f.truncate(end)
                 self._map(fid)
             if last_off:
-                self._idx_prev, self._idx_prev_fid = last_off, fid
+                self._idx_prev = last_off
             if fid != last:
                 self._closed_isizes.append(end)
                 self._closed_dsizes.append(self._dpath(fid).stat().st_size)
@@ -458,10 +467,8 @@ class Namespace:
                     self._seq_bases.append(self._seq_next)
         self._index = AppendFile(self._ipath(last), last)
         self._data = AppendFile(self._dpath(last), last)
-        if self.mode is Mode.USER:
-            if unflagged != len(self._keys):
-                self._finish_overwrites(pairs)
-            self._count = len(self._keys)
+        if self.mode is Mode.USER and unflagged != len(self._keys):
+            self._finish_overwrites(pairs)
         if newest is not None and not self._verify_newest(newest):
             return False
         self._recover_data_tail(newest)
@@ -604,7 +611,6 @@ class Namespace:
             if p is None:
                 return
             fid, ioff = p >> 32, p & U32
-            self._count -= 1
             self._bytes -= self._ientry(fid, ioff)[2]
         else:
             loc = self._slot(key)
@@ -771,7 +777,7 @@ class Namespace:
         # The hot path of the server: attribute lookups and calls are kept to a minimum.
         if self.locked or self.frozen:
             self._check_writable()
-        if self.mode is not Mode.USER:
+        if self._seqmode:
             return self._seq_set(key, value, timestamp)
         kl = len(key)
         if not 0 < kl <= MAX_KEY:
@@ -815,7 +821,6 @@ class Namespace:
         ioff = ix.disk_size + len(ibuf)
         if old is None:
             ibuf += _IDX_WITH_KEY[kl](kl, doff, vl, self._idx_prev, 0, fid, ts, crc, 0, 0, key)
-            self._count += 1
         else:
             ofid = old >> 32
             ooff = old & U32
@@ -824,7 +829,6 @@ class Namespace:
             self._flag_deleted(ofid, ooff, True)
             self._bytes -= floating
         self._idx_prev = ioff
-        self._idx_prev_fid = fid
         self._bytes += vl
         keys[key] = fid << 32 | ioff
         if self._sync:
@@ -856,7 +860,6 @@ class Namespace:
             ioff = ix.size
             ix.buf += _idx_pack(kl, doff, vl, self._idx_prev, 0, d.fileid, ts, crc, 0, 0) + key
             self._idx_prev = ioff
-            self._idx_prev_fid = ix.fileid
             self._seq_next += 1
             self._count += 1
             self._bytes += vl
@@ -885,7 +888,6 @@ class Namespace:
         ix.buf += _idx_pack(kl, odoff, oln, self._idx_prev, ofl | FLAG_DELETED, odid or sfid,
                             ots, ocrc, opid, opoff) + key
         self._idx_prev = copy_off
-        self._idx_prev_fid = ix.fileid
         self._seq_next += 1
         image = _idx_pack(kl, doff, vl, oprev, 0, d.fileid, ts, crc, ix.fileid, copy_off) + key
         if not (sfid == ix.fileid and ix.patch(soff, image)):
@@ -1008,9 +1010,10 @@ class Namespace:
         d.buf += _dat_pack(kl, 0, self._data_prev, 0, FLAG_DELETED, ts) + key
         self._data_prev = doff
         self._flag_deleted(ifid, ioff, False)
-        if self.mode is Mode.USER:
+        if self._seqmode:
+            self._count -= 1
+        else:
             del self._keys[key]
-        self._count -= 1
         self._bytes -= ln
         self._written()
 
@@ -1028,7 +1031,8 @@ class Namespace:
         return None if loc is None else encode_cursor(loc[0], loc[1])
 
     def dbsize(self) -> int:
-        return self._count
+        """Live keys (user mode: the key dict's size; sequential: a counter)."""
+        return self._count if self._seqmode else len(self._keys)
 
     # ----------------------------------------------------------------- scans
 
@@ -1055,12 +1059,11 @@ class Namespace:
             if size > IHEAD:
                 if self.mode is Mode.SEQ:
                     return fid, size - SEQ_ENTRY_SIZE
-                if fid == self._idx_prev_fid:
-                    return fid, self._idx_prev
-                # the first entry of the next non-empty file links back to our last one
+                # the first entry of the next non-empty file links back to our last one;
+                # without one, the newest entry of all is ours
                 nxt = self._first_pos(fid + 1)
                 if nxt is None:
-                    return None
+                    return fid, self._idx_prev
                 fields, _k = self._entry_at(*nxt)
                 return fid, fields[3]
             fid -= 1
@@ -1193,7 +1196,7 @@ class Namespace:
         isize = sum(self._closed_isizes) + self._index.size
         info: dict[str, str | int] = {
             "name": self.name,
-            "entries": self._count,
+            "entries": self.dbsize(),
             "public": "yes" if self.public else "no",
             "worm": "yes" if self.worm else "no",
             "locked": "yes" if self.locked else "no",
