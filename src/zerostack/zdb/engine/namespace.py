@@ -133,7 +133,8 @@ def _index_offsets(raw: mmap.mmap | bytes) -> tuple[Sequence[int], list[bytes], 
     end = IHEAD + count * step
     if kl0 and raw[IHEAD:end:step] == bytes([kl0]) * count:
         getkey = struct.Struct(f"<{IENT}x{kl0}s").iter_unpack
-        keys = list(map(itemgetter(0), getkey(memoryview(raw)[IHEAD:end])))
+        with memoryview(raw) as view:  # released at once: a map with exports cannot close
+            keys = list(map(itemgetter(0), getkey(view[IHEAD:end])))
         offs: Sequence[int] = range(IHEAD, end, step)
         if end == n or end + IENT > n:
             return offs, keys, end
