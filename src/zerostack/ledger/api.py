@@ -107,6 +107,9 @@ class LedgerService:
             except LedgerRejected as exc:
                 results[i] = {"error": str(exc), "code": exc.code}
         checks = await self._verify([tx for _, tx in parsed])
+        if self._closing:  # the sealer may be gone: accept nothing it would not write
+            raise LedgerError("the ledger stopped accepting transactions: it is shutting down",
+                              code="unavailable", status=503)
         future: asyncio.Future[int] | None = None
         accepted: list[int] = []
         for (i, tx), ok in zip(parsed, checks, strict=True):
