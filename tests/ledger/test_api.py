@@ -19,7 +19,7 @@ import pytest
 from tests.conftest import ProcessGroup, free_port, wait_for_port, zerostack_cmd
 from tests.ledger.world import GiB, deployment, requirement, sealed
 from zerostack.crypto import Identity
-from zerostack.ledger import AsyncLedgerClient, LedgerClient, LedgerRejected, sign_tx
+from zerostack.ledger import AsyncLedgerClient, LedgerClient, LedgerError, LedgerRejected, sign_tx
 
 
 @dataclass
@@ -286,3 +286,19 @@ def test_cli_queries(server: Server, client: LedgerClient) -> None:
     missing = subprocess.run([*zerostack_cmd(), "ledger", "contract", "9999", "--ledger",
                               server.url], capture_output=True, check=False)
     assert missing.returncode == 1 and b"does not exist" in missing.stderr
+
+
+def test_follow_and_wait_for_timeout(client: LedgerClient) -> None:
+    ident = Identity.generate()
+    since = client.head()["height"]
+    twin = client.register_twin(ident)
+    client.register_name(ident, f"follow-{twin}")
+    seen = []
+    for event in client.follow(since, twin=twin):
+        seen.append(event["type"])
+        if len(seen) == 2:
+            break
+    assert seen == ["twin.register", "name.register"]
+    with pytest.raises(LedgerError) as info:
+        client.wait_for(lambda: None, timeout=0.3)
+    assert info.value.code == "timeout"

@@ -8,8 +8,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.ledger.world import World, deployment, sealed
-from zerostack.crypto import Identity, verify
-from zerostack.ledger.errors import Rejected
+from zerostack.crypto import CanonicalError, Identity, verify
+from zerostack.ledger.errors import HTTP_STATUS, LedgerRejected, Rejected
 from zerostack.ledger.state import (
     CONTRACT_STATES,
     FINAL_STATES,
@@ -20,6 +20,7 @@ from zerostack.ledger.state import (
     genesis,
     tick,
 )
+from zerostack.ledger.tx import PAYLOADS
 
 USERS = 3
 
@@ -219,3 +220,41 @@ def test_invariants_hold_for_random_sequences(steps: list[tuple[Any, ...]]) -> N
             assert not isinstance(result, Rejected), result
             state = result[0]
     assert views(tick(state, w.time)) == views(tick(w.state, w.time))
+
+
+FIELDS = sorted({name for model in PAYLOADS.values() for name in model.model_fields}
+                | {"junk"})
+leaf = st.one_of(
+    st.integers(-1, 6), st.booleans(), st.none(), st.text(max_size=8),
+    st.sampled_from([deployment(0), "ab" * 64, sealed(), "BE", "ok", "init", "deleted"]),
+)
+value = st.recursive(
+    leaf,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=3),
+        st.dictionaries(st.sampled_from(["twin", "weight", "required", "requests",
+                                         "weight_required", "country", "cru", "mru",
+                                         "name", "state"]), inner, max_size=4),
+    ),
+    max_leaves=8,
+)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.sampled_from(sorted(PAYLOADS)), st.dictionaries(st.sampled_from(FIELDS), value,
+                                                          max_size=6),
+       st.integers(0, USERS + 1))
+def test_any_payload_is_applied_or_rejected_never_crashes(ttype: str, payload: dict[str, Any],
+                                                          who: int) -> None:
+    w, users, nodes = build()
+    everyone = users + [t for _, t in nodes]
+    twin = everyone[who]
+    before = w.state
+    try:
+        tx = w.tx(twin, ttype, payload)
+    except (LedgerRejected, CanonicalError):
+        return  # refused at the door: fine
+    result = w.apply_tx(tx)
+    if isinstance(result, Rejected):
+        assert result.code in HTTP_STATUS
+        assert views(w.state) == views(tick(before, w.time))
