@@ -87,6 +87,8 @@ _pread = os.pread
 _crc = _crc32c.crc32c
 _now = time.time
 _DELETED_BYTE = bytes([FLAG_DELETED])
+_SEQ_FIELDS = struct.Struct(f"<xII4xBI{SEQ_ENTRY_SIZE - 18}x").iter_unpack
+_LOW_BIT = bytes(b & FLAG_DELETED for b in range(256))  # translate table: flags -> deleted bit
 # entry header + key in one pack() call, one struct per key length
 _IDX_WITH_KEY = [struct.Struct(f"<BIIIBIIIII{n}s").pack for n in range(MAX_KEY + 1)]
 _DAT_WITH_KEY = [struct.Struct(f"<BIIIBI{n}s").pack for n in range(MAX_KEY + 1)]
@@ -497,29 +499,36 @@ class Namespace:
 
     def _replay_seq_index(self, raw: mmap.mmap, fid: int
                           ) -> tuple[int, int, tuple[int, int, int, int, int] | None]:
-        off = IHEAD
+        """Count the live slots of sequential index file `fid` (all entries are 42 bytes, so
+        fields are gathered with strided slices and iter_unpack, without a loop per entry).
+
+        Returns (end of the last whole entry, offset of the last entry or 0, position of the
+        entry pointing at the newest data)."""
         n = len(raw)
-        last = 0
-        newest: tuple[int, int, int, int, int] | None = None
-        count = 0
-        total = 0
-        unpack = _idx_unpack
-        while off + SEQ_ENTRY_SIZE <= n:
-            kl, doff, ln, _p, fl, did, _ts, _crc, _pi, _po = unpack(raw, off)
-            if kl != SEQ_KEY.size or doff < DHEAD:
-                break
-            dfid = did or fid
-            pos = (dfid, doff, doff + DENT + kl + ln, fid, off)
-            if newest is None or pos[:2] > newest[:2]:
-                newest = pos
-            if not fl & FLAG_DELETED:
-                count += 1
-                total += ln
-            last = off
-            off += SEQ_ENTRY_SIZE
-        self._count += count
+        count = (n - IHEAD) // SEQ_ENTRY_SIZE
+        end = IHEAD + count * SEQ_ENTRY_SIZE
+        if count and raw[IHEAD:end:SEQ_ENTRY_SIZE] != bytes([SEQ_KEY.size]) * count:
+            # a key length other than 8: the file is torn or damaged from that entry on
+            lengths = raw[IHEAD:end:SEQ_ENTRY_SIZE]
+            bad = next(i for i, c in enumerate(lengths) if c != SEQ_KEY.size)
+            count = bad
+            end = IHEAD + count * SEQ_ENTRY_SIZE
+        if not count:
+            return end, 0, None
+        with memoryview(raw) as view:
+            fields = list(_SEQ_FIELDS(view[IHEAD:end]))  # (doff, length, flags, data id)
+        deleted = raw[IHEAD + INDEX_FLAGS_AT:end:SEQ_ENTRY_SIZE].translate(_LOW_BIT)
+        live = count - deleted.count(1)
+        if live == count:
+            total = sum(f[1] for f in fields)
+        else:
+            total = sum(f[1] for f, d in zip(fields, deleted, strict=True) if not d)
+        i, (doff, ln, _fl, did) = max(enumerate(fields), key=lambda e: (e[1][3] or fid, e[1][0]))
+        newest = (did or fid, doff, doff + DENT + SEQ_KEY.size + ln, fid,
+                  IHEAD + i * SEQ_ENTRY_SIZE)
+        self._count += live
         self._bytes += total
-        return off, last, newest
+        return end, end - SEQ_ENTRY_SIZE, newest
 
     def _read_data_entry(self, fid: int, doff: int) -> tuple[tuple[int, ...], bytes, bytes] | None:
         """(header fields, key, payload) of the data entry at (fid, doff), None if torn."""
