@@ -117,10 +117,16 @@ class ContainerRuntime:
         except FileNotFoundError:
             pass
         self._health.pop(spec.id, None)
-        subprocess.run([self.python, "-m", "zerostack.node.runtime.shim", str(d)],
-                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                       stderr=open(d / "shim.log", "ab"), close_fds=True, check=True,  # noqa: SIM115
-                       timeout=30)
+        # The shim forks and detaches at once; this only waits for that first step.
+        try:
+            with open(d / "shim.log", "ab") as shim_log:
+                subprocess.run([self.python, "-m", "zerostack.node.runtime.shim", str(d)],
+                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                               stderr=shim_log, close_fds=True, check=True, timeout=30)
+        except (subprocess.SubprocessError, OSError) as exc:
+            tail = (d / "shim.log").read_text(errors="replace")[-300:]
+            raise ContainerError(f"container {spec.id}: supervisor failed to start: {exc} {tail}"
+                                 ) from None
         return self._settled(spec.id, wait)
 
     def _settled(self, container_id: str, wait: float) -> ContainerStatus:
