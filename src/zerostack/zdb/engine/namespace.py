@@ -754,9 +754,9 @@ class Namespace:
 
     def _check_writable(self) -> None:
         if self.frozen:
-            raise ZdbError("Namespace is temporarily frozen")
+            raise ZdbError("Namespace is temporarily frozen (read-write disabled)")
         if self.locked:
-            raise ZdbError("Namespace is in read-only mode")
+            raise ZdbError("Namespace is temporarily locked (read-only)")
 
     def _slot(self, key: bytes) -> tuple[int, int] | None:
         """(index file id, offset) of sequential key `key`, None if it was never assigned."""
@@ -914,7 +914,7 @@ class Namespace:
     def get(self, key: bytes) -> bytes | None:
         """GET: the value of `key`, or None."""
         if self.frozen:
-            raise ZdbError("Namespace is temporarily frozen")
+            raise ZdbError("Namespace is temporarily frozen (read-write disabled)")
         p = self._keys.get(key)
         if p is None:
             if self.mode is Mode.SEQ:
@@ -964,7 +964,7 @@ class Namespace:
 
     def exists(self, key: bytes) -> bool:
         if self.frozen:
-            raise ZdbError("Namespace is temporarily frozen")
+            raise ZdbError("Namespace is temporarily frozen (read-write disabled)")
         if self.mode is Mode.SEQ:
             return self._seq_entry(key) is not None
         return key in self._keys
@@ -972,7 +972,7 @@ class Namespace:
     def _locate(self, key: bytes) -> tuple[int, int, int, int, int, int, int] | None:
         """(index fid, index offset, data fid, data offset, length, crc, ts) of a live key."""
         if self.frozen:
-            raise ZdbError("Namespace is temporarily frozen")
+            raise ZdbError("Namespace is temporarily frozen (read-write disabled)")
         if self.mode is Mode.SEQ:
             found = self._seq_entry(key)
             if found is None:
@@ -1095,7 +1095,7 @@ class Namespace:
         ZdbError('No more data') when nothing is left.
         """
         if self.frozen:
-            raise ZdbError("Namespace is temporarily frozen")
+            raise ZdbError("Namespace is temporarily frozen (read-write disabled)")
         pos: tuple[int, int] | None
         if cursor is None:
             pos = self._last_pos(self._index.fileid) if reverse else self._first_pos(0)
