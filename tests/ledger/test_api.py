@@ -283,6 +283,12 @@ def test_cli_queries(server: Server, client: LedgerClient) -> None:
     assert cid in [c["id"] for c in cli("contracts", "--owner", str(g["twins"]["owner"]))]
     assert cli("contract", str(cid))["state"] == "approved"
     assert g["node"] in [n["id"] for n in cli("nodes", "--country", "BE")]
+    assert cli("block", "1")["height"] == 1
+    out = subprocess.run([*zerostack_cmd(), "ledger", "events", "--since", "0", "--contract",
+                          str(cid), "--ledger", server.url, "--json"],
+                         capture_output=True, check=True)
+    assert [orjson.loads(line)["type"] for line in out.stdout.splitlines()] == [
+        "contract.create"]
     missing = subprocess.run([*zerostack_cmd(), "ledger", "contract", "9999", "--ledger",
                               server.url], capture_output=True, check=False)
     assert missing.returncode == 1 and b"does not exist" in missing.stderr

@@ -193,3 +193,92 @@ def register_twin(name: str, url: str = LedgerUrl, json_out: bool = JsonOut) -> 
         print_json({"name": name, "twin": twin_id, "public": ident.public_hex})
     else:
         console.print(f"{name} is twin {twin_id}", highlight=False)
+
+
+@app.command("block")
+def block(height: int, url: str = LedgerUrl, json_out: bool = JsonOut) -> None:
+    """Show a block: header, hash and transactions."""
+    data = _run(lambda: _client(url).block(height))
+    if data is None:
+        fail(f"block {height} does not exist")
+    if json_out:
+        print_json(data)
+        return
+    console.print(f"block {data['height']} hash {data['hash']} time {data['time']} "
+                  f"prev {data['prev_hash']}", highlight=False)
+    print_table(f"{data['tx_count']} transactions", ["type", "sender", "nonce"],
+                [[t["type"], t["sender"], t["nonce"]] for t in data["txs"]])
+
+
+@app.command("twins")
+def twins(url: str = LedgerUrl, json_out: bool = JsonOut) -> None:
+    """List twins."""
+    data = _run(lambda: _client(url).twins(limit=10000))
+    if json_out:
+        print_json(data)
+        return
+    print_table("twins", ["id", "public key", "next nonce"],
+                [[t["id"], t["public_key"], t["nonce"]] for t in data])
+
+
+@app.command("farms")
+def farms(url: str = LedgerUrl, json_out: bool = JsonOut) -> None:
+    """List farms."""
+    data = _run(lambda: _client(url).farms(limit=10000))
+    if json_out:
+        print_json(data)
+        return
+    print_table("farms", ["id", "name", "owner"], [[f["id"], f["name"], f["owner"]] for f in data])
+
+
+@app.command("templates")
+def templates(url: str = LedgerUrl, json_out: bool = JsonOut) -> None:
+    """List published templates."""
+    data = _run(lambda: _client(url).templates(limit=10000))
+    if json_out:
+        print_json(data)
+        return
+    print_table("templates", ["hash", "name", "version", "author"],
+                [[t["hash"], t["name"], t["version"], t["author"]] for t in data])
+
+
+@app.command("names")
+def names(url: str = LedgerUrl, json_out: bool = JsonOut) -> None:
+    """List registered gateway names."""
+    data = _run(lambda: _client(url).names(limit=10000))
+    if json_out:
+        print_json(data)
+        return
+    print_table("names", ["name", "owner"], [[n["name"], n["owner"]] for n in data])
+
+
+@app.command("events")
+def events(
+    since: int = typer.Option(0, help="Start after this block height."),
+    follow: bool = typer.Option(False, "--follow", "-f", help="Keep waiting for new blocks."),
+    node: int = typer.Option(None, help="Only events about this node."),
+    contract: int = typer.Option(None, help="Only events about this contract."),
+    url: str = LedgerUrl,
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object per line."),
+) -> None:
+    """Print committed transactions after a height (with --follow, as they come)."""
+    import orjson
+
+    client = _client(url)
+
+    def show(batch: dict[str, Any]) -> None:
+        for e in batch["events"]:
+            if json_out:
+                print(orjson.dumps(e).decode(), flush=True)
+            else:
+                console.print(f"{e['height']:>6} {e['type']:<18} sender {e['sender']} "
+                              f"{orjson.dumps(e['receipt']).decode()}", highlight=False)
+
+    cursor = since
+    while True:
+        batch = _run(lambda c=cursor: client.events(c, timeout=25.0 if follow else 0.0,
+                                                    node=node, contract=contract))
+        show(batch)
+        if not follow and batch["next"] >= batch["head"]:
+            return
+        cursor = batch["next"]

@@ -308,6 +308,10 @@ class LedgerClient:
     def twin(self, twin_id: int) -> dict[str, Any] | None:
         return self._get_or_none(f"/twins/{twin_id}")
 
+    def twins(self, **filters: Any) -> list[dict[str, Any]]:
+        """Filters: key (public hex), limit, offset."""
+        return self._request("GET", "/twins", params=_params(filters))
+
     def twin_by_key(self, public_hex: str) -> dict[str, Any] | None:
         found = self._request("GET", "/twins", params={"key": public_hex})
         return found[0] if found else None
@@ -566,6 +570,9 @@ class AsyncLedgerClient:
 
     async def twin(self, twin_id: int) -> dict[str, Any] | None:
         return await self._get_or_none(f"/twins/{twin_id}")
+
+    async def twins(self, **filters: Any) -> list[dict[str, Any]]:
+        return await self._request("GET", "/twins", params=_params(filters))
 
     async def twin_by_key(self, public_hex: str) -> dict[str, Any] | None:
         found = await self._request("GET", "/twins", params={"key": public_hex})
