@@ -146,3 +146,36 @@ def test_same_spec_is_idempotent_and_changed_cache_is_refused(env: Env) -> None:
 
         with Hub(env.hub) as h:  # repair the shared image for the other tests
             env.image = env.cache.fetch(h, env.image.hash, [env.publisher.public_hex])
+
+
+def test_isolation_seen_from_inside(env: Env) -> None:
+    cid = env.new_id("iso")
+    script = ("id; hostname; grep -E '^(CapEff|CapBnd|NoNewPrivs|Seccomp):' /proc/self/status; "
+              "echo pids $(ls /proc | grep -cE '^[0-9]+$') $(test -d /proc/1 && echo has-1); "
+              "echo ifaces $(tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' '); "
+              "cat /proc/kcore > /dev/null 2>&1 && echo kcore-readable || echo kcore-masked; "
+              "echo x > /proc/sys/kernel/hostname 2>/dev/null && echo sys-writable || echo sys-ro; "
+              "echo x > /bin/new && echo rootfs-writable")
+    spec = ContainerSpec(id=cid, image_hash=env.image.hash, args=(script,), user="app",
+                         hostname="box", restart="never")
+    try:
+        env.runtime.start(spec, env.image)
+        wait_for(lambda: env.runtime.status(cid).last_exit is not None, what="exit")
+        lines = env.runtime.logs(cid)
+        out = "\n".join(line.split(" ", 2)[2] for line in lines
+                        if " stdout " in line)
+    finally:
+        env.runtime.delete(cid)
+    assert "uid=1000(app) gid=1000(app)" in out, lines
+    assert "\nbox\n" in out
+    assert "CapEff:\t0000000000000000" in out  # a non-root user holds no capability
+    assert "NoNewPrivs:\t1" in out and "Seccomp:\t2" in out
+    bounding = int(next(x for x in out.splitlines() if x.startswith("CapBnd:")).split()[1], 16)
+    assert not bounding & (1 << 21)  # CAP_SYS_ADMIN is not even in the bounding set
+    # Its own pid namespace: the shell is pid 1, and only the few processes of the script.
+    count, has_init = next(x for x in out.splitlines() if x.startswith("pids ")).split()[1:]
+    assert int(count) < 10 and has_init == "has-1"
+    assert "ifaces lo" in out.replace("\n", " ") and "eth" not in out  # loopback only
+    assert "kcore-masked" in out and "sys-ro" in out
+    # /bin belongs to root in the image: the app user cannot write there, even via overlay.
+    assert "rootfs-writable" not in out

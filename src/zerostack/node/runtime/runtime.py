@@ -94,6 +94,11 @@ class ContainerRuntime:
         for sub in ("bundle/rootfs", "overlay/upper", "overlay/work", "logs"):
             (d / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(d, 0o700)
+        # The upper directory is the container's "/": it must look like the image's root,
+        # or a non-root user could not even reach /bin.
+        root_st = os.stat(image.rootfs)
+        os.chown(d / "overlay" / "upper", root_st.st_uid, root_st.st_gid)
+        os.chmod(d / "overlay" / "upper", root_st.st_mode & 0o7777)
         # The image cache is checked now; the shim checks again before every restart.
         image_cache = image.cache_root
         try:
