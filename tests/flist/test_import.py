@@ -59,9 +59,18 @@ def test_oci_layout_with_gzip_layers(tmp_path: Path) -> None:
         "config": {"digest": config},
         "layers": [{"digest": blob(b), "mediaType": "x"} for b in layers],
     }).encode())
+    # A multi-platform index: the linux/amd64 manifest is chosen, whatever its position.
+    other = blob(json.dumps({"schemaVersion": 2, "config": {"digest": config},
+                             "layers": []}).encode())
+    platforms = blob(json.dumps({
+        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [
+            {"digest": other, "platform": {"os": "linux", "architecture": "arm64"}},
+            {"digest": manifest, "platform": {"os": "linux", "architecture": "amd64"}}],
+    }).encode())
     (layout / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
     (layout / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [
-        {"digest": manifest, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        {"digest": platforms, "mediaType": "application/vnd.oci.image.index.v1+json",
          "annotations": {"org.opencontainers.image.ref.name": "v2"}}]}))
     store = LocalStore(tmp_path / "store")
     m = import_image(layout, store).manifest

@@ -196,6 +196,19 @@ class ImageCache:
         with self._lock(manifest_hash):
             self._discard(self.image_dir(manifest_hash))
 
+    def prune(self, keep: Iterable[str]) -> list[str]:
+        """Remove every cached image not in `keep` (the ones containers still use), and
+        temp dirs left by a crash; returns the hashes removed."""
+        keep = set(keep)
+        removed = [h for h in self.list() if h not in keep]
+        for h in removed:
+            self.remove(h)
+        if self.images.exists():
+            for p in self.images.iterdir():
+                if p.name.startswith(".trash-"):
+                    shutil.rmtree(p, ignore_errors=True)
+        return removed
+
     def list(self) -> list[str]:
         if not self.images.exists():
             return []

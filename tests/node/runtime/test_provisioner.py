@@ -86,9 +86,11 @@ def test_provisioner_refuses_bad_images_and_serves_owner_logs(env: Env, tmp_path
         with pytest.raises(ProvisionError, match="signature does not verify"):
             prov.answer_logs(forged, owner.public_hex)
         _logs_cli(tmp_path, prov, owner, stranger)
+        assert prov.prune_images() == []  # the running container's image stays
     finally:
         prov.deprovision(wid, ok)
     assert prov.runtime.ids() == [] and cgroup_dirs(prov.container_id(wid)) == []
+    assert prov.prune_images() == [env.image.hash] and prov.images.list() == []
 
 
 def _logs_cli(tmp_path: Path, prov: ContainerProvisioner, owner: Identity,

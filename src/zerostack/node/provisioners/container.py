@@ -8,6 +8,7 @@ nothing runs. Volumes of the same deployment are bind-mounted from the node's vo
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from collections.abc import Callable
@@ -159,6 +160,18 @@ class ContainerProvisioner(Provisioner):
         st = self.status(wid)
         detail = st.message + (f" (restarts: {st.restarts})" if st.restarts else "")
         return st.state, detail
+
+    def prune_images(self) -> list[str]:
+        """Drop cached images no container on this node uses (e.g. under disk pressure;
+        never done implicitly, since a warm cache makes redeploys fast)."""
+        in_use = set()
+        for cid in self.runtime.ids():
+            spec = self.runtime.dir(cid) / "spec.json"
+            try:
+                in_use.add(json.loads(spec.read_text())["image_hash"])
+            except (OSError, ValueError, KeyError):
+                continue
+        return self.images.prune(in_use)
 
     def status(self, wid: WorkloadID) -> ContainerStatus:
         """Live state for the node's report: init (starting / not yet healthy), ok, error."""
