@@ -230,11 +230,15 @@ def test_restart_keeps_state_and_verify_detects_edits(procs: ProcessGroup,
     with LedgerClient(server.url) as c:
         g = grid(c)
         head = c.head()
+        from_memory = c.events(0, timeout=0, full=True)
     server.proc.kill()  # no clean shutdown: what was answered must be on disk
     server.proc.wait()
     again = start(procs, db)
     with LedgerClient(again.url) as c:
         assert c.head() == head
+        # a fresh server reads old events from the log: the same answer
+        assert c.events(0, timeout=0, full=True) == from_memory
+        assert len(from_memory["events"]) == 6
         assert c.node(g["node"])["location"]["city"] == "Gent"  # type: ignore[index]
         c.register_name(g["ids"]["s1"], "after-restart")
     again.proc.terminate()

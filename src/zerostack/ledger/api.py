@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 import time as _time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -27,6 +28,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from zerostack.crypto import verify
+from zerostack.ledger.block import Block
 from zerostack.ledger.chain import Chain, block_json
 from zerostack.ledger.errors import HTTP_STATUS, LedgerError, LedgerRejected, Rejected
 from zerostack.ledger.query import (
@@ -37,7 +39,7 @@ from zerostack.ledger.query import (
     nodes_json,
     page,
 )
-from zerostack.ledger.state import CONTRACT_STATES, sender_key
+from zerostack.ledger.state import CONTRACT_STATES, Receipt, sender_key
 from zerostack.ledger.store import BlockLog, SqliteLog
 from zerostack.ledger.tx import MAX_BATCH, MAX_TX_BYTES, SignedTxModel, Tx, parse_tx
 
@@ -46,6 +48,8 @@ log = logging.getLogger("zerostack.ledger")
 MAX_BATCH_BYTES = 64 * 1024 * 1024
 MAX_EVENT_BLOCKS = 1000
 """Most blocks one `/events` answer covers; the client asks again from `next`."""
+RECENT_BLOCKS = 2000
+"""Blocks whose events `/events` serves from memory; older ones are read from the log."""
 PARALLEL_VERIFY_MIN = 32
 """Below this many transactions, verifying inline beats handing work to threads."""
 
@@ -73,6 +77,9 @@ class LedgerService:
         self._sealer: asyncio.Task[None] | None = None
         self._broken: str | None = None
         self._closing = False
+        self._recent: OrderedDict[int, list[tuple[dict[str, Any], Tx]]] = OrderedDict()
+        # the last block whose events are in `_recent`: `/events` answers up to it only
+        self._published = self.chain.height
 
     # ---- lifecycle ----------------------------------------------------------------------
 
@@ -217,6 +224,8 @@ class LedgerService:
                         waiting.set_exception(LedgerError(
                             f"cannot write block: {exc}", code="unavailable", status=503))
                 return
+            self._remember(cut[0], cut[1])
+            self._published = cut[0].height
             if future is not None and not future.done():
                 future.set_result(cut[0].height)
             event, self._new_block = self._new_block, asyncio.Event()
@@ -228,33 +237,56 @@ class LedgerService:
         self, since: int, timeout: float, filters: dict[str, Any], full: bool
     ) -> dict[str, Any]:
         """Transactions of blocks after `since`, waiting up to `timeout` s for one to come."""
-        if self.chain.height <= since and timeout > 0:
+        if self._published <= since and timeout > 0:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._new_block.wait(), timeout)
-        head = self.chain.height
+        head = self._published
         upper = min(head, since + MAX_EVENT_BLOCKS)
         if upper <= since:
             # a client ahead of the head (a ledger rebuilt from scratch) is sent back to it
             return {"head": head, "next": min(since, head), "events": []}
+        if self._recent and since + 1 >= next(iter(self._recent)):
+            # followers are nearly always near the head: serve from memory
+            events = [
+                _event(e, tx, full)
+                for height in range(since + 1, upper + 1)
+                for e, tx in self._recent.get(height, ())
+                if _matches(e, e["receipt"], filters)
+            ]
+            return {"head": head, "next": upper, "events": events}
         rows = await asyncio.to_thread(self.log.txs_between, since, upper)
         events = []
         for row in rows:
-            tx = orjson.loads(row.data)
+            wire = orjson.loads(row.data)
             receipt = orjson.loads(row.receipt)
-            if not _matches(tx, receipt, filters):
+            if not _matches(wire, receipt, filters):
                 continue
             event = {
                 "height": row.height,
                 "index": row.index,
                 "hash": row.hash,
-                "type": tx["type"],
-                "sender": tx["sender"],
+                "type": wire["type"],
+                "sender": wire["sender"],
                 "receipt": receipt,
             }
             if full:
-                event["tx"] = tx
+                event["tx"] = wire
             events.append(event)
         return {"head": head, "next": upper, "events": events}
+
+    def _remember(self, block: Block, receipts: list[Receipt]) -> None:
+        """Keep the events of the last RECENT_BLOCKS blocks in memory for followers."""
+        self._recent[block.height] = [
+            ({"height": block.height, "index": i, "hash": tx.hash_hex, "type": tx.type,
+              "sender": tx.sender, "receipt": receipt}, tx)
+            for i, (tx, receipt) in enumerate(zip(block.txs, receipts, strict=True))
+        ]
+        while len(self._recent) > RECENT_BLOCKS:
+            self._recent.popitem(last=False)
+
+
+def _event(event: dict[str, Any], tx: Tx, full: bool) -> dict[str, Any]:
+    return {**event, "tx": tx.to_wire()} if full else event
 
 
 def _decode_body(body: bytes, limit: int) -> Any:
