@@ -310,7 +310,11 @@ class Namespace:
             raise ZdbError(f"namespace {self.name}: index file i0 is missing; "
                            "run `zerostack zdb check --repair` to rebuild it")
         with open(self._ipath(0), "rb") as f:
-            _fid, mode = parse_index_header(f.read(IHEAD), str(self._ipath(0)))
+            i0head = f.read(IHEAD)
+        if len(i0head) < IHEAD and last == 0:
+            mode = MODE_USER  # i0 was being created: a fresh namespace, rewritten below
+        else:
+            _fid, mode = parse_index_header(i0head, str(self._ipath(0)))
         for fid in range(pairs):
             for path, head, hsize in ((self._dpath(fid), None, DHEAD),
                                       (self._ipath(fid), mode, IHEAD)):
@@ -1262,10 +1266,8 @@ class Namespace:
         if value not in ("user", "seq"):
             raise ZdbError("Invalid property value (expected: user, seq)")
         self.mode = Mode.USER if value == "user" else Mode.SEQ
-        self._drop_maps()
-        self._index.truncate(0)
+        # Rewrite the fresh header in place (same size): no moment without a valid header.
         os.pwrite(self._index.fd, index_header(0, MODE_SEQ if value == "seq" else MODE_USER), 0)
-        self._index.disk_size = IHEAD
         if self._sync:
             self._index.fsync()
 
