@@ -31,17 +31,22 @@ print("started", flush=True)
 
 
 def instances(mark: str) -> list[int]:
-    """Processes on the machine carrying the container's marker in their environment."""
+    """Container inits (pid 1 of their own pid namespace) carrying the marker in their
+    environment, by host pid: one per running instance of the container."""
     found = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
             with open(f"/proc/{entry}/environ", "rb") as f:
-                if f"ZS_MARK={mark}".encode() in f.read().split(b"\0"):
-                    found.append(int(entry))
-        except OSError:
+                if f"ZS_MARK={mark}".encode() not in f.read().split(b"\0"):
+                    continue
+            with open(f"/proc/{entry}/status") as f:
+                nspid = next(line.split()[1:] for line in f if line.startswith("NSpid:"))
+        except (OSError, StopIteration):
             continue
+        if nspid[-1] == "1":
+            found.append(int(entry))
     return found
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import signal
 import subprocess
 import threading
 import time
@@ -20,6 +21,7 @@ from tests.conftest import ProcessGroup, zerostack_cmd
 from tests.flist.image import busybox_rootfs
 from tests.node.harness import Grid
 from tests.node.runtime.conftest import Env
+from tests.node.runtime.test_crash_and_import import instances
 from zerostack.crypto import Identity, open_sealed, save_identity
 from zerostack.flist import Hub, ImageConfig, SignedFlist, build_dir, push_flist
 from zerostack.node.provisioners import NodeContext, ProvisionError, WorkloadID
@@ -181,3 +183,38 @@ def _unmount_under(data: Path) -> None:
         out = subprocess.run(["losetup", "-j", str(image)], capture_output=True, text=True)
         for line in out.stdout.splitlines():
             subprocess.run(["losetup", "-d", line.split(":")[0]], check=False)
+
+
+def test_agent_killed_mid_container_start_runs_exactly_one(env: Env, procs: ProcessGroup,
+                                                           tmp_path: Path) -> None:
+    grid = Grid(procs, tmp_path)
+    proc, zport, data = grid.start_node("knode")
+    runtime = ContainerRuntime(data / "containers")
+    mark = f"mark-{tmp_path.name}"
+    try:
+        node = grid.node_id(data, proc)
+        owner, twin = grid.user()
+        cid, _ = grid.deploy(owner, twin, [
+            {"type": "container", "name": "app", "flist": f"{env.hub}/{env.image.hash}",
+             "publishers": [env.publisher.public_hex], "memory": "32M",
+             "env": {"ZS_MARK": mark}, "args": ["trap 'exit 0' TERM; sleep 1000 & wait"]},
+        ], node)
+        # Kill the agent (and its Zero-DB) as soon as the container's start has begun.
+        deadline = time.monotonic() + 60
+        while not runtime.ids():
+            assert time.monotonic() < deadline, grid.log_tail("knode")
+            time.sleep(0.01)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        proc, _, _ = grid.start_node("knode", zdb_port=zport)
+        c = grid.wait_contract(cid, {"deployed", "error"}, timeout=60)
+        assert c["state"] == "deployed", c["report"]
+        time.sleep(1.0)  # a duplicate, if any, would have started by now
+        assert len(instances(mark)) == 1
+        assert runtime.ids() == [c["report"]["workloads"][0]["data"]["container"]]
+    finally:
+        proc.kill()
+        proc.wait()
+        for left in runtime.ids():
+            runtime.delete(left)
+    assert instances(mark) == []
