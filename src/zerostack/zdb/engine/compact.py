@@ -7,6 +7,7 @@ entries would change every later key.
 
 from __future__ import annotations
 
+import mmap
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,10 +16,8 @@ from pathlib import Path
 from zerostack.zdb.engine import swap
 from zerostack.zdb.engine.config import EngineConfig, Mode
 from zerostack.zdb.engine.errors import ZdbError
-from zerostack.zdb.engine.format import NS_FILENAME, data_name, index_name
+from zerostack.zdb.engine.format import DATA_ENTRY, NS_FILENAME, crc32, data_name, index_name
 from zerostack.zdb.engine.namespace import Namespace
-
-SCAN_BATCH = 1000
 
 
 @dataclass(frozen=True)
@@ -77,28 +76,28 @@ def compact_namespace(index_dir: Path, data_dir: Path, name: str,
                            "cannot be compacted")
         before = _size(index_root, data_root)
         iwork, dwork = swap.start_build(index_root, data_root)
-        versions: list[tuple[int, int, int, bytes]] = []
-        keys = 0
-        cursor = None
-        while True:
-            try:
-                cursor, items = src.scan(cursor, count=SCAN_BATCH)
-            except ZdbError as exc:
-                if str(exc) != "No more data":
-                    raise
-                break
-            for key, _length, _ts in items:
-                keys += 1
-                chain = src.version_chain(key)
-                if keep_history is not None:
-                    chain = chain[:keep_history + 1]
-                versions.extend((dfid, doff, ts, key) for dfid, doff, ts in chain)
         # Replay versions in their original write order so history links point backwards.
-        versions.sort()
+        versions = sorted(src.live_versions(keep_history))
+        keys = src.dbsize()
         dst = Namespace(name, iwork, dwork, config, _noop, create_mode=Mode.USER)
         try:
-            for dfid, doff, ts, key in versions:
-                dst.set(key, src.payload_at(dfid, doff), ts)
+            maps: dict[int, mmap.mmap] = {}
+            try:
+                for dfid, doff, ts, key, ln, crc in versions:
+                    mm = maps.get(dfid)
+                    if mm is None:
+                        with open(data_root / data_name(dfid), "rb") as f:
+                            mm = maps[dfid] = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+                    start = doff + DATA_ENTRY.size + len(key)
+                    payload = mm[start:start + ln]
+                    if len(payload) != ln or crc32(payload) != crc:
+                        raise ZdbError(f"namespace {name}: the value of {key!r} in "
+                                       f"{data_name(dfid)} at {doff} is damaged; run "
+                                       "`zerostack zdb check` before compacting")
+                    dst.set(key, payload, ts)
+            finally:
+                for mm in maps.values():
+                    mm.close()
             dst.password, dst.maxsize, dst.public, dst.worm = (src.password, src.maxsize,
                                                                src.public, src.worm)
             dst._save_descriptor()

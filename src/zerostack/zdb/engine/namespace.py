@@ -1196,6 +1196,33 @@ class Namespace:
             fid, off = fields[8], fields[9]
         return out
 
+    def live_versions(self, keep_history: int | None = None
+                      ) -> list[tuple[int, int, int, bytes, int, int]]:
+        """(data file id, data offset, timestamp, key, length, crc) of every version of every
+        live key of a user-mode namespace, newest version first per key, at most
+        1 + keep_history versions per key (all when None). Read from the index maps only."""
+        if self._seqmode:
+            raise ZdbError("live_versions() is for user-mode namespaces")
+        if self._early or self._late:
+            self.write_out()
+        out: list[tuple[int, int, int, bytes, int, int]] = []
+        limit = -1 if keep_history is None else keep_history + 1
+        ientry = self._ientry
+        for key, p in self._keys.items():
+            fid, off = p >> 32, p & U32
+            n = 0
+            seen: set[int] = set()
+            while n != limit:
+                _kl, doff, ln, _p, _fl, _did, ts, crc, pid, poff = ientry(fid, off)
+                # user mode: a payload always sits in the data file of its index file's number
+                out.append((fid, doff, ts, key, ln, crc))
+                n += 1
+                if not (pid or poff) or (pid << 32 | poff) in seen:
+                    break
+                seen.add(pid << 32 | poff)
+                fid, off = pid, poff
+        return out
+
     def payload_at(self, fileid: int, offset: int) -> bytes:
         """Payload of the data entry at (fileid, offset); ZdbError if it is torn."""
         found = self._read_data_entry(fileid, offset)
