@@ -147,9 +147,13 @@ def test_container_deployed_by_contract_and_cancelled(env: Env, procs: ProcessGr
         cid, _ = grid.deploy(owner, twin, [
             {"type": "volume", "name": "vol", "size": "20M"},
             {"type": "container", "name": "web", "flist": f"{env.hub}/{env.image.hash}",
-             "publishers": [env.publisher.public_hex], "memory": "64M",
+             "publishers": [env.publisher.public_hex], "memory": "32M",
              "env": {"GREETING": "from-contract"}, "secret_env": {"TOKEN": "t0k"},
+             # First run: blow the memory limit (the OOM killer ends it, on-failure
+             # restarts it); second run: serve, with the volume remembering both runs.
              "args": ["echo \"$GREETING $TOKEN\" >> /data/seen; cat /data/seen; "
+                      "if [ \"$(wc -l < /data/seen)\" -lt 2 ]; then "
+                      "exec awk 'BEGIN { s = \"x\"; while (1) s = s s }'; fi; "
                       "trap 'exit 0' TERM; httpd -f -p 8080 -h /data & wait"],
              "mounts": [{"volume": "vol", "mountpoint": "/data"}],
              "healthcheck": {"tcp_port": 8080, "interval": 1}},
@@ -159,8 +163,12 @@ def test_container_deployed_by_contract_and_cancelled(env: Env, procs: ProcessGr
         web = next(w for w in c["report"]["workloads"] if w["name"] == "web")
         assert web["state"] == "ok" and web["data"]["state"] == "ok", web
         container = web["data"]["container"]
-        assert any("from-contract t0k" in line for line in runtime.logs(container))
-        assert runtime.status(container).state == "ok"
+        logs = runtime.logs(container)
+        assert sum(line.endswith("stdout from-contract t0k") for line in logs) == 3, logs
+        status = runtime.status(container)
+        assert status.state == "ok" and status.restarts == 1 and status.oom_killed, status
+        memory = next(p for p in cgroup_dirs(container) if "memory" in p.parts)
+        assert int((memory / "memory.limit_in_bytes").read_text()) == 32 << 20
         grid.client.cancel(owner, cid)
         grid.wait_contract(cid, {"deleted"}, timeout=60)
         assert runtime.ids() == [] and runtime.runc.state(container) is None

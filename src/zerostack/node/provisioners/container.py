@@ -40,6 +40,7 @@ from zerostack.workloads import ContainerWorkload, Deployment, Workload
 
 _HASH = re.compile(r"^[0-9a-f]{64}$")
 HEALTH_WAIT = 30.0  # how long provisioning waits for a first passing health check
+SETTLE_WAIT = 10.0  # ... and for a container without one to get past (re)starting
 
 
 def parse_flist_ref(flist: str, flist_hash: str, default_hub: str = "") -> tuple[HubAddress, str]:
@@ -125,14 +126,14 @@ class ContainerProvisioner(Provisioner):
         cspec = self._spec(wid, spec, image_hash)
         try:
             status = self.runtime.start(cspec, image)
-            deadline = time.monotonic() + (HEALTH_WAIT if cspec.health else 0)
-            while status.state == "init" and time.monotonic() < deadline:
+            # Give a container that crashes once on start, or is not healthy yet, a
+            # moment; what it does afterwards is its live state, not a provisioning error.
+            deadline = time.monotonic() + (HEALTH_WAIT if cspec.health else SETTLE_WAIT)
+            while status.settling and time.monotonic() < deadline:
                 time.sleep(0.1)
                 status = self.runtime.status(cspec.id)
         except ContainerError as exc:
             raise ProvisionError(f"container {wid.name}: {exc}") from None
-        if status.state == "error":
-            raise ProvisionError(f"container {wid.name}: {status.message}")
         return Provisioned(data={"container": cspec.id, "image": image_hash,
                                  "state": status.state, "message": status.message})
 

@@ -44,6 +44,15 @@ class ContainerStatus:
     last_exit: int | None = None
     pid: int | None = None
     oom_killed: bool = False  # the last run was ended by the OOM killer
+    # The supervisor's own phase: starting, running, backoff (waiting to restart),
+    # exited, stopped, error, or gone (no supervisor).
+    phase: str = ""
+
+    @property
+    def settling(self) -> bool:
+        """Still on its way to a verdict: starting, restarting, or not yet healthy."""
+        return self.phase in ("", "starting", "backoff") or (
+            self.phase == "running" and self.state == "init")
 
 
 class ContainerRuntime:
@@ -203,8 +212,10 @@ class ContainerRuntime:
 
         oom = bool(st.get("oom_killed", False))
 
+        phase = state if alive or state in ("exited", "error") else "gone"
+
         def out(s: State, m: str, pid: int | None = None) -> ContainerStatus:
-            return ContainerStatus(s, m, restarts, last_exit, pid, oom)
+            return ContainerStatus(s, m, restarts, last_exit, pid, oom, phase)
 
         # "exited" and "error" are final: the shim may still be finishing its cleanup.
         if state == "exited" and last_exit == 0:
