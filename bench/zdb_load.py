@@ -5,7 +5,10 @@ fresh process and measures the load time and RSS growth. In the same run, redis-
 (`--save "" --appendonly no`) gets the same keys through a pipelined client; we measure its
 RSS growth, then its restart time from an RDB of those keys, and print the ratios.
 
-    .venv/bin/python -m bench.zdb_load [--keys 1000000] [--runs 3]
+    .venv/bin/python -m bench.zdb_load [--keys 1000000] [--runs 3] [--compact]
+
+--compact then overwrites every key once and times an offline compaction that keeps only
+the live values (there is no redis-server equivalent to compare with).
 """
 
 from __future__ import annotations
@@ -73,6 +76,24 @@ def measure_load(root: Path) -> dict[str, Any]:
     return {"keys": keys, "wall_s": wall, "cpu_s": cpu,
             "rss_growth": after["VmRSS"] - before["VmRSS"],
             "anon_growth": after["RssAnon"] - before["RssAnon"]}
+
+
+def bench_compaction(root: Path, n: int) -> dict[str, float]:
+    from zerostack.zdb.engine import Engine, EngineConfig
+    from zerostack.zdb.engine.compact import compact_namespace
+
+    engine = Engine(EngineConfig(data_dir=root / "data", index_dir=root / "index"))
+    ns = engine.create_namespace("compact")
+    for rnd in range(2):  # every key written twice: half of the files is garbage
+        for i in range(n):
+            ns.set(KEY % i, value_for(i + rnd))
+            if i & 1023 == 1023:
+                engine.flush_all()
+    engine.close()
+    cpu0 = time.process_time()
+    report = compact_namespace(root / "index", root / "data", "compact", keep_history=0)
+    return {"seconds": report.seconds, "cpu": time.process_time() - cpu0,
+            "before": report.bytes_before, "after": report.bytes_after}
 
 
 def engine_load(root: Path) -> dict[str, Any]:
@@ -181,6 +202,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--keys", type=int, default=1_000_000)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--compact", action="store_true", help="also time a compaction")
     parser.add_argument("--measure", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure is not None:
@@ -201,6 +223,7 @@ def main() -> None:
         (root / "redis").mkdir()
         print("filling redis-server with the same keys ...", flush=True)
         redis = bench_redis(root / "redis", args.keys, args.runs)
+        compaction = bench_compaction(root / "zdb", args.keys) if args.compact else None
     print()
     print(f"engine write: {write_s:.2f} s ({args.keys / write_s:,.0f} sets/s, one flush per "
           f"1024 sets), files {files / 1e6:.1f} MB")
@@ -218,6 +241,12 @@ def main() -> None:
           f"{ours_bpk / redis['bytes_per_key_loaded']:.2f} | <= {TARGET_BYTES_PER_KEY} B: "
           f"{'met' if ours_bpk <= TARGET_BYTES_PER_KEY else 'MISSED'} |")
     print(f"runs: {[round(float(r['wall_s']), 2) for r in loads]} s")
+    if compaction is not None:
+        c = compaction
+        print(f"compaction, {args.keys:,} keys written twice, keep live values only: "
+              f"{c['seconds']:.2f} s (CPU {c['cpu']:.2f} s), {c['before'] / 1e6:.0f} MB -> "
+              f"{c['after'] / 1e6:.0f} MB, {c['before'] / c['seconds'] / 1e6:.1f} MB/s read, "
+              f"{(c['before'] - c['after']) / 1e6:.0f} MB reclaimed")
 
 
 if __name__ == "__main__":
