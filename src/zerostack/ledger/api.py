@@ -1,21 +1,12 @@
-"""The ledger's HTTP JSON API (FastAPI): submit transactions, query state, follow events.
-
-`LedgerService` is the imperative shell around `Chain`: it verifies signatures in worker
-threads (PyNaCl releases the GIL), applies transactions in arrival order, and a sealer task
-cuts a block whenever transactions are pending, writing it while the next block fills.
-A submission is answered once its block is in the log.
-"""
+"""The ledger's HTTP JSON API (FastAPI) over a `LedgerService`: submit transactions,
+query the state, follow events. The hot paths (submission, node queries) are answered by
+a small ASGI layer in front of FastAPI; the FastAPI routes document them in the spec."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import logging
-import os
 import time as _time
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl
@@ -27,276 +18,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response, StreamingResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from zerostack.crypto import verify
-from zerostack.ledger.block import Block
-from zerostack.ledger.chain import Chain, block_json
-from zerostack.ledger.errors import HTTP_STATUS, LedgerError, LedgerRejected, Rejected
-from zerostack.ledger.query import (
-    NodeFilter,
-    find_contracts,
-    find_node_records,
-    node_view,
-    nodes_json,
-    page,
-)
-from zerostack.ledger.state import CONTRACT_STATES, Receipt, sender_key
+from zerostack.ledger.chain import block_json
+from zerostack.ledger.errors import HTTP_STATUS, LedgerError
+from zerostack.ledger.query import NodeFilter, find_contracts, node_view, page
+from zerostack.ledger.service import MAX_BATCH_BYTES, LedgerService
+from zerostack.ledger.state import CONTRACT_STATES
 from zerostack.ledger.store import BlockLog, SqliteLog
-from zerostack.ledger.tx import MAX_BATCH, MAX_TX_BYTES, SignedTxModel, Tx, parse_tx
-
-log = logging.getLogger("zerostack.ledger")
-
-MAX_BATCH_BYTES = 64 * 1024 * 1024
-MAX_EVENT_BLOCKS = 1000
-"""Most blocks one `/events` answer covers; the client asks again from `next`."""
-RECENT_BLOCKS = 2000
-"""Blocks whose events `/events` serves from memory; older ones are read from the log."""
-PARALLEL_VERIFY_MIN = 32
-"""Below this many transactions, verifying inline beats handing work to threads."""
-
-
-class LedgerService:
-    """One ledger: its chain, the sealer task, and the waiters for blocks."""
-
-    def __init__(
-        self,
-        blocklog: BlockLog,
-        *,
-        clock: Callable[[], float] = _time.time,
-        block_interval: float = 0.0,
-        verify_threads: int | None = None,
-    ) -> None:
-        self.log = blocklog
-        self.clock = clock
-        self.chain = Chain(blocklog, clock)
-        self.block_interval = block_interval
-        self._threads = verify_threads or max(1, min(4, os.cpu_count() or 1))
-        self._executor = ThreadPoolExecutor(self._threads, thread_name_prefix="ledger-verify")
-        self._wake = asyncio.Event()
-        self._new_block = asyncio.Event()
-        self._pending_future: asyncio.Future[int] | None = None
-        self._sealer: asyncio.Task[None] | None = None
-        self._broken: str | None = None
-        self._closing = False
-        self._recent: OrderedDict[int, list[tuple[dict[str, Any], Tx]]] = OrderedDict()
-        # the last block whose events are in `_recent`: `/events` answers up to it only
-        self._published = self.chain.height
-
-    # ---- lifecycle ----------------------------------------------------------------------
-
-    async def start(self) -> None:
-        self._sealer = asyncio.create_task(self._seal_loop(), name="ledger-sealer")
-
-    async def stop(self) -> None:
-        """Write every accepted transaction, answer its waiters, then close the log."""
-        self._closing = True
-        self._wake.set()
-        if self._sealer is not None:
-            try:
-                await asyncio.wait_for(self._sealer, timeout=30)
-            except (TimeoutError, asyncio.CancelledError):
-                log.error("event=sealer_stuck_at_shutdown")
-        self._executor.shutdown(wait=False)
-        self.log.close()
-
-    # ---- submission ---------------------------------------------------------------------
-
-    async def submit(self, raws: list[Any]) -> list[dict[str, Any]]:
-        """Check, verify and apply each transaction; answer once their block is committed."""
-        if self._broken or self._closing:
-            why = self._broken or "it is shutting down"
-            raise LedgerError(f"the ledger stopped accepting transactions: {why}",
-                              code="unavailable", status=503)
-        results: list[dict[str, Any]] = [{} for _ in raws]
-        parsed: list[tuple[int, Tx]] = []
-        for i, raw in enumerate(raws):
-            try:
-                parsed.append((i, parse_tx(raw)))
-            except LedgerRejected as exc:
-                results[i] = {"error": str(exc), "code": exc.code}
-        checks = await self._verify([tx for _, tx in parsed])
-        if self._closing:  # the sealer may be gone: accept nothing it would not write
-            raise LedgerError("the ledger stopped accepting transactions: it is shutting down",
-                              code="unavailable", status=503)
-        future: asyncio.Future[int] | None = None
-        accepted: list[int] = []
-        for (i, tx), ok in zip(parsed, checks, strict=True):
-            # a failed check is re-run by apply, which words the rejection precisely
-            result = self.chain.add(tx, verified=ok is True)
-            if isinstance(result, Rejected):
-                results[i] = {"hash": tx.hash_hex, **result.to_dict()}
-                continue
-            results[i] = {"hash": tx.hash_hex, "receipt": result}
-            accepted.append(i)
-            if future is None:
-                future = self._future()
-        if future is not None:
-            self._wake.set()
-            height = await asyncio.shield(future)
-            for i in accepted:
-                results[i]["height"] = height
-        return results
-
-    async def submit_one(self, body: bytes) -> tuple[int, bytes]:
-        """`POST /tx`: (HTTP status, JSON answer) for one encoded transaction."""
-        try:
-            raw = _decode_body(body, MAX_TX_BYTES)
-            (result,) = await self.submit([raw])
-        except LedgerError as exc:
-            return exc.status or 400, orjson.dumps({"error": str(exc), "code": exc.code})
-        status = HTTP_STATUS.get(result["code"], 400) if "error" in result else 200
-        return status, orjson.dumps(result)
-
-    async def submit_batch(self, body: bytes) -> tuple[int, bytes]:
-        """`POST /txs`: (HTTP status, JSON answer) for an encoded array of transactions."""
-        try:
-            raws = _decode_body(body, MAX_BATCH_BYTES)
-            if not isinstance(raws, list):
-                raise LedgerRejected("a batch is a JSON array of transactions",
-                                     code="malformed", status=400)
-            if len(raws) > MAX_BATCH:
-                raise LedgerRejected(f"a batch holds at most {MAX_BATCH} transactions",
-                                     code="too_large", status=413)
-            oversize = {i for i, raw in enumerate(raws) if len(orjson.dumps(raw)) > MAX_TX_BYTES}
-            results = await self.submit([r for i, r in enumerate(raws) if i not in oversize])
-        except LedgerError as exc:
-            return exc.status or 400, orjson.dumps({"error": str(exc), "code": exc.code})
-        if oversize:
-            it = iter(results)
-            too_big = {"error": f"transaction is over {MAX_TX_BYTES} bytes", "code": "too_large"}
-            results = [too_big if i in oversize else next(it) for i in range(len(raws))]
-        return 200, orjson.dumps({"results": results})
-
-    def nodes_json(self, f: NodeFilter, limit: int, offset: int) -> bytes:
-        now = int(self.clock())
-        return nodes_json(find_node_records(self.chain.state, f, now=now, limit=limit,
-                                            offset=offset), now)
-
-    def _future(self) -> asyncio.Future[int]:
-        if self._pending_future is None:
-            self._pending_future = asyncio.get_running_loop().create_future()
-        return self._pending_future
-
-    async def _verify(self, txs: list[Tx]) -> list[bool | None]:
-        """True/False per transaction, None when the sender's key is not known yet."""
-        state = self.chain.pending_state
-        keys = [sender_key(state, tx) for tx in txs]
-        if len(txs) < PARALLEL_VERIFY_MIN:
-            return _verify_chunk(txs, keys)
-        n = self._threads
-        size = (len(txs) + n - 1) // n
-        loop = asyncio.get_running_loop()
-        parts = await asyncio.gather(
-            *(
-                loop.run_in_executor(
-                    self._executor, _verify_chunk, txs[k : k + size], keys[k : k + size]
-                )
-                for k in range(0, len(txs), size)
-            )
-        )
-        return [ok for part in parts for ok in part]
-
-    async def _seal_loop(self) -> None:
-        last = 0.0
-        while True:
-            if not self._closing:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), timeout=1.0)
-            self._wake.clear()
-            if self.block_interval:
-                wait = last + self.block_interval - _time.monotonic()
-                if wait > 0:
-                    await asyncio.sleep(wait)
-            cut = self.chain.cut(allow_empty=self.chain.pending is None and self.chain.deadline_due())
-            if cut is None:
-                if self._closing:
-                    return
-                continue
-            last = _time.monotonic()
-            future, self._pending_future = self._pending_future, None
-            try:
-                await asyncio.to_thread(self.chain.commit, *cut)
-            except Exception as exc:  # the log is unusable: stop accepting, tell the waiters
-                self._broken = str(exc)
-                log.error("event=commit_failed height=%d error=%r", cut[0].height, str(exc))
-                # fail this block's waiters and those of the block filling behind it
-                for waiting in (future, self._pending_future):
-                    if waiting is not None and not waiting.done():
-                        waiting.set_exception(LedgerError(
-                            f"cannot write block: {exc}", code="unavailable", status=503))
-                return
-            self._remember(cut[0], cut[1])
-            self._published = cut[0].height
-            if future is not None and not future.done():
-                future.set_result(cut[0].height)
-            event, self._new_block = self._new_block, asyncio.Event()
-            event.set()
-
-    # ---- events -------------------------------------------------------------------------
-
-    async def events(
-        self, since: int, timeout: float, filters: dict[str, Any], full: bool
-    ) -> dict[str, Any]:
-        """Transactions of blocks after `since`, waiting up to `timeout` s for one to come."""
-        if self._published <= since and timeout > 0:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._new_block.wait(), timeout)
-        head = self._published
-        upper = min(head, since + MAX_EVENT_BLOCKS)
-        if upper <= since:
-            # a client ahead of the head (a ledger rebuilt from scratch) is sent back to it
-            return {"head": head, "next": min(since, head), "events": []}
-        if self._recent and since + 1 >= next(iter(self._recent)):
-            # followers are nearly always near the head: serve from memory
-            events = [
-                _event(e, tx, full)
-                for height in range(since + 1, upper + 1)
-                for e, tx in self._recent.get(height, ())
-                if _matches(e, e["receipt"], filters)
-            ]
-            return {"head": head, "next": upper, "events": events}
-        rows = await asyncio.to_thread(self.log.txs_between, since, upper)
-        events = []
-        for row in rows:
-            wire = orjson.loads(row.data)
-            receipt = orjson.loads(row.receipt)
-            if not _matches(wire, receipt, filters):
-                continue
-            event = {
-                "height": row.height,
-                "index": row.index,
-                "hash": row.hash,
-                "type": wire["type"],
-                "sender": wire["sender"],
-                "receipt": receipt,
-            }
-            if full:
-                event["tx"] = wire
-            events.append(event)
-        return {"head": head, "next": upper, "events": events}
-
-    def _remember(self, block: Block, receipts: list[Receipt]) -> None:
-        """Keep the events of the last RECENT_BLOCKS blocks in memory for followers."""
-        self._recent[block.height] = [
-            ({"height": block.height, "index": i, "hash": tx.hash_hex, "type": tx.type,
-              "sender": tx.sender, "receipt": receipt}, tx)
-            for i, (tx, receipt) in enumerate(zip(block.txs, receipts, strict=True))
-        ]
-        while len(self._recent) > RECENT_BLOCKS:
-            self._recent.popitem(last=False)
-
-
-def _event(event: dict[str, Any], tx: Tx, full: bool) -> dict[str, Any]:
-    return {**event, "tx": tx.to_wire()} if full else event
-
-
-def _decode_body(body: bytes, limit: int) -> Any:
-    if len(body) > limit:
-        raise LedgerRejected(f"body is {len(body)} bytes, the limit is {limit}",
-                             code="too_large", status=413)
-    try:
-        return orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise LedgerRejected(f"body is not JSON: {exc}", code="malformed", status=400) from None
+from zerostack.ledger.tx import MAX_BATCH, MAX_TX_BYTES, SignedTxModel
 
 
 class _SubmitFastPath:
@@ -375,27 +103,6 @@ def _node_query(query_string: bytes) -> tuple[NodeFilter, int, int] | None:
         return None
     offset = values.pop("offset", 0)
     return NodeFilter(**values), limit, offset
-
-
-def _verify_chunk(txs: list[Tx], keys: list[str | None]) -> list[bool | None]:
-    return [
-        None if key is None else verify(key, tx.hash, tx.signature)
-        for tx, key in zip(txs, keys, strict=True)
-    ]
-
-
-def _matches(tx: dict[str, Any], receipt: dict[str, Any], f: dict[str, Any]) -> bool:
-    if f.get("type") and not str(tx["type"]).startswith(f["type"]):
-        return False
-    if f.get("node") is not None and receipt.get("node") != f["node"]:
-        return False
-    if f.get("contract") is not None and receipt.get("contract") != f["contract"]:
-        return False
-    twin = f.get("twin")
-    return twin is None or twin in (tx["sender"], receipt.get("owner"), receipt.get("twin"))
-
-
-# ---- HTTP ---------------------------------------------------------------------------------
 
 
 def _json(data: Any, status: int = 200) -> Response:
