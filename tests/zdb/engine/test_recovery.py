@@ -155,3 +155,28 @@ def test_garbage_files_fail_with_zdb_error_only(edits: list[tuple[str, int, byte
             pass
         finally:
             engine.close()
+
+
+def test_lost_index_is_refused_not_cut(tmp_path: Path) -> None:
+    from zerostack.zdb.engine.check import check_files
+
+    cfg = EngineConfig(data_dir=tmp_path / "data", index_dir=tmp_path / "index", datasize=4096)
+    engine = Engine(cfg)
+    ns = engine.namespace("default")
+    for i in range(200):
+        ns.set(b"k%d" % i, b"v" * 50)
+    engine.close()
+    last = max(int(p.name[1:]) for p in (tmp_path / "index/default").glob("i*"))
+    data = (tmp_path / "data/default" / f"d{last}").read_bytes()
+    (tmp_path / "index/default" / f"i{last}").unlink()
+    try:
+        Engine(cfg)
+    except ZdbError as exc:
+        assert "check --repair" in str(exc)
+    else:
+        raise AssertionError("a lost index file must stop the namespace from loading")
+    assert (tmp_path / "data/default" / f"d{last}").read_bytes() == data, "nothing was cut"
+    assert check_files(tmp_path / "index", tmp_path / "data", repair=True).ok
+    engine = Engine(cfg)
+    assert all(engine.namespace("default").get(b"k%d" % i) == b"v" * 50 for i in range(200))
+    engine.close()

@@ -34,6 +34,7 @@ from zerostack.zdb.engine.format import (
     parse_data_header,
     parse_index_header,
 )
+from zerostack.zdb.engine.namespace import MAX_UNINDEXED_TAIL
 
 DHEAD = DATA_HEADER.size
 IHEAD = INDEX_HEADER.size
@@ -196,9 +197,17 @@ class _NamespaceCheck:
                 return False
             return True
         if files != self.data_files:
-            self.note(index_name(files - 1), 0,
-                      f"{files} index files for {self.data_files} data files")
-            if files < self.data_files - 1 or files > self.data_files:
+            last = self.data_files - 1
+            if files == last and not any(fid == last for fid, _off in self.data):
+                # a crash while rotating: d<N> is created before i<N>
+                if self.repair:
+                    (self.index_root / index_name(last)).write_bytes(
+                        index_header(last, self._i0_mode()))
+                self.note(index_name(last), 0, "index file was never created (a crash while "
+                          "starting a new file pair)", self.repair)
+            else:
+                self.note(index_name(files), 0,
+                          f"{files} index files for {self.data_files} data files")
                 return False
         live: dict[bytes, tuple[int, int]] = {}
         healthy = True
@@ -251,12 +260,20 @@ class _NamespaceCheck:
         if healthy and self.mode == MODE_USER:
             self.check_tombstones(live)
         if healthy:
-            self.check_unindexed_tail()
+            return self.check_unindexed_tail()
         return healthy
 
-    def check_unindexed_tail(self) -> None:
+    def _i0_mode(self) -> int:
+        try:
+            return parse_index_header((self.index_root / index_name(0)).read_bytes()[:IHEAD],
+                                      "i0")[1]
+        except (OSError, ZdbError):
+            return MODE_USER
+
+    def check_unindexed_tail(self) -> bool:
         """Data written after the newest indexed entry of the last data file was never
-        acknowledged (a crash between data and index): the engine cuts it on open."""
+        acknowledged (a crash between data and index): the engine cuts it on open. More
+        than a crash can leave means the index is damaged: False (rebuild instead)."""
         last = self.data_files - 1
         mine = [off for (fid, off) in self.referenced if fid == last]
         start = max(mine) if mine else 0
@@ -265,6 +282,9 @@ class _NamespaceCheck:
                 continue
             path = self.data_root / data_name(fid)
             size = path.stat().st_size
+            if size - off > MAX_UNINDEXED_TAIL:
+                self.note(path.name, off, f"{size - off} bytes of data are not in the index")
+                return False
             if self.repair:
                 with open(path, "r+b") as f:
                     f.truncate(off)
@@ -272,7 +292,8 @@ class _NamespaceCheck:
                     del self.data[pos]
             self.note(path.name, off, f"{size - off} bytes of data were never indexed "
                       "(an interrupted write; cut when the namespace opens)", self.repair)
-            return
+            return True
+        return True
 
     def _flag(self, fid: int, off: int, problem: str) -> None:
         if self.repair:

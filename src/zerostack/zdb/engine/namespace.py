@@ -73,6 +73,8 @@ DENT = DATA_ENTRY.size      # 18
 CURSOR = struct.Struct("<BIIQ")  # version 1, index file id, index offset, reserved: 17 bytes
 CURSOR_VERSION = 1
 AUTO_WRITE_OUT = 4 * 1024 * 1024  # never hold more than this in a tail between flushes
+# A crash leaves at most one write batch unindexed: the buffered tail plus one entry.
+MAX_UNINDEXED_TAIL = AUTO_WRITE_OUT + 2 * 8 * 1024 * 1024
 MAX_REPAIRS = 10000
 
 _idx_pack = INDEX_ENTRY.pack
@@ -306,6 +308,11 @@ class Namespace:
             raise ZdbError(f"namespace {self.name}: {n_idx} index files but {n_dat} data files; "
                            "run `zerostack zdb check --repair`")
         last = pairs - 1
+        if n_idx < n_dat and self._dpath(last).stat().st_size > DHEAD:
+            # rotation creates d<N> then i<N>: a missing i<N> next to data means a lost index
+            raise ZdbError(f"namespace {self.name}: index file {index_name(last)} is missing "
+                           f"but {data_name(last)} holds data; run `zerostack zdb check "
+                           "--repair` to rebuild the index")
         if n_idx == 0:
             raise ZdbError(f"namespace {self.name}: index file i0 is missing; "
                            "run `zerostack zdb check --repair` to rebuild it")
@@ -595,6 +602,12 @@ class Namespace:
             self._finish_delete(key)
             good = off + DENT + kl
             prev_off = start + off
+        if data.disk_size - start - good > MAX_UNINDEXED_TAIL:
+            # More than one write batch can leave behind: the index was lost, not torn.
+            raise ZdbError(f"namespace {self.name}: {data.disk_size - start - good} bytes at the "
+                           f"end of {data.path.name} are not in the index, more than a crash "
+                           "leaves; the index looks lost or damaged. Nothing was cut: run "
+                           "`zerostack zdb check --repair` to rebuild it from the data files")
         if start + good < data.disk_size:
             log.warning("event=zdb.repair namespace=%s file=%s action=cut-data-tail offset=%d "
                         "bytes=%d", self.name, data.path.name, start + good,
