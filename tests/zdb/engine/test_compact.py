@@ -123,3 +123,30 @@ def test_a_crash_at_any_step_leaves_all_data(tmp_path: Path) -> None:
         assert not (work / "index" / NAME / "compact").exists()
         assert not (work / "data" / NAME / "retired").exists()
         shutil.rmtree(work)
+
+
+def test_compacting_reference_files_keeps_what_expected_json_says(tmp_path: Path,
+                                                                  shared_dir: Path) -> None:
+    import base64
+    import json
+
+    src = shared_dir / "fixtures/zdb-reference-2.0.7"
+    shutil.copytree(src / "data", tmp_path / "data")
+    shutil.copytree(src / "index", tmp_path / "index")
+    for p in tmp_path.rglob("*"):
+        p.chmod(0o755 if p.is_dir() else 0o644)
+    spec = json.loads((src / "expected.json").read_text())["namespaces"]["default"]
+    report = compact_namespace(tmp_path / "index", tmp_path / "data", "default",
+                               datasize=1024 * 1024)
+    assert report.reclaimed_bytes > 0
+    engine = Engine(EngineConfig(data_dir=tmp_path / "data", index_dir=tmp_path / "index",
+                                 datasize=1024 * 1024))
+    ns = engine.namespace("default")
+    b64 = base64.b64decode
+    assert ns.dbsize() == len(spec["live"])
+    for k, v in spec["live"].items():
+        assert ns.get(b64(k)) == b64(v)
+        assert ns.keytime(b64(k)) == spec["keytime"][k]
+    for k, versions in spec["history"].items():
+        assert history(ns, b64(k)) == [b64(x) for x in versions]
+    engine.close()
