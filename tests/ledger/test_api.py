@@ -74,6 +74,8 @@ def test_contract_flow_through_the_client(client: LedgerClient) -> None:
                                  capacity={"mru": 2 * GiB})
     assert client.contract(cid)["state"] == "created"  # type: ignore[index]
     assert client.contracts(node=g["node"], state="created")[0]["id"] == cid
+    assert client.contracts(node=g["node"], state="approved,deployed") == []
+    assert [c["id"] for c in client.contracts(node=g["node"], state="deleted,created")] == [cid]
     since = client.head()["height"]
     client.approve(ids["s1"], cid, h)
     c = client.wait_contract(cid, {"approved"}, timeout=5)
@@ -161,6 +163,8 @@ def test_bad_input_is_refused_precisely_and_changes_nothing(server: Server,
     after = client.head()
     assert after["height"] == head["height"] + 1  # only the batch's good tx made a block
     assert client.twin(owner)["nonce"] == nonce + 2  # type: ignore[index]
+    r = httpx.get(server.url + "/contracts", params={"state": "approved,running"})
+    assert r.status_code == 422 and "state" in r.json()["error"]
     r = httpx.get(server.url + "/nodes", params={"free_mru": -1})
     assert r.status_code == 422 and "error" in r.json()
     assert httpx.get(server.url + "/contracts/77").json() == {

@@ -118,6 +118,7 @@ def _not_found(what: str) -> Response:
 
 
 _TX_SCHEMA = SignedTxModel.model_json_schema()
+_STATES = "|".join(CONTRACT_STATES)
 
 
 def create_app(
@@ -273,13 +274,15 @@ def create_app(
     async def get_contracts(
         owner: int | None = None,
         node: int | None = None,
-        state: str | None = Query(None, pattern="^(" + "|".join(CONTRACT_STATES) + ")$"),
+        state: str | None = Query(None, pattern=f"^({_STATES})(,({_STATES}))*$",
+                                  description="One state, or several separated by commas."),
         twin: int | None = None,
         limit: int = Query(100, ge=1, le=10000),
         offset: int = Query(0, ge=0),
     ) -> Response:
         return _json(find_contracts(service.chain.state, owner=owner, node=node,
-                                    contract_state=state, twin=twin, limit=limit, offset=offset))
+                                    states=None if state is None else set(state.split(",")),
+                                    twin=twin, limit=limit, offset=offset))
 
     @app.get("/contracts/{contract_id}", summary="A contract: versions, approvals, report.")
     async def get_contract(contract_id: int) -> Response:

@@ -108,12 +108,12 @@ def find_contracts(
     *,
     owner: int | None = None,
     node: int | None = None,
-    contract_state: str | None = None,
+    states: set[str] | None = None,
     twin: int | None = None,
     limit: int = 100,
     offset: int = 0,
 ) -> list[dict[str, Any]]:
-    """Contracts by owner, node, state, or where `twin` is a stakeholder; by id."""
+    """Contracts by owner, node, states, or where `twin` is a stakeholder; by id."""
     ids: Iterable[int]
     if node is not None:
         members = state.contracts_by_node.get(node)
@@ -129,7 +129,7 @@ def find_contracts(
         c: Contract = state.contracts[cid]
         if owner is not None and c.owner != owner:
             continue
-        if contract_state is not None and c.state != contract_state:
+        if states is not None and c.state not in states:
             continue
         if twin is not None and twin != c.owner and twin not in c.proposal.requirement.twins:
             continue
