@@ -180,3 +180,30 @@ def test_lost_index_is_refused_not_cut(tmp_path: Path) -> None:
     engine = Engine(cfg)
     assert all(engine.namespace("default").get(b"k%d" % i) == b"v" * 50 for i in range(200))
     engine.close()
+
+
+def test_missing_or_replaced_data_is_refused(tmp_path: Path) -> None:
+    cfg = EngineConfig(data_dir=tmp_path / "data", index_dir=tmp_path / "index")
+    engine = Engine(cfg)
+    ns = engine.namespace("default")
+    for i in range(300):
+        ns.set(b"k%d" % i, b"v" * 30)
+    engine.close()
+    index = (tmp_path / "index/default/i0").read_bytes()
+    data = tmp_path / "data/default/d0"
+    saved = data.read_bytes()
+    data.unlink()
+    try:
+        Engine(cfg)
+    except ZdbError as exc:
+        assert "data file d0 is missing" in str(exc)
+    else:
+        raise AssertionError("an index without its data must not load")
+    data.write_bytes(saved[:28])  # an empty data file: far more missing than a crash leaves
+    try:
+        Engine(cfg)
+    except ZdbError as exc:
+        assert "check --repair" in str(exc)
+    else:
+        raise AssertionError("an index far ahead of its data must not load")
+    assert len((tmp_path / "index/default/i0").read_bytes()) >= len(index) - 64 * 40

@@ -75,7 +75,9 @@ CURSOR_VERSION = 1
 AUTO_WRITE_OUT = 4 * 1024 * 1024  # never hold more than this in a tail between flushes
 # A crash leaves at most one write batch unindexed: the buffered tail plus one entry.
 MAX_UNINDEXED_TAIL = AUTO_WRITE_OUT + 2 * 8 * 1024 * 1024
-MAX_REPAIRS = 10000
+# Cutting more dangling index entries than this on open means the data was lost or replaced,
+# not torn by a crash: stop and let `check --repair` rebuild the index from the data.
+MAX_REPAIRS = 64
 
 _idx_pack = INDEX_ENTRY.pack
 _idx_unpack = INDEX_ENTRY.unpack_from
@@ -308,6 +310,10 @@ class Namespace:
             raise ZdbError(f"namespace {self.name}: {n_idx} index files but {n_dat} data files; "
                            "run `zerostack zdb check --repair`")
         last = pairs - 1
+        if n_dat < n_idx and self._ipath(last).stat().st_size > IHEAD:
+            raise ZdbError(f"namespace {self.name}: data file {data_name(last)} is missing but "
+                           f"{index_name(last)} points into it; restore the data files (the "
+                           "index is useless without them)")
         if n_idx < n_dat and self._dpath(last).stat().st_size > DHEAD:
             # rotation creates d<N> then i<N>: a missing i<N> next to data means a lost index
             raise ZdbError(f"namespace {self.name}: index file {index_name(last)} is missing "
@@ -404,8 +410,9 @@ class Namespace:
             for _ in range(MAX_REPAIRS):
                 if self._load_once():
                     return
-            raise ZdbError(f"namespace {self.name}: too many torn entries; "
-                           "run `zerostack zdb check --repair`")
+            raise ZdbError(f"namespace {self.name}: more than {MAX_REPAIRS} index entries point "
+                           "at data that is missing or different, more than a crash leaves; run "
+                           "`zerostack zdb check --repair` to rebuild the index from the data")
         except ZdbError:
             self._close_files()
             raise
