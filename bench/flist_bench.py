@@ -98,40 +98,50 @@ def drop_dir(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def bench_materialize(tmp: Path, hub: str, rounds: int, files: int, mib: int) -> dict[str, Any]:
+def bench_materialize(tmp: Path, hub: str, rounds: int, files: int, mib: int,
+                      reference_hub: str = "") -> dict[str, Any]:
     src = tmp / "src"
     size = make_tree(src, files, mib)
     ident = Identity.generate()
     store = LocalStore(tmp / "store")
     manifest, _ = build_dir(src, store, ImageConfig(entrypoint=("/bin/sh",)))
     flist = SignedFlist.sign(manifest, ident)
-    with Hub(hub) as h:
-        push_flist(flist, store, h)
+    hubs = {"zdb": hub, **({"redis": reference_hub} if reference_hub else {})}
+    for address in hubs.values():
+        with Hub(address) as h:
+            push_flist(flist, store, h)
     tarball = tmp / "image.tar"
     subprocess.run(["tar", "-cf", str(tarball), "-C", str(src), "."], check=True)
-    ours: list[float] = []
-    tars: list[float] = []
+    times: dict[str, list[float]] = {"tar": [], **{name: [] for name in hubs}}
+    check = 0.0
     for i in range(rounds):
         dest = tmp / f"tar-{i}"
         dest.mkdir()
         t0 = time.perf_counter()
         subprocess.run(["tar", "-xf", str(tarball), "-C", str(dest)], check=True)
-        tars.append(time.perf_counter() - t0)
+        times["tar"].append(time.perf_counter() - t0)
         drop_dir(dest)
-        cache = ImageCache(tmp / f"cache-{i}")
-        t0 = time.perf_counter()
-        with Hub(hub) as h:
-            cache.fetch(h, flist.hash_hex, [ident.public_hex])
-        ours.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        cache.check(flist.hash_hex)
-        check = time.perf_counter() - t0
-        drop_dir(tmp / f"cache-{i}")
-    ours_med, tar_med = statistics.median(ours), statistics.median(tars)
-    return {"files": len(manifest.entries), "bytes": size, "chunks": len(manifest.chunk_hashes()),
-            "ours_s": ours, "tar_s": tars, "ours_median_s": ours_med, "tar_median_s": tar_med,
-            "ours_mib_s": size / ours_med / (1 << 20), "tar_mib_s": size / tar_med / (1 << 20),
-            "ratio_tar_over_ours": tar_med / ours_med, "seal_check_s": check}
+        for name, address in hubs.items():
+            cache = ImageCache(tmp / f"cache-{name}-{i}")
+            t0 = time.perf_counter()
+            with Hub(address) as h:
+                cache.fetch(h, flist.hash_hex, [ident.public_hex])
+            times[name].append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            cache.check(flist.hash_hex)
+            check = time.perf_counter() - t0
+            drop_dir(tmp / f"cache-{name}-{i}")
+    med = {name: statistics.median(v) for name, v in times.items()}
+    out: dict[str, Any] = {
+        "files": len(manifest.entries), "bytes": size, "chunks": len(manifest.chunk_hashes()),
+        "ours_s": times["zdb"], "tar_s": times["tar"], "ours_median_s": med["zdb"],
+        "tar_median_s": med["tar"], "ours_mib_s": size / med["zdb"] / (1 << 20),
+        "tar_mib_s": size / med["tar"] / (1 << 20),
+        "ratio_tar_over_ours": med["tar"] / med["zdb"], "seal_check_s": check}
+    if "redis" in med:
+        out.update({"redis_hub_s": times["redis"], "redis_hub_median_s": med["redis"],
+                    "ratio_tar_over_ours_redis_hub": med["tar"] / med["redis"]})
+    return out
 
 
 def bench_start(tmp: Path, hub: str, starts: int) -> dict[str, Any]:
@@ -147,13 +157,13 @@ def bench_start(tmp: Path, hub: str, starts: int) -> dict[str, Any]:
     spec = ContainerWorkload(name="bench", flist=f"{hub}/{flist.hash_hex}",
                              publishers=[ident.public_hex],
                              args=["trap 'exit 0' TERM; sleep 1000 & wait"])
-    prov.provision(WorkloadID(0, "warm"), spec, None)  # type: ignore[arg-type]  # warms the cache
+    prov.provision(WorkloadID(0, "warm"), spec, None)  # warms the cache
     prov.deprovision(WorkloadID(0, "warm"), spec)
     times: list[float] = []
     for i in range(starts):
         wid = WorkloadID(1, f"c{i}")
         t0 = time.perf_counter()
-        done = prov.provision(wid, spec, None)  # type: ignore[arg-type]
+        done = prov.provision(wid, spec, None)
         times.append(time.perf_counter() - t0)
         assert done.data["state"] == "ok", done.data
         prov.deprovision(wid, spec)
@@ -265,19 +275,32 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--starts", type=int, default=20)
     ap.add_argument("--contracts", type=int, default=10)
+    ap.add_argument("--reference-hub", action="store_true",
+                    help="Also materialize from a redis-server hub, to separate the hub's "
+                         "speed from the client's.")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("needs root (runc, mounts)")
     tmp = Path(tempfile.mkdtemp(prefix="zs-flist-bench-"))
     hub_proc, hub = start_hub(tmp)
+    ref_proc: subprocess.Popen[bytes] | None = None
+    ref_hub = ""
+    if args.reference_hub:
+        port = free_port()
+        ref_proc = subprocess.Popen(["redis-server", "--save", "", "--port", str(port),
+                                     "--bind", "127.0.0.1"], stdout=subprocess.DEVNULL)
+        time.sleep(0.5)
+        ref_hub = f"127.0.0.1:{port}"
     try:
-        mat = bench_materialize(tmp, hub, args.rounds, args.files, args.mib)
+        mat = bench_materialize(tmp, hub, args.rounds, args.files, args.mib, ref_hub)
         start = bench_start(tmp, hub, args.starts)
         contract = bench_contract(tmp, hub, args.contracts)
     finally:
-        hub_proc.kill()
-        hub_proc.wait()
+        for p in (hub_proc, ref_proc):
+            if p is not None:
+                p.kill()
+                p.wait()
         shutil.rmtree(tmp, ignore_errors=True)
     if args.json:
         sys.stdout.write(orjson.dumps({"materialize": mat, "start": start, "contract": contract},
@@ -289,6 +312,9 @@ def main() -> None:
     print(f"  tar -x:                 {mat['tar_median_s']:.2f} s ({mat['tar_mib_s']:.0f} MiB/s)")
     print(f"  ratio tar/ours: {mat['ratio_tar_over_ours']:.2f} (target >= 0.5); "
           f"seal check {mat['seal_check_s'] * 1000:.0f} ms")
+    if "redis_hub_median_s" in mat:
+        print(f"  same client, redis-server as hub: {mat['redis_hub_median_s']:.2f} s, "
+              f"ratio {mat['ratio_tar_over_ours_redis_hub']:.2f}")
     print(f"container start, warm cache ({start['starts']} starts): p50 {start['p50_s'] * 1000:.0f} ms, "
           f"p90 {start['p90_s'] * 1000:.0f} ms, max {start['max_s'] * 1000:.0f} ms (target p50 <= 1 s)")
     print(f"approval -> report ok, warm cache ({contract['contracts']} contracts): "
