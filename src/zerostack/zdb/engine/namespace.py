@@ -179,20 +179,15 @@ def replay_user_index(raw: mmap.mmap | bytes, fid: int, keys: dict[bytes, int]
         return end, 0, 0, 0
     base = fid << 32
     vals: Sequence[int]
-    lens: list[int]
     if isinstance(offs, range):
         vals = range(base | offs.start, base | offs.stop, offs.step)
         flags = raw[offs.start + INDEX_FLAGS_AT:offs.stop:offs.step]
-        getlen = struct.Struct(f"<5xI{offs.step - 9}x").iter_unpack
-        with memoryview(raw) as view:
-            lens = list(map(itemgetter(0), getlen(view[offs.start:offs.stop])))
     else:
         vals = [base | o for o in offs]
         flags = bytes([raw[o + INDEX_FLAGS_AT] for o in offs])
-        lens = [_u32(raw, o + 5)[0] for o in offs]
     keys.update(zip(klist, vals, strict=True))
     if flags.count(0) == len(flags):
-        return end, offs[-1], len(offs), sum(lens)
+        return end, offs[-1], len(offs), _sum_lengths(raw, offs)
     deleted = 0
     total = 0
     get = keys.get
@@ -203,8 +198,18 @@ def replay_user_index(raw: mmap.mmap | bytes, fid: int, keys: dict[bytes, int]
             if get(k) == vals[i]:
                 del keys[k]
         else:
-            total += lens[i]
+            total += _u32(raw, offs[i] + 5)[0]
     return end, offs[-1], len(offs) - deleted, total
+
+
+def _sum_lengths(raw: mmap.mmap | bytes, offs: Sequence[int]) -> int:
+    """Sum of the payload lengths of the entries at `offs`. For equal-size entries, each
+    byte of the u32 is summed from its own strided slice: no object per entry, which keeps
+    the loader from leaving freed small objects scattered through the heap."""
+    if isinstance(offs, range):
+        at = offs.start + 5
+        return sum(sum(raw[at + b:offs.stop:offs.step]) << (8 * b) for b in range(4))
+    return sum(_u32(raw, o + 5)[0] for o in offs)
 
 
 def find_superseded(raws: Sequence[mmap.mmap | bytes], keys: dict[bytes, int]) -> list[tuple[int, int]]:
