@@ -96,11 +96,12 @@ class Engine:
 
     def compact_namespace(self, name: str, keep_history: int | None = None) -> CompactReport:
         """Compact a namespace of this running engine (see compact.py). It runs to completion
-        before returning, so the caller is blocked meanwhile; the Namespace object stays
-        valid and serves the compacted files afterwards."""
+        before returning; the Namespace object stays valid and serves the compacted files
+        afterwards. It may run in a worker thread if nothing else touches this namespace
+        meanwhile (other namespaces and flush_all() are safe: the engine's shared state is
+        not modified here)."""
         ns = self.namespace(name)
-        ns.close()
-        self._dirty.discard(ns)
+        ns.close()  # writes out what it buffered; a later write_out() finds nothing to do
         try:
             return compact_namespace(self.config.index_dir, self.config.data_dir, name,
                                      keep_history, self.config.datasize)
