@@ -5,11 +5,11 @@ from __future__ import annotations
 import logging
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import typer
 
-from zerostack.cli.output import console, fail
+from zerostack.cli.output import console, fail, print_json, print_table
 
 if TYPE_CHECKING:
     from zerostack.zdb.server import ServerConfig
@@ -56,6 +56,16 @@ def serve(
     synctime: int = typer.Option(
         0, "--synctime", help="fsync at most every SECS seconds (instead of --sync)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log every client connection."),
+    replica_of: str | None = typer.Option(
+        None, "--replica-of", help="Follow the primary at HOST:PORT (read-only until promoted)."),
+    primary_auth: str | None = typer.Option(
+        None, "--primary-auth", envvar="ZEROSTACK_ZDB_PRIMARY_AUTH", show_envvar=True,
+        help="The primary's admin password (with --replica-of)."),
+    min_replicas: int = typer.Option(
+        0, "--min-replicas", help="Acknowledge writes only once N replicas hold them."),
+    min_replicas_timeout: float = typer.Option(
+        10.0, "--min-replicas-timeout",
+        help="Seconds to wait for --min-replicas before answering a write with an error."),
 ) -> None:
     """Run a Zero-DB server until Ctrl-C, SIGTERM or STOP."""
     if ctx.invoked_subcommand is not None:
@@ -74,14 +84,28 @@ def serve(
         fail("--protect needs --admin: the default namespace is guarded by the admin password")
     if not 0 <= port <= 65535:
         fail(f"--port {port} is not a TCP port")
+    if min_replicas < 0 or min_replicas_timeout <= 0:
+        fail("--min-replicas must be >= 0 and --min-replicas-timeout > 0")
+    primary = _host_port(replica_of, "--replica-of") if replica_of else None
+    if primary_auth and not primary:
+        fail("--primary-auth goes with --replica-of")
     engine = EngineConfig(
         data_dir=data, index_dir=index, mode=modes[mode.lower()],
         datasize=parse_size(datasize, "--datasize"), sync=sync, synctime=synctime,
         maxsize=parse_size(maxsize, "--maxsize") if maxsize else 0,
     )
     config = ServerConfig(engine=engine, listen=listen, port=port, socket_path=socket_path,
-                          admin_password=admin or None, protect=protect)
+                          admin_password=admin or None, protect=protect, replica_of=primary,
+                          primary_auth=primary_auth or None, min_replicas=min_replicas,
+                          min_replicas_timeout=min_replicas_timeout)
     _run(config, verbose)
+
+
+def _host_port(text: str, option: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        fail(f"{option}: expected HOST:PORT, got {text!r}")
+    return host.strip("[]"), int(port)
 
 
 def _run(config: ServerConfig, verbose: bool) -> None:
@@ -121,3 +145,213 @@ def demo(
     )
     engine = EngineConfig(data_dir=data, index_dir=index, mode=Mode.MIXED)
     _run(ServerConfig(engine=engine, listen="127.0.0.1", port=port), verbose=False)
+
+
+# -- operating a running server ------------------------------------------------------------
+
+HOST = typer.Option("127.0.0.1", "--host", help="Server address.")
+PORT = typer.Option(9900, "--port", help="Server TCP port.")
+PASSWORD = typer.Option(None, "--password", envvar="ZEROSTACK_ZDB_ADMIN", show_envvar=True,
+                        help="Admin password of the server.")
+
+
+def _client(host: str, port: int, password: str | None) -> Any:
+    import redis
+
+    r = redis.Redis(host=host, port=port, socket_timeout=30)
+    r.response_callbacks.clear()
+    try:
+        if password:
+            r.execute_command("AUTH", password)
+        r.execute_command("PING")
+    except redis.RedisError as exc:
+        fail(f"cannot talk to Zero-DB at {host}:{port}: {exc}")
+    return r
+
+
+def parse_info(text: str) -> dict[str, dict[str, str]]:
+    """INFO text -> {section: {key: value}}."""
+    out: dict[str, dict[str, str]] = {}
+    section = out.setdefault("", {})
+    for line in text.splitlines():
+        if line.startswith("# "):
+            section = out.setdefault(line[2:].strip(), {})
+        elif ": " in line:
+            key, value = line.split(": ", 1)
+            section[key] = value
+    return out
+
+
+def replication_status(info: dict[str, dict[str, str]]) -> dict[str, Any]:
+    """The `# replication` section of INFO as structured data (for `status --json`)."""
+    rep = info.get("replication", {})
+    status: dict[str, Any] = {"role": rep.get("role", "primary"), "replicas": []}
+    if status["role"] == "replica":
+        status["primary"] = rep.get("primary")
+        status["link"] = rep.get("link")
+        status["lag_bytes"] = int(rep.get("lag_bytes", "-1"))
+        status["lag_seconds"] = float(rep.get("lag_seconds", "-1"))
+        status["positions"] = {k[len("position_"):]: v for k, v in rep.items()
+                               if k.startswith("position_")}
+        if "link_error" in rep:
+            status["link_error"] = rep["link_error"]
+    for key, value in rep.items():
+        if key.startswith("replica") and key[7:].isdigit():
+            fields = dict(part.split("=", 1) for part in value.split() if "=" in part)
+            status["replicas"].append({
+                "name": fields.get("name"), "peer": fields.get("peer"),
+                "lag_bytes": int(fields.get("lag_bytes", "0")),
+                "lag_seconds": float(fields.get("lag_seconds", "0")),
+                "last_ack_age": float(fields.get("last_ack_age", "0")),
+                "acked": fields.get("acked", ""),
+            })
+    status["min_replicas"] = int(rep.get("min_replicas", "0"))
+    return status
+
+
+@app.command()
+def status(
+    host: str = HOST, port: int = PORT, password: str | None = PASSWORD,
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Show a server's replication role, its replicas or primary, positions and lag."""
+    r = _client(host, port, password)
+    info = parse_info(r.execute_command("INFO").decode())
+    st = replication_status(info)
+    if as_json:
+        print_json(st)
+        return
+    if st["role"] == "replica":
+        print_table(f"Zero-DB {host}:{port}: replica of {st['primary']}",
+                    ["link", "lag bytes", "lag seconds", "positions"],
+                    [[st["link"], st["lag_bytes"], f"{st['lag_seconds']:.3f}",
+                      " ".join(f"{k}@{v}" for k, v in st["positions"].items())]])
+        if st.get("link_error"):
+            console.print(f"last link error: {st['link_error']}", highlight=False)
+        return
+    print_table(f"Zero-DB {host}:{port}: primary, {len(st['replicas'])} replica(s)"
+                f"{', min-replicas ' + str(st['min_replicas']) if st['min_replicas'] else ''}",
+                ["replica", "peer", "lag bytes", "lag seconds", "last ack (s ago)"],
+                [[x["name"], x["peer"], x["lag_bytes"], f"{x['lag_seconds']:.3f}",
+                  f"{x['last_ack_age']:.1f}"] for x in st["replicas"]])
+
+
+@app.command()
+def promote(host: str = HOST, port: int = PORT, password: str | None = PASSWORD) -> None:
+    """Turn a replica into a primary: it stops following and accepts writes."""
+    import redis
+
+    r = _client(host, port, password)
+    try:
+        r.execute_command("PROMOTE")
+    except redis.RedisError as exc:
+        fail(f"{host}:{port} was not promoted: {exc}")
+    console.print(f"{host}:{port} is now a primary", highlight=False)
+
+
+@app.command()
+def compact(
+    data: Path = typer.Option(..., "--data", help="Data files directory (server stopped)."),
+    index: Path = typer.Option(..., "--index", help="Index files directory (server stopped)."),
+    namespace: list[str] = typer.Option(
+        [], "--namespace", help="Namespace to compact (repeatable; default: all user-mode ones)."),
+    keep_history: int | None = typer.Option(
+        None, "--keep-history", help="Keep the live value and at most N older versions "
+        "(default: keep all history, drop only deleted keys)."),
+    datasize: str = typer.Option("256M", "--datasize", help="The server's --datasize."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Rewrite namespaces of a stopped server keeping live data, and show the space reclaimed.
+
+    For a running server use the admin command `COMPACT ns [keep]`."""
+    from zerostack.zdb.engine import ZdbError
+    from zerostack.zdb.engine.compact import compact_namespace
+    from zerostack.zdb.engine.format import MODE_SEQ, parse_index_header
+
+    if keep_history is not None and keep_history < 0:
+        fail("--keep-history must be >= 0")
+    if not index.is_dir():
+        fail(f"{index} is not an index directory")
+    names = namespace or sorted(p.name for p in index.iterdir() if (p / "i0").exists())
+    size = parse_size(datasize, "--datasize")
+    reports = []
+    skipped = []
+    for name in names:
+        i0 = index / name / "i0"
+        if not namespace and i0.exists():
+            with open(i0, "rb") as f:
+                try:
+                    if parse_index_header(f.read(29), str(i0))[1] == MODE_SEQ:
+                        skipped.append(name)
+                        continue
+                except ZdbError:
+                    pass
+        try:
+            reports.append(compact_namespace(index, data, name, keep_history, size))
+        except ZdbError as exc:
+            fail(f"namespace {name}: {exc}")
+    rows: list[dict[str, Any]] = [{"namespace": r.namespace, "keys": r.keys, "versions": r.versions,
+             "bytes_before": r.bytes_before, "bytes_after": r.bytes_after,
+             "reclaimed_bytes": r.reclaimed_bytes, "seconds": round(r.seconds, 3)}
+            for r in reports]
+    if as_json:
+        print_json({"namespaces": rows, "skipped_sequential": skipped})
+        return
+    print_table("Zero-DB compaction", ["namespace", "keys", "versions", "before", "after",
+                                       "reclaimed", "seconds"],
+                [[x["namespace"], x["keys"], x["versions"], _human(x["bytes_before"]),
+                  _human(x["bytes_after"]), _human(x["reclaimed_bytes"]), x["seconds"]]
+                 for x in rows])
+    total = sum(x["reclaimed_bytes"] for x in rows)
+    console.print(f"reclaimed {_human(total)} ({total} bytes)", highlight=False)
+    if skipped:
+        console.print(f"skipped sequential namespaces (their keys are positions): "
+                      f"{', '.join(skipped)}", highlight=False)
+
+
+@app.command()
+def check(
+    data: Path = typer.Option(..., "--data", help="Data files directory (server stopped)."),
+    index: Path = typer.Option(..., "--index", help="Index files directory (server stopped)."),
+    namespace: str | None = typer.Option(None, "--namespace", help="Only this namespace."),
+    repair: bool = typer.Option(
+        False, "--repair", help="Cut torn tails and rebuild lost or damaged indexes."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Verify every CRC and that index and data agree; say what is wrong in plain words."""
+    from zerostack.zdb.engine import ZdbError
+    from zerostack.zdb.engine.check import check_files
+
+    try:
+        report = check_files(index, data, namespace, repair)
+    except ZdbError as exc:
+        fail(str(exc))
+    if as_json:
+        print_json({"ok": report.ok, "namespaces": report.namespaces,
+                    "data_entries": report.data_entries, "index_entries": report.index_entries,
+                    "index_rebuilt": report.index_rebuilt,
+                    "findings": [{"namespace": f.namespace, "file": f.file, "offset": f.offset,
+                                  "problem": f.problem, "repaired": f.repaired}
+                                 for f in report.findings]})
+    else:
+        console.print(f"checked {len(report.namespaces)} namespace(s): "
+                      f"{report.data_entries} data entries, {report.index_entries} index entries",
+                      highlight=False)
+        for finding in report.findings:
+            console.print(f"  {finding}", highlight=False, markup=False)
+        if report.ok:
+            console.print("everything is consistent" if not report.findings
+                          else "every problem was repaired", highlight=False)
+    if not report.ok:
+        if not as_json:
+            fail("problems remain" + ("" if repair else "; run again with --repair to fix them"))
+        raise typer.Exit(1)
+
+
+def _human(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(value) < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{n} B"

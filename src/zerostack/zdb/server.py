@@ -21,18 +21,24 @@ from zerostack.zdb.commands import (
     INTERNAL_ERROR,
     MISSING_ARGUMENTS,
     NOT_SUPPORTED,
+    READ_ONLY_HANDLERS,
+    Handler,
     ServerState,
     Session,
+    deferred,
     lookup,
 )
 from zerostack.zdb.commands.rules import refusal
 from zerostack.zdb.engine import Engine, EngineConfig, ZdbError
 from zerostack.zdb.protocol import ProtocolViolation, RequestParser, error
+from zerostack.zdb.replication import ReplicationRole
 
 log = logging.getLogger("zerostack.zdb")
 
 TIMEOUT = error("Timeout")
 NAMESPACE_GONE = error("Your active namespace is not available anymore (probably removed).")
+NOT_CONFIRMED = error("Write stored on the primary but not confirmed by enough replicas")
+WRITE_NAMES = frozenset({b"SET", b"SETX", b"DEL", b"set", b"setx", b"del"})
 
 
 def log_event(event: str, level: int = logging.INFO, **fields: object) -> None:
@@ -70,6 +76,10 @@ class ServerConfig:
     socket_path: Path | None = None  # when set, listen on this unix socket instead of TCP
     admin_password: str | None = field(default=None, repr=False)
     protect: bool = False
+    replica_of: tuple[str, int] | None = None  # follow this primary (read-only until promoted)
+    primary_auth: str | None = field(default=None, repr=False)
+    min_replicas: int = 0          # acknowledge writes once this many replicas hold them
+    min_replicas_timeout: float = 10.0
 
 
 class Connection(asyncio.Protocol):
@@ -111,6 +121,9 @@ class Connection(asyncio.Protocol):
         self.state.sessions.discard(self.session)
         self.server.connections.discard(self)
         self._cancel_wait()
+        deferred.take(self.session)
+        if self.server.role.primary.followers:
+            self.server.role.primary.detach(self.session)
         log_event("zdb.client.disconnect", logging.DEBUG, peer=self.peer)
 
     def pause_writing(self) -> None:
@@ -148,16 +161,26 @@ class Connection(asyncio.Protocol):
             self._close_with(NAMESPACE_GONE)
             return
         out: list[bytes] = []
-        handlers = HANDLERS
-        waiters = self.server.waiters
+        server = self.server
+        handlers = server.handlers
+        waiters = server.waiters
+        busy = server.role.busy
+        durable = server.role.primary.min_replicas
+        writes: list[int] = []
         failed = 0
         for request in requests:
             if not request:
                 out.append(MISSING_ARGUMENTS)
                 continue
+            if busy and session.ns.name in busy:
+                # Compaction has this namespace's files: hold the rest until it is done.
+                index = next(i for i, r in enumerate(requests) if r is request)
+                self._hold(session.ns.name, requests[index:], violation)
+                violation = None
+                break
             handler = handlers.get(request[0])
             if handler is None:
-                handler = lookup(request[0])
+                handler = lookup(request[0], handlers)
                 if handler is None:
                     out.append(NOT_SUPPORTED)
                     failed += 1
@@ -178,12 +201,21 @@ class Connection(asyncio.Protocol):
                 self.pending = requests[index + 1 :]
                 self.pending_violation = violation
                 violation = None
-                self._start_wait()
+                job = deferred.take(session)
+                if job is not None:
+                    self._start_job(job)
+                else:
+                    self._start_wait()
                 break
+            if durable and request[0] in WRITE_NAMES:
+                writes.append(len(out))
             out.append(reply)
         state = self.state
         state.commands_executed += len(requests) - failed
         state.commands_failed += failed
+        if writes and not self.waiting:
+            self._confirm(out, writes, violation)
+            return
         if out:
             self.server.send(transport, b"".join(out) if len(out) > 1 else out[0])
         if violation is not None:
@@ -196,6 +228,53 @@ class Connection(asyncio.Protocol):
             self.transport.pause_reading()
             self.server.send(self.transport, reply)
             self.server.send(self.transport, None)
+
+    # -- replies that wait: jobs (REPLWAIT, PROMOTE, COMPACT), compaction, --min-replicas --
+
+    def _pause(self) -> None:
+        self.waiting = True
+        assert self.transport is not None
+        self.transport.pause_reading()
+
+    def _start_job(self, job: deferred.Job) -> None:
+        self._pause()
+
+        def done(task: asyncio.Task[bytes]) -> None:
+            if task.cancelled():
+                return
+            exc = task.exception()
+            if exc is not None:
+                log_event("zdb.command.failed", logging.ERROR, error=type(exc).__name__,
+                          detail=str(exc)[:200])
+            self.wake(INTERNAL_ERROR if exc is not None else task.result())
+
+        task: asyncio.Task[bytes] = asyncio.ensure_future(job())
+        task.add_done_callback(done)
+
+    def _hold(self, name: str, requests: list[list[bytes]], violation: str | None) -> None:
+        self.pending = requests
+        self.pending_violation = violation
+        self._pause()
+        self.server.held.setdefault(name, []).append(self)
+
+    def _confirm(self, out: list[bytes], writes: list[int], violation: str | None) -> None:
+        """--min-replicas: answer this batch once enough replicas hold its writes."""
+        primary = self.server.role.primary
+        self.pending_violation = violation
+        self._pause()
+        target = primary.snapshot()
+        self.server.kick()  # flush and ship now rather than at the next tick
+
+        async def job() -> bytes:
+            done = await primary.wait_acked(primary.min_replicas,
+                                            primary.min_replicas_timeout, target)
+            if done < primary.min_replicas:
+                for i in writes:
+                    if out[i][:1] != b"-":
+                        out[i] = NOT_CONFIRMED
+            return b"".join(out)
+
+        self._start_job(job)
 
     # -- WAIT --------------------------------------------------------------------------
 
@@ -217,8 +296,8 @@ class Connection(asyncio.Protocol):
             if not group:
                 del self.server.waiters[self.session.ns.name]
 
-    def wake(self, reply: bytes) -> None:
-        """End a WAIT with `reply`, then serve what arrived meanwhile."""
+    def wake(self, reply: bytes | None) -> None:
+        """End a WAIT with `reply` (None: nothing to send), then serve what arrived meanwhile."""
         if not self.waiting:
             return
         self._cancel_wait()
@@ -226,7 +305,8 @@ class Connection(asyncio.Protocol):
         self.session.wait_for = None
         if self.transport is None or self.transport.is_closing():
             return
-        self.server.send(self.transport, reply)
+        if reply:
+            self.server.send(self.transport, reply)
         requests, self.pending = self.pending, []
         violation, self.pending_violation = self.pending_violation, None
         if requests or violation:
@@ -247,6 +327,19 @@ class ZdbServer:
         self.state.on_stop = self.request_stop
         self.state.on_namespace_removed = self._namespace_removed
         self.connections: set[Connection] = set()
+        self.role = ReplicationRole(
+            self.engine, config.replica_of, config.primary_auth, config.min_replicas,
+            config.min_replicas_timeout, name=f"{socket.gethostname()}:{config.port}")
+        self.role.register(self.state)
+        self.role.on_role_change = self._role_changed
+        self.role.connection_of = self._connection_of
+        self.role.on_namespace_free = self._namespace_free
+        if self.role.replica is not None:
+            self.role.replica.on_namespace_removed = self._namespace_removed
+        self.handlers: dict[bytes, Handler] = (
+            READ_ONLY_HANDLERS if self.role.is_replica else HANDLERS)
+        # namespace name -> connections held while compaction rewrites its files
+        self.held: dict[str, list[Connection]] = {}
         # namespace name -> connections blocked in WAIT on it
         self.waiters: dict[str, set[Connection]] = {}
         self._servers: list[asyncio.AbstractServer] = []
@@ -276,6 +369,9 @@ class ZdbServer:
             log_event("zdb.listen", addr=cfg.listen, port=self.port)
         if cfg.engine.synctime > 0:
             self._sync_task = asyncio.create_task(self._sync_loop(cfg.engine.synctime))
+        self.role.start()
+        if cfg.replica_of is not None:
+            log_event("zdb.replication.replica", primary=f"{cfg.replica_of[0]}:{cfg.replica_of[1]}")
         log_event("zdb.ready", namespaces=len(self.engine.namespaces), mode=cfg.engine.mode.value,
                   sync="always" if cfg.engine.sync else (
                       f"{cfg.engine.synctime}s" if cfg.engine.synctime else "os"),
@@ -293,8 +389,16 @@ class ZdbServer:
             self._outbox_scheduled = True
             asyncio.get_running_loop().call_soon(self._send_outbox)
 
+    def kick(self) -> None:
+        """Flush the engine (and ship to replicas) at the end of this event-loop pass."""
+        if not self._outbox_scheduled:
+            self._outbox_scheduled = True
+            asyncio.get_running_loop().call_soon(self._send_outbox)
+
     def _send_outbox(self) -> None:
         self._outbox_scheduled = False
+        primary = self.role.primary
+        ship = bool(primary.followers) and (bool(self.engine._dirty) or self.engine.config.sync)
         try:
             self.engine.flush_all()
         except OSError as exc:
@@ -312,6 +416,8 @@ class ZdbServer:
                 transport.close()
             else:
                 transport.write(payload)
+        if ship:
+            primary.notify()
 
     async def _sync_loop(self, synctime: int) -> None:
         period = min(1.0, float(synctime))
@@ -342,6 +448,8 @@ class ZdbServer:
             await srv.wait_closed()
         if self._sync_task is not None:
             self._sync_task.cancel()
+        await self.role.stop()
+        self.role.unregister(self.state)
         self.engine.close()
         if self.config.socket_path is not None:
             try:
@@ -370,6 +478,20 @@ class ZdbServer:
         for conn in self.connections:
             if conn.session.ns.name == name:
                 conn.session.removed = True
+
+    def _namespace_free(self, name: str) -> None:
+        for conn in self.held.pop(name, []):
+            conn.wake(None)
+
+    def _role_changed(self) -> None:
+        self.handlers = READ_ONLY_HANDLERS if self.role.is_replica else HANDLERS
+        log_event("zdb.role", role="replica" if self.role.is_replica else "primary")
+
+    def _connection_of(self, session: object) -> tuple[asyncio.Transport, str] | None:
+        for conn in self.connections:
+            if conn.session is session and conn.transport is not None:
+                return conn.transport, conn.peer
+        return None
 
 
 async def run(config: ServerConfig) -> None:

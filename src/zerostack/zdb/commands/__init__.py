@@ -8,7 +8,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from zerostack.zdb.commands import admin, namespace, read, scan, system, wait, write
+from zerostack.zdb.commands import (
+    admin,
+    compaction,
+    namespace,
+    read,
+    replication,
+    scan,
+    system,
+    wait,
+    write,
+)
 from zerostack.zdb.commands.rules import refusal
 from zerostack.zdb.commands.session import DEFAULT_NAMESPACE, ServerState, Session
 from zerostack.zdb.engine import ZdbError
@@ -17,7 +27,8 @@ from zerostack.zdb.protocol import error
 Handler = Callable[[Session, list[bytes]], bytes | None]
 
 COMMANDS: dict[bytes, Handler] = {}
-for _family in (system, write, read, scan, namespace, admin, wait):
+# Later families wrap some earlier commands (INFO, FLUSH, NSSET, NSDEL), so order matters.
+for _family in (system, write, read, scan, namespace, admin, wait, replication, compaction):
     COMMANDS.update(_family.HANDLERS)
 
 wait.WATCHABLE.update(COMMANDS)
@@ -29,11 +40,18 @@ for _name, _handler in COMMANDS.items():
     HANDLERS[_name] = _handler
     HANDLERS[_name.lower()] = _handler
 
-def lookup(name: bytes) -> Handler | None:
+READ_ONLY_HANDLERS: dict[bytes, Handler] = {
+    name: replication.refuse_on_replica if name.upper() in replication.WRITE_COMMANDS else h
+    for name, h in HANDLERS.items()}
+"""Dispatch table of a replica: writes are refused, every change comes from the primary."""
+
+
+def lookup(name: bytes, table: dict[bytes, Handler] | None = None) -> Handler | None:
     """The handler for a command name in any letter case."""
-    handler = HANDLERS.get(name)
+    table = HANDLERS if table is None else table
+    handler = table.get(name)
     if handler is None:
-        handler = HANDLERS.get(name.upper())
+        handler = table.get(name.upper())
     return handler
 
 
@@ -58,4 +76,4 @@ def execute(session: Session, request: list[bytes]) -> bytes | None:
 
 
 __all__ = ["COMMANDS", "DEFAULT_NAMESPACE", "HANDLERS", "INTERNAL_ERROR", "MISSING_ARGUMENTS",
-           "NOT_SUPPORTED", "Handler", "ServerState", "Session", "execute", "lookup"]
+           "NOT_SUPPORTED", "READ_ONLY_HANDLERS", "Handler", "ServerState", "Session", "execute", "lookup"]

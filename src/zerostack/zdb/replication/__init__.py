@@ -1,0 +1,8 @@
+"""Zero-DB primary-replica replication by log shipping: a replica's data and index files
+become byte-identical to its primary's (see docs/zdb-replication.md)."""
+
+from zerostack.zdb.replication.primary import Follower, Primary
+from zerostack.zdb.replication.replica import Replica, ReplicationError
+from zerostack.zdb.replication.role import ReplicationRole, role_of
+
+__all__ = ["Follower", "Primary", "Replica", "ReplicationError", "ReplicationRole", "role_of"]

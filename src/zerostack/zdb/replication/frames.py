@@ -1,0 +1,34 @@
+"""What a primary sends to its replicas on a replication link: RESP arrays of bulk strings.
+
+NS name mode password maxsize public worm locked frozen   settings (creates the namespace)
+DROP name                                                  the namespace was deleted
+RESET name                                                 flushed or compacted: start over
+JUMP name fileid                                           the primary started file pair N
+DATA name fileid offset entries                            raw data entries from that position
+LAG bytes milliseconds                                     how far behind the primary sees it
+The replica answers with `REPLACK name fileid offset ...` after applying and writing out.
+"""
+
+from __future__ import annotations
+
+from zerostack.zdb.protocol import encode_request
+
+NS = b"NS"
+DROP = b"DROP"
+RESET = b"RESET"
+JUMP = b"JUMP"
+DATA = b"DATA"
+LAG = b"LAG"
+
+
+def frame(*args: bytes | str | int) -> bytes:
+    return encode_request(*args)
+
+
+def data_frame(name: bytes, fid: int, off: int, chunk: bytes) -> bytes:
+    # Built by hand: encode_request would copy the chunk once more through str formatting.
+    fid_b, off_b = b"%d" % fid, b"%d" % off
+    return b"".join((
+        b"*5\r\n$4\r\nDATA\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n$%d\r\n" % (
+            len(name), name, len(fid_b), fid_b, len(off_b), off_b, len(chunk)),
+        chunk, b"\r\n"))

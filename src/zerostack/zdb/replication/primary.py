@@ -1,0 +1,285 @@
+"""Primary side of Zero-DB replication: ship every namespace's settings and data log to the
+connected replicas, track the positions they acknowledge, and answer durability waits.
+
+Shipping reads the primary's own data files from each replica's position (log shipping), so
+a replica that was away resumes where it stopped, and nothing is kept in memory per write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from zerostack.zdb.engine import Engine, Namespace
+from zerostack.zdb.engine.raw import START, Position, distance, read_entries, settings
+from zerostack.zdb.replication import frames
+
+log = logging.getLogger("zerostack.zdb")
+
+FRAME_LIMIT = 1 << 20        # data bytes per DATA frame
+PUMP_BUDGET = 8 << 20        # data bytes shipped to one replica per pass
+HIGH_WATER = 16 << 20        # stop shipping while this much waits in the socket buffer
+TICK = 0.1                   # seconds between passes without writes (catch-up, lag)
+LAG_EVERY = 10               # ticks between LAG reports to replicas
+SAMPLES = 6000               # position samples kept to measure lag in seconds (10 min)
+
+Positions = dict[str, Position]
+
+
+@dataclass(eq=False)
+class Follower:
+    """One connected replica: where it was shipped to and what it acknowledged."""
+
+    name: str
+    peer: str
+    transport: asyncio.Transport
+    session: object
+    sent: Positions
+    acked: Positions
+    connected_at: float = field(default_factory=time.time)
+    last_ack: float = field(default_factory=time.time)
+    shipped: dict[str, tuple[object, ...]] = field(default_factory=dict)
+    ns_ids: dict[str, int] = field(default_factory=dict)
+    lag_bytes: int = 0
+    lag_seconds: float = 0.0
+
+
+@dataclass(eq=False)
+class _Waiter:
+    target: Positions
+    count: int
+    future: asyncio.Future[int]
+
+
+class Primary:
+    """Replication state of a server that accepts writes."""
+
+    def __init__(self, engine: Engine, busy: set[str], min_replicas: int = 0,
+                 min_replicas_timeout: float = 10.0) -> None:
+        self.engine = engine
+        self.busy = busy  # namespaces being compacted: their files are not readable now
+        self.min_replicas = min_replicas
+        self.min_replicas_timeout = min_replicas_timeout
+        self.followers: list[Follower] = []
+        self._waiters: list[_Waiter] = []
+        self._samples: deque[tuple[float, Positions]] = deque(maxlen=SAMPLES)
+        self._ticker: asyncio.Task[None] | None = None
+
+    # -- replicas ------------------------------------------------------------------------
+
+    def attach(self, session: object, transport: asyncio.Transport, peer: str, name: str,
+               positions: Positions) -> Follower:
+        """Start shipping to a replica that holds `positions` (checked by it beforehand)."""
+        self.detach(session)
+        f = Follower(name=name, peer=peer, transport=transport, session=session,
+                     sent=dict(positions), acked=dict(positions))
+        for ns_name in positions:
+            ns = self.engine.namespaces.get(ns_name)
+            if ns is not None:
+                f.ns_ids[ns_name] = id(ns)
+        self.followers.append(f)
+        log.info("event=zdb.replication.replica.attach replica=%s peer=%s namespaces=%d",
+                 name, peer, len(positions))
+        self.start()
+        asyncio.get_running_loop().call_soon(self.pump, f)
+        return f
+
+    def detach(self, session: object) -> None:
+        for f in [f for f in self.followers if f.session is session]:
+            self.followers.remove(f)
+            log.info("event=zdb.replication.replica.detach replica=%s peer=%s", f.name, f.peer)
+
+    def is_follower(self, session: object) -> bool:
+        return any(f.session is session for f in self.followers)
+
+    def ack(self, session: object, positions: Positions) -> None:
+        """A replica wrote these positions out: wake the writes waiting for it."""
+        for f in self.followers:
+            if f.session is session:
+                f.acked.update(positions)
+                f.last_ack = time.time()
+        if self._waiters:
+            for w in list(self._waiters):
+                if not w.future.done():
+                    n = self.count_acked(w.target)
+                    if n >= w.count:
+                        w.future.set_result(n)
+
+    def reset(self, name: str) -> None:
+        """Namespace `name` was flushed or rewritten (compaction): replicas start it over."""
+        for f in self.followers:
+            f.sent[name] = START
+            f.acked[name] = START
+            f.shipped.pop(name, None)
+            if not f.transport.is_closing():
+                f.transport.write(frames.frame(frames.RESET, name))
+        self.notify()
+
+    # -- shipping ------------------------------------------------------------------------
+
+    def notify(self) -> None:
+        """New entries may be there (called after the engine flushed a batch)."""
+        for f in self.followers:
+            self.pump(f)
+
+    def pump(self, f: Follower) -> None:
+        t = f.transport
+        if t.is_closing() or t.get_write_buffer_size() > HIGH_WATER:
+            return
+        namespaces = self.engine.namespaces
+        out: list[bytes] = []
+        for name in [n for n in f.sent if n not in namespaces]:
+            out.append(frames.frame(frames.DROP, name))
+            self._forget(f, name)
+        budget = PUMP_BUDGET
+        for name, ns in namespaces.items():
+            if name in self.busy:
+                continue
+            if f.ns_ids.get(name) != id(ns):
+                if name in f.ns_ids:  # deleted and created again since the last pass
+                    out.append(frames.frame(frames.DROP, name))
+                    self._forget(f, name)
+                f.ns_ids[name] = id(ns)
+            current = settings(ns)
+            if f.shipped.get(name) != current:
+                out.append(frames.frame(frames.NS, name, *_settings_args(current)))
+                f.shipped[name] = current
+            if budget > 0:
+                budget = self._ship(f, name, ns, out, budget)
+        if out:
+            t.write(b"".join(out))
+
+    def _ship(self, f: Follower, name: str, ns: Namespace, out: list[bytes], budget: int) -> int:
+        pos = f.sent.get(name, START)
+        end = ns.position()
+        bname = name.encode("utf-8", "surrogateescape")
+        while pos < end and budget > 0:
+            chunk = read_entries(ns, pos, FRAME_LIMIT)
+            if not chunk:
+                if pos[0] >= end[0]:
+                    break
+                pos = (pos[0] + 1, START[1])
+                out.append(frames.frame(frames.JUMP, bname, pos[0]))
+                continue
+            out.append(frames.data_frame(bname, pos[0], pos[1], chunk))
+            pos = (pos[0], pos[1] + len(chunk))
+            budget -= len(chunk)
+        f.sent[name] = pos
+        return budget
+
+    @staticmethod
+    def _forget(f: Follower, name: str) -> None:
+        for d in (f.sent, f.acked, f.shipped, f.ns_ids):
+            d.pop(name, None)
+
+    # -- background: catch-up passes, lag ------------------------------------------------
+
+    def start(self) -> None:
+        if self._ticker is None or self._ticker.done():
+            self._ticker = asyncio.get_running_loop().create_task(self._tick())
+
+    async def stop(self) -> None:
+        if self._ticker is not None:
+            self._ticker.cancel()
+            try:
+                await self._ticker
+            except asyncio.CancelledError:
+                pass
+        for w in self._waiters:
+            if not w.future.done():
+                w.future.cancel()
+
+    async def _tick(self) -> None:
+        n = 0
+        while True:
+            await asyncio.sleep(TICK)
+            if not self.followers:
+                self._samples.clear()
+                continue
+            try:
+                self._samples.append((time.time(), self.snapshot()))
+                self.notify()
+                n += 1
+                if n % LAG_EVERY == 0:
+                    self._report_lag()
+            except Exception as exc:  # keep the ticker alive; the next pass retries
+                log.error("event=zdb.replication.tick.failed error=%s detail=%s",
+                          type(exc).__name__, str(exc)[:200])
+
+    def _report_lag(self) -> None:
+        for f in self.followers:
+            self.measure(f)
+            if not f.transport.is_closing():
+                f.transport.write(frames.frame(frames.LAG, f.lag_bytes,
+                                               int(f.lag_seconds * 1000)))
+
+    def measure(self, f: Follower) -> None:
+        """Refresh f.lag_bytes (data not yet acknowledged) and f.lag_seconds (age of the
+        newest primary state the replica has fully acknowledged, 0 when caught up)."""
+        total = 0
+        for name, ns in self.engine.namespaces.items():
+            if name not in self.busy:
+                total += distance(ns, f.acked.get(name, START), ns.position())
+        f.lag_bytes = total
+        if total == 0:
+            f.lag_seconds = 0.0
+            return
+        now = time.time()
+        for at, positions in reversed(self._samples):
+            if self._covers(f.acked, positions):
+                f.lag_seconds = max(0.0, now - at)
+                return
+        f.lag_seconds = now - self._samples[0][0] if self._samples else 0.0
+
+    # -- durability ----------------------------------------------------------------------
+
+    def snapshot(self) -> Positions:
+        """Every namespace's end position right now."""
+        return {name: ns.position() for name, ns in self.engine.namespaces.items()
+                if name not in self.busy}
+
+    @staticmethod
+    def _covers(acked: Positions, target: Positions) -> bool:
+        return all(acked.get(name, START) >= pos for name, pos in target.items())
+
+    def count_acked(self, target: Positions) -> int:
+        return sum(1 for f in self.followers if self._covers(f.acked, target))
+
+    async def wait_acked(self, count: int, timeout: float, target: Positions | None = None) -> int:
+        """Wait until `count` replicas acknowledged `target` (default: everything written so
+        far) or `timeout` seconds passed; returns how many did."""
+        if target is None:
+            target = self.snapshot()
+        done = self.count_acked(target)
+        if done >= count or timeout <= 0:
+            return done
+        w = _Waiter(target, count, asyncio.get_running_loop().create_future())
+        self._waiters.append(w)
+        try:
+            return await asyncio.wait_for(asyncio.shield(w.future), timeout)
+        except TimeoutError:
+            return self.count_acked(target)
+        finally:
+            self._waiters.remove(w)
+
+    # -- INFO ----------------------------------------------------------------------------
+
+    def info_lines(self) -> list[str]:
+        lines = [f"connected_replicas: {len(self.followers)}",
+                 f"min_replicas: {self.min_replicas}"]
+        for i, f in enumerate(self.followers):
+            self.measure(f)
+            acked = ",".join(f"{n}@{p[0]}:{p[1]}" for n, p in sorted(f.acked.items()))
+            lines.append(f"replica{i}: name={f.name} peer={f.peer} lag_bytes={f.lag_bytes} "
+                         f"lag_seconds={f.lag_seconds:.3f} "
+                         f"last_ack_age={time.time() - f.last_ack:.3f} acked={acked}")
+        return lines
+
+
+def _settings_args(current: tuple[object, ...]) -> list[bytes | str | int]:
+    mode, password, maxsize, public, worm, locked, frozen = current
+    return [str(mode), str(password), int(maxsize),  # type: ignore[call-overload]
+            int(bool(public)), int(bool(worm)), int(bool(locked)), int(bool(frozen))]

@@ -1,0 +1,302 @@
+"""Replica side of Zero-DB replication: connect to the primary, check where the local files
+stop agreeing with it, then apply the shipped settings and data entries as they come.
+
+A replica restarted or cut off resumes from its own files' end position (per namespace); if
+its files went further than the primary's (an old primary re-joining), the diverging tail is
+cut back to the last entry both hold, and the logs say so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from collections.abc import Callable
+
+import hiredis
+
+from zerostack.zdb.engine import Engine, Mode, ZdbError
+from zerostack.zdb.engine.raw import (
+    START,
+    Position,
+    adopt_layout,
+    apply_entries,
+    apply_settings,
+    last_entries,
+    truncate_to,
+)
+from zerostack.zdb.protocol import encode_request
+from zerostack.zdb.replication import frames
+
+log = logging.getLogger("zerostack.zdb")
+
+READ_SIZE = 1 << 20
+SILENCE = 15.0           # seconds without a frame before the link counts as dead
+RETRY_MIN, RETRY_MAX = 0.2, 2.0
+PROBE = 4096             # newest local entries compared with the primary when they diverge
+PROBE_BATCH = 256
+
+
+class ReplicationError(Exception):
+    """The replication link cannot go on (refused by the primary, diverged files...)."""
+
+
+class Replica:
+    """Follows a primary; runs as a task of the replica server's event loop."""
+
+    def __init__(self, engine: Engine, host: str, port: int, password: str | None,
+                 name: str) -> None:
+        self.engine = engine
+        self.host = host
+        self.port = port
+        self.password = password
+        self.name = name
+        self.state = "connecting"
+        self.error = ""
+        self.lag_bytes = -1          # as last reported by the primary (-1: not yet)
+        self.lag_seconds = -1.0
+        self.last_contact = 0.0
+        self.applied_bytes = 0
+        self.truncations = 0
+        self._task: asyncio.Task[None] | None = None
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._parser = hiredis.Reader()
+        # Set by the server: sessions still using a namespace the primary deleted.
+        self.on_namespace_removed: Callable[[str], None] = lambda name: None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+        self._close()
+        self.state = "stopped"
+
+    def _close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    async def _run(self) -> None:
+        delay = RETRY_MIN
+        while True:
+            started = time.monotonic()
+            try:
+                await self._follow()
+            except asyncio.CancelledError:
+                raise
+            except (OSError, EOFError, TimeoutError, ReplicationError, ZdbError,
+                    hiredis.ProtocolError) as exc:
+                self.error = str(exc) or type(exc).__name__
+                level = logging.WARNING if self.state != "connecting" else logging.INFO
+                log.log(level, "event=zdb.replication.link.down primary=%s:%d state=%s "
+                        "error=\"%s\"", self.host, self.port, self.state,
+                        self.error.replace('"', "'"))
+            finally:
+                self._close()
+                if self.state != "stopped":
+                    self.state = "connecting"
+            if time.monotonic() - started > 5:
+                delay = RETRY_MIN
+            await asyncio.sleep(delay)
+            delay = min(RETRY_MAX, delay * 2)
+
+    # -- a RESP client just big enough for the handshake ---------------------------------
+
+    async def _read_reply(self) -> object:
+        assert self._reader is not None
+        while True:
+            reply = self._parser.gets()
+            if reply is not False:
+                if isinstance(reply, hiredis.ReplyError):
+                    raise ReplicationError(f"primary refused: {reply}")
+                return reply
+            data = await asyncio.wait_for(self._reader.read(READ_SIZE), SILENCE)
+            if not data:
+                raise EOFError("primary closed the connection")
+            self._parser.feed(data)
+
+    async def _call(self, *args: bytes | str | int) -> object:
+        assert self._writer is not None
+        self._writer.write(encode_request(*args))
+        return await self._read_reply()
+
+    # -- the link ------------------------------------------------------------------------
+
+    async def _follow(self) -> None:
+        self.state = "connecting"
+        self._parser = hiredis.Reader()
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(self.host, self.port), SILENCE)
+        self._reader, self._writer = reader, writer
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.password:
+            await self._call(b"AUTH", self.password)
+        info = await self._call(b"REPLINFO")
+        if not isinstance(info, list) or len(info) < 2:
+            raise ReplicationError(f"unexpected REPLINFO reply {info!r}")
+        datasize, mode = int(info[0]), Mode(bytes(info[1]).decode())
+        adopt_layout(self.engine, datasize, mode)
+        self.state = "checking"
+        positions: dict[str, Position] = {}
+        for name in list(self.engine.namespaces):
+            positions[name] = await self._agree(name)
+        self.state = "syncing"
+        args: list[bytes | str | int] = [b"REPLSYNC", self.name]
+        for name, (fid, off) in positions.items():
+            args += [name.encode("utf-8", "surrogateescape"), fid, off]
+        writer.write(encode_request(*args))
+        log.info("event=zdb.replication.link.up primary=%s:%d namespaces=%d",
+                 self.host, self.port, len(positions))
+        self.error = ""
+        await self._stream()
+
+    async def _agree(self, name: str) -> Position:
+        """The position up to which namespace `name` holds the same entries as the primary;
+        the local tail past it is cut."""
+        ns = self.engine.namespace(name)
+        here = ns.position()
+        if here == START:
+            return here
+        newest = last_entries(ns, 1)
+        if not newest:
+            common = START
+        else:
+            heads = await self._heads(name, [newest[0][0]])
+            if heads is None:
+                return here  # the primary has no such namespace: it will say DROP
+            if heads[0] == newest[0][1]:
+                common = newest[0][2]
+            else:
+                common = await self._search(name, last_entries(ns, PROBE))
+        if common != here:
+            dropped = truncate_to(self.engine, name, common)
+            self.truncations += 1
+            log.warning("event=zdb.replication.diverged namespace=%s local_end=%d:%d "
+                        "common=%d:%d entries_dropped=%d", name, here[0], here[1],
+                        common[0], common[1], dropped)
+        return self.engine.namespace(name).position()
+
+    async def _search(self, name: str, entries: list[tuple[Position, bytes, Position]]
+                      ) -> Position:
+        for i in range(0, len(entries), PROBE_BATCH):
+            batch = entries[i:i + PROBE_BATCH]
+            heads = await self._heads(name, [pos for pos, _h, _e in batch])
+            if heads is None:
+                return START
+            for (_pos, head, end), theirs in zip(batch, heads, strict=True):
+                if theirs == head:
+                    return end
+        return START  # nothing in common near the end: copy the namespace again
+
+    async def _heads(self, name: str, where: list[Position]) -> list[bytes | None] | None:
+        args: list[bytes | str | int] = [b"REPLHEAD", name.encode("utf-8", "surrogateescape")]
+        for fid, off in where:
+            args += [fid, off]
+        try:
+            reply = await self._call(*args)
+        except ReplicationError as exc:
+            if "Namespace not found" in str(exc):
+                return None
+            raise
+        if not isinstance(reply, list) or len(reply) != len(where):
+            raise ReplicationError(f"unexpected REPLHEAD reply for {name}")
+        return [None if r is None else bytes(r) for r in reply]
+
+    async def _stream(self) -> None:
+        assert self._reader is not None and self._writer is not None
+        parser = self._parser
+        self.state = "online"
+        while True:
+            data = await asyncio.wait_for(self._reader.read(READ_SIZE), SILENCE)
+            if not data:
+                raise EOFError("primary closed the connection")
+            self.last_contact = time.time()
+            parser.feed(data)
+            changed: set[str] = set()
+            while True:
+                message = parser.gets()
+                if message is False:
+                    break
+                if isinstance(message, hiredis.ReplyError):
+                    raise ReplicationError(f"primary refused: {message}")
+                if isinstance(message, bytes):  # a status line: nothing to apply
+                    continue
+                self._apply(message, changed)
+            if changed:
+                self.engine.flush_all()
+                args: list[bytes | str | int] = [b"REPLACK"]
+                for name in changed:
+                    ns = self.engine.namespaces.get(name)
+                    fid, off = ns.position() if ns is not None else START
+                    args += [name.encode("utf-8", "surrogateescape"), fid, off]
+                self._writer.write(encode_request(*args))
+
+    def _apply(self, message: list[bytes], changed: set[str]) -> None:
+        kind = message[0]
+        name = message[1].decode("utf-8", "surrogateescape") if len(message) > 1 else ""
+        engine = self.engine
+        if kind == frames.DATA:
+            ns = engine.namespace(name)
+            pos = (int(message[2]), int(message[3]))
+            apply_entries(ns, pos, message[4])
+            self.applied_bytes += len(message[4])
+            changed.add(name)
+        elif kind == frames.NS:
+            found = engine.namespaces.get(name)
+            if found is None:
+                found = engine.create_namespace(name)
+                log.info("event=zdb.replication.namespace.create namespace=%s", name)
+            mode, password = message[2].decode(), message[3].decode("utf-8", "surrogateescape")
+            apply_settings(found, mode, password, int(message[4]), message[5] == b"1",
+                           message[6] == b"1", message[7] == b"1", message[8] == b"1")
+            changed.add(name)
+        elif kind == frames.JUMP:
+            ns = engine.namespace(name)
+            while ns.position()[0] < int(message[2]):
+                ns.jump()
+            changed.add(name)
+        elif kind == frames.DROP:
+            if name in engine.namespaces:
+                engine.delete_namespace(name)
+                self.on_namespace_removed(name)
+                log.info("event=zdb.replication.namespace.delete namespace=%s", name)
+        elif kind == frames.RESET:
+            if name in engine.namespaces:
+                engine.namespace(name).flush()
+                log.info("event=zdb.replication.namespace.reset namespace=%s", name)
+            changed.add(name)
+        elif kind == frames.LAG:
+            self.lag_bytes = int(message[1])
+            self.lag_seconds = int(message[2]) / 1000
+            changed.update(engine.namespaces)  # answer with every position: a heartbeat
+        else:
+            raise ReplicationError(f"unknown replication frame {kind!r}")
+
+    # -- INFO ----------------------------------------------------------------------------
+
+    def info_lines(self) -> list[str]:
+        age = time.time() - self.last_contact if self.last_contact else -1.0
+        lines = [f"primary: {self.host}:{self.port}",
+                 f"link: {self.state}",
+                 f"last_contact_age: {age:.3f}",
+                 f"lag_bytes: {self.lag_bytes}",
+                 f"lag_seconds: {self.lag_seconds:.3f}",
+                 f"applied_bytes: {self.applied_bytes}",
+                 f"truncations: {self.truncations}"]
+        if self.error:
+            lines.append(f"link_error: {self.error}")
+        for name, ns in self.engine.namespaces.items():
+            fid, off = ns.position()
+            lines.append(f"position_{name}: {fid}:{off}")
+        return lines
