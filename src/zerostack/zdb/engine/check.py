@@ -51,9 +51,10 @@ class Finding:
     offset: int
     problem: str
     repaired: bool = False
+    harmless: bool = False  # worth knowing, but reads and writes are not affected
 
     def __str__(self) -> str:
-        state = "repaired" if self.repaired else "NOT repaired"
+        state = "harmless" if self.harmless else "repaired" if self.repaired else "NOT repaired"
         return f"{self.namespace}/{self.file} @ {self.offset}: {self.problem} [{state}]"
 
 
@@ -69,8 +70,8 @@ class CheckReport:
 
     @property
     def ok(self) -> bool:
-        """True when nothing is left broken (every finding was repaired, or none)."""
-        return all(f.repaired for f in self.findings)
+        """True when nothing is left broken (every finding was repaired or is harmless)."""
+        return all(f.repaired or f.harmless for f in self.findings)
 
 
 @dataclass
@@ -104,8 +105,10 @@ class _NamespaceCheck:
         self.mode_known = False
         self.referenced: set[tuple[int, int]] = set()
 
-    def note(self, file: str, offset: int, problem: str, repaired: bool = False) -> None:
-        self.report.findings.append(Finding(self.name, file, offset, problem, repaired))
+    def note(self, file: str, offset: int, problem: str, repaired: bool = False,
+             harmless: bool = False) -> None:
+        self.report.findings.append(Finding(self.name, file, offset, problem, repaired,
+                                            harmless))
 
     def run(self) -> None:
         iwork, _dwork = swap.work_dirs(self.index_root, self.data_root)
@@ -165,8 +168,8 @@ class _NamespaceCheck:
                     self.note(path.name, off, f"payload of key {raw[off + DENT:off + DENT + kl]!r}"
                               " does not match its CRC (the value is damaged)")
                 if p != prev:
-                    self.note(path.name, off, f"previous-entry link is {p}, expected {prev} "
-                              "(harmless for reads)")
+                    self.note(path.name, off, f"previous-entry link is {p}, expected {prev}",
+                              harmless=True)
                 self.data[(fid, off)] = _Data(raw[off + DENT:off + DENT + kl], ln, crc, fl, ts, ok)
                 prev = off
                 off = end
