@@ -8,6 +8,7 @@ index of the namespace from its data files (they are self-describing).
 
 from __future__ import annotations
 
+import mmap
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,7 +75,7 @@ class CheckReport:
         return all(f.repaired or f.harmless for f in self.findings)
 
 
-@dataclass
+@dataclass(slots=True)
 class _Data:
     key: bytes
     length: int
@@ -150,39 +151,52 @@ class _NamespaceCheck:
         prev = 0
         for fid in range(self.data_files):
             path = self.data_root / data_name(fid)
-            raw = path.read_bytes()
+            # mapped, not read: data files can be 256 MiB each
+            with open(path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                raw: mmap.mmap | bytes = (mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+                                          if size else b"")
             try:
-                parse_data_header(raw, str(path))
-            except ZdbError as exc:
-                self.note(path.name, 0, str(exc))
-                continue
-            off = DHEAD
-            while off + DENT <= len(raw):
-                kl, ln, p, crc, fl, ts = DATA_ENTRY.unpack_from(raw, off)
-                end = off + DENT + kl + ln
-                if kl == 0 or end > len(raw):
-                    break
-                payload = raw[off + DENT + kl:end]
-                ok = (crc == 0 and ln == 0) if fl & FLAG_DELETED else crc32(payload) == crc
-                if not ok:
-                    self.note(path.name, off, f"payload of key {raw[off + DENT:off + DENT + kl]!r}"
-                              " does not match its CRC (the value is damaged)")
-                if p != prev:
-                    self.note(path.name, off, f"previous-entry link is {p}, expected {prev}",
-                              harmless=True)
-                self.data[(fid, off)] = _Data(raw[off + DENT:off + DENT + kl], ln, crc, fl, ts, ok)
-                prev = off
-                off = end
-            if off != len(raw):
-                last = fid == self.data_files - 1
-                what = f"{len(raw) - off} bytes at the end cannot be read as an entry"
-                if last and self.repair:
-                    with open(path, "r+b") as f:
-                        f.truncate(off)
-                self.note(path.name, off, what + (" (torn tail: cut)" if last and self.repair
-                                                  else " (torn tail)" if last else ""),
-                          last and self.repair)
+                prev = self._scan_data_file(fid, path, raw, prev)
+            finally:
+                if isinstance(raw, mmap.mmap):
+                    raw.close()
         self.report.data_entries += len(self.data)
+
+    def _scan_data_file(self, fid: int, path: Path, raw: mmap.mmap | bytes, prev: int) -> int:
+        """Record every entry of one data file; returns the offset of its last entry."""
+        try:
+            parse_data_header(raw[:DHEAD], str(path))
+        except ZdbError as exc:
+            self.note(path.name, 0, str(exc))
+            return prev
+        off = DHEAD
+        while off + DENT <= len(raw):
+            kl, ln, p, crc, fl, ts = DATA_ENTRY.unpack_from(raw, off)
+            end = off + DENT + kl + ln
+            if kl == 0 or end > len(raw):
+                break
+            payload = raw[off + DENT + kl:end]
+            ok = (crc == 0 and ln == 0) if fl & FLAG_DELETED else crc32(payload) == crc
+            if not ok:
+                self.note(path.name, off, f"payload of key {raw[off + DENT:off + DENT + kl]!r}"
+                          " does not match its CRC (the value is damaged)")
+            if p != prev:
+                self.note(path.name, off, f"previous-entry link is {p}, expected {prev}",
+                          harmless=True)
+            self.data[(fid, off)] = _Data(raw[off + DENT:off + DENT + kl], ln, crc, fl, ts, ok)
+            prev = off
+            off = end
+        if off != len(raw):
+            last = fid == self.data_files - 1
+            what = f"{len(raw) - off} bytes at the end cannot be read as an entry"
+            if last and self.repair:
+                with open(path, "r+b") as f:  # the map never reads past `off` again
+                    f.truncate(off)
+            self.note(path.name, off, what + (" (torn tail: cut)" if last and self.repair
+                                              else " (torn tail)" if last else ""),
+                      last and self.repair)
+        return prev
 
     def _resolve(self, ifid: int, did: int, doff: int, key: bytes) -> _Data | None:
         for dfid in [did or ifid] + ([0] if did == 0 and ifid else []):
