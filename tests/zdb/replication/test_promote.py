@@ -1,0 +1,84 @@
+"""Failover: with --min-replicas 1, every write acknowledged before the primary is killed
+(-9) is on the promoted replica; the old primary re-joins as a replica of the new one."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+import redis
+
+from tests.conftest import ProcessGroup, zerostack_cmd
+from tests.zdb.conftest import ZdbStarter, start_zdb
+from tests.zdb.replication.helpers import Writers, info, wait_identical, wait_until
+
+
+def test_acknowledged_writes_survive_failover_and_old_primary_rejoins(
+        zdb_start: ZdbStarter, procs: ProcessGroup) -> None:
+    primary = zdb_start("--min-replicas", "1", "--admin", "pw", "--datasize", "1M")
+    replica = zdb_start("--replica-of", f"127.0.0.1:{primary.port}", "--primary-auth", "pw",
+                        "--admin", "pw")
+    wait_until(lambda: info(primary).get("connected_replicas") == "1", 20, "replica attached")
+    writers = Writers(primary.port, 60_000, batch=200).start()
+    wait_until(lambda: writers.done >= 20_000, 60, "20k writes")
+    primary.proc.kill()
+    primary.proc.wait()
+    writers.join()
+    assert len(writers.acked) >= 20_000
+
+    # a replica refuses PROMOTE from a non-admin client, then the CLI promotes it
+    with pytest.raises(redis.ResponseError, match="Permission denied"):
+        replica.client().execute_command("PROMOTE")
+    done = subprocess.run([*zerostack_cmd(), "zdb", "promote", "--port", str(replica.port),
+                           "--password", "pw"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "now a primary" in done.stdout
+    r = replica.client()
+    keys = [k for k, _v in writers.acked]
+    got = []
+    for i in range(0, len(keys), 1000):
+        got += r.execute_command("MGET", *keys[i:i + 1000])
+    missing = [k for (k, v), value in zip(writers.acked, got, strict=True) if value != v]
+    assert not missing, f"{len(missing)} acknowledged writes lost, e.g. {missing[:5]}"
+    assert info(replica)["role"] == "primary"
+    for i in range(100):
+        assert r.execute_command("SET", f"new{i}", "after-failover") == f"new{i}".encode()
+
+    # the old primary comes back as a replica of the new one; its unconfirmed tail goes
+    old = start_zdb(procs, primary.data.parent, "--replica-of", f"127.0.0.1:{replica.port}",
+                    "--primary-auth", "pw", "--admin", "pw", port=primary.port,
+                    data=primary.data, index=primary.index)
+    wait_identical(replica, old)
+    o = old.client()
+    assert o.execute_command("GET", "new7") == b"after-failover"
+    with pytest.raises(redis.ResponseError, match="Replica is read-only"):
+        o.execute_command("SET", "x", "y")
+    assert r.execute_command("AUTH", "pw") == b"OK"
+    with pytest.raises(redis.ResponseError, match="already a primary"):
+        r.execute_command("PROMOTE")
+
+
+def test_old_primary_with_a_diverged_tail_cuts_it_and_follows(
+        zdb_start: ZdbStarter, procs: ProcessGroup) -> None:
+    a = zdb_start()
+    b = zdb_start("--replica-of", f"127.0.0.1:{a.port}")
+    ca = a.client()
+    for i in range(300):
+        ca.execute_command("SET", f"common{i}", f"v{i}")
+    assert ca.execute_command("REPLWAIT", 1, 10000) == 1
+    b.proc.kill()
+    b.proc.wait()
+    for i in range(40):  # never reach b: a's tail diverges from here
+        ca.execute_command("SET", f"common{i}", f"only-on-a{i}")
+    a.proc.kill()
+    a.proc.wait()
+    b = start_zdb(procs, b.data.parent, port=b.port, data=b.data, index=b.index)  # now primary
+    cb = b.client()
+    for i in range(25):
+        cb.execute_command("SET", f"on-b{i}", "b")
+    a = start_zdb(procs, a.data.parent, "--replica-of", f"127.0.0.1:{b.port}", port=a.port,
+                  data=a.data, index=a.index)
+    wait_identical(b, a)
+    assert a.client().execute_command("GET", "common3") == b"v3"
+    assert a.client().execute_command("GET", "on-b3") == b"b"
+    assert "event=zdb.replication.diverged" in a.log.read_text()
