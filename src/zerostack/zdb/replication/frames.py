@@ -25,10 +25,9 @@ def frame(*args: bytes | str | int) -> bytes:
     return encode_request(*args)
 
 
-def data_frame(name: bytes, fid: int, off: int, chunk: bytes) -> bytes:
-    # Built by hand: encode_request would copy the chunk once more through str formatting.
+def data_frame(name: bytes, fid: int, off: int, chunk: bytes) -> tuple[bytes, bytes, bytes]:
+    """A DATA frame as three parts for transport.writelines(): the chunk is never copied."""
     fid_b, off_b = b"%d" % fid, b"%d" % off
-    return b"".join((
-        b"*5\r\n$4\r\nDATA\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n$%d\r\n" % (
-            len(name), name, len(fid_b), fid_b, len(off_b), off_b, len(chunk)),
-        chunk, b"\r\n"))
+    head = b"*5\r\n$4\r\nDATA\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n$%d\r\n" % (
+        len(name), name, len(fid_b), fid_b, len(off_b), off_b, len(chunk))
+    return head, chunk, b"\r\n"

@@ -25,6 +25,7 @@ HIGH_WATER = 16 << 20        # stop shipping while this much waits in the socket
 TICK = 0.1                   # seconds between passes without writes (catch-up, lag)
 LAG_EVERY = 10               # ticks between LAG reports to replicas
 SAMPLES = 6000               # position samples kept to measure lag in seconds (10 min)
+SHIP_DELAY = 0.004           # gather this long before shipping, unless a write waits on it
 
 Positions = dict[str, Position]
 
@@ -67,6 +68,7 @@ class Primary:
         self._waiters: list[_Waiter] = []
         self._samples: deque[tuple[float, Positions]] = deque(maxlen=SAMPLES)
         self._ticker: asyncio.Task[None] | None = None
+        self._ship_timer: asyncio.TimerHandle | None = None
 
     # -- replicas ------------------------------------------------------------------------
 
@@ -116,12 +118,24 @@ class Primary:
             f.shipped.pop(name, None)
             if not f.transport.is_closing():
                 f.transport.write(frames.frame(frames.RESET, name))
-        self.notify()
+        self._ship_now()
 
     # -- shipping ------------------------------------------------------------------------
 
     def notify(self) -> None:
-        """New entries may be there (called after the engine flushed a batch)."""
+        """New entries may be there (called after the engine flushed a batch).
+
+        Under load many small batches are gathered into one send per SHIP_DELAY: fewer,
+        larger socket writes cost the primary less. Writes someone waits for go at once."""
+        if self.min_replicas or self._waiters:
+            self._ship_now()
+        elif self._ship_timer is None:
+            self._ship_timer = asyncio.get_running_loop().call_later(SHIP_DELAY, self._ship_now)
+
+    def _ship_now(self) -> None:
+        if self._ship_timer is not None:
+            self._ship_timer.cancel()
+            self._ship_timer = None
         for f in self.followers:
             self.pump(f)
 
@@ -150,7 +164,7 @@ class Primary:
             if budget > 0:
                 budget = self._ship(f, name, ns, out, budget)
         if out:
-            t.write(b"".join(out))
+            t.writelines(out)
 
     def _ship(self, f: Follower, name: str, ns: Namespace, out: list[bytes], budget: int) -> int:
         pos = f.sent.get(name, START)
@@ -164,7 +178,7 @@ class Primary:
                 pos = (pos[0] + 1, START[1])
                 out.append(frames.frame(frames.JUMP, bname, pos[0]))
                 continue
-            out.append(frames.data_frame(bname, pos[0], pos[1], chunk))
+            out.extend(frames.data_frame(bname, pos[0], pos[1], chunk))
             pos = (pos[0], pos[1] + len(chunk))
             budget -= len(chunk)
         f.sent[name] = pos
@@ -182,6 +196,8 @@ class Primary:
             self._ticker = asyncio.get_running_loop().create_task(self._tick())
 
     async def stop(self) -> None:
+        if self._ship_timer is not None:
+            self._ship_timer.cancel()
         if self._ticker is not None:
             self._ticker.cancel()
             try:
@@ -201,7 +217,7 @@ class Primary:
                 continue
             try:
                 self._samples.append((time.time(), self.snapshot()))
-                self.notify()
+                self._ship_now()
                 n += 1
                 if n % LAG_EVERY == 0:
                     self._report_lag()
