@@ -1,4 +1,4 @@
-"""`zerostack zdb` flag handling and `zerostack demo`, run as real commands."""
+"""`zerostack zdb` flag handling and `zerostack zdb demo`, run as real commands."""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def test_demo_serves_under_var_zdb(tmp_path: Path, procs: ProcessGroup) -> None:
     port = free_port()
     log = tmp_path / "demo.log"
     with open(log, "wb") as out:
-        proc = procs.start([*zerostack_cmd(), "demo", "--port", str(port)], cwd=tmp_path,
+        proc = procs.start([*zerostack_cmd(), "zdb", "demo", "--port", str(port)], cwd=tmp_path,
                            stdout=out, stderr=out)
     wait_for_port(port, proc=proc, timeout=30)
     r = redis.Redis(port=port, socket_timeout=10)

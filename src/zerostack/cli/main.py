@@ -25,7 +25,7 @@ _ENTRIES: dict[str, tuple[str, str, str]] = {
     "status": ("bot", "status", "command"),
     "cancel": ("bot", "cancel", "command"),
     "logs": ("logs", "logs", "command"),
-    "demo": ("zdb", "demo", "command"),
+    "demo": ("demo", "demo", "command"),
 }
 
 

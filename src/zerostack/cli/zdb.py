@@ -123,6 +123,7 @@ def _run(config: ServerConfig, verbose: bool) -> None:
         pass
 
 
+@app.command("demo")
 def demo(
     port: int = typer.Option(9900, "--port", help="TCP port on 127.0.0.1."),
     home: Path = typer.Option(Path("./var/zdb"), "--dir", help="Where the demo keeps its data."),

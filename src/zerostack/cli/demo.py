@@ -1,0 +1,121 @@
+"""`zerostack demo`: a grid on this machine, and one smart contract taken through its life.
+
+Starts a ledger and two node agents (each with its own Zero-DB), creates a user and two
+stakeholders, deploys a Zero-DB namespace that needs two of three signatures, shows that
+nothing happens until the quorum holds, writes to the namespace once the node reports it,
+and leaves the grid running for the CLI until Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import redis
+import typer
+
+from zerostack.bot import BotError, ThreeBot, build_deployment
+from zerostack.cli.output import console, fail, print_table
+from zerostack.grid import GridError, LocalGrid
+
+NAMESPACE_PASSWORD = "demo-password"
+
+
+def _step(text: str) -> None:
+    console.print(f"[bold cyan]▸[/] {text}", highlight=False)
+
+
+def _deployed(c: dict[str, Any]) -> bool:
+    return c["state"] in ("deployed", "error") and bool(c.get("report"))
+
+
+def _run(grid: LocalGrid, nodes: int, once: bool) -> int:
+    _step(f"ledger on {grid.url} (data: {grid.root / 'ledger.db'})")
+    client = grid.start_ledger()
+    for i in range(nodes):
+        node = grid.start_node(client, f"node{i + 1}")
+        _step(f"node {node.node_id} ({node.name}) registered; its Zero-DB on port {node.zdb_port}")
+
+    alice, bob, carol = (grid.identity(n) for n in ("alice", "bob", "carol"))
+    with ThreeBot(grid.url, alice) as a, ThreeBot(grid.url, bob) as b, \
+            ThreeBot(grid.url, carol) as c:
+        twins = {name: bot.twin_id() for name, bot in (("alice", a), ("bob", b), ("carol", c))}
+        _step("twins: " + ", ".join(f"{n}={t}" for n, t in twins.items()))
+        deployment = build_deployment(
+            {"metadata": "demo/sessions",
+             "workloads": [{"type": "zdb", "name": "sessions", "size": "64M", "mode": "user",
+                            "password": NAMESPACE_PASSWORD, "public": False}]},
+            twins["alice"], [f"{twins['bob']}:1", f"{twins['carol']}:1"], weight_required=2)
+        node_id = grid.nodes[0].node_id
+        cid = a.deploy(deployment, node_id)
+        _step(f"alice created contract {cid} on node {node_id}: a Zero-DB namespace, "
+              "2 of 3 signatures needed (alice required)")
+        time.sleep(1.0)
+        state = a.contract(cid)["state"]
+        _step(f"with alice's signature alone the contract is [bold]{state}[/]: "
+              "the node provisions nothing")
+        b.approve(cid, expect_hash=deployment.hash())
+        _step("bob signed the deployment hash: the quorum holds")
+        contract = a.wait(cid, _deployed, timeout=60)
+        report = contract["report"]
+        rows = [(w["name"], w["type"], w["state"], w.get("message", ""),
+                 ", ".join(f"{k}={v}" for k, v in sorted(w.get("data", {}).items())))
+                for w in report["workloads"]]
+        print_table(f"contract {cid}: {contract['state']} (signed report from node {node_id})",
+                    ["workload", "type", "state", "message", "result"], rows)
+        if contract["state"] != "deployed":
+            console.print("[bold red]the node reported an error[/]")
+            return 1
+        data = report["workloads"][0]["data"]
+        r = redis.Redis(host=str(data["host"]), port=int(data["port"]))
+        r.execute_command("SELECT", data["namespace"], NAMESPACE_PASSWORD)
+        r.execute_command("SET", "greeting", "hello from the grid")
+        value = r.execute_command("GET", "greeting")
+        r.close()
+        _step(f"redis-py wrote and read back {value!r} in namespace {data['namespace']}")
+
+    if once:
+        return 0
+    console.print(
+        "\n[bold]The grid keeps running.[/] Use the CLI against it from another shell:\n"
+        f"  export ZEROSTACK_HOME={grid.home} ZEROSTACK_LEDGER={grid.url}\n"
+        "  .venv/bin/zerostack status --identity alice\n"
+        f"  redis-cli -p {data['port']}   # then: SELECT {data['namespace']} {NAMESPACE_PASSWORD}\n"
+        f"  .venv/bin/zerostack cancel {cid} --identity alice\n"
+        f"Logs: {grid.root}/*.log.  Ctrl-C stops the grid.", highlight=False)
+    return 0
+
+
+def demo(
+    directory: Path = typer.Option(Path("./var/demo"), "--dir",
+                                   help="Where the grid keeps its state (wiped at start)."),
+    nodes: int = typer.Option(2, "--nodes", min=1, max=8, help="How many node agents."),
+    ledger_port: int = typer.Option(7700, "--ledger-port", help="The ledger's HTTP port."),
+    zdb_port: int = typer.Option(9901, "--zdb-port", help="First node's Zero-DB port."),
+    once: bool = typer.Option(False, "--once", help="Stop the grid after the walk-through."),
+) -> None:
+    """Run a local grid and take one smart contract through its life."""
+    if directory.exists():
+        if any(directory.iterdir()) and not (directory / "ledger.db").exists():
+            fail(f"{directory} is not empty and holds no demo grid; pick another --dir")
+        shutil.rmtree(directory)
+    grid = LocalGrid(directory.resolve(), ledger_port=ledger_port, zdb_base_port=zdb_port)
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    code = 0
+    try:
+        code = _run(grid, nodes, once)
+        if not once and code == 0:
+            while True:
+                time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    except (GridError, BotError) as exc:
+        console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        code = 1
+    finally:
+        _step("stopping the grid")
+        grid.stop()
+    raise typer.Exit(code)
