@@ -339,7 +339,7 @@ def check(
                       f"{report.data_entries} data entries, {report.index_entries} index entries",
                       highlight=False)
         for finding in report.findings:
-            console.print(f"  {finding}", highlight=False, markup=False)
+            console.print(f"  {finding}", highlight=False, markup=False, soft_wrap=True)
         if report.ok:
             console.print("everything is consistent" if not report.findings
                           else "every problem was repaired", highlight=False)
