@@ -316,3 +316,15 @@ def test_follow_and_wait_for_timeout(client: LedgerClient) -> None:
     with pytest.raises(LedgerError) as info:
         client.wait_for(lambda: None, timeout=0.3)
     assert info.value.code == "timeout"
+
+
+def test_send_many_resigns_after_a_refusal(client: LedgerClient) -> None:
+    ident = Identity.generate()
+    twin = client.register_twin(ident)
+    names = [f"b{twin}-{n}" for n in (1, 1, 2, 3)]
+    results = client.send_many(ident, "name.register", [{"name": n} for n in names])
+    # the duplicate is refused; the two after it are re-signed with fresh nonces
+    assert "height" in results[0] and results[1]["code"] == "conflict"
+    assert all("height" in r for r in results[2:])
+    client.register_name(ident, f"b{twin}-4")  # and the nonce book is right afterwards
+    assert len(client.names(owner=twin)) == 4

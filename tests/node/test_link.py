@@ -17,7 +17,6 @@ def test_batch_survives_a_rejection(procs: ProcessGroup, tmp_path: Path) -> None
 
     async def go() -> list[str]:
         link = LedgerLink(grid.url, Identity.generate())
-        await link.open()
         try:
             await link.ensure_twin("")
             names = [{"name": n} for n in ("a1", "a1", "a2", "a3")]

@@ -13,7 +13,7 @@ from zerostack.cli.output import console, fail, print_json, print_table
 if TYPE_CHECKING:
     from zerostack.bot import ThreeBot
 
-# zerostack.bot (pydantic models, httpx) is imported inside the commands: every other
+# zerostack.bot (pydantic models, the ledger client) is imported inside the commands: every other
 # `zerostack` command starts faster without it.
 
 LEDGER = typer.Option("http://127.0.0.1:7700", "--ledger", envvar="ZEROSTACK_LEDGER",

@@ -50,6 +50,18 @@ def _decode(url: str, response: httpx.Response) -> Any:
     return data
 
 
+def _merge_batch(todo: list[int], batch: list[dict[str, Any]],
+                 results: list[dict[str, Any]]) -> list[int]:
+    """Store a batch's results at their payloads' places; return the places refused for
+    their nonce (after a refusal the later nonces of the batch no longer follow on)."""
+    retry = []
+    for i, result in zip(todo, batch, strict=True):
+        results[i] = result
+        if result.get("code") == "bad_nonce":
+            retry.append(i)
+    return retry
+
+
 # ---- payload builders shared by both clients -----------------------------------------------
 
 
@@ -201,18 +213,41 @@ class LedgerClient:
         """Sign and submit a transaction from `identity`'s twin, managing its nonce."""
         twin = sender if sender is not None else self.twin_id(identity)
         for attempt in range(NONCE_RETRIES + 1):
-            nonce = self._nonces.take(twin)
-            if nonce is None:
-                self._nonces.set(twin, self.next_nonce(twin))
-                nonce = self._nonces.take(twin)
-                assert nonce is not None
             try:
-                return self.submit(sign_tx(identity, ttype, twin, nonce, payload))
+                return self.submit(sign_tx(identity, ttype, twin, self._take_nonce(twin),
+                                           payload))
             except LedgerRejected as exc:
                 self._nonces.forget(twin)
                 if exc.code != "bad_nonce" or attempt == NONCE_RETRIES:
                     raise
         raise AssertionError("unreachable")
+
+    def send_many(self, identity: Identity, ttype: str, payloads: list[dict[str, Any]],
+                  *, sender: int | None = None) -> list[dict[str, Any]]:
+        """Sign and submit transactions of one type in one batch; one result per payload
+        ({hash, height, receipt} or {error, code}). A refused transaction leaves a gap in
+        the nonces: the ones after it are signed again with fresh nonces and resubmitted."""
+        twin = sender if sender is not None else self.twin_id(identity)
+        results: list[dict[str, Any]] = [{} for _ in payloads]
+        todo = list(range(len(payloads)))
+        for _ in range(NONCE_RETRIES + 1):
+            if not todo:
+                break
+            txs = [sign_tx(identity, ttype, twin, self._take_nonce(twin), payloads[i])
+                   for i in todo]
+            batch = self.submit_many(txs)
+            if any("error" in r for r in batch):
+                self._nonces.forget(twin)
+            todo = _merge_batch(todo, batch, results)
+        return results
+
+    def _take_nonce(self, twin: int) -> int:
+        nonce = self._nonces.take(twin)
+        if nonce is None:
+            self._nonces.set(twin, self.next_nonce(twin))
+            nonce = self._nonces.take(twin)
+            assert nonce is not None
+        return nonce
 
     def register_twin(self, identity: Identity, endpoint: str = "") -> int:
         """Register `identity` as a twin (or find it, if it already is); returns the twin id."""
@@ -465,11 +500,7 @@ class AsyncLedgerClient:
         twin = sender if sender is not None else await self.twin_id(identity)
         async with self._send_lock:
             for attempt in range(NONCE_RETRIES + 1):
-                nonce = self._nonces.take(twin)
-                if nonce is None:
-                    self._nonces.set(twin, await self.next_nonce(twin))
-                    nonce = self._nonces.take(twin)
-                    assert nonce is not None
+                nonce = await self._take_nonce(twin)
                 try:
                     return await self.submit(sign_tx(identity, ttype, twin, nonce, payload))
                 except LedgerRejected as exc:
@@ -477,6 +508,32 @@ class AsyncLedgerClient:
                     if exc.code != "bad_nonce" or attempt == NONCE_RETRIES:
                         raise
         raise AssertionError("unreachable")
+
+    async def send_many(self, identity: Identity, ttype: str, payloads: list[dict[str, Any]],
+                        *, sender: int | None = None) -> list[dict[str, Any]]:
+        """LedgerClient.send_many: one batch, refused nonces signed again and resubmitted."""
+        twin = sender if sender is not None else await self.twin_id(identity)
+        results: list[dict[str, Any]] = [{} for _ in payloads]
+        todo = list(range(len(payloads)))
+        async with self._send_lock:
+            for _ in range(NONCE_RETRIES + 1):
+                if not todo:
+                    break
+                txs = [sign_tx(identity, ttype, twin, await self._take_nonce(twin), payloads[i])
+                       for i in todo]
+                batch = await self.submit_many(txs)
+                if any("error" in r for r in batch):
+                    self._nonces.forget(twin)
+                todo = _merge_batch(todo, batch, results)
+        return results
+
+    async def _take_nonce(self, twin: int) -> int:
+        nonce = self._nonces.take(twin)
+        if nonce is None:
+            self._nonces.set(twin, await self.next_nonce(twin))
+            nonce = self._nonces.take(twin)
+            assert nonce is not None
+        return nonce
 
     async def register_twin(self, identity: Identity, endpoint: str = "") -> int:
         existing = await self.twin_by_key(identity.public_hex)

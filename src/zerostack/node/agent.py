@@ -143,7 +143,6 @@ class NodeAgent:
             await self.zdb.spawn()
         self.provisioners = build_provisioners(self.context, dry=self.cfg.dry)
         self.executor = Executor(self.provisioners, self.state)
-        await self.link.open()
         while True:
             try:
                 self.node_id = await self.register()
