@@ -60,9 +60,13 @@ def cmd_replhead(s: Session, args: list[bytes]) -> bytes:
         return bad
     if len(args) < 4 or len(args) % 2:
         return error("Invalid arguments")
-    ns = s.state.engine.namespaces.get(args[1].decode("utf-8", "surrogateescape"))
+    name = args[1].decode("utf-8", "surrogateescape")
+    ns = s.state.engine.namespaces.get(name)
     if ns is None:
         return namespace.NAMESPACE_NOT_FOUND
+    role = role_of(s.state)
+    if role is not None and name in role.busy:
+        return error("Namespace is being compacted, retry later")
     out = [b"*%d\r\n" % ((len(args) - 2) // 2)]
     for i in range(2, len(args), 2):
         head = entry_head(ns, atoll(args[i]), atoll(args[i + 1]))

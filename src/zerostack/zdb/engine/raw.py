@@ -121,7 +121,14 @@ def apply_settings(ns: Namespace, mode: str, password: str, maxsize: int, public
                    worm: bool, locked: bool, frozen: bool) -> None:
     """Make `ns` carry a primary's settings (the descriptor file comes out identical)."""
     if ns.mode.value != mode:
-        ns.set_property("mode", mode)
+        # Only an empty namespace changes mode; the default namespace and single-mode
+        # servers refuse NSSET mode, but a replica must follow its primary's choice.
+        saved = ns._config.mode
+        ns._config.mode = Mode.MIXED
+        try:
+            ns._set_mode(mode)
+        finally:
+            ns._config.mode = saved
     if ns.name == "default":
         return  # nobody can change the default namespace's settings
     if (ns.password or "", ns.maxsize, ns.public, ns.worm) != (password, maxsize, public, worm):
