@@ -14,6 +14,7 @@ import argparse
 import os
 import platform
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -24,8 +25,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import redis
-
-from bench.zdb_bench import free_port, wait_port
 
 REPO = Path(__file__).resolve().parent.parent
 DOC = REPO / "docs" / "benchmarks.md"
@@ -43,6 +42,25 @@ class Round:
     lag_bytes: list[int] = field(default_factory=list)
     lag_seconds: list[float] = field(default_factory=list)
     catch_up: float = 0.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"zdb exited with {proc.returncode} before listening")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on {port}")
 
 
 def start_server(root: Path, *extra: str) -> tuple[subprocess.Popen[bytes], int]:
