@@ -52,6 +52,7 @@ def test_replica_follows_load_and_restart_and_ends_identical(
     for i in range(0, 1000, 7):
         p.execute_command("DEL", f"k{i}")
     assert p.execute_command("REPLWAIT", 1, 10000) == 1
+    assert p.execute_command("REPLWAIT", 2, 200) == 1  # only one replica: times out
     wait_identical(primary, replica)
 
     r = replica.client()
@@ -102,6 +103,8 @@ def test_online_compaction_reaches_the_replica(zdb_start: ZdbStarter) -> None:
     assert p.execute_command("GET", "key1") == b"round4-" + b"x" * 100
     assert p.execute_command("SET", "after", "compaction") == b"after"
     wait_identical(primary, replica)
+    late = zdb_start("--replica-of", f"127.0.0.1:{primary.port}")  # a full copy from scratch
+    wait_identical(primary, late)
     r = replica.client()
     r.execute_command("SELECT", "logs")
     assert r.execute_command("GET", "after") == b"compaction"

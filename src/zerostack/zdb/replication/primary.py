@@ -165,6 +165,9 @@ class Primary:
                 budget = self._ship(f, name, ns, out, budget)
         if out:
             t.writelines(out)
+        if budget <= 0 and t.get_write_buffer_size() <= HIGH_WATER:
+            # More to copy (a replica catching up): go on after other clients were served.
+            asyncio.get_running_loop().call_soon(self.pump, f)
 
     def _ship(self, f: Follower, name: str, ns: Namespace, out: list[bytes], budget: int) -> int:
         pos = f.sent.get(name, START)

@@ -117,7 +117,10 @@ class Replica:
             reply = self._parser.gets()
             if reply is not False:
                 if isinstance(reply, hiredis.ReplyError):
-                    raise ReplicationError(f"primary refused: {reply}")
+                    hint = ""
+                    if "Permission denied" in str(reply) or "Access denied" in str(reply):
+                        hint = " (give the primary's admin password with --primary-auth)"
+                    raise ReplicationError(f"primary refused: {reply}{hint}")
                 return reply
             data = await asyncio.wait_for(self._reader.read(READ_SIZE), SILENCE)
             if not data:
