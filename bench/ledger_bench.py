@@ -14,17 +14,9 @@ import asyncio
 import http.client
 import os
 import random
-import shutil
-import socket
 import statistics
-import subprocess
-import sys
-import tempfile
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
@@ -32,6 +24,7 @@ import httpx
 import nacl.signing
 import orjson
 
+from bench.common import ledger_server
 from zerostack.crypto import Identity
 from zerostack.ledger.tx import sign_tx
 
@@ -51,42 +44,6 @@ def raw_verify_rate(n: int = 5000) -> float:
     for vk, msg, sig in items:
         vk.verify(msg, sig)
     return n / (time.perf_counter() - start)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@contextmanager
-def ledger_server() -> Iterator[str]:
-    tmp = Path(tempfile.mkdtemp(prefix="ledger-bench-"))
-    port = free_port()
-    exe = Path(sys.executable).parent / "zerostack"
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "zerostack.cli.main"]
-    proc = subprocess.Popen([*cmd, "ledger", "serve", "--db", str(tmp / "ledger.db"),
-                             "--listen", f"127.0.0.1:{port}"], stdout=subprocess.DEVNULL,
-                            start_new_session=True)
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                    break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("ledger server did not start") from None
-                time.sleep(0.05)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def post_batches(url: str, bodies: list[bytes]) -> int:

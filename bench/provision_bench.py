@@ -16,12 +16,9 @@ commands the zdb provisioner sends), so the figures show what the node itself ad
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
-import socket
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,35 +27,10 @@ from typing import Any
 import orjson
 import redis
 
+from bench.common import free_port, percentile, spawn, stop, wait_port, zerostack_cli
 from zerostack.bot import ThreeBot, build_deployment
 from zerostack.crypto import Identity
 from zerostack.ledger import LedgerClient
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_port(port: int, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"nothing listens on {port}")
-
-
-def pct(values: list[float], p: float) -> float:
-    s = sorted(values)
-    return s[min(len(s) - 1, max(0, round(p / 100 * len(s) + 0.5) - 1))]
-
-
-def cmd() -> list[str]:
-    return [sys.executable, "-m", "zerostack.cli.main"]
 
 
 def run(contracts: int) -> dict[str, Any]:
@@ -67,22 +39,19 @@ def run(contracts: int) -> dict[str, Any]:
     try:
         lport, zport = free_port(), free_port()
         url = f"http://127.0.0.1:{lport}"
-        logf = open(tmp / "ledger.log", "wb")  # noqa: SIM115
-        procs.append(subprocess.Popen([*cmd(), "ledger", "serve", "--db", str(tmp / "l.db"),
-                                       "--listen", f"127.0.0.1:{lport}"],
-                                      stdout=logf, stderr=logf, start_new_session=True))
-        wait_port(lport)
+        procs.append(spawn([*zerostack_cli(), "ledger", "serve", "--db", str(tmp / "l.db"),
+                            "--listen", f"127.0.0.1:{lport}"], tmp / "ledger.log"))
+        wait_port(lport, procs[-1])
         client = LedgerClient(url)
         farmer, owner, holder = Identity.generate(), Identity.generate(), Identity.generate()
         client.register_twin(farmer)
         farm = client.create_farm(farmer, "bench")
         owner_twin = client.register_twin(owner)
         holder_twin = client.register_twin(holder)
-        nlog = open(tmp / "node.log", "wb")  # noqa: SIM115
-        procs.append(subprocess.Popen(
-            [*cmd(), "node", "run", "--ledger", url, "--farm", str(farm),
+        procs.append(spawn(
+            [*zerostack_cli(), "node", "run", "--ledger", url, "--farm", str(farm),
              "--data", str(tmp / "node"), "--zdb-port", str(zport), "--resync", "30"],
-            stdout=nlog, stderr=nlog, start_new_session=True))
+            tmp / "node.log"))
         node = 0
         deadline = time.monotonic() + 30
         while not node:
@@ -92,8 +61,8 @@ def run(contracts: int) -> dict[str, Any]:
             node = int(nodes[0]["id"]) if nodes else 0
             time.sleep(0.05)
         try:
-            wait_port(zport)
-        except TimeoutError:
+            wait_port(zport, procs[-1])
+        except (TimeoutError, RuntimeError):
             raise RuntimeError("node Zero-DB did not start:\n"
                                + (tmp / "node.log").read_text()[-2000:]) from None
         bot = ThreeBot(url, owner)
@@ -143,25 +112,23 @@ def run(contracts: int) -> dict[str, Any]:
         r.close()
         bot.close()
         client.close()
-        p50, p99 = pct(latencies, 50), pct(latencies, 99)
+        p50, p99 = percentile(latencies, 50), percentile(latencies, 99)
         return {
             "contracts": contracts,
             "approval_to_ok_p50_s": round(p50, 4),
             "approval_to_ok_p99_s": round(p99, 4),
             "approval_to_ok_mean_s": round(statistics.mean(latencies), 4),
             "approval_to_ok_max_s": round(max(latencies), 4),
-            "ledger_tx_roundtrip_p50_s": round(pct(tx_times, 50), 4),
-            "direct_zdb_namespace_p50_s": round(pct(direct, 50), 5),
-            "ratio_p50_to_ledger_tx": round(p50 / pct(tx_times, 50), 2),
-            "ratio_p50_to_direct_zdb": round(p50 / pct(direct, 50), 1),
+            "ledger_tx_roundtrip_p50_s": round(percentile(tx_times, 50), 4),
+            "direct_zdb_namespace_p50_s": round(percentile(direct, 50), 5),
+            "ratio_p50_to_ledger_tx": round(p50 / percentile(tx_times, 50), 2),
+            "ratio_p50_to_direct_zdb": round(p50 / percentile(direct, 50), 1),
             "target": "p50 <= 1 s, p99 <= 3 s",
             "met": p50 <= 1.0 and p99 <= 3.0,
         }
     finally:
         for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, 9)
-                p.wait()
+            stop(p)
         shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -11,18 +11,15 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import os
 import platform
 import re
 import shutil
-import signal
-import socket
 import subprocess
-import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from bench.common import free_port, start, stop, zerostack_cli
 
 REPO = Path(__file__).resolve().parent.parent
 DOC = REPO / "docs" / "benchmarks.md"
@@ -48,42 +45,6 @@ class Result:
         return TARGETS[self.pipeline]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited with {proc.returncode} before listening on {port}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit(f"nothing listens on {port} after {timeout}s")
-
-
-def start(args: list[str], port: int, log: Path) -> subprocess.Popen[bytes]:
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(args, stdout=out, stderr=out, start_new_session=True)
-    wait_port(port, proc)
-    return proc
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-
 def benchmark_command(port: int, pipeline: int, requests: int) -> list[str]:
     return ["redis-benchmark", "-p", str(port), "-c", "50", "-n", str(requests), "-d", "64",
             "-r", "100000", "-t", "set,get", "-P", str(pipeline), "--csv"]
@@ -94,11 +55,6 @@ def run_benchmark(port: int, pipeline: int, requests: int) -> dict[str, float]:
                          text=True, timeout=900, check=True).stdout
     rows = [row for row in csv.reader(io.StringIO(out)) if row and row[0] in ("SET", "GET")]
     return {row[0]: float(row[1]) for row in rows}
-
-
-def zerostack_cli() -> list[str]:
-    exe = Path(sys.executable).parent / "zerostack"
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "zerostack.cli.main"]
 
 
 def measure(requests: int, work: Path, rounds: int) -> list[Result]:

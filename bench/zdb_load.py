@@ -26,6 +26,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.common import free_port
+
 KEY = b"%016d"
 VALUE_SIZE = 64
 TARGET_LOAD_S = 3.0
@@ -101,12 +103,6 @@ def engine_load(root: Path) -> dict[str, Any]:
                          check=True, capture_output=True, text=True,
                          cwd=Path(__file__).resolve().parent.parent)
     return dict(json.loads(out.stdout))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def start_redis(workdir: Path, port: int, dbfile: str) -> subprocess.Popen[bytes]:

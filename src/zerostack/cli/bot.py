@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,10 +25,16 @@ IDENTITY = typer.Option("default", "--identity", "-i", envvar="ZEROSTACK_IDENTIT
 JSON = typer.Option(False, "--json", help="Print JSON.")
 
 
-def _bot(ledger: str, identity: str) -> ThreeBot:
-    from zerostack.bot import ThreeBot
+@contextmanager
+def _session(ledger: str, identity: str) -> Iterator[ThreeBot]:
+    """The bot for one command; a BotError becomes the command's one-line failure."""
+    from zerostack.bot import BotError, ThreeBot
 
-    return ThreeBot(ledger, load_named(identity))
+    try:
+        with ThreeBot(ledger, load_named(identity)) as bot:
+            yield bot
+    except BotError as exc:
+        fail(str(exc))
 
 
 def _summary(c: dict[str, Any]) -> str:
@@ -103,44 +111,41 @@ def deploy(
     json_out: bool = JSON,
 ) -> None:
     """Deploy workloads to a node under a signed contract, and wait for the node's report."""
-    from zerostack.bot import BotError, build_deployment, load_deployment_file, quorum_progress
+    from zerostack.bot import build_deployment, load_deployment_file, quorum_progress
 
-    try:
-        with _bot(ledger, identity) as bot:
-            data = load_deployment_file(file)
-            if update is not None:
-                version = int(bot.contract(update)["version"]) + 1
-                dep = build_deployment(data, bot.twin_id(), stakeholder, weight_required,
-                                       version)
-                bot.update(update, dep)
-                cid = update
-            else:
-                dep = build_deployment(data, bot.twin_id(), stakeholder, weight_required)
-                cid = bot.deploy(dep, node)
-            c = bot.contract(cid)
-            if not json_out:
-                console.print(f"contract [bold]{cid}[/] on node {c['node']}, deployment "
-                              f"{dep.hash()[:16]}…", highlight=False)
-            if c["pending"]:
-                if json_out:
-                    print_json(_json_contract(bot, c))
-                else:
-                    console.print(f"{quorum_progress(c)}; each stakeholder runs "
-                                  f"`zerostack approve {cid} -i NAME`", highlight=False)
-                return
-            if wait <= 0:
-                return
-            with console.status("waiting for the node…") as spinner:
-                c = bot.wait(cid, lambda c: _settled(c, dep.version), wait,
-                             lambda c: spinner.update(_summary(c)))
+    with _session(ledger, identity) as bot:
+        data = load_deployment_file(file)
+        if update is not None:
+            version = int(bot.contract(update)["version"]) + 1
+            dep = build_deployment(data, bot.twin_id(), stakeholder, weight_required,
+                                   version)
+            bot.update(update, dep)
+            cid = update
+        else:
+            dep = build_deployment(data, bot.twin_id(), stakeholder, weight_required)
+            cid = bot.deploy(dep, node)
+        c = bot.contract(cid)
+        if not json_out:
+            console.print(f"contract [bold]{cid}[/] on node {c['node']}, deployment "
+                          f"{dep.hash()[:16]}…", highlight=False)
+        if c["pending"]:
             if json_out:
                 print_json(_json_contract(bot, c))
             else:
-                _print_result(bot, c)
-            if c["state"] == "error":
-                raise typer.Exit(1)
-    except BotError as exc:
-        fail(str(exc))
+                console.print(f"{quorum_progress(c)}; each stakeholder runs "
+                              f"`zerostack approve {cid} -i NAME`", highlight=False)
+            return
+        if wait <= 0:
+            return
+        with console.status("waiting for the node…") as spinner:
+            c = bot.wait(cid, lambda c: _settled(c, dep.version), wait,
+                         lambda c: spinner.update(_summary(c)))
+        if json_out:
+            print_json(_json_contract(bot, c))
+        else:
+            _print_result(bot, c)
+        if c["state"] == "error":
+            raise typer.Exit(1)
 
 
 def approve(
@@ -152,18 +157,13 @@ def approve(
     json_out: bool = JSON,
 ) -> None:
     """Approve a contract's pending deployment as a stakeholder (signs its hash)."""
-    from zerostack.bot import BotError
-
-    try:
-        with _bot(ledger, identity) as bot:
-            receipt = bot.approve(contract, expect_hash)
-            c = bot.contract(contract)
-            if json_out:
-                print_json({"receipt": receipt, "state": c["state"]})
-            else:
-                console.print(f"approved contract {contract}: {_summary(c)}", highlight=False)
-    except BotError as exc:
-        fail(str(exc))
+    with _session(ledger, identity) as bot:
+        receipt = bot.approve(contract, expect_hash)
+        c = bot.contract(contract)
+        if json_out:
+            print_json({"receipt": receipt, "state": c["state"]})
+        else:
+            console.print(f"approved contract {contract}: {_summary(c)}", highlight=False)
 
 
 def status(
@@ -173,28 +173,23 @@ def status(
     json_out: bool = JSON,
 ) -> None:
     """Show one contract (workloads and results) or all contracts you own."""
-    from zerostack.bot import BotError
-
-    try:
-        with _bot(ledger, identity) as bot:
-            if contract is not None:
-                c = bot.contract(contract)
-                if json_out:
-                    print_json(_json_contract(bot, c))
-                    return
-                console.print(f"contract {c['id']} on node {c['node']}: {_summary(c)}",
-                              highlight=False)
-                _print_result(bot, c)
-                return
-            cs = bot.contracts()
+    with _session(ledger, identity) as bot:
+        if contract is not None:
+            c = bot.contract(contract)
             if json_out:
-                print_json([_json_contract(bot, c) for c in cs])
+                print_json(_json_contract(bot, c))
                 return
-            print_table("contracts", ["id", "node", "version", "state", "summary"],
-                        [(c["id"], c["node"], c["version"], c["state"], _summary(c))
-                         for c in cs])
-    except BotError as exc:
-        fail(str(exc))
+            console.print(f"contract {c['id']} on node {c['node']}: {_summary(c)}",
+                          highlight=False)
+            _print_result(bot, c)
+            return
+        cs = bot.contracts()
+        if json_out:
+            print_json([_json_contract(bot, c) for c in cs])
+            return
+        print_table("contracts", ["id", "node", "version", "state", "summary"],
+                    [(c["id"], c["node"], c["version"], c["state"], _summary(c))
+                     for c in cs])
 
 
 def cancel(
@@ -205,21 +200,16 @@ def cancel(
     json_out: bool = JSON,
 ) -> None:
     """Cancel a contract; the node removes its workloads and reports them deleted."""
-    from zerostack.bot import BotError
-
-    try:
-        with _bot(ledger, identity) as bot:
-            bot.cancel(contract)
-            c = bot.contract(contract)
-            if wait > 0 and c["state"] == "cancelled":
-                with console.status("waiting for the node to remove the workloads…"):
-                    c = bot.wait(contract, lambda c: c["state"] == "deleted", wait)
-            if json_out:
-                print_json({"contract": contract, "state": c["state"]})
-            else:
-                console.print(f"contract {contract} is {c['state']}", highlight=False)
-    except BotError as exc:
-        fail(str(exc))
+    with _session(ledger, identity) as bot:
+        bot.cancel(contract)
+        c = bot.contract(contract)
+        if wait > 0 and c["state"] == "cancelled":
+            with console.status("waiting for the node to remove the workloads…"):
+                c = bot.wait(contract, lambda c: c["state"] == "deleted", wait)
+        if json_out:
+            print_json({"contract": contract, "state": c["state"]})
+        else:
+            console.print(f"contract {contract} is {c['state']}", highlight=False)
 
 
 def register(app: typer.Typer) -> None:

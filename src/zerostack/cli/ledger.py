@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -106,6 +107,23 @@ def _run(fn: Any) -> Any:
         fail(str(exc))
 
 
+def _one(fn: Any, missing: str) -> Any:
+    """The object `fn` gets from the ledger, or a failure saying it is `missing`."""
+    data = _run(fn)
+    if data is None:
+        fail(missing)
+    return data
+
+
+def _print_list(data: list[dict[str, Any]], json_out: bool, title: str, columns: list[str],
+                row: Callable[[dict[str, Any]], list[Any]]) -> None:
+    """A list command's output: the JSON list, or a table with one row per object."""
+    if json_out:
+        print_json(data)
+    else:
+        print_table(title, columns, [row(d) for d in data])
+
+
 @app.command("head")
 def head(url: str = LedgerUrl, json_out: bool = JsonOut) -> None:
     """Show the last block of a running ledger."""
@@ -130,14 +148,11 @@ def nodes(
     """List nodes, filtered."""
     data = _run(lambda: _client(url).nodes(country=country, farm=farm, free_mru=free_mru,
                                            free_cru=free_cru, status=status, limit=1000))
-    if json_out:
-        print_json(data)
-        return
-    print_table("nodes", ["id", "twin", "farm", "country", "city", "free cru", "free mru",
-                          "status"],
-                [[n["id"], n["twin"], n["farm"], n["location"]["country"],
-                  n["location"]["city"], n["free"]["cru"], n["free"]["mru"], n["status"]]
-                 for n in data])
+    _print_list(data, json_out, "nodes",
+                ["id", "twin", "farm", "country", "city", "free cru", "free mru", "status"],
+                lambda n: [n["id"], n["twin"], n["farm"], n["location"]["country"],
+                           n["location"]["city"], n["free"]["cru"], n["free"]["mru"],
+                           n["status"]])
 
 
 @app.command("contracts")
@@ -150,20 +165,16 @@ def contracts(
 ) -> None:
     """List contracts, filtered."""
     data = _run(lambda: _client(url).contracts(owner=owner, node=node, state=state, limit=1000))
-    if json_out:
-        print_json(data)
-        return
-    print_table("contracts", ["id", "owner", "node", "state", "version", "approvals"],
-                [[c["id"], c["owner"], c["node"], c["state"], c["version"],
-                  ",".join(c["approvals"])] for c in data])
+    _print_list(data, json_out, "contracts",
+                ["id", "owner", "node", "state", "version", "approvals"],
+                lambda c: [c["id"], c["owner"], c["node"], c["state"], c["version"],
+                           ",".join(c["approvals"])])
 
 
 @app.command("contract")
 def contract(contract_id: int, url: str = LedgerUrl, json_out: bool = JsonOut) -> None:
     """Show one contract."""
-    data = _run(lambda: _client(url).contract(contract_id))
-    if data is None:
-        fail(f"contract {contract_id} does not exist")
+    data = _one(lambda: _client(url).contract(contract_id), f"contract {contract_id} does not exist")
     if json_out:
         print_json(data)
         return
@@ -176,9 +187,7 @@ def contract(contract_id: int, url: str = LedgerUrl, json_out: bool = JsonOut) -
 @app.command("tx")
 def tx(tx_hash: str, url: str = LedgerUrl, json_out: bool = JsonOut) -> None:
     """Show a committed transaction."""
-    data = _run(lambda: _client(url).tx(tx_hash))
-    if data is None:
-        fail(f"transaction {tx_hash} is not in the ledger")
+    data = _one(lambda: _client(url).tx(tx_hash), f"transaction {tx_hash} is not in the ledger")
     print_json(data)
 
 
@@ -198,9 +207,7 @@ def register_twin(name: str, url: str = LedgerUrl, json_out: bool = JsonOut) -> 
 @app.command("block")
 def block(height: int, url: str = LedgerUrl, json_out: bool = JsonOut) -> None:
     """Show a block: header, hash and transactions."""
-    data = _run(lambda: _client(url).block(height))
-    if data is None:
-        fail(f"block {height} does not exist")
+    data = _one(lambda: _client(url).block(height), f"block {height} does not exist")
     if json_out:
         print_json(data)
         return
@@ -214,42 +221,31 @@ def block(height: int, url: str = LedgerUrl, json_out: bool = JsonOut) -> None:
 def twins(url: str = LedgerUrl, json_out: bool = JsonOut) -> None:
     """List twins."""
     data = _run(lambda: _client(url).twins(limit=10000))
-    if json_out:
-        print_json(data)
-        return
-    print_table("twins", ["id", "public key", "next nonce"],
-                [[t["id"], t["public_key"], t["nonce"]] for t in data])
+    _print_list(data, json_out, "twins", ["id", "public key", "next nonce"],
+                lambda t: [t["id"], t["public_key"], t["nonce"]])
 
 
 @app.command("farms")
 def farms(url: str = LedgerUrl, json_out: bool = JsonOut) -> None:
     """List farms."""
     data = _run(lambda: _client(url).farms(limit=10000))
-    if json_out:
-        print_json(data)
-        return
-    print_table("farms", ["id", "name", "owner"], [[f["id"], f["name"], f["owner"]] for f in data])
+    _print_list(data, json_out, "farms", ["id", "name", "owner"],
+                lambda f: [f["id"], f["name"], f["owner"]])
 
 
 @app.command("templates")
 def templates(url: str = LedgerUrl, json_out: bool = JsonOut) -> None:
     """List published templates."""
     data = _run(lambda: _client(url).templates(limit=10000))
-    if json_out:
-        print_json(data)
-        return
-    print_table("templates", ["hash", "name", "version", "author"],
-                [[t["hash"], t["name"], t["version"], t["author"]] for t in data])
+    _print_list(data, json_out, "templates", ["hash", "name", "version", "author"],
+                lambda t: [t["hash"], t["name"], t["version"], t["author"]])
 
 
 @app.command("names")
 def names(url: str = LedgerUrl, json_out: bool = JsonOut) -> None:
     """List registered gateway names."""
     data = _run(lambda: _client(url).names(limit=10000))
-    if json_out:
-        print_json(data)
-        return
-    print_table("names", ["name", "owner"], [[n["name"], n["owner"]] for n in data])
+    _print_list(data, json_out, "names", ["name", "owner"], lambda n: [n["name"], n["owner"]])
 
 
 @app.command("events")

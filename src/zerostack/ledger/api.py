@@ -8,7 +8,7 @@ import contextlib
 import time as _time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 from urllib.parse import parse_qsl
 
 import orjson
@@ -119,6 +119,9 @@ def _not_found(what: str) -> Response:
 
 _TX_SCHEMA = SignedTxModel.model_json_schema()
 _STATES = "|".join(CONTRACT_STATES)
+# the paging parameters of every list
+Limit = Annotated[int, Query(ge=1, le=10000)]
+Offset = Annotated[int, Query(ge=0)]
 
 
 def create_app(
@@ -210,8 +213,8 @@ def create_app(
         return _json(block_json(stored.data, stored.hash))
 
     @app.get("/twins", summary="Twins, or the twin with public key `key`.")
-    async def get_twins(key: str | None = None, limit: int = Query(100, ge=1, le=10000),
-                        offset: int = Query(0, ge=0)) -> Response:
+    async def get_twins(key: str | None = None, limit: Limit = 100,
+                        offset: Offset = 0) -> Response:
         state = service.chain.state
         if key is not None:
             tid = state.twin_by_key.get(key)
@@ -233,8 +236,8 @@ def create_app(
 
     @app.get("/farms", summary="Farms, optionally by name or owner.")
     async def get_farms(name: str | None = None, owner: int | None = None,
-                        limit: int = Query(100, ge=1, le=10000),
-                        offset: int = Query(0, ge=0)) -> Response:
+                        limit: Limit = 100,
+                        offset: Offset = 0) -> Response:
         state = service.chain.state
         farms = (state.farms[i] for i in sorted(state.farms.keys()))
         chosen = (f for f in farms if (name is None or f.name == name)
@@ -257,8 +260,8 @@ def create_app(
         free_sru: int = Query(0, ge=0),
         free_hru: int = Query(0, ge=0),
         status: str | None = Query(None, pattern="^(up|down)$"),
-        limit: int = Query(100, ge=1, le=10000),
-        offset: int = Query(0, ge=0),
+        limit: Limit = 100,
+        offset: Offset = 0,
     ) -> Response:
         f = NodeFilter(country, city, farm, twin, free_cru, free_mru, free_sru, free_hru, status)
         return Response(service.nodes_json(f, limit, offset), media_type="application/json")
@@ -277,8 +280,8 @@ def create_app(
         state: str | None = Query(None, pattern=f"^({_STATES})(,({_STATES}))*$",
                                   description="One state, or several separated by commas."),
         twin: int | None = None,
-        limit: int = Query(100, ge=1, le=10000),
-        offset: int = Query(0, ge=0),
+        limit: Limit = 100,
+        offset: Offset = 0,
     ) -> Response:
         return _json(find_contracts(service.chain.state, owner=owner, node=node,
                                     states=None if state is None else set(state.split(",")),
@@ -291,8 +294,8 @@ def create_app(
 
     @app.get("/templates", summary="Published templates, optionally by name or author.")
     async def get_templates(name: str | None = None, author: int | None = None,
-                            limit: int = Query(100, ge=1, le=10000),
-                            offset: int = Query(0, ge=0)) -> Response:
+                            limit: Limit = 100,
+                            offset: Offset = 0) -> Response:
         state = service.chain.state
         chosen = (t for t in sorted(state.templates.values(), key=lambda t: (t.created, t.hash))
                   if (name is None or t.name == name) and (author is None or t.author == author))
@@ -304,8 +307,8 @@ def create_app(
         return _json(tpl.to_dict()) if tpl else _not_found(f"template {template_hash}")
 
     @app.get("/names", summary="Registered gateway names, optionally by owner.")
-    async def get_names(owner: int | None = None, limit: int = Query(100, ge=1, le=10000),
-                        offset: int = Query(0, ge=0)) -> Response:
+    async def get_names(owner: int | None = None, limit: Limit = 100,
+                        offset: Offset = 0) -> Response:
         state = service.chain.state
         chosen = (n for n in (state.names[k] for k in sorted(state.names.keys()))
                   if owner is None or n.owner == owner)

@@ -13,7 +13,7 @@ import asyncio
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import httpx
 import orjson
@@ -137,7 +137,82 @@ class _NonceBook:
             self._next.pop(sender, None)
 
 
-class LedgerClient:
+Obj = dict[str, Any]  # one object of the API's JSON
+# What the getters give: of an object that may be missing (Obj | None), of a list, of an
+# object that always exists; as values (LedgerClient) or awaitables (AsyncLedgerClient).
+MaybeT = TypeVar("MaybeT")
+ListT = TypeVar("ListT")
+OneT = TypeVar("OneT")
+
+
+class _Queries(Generic[MaybeT, ListT, OneT]):
+    """The read side of the API, written once for both clients: each getter names its
+    path; the client's `_get`, `_get_or_none` and `_get_list` make the request (blocking,
+    or as a coroutine)."""
+
+    def _get(self, path: str) -> OneT:
+        raise NotImplementedError
+
+    def _get_or_none(self, path: str) -> MaybeT:
+        raise NotImplementedError
+
+    def _get_list(self, path: str, filters: dict[str, Any]) -> ListT:
+        raise NotImplementedError
+
+    def head(self) -> OneT:
+        """{height, hash, time} of the last block."""
+        return self._get("/head")
+
+    def block(self, height: int) -> MaybeT:
+        return self._get_or_none(f"/blocks/{height}")
+
+    def tx(self, tx_hash: str) -> MaybeT:
+        return self._get_or_none(f"/tx/{tx_hash}")
+
+    def twin(self, twin_id: int) -> MaybeT:
+        return self._get_or_none(f"/twins/{twin_id}")
+
+    def twins(self, **filters: Any) -> ListT:
+        """Filters: key (public hex), limit, offset."""
+        return self._get_list("/twins", filters)
+
+    def account(self, twin_id: int) -> MaybeT:
+        return self._get_or_none(f"/accounts/{twin_id}")
+
+    def farm(self, farm_id: int) -> MaybeT:
+        return self._get_or_none(f"/farms/{farm_id}")
+
+    def farms(self, **filters: Any) -> ListT:
+        return self._get_list("/farms", filters)
+
+    def node(self, node_id: int) -> MaybeT:
+        return self._get_or_none(f"/nodes/{node_id}")
+
+    def nodes(self, **filters: Any) -> ListT:
+        """Filters: country, city, farm, twin, free_cru/mru/sru/hru, status, limit, offset."""
+        return self._get_list("/nodes", filters)
+
+    def contract(self, contract_id: int) -> MaybeT:
+        return self._get_or_none(f"/contracts/{contract_id}")
+
+    def contracts(self, **filters: Any) -> ListT:
+        """Filters: owner, node, state, twin (stakeholder), limit, offset."""
+        return self._get_list("/contracts", filters)
+
+    def template(self, template_hash: str) -> MaybeT:
+        return self._get_or_none(f"/templates/{template_hash}")
+
+    def templates(self, **filters: Any) -> ListT:
+        return self._get_list("/templates", filters)
+
+    def name(self, name: str) -> MaybeT:
+        return self._get_or_none(f"/names/{name}")
+
+    def names(self, **filters: Any) -> ListT:
+        return self._get_list("/names", filters)
+
+
+class LedgerClient(_Queries[Obj | None, list[Obj], Obj]):
     """Synchronous client (httpx)."""
 
     def __init__(self, url: str, *, timeout: float = 30.0) -> None:
@@ -170,13 +245,21 @@ class LedgerClient:
                               code="unreachable") from exc
         return _decode(self.url, response)
 
-    def _get_or_none(self, path: str) -> Any:
+    def _get(self, path: str) -> Obj:
+        result: Obj = self._request("GET", path)
+        return result
+
+    def _get_or_none(self, path: str) -> Obj | None:
         try:
-            return self._request("GET", path)
+            return self._get(path)
         except LedgerError as exc:
             if exc.status == 404:
                 return None
             raise
+
+    def _get_list(self, path: str, filters: dict[str, Any]) -> list[Obj]:
+        result: list[Obj] = self._request("GET", path, params=_params(filters))
+        return result
 
     # ---- submission ------------------------------------------------------------------
 
@@ -330,61 +413,9 @@ class LedgerClient:
 
     # ---- queries ---------------------------------------------------------------------
 
-    def head(self) -> dict[str, Any]:
-        result: dict[str, Any] = self._request("GET", "/head")
-        return result
-
-    def block(self, height: int) -> dict[str, Any] | None:
-        return self._get_or_none(f"/blocks/{height}")
-
-    def tx(self, tx_hash: str) -> dict[str, Any] | None:
-        return self._get_or_none(f"/tx/{tx_hash}")
-
-    def twin(self, twin_id: int) -> dict[str, Any] | None:
-        return self._get_or_none(f"/twins/{twin_id}")
-
-    def twins(self, **filters: Any) -> list[dict[str, Any]]:
-        """Filters: key (public hex), limit, offset."""
-        return self._request("GET", "/twins", params=_params(filters))
-
     def twin_by_key(self, public_hex: str) -> dict[str, Any] | None:
-        found = self._request("GET", "/twins", params={"key": public_hex})
+        found = self._get_list("/twins", {"key": public_hex})
         return found[0] if found else None
-
-    def account(self, twin_id: int) -> dict[str, Any] | None:
-        return self._get_or_none(f"/accounts/{twin_id}")
-
-    def farm(self, farm_id: int) -> dict[str, Any] | None:
-        return self._get_or_none(f"/farms/{farm_id}")
-
-    def farms(self, **filters: Any) -> list[dict[str, Any]]:
-        return self._request("GET", "/farms", params=_params(filters))
-
-    def node(self, node_id: int) -> dict[str, Any] | None:
-        return self._get_or_none(f"/nodes/{node_id}")
-
-    def nodes(self, **filters: Any) -> list[dict[str, Any]]:
-        """Filters: country, city, farm, twin, free_cru/mru/sru/hru, status, limit, offset."""
-        return self._request("GET", "/nodes", params=_params(filters))
-
-    def contract(self, contract_id: int) -> dict[str, Any] | None:
-        return self._get_or_none(f"/contracts/{contract_id}")
-
-    def contracts(self, **filters: Any) -> list[dict[str, Any]]:
-        """Filters: owner, node, state, twin (stakeholder), limit, offset."""
-        return self._request("GET", "/contracts", params=_params(filters))
-
-    def template(self, template_hash: str) -> dict[str, Any] | None:
-        return self._get_or_none(f"/templates/{template_hash}")
-
-    def templates(self, **filters: Any) -> list[dict[str, Any]]:
-        return self._request("GET", "/templates", params=_params(filters))
-
-    def name(self, name: str) -> dict[str, Any] | None:
-        return self._get_or_none(f"/names/{name}")
-
-    def names(self, **filters: Any) -> list[dict[str, Any]]:
-        return self._request("GET", "/names", params=_params(filters))
 
     # ---- events ----------------------------------------------------------------------
 
@@ -426,7 +457,8 @@ class LedgerClient:
         return self.wait_for(check, timeout=timeout, contract=contract_id)
 
 
-class AsyncLedgerClient:
+class AsyncLedgerClient(_Queries[Awaitable[Obj | None], Awaitable[list[Obj]],
+                                   Awaitable[Obj]]):
     """Asyncio client (httpx.AsyncClient); the same methods as LedgerClient, awaitable."""
 
     def __init__(self, url: str, *, timeout: float = 30.0) -> None:
@@ -460,13 +492,21 @@ class AsyncLedgerClient:
                               code="unreachable") from exc
         return _decode(self.url, response)
 
-    async def _get_or_none(self, path: str) -> Any:
+    async def _get(self, path: str) -> Obj:
+        result: Obj = await self._request("GET", path)
+        return result
+
+    async def _get_or_none(self, path: str) -> Obj | None:
         try:
-            return await self._request("GET", path)
+            return await self._get(path)
         except LedgerError as exc:
             if exc.status == 404:
                 return None
             raise
+
+    async def _get_list(self, path: str, filters: dict[str, Any]) -> list[Obj]:
+        result: list[Obj] = await self._request("GET", path, params=_params(filters))
+        return result
 
     async def submit(self, tx: dict[str, Any]) -> dict[str, Any]:
         result: dict[str, Any] = await self._request("POST", "/tx", body=tx)
@@ -615,58 +655,9 @@ class AsyncLedgerClient:
     async def release_name(self, identity: Identity, name: str) -> dict[str, Any]:
         return await self.send(identity, "name.release", {"name": name})
 
-    async def head(self) -> dict[str, Any]:
-        result: dict[str, Any] = await self._request("GET", "/head")
-        return result
-
-    async def block(self, height: int) -> dict[str, Any] | None:
-        return await self._get_or_none(f"/blocks/{height}")
-
-    async def tx(self, tx_hash: str) -> dict[str, Any] | None:
-        return await self._get_or_none(f"/tx/{tx_hash}")
-
-    async def twin(self, twin_id: int) -> dict[str, Any] | None:
-        return await self._get_or_none(f"/twins/{twin_id}")
-
-    async def twins(self, **filters: Any) -> list[dict[str, Any]]:
-        return await self._request("GET", "/twins", params=_params(filters))
-
     async def twin_by_key(self, public_hex: str) -> dict[str, Any] | None:
-        found = await self._request("GET", "/twins", params={"key": public_hex})
+        found = await self._get_list("/twins", {"key": public_hex})
         return found[0] if found else None
-
-    async def account(self, twin_id: int) -> dict[str, Any] | None:
-        return await self._get_or_none(f"/accounts/{twin_id}")
-
-    async def farm(self, farm_id: int) -> dict[str, Any] | None:
-        return await self._get_or_none(f"/farms/{farm_id}")
-
-    async def farms(self, **filters: Any) -> list[dict[str, Any]]:
-        return await self._request("GET", "/farms", params=_params(filters))
-
-    async def node(self, node_id: int) -> dict[str, Any] | None:
-        return await self._get_or_none(f"/nodes/{node_id}")
-
-    async def nodes(self, **filters: Any) -> list[dict[str, Any]]:
-        return await self._request("GET", "/nodes", params=_params(filters))
-
-    async def contract(self, contract_id: int) -> dict[str, Any] | None:
-        return await self._get_or_none(f"/contracts/{contract_id}")
-
-    async def contracts(self, **filters: Any) -> list[dict[str, Any]]:
-        return await self._request("GET", "/contracts", params=_params(filters))
-
-    async def template(self, template_hash: str) -> dict[str, Any] | None:
-        return await self._get_or_none(f"/templates/{template_hash}")
-
-    async def templates(self, **filters: Any) -> list[dict[str, Any]]:
-        return await self._request("GET", "/templates", params=_params(filters))
-
-    async def name(self, name: str) -> dict[str, Any] | None:
-        return await self._get_or_none(f"/names/{name}")
-
-    async def names(self, **filters: Any) -> list[dict[str, Any]]:
-        return await self._request("GET", "/names", params=_params(filters))
 
     async def events(self, since: int = 0, *, timeout: float = 25.0,
                      **filters: Any) -> dict[str, Any]:

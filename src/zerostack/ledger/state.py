@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import orjson
 from immutables import Map
@@ -43,6 +43,20 @@ Receipt = dict[str, Any]
 # ---- records ---------------------------------------------------------------------------
 
 
+class _PlainRecord:
+    """A record whose JSON is its fields, in their declared order (tuples as lists)."""
+
+    __slots__ = ()
+    __dataclass_fields__: ClassVar[dict[str, Any]]
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {}
+        for name in self.__dataclass_fields__:
+            value = getattr(self, name)
+            out[name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+
 @dataclass(frozen=True, slots=True)
 class Capacity:
     cru: int = 0
@@ -70,41 +84,22 @@ ZERO = Capacity()
 
 
 @dataclass(frozen=True, slots=True)
-class Twin:
+class Twin(_PlainRecord):
     id: int
     public_key: str
     nonce: int  # the next nonce this twin must use
     endpoint: str
     created: int
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "public_key": self.public_key,
-            "nonce": self.nonce,
-            "endpoint": self.endpoint,
-            "created": self.created,
-        }
-
 
 @dataclass(frozen=True, slots=True)
-class Farm:
+class Farm(_PlainRecord):
     id: int
     name: str
     owner: int
     public_ips: tuple[str, ...]
     pricing: dict[str, Any] | None  # never mutated
     created: int
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "name": self.name,
-            "owner": self.owner,
-            "public_ips": list(self.public_ips),
-            "pricing": self.pricing,
-            "created": self.created,
-        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,7 +170,7 @@ class Node:
 
 
 @dataclass(frozen=True, slots=True)
-class Template:
+class Template(_PlainRecord):
     hash: str
     name: str
     version: str
@@ -183,17 +178,6 @@ class Template:
     body: dict[str, Any]
     author: int
     created: int
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "hash": self.hash,
-            "name": self.name,
-            "version": self.version,
-            "description": self.description,
-            "body": self.body,
-            "author": self.author,
-            "created": self.created,
-        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,19 +205,11 @@ class Version:
 
 
 @dataclass(frozen=True, slots=True)
-class Report:
+class Report(_PlainRecord):
     version: int
     time: int
     error: str
     workloads: tuple[dict[str, Any], ...]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "version": self.version,
-            "time": self.time,
-            "error": self.error,
-            "workloads": list(self.workloads),
-        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -284,13 +260,10 @@ class Contract:
 
 
 @dataclass(frozen=True, slots=True)
-class Name:
+class Name(_PlainRecord):
     name: str
     owner: int
     created: int
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "owner": self.owner, "created": self.created}
 
 
 def _empty() -> Map[Any, Any]:

@@ -1,0 +1,102 @@
+"""What the benchmarks share: how to run the zerostack CLI, free ports, starting and
+stopping servers in their own process groups, percentiles."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO
+
+
+def zerostack_cli() -> list[str]:
+    """The command that runs `zerostack`: the venv's script, else the module."""
+    exe = Path(sys.executable).parent / "zerostack"
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "zerostack.cli.main"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, proc: subprocess.Popen[bytes] | None = None,
+              timeout: float = 60.0) -> None:
+    """Return once something accepts connections on 127.0.0.1:`port`; fail early when
+    `proc`, the server meant to listen there, exits first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} before listening "
+                               f"on {port}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on {port} after {timeout:g} s")
+
+
+def spawn(args: list[str], log: Path | None = None) -> subprocess.Popen[bytes]:
+    """Start a process in its own session (so stop() reaches its children too), its
+    output appended to `log` (or dropped)."""
+    out: IO[bytes] | int = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115
+    try:
+        return subprocess.Popen(args, stdout=out, stderr=out, start_new_session=True)
+    finally:
+        if not isinstance(out, int):
+            out.close()  # the child holds its own copy
+
+
+def start(args: list[str], port: int, log: Path | None = None) -> subprocess.Popen[bytes]:
+    """spawn() a server and wait until it listens on `port`."""
+    proc = spawn(args, log)
+    try:
+        wait_port(port, proc)
+    except BaseException:
+        stop(proc)
+        raise
+    return proc
+
+
+def stop(proc: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
+    """SIGTERM the process group, SIGKILL it if it has not exited after `timeout`."""
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    except ProcessLookupError:
+        proc.wait()
+
+
+@contextmanager
+def ledger_server(log: Path | None = None) -> Iterator[str]:
+    """A `zerostack ledger serve` on a fresh file and a free port; yields its URL."""
+    tmp = Path(tempfile.mkdtemp(prefix="zs-bench-ledger-"))
+    port = free_port()
+    proc = start([*zerostack_cli(), "ledger", "serve", "--db", str(tmp / "ledger.db"),
+                  "--listen", f"127.0.0.1:{port}"], port, log)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop(proc)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def percentile(values: list[float], p: float) -> float:
+    """The nearest-rank `p`th percentile of `values`."""
+    s = sorted(values)
+    return s[min(len(s) - 1, max(0, round(p / 100 * len(s) + 0.5) - 1))]
