@@ -24,7 +24,7 @@ PUMP_BUDGET = 8 << 20        # data bytes shipped to one replica per pass
 HIGH_WATER = 16 << 20        # stop shipping while this much waits in the socket buffer
 TICK = 0.1                   # seconds between passes without writes (catch-up, lag)
 LAG_EVERY = 10               # ticks between LAG reports to replicas
-SAMPLES = 6000               # position samples kept to measure lag in seconds (10 min)
+SAMPLES = 3000               # position samples (one per tick) to measure lag in seconds
 SHIP_DELAY = 0.004           # gather this long before shipping, unless a write waits on it
 
 Positions = dict[str, Position]
@@ -251,6 +251,7 @@ class Primary:
             if self._covers(f.acked, positions):
                 f.lag_seconds = max(0.0, now - at)
                 return
+        # Behind everything remembered (5 minutes): the oldest sample's age is a lower bound.
         f.lag_seconds = now - self._samples[0][0] if self._samples else 0.0
 
     # -- durability ----------------------------------------------------------------------
