@@ -38,7 +38,7 @@ log = logging.getLogger("zerostack.zdb")
 TIMEOUT = error("Timeout")
 NAMESPACE_GONE = error("Your active namespace is not available anymore (probably removed).")
 NOT_CONFIRMED = error("Write stored on the primary but not confirmed by enough replicas")
-WRITE_NAMES = frozenset({b"SET", b"SETX", b"DEL", b"set", b"setx", b"del"})
+WRITE_NAMES = frozenset({b"SET", b"SETX", b"DEL"})
 
 
 def log_event(event: str, level: int = logging.INFO, **fields: object) -> None:
@@ -207,7 +207,7 @@ class Connection(asyncio.Protocol):
                 else:
                     self._start_wait()
                 break
-            if durable and request[0] in WRITE_NAMES:
+            if durable and reply[:1] != b"-" and request[0].upper() in WRITE_NAMES:
                 writes.append(len(out))
             out.append(reply)
         state = self.state
