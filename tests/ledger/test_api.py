@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import sqlite3
 import subprocess
 import threading
@@ -30,10 +31,10 @@ class Server:
     proc: subprocess.Popen[bytes]
 
 
-def start(procs: ProcessGroup, db: Path, port: int | None = None) -> Server:
+def start(procs: ProcessGroup, db: Path, port: int | None = None, *extra: str) -> Server:
     port = port or free_port()
     proc = procs.start([*zerostack_cmd(), "ledger", "serve", "--db", str(db),
-                        "--listen", f"127.0.0.1:{port}"], stdout=subprocess.DEVNULL)
+                        "--listen", f"127.0.0.1:{port}", *extra], stdout=subprocess.DEVNULL)
     wait_for_port(port, proc=proc)
     return Server(f"http://127.0.0.1:{port}", db, port, proc)
 
@@ -328,3 +329,45 @@ def test_send_many_resigns_after_a_refusal(client: LedgerClient) -> None:
     assert all("height" in r for r in results[2:])
     client.register_name(ident, f"b{twin}-4")  # and the nonce book is right afterwards
     assert len(client.names(owner=twin)) == 4
+
+
+def test_sigterm_answers_long_polls_and_writes_the_pending_block(procs: ProcessGroup,
+                                                                tmp_path: Path) -> None:
+    """SIGTERM with a long-poll open: the poll is answered at once, the submission waiting
+    for its block gets it, and the server exits within seconds."""
+    # the block interval holds the next block back, so a submission waits at the SIGTERM
+    server = start(procs, tmp_path / "ledger.db", None, "--block-interval", "1.5")
+    with LedgerClient(server.url) as client:
+        client.register_twin(Identity.generate())
+        head = client.head()["height"]
+    ident = Identity.generate()
+    answers: dict[str, tuple[float, httpx.Response]] = {}
+
+    def ask(name: str, method: str, path: str, **kw: Any) -> None:
+        response = httpx.request(method, server.url + path, timeout=30, **kw)
+        answers[name] = (time.monotonic(), response)
+
+    asks = [threading.Thread(target=ask, args=("poll", "GET", "/events"),
+                             kwargs={"params": {"since": head, "timeout": 25}}),
+            threading.Thread(target=ask, args=("submit", "POST", "/tx"), kwargs={
+                "content": orjson.dumps(sign_tx(ident, "twin.register", ident.public_hex, 0,
+                                                {}))})]
+    for thread in asks:
+        thread.start()
+    time.sleep(0.3)
+    sent = time.monotonic()
+    server.proc.send_signal(signal.SIGTERM)
+    server.proc.wait(timeout=10)
+    took = time.monotonic() - sent
+    for thread in asks:
+        thread.join(5)
+    poll_at, poll = answers["poll"]
+    assert poll.status_code == 200 and poll.json()["events"] == []
+    assert poll_at - sent < 1.0  # answered at the signal, not at its timeout
+    submit_at, submitted = answers["submit"]
+    assert submitted.status_code == 200 and submitted.json()["height"] == head + 1
+    assert poll_at < submit_at  # not woken by the pending block: by the shutdown
+    assert took < 3.0
+    verified = subprocess.run([*zerostack_cmd(), "ledger", "verify", "--db", str(server.db),
+                               "--json"], capture_output=True, check=True)
+    assert orjson.loads(verified.stdout)["height"] == head + 1

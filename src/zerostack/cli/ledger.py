@@ -45,10 +45,9 @@ def serve(
                                               "transactions wait)."),
 ) -> None:
     """Run the ledger's HTTP API."""
-    import uvicorn
-
     from zerostack.ledger import LedgerError
     from zerostack.ledger.api import create_app
+    from zerostack.ledger.api import serve as serve_app
 
     host, sep, port = listen.rpartition(":")
     if not sep or not port.isdigit():
@@ -59,9 +58,7 @@ def serve(
     except LedgerError as exc:
         fail(str(exc))
     console.print(f"ledger {path} listening on http://{host}:{port}", highlight=False)
-    # long-polls would otherwise hold a graceful shutdown for their whole timeout
-    uvicorn.run(application, host=host, port=int(port), log_level="warning", access_log=False,
-                loop="uvloop", http="httptools", timeout_graceful_shutdown=3)
+    serve_app(application, host, int(port))
 
 
 @app.command("verify")

@@ -8,6 +8,7 @@ import contextlib
 import time as _time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from types import FrameType
 from typing import Annotated, Any
 from urllib.parse import parse_qsl
 
@@ -352,6 +353,8 @@ def create_app(
                 batch = await service.events(cursor, 15.0, filters, full)
                 for event in batch["events"]:
                     yield b"id: %d\ndata: %s\n\n" % (event["height"], orjson.dumps(event))
+                if service.draining:
+                    return
                 if batch["next"] == cursor:
                     yield b": keep-alive\n\n"
                 cursor = batch["next"]
@@ -359,3 +362,22 @@ def create_app(
         return StreamingResponse(stream(), media_type="text/event-stream")
 
     return app
+
+
+def serve(app: FastAPI, host: str, port: int) -> None:
+    """Run a create_app() app under uvicorn until SIGTERM or SIGINT. On the signal the
+    long-polls are answered at once, so shutting down takes as long as answering the
+    submissions in flight and writing the pending block, not a long-poll's timeout."""
+    import uvicorn
+
+    service: LedgerService = app.state.service
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            super().handle_exit(sig, frame)
+            service.drain_soon()
+
+    # the graceful timeout is a backstop: a stuck request must not keep the ledger up
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
+                            loop="uvloop", http="httptools", timeout_graceful_shutdown=3)
+    Server(config).run()

@@ -63,6 +63,8 @@ class LedgerService:
         self._sealer: asyncio.Task[None] | None = None
         self._broken: str | None = None
         self._closing = False
+        self._draining = False
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._recent: OrderedDict[int, list[tuple[dict[str, Any], Tx]]] = OrderedDict()
         # the last block whose events are in `_recent`: `/events` answers up to it only
         self._published = self.chain.height
@@ -70,7 +72,24 @@ class LedgerService:
     # ---- lifecycle ----------------------------------------------------------------------
 
     async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
         self._sealer = asyncio.create_task(self._seal_loop(), name="ledger-sealer")
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    def drain(self) -> None:
+        """Shutdown has begun: answer every long-poll now with what it has, and wait no
+        more, so that open `/events` requests do not hold the server's graceful shutdown
+        for their whole timeout. Submissions carry on: their block is still written."""
+        self._draining = True
+        self._new_block.set()
+
+    def drain_soon(self) -> None:
+        """drain() from a signal handler or another thread (it runs on the loop)."""
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self.drain)
 
     async def stop(self) -> None:
         """Write every accepted transaction, answer its waiters, then close the log."""
@@ -223,7 +242,7 @@ class LedgerService:
         self, since: int, timeout: float, filters: dict[str, Any], full: bool
     ) -> dict[str, Any]:
         """Transactions of blocks after `since`, waiting up to `timeout` s for one to come."""
-        if self._published <= since and timeout > 0:
+        if self._published <= since and timeout > 0 and not self._draining:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._new_block.wait(), timeout)
         head = self._published
