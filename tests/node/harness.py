@@ -49,6 +49,11 @@ class Grid:
             stdout=log, stderr=log)
         return proc, zdb_port, data
 
+    def ready_node(self, name: str = "node", *extra: str) -> tuple[Any, int, Path, int]:
+        """start_node() and wait for its registration: (process, zdb port, data, node id)."""
+        proc, zdb_port, data = self.start_node(name, *extra)
+        return proc, zdb_port, data, self.node_id(data, proc)
+
     def node_id(self, data: Path, proc: Any, timeout: float = 20.0) -> int:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -94,8 +94,7 @@ def zdb_wl(name: str, password: str = "pw", size: int = 1 << 20) -> dict[str, An
 def test_zdb_two_of_three_quorum_self_healing_and_cancel(procs: ProcessGroup,
                                                          tmp_path: Path) -> None:
     grid = Grid(procs, tmp_path)
-    proc, zport, data = grid.start_node()
-    node = grid.node_id(data, proc)
+    _, zport, data, node = grid.ready_node()
     owner, owner_twin = grid.user()
     stakeholders = [grid.user() for _ in range(3)]
     cid, dep = grid.deploy(
@@ -161,8 +160,7 @@ def test_volume_created_size_limited_and_removed(procs: ProcessGroup, tmp_path: 
 def test_bad_contracts_are_refused_and_others_keep_running(procs: ProcessGroup,
                                                            tmp_path: Path) -> None:
     grid = Grid(procs, tmp_path)
-    proc, zport, data = grid.start_node()
-    node = grid.node_id(data, proc)
+    _, zport, data, node = grid.ready_node()
     owner, twin = grid.user()
     other, other_twin = grid.user()
     good, _ = grid.deploy(owner, twin, [{"type": "zdb", "name": "keep", "size": "1M",
@@ -216,8 +214,7 @@ def test_bad_contracts_are_refused_and_others_keep_running(procs: ProcessGroup,
 
 def test_kill9_mid_provisioning_converges(procs: ProcessGroup, tmp_path: Path) -> None:
     grid = Grid(procs, tmp_path)
-    proc, zport, data = grid.start_node()
-    node = grid.node_id(data, proc)
+    proc, zport, data, node = grid.ready_node()
     owner, twin = grid.user()
     workloads = [{"type": "zdb", "name": f"db{i}", "size": "1M", "password": f"p{i}"}
                  for i in range(60)]
@@ -254,8 +251,7 @@ def test_kill9_mid_provisioning_converges(procs: ProcessGroup, tmp_path: Path) -
 def test_update_applies_the_diff_and_refuses_a_type_change(procs: ProcessGroup,
                                                            tmp_path: Path) -> None:
     grid = Grid(procs, tmp_path)
-    proc, zport, data = grid.start_node("unode")
-    node = grid.node_id(data, proc)
+    _, zport, data, node = grid.ready_node("unode")
     owner, twin = grid.user()
     cid, _ = grid.deploy(owner, twin, [zdb_wl("a"), zdb_wl("b")], node)
     grid.wait_contract(cid, {"deployed"})

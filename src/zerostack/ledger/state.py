@@ -590,6 +590,22 @@ def _check_approval(state: State, twin_id: int, deployment_hash: str, signature:
         )
 
 
+def _owner_approval(state: State, twin_id: int, deployment_hash: str,
+                    signature: str | None) -> Map[int, str]:
+    """The approvals a new version starts with: the sender's, when it signed along."""
+    if signature is None:
+        return Map()
+    _check_approval(state, twin_id, deployment_hash, signature)
+    return Map({twin_id: signature})
+
+
+def _check_stakeholders(state: State, *requirements: SignatureRequirement | None) -> None:
+    for req in requirements:
+        for signer in req.twins if req else ():
+            if signer not in state.twins:
+                raise _Refuse("not_found", f"stakeholder twin {signer} is not registered")
+
+
 def _signers(c: Contract) -> frozenset[int]:
     """Who may approve the pending version: its stakeholders, plus the active version's."""
     allowed = c.proposal.requirement.with_owner(c.owner).twins
@@ -641,14 +657,8 @@ def _contract_create(state: State, tx: t.Tx, twin: Twin, time: int) -> tuple[Sta
     delete_req = (
         _requirement(p.delete_requirement, "delete_requirement") if p.delete_requirement else None
     )
-    for req in (requirement, delete_req):
-        for signer in req.twins if req else ():
-            if signer not in state.twins:
-                raise _Refuse("not_found", f"stakeholder twin {signer} is not registered")
-    approvals: Map[int, str] = Map()
-    if p.approval is not None:
-        _check_approval(state, twin.id, p.deployment_hash, p.approval)
-        approvals = approvals.set(twin.id, p.approval)
+    _check_stakeholders(state, requirement, delete_req)
+    approvals = _owner_approval(state, twin.id, p.deployment_hash, p.approval)
     cid = state.last_contract + 1
     version = Version(
         1,
@@ -719,13 +729,8 @@ def _contract_update(state: State, tx: t.Tx, twin: Twin, time: int) -> tuple[Sta
         if p.signature_requirement is not None
         else c.proposal.requirement
     )
-    for signer in requirement.twins:
-        if signer not in state.twins:
-            raise _Refuse("not_found", f"stakeholder twin {signer} is not registered")
-    approvals: Map[int, str] = Map()
-    if p.approval is not None:
-        _check_approval(state, twin.id, p.deployment_hash, p.approval)
-        approvals = approvals.set(twin.id, p.approval)
+    _check_stakeholders(state, requirement)
+    approvals = _owner_approval(state, twin.id, p.deployment_hash, p.approval)
     capacity = Capacity.of(p.capacity) if p.capacity is not None else c.proposal.capacity
     proposal = Version(
         c.proposal.version + 1,
