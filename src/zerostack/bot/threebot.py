@@ -41,7 +41,7 @@ def _as_bot_error(fn: Callable[P, R]) -> Callable[P, R]:
             bot = args[0]
             assert isinstance(bot, ThreeBot)
             if exc.code == "unreachable":
-                raise BotError(f"ledger at {bot.url} is unreachable ({exc.__cause__!r}); "
+                raise BotError(f"ledger at {bot.url} is unreachable ({type(exc.__cause__).__name__}); "
                                "check --ledger / ZEROSTACK_LEDGER") from exc
             raise BotError(f"ledger at {bot.url}: {exc}") from exc
     return wrapper
