@@ -7,11 +7,12 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from zerostack.zdb.engine import Engine, EngineConfig, Mode, ZdbError
 from zerostack.zdb.engine.check import check_files
+from zerostack.zdb.engine.format import DATA_ENTRY, FLAG_DELETED
 
 FIXTURE = "fixtures/zdb-reference-2.0.7"
 
@@ -149,6 +150,8 @@ names = st.sampled_from(["zdb-namespace", "i0", "d0", "i1", "d1", "i2", "d2"])
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# i0 unreadable (rebuild) and the deleted flag of k17's tombstone cleared: it read as SET ""
+@example([("i0", 0, b"\x00"), ("d1", 127, b"\x00")], False)
 @given(st.lists(st.tuples(names, st.integers(0, 3000), st.binary(min_size=1, max_size=60)),
                 min_size=1, max_size=4), st.booleans())
 def test_repair_never_serves_wrong_values(edits: list[tuple[str, int, bytes]],
@@ -187,3 +190,52 @@ def test_repair_never_serves_wrong_values(edits: list[tuple[str, int, bytes]],
             pass
         finally:
             engine.close()
+
+
+def _tombstone_and_empty_value(root: Path) -> tuple[int, int]:
+    """Write a deleted key and a key holding "" and return the tombstone's data offset."""
+    engine = Engine(config(root))
+    ns = engine.namespace("default")
+    ns.set(b"gone", b"old value")
+    ns.delete(b"gone")
+    ns.set(b"empty", b"")
+    ns.set(b"other", b"x")
+    engine.close()
+    raw = (root / "data/default/d0").read_bytes()
+    at = raw.index(b"gone", raw.index(b"old value")) - DATA_ENTRY.size
+    assert DATA_ENTRY.unpack_from(raw, at)[4] == FLAG_DELETED
+    return at, len(raw)
+
+
+def test_tombstone_with_damaged_flag_is_not_served_as_empty_value(tmp_path: Path) -> None:
+    at, _size = _tombstone_and_empty_value(tmp_path)
+    path = tmp_path / "data/default/d0"
+    raw = bytearray(path.read_bytes())
+    raw[at + 13] = 0  # the flags byte: the tombstone now reads as SET gone ""
+    path.write_bytes(bytes(raw))
+    (tmp_path / "index/default/i0").write_bytes(b"\x00" * 10)  # forces a rebuild from data
+    report = check_files(tmp_path / "index", tmp_path / "data", repair=True)
+    assert any("empty value of key b'gone'" in f.problem for f in report.findings)
+    engine = Engine(config(tmp_path))
+    try:
+        ns = engine.namespace("default")
+        assert ns.get(b"gone") is None
+        assert ns.get(b"other") == b"x"
+    finally:
+        engine.close()
+
+
+def test_rebuild_keeps_empty_values_the_index_vouches_for(tmp_path: Path) -> None:
+    _tombstone_and_empty_value(tmp_path)
+    path = tmp_path / "index/default/i0"
+    raw = bytearray(path.read_bytes())
+    raw[0] = 0  # bad magic: the index is rebuilt, but its entries are still readable
+    path.write_bytes(bytes(raw))
+    report = check_files(tmp_path / "index", tmp_path / "data", repair=True)
+    assert report.ok and report.index_rebuilt == ["default"], [str(f) for f in report.findings]
+    engine = Engine(config(tmp_path))
+    try:
+        ns = engine.namespace("default")
+        assert ns.get(b"empty") == b"" and ns.get(b"gone") is None
+    finally:
+        engine.close()

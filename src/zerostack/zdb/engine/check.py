@@ -338,6 +338,29 @@ class _NamespaceCheck:
             return MODE_SEQ
         return MODE_USER
 
+    def _indexed_sets(self) -> set[tuple[int, int]]:
+        """Data positions that old index entries (read leniently, damaged headers and all)
+        point at with matching key, length, CRC and timestamp: entries a SET wrote."""
+        found: set[tuple[int, int]] = set()
+        for fid in range(_count(self.index_root, "i")):
+            try:
+                raw = (self.index_root / index_name(fid)).read_bytes()
+            except OSError:
+                continue
+            off = IHEAD
+            while off + IENT <= len(raw):
+                kl, doff, ln, _p, _fl, did, ts, crc, _pi, _po = INDEX_ENTRY.unpack_from(raw, off)
+                end = off + IENT + kl
+                if kl == 0 or end > len(raw):
+                    break
+                key = raw[off + IENT:end]
+                for dfid in [did or fid] + ([0] if did == 0 and fid else []):
+                    d = self.data.get((dfid, doff))
+                    if d is not None and (d.key, d.length, d.crc, d.timestamp) == (key, ln, crc, ts):
+                        found.add((dfid, doff))
+                off = end
+        return found
+
     def rebuild_index(self) -> None:
         """Write a new index from the data files and swap it in."""
         iwork, _dwork = swap.start_build(self.index_root, self.data_root)
@@ -354,10 +377,20 @@ class _NamespaceCheck:
             prev = off
             return off
 
+        indexed = self._indexed_sets()
         for (fid, doff), d in sorted(self.data.items()):
             if not d.crc_ok:
                 continue
-            if d.flags & FLAG_DELETED:
+            deleted = d.flags & FLAG_DELETED
+            if not deleted and d.length == 0 and (fid, doff) not in indexed:
+                # A tombstone whose deleted flag is damaged reads as SET key "" (no payload,
+                # CRC 0 matches): only an old index entry proves a SET wrote it. Without
+                # one, serving "" could be a value that was never written: delete instead.
+                deleted = FLAG_DELETED
+                self.note(data_name(fid), doff, f"empty value of key {d.key!r} is in no index "
+                          "entry: it may be a delete whose flag is damaged, so the key is "
+                          "treated as deleted (SET it again if it held an empty value)")
+            if deleted:
                 loc = live.pop(d.key, None)
                 if loc is not None:
                     bufs[loc[0]][loc[1] + INDEX_FLAGS_AT] = FLAG_DELETED
