@@ -9,8 +9,15 @@ import pytest
 import redis
 
 from tests.conftest import ProcessGroup, zerostack_cmd
-from tests.zdb.conftest import ZdbStarter, start_zdb
+from tests.zdb.conftest import ZdbProcess, ZdbStarter, start_zdb
 from tests.zdb.replication.helpers import Writers, info, wait_identical, wait_until
+
+
+def hello_role(server: ZdbProcess) -> bytes | None:
+    """The role HELLO reports, in Redis's words: master or replica."""
+    reply = server.client().execute_command("HELLO", "2")
+    fields = reply if isinstance(reply, dict) else dict(zip(reply[::2], reply[1::2], strict=True))
+    return fields.get(b"role", fields.get("role"))
 
 
 def test_acknowledged_writes_survive_failover_and_old_primary_rejoins(
@@ -19,6 +26,7 @@ def test_acknowledged_writes_survive_failover_and_old_primary_rejoins(
     replica = zdb_start("--replica-of", f"127.0.0.1:{primary.port}", "--primary-auth", "pw",
                         "--admin", "pw")
     wait_until(lambda: info(primary).get("connected_replicas") == "1", 20, "replica attached")
+    assert hello_role(primary) == b"master" and hello_role(replica) == b"replica"
     writers = Writers(primary.port, 60_000, batch=200).start()
     wait_until(lambda: writers.done >= 20_000, 60, "20k writes")
     primary.proc.kill()
@@ -40,7 +48,7 @@ def test_acknowledged_writes_survive_failover_and_old_primary_rejoins(
         got += r.execute_command("MGET", *keys[i:i + 1000])
     missing = [k for (k, v), value in zip(writers.acked, got, strict=True) if value != v]
     assert not missing, f"{len(missing)} acknowledged writes lost, e.g. {missing[:5]}"
-    assert info(replica)["role"] == "primary"
+    assert info(replica)["role"] == "primary" and hello_role(replica) == b"master"
     for i in range(100):
         assert r.execute_command("SET", f"new{i}", "after-failover") == f"new{i}".encode()
 
@@ -49,6 +57,7 @@ def test_acknowledged_writes_survive_failover_and_old_primary_rejoins(
                     "--primary-auth", "pw", "--admin", "pw", port=primary.port,
                     data=primary.data, index=primary.index)
     wait_identical(replica, old)
+    assert hello_role(old) == b"replica"
     o = old.client()
     assert o.execute_command("GET", "new7") == b"after-failover"
     with pytest.raises(redis.ResponseError, match="Replica is read-only"):

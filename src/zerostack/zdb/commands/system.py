@@ -8,6 +8,7 @@ import time
 from zerostack import __version__
 from zerostack.zdb.commands.session import Session
 from zerostack.zdb.protocol import PONG, bulk, error
+from zerostack.zdb.replication.role import role_of
 
 
 def cmd_ping(s: Session, args: list[bytes]) -> bytes:
@@ -79,12 +80,14 @@ def cmd_hello(s: Session, args: list[bytes]) -> bytes:
             rest = rest[2:]
         else:
             return error("Syntax error in HELLO option")
+    role = role_of(s.state)
+    # Redis's words: a client library reading `role` expects "master" or "replica".
     fields = [
         (b"server", bulk(b"zdb")),
         (b"version", bulk(__version__.encode())),
         (b"proto", b":%d\r\n" % version),
         (b"mode", bulk(b"standalone")),
-        (b"role", bulk(b"master")),
+        (b"role", bulk(b"replica" if role is not None and role.is_replica else b"master")),
     ]
     head = b"%%%d\r\n" % len(fields) if version == 3 else b"*%d\r\n" % (2 * len(fields))
     return head + b"".join(bulk(key) + value for key, value in fields)
