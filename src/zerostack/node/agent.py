@@ -31,6 +31,7 @@ from zerostack.node.provisioners import (
     WorkloadID,
     build_provisioners,
 )
+from zerostack.node.provisioners.container import ContainerProvisioner
 from zerostack.node.state import ContractRecord, NodeState
 from zerostack.node.status import StatusServer
 from zerostack.node.zdbd import ZdbServer
@@ -155,7 +156,8 @@ class NodeAgent:
         if self.zdb is not None:
             await self.zdb.ready()
         if self.cfg.status_port:
-            self._status = StatusServer(self.snapshot, self.cfg.status_port)
+            self._status = StatusServer(self.snapshot, self.cfg.status_port,
+                                        logs=self.logs_query)
             await self._status.start()
         log.info("event=node_ready node=%s twin=%s capacity=%s", self.node_id,
                  self.link.twin_id, self.capacity.to_dict())
@@ -447,6 +449,18 @@ class NodeAgent:
         return report
 
     # ---- read-only status -------------------------------------------------------------
+
+    def logs_query(self, token: str) -> tuple[int, dict[str, Any]]:
+        """GET /logs: a container's logs, for an owner-signed request, sealed to the owner."""
+        prov = self.provisioners.get("container")
+        if not isinstance(prov, ContainerProvisioner):
+            return 404, {"error": "this node runs no containers"}
+
+        def owner_key_for(cid: int) -> str | None:
+            rec = self.state.contract(cid)
+            return rec.owner_key if rec is not None and rec.status == "active" else None
+
+        return prov.serve_logs_query(token, owner_key_for)
 
     def snapshot(self) -> dict[str, Any]:
         return {

@@ -8,16 +8,13 @@ import json
 import os
 import signal
 import subprocess
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
-from urllib.parse import parse_qs, urlparse
 
 import pytest
 import redis
 
-from tests.conftest import ProcessGroup, zerostack_cmd
+from tests.conftest import ProcessGroup, free_port, zerostack_cmd
 from tests.flist.image import busybox_rootfs
 from tests.node.harness import Grid
 from tests.node.runtime.conftest import Env
@@ -87,7 +84,6 @@ def test_provisioner_refuses_bad_images_and_serves_owner_logs(env: Env, tmp_path
         forged = type(forged)(**{**forged.to_dict(), "requester": owner.public_hex})
         with pytest.raises(ProvisionError, match="signature does not verify"):
             prov.answer_logs(forged, owner.public_hex)
-        _logs_cli(tmp_path, prov, owner, stranger)
         assert prov.prune_images() == []  # the running container's image stays
     finally:
         prov.deprovision(wid, ok)
@@ -95,51 +91,33 @@ def test_provisioner_refuses_bad_images_and_serves_owner_logs(env: Env, tmp_path
     assert prov.prune_images() == [env.image.hash] and prov.images.list() == []
 
 
-def _logs_cli(tmp_path: Path, prov: ContainerProvisioner, owner: Identity,
-              stranger: Identity) -> None:
-    """`zerostack logs` against the node's `GET /logs` answer (served here by the provisioner's
-    `serve_logs_query`, as the node's status endpoint does)."""
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            query = parse_qs(urlparse(self.path).query)
-            status, body = prov.serve_logs_query(query.get("request", [""])[0],
-                                                 lambda c: owner.public_hex if c == 7 else None)
-            data = json.dumps(body).encode()
-            self.send_response(status)
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = HTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+def _logs_cli(tmp_path: Path, url: str, cid: int, workload: str, owner: Identity,
+              stranger: Identity, expect: str) -> None:
+    """`zerostack logs` against a real node's status endpoint (`GET /logs`)."""
     home = tmp_path / "home"
     save_identity(owner, home / "identities" / "owner.key", "owner")
     save_identity(stranger, home / "identities" / "stranger.key", "stranger")
     env = {**os.environ, "ZEROSTACK_HOME": str(home), "COLUMNS": "300"}
-    url = f"http://127.0.0.1:{server.server_address[1]}"
-    try:
-        ok = subprocess.run([*zerostack_cmd(), "logs", "7", "app", "--node", url,
-                             "--identity", "owner", "--json"],
-                            capture_output=True, text=True, env=env, timeout=60)
-        assert ok.returncode == 0, ok.stderr
-        assert any(line.endswith("stdout secret-line") for line in json.loads(ok.stdout)["lines"])
-        bad = subprocess.run([*zerostack_cmd(), "logs", "7", "app", "--node", url,
-                              "--identity", "stranger"],
+    ok = subprocess.run([*zerostack_cmd(), "logs", str(cid), workload, "--node", url,
+                         "--identity", "owner", "--json"],
+                        capture_output=True, text=True, env=env, timeout=60)
+    assert ok.returncode == 0, ok.stderr
+    assert any(line.endswith(expect) for line in json.loads(ok.stdout)["lines"])
+    bad = subprocess.run([*zerostack_cmd(), "logs", str(cid), workload, "--node", url,
+                          "--identity", "stranger"],
+                         capture_output=True, text=True, env=env, timeout=60)
+    assert bad.returncode != 0 and "only the contract's owner" in bad.stderr
+    missing = subprocess.run([*zerostack_cmd(), "logs", str(cid + 1000), workload, "--node",
+                              url, "--identity", "owner"],
                              capture_output=True, text=True, env=env, timeout=60)
-        assert bad.returncode != 0 and "only the contract's owner" in bad.stderr
-    finally:
-        server.shutdown()
-        server.server_close()
+    assert missing.returncode != 0 and "no contract" in missing.stderr
 
 
 def test_container_deployed_by_contract_and_cancelled(env: Env, procs: ProcessGroup,
                                                       tmp_path: Path) -> None:
     grid = Grid(procs, tmp_path)
-    proc, _, data = grid.start_node("cnode")
+    status_port = free_port()
+    proc, _, data = grid.start_node("cnode", "--status-port", str(status_port))
     runtime = ContainerRuntime(data / "containers")
     try:
         node = grid.node_id(data, proc)
@@ -169,6 +147,8 @@ def test_container_deployed_by_contract_and_cancelled(env: Env, procs: ProcessGr
         assert status.state == "ok" and status.restarts == 1 and status.oom_killed, status
         memory = next(p for p in cgroup_dirs(container) if "memory" in p.parts)
         assert int((memory / "memory.limit_in_bytes").read_text()) == 32 << 20
+        _logs_cli(tmp_path, f"http://127.0.0.1:{status_port}", cid, "web", owner,
+                  Identity.generate(), "stdout from-contract t0k")
         grid.client.cancel(owner, cid)
         grid.wait_contract(cid, {"deleted"}, timeout=60)
         assert runtime.ids() == [] and runtime.runc.state(container) is None
