@@ -14,7 +14,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 
 def zerostack_cli() -> list[str]:
@@ -100,3 +100,25 @@ def percentile(values: list[float], p: float) -> float:
     """The nearest-rank `p`th percentile of `values`."""
     s = sorted(values)
     return s[min(len(s) - 1, max(0, round(p / 100 * len(s) + 0.5) - 1))]
+
+
+def approve_until_ok(client: Any, holder: Any, cid: int, deployment_hash: str,
+                     timeout: float = 30.0) -> float:
+    """Submit the approval that completes contract `cid`'s quorum and follow the ledger's
+    events until the node reports every workload `ok`; returns the seconds that took."""
+    since = int(client.head()["height"])
+    t0 = time.perf_counter()
+    client.approve(holder, cid, deployment_hash)
+    while True:
+        ev = client.events(since, timeout=timeout, contract=cid, type="contract.report")
+        since = int(ev["next"])
+        if not ev["events"]:
+            if time.perf_counter() - t0 > timeout:
+                raise TimeoutError(f"contract {cid}: no report after {timeout:g} s")
+            continue
+        c = client.contract(cid)
+        states = [w["state"] for w in ((c or {}).get("report") or {}).get("workloads", [])]
+        if states and all(s == "ok" for s in states):
+            return time.perf_counter() - t0
+        if "error" in states:
+            raise RuntimeError(f"contract {cid} reported {(c or {}).get('report')}")

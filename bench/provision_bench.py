@@ -27,7 +27,15 @@ from typing import Any
 import orjson
 import redis
 
-from bench.common import free_port, percentile, spawn, stop, wait_port, zerostack_cli
+from bench.common import (
+    approve_until_ok,
+    free_port,
+    percentile,
+    spawn,
+    stop,
+    wait_port,
+    zerostack_cli,
+)
 from zerostack.bot import ThreeBot, build_deployment
 from zerostack.crypto import Identity
 from zerostack.ledger import LedgerClient
@@ -81,20 +89,7 @@ def run(contracts: int) -> dict[str, Any]:
                                 "password": f"pw{i}"}]},
                 owner_twin, [f"{holder_twin}:1:required"], None)
             cid = bot.deploy(dep, node)
-            since = int(client.head()["height"])
-            t0 = time.perf_counter()
-            client.approve(holder, cid, dep.hash())
-            while True:
-                ev = client.events(since, timeout=10, contract=cid, type="contract.report")
-                since = int(ev["next"])
-                if ev["events"]:
-                    c = client.contract(cid)
-                    assert c is not None
-                    states = [w["state"] for w in (c.get("report") or {}).get("workloads", [])]
-                    if states == ["ok"]:
-                        break
-                    raise RuntimeError(f"contract {cid} reported {c.get('report')}")
-            latencies.append(time.perf_counter() - t0)
+            latencies.append(approve_until_ok(client, holder, cid, dep.hash(), timeout=10))
 
         # reference 2: the same namespace operations straight to the node's Zero-DB
         admin = (tmp / "node" / "zdb-admin.secret").read_text().strip()
