@@ -98,6 +98,9 @@ class Connection(asyncio.Protocol):
         self.pending: list[list[bytes]] = []
         self.pending_violation: str | None = None
         self.closing = False
+        # Shared with the server, read on every request: held here to save lookups.
+        self.busy = server.role.busy
+        self.durable = server.role.primary.min_replicas
 
     # -- asyncio callbacks -------------------------------------------------------------
 
@@ -143,6 +146,31 @@ class Connection(asyncio.Protocol):
             violation = None
         except ProtocolViolation as exc:
             requests, violation = exc.requests, exc.message
+        else:
+            if len(requests) == 1 and not self.waiting and not self.busy and not self.durable:
+                # One request per read, the common case without pipelining: served here,
+                # without process()'s batch bookkeeping. Anything unusual goes there.
+                request = requests[0]
+                session = self.session
+                transport = self.transport
+                if request and not session.removed and transport is not None:
+                    server = self.server
+                    handler = server.handlers.get(request[0])
+                    if handler is not None:
+                        try:
+                            reply = handler(session, request)
+                        except ZdbError as exc:
+                            reply = refusal(exc)
+                        except Exception as exc:  # a bug or an I/O failure must not kill it
+                            reply = self._internal_error(request, exc)
+                        if server.waiters:
+                            server.notify_waiters(self, request[0])
+                        self.state.commands_executed += 1
+                        if reply is None:
+                            self._later(requests, 0, None)
+                        else:
+                            server.send(transport, reply)
+                        return
         if self.waiting:
             self.pending.extend(requests)
             if violation is not None:
@@ -164,8 +192,8 @@ class Connection(asyncio.Protocol):
         server = self.server
         handlers = server.handlers
         waiters = server.waiters
-        busy = server.role.busy
-        durable = server.role.primary.min_replicas
+        busy = self.busy
+        durable = self.durable
         writes: list[int] = []
         failed = 0
         for request in requests:
@@ -190,22 +218,13 @@ class Connection(asyncio.Protocol):
             except ZdbError as exc:
                 reply = refusal(exc)
             except Exception as exc:  # a bug or an I/O failure must not kill the connection
-                log_event("zdb.command.failed", logging.ERROR,
-                          command=request[0][:32].decode("ascii", "replace"),
-                          error=type(exc).__name__, detail=str(exc)[:200])
-                reply = INTERNAL_ERROR
+                reply = self._internal_error(request, exc)
             if waiters:
                 self.server.notify_waiters(self, request[0])
             if reply is None:  # WAIT: answer later, keep the rest in order behind it
-                index = next(i for i, r in enumerate(requests) if r is request)
-                self.pending = requests[index + 1 :]
-                self.pending_violation = violation
+                self._later(requests, next(i for i, r in enumerate(requests) if r is request),
+                            violation)
                 violation = None
-                job = deferred.take(session)
-                if job is not None:
-                    self._start_job(job)
-                else:
-                    self._start_wait()
                 break
             if durable and reply[:1] != b"-" and request[0].upper() in WRITE_NAMES:
                 writes.append(len(out))
@@ -221,6 +240,22 @@ class Connection(asyncio.Protocol):
         if violation is not None:
             log_event("zdb.client.protocol_error", logging.INFO, peer=self.peer, reply=violation)
             self._close_with(error(violation))
+
+    def _internal_error(self, request: list[bytes], exc: Exception) -> bytes:
+        log_event("zdb.command.failed", logging.ERROR,
+                  command=request[0][:32].decode("ascii", "replace"),
+                  error=type(exc).__name__, detail=str(exc)[:200])
+        return INTERNAL_ERROR
+
+    def _later(self, requests: list[list[bytes]], index: int, violation: str | None) -> None:
+        """requests[index] answers later (WAIT or a job): keep the rest in order behind it."""
+        self.pending = requests[index + 1 :]
+        self.pending_violation = violation
+        job = deferred.take(self.session)
+        if job is not None:
+            self._start_job(job)
+        else:
+            self._start_wait()
 
     def _close_with(self, reply: bytes) -> None:
         self.closing = True

@@ -6,6 +6,7 @@ Kept free of key/namespace logic so replication (append raw entries) and compact
 
 from __future__ import annotations
 
+import mmap
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,23 +23,32 @@ from zerostack.zdb.engine.format import (
 
 # Opening many old files for reads costs descriptors; keep at most this many around.
 MAX_READERS = 64
+# A mapped file is mapped again once this many bytes were written past the mapping; reads
+# of the newest bytes use pread until then.
+REMAP_AFTER = 256 * 1024
 
 
 class AppendFile:
     """An index or data file open for appending, with an in-memory tail.
 
     Appends land in `buf` and reach the OS on `write_out()`; `read()` sees both the file
-    and the buffered tail, so readers never notice the buffering.
+    and the buffered tail, so readers never notice the buffering. With mapped=True, reads
+    of bytes already on disk come from a read-only shared map (no system call per read);
+    the map is dropped before the file is cut or closed, so it never covers a hole.
     """
 
-    __slots__ = ("buf", "disk_size", "fd", "fileid", "path")
+    __slots__ = ("_mappable", "buf", "disk_size", "fd", "fileid", "map", "mapped", "path")
 
-    def __init__(self, path: Path, fileid: int) -> None:
+    def __init__(self, path: Path, fileid: int, mapped: bool = False) -> None:
         self.path = path
         self.fileid = fileid
         self.fd = os.open(path, os.O_RDWR)
         self.disk_size = os.fstat(self.fd).st_size
         self.buf = bytearray()
+        self._mappable = mapped
+        # Bytes [0, mapped) of the file can be read as map[a:b]; mapped lazily, on a read.
+        self.map: mmap.mmap | None = None
+        self.mapped = 0
 
     @property
     def size(self) -> int:
@@ -50,10 +60,29 @@ class AppendFile:
         if offset >= disk:
             start = offset - disk
             return bytes(self.buf[start:start + length])
-        if offset + length <= disk:
+        end = offset + length
+        if end <= disk:
+            if end <= self.mapped:
+                return self.map[offset:end]  # type: ignore[index]
+            if self._mappable and disk - self.mapped >= REMAP_AFTER:
+                self.remap()
+                return self.map[offset:end]  # type: ignore[index]
             return os.pread(self.fd, length, offset)
         head = os.pread(self.fd, disk - offset, offset)
         return head + bytes(self.buf[:offset + length - disk])
+
+    def remap(self) -> None:
+        """Map everything on disk now (reads up to disk_size need no system call)."""
+        self.unmap()
+        if self.disk_size:
+            self.map = mmap.mmap(self.fd, self.disk_size, prot=mmap.PROT_READ)
+            self.mapped = self.disk_size
+
+    def unmap(self) -> None:
+        if self.map is not None:
+            self.map.close()
+            self.map = None
+        self.mapped = 0
 
     def patch(self, offset: int, data: bytes) -> bool:
         """Overwrite bytes still in the buffer; False when they are already on disk."""
@@ -83,6 +112,7 @@ class AppendFile:
 
     def truncate(self, size: int) -> None:
         """Cut the file (and drop any buffered tail) at `size`."""
+        self.unmap()  # touching a mapped page past the end of the file is SIGBUS
         self.buf.clear()
         os.ftruncate(self.fd, size)
         self.disk_size = size
@@ -90,6 +120,7 @@ class AppendFile:
     def close(self) -> None:
         if self.fd >= 0:
             self.write_out()
+            self.unmap()
             os.close(self.fd)
             self.fd = -1
 

@@ -87,7 +87,6 @@ _seq_pack = SEQ_KEY.pack
 _seq_unpack = SEQ_KEY.unpack
 _u32 = struct.Struct("<I").unpack_from
 _idx_head = struct.Struct("<BII").unpack_from
-_pread = os.pread
 _crc = _crc32c.crc32c
 _now = time.time
 _DELETED_BYTE = bytes([FLAG_DELETED])
@@ -492,7 +491,7 @@ class Namespace:
                 if fid != last:
                     self._seq_bases.append(self._seq_next)
         self._index = AppendFile(self._ipath(last), last)
-        self._data = AppendFile(self._dpath(last), last)
+        self._data = AppendFile(self._dpath(last), last, mapped=True)
         if self.mode is Mode.USER and unflagged != len(self._keys):
             self._finish_overwrites(pairs)
         if newest is not None and not self._verify_newest(newest):
@@ -776,7 +775,7 @@ class Namespace:
         old_i.close()
         old_d.close()
         self._index = AppendFile(self._ipath(new), new)
-        self._data = AppendFile(self._dpath(new), new)
+        self._data = AppendFile(self._dpath(new), new, mapped=True)
         if self.mode is Mode.SEQ:
             self._seq_bases.append(self._seq_next)
         log.info("event=zdb.rotate namespace=%s fileid=%d", self.name, new)
@@ -969,11 +968,15 @@ class Namespace:
                 else:
                     _kl, doff, ln = self._ientry(fid, ioff)[:3]
             start = doff + DENT + _kl
+            end = start + ln
+            if end <= d.mapped:
+                # most reads: a slice of the data file's map, no system call
+                return d.map[start:end]  # type: ignore[index]
             disk = d.disk_size
             if start >= disk:
-                return bytes(d.buf[start - disk:start - disk + ln])
-            if start + ln <= disk:
-                value = _pread(d.fd, ln, start)
+                return bytes(d.buf[start - disk:end - disk])
+            if end <= disk:
+                value = d.read(start, ln)
                 if len(value) == ln:
                     return value
         f = self._ientry(fid, ioff)
