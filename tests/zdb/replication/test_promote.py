@@ -39,7 +39,7 @@ def test_acknowledged_writes_survive_failover_and_old_primary_rejoins(
         replica.client().execute_command("PROMOTE")
     done = subprocess.run([*zerostack_cmd(), "zdb", "promote", "--port", str(replica.port),
                            "--password", "pw"], capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, done.stderr
+    assert done.returncode == 0, done.stderr + replica.log.read_text()[-3000:]
     assert "now a primary" in done.stdout
     r = replica.client()
     keys = [k for k, _v in writers.acked]

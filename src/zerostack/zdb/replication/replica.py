@@ -76,6 +76,9 @@ class Replica:
                 await self._task
             except asyncio.CancelledError:
                 pass
+            except Exception as exc:  # the follower already died: stopping must still work
+                log.error("event=zdb.replication.follower.failed error=%s detail=\"%s\"",
+                          type(exc).__name__, str(exc)[:200].replace('"', "'"))
             self._task = None
         self._close()
         self.state = "stopped"
@@ -100,6 +103,12 @@ class Replica:
                 log.log(level, "event=zdb.replication.link.down primary=%s:%d state=%s "
                         "error=\"%s\"", self.host, self.port, self.state,
                         self.error.replace('"', "'"))
+            except Exception as exc:
+                # An unexpected failure (a bug, a frame cut in an unforeseen place) must not
+                # end following for good: log it with its type and reconnect like any drop.
+                self.error = f"{type(exc).__name__}: {exc}"
+                log.exception("event=zdb.replication.link.failed primary=%s:%d state=%s",
+                              self.host, self.port, self.state)
             finally:
                 self._close()
                 if self.state != "stopped":
