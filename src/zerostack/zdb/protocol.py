@@ -114,14 +114,21 @@ class RequestParser:
         reader.feed(data)
         requests: list[list[bytes]] = []
         gets = reader.gets
-        while True:
-            try:
-                req = gets()
-            except (hiredis.ProtocolError, MemoryError):
-                # Inline commands end here: their first byte is no RESP type.
-                raise ProtocolViolation(MALFORMED, requests) from None
-            if req is False:
-                break
+        try:
+            req = gets()
+        except (hiredis.ProtocolError, MemoryError):
+            # Inline commands end here: their first byte is no RESP type.
+            raise ProtocolViolation(MALFORMED, requests) from None
+        if req.__class__ is list and data[-1] == 10 and not reader.has_data() \
+                and len(req) <= MAX_ARGS:
+            # Fast path: the read held exactly one whole request (no pipelining).
+            for arg in req:
+                if arg.__class__ is not bytes:
+                    raise ProtocolViolation(MALFORMED_ARG, requests)
+            self._window = None
+            requests.append(req)
+            return requests
+        while req is not False:
             if req.__class__ is not list:
                 # `*-1`, a bare bulk, status or integer at the top level: not a request.
                 raise ProtocolViolation(MALFORMED, requests)
@@ -131,6 +138,10 @@ class RequestParser:
             if len(req) > MAX_ARGS:
                 raise ProtocolViolation(TOO_MANY_ARGS, requests)
             requests.append(req)
+            try:
+                req = gets()
+            except (hiredis.ProtocolError, MemoryError):
+                raise ProtocolViolation(MALFORMED, requests) from None
         if not reader.has_data():
             # Everything was consumed: the stream ends on a token boundary, or just after
             # the type byte of the next token (hiredis consumes that byte first).

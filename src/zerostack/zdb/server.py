@@ -101,6 +101,7 @@ class Connection(asyncio.Protocol):
         # Shared with the server, read on every request: held here to save lookups.
         self.busy = server.role.busy
         self.durable = server.role.primary.min_replicas
+        self.loop = asyncio.get_running_loop()
 
     # -- asyncio callbacks -------------------------------------------------------------
 
@@ -168,8 +169,12 @@ class Connection(asyncio.Protocol):
                         self.state.commands_executed += 1
                         if reply is None:
                             self._later(requests, 0, None)
-                        else:
-                            server.send(transport, reply)
+                            return
+                        # server.send(), inlined: this runs once per request
+                        server._outbox.append((transport, reply))
+                        if not server._outbox_scheduled:
+                            server._outbox_scheduled = True
+                            self.loop.call_soon(server._send_outbox)
                         return
         if self.waiting:
             self.pending.extend(requests)
