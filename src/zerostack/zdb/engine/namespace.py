@@ -87,6 +87,7 @@ _seq_pack = SEQ_KEY.pack
 _seq_unpack = SEQ_KEY.unpack
 _u32 = struct.Struct("<I").unpack_from
 _idx_head = struct.Struct("<BII").unpack_from
+_idx_len_crc = struct.Struct("<5xI13xI").unpack_from  # (length, crc) of an index entry
 _crc = _crc32c.crc32c
 _now = time.time
 _DELETED_BYTE = bytes([FLAG_DELETED])
@@ -828,10 +829,19 @@ class Namespace:
         if old is not None:
             if self.worm:
                 raise ZdbError("Namespace is protected by worm mode")
-            ofields = self._ientry(old >> 32, old & U32)
-            floating = ofields[2]
+            ofid = old >> 32
+            ooff = old & U32
+            # _ientry() inlined for an entry on disk under its map, reading only length and
+            # CRC: every overwrite (and every SET of an unchanged value) comes here.
+            mm = self._maps.get(ofid)
+            if mm is not None and ooff + IENT <= len(mm) and (
+                    ofid != self._index.fileid or ooff < self._index.disk_size):
+                floating, ocrc = _idx_len_crc(mm, ooff)
+            else:
+                ofields = self._ientry(ofid, ooff)
+                floating, ocrc = ofields[2], ofields[7]
             # Same CRC and length: the reference answers "nothing written" on CRC alone.
-            if ofields[7] == crc and floating == vl:
+            if ocrc == crc and floating == vl:
                 return None
         if self.maxsize and self._bytes + vl > self.maxsize + floating:
             raise ZdbError("No space left on this namespace")
@@ -860,8 +870,6 @@ class Namespace:
         if old is None:
             ibuf += _IDX_WITH_KEY[kl](kl, doff, vl, self._idx_prev, 0, fid, ts, crc, 0, 0, key)
         else:
-            ofid = old >> 32
-            ooff = old & U32
             ibuf += _IDX_WITH_KEY[kl](kl, doff, vl, self._idx_prev, 0, fid, ts, crc, ofid, ooff,
                                       key)
             self._flag_deleted(ofid, ooff, True)
