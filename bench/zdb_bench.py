@@ -107,7 +107,7 @@ def write_docs(results: list[Result], requests: int, date: str, load: str,
         f"same run, alternating the two servers; each figure is the best of {rounds} rounds.",
         "",
         f"Machine: {MACHINE} ({platform.python_implementation()} "
-        f"{platform.python_version()}), shared with other engineers' test runs (load average "
+        f"{platform.python_version()}), shared with other test runs (load average "
         f"{load}), so figures are noisy; compare the ratios.",
         f"Date: {date}",
         "",

@@ -223,7 +223,7 @@ def main() -> None:
 alternating; best round of each). Lag is the primary's view (`INFO`, `replica0` line)
 sampled every 50 ms during the replicated runs.
 
-Machine: {MACHINE} (CPython {platform.python_version()}), shared with other engineers' test
+Machine: {MACHINE} (CPython {platform.python_version()}), shared with other test
 runs (load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} when this run started), so the
 figures are noisy. The primary, the replica and redis-benchmark share the 2 cores.
 Date: {date}
