@@ -267,10 +267,13 @@ def test_deadline_expires_without_other_traffic(client: LedgerClient) -> None:
     ids, twins = g["ids"], g["twins"]
     cid = client.create_contract(ids["owner"], g["node"], deployment(11), sealed(),
                                  requirement(twins["owner"], twins["s1"]),
-                                 deadline=int(time.time()) + 1, capacity={"cru": 1})
+                                 # 2 s: the block that takes the contract may be
+                                 # stamped in the next second, and a deadline must
+                                 # lie after its block's time
+                                 deadline=int(time.time()) + 2, capacity={"cru": 1})
     assert client.node(g["node"])["reserved"]["cru"] == 1  # type: ignore[index]
     # the server cuts an empty block once the deadline has passed
-    c = client.wait_contract(cid, {"expired"}, timeout=6)
+    c = client.wait_contract(cid, {"expired"}, timeout=8)
     assert c["active"] is None
     assert client.node(g["node"])["reserved"]["cru"] == 0  # type: ignore[index]
     with pytest.raises(LedgerRejected) as info:
