@@ -122,3 +122,15 @@ def approve_until_ok(client: Any, holder: Any, cid: int, deployment_hash: str,
             return time.perf_counter() - t0
         if "error" in states:
             raise RuntimeError(f"contract {cid} reported {(c or {}).get('report')}")
+
+
+def wait_node(client: Any, farm: int, timeout: float = 30.0) -> int:
+    """The id of the first node registered in `farm`, once one is."""
+    deadline = time.monotonic() + timeout
+    while True:
+        nodes = client.nodes(farm=farm)
+        if nodes:
+            return int(nodes[0]["id"])
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no node registered in farm {farm} after {timeout:g} s")
+        time.sleep(0.05)

@@ -30,7 +30,7 @@ from typing import Any
 
 import orjson
 
-from bench.common import approve_until_ok, percentile
+from bench.common import approve_until_ok, percentile, wait_node
 from zerostack.crypto import Identity
 from zerostack.flist import (
     Hub,
@@ -228,14 +228,7 @@ def bench_contract(tmp: Path, hub: str, contracts: int) -> dict[str, Any]:
             [*cli, "node", "run", "--ledger", url, "--farm", str(farm), "--data",
              str(tmp / "cnode"), "--zdb-port", str(free_port()), "--resync", "30"],
             stdout=nlog, stderr=nlog, start_new_session=True))
-        node = 0
-        deadline = time.monotonic() + 60
-        while not node:
-            if time.monotonic() > deadline:
-                raise TimeoutError("node did not register")
-            nodes = client.nodes(farm=farm)
-            node = int(nodes[0]["id"]) if nodes else 0
-            time.sleep(0.05)
+        node = wait_node(client, farm, timeout=60)
         bot = ThreeBot(url, owner)
         latencies: list[float] = []
         for i in range(contracts + 1):  # the first one warms the image cache

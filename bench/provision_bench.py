@@ -33,6 +33,7 @@ from bench.common import (
     percentile,
     spawn,
     stop,
+    wait_node,
     wait_port,
     zerostack_cli,
 )
@@ -60,14 +61,7 @@ def run(contracts: int) -> dict[str, Any]:
             [*zerostack_cli(), "node", "run", "--ledger", url, "--farm", str(farm),
              "--data", str(tmp / "node"), "--zdb-port", str(zport), "--resync", "30"],
             tmp / "node.log"))
-        node = 0
-        deadline = time.monotonic() + 30
-        while not node:
-            if time.monotonic() > deadline:
-                raise TimeoutError("node did not register")
-            nodes = client.nodes(farm=farm)
-            node = int(nodes[0]["id"]) if nodes else 0
-            time.sleep(0.05)
+        node = wait_node(client, farm, timeout=30)
         try:
             wait_port(zport, procs[-1])
         except (TimeoutError, RuntimeError):
