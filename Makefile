@@ -3,10 +3,13 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# Modules compiled with mypyc (setup.py): editing one needs a reinstall to take effect.
+NATIVE_MODULES := $(shell sed -n 's/^    "\(zerostack\.[a-z_.]*\)",$$/\1/p' src/zerostack/zdb/native.py)
+NATIVE_SRC := $(patsubst %,src/%.py,$(subst .,/,$(NATIVE_MODULES)))
 
 .PHONY: setup demo test lint bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py src/zerostack/zdb/native.py $(NATIVE_SRC)
 	@if [ "$$(id -u)" = 0 ]; then bash scripts/install-system-deps; else echo "not root: skipping system packages"; fi
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
@@ -31,4 +34,5 @@ bench: $(STAMP)
 	$(BIN)/python -m bench
 
 clean:
-	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) var build .pytest_cache .mypy_cache .ruff_cache
+	find src -name '*.so' -delete

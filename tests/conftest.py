@@ -18,6 +18,16 @@ REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared"
 
 
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Refuse to test compiled modules older than their sources: the edits would not run."""
+    from zerostack.zdb import native
+
+    stale = native.stale()
+    if stale:
+        pytest.exit(f"compiled modules are older than their sources ({', '.join(stale)}): "
+                    "rebuild with `make setup` (or `.venv/bin/pip install -e .`)", returncode=3)
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
     """Under CI=true a skipped test is a failed test: CI has root, runc, netns and WireGuard."""

@@ -1,37 +1,36 @@
 """RESP2 for Zero-DB: split a client's byte stream into requests and encode replies.
 
-Requests are arrays of bulk strings. hiredis does the parsing; when a read ends inside a
-token, a small scanner checks that token's header, so an oversized argument is refused
-from its declared size before its bytes are buffered.
+Requests are arrays of bulk strings. The parser is written for the server's native build
+(see setup.py): typed, allocation-light, and checking each header as soon as it arrives,
+so an oversized argument is refused from its declared size before its bytes are buffered.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Final
 
-import hiredis
-
-MAX_ARGS = 1024
+MAX_ARGS: Final = 1024
 """More arguments than this in one request -> `-Too many arguments`."""
 
-MAX_ARG_SIZE = 8 * 1024 * 1024
+MAX_ARG_SIZE: Final = 8 * 1024 * 1024
 """An argument declared larger than this -> `-Payload too big`, and the connection closes."""
 
 # Reference error texts for framing problems; every one of them ends the connection.
-MALFORMED = "Malformed request, array expected"
-MALFORMED_ARG = "Malformed query string"
-TOO_MANY_ARGS = "Too many arguments"
-PAYLOAD_TOO_BIG = "Payload too big"
+MALFORMED: Final = "Malformed request, array expected"
+MALFORMED_ARG: Final = "Malformed query string"
+TOO_MANY_ARGS: Final = "Too many arguments"
+PAYLOAD_TOO_BIG: Final = "Payload too big"
 
 # A header line (`*N` / `$N`) longer than this without its CRLF is not RESP.
-_MAX_HEADER = 32
+_MAX_HEADER: Final = 32
 
-OK = b"+OK\r\n"
-PONG = b"+PONG\r\n"
-NIL = b"$-1\r\n"
-ZERO = b":0\r\n"
-ONE = b":1\r\n"
-EMPTY_ARRAY = b"*0\r\n"
+OK: Final = b"+OK\r\n"
+PONG: Final = b"+PONG\r\n"
+NIL: Final = b"$-1\r\n"
+ZERO: Final = b":0\r\n"
+ONE: Final = b":1\r\n"
+EMPTY_ARRAY: Final = b"*0\r\n"
 
 
 class ProtocolViolation(Exception):
@@ -92,104 +91,98 @@ class RequestParser:
     an empty list stands for `*0`). After a framing violation it raises ProtocolViolation
     and must not be fed again.
 
-    hiredis parses. Whenever a read ends inside a token (hiredis holds unconsumed bytes),
-    the parser walks the token headers from the last known token boundary to find the
-    incomplete one and checks what it declares, so an oversized argument is refused from
-    its `$N` header before its payload is buffered. Reads ending on a token boundary, the
-    common case, cost nothing beyond hiredis.
+    Every header is checked as soon as its line is complete, so an oversized argument or
+    argument count is refused from what it declares, before its payload is buffered. A
+    request cut by the end of a read is kept from its first byte and parsed again once
+    the bytes it still needs have arrived; the payload bytes of a complete request are
+    copied once, into the arguments.
     """
 
-    __slots__ = ("_reader", "_window")
+    __slots__ = ("_need", "_pending")
 
     def __init__(self) -> None:
-        self._reader = hiredis.Reader()
-        # Stream bytes from the last known token boundary, kept while hiredis holds an
-        # incomplete token (None: the stream ends on a token boundary).
-        self._window: bytearray | None = None
+        # Bytes of the incomplete request at the end of the stream (None: there is none),
+        # and how many bytes it must grow to before parsing it again is worthwhile.
+        self._pending: bytearray | None = None
+        self._need = 0
 
     def feed(self, data: bytes) -> list[list[bytes]]:
-        if not data:
-            return []
-        reader = self._reader
-        reader.feed(data)
-        requests: list[list[bytes]] = []
-        gets = reader.gets
-        try:
-            req = gets()
-        except (hiredis.ProtocolError, MemoryError):
-            # Inline commands end here: their first byte is no RESP type.
-            raise ProtocolViolation(MALFORMED, requests) from None
-        if req.__class__ is list and data[-1] == 10 and not reader.has_data() \
-                and len(req) <= MAX_ARGS:
-            # Fast path: the read held exactly one whole request (no pipelining).
-            for arg in req:
-                if arg.__class__ is not bytes:
-                    raise ProtocolViolation(MALFORMED_ARG, requests)
-            self._window = None
-            requests.append(req)
-            return requests
-        while req is not False:
-            if req.__class__ is not list:
-                # `*-1`, a bare bulk, status or integer at the top level: not a request.
-                raise ProtocolViolation(MALFORMED, requests)
-            for arg in req:
-                if arg.__class__ is not bytes:
-                    raise ProtocolViolation(MALFORMED_ARG, requests)
-            if len(req) > MAX_ARGS:
-                raise ProtocolViolation(TOO_MANY_ARGS, requests)
-            requests.append(req)
-            try:
-                req = gets()
-            except (hiredis.ProtocolError, MemoryError):
-                raise ProtocolViolation(MALFORMED, requests) from None
-        if not reader.has_data():
-            # Everything was consumed: the stream ends on a token boundary, or just after
-            # the type byte of the next token (hiredis consumes that byte first).
-            self._window = None if data[-1] == 10 else bytearray(data[-1:])
-            return requests
-        window = self._window
-        if window is None:
-            window = bytearray(data)
+        pending = self._pending
+        if pending is not None:
+            pending += data
+            if len(pending) < self._need:
+                return []
+            buf = bytes(pending)
         else:
-            window += data
-        start = _incomplete_token(window, requests)
-        del window[:start]
-        self._window = window or None
+            buf = data
+        requests: list[list[bytes]] = []
+        pos = 0
+        end = len(buf)
+        while pos < end:
+            request, following = _request(buf, pos, end, requests)
+            if request is None:
+                self._pending = bytearray(memoryview(buf)[pos:])
+                self._need = following - pos
+                return requests
+            requests.append(request)
+            pos = following
+        self._pending = None
         return requests
 
 
-def _incomplete_token(window: bytearray, requests: list[list[bytes]]) -> int:
-    """Walk complete tokens from window[0] (a token boundary); the offset of the incomplete
-    last token, after checking what its header declares."""
-    pos, end = 0, len(window)
-    find = window.find
-    while pos < end:
-        marker = window[pos]
-        if marker != 36 and marker != 42:  # '$' / '*': nothing else belongs in a request
-            raise ProtocolViolation(MALFORMED if marker != 43 else MALFORMED_ARG, requests)
-        eol = find(b"\r\n", pos, pos + _MAX_HEADER)
-        if eol < 0:
-            if end - pos >= _MAX_HEADER:
-                raise ProtocolViolation(MALFORMED if marker == 42 else MALFORMED_ARG, requests)
-            return pos
-        try:
-            n = int(window[pos + 1 : eol])
-        except ValueError:
-            raise ProtocolViolation(MALFORMED if marker == 42 else MALFORMED_ARG,
-                                    requests) from None
-        if marker == 42:
-            if n > MAX_ARGS:
-                raise ProtocolViolation(TOO_MANY_ARGS, requests)
-            if n < 0:
-                raise ProtocolViolation(MALFORMED, requests)
-            pos = eol + 2
-            continue
-        if n > MAX_ARG_SIZE:
-            raise ProtocolViolation(PAYLOAD_TOO_BIG, requests)
-        if n < 0:
+def _request(buf: bytes, pos: int, end: int,
+             requests: list[list[bytes]]) -> tuple[list[bytes] | None, int]:
+    """Parse the request starting at buf[pos]: (arguments, offset after it), or, when the
+    stream ends inside it, (None, the stream length needed before trying again)."""
+    if buf[pos] != 42:  # '*': inline commands and bare values are not requests
+        raise ProtocolViolation(MALFORMED, requests)
+    count, at = _header(buf, pos, end, MALFORMED, requests)
+    if at < 0:
+        return None, end + 1
+    if count > MAX_ARGS:
+        raise ProtocolViolation(TOO_MANY_ARGS, requests)
+    args: list[bytes] = []
+    for _ in range(count):
+        if at >= end:
+            return None, at + 1
+        if buf[at] != 36:  # '$': every argument is a bulk string
             raise ProtocolViolation(MALFORMED_ARG, requests)
-        following = eol + 2 + n + 2
-        if following > end:
-            return pos
-        pos = following
-    return pos
+        size, start = _header(buf, at, end, MALFORMED_ARG, requests)
+        if start < 0:
+            return None, end + 1
+        if size > MAX_ARG_SIZE:
+            raise ProtocolViolation(PAYLOAD_TOO_BIG, requests)
+        stop = start + size
+        if stop + 2 > end:
+            return None, stop + 2
+        if buf[stop] != 13 or buf[stop + 1] != 10:
+            raise ProtocolViolation(MALFORMED_ARG, requests)
+        args.append(buf[start:stop])
+        at = stop + 2
+    return args, at
+
+
+def _header(buf: bytes, pos: int, end: int, bad: str,
+            requests: list[list[bytes]]) -> tuple[int, int]:
+    """The count after the marker at buf[pos] and the offset after its CRLF; (0, -1) when
+    the line is not all here yet. Only decimal digits are accepted (no sign: a negative
+    count or size is no request)."""
+    at = pos + 1
+    limit = min(end, pos + _MAX_HEADER)
+    value = 0
+    while at < limit:
+        c = buf[at]
+        if 48 <= c <= 57:
+            value = value * 10 + (c - 48)
+            at += 1
+            continue
+        if c != 13 or at == pos + 1:
+            raise ProtocolViolation(bad, requests)
+        if at + 1 >= end:
+            return 0, -1
+        if buf[at + 1] != 10:
+            raise ProtocolViolation(bad, requests)
+        return value, at + 2
+    if end - pos >= _MAX_HEADER:
+        raise ProtocolViolation(bad, requests)
+    return 0, -1

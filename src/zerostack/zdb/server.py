@@ -14,7 +14,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import cast
+from typing import Any, Final, cast
 
 from zerostack.zdb.commands import (
     HANDLERS,
@@ -28,17 +28,23 @@ from zerostack.zdb.commands import (
     deferred,
     lookup,
 )
+from zerostack.zdb.commands.read import cmd_get
 from zerostack.zdb.commands.rules import refusal
+from zerostack.zdb.commands.write import cmd_set
 from zerostack.zdb.engine import Engine, EngineConfig, ZdbError
 from zerostack.zdb.protocol import ProtocolViolation, RequestParser, error
 from zerostack.zdb.replication import ReplicationRole
 
-log = logging.getLogger("zerostack.zdb")
+log: Final = logging.getLogger("zerostack.zdb")
 
-TIMEOUT = error("Timeout")
-NAMESPACE_GONE = error("Your active namespace is not available anymore (probably removed).")
-NOT_CONFIRMED = error("Write stored on the primary but not confirmed by enough replicas")
-WRITE_NAMES = frozenset({b"SET", b"SETX", b"DEL"})
+TIMEOUT: Final = error("Timeout")
+NAMESPACE_GONE: Final = error("Your active namespace is not available anymore (probably removed).")
+NOT_CONFIRMED: Final = error("Write stored on the primary but not confirmed by enough replicas")
+WRITE_NAMES: Final = frozenset({b"SET", b"SETX", b"DEL"})
+# Handlers the request path compares against to call them directly (a replica's table
+# holds a refusal for SET instead, which then takes the generic call).
+_GET: Final[Handler] = cmd_get
+_SET: Final[Handler] = cmd_set
 
 
 def log_event(event: str, level: int = logging.INFO, **fields: object) -> None:
@@ -144,38 +150,42 @@ class Connection(asyncio.Protocol):
             return
         try:
             requests = self.parser.feed(data)
-            violation = None
         except ProtocolViolation as exc:
-            requests, violation = exc.requests, exc.message
-        else:
-            if len(requests) == 1 and not self.waiting and not self.busy and not self.durable:
-                # One request per read, the common case without pipelining: served here,
-                # without process()'s batch bookkeeping. Anything unusual goes there.
-                request = requests[0]
-                session = self.session
-                transport = self.transport
-                if request and not session.removed and transport is not None:
-                    server = self.server
-                    handler = server.handlers.get(request[0])
-                    if handler is not None:
-                        try:
+            self._received(exc.requests, exc.message)
+            return
+        if len(requests) == 1 and not self.waiting and not self.busy and not self.durable:
+            # One request per read, the common case without pipelining: served here,
+            # without process()'s batch bookkeeping. Anything unusual goes there.
+            request = requests[0]
+            session = self.session
+            transport = self.transport
+            if request and not session.removed and transport is not None:
+                server = self.server
+                handler = server.handlers.get(request[0])
+                if handler is not None:
+                    try:
+                        # The two commands that carry the load are called directly.
+                        if handler is _GET:
+                            reply: bytes | None = cmd_get(session, request)
+                        elif handler is _SET:
+                            reply = cmd_set(session, request)
+                        else:
                             reply = handler(session, request)
-                        except ZdbError as exc:
-                            reply = refusal(exc)
-                        except Exception as exc:  # a bug or an I/O failure must not kill it
-                            reply = self._internal_error(request, exc)
-                        if server.waiters:
-                            server.notify_waiters(self, request[0])
-                        self.state.commands_executed += 1
-                        if reply is None:
-                            self._later(requests, 0, None)
-                            return
-                        # server.send(), inlined: this runs once per request
-                        server._outbox.append((transport, reply))
-                        if not server._outbox_scheduled:
-                            server._outbox_scheduled = True
-                            self.loop.call_soon(server._send_outbox)
+                    except ZdbError as exc:
+                        reply = refusal(exc)
+                    except Exception as exc:  # a bug or an I/O failure must not kill it
+                        reply = self._internal_error(request, exc)
+                    if server.waiters:
+                        server.notify_waiters(self, request[0])
+                    self.state.commands_executed += 1
+                    if reply is None:
+                        self._later(requests, 0, None)
                         return
+                    server.send(transport, reply)
+                    return
+        self._received(requests, None)
+
+    def _received(self, requests: list[list[bytes]], violation: str | None) -> None:
         if self.waiting:
             self.pending.extend(requests)
             if violation is not None:
@@ -386,6 +396,7 @@ class ZdbServer:
         # Replies waiting for the engine flush at the end of this event-loop pass (None: close).
         self._outbox: list[tuple[asyncio.Transport, bytes | None]] = []
         self._outbox_scheduled = False
+        self._sync = config.engine.sync
         self._stopped: asyncio.Event | None = None
         self._sync_task: asyncio.Task[None] | None = None
         self.port: int | None = None
@@ -405,7 +416,10 @@ class ZdbServer:
             srv = await loop.create_server(lambda: Connection(self), cfg.listen, cfg.port,
                                            reuse_address=True, backlog=1024)
             self._servers.append(srv)
-            self.port = srv.sockets[0].getsockname()[1]
+            # uvloop's `sockets` is a list where typeshed says tuple: the compiled module
+            # would check the declared type, so read it untyped.
+            listener: Any = srv
+            self.port = listener.sockets[0].getsockname()[1]
             log_event("zdb.listen", addr=cfg.listen, port=self.port)
         if cfg.engine.synctime > 0:
             self._sync_task = asyncio.create_task(self._sync_loop(cfg.engine.synctime))
@@ -418,13 +432,20 @@ class ZdbServer:
                   admin="yes" if cfg.admin_password else "no", protect=cfg.protect)
 
     def send(self, transport: asyncio.Transport, payload: bytes | None) -> None:
-        """Queue a reply (None: close the connection) behind one engine flush.
+        """Send a reply (None: close the connection) once the writes before it reached the OS.
 
-        Replies of every connection served in this event-loop pass go out after a single
-        engine.flush_all(): acknowledged writes have reached the OS, and many clients
-        writing at once cost one flush instead of one each (group commit).
+        While the engine buffers writes, replies wait for the single engine.flush_all() at
+        the end of this event-loop pass: acknowledged writes have reached the OS, no reply
+        shows data that has not, and many clients writing at once cost one flush instead of
+        one each (group commit). With nothing buffered and nothing queued before it, a
+        reply goes out at once; under --sync every reply takes the outbox, whose pass also
+        tells replicas about the writes fsync'ed meanwhile.
         """
-        self._outbox.append((transport, payload))
+        outbox = self._outbox
+        if not outbox and payload is not None and not self.engine._dirty and not self._sync:
+            transport.write(payload)
+            return
+        outbox.append((transport, payload))
         if not self._outbox_scheduled:
             self._outbox_scheduled = True
             asyncio.get_running_loop().call_soon(self._send_outbox)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Final
+
 from zerostack.zdb.commands.rules import (
     FROZEN,
     INVALID_ARGUMENT,
@@ -14,7 +16,7 @@ from zerostack.zdb.commands.session import Session
 from zerostack.zdb.engine import ZdbError
 from zerostack.zdb.protocol import NIL, ONE, ZERO
 
-MISSING_ARGUMENTS = b"-Missing arguments\r\n"
+MISSING_ARGUMENTS: Final = b"-Missing arguments\r\n"
 
 
 def _key(s: Session, args: list[bytes]) -> bytes | None:
@@ -90,7 +92,7 @@ def cmd_keytime(s: Session, args: list[bytes]) -> bytes:
     return NIL if stamp is None else b":%d\r\n" % stamp
 
 
-HANDLERS = {
+HANDLERS: Final = {
     b"GET": cmd_get,
     b"MGET": cmd_mget,
     b"EXISTS": cmd_exists,

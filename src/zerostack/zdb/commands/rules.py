@@ -2,27 +2,29 @@
 
 from __future__ import annotations
 
+from typing import Final
+
 from zerostack.zdb.commands.session import Session
 from zerostack.zdb.engine import ZdbError
 from zerostack.zdb.protocol import error
 
-MAX_KEY_LENGTH = 255
-MAX_NAMESPACE_LENGTH = 128
+MAX_KEY_LENGTH: Final = 255
+MAX_NAMESPACE_LENGTH: Final = 128
 
-UNEXPECTED_ARGUMENTS = error("Unexpected arguments")
-INVALID_ARGUMENT = error("Invalid argument")
-INVALID_ARGUMENTS = error("Invalid arguments")
-INVALID_KEY = error("Invalid key")
-PERMISSION_DENIED = error("Permission denied")
-READ_ONLY = error("Namespace is in read-only mode")
-LOCKED = error("Namespace is temporarily locked (read-only)")
-FROZEN = error("Namespace is temporarily frozen (read-write disabled)")
-NAMESPACE_TOO_LONG = error("Namespace too long")
-NAMESPACE_NOT_FOUND = error("Namespace not found")
+UNEXPECTED_ARGUMENTS: Final = error("Unexpected arguments")
+INVALID_ARGUMENT: Final = error("Invalid argument")
+INVALID_ARGUMENTS: Final = error("Invalid arguments")
+INVALID_KEY: Final = error("Invalid key")
+PERMISSION_DENIED: Final = error("Permission denied")
+READ_ONLY: Final = error("Namespace is in read-only mode")
+LOCKED: Final = error("Namespace is temporarily locked (read-only)")
+FROZEN: Final = error("Namespace is temporarily frozen (read-write disabled)")
+NAMESPACE_TOO_LONG: Final = error("Namespace too long")
+NAMESPACE_NOT_FOUND: Final = error("Namespace not found")
 
 
 # The engine's texts for a locked or frozen namespace, and what the reference replies.
-_REFERENCE_TEXTS = {
+_REFERENCE_TEXTS: Final = {
     "Namespace is temporarily frozen": FROZEN,
     "Namespace is in read-only mode": LOCKED,  # raised for `lock`; session read-only is ours
 }

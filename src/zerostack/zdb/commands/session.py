@@ -5,10 +5,11 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Final
 
 from zerostack.zdb.engine import Engine, Namespace
 
-DEFAULT_NAMESPACE = "default"
+DEFAULT_NAMESPACE: Final = "default"
 
 
 @dataclass

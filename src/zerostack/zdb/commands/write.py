@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Final
+
 from zerostack.zdb.commands.rules import (
     INVALID_ARGUMENT,
     INVALID_KEY,
@@ -16,7 +18,7 @@ from zerostack.zdb.commands.session import Session
 from zerostack.zdb.engine import ZdbError
 from zerostack.zdb.protocol import NIL, OK, error
 
-KEY_TOO_LARGE = error("Key too large")
+KEY_TOO_LARGE: Final = error("Key too large")
 
 
 def cmd_set(s: Session, args: list[bytes]) -> bytes:
@@ -71,4 +73,4 @@ def cmd_del(s: Session, args: list[bytes]) -> bytes:
     return OK
 
 
-HANDLERS = {b"SET": cmd_set, b"SETX": cmd_set, b"DEL": cmd_del}
+HANDLERS: Final = {b"SET": cmd_set, b"SETX": cmd_set, b"DEL": cmd_del}

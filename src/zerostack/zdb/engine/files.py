@@ -10,6 +10,7 @@ import mmap
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Final
 
 from zerostack.zdb.engine.errors import ZdbError
 from zerostack.zdb.engine.format import (
@@ -22,10 +23,10 @@ from zerostack.zdb.engine.format import (
 )
 
 # Opening many old files for reads costs descriptors; keep at most this many around.
-MAX_READERS = 64
+MAX_READERS: Final = 64
 # A mapped file is mapped again once this many bytes were written past the mapping; reads
 # of the newest bytes use pread until then.
-REMAP_AFTER = 256 * 1024
+REMAP_AFTER: Final = 256 * 1024
 
 
 class AppendFile:

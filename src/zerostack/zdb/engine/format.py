@@ -8,47 +8,48 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from typing import Final
 
 import crc32c as _crc32c
 
 from zerostack.zdb.engine.errors import ZdbError
 
 # <index>/<ns>/zdb-namespace: u32 version, u8 name_len, u8 pass_len, u64 maxsize, u8 flags
-NS_DESCRIPTOR = struct.Struct("<IBBQB")
-NS_VERSION = 1
-NS_PUBLIC = 1
-NS_WORM = 2
-NS_EXTENDED = 4  # always set by the reference
-NS_FILENAME = "zdb-namespace"
+NS_DESCRIPTOR: Final = struct.Struct("<IBBQB")
+NS_VERSION: Final = 1
+NS_PUBLIC: Final = 1
+NS_WORM: Final = 2
+NS_EXTENDED: Final = 4  # always set by the reference
+NS_FILENAME: Final = "zdb-namespace"
 
 # i<N>: "IDX0", u32 version, u64 created, u64 opened, u32 fileid, u8 mode
-INDEX_HEADER = struct.Struct("<4sIQQIB")
-INDEX_MAGIC = b"IDX0"
-INDEX_VERSION = 4
+INDEX_HEADER: Final = struct.Struct("<4sIQQIB")
+INDEX_MAGIC: Final = b"IDX0"
+INDEX_VERSION: Final = 4
 # entry: u8 key_len, u32 data_offset, u32 length, u32 previous, u8 flags, u32 data_id,
 #        u32 timestamp, u32 crc, u32 parent_id, u32 parent_offset, then the key
-INDEX_ENTRY = struct.Struct("<BIIIBIIIII")
-INDEX_FLAGS_AT = 13  # byte offset of `flags` inside an index entry (patched in place)
+INDEX_ENTRY: Final = struct.Struct("<BIIIBIIIII")
+INDEX_FLAGS_AT: Final = 13  # byte offset of `flags` inside an index entry (patched in place)
 
 # d<N>: "DAT0", u32 version, u64 0, u64 0, u32 fileid
-DATA_HEADER = struct.Struct("<4sIQQI")
-DATA_MAGIC = b"DAT0"
-DATA_VERSION = 3
+DATA_HEADER: Final = struct.Struct("<4sIQQI")
+DATA_MAGIC: Final = b"DAT0"
+DATA_VERSION: Final = 3
 # entry: u8 key_len, u32 payload_len, u32 previous, u32 crc, u8 flags, u32 timestamp, key, payload
-DATA_ENTRY = struct.Struct("<BIIIBI")
+DATA_ENTRY: Final = struct.Struct("<BIIIBI")
 
-FLAG_DELETED = 1
-FLAG_TRUNCATED = 2  # data entries only; never written by zerostack
+FLAG_DELETED: Final = 1
+FLAG_TRUNCATED: Final = 2  # data entries only; never written by zerostack
 
-MODE_USER = 0
-MODE_SEQ = 1
-SEQ_KEY = struct.Struct("<Q")  # sequential keys are the 8-byte little-endian slot number
-SEQ_ENTRY_SIZE = INDEX_ENTRY.size + SEQ_KEY.size
+MODE_USER: Final = 0
+MODE_SEQ: Final = 1
+SEQ_KEY: Final = struct.Struct("<Q")  # sequential keys are the 8-byte little-endian slot number
+SEQ_ENTRY_SIZE: Final = INDEX_ENTRY.size + SEQ_KEY.size
 
-MAX_KEY = 255
-U32 = 0xFFFFFFFF
+MAX_KEY: Final = 255
+U32: Final = 0xFFFFFFFF
 
-_crc = _crc32c.crc32c
+_crc: Final = _crc32c.crc32c
 
 
 def crc32(data: bytes | bytearray | memoryview) -> int:

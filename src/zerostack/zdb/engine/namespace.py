@@ -21,6 +21,7 @@ from bisect import bisect_right
 from collections.abc import Callable, Sequence
 from operator import itemgetter
 from pathlib import Path
+from typing import Final
 
 import crc32c as _crc32c
 
@@ -58,44 +59,44 @@ from zerostack.zdb.engine.format import (
     parse_index_header,
 )
 
-log = logging.getLogger("zerostack.zdb.engine")
+log: Final = logging.getLogger("zerostack.zdb.engine")
 
 # A live user-mode key maps to `fid << 32 | index offset` (data and index file N always go
 # together in user mode), an int of at most 2 digits: 32 bytes.
-MAX_FILEID = 0xFFFFFFF
+MAX_FILEID: Final = 0xFFFFFFF
 # Re-map the current index file once this many bytes were written past the mapping.
-REMAP_AFTER = 256 * 1024
+REMAP_AFTER: Final = 256 * 1024
 
-IHEAD = INDEX_HEADER.size   # 29
-DHEAD = DATA_HEADER.size    # 28
-IENT = INDEX_ENTRY.size     # 34
-DENT = DATA_ENTRY.size      # 18
-CURSOR = struct.Struct("<BIIQ")  # version 1, index file id, index offset, reserved: 17 bytes
-CURSOR_VERSION = 1
-AUTO_WRITE_OUT = 4 * 1024 * 1024  # never hold more than this in a tail between flushes
+IHEAD: Final = INDEX_HEADER.size   # 29
+DHEAD: Final = DATA_HEADER.size    # 28
+IENT: Final = INDEX_ENTRY.size     # 34
+DENT: Final = DATA_ENTRY.size      # 18
+CURSOR: Final = struct.Struct("<BIIQ")  # version 1, index file id, index offset, reserved: 17 bytes
+CURSOR_VERSION: Final = 1
+AUTO_WRITE_OUT: Final = 4 * 1024 * 1024  # never hold more than this in a tail between flushes
 # A crash leaves at most one write batch unindexed: the buffered tail plus one entry.
-MAX_UNINDEXED_TAIL = AUTO_WRITE_OUT + 2 * 8 * 1024 * 1024
+MAX_UNINDEXED_TAIL: Final = AUTO_WRITE_OUT + 2 * 8 * 1024 * 1024
 # Cutting more dangling index entries than this on open means the data was lost or replaced,
 # not torn by a crash: stop and let `check --repair` rebuild the index from the data.
-MAX_REPAIRS = 64
+MAX_REPAIRS: Final = 64
 
-_idx_pack = INDEX_ENTRY.pack
-_idx_unpack = INDEX_ENTRY.unpack_from
-_dat_pack = DATA_ENTRY.pack
-_dat_unpack = DATA_ENTRY.unpack_from
-_seq_pack = SEQ_KEY.pack
-_seq_unpack = SEQ_KEY.unpack
-_u32 = struct.Struct("<I").unpack_from
-_idx_head = struct.Struct("<BII").unpack_from
-_idx_len_crc = struct.Struct("<5xI13xI").unpack_from  # (length, crc) of an index entry
-_crc = _crc32c.crc32c
-_now = time.time
-_DELETED_BYTE = bytes([FLAG_DELETED])
-_SEQ_FIELDS = struct.Struct(f"<xII4xBI{SEQ_ENTRY_SIZE - 18}x").iter_unpack
-_LOW_BIT = bytes(b & FLAG_DELETED for b in range(256))  # translate table: flags -> deleted bit
+_idx_pack: Final = INDEX_ENTRY.pack
+_idx_unpack: Final = INDEX_ENTRY.unpack_from
+_dat_pack: Final = DATA_ENTRY.pack
+_dat_unpack: Final = DATA_ENTRY.unpack_from
+_seq_pack: Final = SEQ_KEY.pack
+_seq_unpack: Final = SEQ_KEY.unpack
+_u32: Final = struct.Struct("<I").unpack_from
+_idx_head: Final = struct.Struct("<BII").unpack_from
+_idx_len_crc: Final = struct.Struct("<5xI13xI").unpack_from  # (length, crc) of an index entry
+_crc: Final = _crc32c.crc32c
+_now: Final = time.time
+_DELETED_BYTE: Final = bytes([FLAG_DELETED])
+_SEQ_FIELDS: Final = struct.Struct(f"<xII4xBI{SEQ_ENTRY_SIZE - 18}x").iter_unpack
+_LOW_BIT: Final = bytes(b & FLAG_DELETED for b in range(256))  # translate table: flags -> deleted bit
 # entry header + key in one pack() call, one struct per key length
-_IDX_WITH_KEY = [struct.Struct(f"<BIIIBIIIII{n}s").pack for n in range(MAX_KEY + 1)]
-_DAT_WITH_KEY = [struct.Struct(f"<BIIIBI{n}s").pack for n in range(MAX_KEY + 1)]
+_IDX_WITH_KEY: Final = [struct.Struct(f"<BIIIBIIIII{n}s").pack for n in range(MAX_KEY + 1)]
+_DAT_WITH_KEY: Final = [struct.Struct(f"<BIIIBI{n}s").pack for n in range(MAX_KEY + 1)]
 
 
 def _atoll(value: str) -> int:
