@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +21,27 @@ def test_request_path_runs_compiled() -> None:
     expected = os.environ.get("ZEROSTACK_COMPILE", "1") != "0"
     assert native.compiled() is expected, {m: native.is_compiled(m) for m in native.NATIVE_MODULES}
     assert native.stale() == []
+
+
+def test_info_and_the_ready_line_say_which_build_runs(tmp_path: Path) -> None:
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "zerostack.cli.main", "zdb", "--listen", "127.0.0.1", "--port",
+         str(port), "--data", str(tmp_path / "data"), "--index", str(tmp_path / "index")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_for_port(port)
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(b"*1\r\n$4\r\nINFO\r\n")
+            info = b""
+            while not info.endswith(b"\r\n") or len(info) < 64:
+                info += sock.recv(65536)
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=10)
+    word = "yes" if native.compiled() else "no"
+    assert f"native_build: {word}" in info.decode()
+    assert f"native={word}" in err.decode()
 
 
 def test_pure_python_sources_serve_the_same_protocol(tmp_path: Path) -> None:

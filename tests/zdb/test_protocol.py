@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -181,3 +183,30 @@ def test_oversized_argument_is_refused_after_a_few_bytes() -> None:
     with pytest.raises(ProtocolViolation) as info:
         parser.feed(b"*2\r\n$3\r\nGET\r\n$1000000000000\r\nabc")
     assert info.value.message == PAYLOAD_TOO_BIG
+
+
+def test_elements_other_than_bulk_strings_are_malformed_arguments() -> None:
+    for element in (b"+OK\r\n", b":1\r\n", b"-ERR\r\n", b"*1\r\n$1\r\na\r\n"):
+        assert violation([b"*2\r\n$3\r\nGET\r\n" + element]).message == MALFORMED_ARG
+
+
+def test_headers_cut_anywhere_keep_their_limits() -> None:
+    # The count and the size are checked once their line is whole, wherever reads end.
+    for frame, message in ((b"*1025\r\n", TOO_MANY_ARGS),
+                           (b"*1\r\n$%d\r\n" % (MAX_ARG_SIZE + 1), PAYLOAD_TOO_BIG)):
+        for cut in range(1, len(frame)):
+            assert violation([frame[:cut], frame[cut:]]).message == message
+
+
+def test_a_request_fed_in_small_pieces_is_parsed_in_linear_time() -> None:
+    # Many large arguments arriving in small reads: only the unfinished argument is kept
+    # between reads, never the whole request again (which would copy ~8 GB here).
+    args = [b"%04d" % i + b"x" * 8188 for i in range(MAX_ARGS - 24)]
+    data = encode_request(*args)
+    parser = RequestParser()
+    out: list[list[bytes]] = []
+    started = time.perf_counter()
+    for i in range(0, len(data), 512):
+        out.extend(parser.feed(data[i : i + 512]))
+    assert time.perf_counter() - started < 2.0
+    assert out == [args]

@@ -59,14 +59,21 @@ def integer(value: int) -> bytes:
     return b":%d\r\n" % value
 
 
+# `$N\r\n` for the sizes most replies have: concatenating beats formatting each time.
+_BULK_HEADS: Final = [b"$%d\r\n" % n for n in range(1024)]
+
+
 def bulk(value: bytes) -> bytes:
-    return b"$%d\r\n%b\r\n" % (len(value), value)
+    n = len(value)
+    if n < 1024:
+        return _BULK_HEADS[n] + value + b"\r\n"
+    return b"$%d\r\n%b\r\n" % (n, value)
 
 
 def bulk_or_nil(value: bytes | None) -> bytes:
     if value is None:
         return NIL
-    return b"$%d\r\n%b\r\n" % (len(value), value)
+    return bulk(value)
 
 
 def array(items: Iterable[bytes]) -> bytes:
@@ -92,19 +99,23 @@ class RequestParser:
     and must not be fed again.
 
     Every header is checked as soon as its line is complete, so an oversized argument or
-    argument count is refused from what it declares, before its payload is buffered. A
-    request cut by the end of a read is kept from its first byte and parsed again once
-    the bytes it still needs have arrived; the payload bytes of a complete request are
-    copied once, into the arguments.
+    argument count is refused from what it declares, before its payload is buffered. When
+    a read ends inside a request, the arguments already complete are kept and only the
+    bytes of the unfinished one wait for the next read, so each byte is copied a bounded
+    number of times however the stream is cut.
     """
 
-    __slots__ = ("_need", "_pending")
+    __slots__ = ("_args", "_count", "_need", "_pending")
 
     def __init__(self) -> None:
-        # Bytes of the incomplete request at the end of the stream (None: there is none),
-        # and how many bytes it must grow to before parsing it again is worthwhile.
+        # Bytes of the unfinished header or argument at the end of the stream (None: the
+        # stream ends on a boundary), and the length they must reach before parsing again.
         self._pending: bytearray | None = None
         self._need = 0
+        # The request in progress: its arguments so far and its declared count (-1: its
+        # header is not read yet).
+        self._args: list[bytes] = []
+        self._count = -1
 
     def feed(self, data: bytes) -> list[list[bytes]]:
         pending = self._pending
@@ -118,48 +129,56 @@ class RequestParser:
         requests: list[list[bytes]] = []
         pos = 0
         end = len(buf)
-        while pos < end:
-            request, following = _request(buf, pos, end, requests)
-            if request is None:
-                self._pending = bytearray(memoryview(buf)[pos:])
-                self._need = following - pos
-                return requests
-            requests.append(request)
-            pos = following
-        self._pending = None
+        args = self._args
+        count = self._count
+        need = 0  # > 0: the stream ends inside a token; parse again at this length
+        while need == 0:
+            if count < 0:
+                if pos >= end:
+                    break
+                if buf[pos] != 42:  # '*': inline commands and bare values are not requests
+                    raise ProtocolViolation(MALFORMED, requests)
+                count, at = _header(buf, pos, end, MALFORMED, requests)
+                if at < 0:
+                    count = -1
+                    need = end + 1
+                    break
+                if count > MAX_ARGS:
+                    raise ProtocolViolation(TOO_MANY_ARGS, requests)
+                pos = at
+                args = []
+            while len(args) < count:
+                if pos >= end:
+                    need = pos + 1
+                    break
+                if buf[pos] != 36:  # '$': every argument is a bulk string
+                    raise ProtocolViolation(MALFORMED_ARG, requests)
+                size, start = _header(buf, pos, end, MALFORMED_ARG, requests)
+                if start < 0:
+                    need = end + 1
+                    break
+                if size > MAX_ARG_SIZE:
+                    raise ProtocolViolation(PAYLOAD_TOO_BIG, requests)
+                stop = start + size
+                if stop + 2 > end:
+                    need = stop + 2
+                    break
+                if buf[stop] != 13 or buf[stop + 1] != 10:
+                    raise ProtocolViolation(MALFORMED_ARG, requests)
+                args.append(buf[start:stop])
+                pos = stop + 2
+            else:
+                requests.append(args)
+                args = []
+                count = -1
+        self._args = args
+        self._count = count
+        if need == 0:
+            self._pending = None
+        else:
+            self._pending = bytearray(memoryview(buf)[pos:])
+            self._need = need - pos
         return requests
-
-
-def _request(buf: bytes, pos: int, end: int,
-             requests: list[list[bytes]]) -> tuple[list[bytes] | None, int]:
-    """Parse the request starting at buf[pos]: (arguments, offset after it), or, when the
-    stream ends inside it, (None, the stream length needed before trying again)."""
-    if buf[pos] != 42:  # '*': inline commands and bare values are not requests
-        raise ProtocolViolation(MALFORMED, requests)
-    count, at = _header(buf, pos, end, MALFORMED, requests)
-    if at < 0:
-        return None, end + 1
-    if count > MAX_ARGS:
-        raise ProtocolViolation(TOO_MANY_ARGS, requests)
-    args: list[bytes] = []
-    for _ in range(count):
-        if at >= end:
-            return None, at + 1
-        if buf[at] != 36:  # '$': every argument is a bulk string
-            raise ProtocolViolation(MALFORMED_ARG, requests)
-        size, start = _header(buf, at, end, MALFORMED_ARG, requests)
-        if start < 0:
-            return None, end + 1
-        if size > MAX_ARG_SIZE:
-            raise ProtocolViolation(PAYLOAD_TOO_BIG, requests)
-        stop = start + size
-        if stop + 2 > end:
-            return None, stop + 2
-        if buf[stop] != 13 or buf[stop + 1] != 10:
-            raise ProtocolViolation(MALFORMED_ARG, requests)
-        args.append(buf[start:stop])
-        at = stop + 2
-    return args, at
 
 
 def _header(buf: bytes, pos: int, end: int, bad: str,

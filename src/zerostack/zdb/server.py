@@ -12,10 +12,12 @@ import logging
 import socket
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, cast
 
+from zerostack.zdb import native
 from zerostack.zdb.commands import (
     HANDLERS,
     INTERNAL_ERROR,
@@ -41,10 +43,10 @@ TIMEOUT: Final = error("Timeout")
 NAMESPACE_GONE: Final = error("Your active namespace is not available anymore (probably removed).")
 NOT_CONFIRMED: Final = error("Write stored on the primary but not confirmed by enough replicas")
 WRITE_NAMES: Final = frozenset({b"SET", b"SETX", b"DEL"})
-# Handlers the request path compares against to call them directly (a replica's table
-# holds a refusal for SET instead, which then takes the generic call).
-_GET: Final[Handler] = cmd_get
-_SET: Final[Handler] = cmd_set
+
+
+def _no_write(data: bytes) -> None:
+    """Connection.write before the transport exists."""
 
 
 def log_event(event: str, level: int = logging.INFO, **fields: object) -> None:
@@ -97,6 +99,7 @@ class Connection(asyncio.Protocol):
         self.parser = RequestParser()
         self.session = Session(server.state)
         self.transport: asyncio.Transport | None = None
+        self.write: Callable[[bytes], object] = _no_write  # transport.write once connected
         self.peer = "-"
         # WAIT in progress: requests that arrived after it wait here, in order.
         self.waiting = False
@@ -114,6 +117,7 @@ class Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports quack like asyncio.Transport without subclassing it.
         self.transport = cast(asyncio.Transport, transport)
+        self.write = self.transport.write
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             # The reference's lack of TCP_NODELAY is what stalls its pipelined replies.
@@ -161,27 +165,38 @@ class Connection(asyncio.Protocol):
             transport = self.transport
             if request and not session.removed and transport is not None:
                 server = self.server
-                handler = server.handlers.get(request[0])
-                if handler is not None:
+                name = request[0]
+                # The two commands that carry the load are called directly.
+                handler: Handler | None = None
+                if name == b"GET" or name == b"get":
+                    direct = 1
+                elif server.writes_here and (name == b"SET" or name == b"set"):
+                    direct = 2
+                else:
+                    direct = 0
+                    handler = server.handlers.get(name)
+                if direct or handler is not None:
                     try:
-                        # The two commands that carry the load are called directly.
-                        if handler is _GET:
+                        if direct == 1:
                             reply: bytes | None = cmd_get(session, request)
-                        elif handler is _SET:
+                        elif direct == 2:
                             reply = cmd_set(session, request)
                         else:
+                            assert handler is not None
                             reply = handler(session, request)
                     except ZdbError as exc:
                         reply = refusal(exc)
                     except Exception as exc:  # a bug or an I/O failure must not kill it
                         reply = self._internal_error(request, exc)
                     if server.waiters:
-                        server.notify_waiters(self, request[0])
+                        server.notify_waiters(self, name)
                     self.state.commands_executed += 1
                     if reply is None:
                         self._later(requests, 0, None)
-                        return
-                    server.send(transport, reply)
+                    elif server._outbox or server.buffered():
+                        server.send(transport, reply)
+                    else:
+                        self.write(reply)  # server.send(), for a reply that need not wait
                     return
         self._received(requests, None)
 
@@ -388,6 +403,7 @@ class ZdbServer:
             self.role.replica.on_namespace_removed = self._namespace_removed
         self.handlers: dict[bytes, Handler] = (
             READ_ONLY_HANDLERS if self.role.is_replica else HANDLERS)
+        self.writes_here = not self.role.is_replica  # a replica refuses client writes
         # namespace name -> connections held while compaction rewrites its files
         self.held: dict[str, list[Connection]] = {}
         # namespace name -> connections blocked in WAIT on it
@@ -429,7 +445,8 @@ class ZdbServer:
         log_event("zdb.ready", namespaces=len(self.engine.namespaces), mode=cfg.engine.mode.value,
                   sync="always" if cfg.engine.sync else (
                       f"{cfg.engine.synctime}s" if cfg.engine.synctime else "os"),
-                  admin="yes" if cfg.admin_password else "no", protect=cfg.protect)
+                  admin="yes" if cfg.admin_password else "no", protect=cfg.protect,
+                  native="yes" if native.compiled() else "no")
 
     def send(self, transport: asyncio.Transport, payload: bytes | None) -> None:
         """Send a reply (None: close the connection) once the writes before it reached the OS.
@@ -442,13 +459,18 @@ class ZdbServer:
         tells replicas about the writes fsync'ed meanwhile.
         """
         outbox = self._outbox
-        if not outbox and payload is not None and not self.engine._dirty and not self._sync:
+        if not outbox and payload is not None and not self.buffered():
             transport.write(payload)
             return
         outbox.append((transport, payload))
         if not self._outbox_scheduled:
             self._outbox_scheduled = True
             asyncio.get_running_loop().call_soon(self._send_outbox)
+
+    def buffered(self) -> bool:
+        """True when a reply must wait for the end-of-pass flush: writes are buffered, or
+        --sync is on (that pass tells replicas about the writes fsync'ed meanwhile)."""
+        return self._sync or bool(self.engine._dirty)
 
     def kick(self) -> None:
         """Flush the engine (and ship to replicas) at the end of this event-loop pass."""
@@ -546,6 +568,7 @@ class ZdbServer:
 
     def _role_changed(self) -> None:
         self.handlers = READ_ONLY_HANDLERS if self.role.is_replica else HANDLERS
+        self.writes_here = not self.role.is_replica
         log_event("zdb.role", role="replica" if self.role.is_replica else "primary")
 
     def _connection_of(self, session: object) -> tuple[asyncio.Transport, str] | None:

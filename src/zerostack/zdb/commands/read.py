@@ -14,7 +14,7 @@ from zerostack.zdb.commands.rules import (
 )
 from zerostack.zdb.commands.session import Session
 from zerostack.zdb.engine import ZdbError
-from zerostack.zdb.protocol import NIL, ONE, ZERO
+from zerostack.zdb.protocol import NIL, ONE, ZERO, bulk
 
 MISSING_ARGUMENTS: Final = b"-Missing arguments\r\n"
 
@@ -42,7 +42,7 @@ def cmd_get(s: Session, args: list[bytes]) -> bytes:
         return refusal(exc)
     if value is None:
         return NIL
-    return b"$%d\r\n%b\r\n" % (len(value), value)
+    return bulk(value)
 
 
 def cmd_mget(s: Session, args: list[bytes]) -> bytes:
@@ -54,7 +54,7 @@ def cmd_mget(s: Session, args: list[bytes]) -> bytes:
     out = [b"*%d\r\n" % (len(args) - 1)]
     for key in args[1:]:
         value = get(key) if 0 < len(key) <= MAX_KEY_LENGTH else None
-        out.append(NIL if value is None else b"$%d\r\n%b\r\n" % (len(value), value))
+        out.append(NIL if value is None else bulk(value))
     return b"".join(out)
 
 

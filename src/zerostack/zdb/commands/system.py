@@ -6,6 +6,7 @@ import hmac
 import time
 
 from zerostack import __version__
+from zerostack.zdb import native
 from zerostack.zdb.commands.session import Session
 from zerostack.zdb.protocol import PONG, bulk, error
 from zerostack.zdb.replication.role import role_of
@@ -30,6 +31,7 @@ def info_text(s: Session) -> str:
         "server_name: 0-db (zdb)",
         f"server_revision: zerostack-{__version__}",
         f"engine_revision: zerostack-{__version__}",
+        f"native_build: {'yes' if native.compiled() else 'no'}",
         f"boot_time: {state.boot_time}",
         f"uptime: {now - state.boot_time}",
         "",

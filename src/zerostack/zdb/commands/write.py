@@ -16,7 +16,7 @@ from zerostack.zdb.commands.rules import (
 )
 from zerostack.zdb.commands.session import Session
 from zerostack.zdb.engine import ZdbError
-from zerostack.zdb.protocol import NIL, OK, error
+from zerostack.zdb.protocol import NIL, OK, bulk, error
 
 KEY_TOO_LARGE: Final = error("Key too large")
 
@@ -45,7 +45,7 @@ def cmd_set(s: Session, args: list[bytes]) -> bytes:
         return refusal(exc)
     if stored is None:
         return NIL
-    return b"$%d\r\n%b\r\n" % (len(stored), stored)
+    return bulk(stored)
 
 
 def cmd_del(s: Session, args: list[bytes]) -> bytes:
