@@ -1,14 +1,16 @@
 """RESP2 for Zero-DB: split a client's byte stream into requests and encode replies.
 
-Requests are arrays of bulk strings. The parser is written for the server's native build
-(see setup.py): typed, allocation-light, and checking each header as soon as it arrives,
-so an oversized argument is refused from its declared size before its bytes are buffered.
+Requests are arrays of bulk strings. Either parser checks each header as soon as it
+arrives, so an oversized argument is refused from its declared size before its bytes are
+buffered: typed code in the native build (setup.py), hiredis in the pure-Python one.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from typing import Final
+
+import hiredis
 
 MAX_ARGS: Final = 1024
 """More arguments than this in one request -> `-Too many arguments`."""
@@ -91,6 +93,15 @@ def encode_request(*args: bytes | str | int) -> bytes:
     return b"".join(out)
 
 
+def _compiled() -> bool:
+    # Functions of the native build are C functions, without a code object.
+    return not hasattr(_compiled, "__code__")
+
+
+COMPILED: Final = _compiled()
+"""True in the native build (setup.py), where this module is a compiled extension."""
+
+
 class RequestParser:
     """Incremental request parser for one connection.
 
@@ -105,9 +116,12 @@ class RequestParser:
     number of times however the stream is cut.
     """
 
-    __slots__ = ("_args", "_count", "_need", "_pending")
+    __slots__ = ("_args", "_count", "_hiredis", "_need", "_pending")
 
-    def __init__(self) -> None:
+    def __init__(self, typed: bool | None = None) -> None:
+        # Typed code parses in the native build; interpreted, hiredis is faster (None:
+        # whichever suits this build; tests run both).
+        self._hiredis = HiredisParser() if not (COMPILED if typed is None else typed) else None
         # Bytes of the unfinished header or argument at the end of the stream (None: the
         # stream ends on a boundary), and the length they must reach before parsing again.
         self._pending: bytearray | None = None
@@ -118,6 +132,8 @@ class RequestParser:
         self._count = -1
 
     def feed(self, data: bytes) -> list[list[bytes]]:
+        if self._hiredis is not None:
+            return self._hiredis.feed(data)
         pending = self._pending
         if pending is not None:
             pending += data
@@ -179,6 +195,111 @@ class RequestParser:
             self._pending = bytearray(memoryview(buf)[pos:])
             self._need = need - pos
         return requests
+
+
+class HiredisParser:
+    """RequestParser's engine in the pure-Python build, where a C parser beats typed code
+    run by the interpreter: hiredis parses. Whenever a read ends inside a token (hiredis holds unconsumed bytes),
+    the parser walks the token headers from the last known token boundary to find the
+    incomplete one and checks what it declares, so an oversized argument is refused from
+    its `$N` header before its payload is buffered. Reads ending on a token boundary, the
+    common case, cost nothing beyond hiredis.
+    """
+
+    __slots__ = ("_reader", "_window")
+
+    def __init__(self) -> None:
+        self._reader = hiredis.Reader()
+        # Stream bytes from the last known token boundary, kept while hiredis holds an
+        # incomplete token (None: the stream ends on a token boundary).
+        self._window: bytearray | None = None
+
+    def feed(self, data: bytes) -> list[list[bytes]]:
+        if not data:
+            return []
+        reader = self._reader
+        reader.feed(data)
+        requests: list[list[bytes]] = []
+        gets = reader.gets
+        try:
+            req = gets()
+        except (hiredis.ProtocolError, MemoryError):
+            # Inline commands end here: their first byte is no RESP type.
+            raise ProtocolViolation(MALFORMED, requests) from None
+        if req.__class__ is list and data[-1] == 10 and not reader.has_data() \
+                and len(req) <= MAX_ARGS:
+            # Fast path: the read held exactly one whole request (no pipelining).
+            for arg in req:
+                if arg.__class__ is not bytes:
+                    raise ProtocolViolation(MALFORMED_ARG, requests)
+            self._window = None
+            requests.append(req)
+            return requests
+        while req is not False:
+            if req.__class__ is not list:
+                # `*-1`, a bare bulk, status or integer at the top level: not a request.
+                raise ProtocolViolation(MALFORMED, requests)
+            for arg in req:
+                if arg.__class__ is not bytes:
+                    raise ProtocolViolation(MALFORMED_ARG, requests)
+            if len(req) > MAX_ARGS:
+                raise ProtocolViolation(TOO_MANY_ARGS, requests)
+            requests.append(req)
+            try:
+                req = gets()
+            except (hiredis.ProtocolError, MemoryError):
+                raise ProtocolViolation(MALFORMED, requests) from None
+        if not reader.has_data():
+            # Everything was consumed: the stream ends on a token boundary, or just after
+            # the type byte of the next token (hiredis consumes that byte first).
+            self._window = None if data[-1] == 10 else bytearray(data[-1:])
+            return requests
+        window = self._window
+        if window is None:
+            window = bytearray(data)
+        else:
+            window += data
+        start = _incomplete_token(window, requests)
+        del window[:start]
+        self._window = window or None
+        return requests
+
+
+def _incomplete_token(window: bytearray, requests: list[list[bytes]]) -> int:
+    """Walk complete tokens from window[0] (a token boundary); the offset of the incomplete
+    last token, after checking what its header declares."""
+    pos, end = 0, len(window)
+    find = window.find
+    while pos < end:
+        marker = window[pos]
+        if marker != 36 and marker != 42:  # '$' / '*': nothing else belongs in a request
+            raise ProtocolViolation(MALFORMED if marker != 43 else MALFORMED_ARG, requests)
+        eol = find(b"\r\n", pos, pos + _MAX_HEADER)
+        if eol < 0:
+            if end - pos >= _MAX_HEADER:
+                raise ProtocolViolation(MALFORMED if marker == 42 else MALFORMED_ARG, requests)
+            return pos
+        try:
+            n = int(window[pos + 1 : eol])
+        except ValueError:
+            raise ProtocolViolation(MALFORMED if marker == 42 else MALFORMED_ARG,
+                                    requests) from None
+        if marker == 42:
+            if n > MAX_ARGS:
+                raise ProtocolViolation(TOO_MANY_ARGS, requests)
+            if n < 0:
+                raise ProtocolViolation(MALFORMED, requests)
+            pos = eol + 2
+            continue
+        if n > MAX_ARG_SIZE:
+            raise ProtocolViolation(PAYLOAD_TOO_BIG, requests)
+        if n < 0:
+            raise ProtocolViolation(MALFORMED_ARG, requests)
+        following = eol + 2 + n + 2
+        if following > end:
+            return pos
+        pos = following
+    return pos
 
 
 def _header(buf: bytes, pos: int, end: int, bad: str,
