@@ -157,7 +157,7 @@ class Connection(asyncio.Protocol):
         except ProtocolViolation as exc:
             self._received(exc.requests, exc.message)
             return
-        if len(requests) == 1 and not self.waiting and not self.busy and not self.durable:
+        if len(requests) == 1 and not self.waiting and not len(self.busy) and not self.durable:
             # One request per read, the common case without pipelining: served here,
             # without process()'s batch bookkeeping. Anything unusual goes there.
             request = requests[0]

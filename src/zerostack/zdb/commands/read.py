@@ -34,7 +34,7 @@ def _key(s: Session, args: list[bytes]) -> bytes | None:
 
 
 def cmd_get(s: Session, args: list[bytes]) -> bytes:
-    if len(args) != 2 or not args[1] or len(args[1]) > MAX_KEY_LENGTH:
+    if len(args) != 2 or not 0 < len(args[1]) <= MAX_KEY_LENGTH:
         return _key(s, args) or INVALID_ARGUMENT
     try:
         value = s.ns.get(args[1])

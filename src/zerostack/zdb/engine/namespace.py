@@ -834,6 +834,7 @@ class Namespace:
             ooff = old & U32
             # _ientry() inlined for an entry on disk under its map, reading only length and
             # CRC: every overwrite (and every SET of an unchanged value) comes here.
+            ocrc: int
             mm = self._maps.get(ofid)
             if mm is not None and ooff + IENT <= len(mm) and (
                     ofid != self._index.fileid or ooff < self._index.disk_size):
@@ -967,6 +968,10 @@ class Namespace:
         ix = self._index
         d = self._data
         if fid == ix.fileid:
+            # Typed, so the native build does this arithmetic on machine integers.
+            _kl: int
+            doff: int
+            ln: int
             disk = ix.disk_size
             if ioff >= disk:
                 _kl, doff, ln = _idx_head(ix.buf, ioff - disk)
