@@ -142,8 +142,9 @@ def write_docs(results: list[Result], requests: int, date: str, load: str,
         START,
         f"Command: `.venv/bin/python -m bench.zdb_bench` runs `{command}` against",
         "`zerostack zdb` (fresh data directory, default durability: writes reach the OS before",
-        "the reply, no fsync) and against `redis-server --save \"\" --appendonly no`, in the",
-        f"same run, alternating the two servers; each figure is the best of {rounds} rounds.",
+        "the reply, no fsync), against `redis-server --save \"\" --appendonly no`, and against",
+        "the same zerostack sources without the native build (pure-Python), in the same run,",
+        f"alternating the servers; each figure is the best of {rounds} rounds.",
         "",
         f"Machine: {MACHINE} ({platform.python_implementation()} "
         f"{platform.python_version()}), shared with other test runs (load average "
