@@ -12,7 +12,6 @@ import logging
 import socket
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, cast
@@ -43,10 +42,6 @@ TIMEOUT: Final = error("Timeout")
 NAMESPACE_GONE: Final = error("Your active namespace is not available anymore (probably removed).")
 NOT_CONFIRMED: Final = error("Write stored on the primary but not confirmed by enough replicas")
 WRITE_NAMES: Final = frozenset({b"SET", b"SETX", b"DEL"})
-
-
-def _no_write(data: bytes) -> None:
-    """Connection.write before the transport exists."""
 
 
 def log_event(event: str, level: int = logging.INFO, **fields: object) -> None:
@@ -99,7 +94,6 @@ class Connection(asyncio.Protocol):
         self.parser = RequestParser()
         self.session = Session(server.state)
         self.transport: asyncio.Transport | None = None
-        self.write: Callable[[bytes], object] = _no_write  # transport.write once connected
         self.peer = "-"
         # WAIT in progress: requests that arrived after it wait here, in order.
         self.waiting = False
@@ -117,7 +111,6 @@ class Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports quack like asyncio.Transport without subclassing it.
         self.transport = cast(asyncio.Transport, transport)
-        self.write = self.transport.write
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             # The reference's lack of TCP_NODELAY is what stalls its pipelined replies.
@@ -193,10 +186,8 @@ class Connection(asyncio.Protocol):
                     self.state.commands_executed += 1
                     if reply is None:
                         self._later(requests, 0, None)
-                    elif server._outbox or server.buffered():
-                        server.send(transport, reply)
                     else:
-                        self.write(reply)  # server.send(), for a reply that need not wait
+                        server.send(transport, reply)
                     return
         self._received(requests, None)
 
@@ -412,7 +403,6 @@ class ZdbServer:
         # Replies waiting for the engine flush at the end of this event-loop pass (None: close).
         self._outbox: list[tuple[asyncio.Transport, bytes | None]] = []
         self._outbox_scheduled = False
-        self._sync = config.engine.sync
         self._stopped: asyncio.Event | None = None
         self._sync_task: asyncio.Task[None] | None = None
         self.port: int | None = None
@@ -449,28 +439,19 @@ class ZdbServer:
                   native="yes" if native.compiled() else "no")
 
     def send(self, transport: asyncio.Transport, payload: bytes | None) -> None:
-        """Send a reply (None: close the connection) once the writes before it reached the OS.
+        """Queue a reply (None: close the connection) behind one engine flush.
 
-        While the engine buffers writes, replies wait for the single engine.flush_all() at
-        the end of this event-loop pass: acknowledged writes have reached the OS, no reply
-        shows data that has not, and many clients writing at once cost one flush instead of
-        one each (group commit). With nothing buffered and nothing queued before it, a
-        reply goes out at once; under --sync every reply takes the outbox, whose pass also
-        tells replicas about the writes fsync'ed meanwhile.
+        Replies of every connection served in this event-loop pass go out after a single
+        engine.flush_all(): acknowledged writes have reached the OS, no reply shows data
+        that has not, and many clients writing at once cost one flush instead of one each
+        (group commit). Replies to reads wait for the end of the pass too: written as each
+        request is served, they wake a client per reply instead of once per pass, which
+        measured 1.7x more CPU per GET on the pure-Python build.
         """
-        outbox = self._outbox
-        if not outbox and payload is not None and not self.buffered():
-            transport.write(payload)
-            return
-        outbox.append((transport, payload))
+        self._outbox.append((transport, payload))
         if not self._outbox_scheduled:
             self._outbox_scheduled = True
             asyncio.get_running_loop().call_soon(self._send_outbox)
-
-    def buffered(self) -> bool:
-        """True when a reply must wait for the end-of-pass flush: writes are buffered, or
-        --sync is on (that pass tells replicas about the writes fsync'ed meanwhile)."""
-        return self._sync or bool(self.engine._dirty)
 
     def kick(self) -> None:
         """Flush the engine (and ship to replicas) at the end of this event-loop pass."""
