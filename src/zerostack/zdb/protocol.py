@@ -199,11 +199,13 @@ class RequestParser:
 
 class HiredisParser:
     """RequestParser's engine in the pure-Python build, where a C parser beats typed code
-    run by the interpreter: hiredis parses. Whenever a read ends inside a token (hiredis holds unconsumed bytes),
-    the parser walks the token headers from the last known token boundary to find the
-    incomplete one and checks what it declares, so an oversized argument is refused from
-    its `$N` header before its payload is buffered. Reads ending on a token boundary, the
-    common case, cost nothing beyond hiredis.
+    run by the interpreter: hiredis parses.
+
+    Whenever a read ends inside a token (hiredis holds unconsumed bytes), the parser walks
+    the token headers from the last known token boundary to find the incomplete one and
+    checks what it declares, so an oversized argument is refused from its `$N` header
+    before its payload is buffered. Reads ending on a token boundary, the common case,
+    cost nothing beyond hiredis.
     """
 
     __slots__ = ("_reader", "_window")

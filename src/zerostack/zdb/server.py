@@ -104,7 +104,6 @@ class Connection(asyncio.Protocol):
         # Shared with the server, read on every request: held here to save lookups.
         self.busy = server.role.busy
         self.durable = server.role.primary.min_replicas
-        self.loop = asyncio.get_running_loop()
 
     # -- asyncio callbacks -------------------------------------------------------------
 
