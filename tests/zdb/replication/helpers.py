@@ -12,12 +12,19 @@ from tests.zdb.conftest import ZdbProcess
 
 
 def files(server: ZdbProcess) -> dict[str, bytes]:
-    """Every file under the server's data/ and index/ directories, by relative path."""
+    """Every file under the server's data/ and index/ directories, by relative path.
+
+    The server may be working on them (a replica starting a namespace over removes and
+    recreates its files): a file gone between listing and reading is left out of this
+    snapshot, and the callers compare snapshots until they settle."""
     out: dict[str, bytes] = {}
     for kind, root in (("data", server.data), ("index", server.index)):
         for p in sorted(root.rglob("*")):
-            if p.is_file():
-                out[f"{kind}/{p.relative_to(root)}"] = p.read_bytes()
+            try:
+                if p.is_file():
+                    out[f"{kind}/{p.relative_to(root)}"] = p.read_bytes()
+            except FileNotFoundError:
+                continue
     return out
 
 
