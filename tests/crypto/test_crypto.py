@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import nacl.exceptions
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -12,6 +13,7 @@ from hypothesis import strategies as st
 from zerostack.crypto import (
     CanonicalError,
     CryptoError,
+    Domain,
     Identity,
     canonical_json,
     hash_hex,
@@ -51,12 +53,35 @@ def test_hash_ignores_key_order(value: object) -> None:
 def test_sign_and_verify() -> None:
     a, b = Identity.generate(), Identity.generate()
     msg = bytes(32)
-    sig = a.sign(msg)
-    assert verify(a.public_hex, msg, sig)
-    assert not verify(b.public_hex, msg, sig)
-    assert not verify(a.public_hex, b"\x01" + msg[1:], sig)
-    assert not verify(a.public_hex, msg, sig[:-1])
-    assert not verify("zz", msg, sig)
+    sig = a.sign(Domain.TRANSACTION, msg)
+    assert verify(Domain.TRANSACTION, a.public_hex, msg, sig)
+    assert not verify(Domain.TRANSACTION, b.public_hex, msg, sig)
+    assert not verify(Domain.TRANSACTION, a.public_hex, b"\x01" + msg[1:], sig)
+    assert not verify(Domain.TRANSACTION, a.public_hex, msg, sig[:-1])
+    assert not verify(Domain.TRANSACTION, "zz", msg, sig)
+
+
+@given(st.sampled_from(list(Domain)), st.sampled_from(list(Domain)), st.binary(max_size=64))
+def test_a_signature_verifies_in_its_own_domain_only(signed: Domain, shown: Domain,
+                                                      data: bytes) -> None:
+    key = Identity.from_seed(bytes(32))
+    sig = key.sign(signed, data)
+    assert verify(shown, key.public_hex, data, sig) == (signed == shown)
+    # and never as the bare data: no signature of zerostack's is over undecorated bytes
+    assert not nacl_verifies(key, data, sig)
+
+
+def nacl_verifies(key: Identity, data: bytes, sig: bytes) -> bool:
+    try:
+        key.signing_key.verify_key.verify(data, sig)
+    except nacl.exceptions.BadSignatureError:
+        return False
+    return True
+
+
+def test_sign_refuses_a_bare_string_domain() -> None:
+    with pytest.raises(TypeError, match="Domain"):
+        Identity.generate().sign("transaction", bytes(32))  # type: ignore[arg-type]
 
 
 def test_sealed_box_opens_only_for_its_recipient() -> None:

@@ -13,7 +13,7 @@ import redis
 from tests.conftest import ProcessGroup
 from tests.flist.hub import start_hub
 from tests.flist.image import busybox_rootfs
-from zerostack.crypto import Identity
+from zerostack.crypto import Domain, Identity
 from zerostack.flist import (
     FetchStats,
     FlistError,
@@ -160,7 +160,7 @@ def test_tampered_unsigned_and_foreign_manifests_are_refused(tmp_path: Path, hub
 
         other = Identity.generate()
         doc = orjson.loads(good)
-        doc["signature"] = other.sign(flist.manifest.hash).hex()
+        doc["signature"] = other.sign(Domain.FLIST_MANIFEST, flist.manifest.hash).hex()
         r.set(key, orjson.dumps(doc))
         with pytest.raises(FlistError, match="signature does not verify"):
             cache.fetch(h, flist.hash_hex, [ident.public_hex])

@@ -45,9 +45,9 @@ def build_log(path: Path) -> Chain:
         cid = int(w.ok(owner, "contract.create", {
             "node": node, "deployment_hash": h, "instructions": sealed(),
             "signature_requirement": requirement(owner, s1),
-            "approval": w.approval(owner, h)})["contract"])
+            "approval": w.approval(owner, h, node=node)})["contract"])
         w.ok(s1, "contract.approve", {"contract": cid, "deployment_hash": h,
-                                      "signature": w.approval(s1, h)})
+                                      "signature": w.approves(s1, cid, h)})
         w.ok(node_twin, "contract.report", {"contract": cid, "version": 1,
                                             "workloads": [{"name": "z", "state": "ok"}]})
         chain.seal()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from tests.ledger.world import GiB, World, deployment, requirement, sealed
-from zerostack.crypto import Identity
+from zerostack.crypto import Domain, Identity, hash_obj
 from zerostack.ledger.errors import Rejected
 from zerostack.ledger.state import apply, genesis
 from zerostack.ledger.tx import parse_tx, sign_tx
@@ -26,14 +26,14 @@ def create(w: World, owner: int, node: int, req: dict[str, Any], n: int = 0,
     payload = {"node": node, "deployment_hash": h, "instructions": sealed(),
                "signature_requirement": req, **extra}
     if approve:
-        payload["approval"] = w.approval(owner, h)
+        payload["approval"] = w.approval(owner, h, node=node)
     return int(w.ok(owner, "contract.create", payload)["contract"])
 
 
 def approve(w: World, twin: int, cid: int, n: int = 0, **kw: Any) -> Any:
     h = deployment(n)
     return w.send(twin, "contract.approve",
-                  {"contract": cid, "deployment_hash": h, "signature": w.approval(twin, h)}, **kw)
+                  {"contract": cid, "deployment_hash": h, "signature": w.approves(twin, cid, h)}, **kw)
 
 
 def reason(result: Any, code: str) -> str:
@@ -120,7 +120,7 @@ def test_forged_approval_is_refused() -> None:
     w, owner, s1, _, node, _ = setup()
     cid = create(w, owner, node, requirement(owner, s1))
     h = deployment(0)
-    forged = w.approval(owner, h)  # the owner's signature passed off as s1's
+    forged = w.approves(owner, cid, h)  # the owner's signature passed off as s1's
     result = w.send(s1, "contract.approve", {"contract": cid, "deployment_hash": h,
                                              "signature": forged})
     assert "does not verify" in reason(result, "bad_signature")
@@ -211,7 +211,7 @@ def test_update_needs_quorum_again_and_falls_back_on_deadline() -> None:
     assert w.state.contracts[cid].state == "approved"
     h2 = deployment(2)
     upd = {"contract": cid, "deployment_hash": h2, "instructions": sealed("v2"),
-           "approval": w.approval(owner, h2), "deadline": w.time + 100}
+           "approval": w.update_approval(owner, cid, h2), "deadline": w.time + 100}
     assert "only the owner" in reason(w.send(s1, "contract.update", upd), "unauthorized")
     w.ok(owner, "contract.update", upd)
     c = w.state.contracts[cid]
@@ -228,7 +228,7 @@ def test_update_needs_quorum_again_and_falls_back_on_deadline() -> None:
     # a second update, approved in time
     h3 = deployment(3)
     w.ok(owner, "contract.update", {**upd, "deployment_hash": h3,
-                                    "approval": w.approval(owner, h3),
+                                    "approval": w.update_approval(owner, cid, h3),
                                     "deadline": w.time + 100})
     assert approve(w, s1, cid, n=3)["state"] == "approved"
     c = w.state.contracts[cid]
@@ -241,7 +241,7 @@ def test_update_cannot_drop_stakeholders() -> None:
     approve(w, s1, cid)
     h2 = deployment(2)
     w.ok(owner, "contract.update", {"contract": cid, "deployment_hash": h2,
-                                    "instructions": sealed(), "approval": w.approval(owner, h2),
+                                    "instructions": sealed(), "approval": w.update_approval(owner, cid, h2),
                                     "signature_requirement": requirement(owner)})
     c = w.state.contracts[cid]
     assert c.pending, "the active requirement (s1 required) must also hold"
@@ -286,3 +286,16 @@ def test_unknown_references() -> None:
         "signature_requirement": requirement(owner, weight_required=5)}), "invalid")
     assert "contract 42" in reason(w.send(owner, "contract.cancel", {"contract": 42}),
                                    "not_found")
+
+
+def test_a_signature_of_another_kind_is_no_transaction() -> None:
+    """A stakeholder's key signing the transaction hash in any domain but `transaction`
+    (an approval, a manifest...) does not make a transaction of theirs."""
+    w, _, s1, _, _, _ = setup()
+    body = {"type": "name.register", "sender": s1, "nonce": w.nonces[s1],
+            "payload": {"name": "stolen"}}
+    digest = hash_obj(body)
+    for domain in (Domain.APPROVAL, Domain.DELETE_VOTE, Domain.FLIST_MANIFEST):
+        forged = {**body, "signature": w.keys[s1].sign(domain, digest).hex()}
+        assert "does not verify" in reason(w.apply_tx(parse_tx(forged)), "bad_signature")
+    assert "stolen" not in w.state.names

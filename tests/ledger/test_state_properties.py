@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.ledger.world import World, deployment, sealed
-from zerostack.crypto import CanonicalError, Identity, verify
+from zerostack.crypto import CanonicalError, Domain, Identity, approval_digest, verify
 from zerostack.ledger.errors import HTTP_STATUS, LedgerRejected, Rejected
 from zerostack.ledger.state import (
     CONTRACT_STATES,
@@ -78,7 +78,7 @@ def run(w: World, users: list[int], nodes: list[tuple[int, int]], step: tuple[An
             "capacity": {"cru": cap}, "deadline": w.time + deadline,
         }
         if approve:
-            payload["approval"] = w.approval(owner, h)
+            payload["approval"] = w.approval(owner, h, node=nodes[n][0])
         if with_delete:
             payload["delete_requirement"] = {"requests": [{"twin": t} for t in req_twins],
                                              "weight_required": 1}
@@ -96,7 +96,7 @@ def run(w: World, users: list[int], nodes: list[tuple[int, int]], step: tuple[An
             h = deployment(999)
         signer = users[0] if how == "forged" and twin != users[0] else twin
         w.send(twin, "contract.approve", {"contract": cid, "deployment_hash": h,
-                                          "signature": w.approval(signer, h)})
+                                          "signature": w.approves(twin, cid, h, signer)})
     elif kind == "update":
         _, o, ci, n, approve, deadline = step
         cid = pick(ci)
@@ -106,7 +106,7 @@ def run(w: World, users: list[int], nodes: list[tuple[int, int]], step: tuple[An
         payload = {"contract": cid, "deployment_hash": h, "instructions": sealed("u"),
                    "deadline": w.time + deadline, "capacity": {"cru": n}}
         if approve:
-            payload["approval"] = w.approval(owner, h)
+            payload["approval"] = w.update_approval(owner, cid, h)
         w.send(owner, "contract.update", payload)
     elif kind == "cancel":
         _, who, ci = step
@@ -174,7 +174,12 @@ def check(w: World, finals: dict[int, str]) -> None:
                 continue
             for twin_id, sig in version.approvals.items():
                 key = s.twins[twin_id].public_key
-                assert verify(key, bytes.fromhex(version.deployment_hash), bytes.fromhex(sig))
+                # an approval binds the contract (0 for the owner's, made at create),
+                # the version and the node
+                bound = [approval_digest(cid, version.version, c.node, version.deployment_hash)]
+                if twin_id == c.owner and version.version == 1:
+                    bound.append(approval_digest(0, 1, c.node, version.deployment_hash))
+                assert any(verify(Domain.APPROVAL, key, d, bytes.fromhex(sig)) for d in bound)
         if c.active is not None:
             assert c.active.requirement.with_owner(c.owner).holds(c.active.approvals.keys())
         waiting = c.pending and c.state not in FINAL_STATES and c.state != "cancelled"

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from zerostack.crypto import Identity, hash_obj, verify
+from zerostack.crypto import Domain, Identity, hash_obj, verify
 from zerostack.ledger.errors import LedgerRejected
 from zerostack.ledger.tx import MAX_INSTRUCTIONS, parse_tx, sign_tx, tx_hash
 
@@ -31,7 +31,8 @@ def test_sign_and_parse_round_trip() -> None:
     assert tx.hash == hash_obj({"type": "name.register", "sender": 3, "nonce": 5,
                                 "payload": {"name": "web"}})
     assert tx.hash_hex == tx_hash(wire)
-    assert verify(KEY.public_hex, tx.hash, tx.signature)
+    assert verify(Domain.TRANSACTION, KEY.public_hex, tx.hash, tx.signature)
+    assert not verify(Domain.APPROVAL, KEY.public_hex, tx.hash, tx.signature)
     assert tx.to_wire() == wire
     assert tx.payload.name == "web"
 

@@ -8,7 +8,7 @@ from typing import Any
 from zerostack.crypto import Identity, hash_hex
 from zerostack.ledger.errors import Rejected
 from zerostack.ledger.state import Receipt, State, apply_with_receipt, genesis, tick
-from zerostack.ledger.tx import Tx, parse_tx, sign_deployment, sign_tx
+from zerostack.ledger.tx import Tx, parse_tx, sign_approval, sign_tx
 
 GiB = 1 << 30
 
@@ -74,8 +74,24 @@ class World:
         })
         return int(receipt["node"]), twin
 
-    def approval(self, twin: int, deployment_hash: str) -> str:
-        return sign_deployment(self.keys[twin], deployment_hash)
+    def approval(self, twin: int, deployment_hash: str, *, node: int, contract: int = 0,
+                 version: int = 1) -> str:
+        """`twin`'s approval of a deployment: contract 0 is the one a create makes."""
+        return sign_approval(self.keys[twin], contract, version, node, deployment_hash)
+
+    def approves(self, twin: int, cid: int, deployment_hash: str,
+                 signer: int | None = None) -> str:
+        """An approval of contract `cid`'s pending version, as the state has it."""
+        c = self.state.contracts.get(cid)
+        version, node = (c.proposal.version, c.node) if c is not None else (1, 0)
+        return self.approval(twin if signer is None else signer, deployment_hash, node=node,
+                             contract=cid, version=version)
+
+    def update_approval(self, twin: int, cid: int, deployment_hash: str) -> str:
+        """The owner's approval riding on a `contract.update` of `cid`."""
+        c = self.state.contracts.get(cid)
+        version, node = (c.proposal.version + 1, c.node) if c is not None else (2, 0)
+        return self.approval(twin, deployment_hash, node=node, contract=cid, version=version)
 
 
 def deployment(n: int = 0) -> str:

@@ -22,7 +22,7 @@ from tests.node.harness import Grid
 from zerostack.bot import build_deployment
 from zerostack.crypto import Identity, canonical_json, hash_hex, seal_to
 from zerostack.ledger import LedgerRejected
-from zerostack.ledger.tx import sign_deployment, sign_tx
+from zerostack.ledger.tx import sign_approval, sign_tx
 from zerostack.node.provisioners.volume import mounted_at
 
 
@@ -196,7 +196,7 @@ def test_bad_contracts_are_refused_and_others_keep_running(procs: ProcessGroup,
     nonce = grid.client.next_nonce(other_twin)
     with pytest.raises(LedgerRejected, match="does not verify"):
         grid.client.submit(sign_tx(other, "contract.approve", other_twin, nonce, {
-            "contract": cid, "deployment_hash": h, "signature": sign_deployment(forger, h)}))
+            "contract": cid, "deployment_hash": h, "signature": sign_approval(forger, cid, 1, node, h)}))
     assert grid.client.contract(cid)["state"] == "created"
     # 4. more than the node has
     refused(raw_contract(grid, owner, twin, node, dep_dict(twin, [zdb_wl("huge", size=1 << 60)])),

@@ -21,7 +21,7 @@ from starlette.routing import Route
 from tests.conftest import ProcessGroup, free_port, wait_for_port
 from tests.node.harness import Grid
 from tests.node.test_agent_e2e import namespaces, open_ns
-from zerostack.crypto import Identity
+from zerostack.crypto import Domain, Identity, approval_digest
 
 Tamper = Callable[[dict[str, Any]], dict[str, Any]]
 
@@ -71,7 +71,7 @@ def test_forged_approvals_from_a_lying_ledger_are_refused(procs: ProcessGroup,
             return c
         h = c["deployment_hash"]
         approvals = {**c["approvals"],
-                     str(holder_twin): attacker.sign(bytes.fromhex(h)).hex()}
+                     str(holder_twin): attacker.sign(Domain.APPROVAL, approval_digest(c["id"], c["version"], c["node"], h)).hex()}
         active = {k: c[k] for k in ("version", "deployment_hash", "instructions",
                                     "signature_requirement", "capacity", "deadline")}
         return {**c, "state": "approved", "pending": False, "approvals": approvals,
@@ -96,7 +96,7 @@ def test_forged_approvals_from_a_lying_ledger_are_refused(procs: ProcessGroup,
         while "does not verify" not in node_view().get("message", ""):
             assert time.monotonic() < deadline, grid.log_tail("node")
             time.sleep(0.1)
-        assert f"signature of twin {holder_twin} does not verify" in node_view()["message"]
+        assert f"approval of twin {holder_twin} does not verify" in node_view()["message"]
         assert namespaces(zport, data) == set()
         # the real approval arrives: judged again, provisioned
         grid.client.approve(holder, cid, dep.hash())

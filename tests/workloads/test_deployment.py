@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from zerostack.crypto import Identity
+from zerostack.crypto import Domain, Identity
 from zerostack.workloads import (
     Deployment,
     WorkloadError,
@@ -121,23 +121,50 @@ def test_multisig_two_of_three() -> None:
     ids = {t: Identity.generate() for t in (1, 2, 3)}
     keys = {t: i.public_hex for t, i in ids.items()}
     d = dep([zdb("db")], requests=[{"twin": 2, "weight": 1}, {"twin": 3, "weight": 1}], weight=2)
-    sig = {1: d.sign(ids[1])}
+    where = {"contract": 7, "version": 2, "node": 5}
+
+    def approve(t: int, dd: Deployment = d) -> str:
+        return dd.approve(ids[t], **where)
+
+    sig = {1: approve(1)}
     with pytest.raises(WorkloadError, match="below the required 2"):
-        d.verify_signatures(sig, keys)
-    sig[3] = d.sign(ids[3])
-    assert d.verify_signatures(sig, keys) == {1, 3}
+        d.verify_signatures(sig, keys, **where)
+    sig[3] = approve(3)
+    assert d.verify_signatures(sig, keys, **where) == {1, 3}
     # the owner is always required, whatever the weights say
     with pytest.raises(WorkloadError, match=r"twin\(s\) 1"):
-        d.verify_signatures({2: d.sign(ids[2]), 3: d.sign(ids[3])}, keys)
+        d.verify_signatures({2: approve(2), 3: approve(3)}, keys, **where)
     # a forged signature (someone else's key) is refused outright
     forged = dict(sig)
-    forged[3] = d.sign(ids[2])
+    forged[3] = approve(2)
     with pytest.raises(WorkloadError, match="twin 3 does not verify"):
-        d.verify_signatures(forged, keys)
+        d.verify_signatures(forged, keys, **where)
     # a signature over another deployment does not count
     other = d.model_copy(update={"version": 1})
     with pytest.raises(WorkloadError, match="does not verify"):
-        other.verify_signatures(sig, keys)
+        other.verify_signatures(sig, keys, **where)
+    # nor one for another contract, version or node
+    for field in where:
+        moved = {**where, field: where[field] + 1}
+        with pytest.raises(WorkloadError, match="does not verify"):
+            d.verify_signatures(sig, keys, **moved)
+
+
+def test_approval_is_no_other_kind_of_signature() -> None:
+    owner = Identity.generate()
+    d = dep([zdb("db")])
+    h = bytes.fromhex(d.hash())
+    keys = {1: owner.public_hex}
+    where = {"contract": 3, "version": 1, "node": 2}
+    # the same key's signature over the bare hash, or in another domain, is no approval
+    for domain in (Domain.TRANSACTION, Domain.DEPLOYMENT, Domain.FLIST_MANIFEST):
+        with pytest.raises(WorkloadError, match="does not verify"):
+            d.verify_signatures({1: owner.sign(domain, h).hex()}, keys, **where)
+    # an owner's approval made before the contract had an id counts for version 1 only
+    early = d.approve(owner, 0, 1, 2)
+    assert d.verify_signatures({1: early}, keys, **where) == {1}
+    with pytest.raises(WorkloadError, match="does not verify"):
+        d.verify_signatures({1: d.approve(owner, 0, 2, 2)}, keys, **{**where, "version": 2})
 
 
 @given(deployments, deployments)

@@ -129,7 +129,7 @@ class ThreeBot:
             delete_requirement=None if delete_req is None else delete_req.model_dump(),
             deadline=deadline,
             capacity=total_resources(deployment.workloads).to_dict(),
-            approval=deployment.sign(self.identity),
+            approval=deployment.approve(self.identity, 0, 1, node),
             metadata=deployment.metadata[:1024],
         )
 
@@ -144,7 +144,8 @@ class ThreeBot:
             self._sealed_for(int(c["node"]), deployment),
             signature_requirement=deployment.signature_requirement.model_dump(),
             capacity=total_resources(deployment.workloads).to_dict(),
-            approval=deployment.sign(self.identity),
+            version=int(c["version"]) + 1,
+            node=int(c["node"]),
         )
         return dict(result["receipt"])
 
@@ -156,7 +157,8 @@ class ThreeBot:
         if expect_hash is not None and expect_hash != h:
             raise BotError(f"contract {cid} carries deployment {h}, not the expected "
                            f"{expect_hash}: refusing to sign")
-        return dict(self.ledger.approve(self.identity, cid, h)["receipt"])
+        return dict(self.ledger.approve(self.identity, cid, h, version=int(c["version"]),
+                                        node=int(c["node"]))["receipt"])
 
     @_as_bot_error
     def cancel(self, cid: int) -> dict[str, Any]:

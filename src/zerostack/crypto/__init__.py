@@ -1,6 +1,7 @@
 """Identities and hashing: ed25519 keys, canonical JSON, blake2b-256, sealed boxes, key files."""
 
 from zerostack.crypto.canonical import CanonicalError, canonical_json, hash_hex, hash_obj
+from zerostack.crypto.domains import Domain, approval_digest, delete_vote_digest
 from zerostack.crypto.identity import (
     CryptoError,
     Identity,
@@ -15,8 +16,11 @@ from zerostack.crypto.identity import (
 __all__ = [
     "CanonicalError",
     "CryptoError",
+    "Domain",
     "Identity",
+    "approval_digest",
     "canonical_json",
+    "delete_vote_digest",
     "hash_hex",
     "hash_obj",
     "load_identity",

@@ -11,6 +11,8 @@ import nacl.exceptions
 import nacl.public
 import nacl.signing
 
+from zerostack.crypto.domains import Domain, signed_message
+
 
 class CryptoError(Exception):
     """A key, signature or sealed box that is malformed or does not verify."""
@@ -40,9 +42,10 @@ class Identity:
     def public_hex(self) -> str:
         return self.public_key.hex()
 
-    def sign(self, message: bytes) -> bytes:
-        """Detached 64-byte signature over `message` (in zerostack: a 32-byte hash)."""
-        return self.signing_key.sign(message).signature
+    def sign(self, domain: Domain, data: bytes) -> bytes:
+        """Detached 64-byte signature over `data` (a 32-byte hash) in `domain`: the
+        signature says what kind of message it is and verifies as no other kind."""
+        return self.signing_key.sign(signed_message(domain, data)).signature
 
     def open_sealed(self, box: bytes) -> bytes:
         """Open a sealed box addressed to this identity."""
@@ -59,10 +62,11 @@ def public_key_from_hex(public_hex: str) -> nacl.signing.VerifyKey:
     return nacl.signing.VerifyKey(raw)
 
 
-def verify(public_hex: str, message: bytes, signature: bytes) -> bool:
-    """True when `signature` is `public_hex`'s signature over `message`."""
+def verify(domain: Domain, public_hex: str, data: bytes, signature: bytes) -> bool:
+    """True when `signature` is `public_hex`'s signature over `data` in `domain`."""
     if len(signature) != 64:
         return False
+    message = signed_message(domain, data)
     try:
         public_key_from_hex(public_hex).verify(message, signature)
     except (nacl.exceptions.BadSignatureError, CryptoError, nacl.exceptions.ValueError):

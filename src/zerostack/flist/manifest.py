@@ -15,7 +15,7 @@ from typing import Any, Literal
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from zerostack.crypto import Identity, canonical_json, hash_obj, verify
+from zerostack.crypto import Domain, Identity, canonical_json, hash_obj, verify
 
 FORMAT = "zerostack-flist/1"
 CHUNK_SIZE = 1024 * 1024
@@ -187,14 +187,14 @@ class SignedFlist:
     @classmethod
     def sign(cls, manifest: Manifest, identity: Identity) -> SignedFlist:
         manifest.check()
-        return cls(manifest, identity.public_hex, identity.sign(manifest.hash))
+        return cls(manifest, identity.public_hex, identity.sign(Domain.FLIST_MANIFEST, manifest.hash))
 
     @property
     def hash_hex(self) -> str:
         return self.manifest.hash_hex
 
     def signature_ok(self) -> bool:
-        return verify(self.publisher, self.manifest.hash, self.signature)
+        return verify(Domain.FLIST_MANIFEST, self.publisher, self.manifest.hash, self.signature)
 
     def verify(self, allowed_publishers: set[str] | frozenset[str] | None = None) -> None:
         """Raise FlistError unless the signature is valid (and, if given, by an allowed key)."""

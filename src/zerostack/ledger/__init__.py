@@ -21,7 +21,7 @@ from zerostack.ledger.state import (
     tick,
 )
 from zerostack.ledger.store import BlockLog, SqliteLog
-from zerostack.ledger.tx import PAYLOADS, TX_TYPES, Tx, parse_tx, sign_deployment, sign_tx, tx_hash
+from zerostack.ledger.tx import PAYLOADS, TX_TYPES, Tx, parse_tx, sign_approval, sign_tx, tx_hash
 
 __all__ = [
     "APPROVED",
@@ -53,7 +53,7 @@ __all__ = [
     "genesis",
     "parse_tx",
     "replay",
-    "sign_deployment",
+    "sign_approval",
     "sign_tx",
     "tick",
     "tx_hash",

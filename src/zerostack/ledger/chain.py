@@ -17,7 +17,7 @@ from typing import Any
 
 import orjson
 
-from zerostack.crypto import canonical_json, verify
+from zerostack.crypto import Domain, canonical_json, verify
 from zerostack.ledger.block import GENESIS_HASH, Block, tx_root
 from zerostack.ledger.errors import LedgerError, LedgerRejected, Rejected
 from zerostack.ledger.state import (
@@ -162,7 +162,7 @@ def _verify_in(pool: ThreadPoolExecutor, state: State, txs: list[Tx]) -> list[bo
 
     def check(i: int) -> bool:
         key = keys[i]
-        return key is not None and verify(key, txs[i].hash, txs[i].signature)
+        return key is not None and verify(Domain.TRANSACTION, key, txs[i].hash, txs[i].signature)
 
     return list(pool.map(check, range(len(txs)), chunksize=64))
 

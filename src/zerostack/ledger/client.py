@@ -20,7 +20,7 @@ import orjson
 
 from zerostack.crypto import Identity
 from zerostack.ledger.errors import LedgerError, LedgerRejected
-from zerostack.ledger.tx import sign_deployment, sign_tx
+from zerostack.ledger.tx import sign_approval, sign_tx
 
 T = TypeVar("T")
 NONCE_RETRIES = 3
@@ -378,20 +378,32 @@ class LedgerClient(_Queries[Obj | None, list[Obj], Obj]):
                         *, approve: bool = True, **kw: Any) -> int:
         """Create a contract; with `approve`, the owner's approval travels with it."""
         if approve:
-            kw.setdefault("approval", sign_deployment(identity, deployment_hash))
+            kw.setdefault("approval", sign_approval(identity, 0, 1, node, deployment_hash))
         payload = contract_payload(node, deployment_hash, instructions, signature_requirement, **kw)
         return int(self.send(identity, "contract.create", payload)["receipt"]["contract"])
 
-    def approve(self, identity: Identity, contract: int, deployment_hash: str) -> dict[str, Any]:
-        payload = {"contract": contract, "deployment_hash": deployment_hash,
-                   "signature": sign_deployment(identity, deployment_hash)}
+    def approve(self, identity: Identity, contract: int, deployment_hash: str, *,
+                version: int | None = None, node: int | None = None) -> dict[str, Any]:
+        """Approve `deployment_hash` as `version` of `contract` on `node` (the signature
+        binds all four, so it counts for nothing else; missing ones are read from the
+        contract: a wrong answer only makes the approval fail)."""
+        if version is None or node is None:
+            c = self.contract(contract)
+            if c is None:
+                raise LedgerError(f"contract {contract} does not exist", code="not_found",
+                                  status=404)
+            version, node = int(c["version"]), int(c["node"])
+        sig = sign_approval(identity, contract, version, node, deployment_hash)
+        payload = {"contract": contract, "deployment_hash": deployment_hash, "signature": sig}
         return self.send(identity, "contract.approve", payload)
 
     def update_contract(self, identity: Identity, contract: int, deployment_hash: str,
-                        instructions: str, *, approve: bool = True,
-                        **kw: Any) -> dict[str, Any]:
+                        instructions: str, *, version: int, node: int,
+                        approve: bool = True, **kw: Any) -> dict[str, Any]:
+        """Propose `deployment_hash` as `version` (the current one + 1) of `contract`."""
         if approve:
-            kw.setdefault("approval", sign_deployment(identity, deployment_hash))
+            kw.setdefault("approval", sign_approval(identity, contract, version, node,
+                                                    deployment_hash))
         payload = _drop_none({"contract": contract, "deployment_hash": deployment_hash,
                               "instructions": instructions, **kw})
         return self.send(identity, "contract.update", payload)
@@ -621,21 +633,32 @@ class AsyncLedgerClient(_Queries[Awaitable[Obj | None], Awaitable[list[Obj]],
                               instructions: str, signature_requirement: dict[str, Any],
                               *, approve: bool = True, **kw: Any) -> int:
         if approve:
-            kw.setdefault("approval", sign_deployment(identity, deployment_hash))
+            kw.setdefault("approval", sign_approval(identity, 0, 1, node, deployment_hash))
         payload = contract_payload(node, deployment_hash, instructions, signature_requirement, **kw)
         return int((await self.send(identity, "contract.create", payload))["receipt"]["contract"])
 
-    async def approve(self, identity: Identity, contract: int,
-                      deployment_hash: str) -> dict[str, Any]:
-        payload = {"contract": contract, "deployment_hash": deployment_hash,
-                   "signature": sign_deployment(identity, deployment_hash)}
+    async def approve(self, identity: Identity, contract: int, deployment_hash: str, *,
+                      version: int | None = None, node: int | None = None) -> dict[str, Any]:
+        """Approve `deployment_hash` as `version` of `contract` on `node` (the signature
+        binds all four, so it counts for nothing else; missing ones are read from the
+        contract: a wrong answer only makes the approval fail)."""
+        if version is None or node is None:
+            c = await self.contract(contract)
+            if c is None:
+                raise LedgerError(f"contract {contract} does not exist", code="not_found",
+                                  status=404)
+            version, node = int(c["version"]), int(c["node"])
+        sig = sign_approval(identity, contract, version, node, deployment_hash)
+        payload = {"contract": contract, "deployment_hash": deployment_hash, "signature": sig}
         return await self.send(identity, "contract.approve", payload)
 
     async def update_contract(self, identity: Identity, contract: int, deployment_hash: str,
-                              instructions: str, *, approve: bool = True,
-                              **kw: Any) -> dict[str, Any]:
+                              instructions: str, *, version: int, node: int,
+                              approve: bool = True, **kw: Any) -> dict[str, Any]:
+        """Propose `deployment_hash` as `version` (the current one + 1) of `contract`."""
         if approve:
-            kw.setdefault("approval", sign_deployment(identity, deployment_hash))
+            kw.setdefault("approval", sign_approval(identity, contract, version, node,
+                                                    deployment_hash))
         payload = _drop_none({"contract": contract, "deployment_hash": deployment_hash,
                               "instructions": instructions, **kw})
         return await self.send(identity, "contract.update", payload)

@@ -20,7 +20,7 @@ from typing import Any
 
 import orjson
 
-from zerostack.crypto import verify
+from zerostack.crypto import Domain, verify
 from zerostack.ledger.block import Block
 from zerostack.ledger.chain import Chain
 from zerostack.ledger.errors import HTTP_STATUS, LedgerError, LedgerRejected, Rejected
@@ -306,7 +306,7 @@ def _decode_body(body: bytes, limit: int) -> Any:
 
 def _verify_chunk(txs: list[Tx], keys: list[str | None]) -> list[bool | None]:
     return [
-        None if key is None else verify(key, tx.hash, tx.signature)
+        None if key is None else verify(Domain.TRANSACTION, key, tx.hash, tx.signature)
         for tx, key in zip(txs, keys, strict=True)
     ]
 

@@ -15,7 +15,14 @@ from typing import Any, ClassVar, TypeVar
 import orjson
 from immutables import Map
 
-from zerostack.crypto import QuorumError, SignatureRequirement, hash_hex, verify
+from zerostack.crypto import (
+    Domain,
+    QuorumError,
+    SignatureRequirement,
+    approval_digest,
+    hash_hex,
+    verify,
+)
 from zerostack.ledger import tx as t
 from zerostack.ledger.errors import Rejected
 
@@ -414,7 +421,7 @@ def _sender(state: State, tx: t.Tx, verified: bool) -> Twin:
     twin = state.twins.get(tx.sender)
     if twin is None:
         raise _Refuse("not_found", f"sender twin {tx.sender} is not registered")
-    if not verified and not verify(twin.public_key, tx.hash, tx.signature):
+    if not verified and not verify(Domain.TRANSACTION, twin.public_key, tx.hash, tx.signature):
         raise _Refuse("bad_signature", f"signature does not verify with twin {twin.id}'s key")
     if tx.nonce != twin.nonce:
         if tx.nonce < twin.nonce:
@@ -439,7 +446,7 @@ def _twin_register(
     key = tx.sender
     if not isinstance(key, str):
         raise _Refuse("invalid", "twin.register is sent by the new twin's public key (hex)")
-    if not verified and not verify(key, tx.hash, tx.signature):
+    if not verified and not verify(Domain.TRANSACTION, key, tx.hash, tx.signature):
         raise _Refuse("bad_signature", "signature does not verify with the sender's public key")
     existing = state.twin_by_key.get(key)
     if existing is not None:
@@ -579,23 +586,29 @@ def _deadline(requested: int | None, time: int) -> int:
     return requested
 
 
-def _check_approval(state: State, twin_id: int, deployment_hash: str, signature: str) -> None:
+def _check_approval(state: State, twin_id: int, where: tuple[int, int, int],
+                    deployment_hash: str, signature: str) -> None:
+    """`signature` is twin `twin_id`'s approval of `deployment_hash` as (contract, version,
+    node) `where`: an approval of anything else, or a signature of another kind, fails."""
     twin = state.twins.get(twin_id)
     if twin is None:
         raise _Refuse("not_found", f"twin {twin_id} is not registered")
-    if not verify(twin.public_key, bytes.fromhex(deployment_hash), bytes.fromhex(signature)):
+    digest = approval_digest(*where, deployment_hash)
+    if not verify(Domain.APPROVAL, twin.public_key, digest, bytes.fromhex(signature)):
+        contract, version, node = where
         raise _Refuse(
             "bad_signature",
-            f"approval signature does not verify with twin {twin_id}'s key over {deployment_hash}",
+            f"approval signature of twin {twin_id} does not verify as an approval of "
+            f"{deployment_hash} for contract {contract} version {version} on node {node}",
         )
 
 
-def _owner_approval(state: State, twin_id: int, deployment_hash: str,
-                    signature: str | None) -> Map[int, str]:
+def _owner_approval(state: State, twin_id: int, where: tuple[int, int, int],
+                    deployment_hash: str, signature: str | None) -> Map[int, str]:
     """The approvals a new version starts with: the sender's, when it signed along."""
     if signature is None:
         return Map()
-    _check_approval(state, twin_id, deployment_hash, signature)
+    _check_approval(state, twin_id, where, deployment_hash, signature)
     return Map({twin_id: signature})
 
 
@@ -658,7 +671,8 @@ def _contract_create(state: State, tx: t.Tx, twin: Twin, time: int) -> tuple[Sta
         _requirement(p.delete_requirement, "delete_requirement") if p.delete_requirement else None
     )
     _check_stakeholders(state, requirement, delete_req)
-    approvals = _owner_approval(state, twin.id, p.deployment_hash, p.approval)
+    # contract 0 in the owner's approval: the id is assigned by this very transaction
+    approvals = _owner_approval(state, twin.id, (0, 1, p.node), p.deployment_hash, p.approval)
     cid = state.last_contract + 1
     version = Version(
         1,
@@ -712,7 +726,8 @@ def _contract_approve(state: State, tx: t.Tx, twin: Twin, time: int) -> tuple[St
     if twin.id in c.proposal.approvals:
         raise _Refuse("conflict", f"twin {twin.id} already approved contract {c.id} version "
                       f"{c.proposal.version}")
-    _check_approval(state, twin.id, p.deployment_hash, p.signature)
+    _check_approval(state, twin.id, (c.id, c.proposal.version, c.node), p.deployment_hash,
+                    p.signature)
     proposal = _replace(c.proposal, approvals=c.proposal.approvals.set(twin.id, p.signature))
     state = _settle(state, _replace(c, proposal=proposal, updated=time), time)
     return state, _receipt(state.contracts[c.id])
@@ -730,7 +745,8 @@ def _contract_update(state: State, tx: t.Tx, twin: Twin, time: int) -> tuple[Sta
         else c.proposal.requirement
     )
     _check_stakeholders(state, requirement)
-    approvals = _owner_approval(state, twin.id, p.deployment_hash, p.approval)
+    approvals = _owner_approval(state, twin.id, (c.id, c.proposal.version + 1, c.node),
+                                p.deployment_hash, p.approval)
     capacity = Capacity.of(p.capacity) if p.capacity is not None else c.proposal.capacity
     proposal = Version(
         c.proposal.version + 1,

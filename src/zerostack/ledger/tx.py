@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from zerostack.crypto import CanonicalError, Identity, hash_obj
+from zerostack.crypto import CanonicalError, Domain, Identity, approval_digest, hash_obj
 from zerostack.crypto.canonical import hash_bytes
 from zerostack.ledger.errors import HTTP_STATUS, LedgerRejected
 
@@ -314,10 +314,13 @@ def sign_tx(
 ) -> dict[str, Any]:
     """Build a wire transaction signed by `identity` (the sender's key)."""
     body = tx_body(ttype, sender, nonce, payload)
-    body["signature"] = identity.sign(hash_obj(body)).hex()
+    body["signature"] = identity.sign(Domain.TRANSACTION, hash_obj(body)).hex()
     return body
 
 
-def sign_deployment(identity: Identity, deployment_hash: str) -> str:
-    """A stakeholder's approval: the signature (hex) over the raw 32-byte deployment hash."""
-    return identity.sign(bytes.fromhex(deployment_hash)).hex()
+def sign_approval(identity: Identity, contract: int, version: int, node: int,
+                  deployment_hash: str) -> str:
+    """A stakeholder's approval (hex): consent to run `deployment_hash` as `version` of
+    `contract` on `node` (contract 0: the contract this `contract.create` makes)."""
+    digest = approval_digest(contract, version, node, deployment_hash)
+    return identity.sign(Domain.APPROVAL, digest).hex()

@@ -367,7 +367,8 @@ class NodeAgent:
         approvals = {int(k): v for k, v in (active.get("approvals") or {}).items()}
         keys = {t: await self.link.twin_key(t) for t in approvals}
         try:
-            signed = dep.verify_signatures(approvals, keys)
+            signed = dep.verify_signatures(approvals, keys, contract=cid,
+                                           version=int(active["version"]), node=self.node_id)
             if previous is not None:
                 diff(previous, dep)
                 why = previous.requirement().missing(signed)

@@ -9,7 +9,16 @@ from typing import Any
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from zerostack.crypto import Identity, QuorumError, SignatureRequirement, hash_hex, hash_obj, verify
+from zerostack.crypto import (
+    Domain,
+    Identity,
+    QuorumError,
+    SignatureRequirement,
+    approval_digest,
+    hash_hex,
+    hash_obj,
+    verify,
+)
 from zerostack.workloads.types import ContainerWorkload, Spec, Workload
 
 
@@ -130,23 +139,33 @@ class Deployment(Spec):
             return None
         return self.delete_requirement.to_requirement().with_owner(self.twin_id)
 
-    def sign(self, identity: Identity) -> str:
-        """A stakeholder's signature over the deployment hash, hex-encoded."""
-        return identity.sign(self.hash_bytes()).hex()
+    def approve(self, identity: Identity, contract: int, version: int, node: int) -> str:
+        """A stakeholder's approval (hex) of this deployment as `version` of `contract` on
+        `node`; contract 0 is the owner's approval inside `contract.create`."""
+        digest = approval_digest(contract, version, node, self.hash())
+        return identity.sign(Domain.APPROVAL, digest).hex()
 
     def verify_signatures(
         self,
         signatures: Mapping[int, str],
         twin_keys: Mapping[int, str],
+        *,
+        contract: int,
+        version: int,
+        node: int,
         requirement: SignatureRequirement | None = None,
     ) -> set[int]:
-        """Check every signature against the twin's key and the quorum itself.
+        """Check every approval against the twin's key and the quorum itself.
 
-        Returns the twins whose signatures verify. Raises WorkloadError when any signature
-        is forged or the quorum does not hold: a node acts on neither.
+        An approval counts only for this deployment as `version` of `contract` on `node`
+        (the owner's approval of version 1 may name contract 0: it was signed before the
+        contract had an id). Returns the twins whose approvals verify. Raises WorkloadError
+        when any signature is forged or the quorum does not hold: a node acts on neither.
         """
         req = requirement or self.requirement()
-        digest = self.hash_bytes()
+        h = self.hash()
+        digest = approval_digest(contract, version, node, h)
+        owner_digest = approval_digest(0, 1, node, h) if version == 1 else None
         valid: set[int] = set()
         for twin, sig_hex in sorted(signatures.items()):
             key = twin_keys.get(twin)
@@ -156,10 +175,14 @@ class Deployment(Spec):
                 sig = bytes.fromhex(sig_hex)
             except ValueError as exc:
                 raise WorkloadError(f"signature of twin {twin} is not hex") from exc
-            if not verify(key, digest, sig):
+            ok = verify(Domain.APPROVAL, key, digest, sig) or (
+                twin == self.twin_id and owner_digest is not None
+                and verify(Domain.APPROVAL, key, owner_digest, sig))
+            if not ok:
                 raise WorkloadError(
-                    f"signature of twin {twin} does not verify against deployment hash "
-                    f"{self.hash()[:16]}…: forged or for another deployment"
+                    f"approval of twin {twin} does not verify for deployment {h[:16]}… as "
+                    f"version {version} of contract {contract} on node {node}: forged, or "
+                    "signed for another deployment, contract, version or node"
                 )
             valid.add(twin)
         why = req.missing(valid)

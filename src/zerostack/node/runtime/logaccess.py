@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from zerostack.crypto import Identity, canonical_json, seal_to, verify
+from zerostack.crypto import Domain, Identity, canonical_json, seal_to, verify
 from zerostack.crypto.canonical import hash_bytes
 from zerostack.node.runtime.logs import read_logs
 from zerostack.node.runtime.spec import ContainerError
@@ -54,7 +54,7 @@ class LogRequest:
 def sign_log_request(identity: Identity, contract: int, workload: str, tail: int = 200) -> LogRequest:
     """Build and sign a log request as `identity`."""
     req = LogRequest(contract, workload, tail, int(time.time()), identity.public_hex)
-    return LogRequest(**{**req.body(), "signature": identity.sign(req.digest()).hex()})
+    return LogRequest(**{**req.body(), "signature": identity.sign(Domain.LOG_REQUEST, req.digest()).hex()})
 
 
 def answer_log_request(request: LogRequest, owner_key: str, log_dir: Path,
@@ -67,7 +67,7 @@ def answer_log_request(request: LogRequest, owner_key: str, log_dir: Path,
         sig = bytes.fromhex(request.signature)
     except ValueError:
         sig = b""
-    if not verify(owner_key, request.digest(), sig):
+    if not verify(Domain.LOG_REQUEST, owner_key, request.digest(), sig):
         raise ContainerError("log request signature does not verify")
     if abs((now or time.time()) - request.timestamp) > REQUEST_MAX_AGE:
         raise ContainerError("log request is too old (or the clocks disagree): sign a new one")
