@@ -104,11 +104,12 @@ def percentile(values: list[float], p: float) -> float:
 
 def approve_until_ok(client: Any, holder: Any, cid: int, deployment_hash: str,
                      timeout: float = 30.0) -> float:
-    """Submit the approval that completes contract `cid`'s quorum and follow the ledger's
-    events until the node reports every workload `ok`; returns the seconds that took."""
+    """As the stakeholder's 3Bot `holder` does it (open the sealed deployment, check it,
+    sign), submit the approval that completes contract `cid`'s quorum, and follow the
+    ledger's events until the node reports every workload `ok`; returns the seconds."""
     since = int(client.head()["height"])
     t0 = time.perf_counter()
-    client.approve(holder, cid, deployment_hash)
+    holder.approve(cid, deployment_hash)
     while True:
         ev = client.events(since, timeout=timeout, contract=cid, type="contract.report")
         since = int(ev["next"])

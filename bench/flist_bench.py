@@ -188,7 +188,7 @@ def bench_contract(tmp: Path, hub: str, contracts: int) -> dict[str, Any]:
     through a real ledger and node agent, image already in the node's cache."""
     from tests.flist.image import busybox_rootfs
 
-    from zerostack.bot import ThreeBot, build_deployment
+    from zerostack.bot import ThreeBot
     from zerostack.ledger import LedgerClient
     from zerostack.node.runtime import ContainerRuntime
 
@@ -222,7 +222,8 @@ def bench_contract(tmp: Path, hub: str, contracts: int) -> dict[str, Any]:
         farmer, owner, holder = Identity.generate(), Identity.generate(), Identity.generate()
         client.register_twin(farmer)
         farm = client.create_farm(farmer, "flistbench")
-        owner_twin, holder_twin = client.register_twin(owner), client.register_twin(holder)
+        client.register_twin(owner)
+        holder_twin = client.register_twin(holder)
         nlog = open(tmp / "node.log", "wb")  # noqa: SIM115
         procs.append(subprocess.Popen(
             [*cli, "node", "run", "--ledger", url, "--farm", str(farm), "--data",
@@ -230,19 +231,21 @@ def bench_contract(tmp: Path, hub: str, contracts: int) -> dict[str, Any]:
             stdout=nlog, stderr=nlog, start_new_session=True))
         node = wait_node(client, farm, timeout=60)
         bot = ThreeBot(url, owner)
+        holder_bot = ThreeBot(url, holder)
         latencies: list[float] = []
         for i in range(contracts + 1):  # the first one warms the image cache
-            dep = build_deployment({"workloads": [{
+            dep = bot.build({"workloads": [{
                 "type": "container", "name": "app", "flist": f"{hub}/{flist.hash_hex}",
                 "publishers": [publisher.public_hex], "memory": "32M",
                 "args": ["trap 'exit 0' TERM; sleep 1000 & wait"]}]},
-                owner_twin, [f"{holder_twin}:1:required"], None)
+                [f"{holder_twin}:1:required"], None)
             cid = bot.deploy(dep, node)
-            took = approve_until_ok(client, holder, cid, dep.hash(), timeout=30)
+            took = approve_until_ok(client, holder_bot, cid, dep.hash(), timeout=30)
             if i:
                 latencies.append(took)
             client.cancel(owner, cid)
         bot.close()
+        holder_bot.close()
         client.close()
     finally:
         for p in procs:

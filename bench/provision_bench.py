@@ -37,7 +37,7 @@ from bench.common import (
     wait_port,
     zerostack_cli,
 )
-from zerostack.bot import ThreeBot, build_deployment
+from zerostack.bot import ThreeBot
 from zerostack.crypto import Identity
 from zerostack.ledger import LedgerClient
 
@@ -55,7 +55,7 @@ def run(contracts: int) -> dict[str, Any]:
         farmer, owner, holder = Identity.generate(), Identity.generate(), Identity.generate()
         client.register_twin(farmer)
         farm = client.create_farm(farmer, "bench")
-        owner_twin = client.register_twin(owner)
+        client.register_twin(owner)
         holder_twin = client.register_twin(holder)
         procs.append(spawn(
             [*zerostack_cli(), "node", "run", "--ledger", url, "--farm", str(farm),
@@ -68,6 +68,7 @@ def run(contracts: int) -> dict[str, Any]:
             raise RuntimeError("node Zero-DB did not start:\n"
                                + (tmp / "node.log").read_text()[-2000:]) from None
         bot = ThreeBot(url, owner)
+        holder_bot = ThreeBot(url, holder)
 
         # reference 1: one bare transaction's round trip (a heartbeat-like no-op: a name)
         tx_times = []
@@ -78,12 +79,12 @@ def run(contracts: int) -> dict[str, Any]:
 
         latencies = []
         for i in range(contracts):
-            dep = build_deployment(
+            dep = bot.build(
                 {"workloads": [{"type": "zdb", "name": "db", "size": "16M",
                                 "password": f"pw{i}"}]},
-                owner_twin, [f"{holder_twin}:1:required"], None)
+                [f"{holder_twin}:1:required"], None)
             cid = bot.deploy(dep, node)
-            latencies.append(approve_until_ok(client, holder, cid, dep.hash(), timeout=10))
+            latencies.append(approve_until_ok(client, holder_bot, cid, dep.hash(), timeout=10))
 
         # reference 2: the same namespace operations straight to the node's Zero-DB
         admin = (tmp / "node" / "zdb-admin.secret").read_text().strip()
@@ -100,6 +101,7 @@ def run(contracts: int) -> dict[str, Any]:
             direct.append(time.perf_counter() - t0)
         r.close()
         bot.close()
+        holder_bot.close()
         client.close()
         p50, p99 = percentile(latencies, 50), percentile(latencies, 99)
         return {

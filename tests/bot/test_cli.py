@@ -41,7 +41,16 @@ def test_deploy_with_a_stakeholder_approve_status_cancel(procs: ProcessGroup,
     assert "zerostack approve" in out and f"twin(s) {bob_twin}" in out
     cid = int(out.split("contract ")[1].split()[0])
 
-    out = zs(home, grid.url, "approve", str(cid), "-i", "bob").stdout
+    # without a terminal to confirm on, bob sees what he would sign and nothing is signed
+    shown = zs(home, grid.url, "approve", str(cid), "-i", "bob", ok=False)
+    assert shown.returncode != 0 and "--yes" in shown.stderr
+    assert "zdb sessions" in shown.stdout and f"signer twin {bob_twin}" in shown.stdout
+    assert grid.client.contract(cid)["state"] == "created"
+    summary = json.loads(zs(home, grid.url, "approve", str(cid), "-i", "bob", "--json",
+                            ok=False).stdout)
+    assert summary["hash"] == grid.client.contract(cid)["deployment_hash"]
+    assert [w["name"] for w in summary["workloads"]] == ["sessions"]
+    out = zs(home, grid.url, "approve", str(cid), "-i", "bob", "--yes").stdout
     assert f"approved contract {cid}" in out
     grid.wait_contract(cid, {"deployed"})
     out = zs(home, grid.url, "status", str(cid), "-i", "alice").stdout

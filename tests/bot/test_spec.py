@@ -3,11 +3,23 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.conftest import REPO
-from zerostack.bot import BotError, build_deployment, load_deployment_file, parse_stakeholder
+from zerostack.bot import BotError, load_deployment_file, parse_stakeholder
+from zerostack.bot import build_deployment as build_with_keys
+from zerostack.workloads import Deployment
+
+
+def key(twin: int) -> str:
+    return f"{twin:064x}"
+
+
+def build_deployment(data: dict[str, Any], owner: int, stakeholders: list[str],
+                     weight_required: int | None) -> Deployment:
+    return build_with_keys(data, owner, stakeholders, weight_required, key_of=key)
 
 
 def test_examples_parse() -> None:
@@ -52,3 +64,20 @@ def test_bad_files_say_what_is_wrong(tmp_path: Path) -> None:
         build_deployment({"twin_id": 3, "workloads": []}, 1, [], None)
     with pytest.raises(BotError, match="exceeds the total weight"):
         build_deployment({"workloads": []}, 1, ["2:1"], 5)
+
+
+def test_every_signer_is_named_by_its_key() -> None:
+    data = {"workloads": [], "signature_requirement": {
+        "requests": [{"twin": 2, "weight": 1}], "weight_required": 1}}
+    dep = build_deployment(data, 1, [], None)
+    assert dep.requirement().keys() == {1: key(1), 2: key(2)}
+    assert dep.owner_key == key(1)
+    # a key written in the file must be the twin's key
+    data["signature_requirement"]["requests"][0]["key"] = key(3)
+    with pytest.raises(BotError, match="twin 2 is listed with key"):
+        build_deployment(data, 1, [], None)
+
+
+def test_two_builds_of_one_file_differ() -> None:
+    data = {"workloads": [{"type": "zdb", "name": "db", "size": "1M"}]}
+    assert build_deployment(data, 1, [], None).hash() != build_deployment(data, 1, [], None).hash()

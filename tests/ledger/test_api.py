@@ -18,7 +18,7 @@ import orjson
 import pytest
 
 from tests.conftest import ProcessGroup, free_port, wait_for_port, zerostack_cmd
-from tests.ledger.world import GiB, deployment, requirement, sealed
+from tests.ledger.world import GiB, hashes, requirement, sealed
 from zerostack.crypto import Identity
 from zerostack.ledger import AsyncLedgerClient, LedgerClient, LedgerError, LedgerRejected, sign_tx
 
@@ -65,14 +65,23 @@ def grid(client: LedgerClient) -> dict[str, Any]:
     return {"ids": ids, "twins": twins, "farm": farm, "node": node}
 
 
+def contract(client: LedgerClient, g: dict[str, Any], n: int, *others: str,
+             weight_required: int | None = None, **kw: Any) -> tuple[int, str]:
+    """The owner creates contract `n` of grid `g` with `others` as stakeholders."""
+    keys = {g["twins"][name]: ident.public_hex for name, ident in g["ids"].items()}
+    req = requirement(keys, g["twins"]["owner"], *(g["twins"][o] for o in others),
+                      weight_required=weight_required)
+    ids = hashes(n, req)
+    cid = client.create_contract(g["ids"]["owner"], g["node"], ids["deployment_hash"],
+                                 sealed(), req, body_hash=ids["body_hash"], **kw)
+    return cid, ids["deployment_hash"]
+
+
 def test_contract_flow_through_the_client(client: LedgerClient) -> None:
     g = grid(client)
     ids, twins = g["ids"], g["twins"]
     assert client.register_twin(ids["owner"]) == twins["owner"]  # idempotent
-    h = deployment(1)
-    req = requirement(twins["owner"], twins["s1"], twins["s2"], weight_required=2)
-    cid = client.create_contract(ids["owner"], g["node"], h, sealed(), req,
-                                 capacity={"mru": 2 * GiB})
+    cid, h = contract(client, g, 1, "s1", "s2", weight_required=2, capacity={"mru": 2 * GiB})
     assert client.contract(cid)["state"] == "created"  # type: ignore[index]
     assert client.contracts(node=g["node"], state="created")[0]["id"] == cid
     assert client.contracts(node=g["node"], state="approved,deployed") == []
@@ -134,9 +143,7 @@ def test_bad_input_is_refused_precisely_and_changes_nothing(server: Server,
                                  {"name": "ok"})), 409, "out of order")
     refused(b'{"pad": "' + b"x" * 200_000 + b'"}', 413, "limit")
     # unauthorised: a stakeholder who is not the owner cancels
-    h = deployment(7)
-    cid = client.create_contract(ids["owner"], g["node"], h, sealed(),
-                                 requirement(owner, twins["s1"]))
+    cid, h = contract(client, g, 7, "s1")
     with pytest.raises(LedgerRejected) as info:
         client.cancel(ids["s1"], cid)
     assert info.value.status == 403 and "only the owner" in str(info.value)
@@ -216,8 +223,10 @@ def test_async_client(server: Server) -> None:
             farm = await c.create_farm(a, "async-farm")
             node = await c.register_node(n, farm, {"cru": 1}, "FR")
             await c.heartbeat(n, used={"cru": 1}, uptime=3)
-            h = deployment(9)
-            cid = await c.create_contract(a, node, h, sealed(), requirement(owner))
+            req = requirement({owner: a.public_hex}, owner)
+            ids = hashes(9, req)
+            cid = await c.create_contract(a, node, ids["deployment_hash"], sealed(), req,
+                                          body_hash=ids["body_hash"])
             contract = await c.wait_contract(cid, {"approved"}, timeout=5)
             assert contract["owner"] == owner
             # concurrent sends from one identity keep their nonces in order
@@ -264,9 +273,8 @@ def test_restart_keeps_state_and_verify_detects_edits(procs: ProcessGroup,
 
 def test_deadline_expires_without_other_traffic(client: LedgerClient) -> None:
     g = grid(client)
-    ids, twins = g["ids"], g["twins"]
-    cid = client.create_contract(ids["owner"], g["node"], deployment(11), sealed(),
-                                 requirement(twins["owner"], twins["s1"]),
+    ids = g["ids"]
+    cid, h = contract(client, g, 11, "s1",
                                  # 2 s: the block that takes the contract may be
                                  # stamped in the next second, and a deadline must
                                  # lie after its block's time
@@ -277,14 +285,13 @@ def test_deadline_expires_without_other_traffic(client: LedgerClient) -> None:
     assert c["active"] is None
     assert client.node(g["node"])["reserved"]["cru"] == 0  # type: ignore[index]
     with pytest.raises(LedgerRejected) as info:
-        client.approve(ids["s1"], cid, deployment(11))
+        client.approve(ids["s1"], cid, h)
     assert "expired" in str(info.value)
 
 
 def test_cli_queries(server: Server, client: LedgerClient) -> None:
     g = grid(client)
-    cid = client.create_contract(g["ids"]["owner"], g["node"], deployment(12), sealed(),
-                                 requirement(g["twins"]["owner"]))
+    cid, _ = contract(client, g, 12)
 
     def cli(*args: str) -> Any:
         out = subprocess.run([*zerostack_cmd(), "ledger", *args, "--ledger", server.url,

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.ledger.world import World, deployment, requirement, sealed
+from tests.ledger.world import World, hashes, requirement, sealed
 from zerostack.ledger.chain import BadBlock, Chain, replay, verify_log
 from zerostack.ledger.errors import Rejected
 from zerostack.ledger.store import SqliteLog
@@ -41,10 +41,11 @@ def build_log(path: Path) -> Chain:
     for i in range(BLOCKS - 1):
         clock[0] += 1
         w.time = int(clock[0])
-        h = deployment(i)
+        req = requirement(w, owner, s1)
+        ids = hashes(i, req)
+        h = ids["deployment_hash"]
         cid = int(w.ok(owner, "contract.create", {
-            "node": node, "deployment_hash": h, "instructions": sealed(),
-            "signature_requirement": requirement(owner, s1),
+            "node": node, **ids, "instructions": sealed(), "signature_requirement": req,
             "approval": w.approval(owner, h, node=node)})["contract"])
         w.ok(s1, "contract.approve", {"contract": cid, "deployment_hash": h,
                                       "signature": w.approves(s1, cid, h)})

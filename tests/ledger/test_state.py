@@ -4,9 +4,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from tests.ledger.world import GiB, World, deployment, requirement, sealed
+import pytest
+
+from tests.ledger.world import (
+    GiB,
+    World,
+    cancel_vote,
+    deployment,
+    hashes,
+    requirement,
+    sealed,
+)
 from zerostack.crypto import Domain, Identity, hash_obj
-from zerostack.ledger.errors import Rejected
+from zerostack.ledger.errors import LedgerRejected, Rejected
 from zerostack.ledger.state import apply, genesis
 from zerostack.ledger.tx import parse_tx, sign_tx
 
@@ -22,18 +32,35 @@ def setup() -> tuple[World, int, int, int, int, int]:
 
 def create(w: World, owner: int, node: int, req: dict[str, Any], n: int = 0,
            approve: bool = True, **extra: Any) -> int:
-    h = deployment(n)
-    payload = {"node": node, "deployment_hash": h, "instructions": sealed(),
-               "signature_requirement": req, **extra}
+    ids = hashes(n, req, extra.get("delete_requirement"))
+    payload = {"node": node, **ids, "instructions": sealed(), "signature_requirement": req,
+               **extra}
     if approve:
-        payload["approval"] = w.approval(owner, h, node=node)
+        payload["approval"] = w.approval(owner, ids["deployment_hash"], node=node)
     return int(w.ok(owner, "contract.create", payload)["contract"])
 
 
-def approve(w: World, twin: int, cid: int, n: int = 0, **kw: Any) -> Any:
-    h = deployment(n)
+def approve(w: World, twin: int, cid: int, h: str | None = None, **kw: Any) -> Any:
+    """`twin` approves contract `cid`'s pending version (or the hash `h` instead)."""
+    c = w.state.contracts.get(cid)
+    if h is None:
+        h = c.proposal.deployment_hash if c is not None else deployment(0)
     return w.send(twin, "contract.approve",
                   {"contract": cid, "deployment_hash": h, "signature": w.approves(twin, cid, h)}, **kw)
+
+
+def update(w: World, owner: int, cid: int, n: int, req: dict[str, Any] | None = None,
+           **extra: Any) -> dict[str, Any]:
+    """A contract.update payload for body `n`, approved by `owner`."""
+    c = w.state.contracts[cid]
+    current = c.proposal.requirement.to_dict()
+    delete = c.delete_requirement.to_dict() if c.delete_requirement else None
+    ids = hashes(n, req or current, delete)
+    payload = {"contract": cid, **ids, "instructions": sealed(f"v{n}"),
+               "approval": w.update_approval(owner, cid, ids["deployment_hash"]), **extra}
+    if req is not None:
+        payload["signature_requirement"] = req
+    return payload
 
 
 def reason(result: Any, code: str) -> str:
@@ -94,12 +121,12 @@ def test_node_register_update_heartbeat() -> None:
 
 def test_quorum_two_of_three() -> None:
     w, owner, s1, s2, node, _ = setup()
-    cid = create(w, owner, node, requirement(owner, s1, s2, weight_required=2))
+    cid = create(w, owner, node, requirement(w, owner, s1, s2, weight_required=2))
     # owner (required, weight 1) signed with create: 1 of 2 so far
     assert w.state.contracts[cid].state == "created"
     stranger = w.twin()
     assert "not a stakeholder" in reason(approve(w, stranger, cid), "unauthorized")
-    assert "deployment" in reason(approve(w, s1, cid, n=1), "state")
+    assert "deployment" in reason(approve(w, s1, cid, deployment(1)), "state")
     receipt = approve(w, s1, cid)
     assert receipt["state"] == "approved"
     c = w.state.contracts[cid]
@@ -109,7 +136,7 @@ def test_quorum_two_of_three() -> None:
 
 def test_owner_is_always_required() -> None:
     w, owner, s1, s2, node, _ = setup()
-    cid = create(w, owner, node, requirement(s1, s2, weight_required=2), approve=False)
+    cid = create(w, owner, node, requirement(w, owner, s1, s2, weight_required=2), approve=False)
     approve(w, s1, cid)
     approve(w, s2, cid)
     assert w.state.contracts[cid].state == "created"
@@ -118,8 +145,8 @@ def test_owner_is_always_required() -> None:
 
 def test_forged_approval_is_refused() -> None:
     w, owner, s1, _, node, _ = setup()
-    cid = create(w, owner, node, requirement(owner, s1))
-    h = deployment(0)
+    cid = create(w, owner, node, requirement(w, owner, s1))
+    h = w.state.contracts[cid].proposal.deployment_hash
     forged = w.approves(owner, cid, h)  # the owner's signature passed off as s1's
     result = w.send(s1, "contract.approve", {"contract": cid, "deployment_hash": h,
                                              "signature": forged})
@@ -132,7 +159,7 @@ def test_report_only_by_the_contract_node_and_transitions() -> None:
     w, owner, _s1, _, node, node_twin = setup()
     other_node, other_twin = w.node(w.farm(owner, "f2"))
     assert other_node != node
-    cid = create(w, owner, node, requirement(owner))
+    cid = create(w, owner, node, requirement(w, owner))
     assert w.state.contracts[cid].state == "approved"
     report = {"contract": cid, "version": 1, "workloads": [{"name": "db", "state": "init"}]}
     assert "only node" in reason(w.send(other_twin, "contract.report", report), "unauthorized")
@@ -149,20 +176,21 @@ def test_report_only_by_the_contract_node_and_transitions() -> None:
 
 def test_report_before_approval_is_refused() -> None:
     w, owner, s1, _, node, node_twin = setup()
-    cid = create(w, owner, node, requirement(owner, s1))
+    cid = create(w, owner, node, requirement(w, owner, s1))
     result = w.send(node_twin, "contract.report", {"contract": cid, "version": 1})
     assert "no approved version" in reason(result, "state")
 
 
 def test_only_owner_cancels_then_node_deletes() -> None:
     w, owner, s1, _, node, node_twin = setup()
-    cid = create(w, owner, node, requirement(owner, s1, weight_required=1),
+    cid = create(w, owner, node, requirement(w, owner, s1, weight_required=1),
                  capacity={"mru": 2 * GiB})
     assert w.state.nodes[node].reserved.mru == 2 * GiB
-    assert "only the owner" in reason(w.send(s1, "contract.cancel", {"contract": cid}),
+    assert "only the owner" in reason(w.send(s1, "contract.cancel", cancel_vote(w, s1, cid)),
                                       "unauthorized")
-    assert w.ok(owner, "contract.cancel", {"contract": cid})["state"] == "cancelled"
-    assert "cancelled" in reason(w.send(owner, "contract.cancel", {"contract": cid}), "state")
+    assert w.ok(owner, "contract.cancel", cancel_vote(w, owner, cid))["state"] == "cancelled"
+    assert "cancelled" in reason(w.send(owner, "contract.cancel", cancel_vote(w, owner, cid)),
+                                 "state")
     assert "cancelled" in reason(approve(w, s1, cid), "state")
     assert w.state.nodes[node].reserved.mru == 2 * GiB  # still held until the node frees it
     gone = {"contract": cid, "version": 1, "workloads": [{"name": "db", "state": "deleted"}]}
@@ -173,45 +201,61 @@ def test_only_owner_cancels_then_node_deletes() -> None:
 
 def test_cancel_before_approval_deletes_at_once() -> None:
     w, owner, s1, _, node, _ = setup()
-    cid = create(w, owner, node, requirement(owner, s1))
-    assert w.ok(owner, "contract.cancel", {"contract": cid})["state"] == "deleted"
+    cid = create(w, owner, node, requirement(w, owner, s1))
+    assert w.ok(owner, "contract.cancel", cancel_vote(w, owner, cid))["state"] == "deleted"
     assert cid not in w.state.deadlines
 
 
 def test_delete_requirement_needs_its_quorum() -> None:
     w, owner, s1, s2, node, _ = setup()
-    cid = create(w, owner, node, requirement(owner),
-                 delete_requirement=requirement(s1, s2, weight_required=2))
-    assert "delete requirement" in reason(w.send(owner, "contract.cancel", {"contract": cid}),
-                                          "unauthorized")
-    assert w.ok(s1, "contract.cancel", {"contract": cid})["state"] == "approved"
-    assert "already voted" in reason(w.send(s1, "contract.cancel", {"contract": cid}),
+    cid = create(w, owner, node, requirement(w, owner),
+                 delete_requirement=requirement(w, owner, s1, s2, weight_required=2))
+    stranger = w.twin()
+    assert "delete requirement" in reason(
+        w.send(stranger, "contract.cancel", cancel_vote(w, stranger, cid)), "unauthorized")
+    assert w.ok(s1, "contract.cancel", cancel_vote(w, s1, cid))["state"] == "approved"
+    assert "already voted" in reason(w.send(s1, "contract.cancel", cancel_vote(w, s1, cid)),
                                      "conflict")
-    assert w.ok(s2, "contract.cancel", {"contract": cid})["state"] == "cancelled"
+    # weight 2 is there, but the owner (always required) has not voted
+    assert w.ok(s2, "contract.cancel", cancel_vote(w, s2, cid))["state"] == "approved"
+    assert w.ok(owner, "contract.cancel", cancel_vote(w, owner, cid))["state"] == "cancelled"
+    votes = w.state.contracts[cid].to_dict()["cancel_votes"]
+    assert sorted(votes) == sorted(str(t) for t in (owner, s1, s2))
+
+
+def test_a_cancel_vote_must_be_signed_for_this_contract() -> None:
+    w, owner, _, _, node, _ = setup()
+    cid = create(w, owner, node, requirement(w, owner))
+    other = create(w, owner, node, requirement(w, owner), n=1)
+    wrong = cancel_vote(w, owner, other)
+    result = w.send(owner, "contract.cancel", {**wrong, "contract": cid})
+    assert "does not verify" in reason(result, "bad_signature")
+    with pytest.raises(LedgerRejected, match="signature: Field required"):
+        w.send(owner, "contract.cancel", {"contract": cid})
+    assert w.state.contracts[cid].state == "approved"
 
 
 def test_deadline_expires_unapproved_contract() -> None:
     w, owner, s1, _, node, _ = setup()
-    cid = create(w, owner, node, requirement(owner, s1), deadline=w.time + 60,
+    cid = create(w, owner, node, requirement(w, owner, s1), deadline=w.time + 60,
                  capacity={"cru": 2})
     assert w.state.nodes[node].reserved.cru == 2
     w.time += 61
     assert "expired" in reason(approve(w, s1, cid), "state")
     assert w.state.contracts[cid].state == "expired"
     assert w.state.nodes[node].reserved.cru == 0
+    req = requirement(w, owner)
     assert "not after" in reason(w.send(owner, "contract.create", {
-        "node": node, "deployment_hash": deployment(3), "instructions": sealed(),
-        "signature_requirement": requirement(owner), "deadline": w.time}), "invalid")
+        "node": node, **hashes(3, req), "instructions": sealed(),
+        "signature_requirement": req, "deadline": w.time}), "invalid")
 
 
 def test_update_needs_quorum_again_and_falls_back_on_deadline() -> None:
     w, owner, s1, _, node, node_twin = setup()
-    cid = create(w, owner, node, requirement(owner, s1))
+    cid = create(w, owner, node, requirement(w, owner, s1))
     approve(w, s1, cid)
     assert w.state.contracts[cid].state == "approved"
-    h2 = deployment(2)
-    upd = {"contract": cid, "deployment_hash": h2, "instructions": sealed("v2"),
-           "approval": w.update_approval(owner, cid, h2), "deadline": w.time + 100}
+    upd = update(w, owner, cid, 2, deadline=w.time + 100)
     assert "only the owner" in reason(w.send(s1, "contract.update", upd), "unauthorized")
     w.ok(owner, "contract.update", upd)
     c = w.state.contracts[cid]
@@ -226,26 +270,22 @@ def test_update_needs_quorum_again_and_falls_back_on_deadline() -> None:
     c = w.state.contracts[cid]
     assert not c.pending and c.proposal.version == 1 and c.state == "deployed"
     # a second update, approved in time
-    h3 = deployment(3)
-    w.ok(owner, "contract.update", {**upd, "deployment_hash": h3,
-                                    "approval": w.update_approval(owner, cid, h3),
-                                    "deadline": w.time + 100})
-    assert approve(w, s1, cid, n=3)["state"] == "approved"
+    upd3 = update(w, owner, cid, 3, deadline=w.time + 100)
+    h3 = upd3["deployment_hash"]
+    w.ok(owner, "contract.update", upd3)
+    assert approve(w, s1, cid)["state"] == "approved"
     c = w.state.contracts[cid]
     assert c.active is not None and c.active.deployment_hash == h3 and c.report is None
 
 
 def test_update_cannot_drop_stakeholders() -> None:
     w, owner, s1, _, node, _ = setup()
-    cid = create(w, owner, node, requirement(owner, s1, required=(s1,)))
+    cid = create(w, owner, node, requirement(w, owner, s1, required=(s1,)))
     approve(w, s1, cid)
-    h2 = deployment(2)
-    w.ok(owner, "contract.update", {"contract": cid, "deployment_hash": h2,
-                                    "instructions": sealed(), "approval": w.update_approval(owner, cid, h2),
-                                    "signature_requirement": requirement(owner)})
+    w.ok(owner, "contract.update", update(w, owner, cid, 2, requirement(w, owner)))
     c = w.state.contracts[cid]
     assert c.pending, "the active requirement (s1 required) must also hold"
-    assert approve(w, s1, cid, n=2)["state"] == "approved"
+    assert approve(w, s1, cid)["state"] == "approved"
 
 
 def test_templates_are_content_addressed() -> None:
@@ -275,17 +315,47 @@ def test_names() -> None:
 
 def test_unknown_references() -> None:
     w, owner, _, _, node, _ = setup()
-    assert "node 99" in reason(w.send(owner, "contract.create", {
-        "node": 99, "deployment_hash": deployment(), "instructions": sealed(),
-        "signature_requirement": requirement(owner)}), "not_found")
-    assert "stakeholder twin 99" in reason(w.send(owner, "contract.create", {
-        "node": node, "deployment_hash": deployment(), "instructions": sealed(),
-        "signature_requirement": requirement(owner, 99)}), "not_found")
-    assert "exceeds" in reason(w.send(owner, "contract.create", {
-        "node": node, "deployment_hash": deployment(), "instructions": sealed(),
-        "signature_requirement": requirement(owner, weight_required=5)}), "invalid")
-    assert "contract 42" in reason(w.send(owner, "contract.cancel", {"contract": 42}),
+
+    def contract(node: int, req: dict[str, Any]) -> dict[str, Any]:
+        return {"node": node, **hashes(0, req), "instructions": sealed(),
+                "signature_requirement": req}
+
+    assert "node 99" in reason(w.send(owner, "contract.create", contract(
+        99, requirement(w, owner))), "not_found")
+    assert "stakeholder twin 99" in reason(w.send(owner, "contract.create", contract(
+        node, requirement(w, owner, 99))), "not_found")
+    assert "exceeds" in reason(w.send(owner, "contract.create", contract(
+        node, requirement(w, owner, weight_required=5))), "invalid")
+    assert "contract 42" in reason(w.send(owner, "contract.cancel", cancel_vote(w, owner, 42)),
                                    "not_found")
+
+
+def test_the_ledger_enforces_exactly_the_signed_requirements() -> None:
+    """The deployment hash is derived from the requirements: a contract whose requirement
+    differs from the one inside the signed deployment is refused, so it cannot be marked
+    approved while the node refuses it."""
+    w, owner, s1, s2, node, _ = setup()
+    signed = requirement(w, owner, s1, required=(s1,))
+    ledger = requirement(w, owner, s2)  # what a careless or hostile owner sends instead
+    ids = hashes(0, signed)
+    result = w.send(owner, "contract.create", {"node": node, **ids, "instructions": sealed(),
+                                               "signature_requirement": ledger})
+    assert "is not the hash of its body" in reason(result, "invalid")
+    # a stakeholder listed with another key than its own is refused too
+    forged = requirement(w, owner, s1)
+    forged["requests"][1]["key"] = w.keys[s2].public_hex
+    result = w.send(owner, "contract.create", {"node": node, **hashes(0, forged),
+                                               "instructions": sealed(),
+                                               "signature_requirement": forged})
+    assert f"stakeholder twin {s1} is listed with key" in reason(result, "invalid")
+    # and a requirement without the owner as a required signer
+    no_owner = requirement(w, owner, s1)
+    no_owner["requests"][0]["required"] = False
+    result = w.send(owner, "contract.create", {"node": node, **hashes(0, no_owner),
+                                               "instructions": sealed(),
+                                               "signature_requirement": no_owner})
+    assert "must be listed as a required signer" in reason(result, "invalid")
+    assert not w.state.contracts
 
 
 def test_a_signature_of_another_kind_is_no_transaction() -> None:

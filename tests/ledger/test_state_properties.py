@@ -7,8 +7,17 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.ledger.world import World, deployment, sealed
-from zerostack.crypto import CanonicalError, Domain, Identity, approval_digest, verify
+from tests.ledger.world import World, cancel_vote, deployment, hashes, requirement, sealed
+from zerostack.crypto import (
+    CanonicalError,
+    Domain,
+    Identity,
+    SignatureRequest,
+    SignatureRequirement,
+    approval_digest,
+    delete_vote_digest,
+    verify,
+)
 from zerostack.ledger.errors import HTTP_STATUS, LedgerRejected, Rejected
 from zerostack.ledger.state import (
     CONTRACT_STATES,
@@ -69,19 +78,19 @@ def run(w: World, users: list[int], nodes: list[tuple[int, int]], step: tuple[An
     if kind == "create":
         _, o, n, signers, wr, approve, cap, deadline, with_delete = step
         owner = users[o]
-        req_twins = sorted({users[i] for i in signers} | {owner})
-        h = deployment(len(w.accepted))
+        others = sorted({users[i] for i in signers} - {owner})
+        req = requirement(w, owner, *others, weight_required=min(wr, 1 + len(others)))
+        delete = requirement(w, owner, *others, weight_required=1) if with_delete else None
+        ids = hashes(len(w.accepted), req, delete)
         payload: dict[str, Any] = {
-            "node": nodes[n][0], "deployment_hash": h, "instructions": sealed(),
-            "signature_requirement": {"requests": [{"twin": t} for t in req_twins],
-                                      "weight_required": min(wr, len(req_twins))},
+            "node": nodes[n][0], **ids, "instructions": sealed(),
+            "signature_requirement": req,
             "capacity": {"cru": cap}, "deadline": w.time + deadline,
         }
         if approve:
-            payload["approval"] = w.approval(owner, h, node=nodes[n][0])
-        if with_delete:
-            payload["delete_requirement"] = {"requests": [{"twin": t} for t in req_twins],
-                                             "weight_required": 1}
+            payload["approval"] = w.approval(owner, ids["deployment_hash"], node=nodes[n][0])
+        if delete is not None:
+            payload["delete_requirement"] = delete
         w.send(owner, "contract.create", payload)
     elif kind == "approve":
         _, who, ci, how = step
@@ -89,7 +98,7 @@ def run(w: World, users: list[int], nodes: list[tuple[int, int]], step: tuple[An
         c = w.state.contracts.get(cid)
         twin = everyone[who % len(everyone)]
         if how == "stakeholder" and c is not None:
-            signers = sorted(c.proposal.requirement.with_owner(c.owner).twins)
+            signers = sorted(c.proposal.requirement.twins)
             twin = signers[who % len(signers)]
         h = c.proposal.deployment_hash if c else deployment(0)
         if how == "wrong_hash":
@@ -102,18 +111,20 @@ def run(w: World, users: list[int], nodes: list[tuple[int, int]], step: tuple[An
         cid = pick(ci)
         c = w.state.contracts.get(cid)
         owner = c.owner if c is not None and o == 0 else users[o % USERS]
-        h = deployment(1000 + len(w.accepted) + n)
-        payload = {"contract": cid, "deployment_hash": h, "instructions": sealed("u"),
+        req = c.proposal.requirement.to_dict() if c else requirement(w, owner)
+        delete = c.delete_requirement.to_dict() if c and c.delete_requirement else None
+        ids = hashes(1000 + len(w.accepted) + n, req, delete)
+        payload = {"contract": cid, **ids, "instructions": sealed("u"),
                    "deadline": w.time + deadline, "capacity": {"cru": n}}
         if approve:
-            payload["approval"] = w.update_approval(owner, cid, h)
+            payload["approval"] = w.update_approval(owner, cid, ids["deployment_hash"])
         w.send(owner, "contract.update", payload)
     elif kind == "cancel":
         _, who, ci = step
         cid = pick(ci)
         c = w.state.contracts.get(cid)
         twin = c.owner if c is not None and who < 3 else everyone[who % len(everyone)]
-        w.send(twin, "contract.cancel", {"contract": cid})
+        w.send(twin, "contract.cancel", cancel_vote(w, twin, cid))
     elif kind == "report":
         _, who, ci, bump, states, err = step
         cid = pick(ci)
@@ -181,7 +192,16 @@ def check(w: World, finals: dict[int, str]) -> None:
                     bound.append(approval_digest(0, 1, c.node, version.deployment_hash))
                 assert any(verify(Domain.APPROVAL, key, d, bytes.fromhex(sig)) for d in bound)
         if c.active is not None:
-            assert c.active.requirement.with_owner(c.owner).holds(c.active.approvals.keys())
+            assert c.active.requirement.holds(c.active.approvals.keys())
+            assert c.owner in c.active.approvals, "the owner approves every version"
+        if c.state == "cancelled" or (c.state == "deleted" and c.cancel_votes):
+            # removal is authorised by signed votes that meet the delete quorum
+            quorum = c.delete_requirement or SignatureRequirement(
+                (SignatureRequest(c.owner, s.twins[c.owner].public_key, 1, True),), 1)
+            assert quorum.holds(c.cancel_votes.keys())
+            for twin_id, sig in c.cancel_votes.items():
+                assert verify(Domain.DELETE_VOTE, s.twins[twin_id].public_key,
+                              delete_vote_digest(cid, c.node), bytes.fromhex(sig))
         waiting = c.pending and c.state not in FINAL_STATES and c.state != "cancelled"
         assert (cid in s.deadlines) == waiting
         assert cid in s.contracts_by_node[c.node] and cid in s.contracts_by_owner[c.owner]

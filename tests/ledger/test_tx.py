@@ -75,8 +75,10 @@ def test_oversize_instructions_are_refused() -> None:
     payload = {
         "node": 1,
         "deployment_hash": "0" * 64,
+        "body_hash": "0" * 64,
         "instructions": "A" * (MAX_INSTRUCTIONS + 4),
-        "signature_requirement": {"requests": [{"twin": 1}], "weight_required": 1},
+        "signature_requirement": {"requests": [{"twin": 1, "key": KEY.public_hex}],
+                                  "weight_required": 1},
     }
     exc = rejected(sign_tx(KEY, "contract.create", 3, 1, payload))
     assert exc.code == "invalid" and "instructions" in str(exc)

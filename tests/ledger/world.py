@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import base64
+from collections.abc import Mapping
 from typing import Any
 
-from zerostack.crypto import Identity, hash_hex
+from zerostack.crypto import (
+    Identity,
+    QuorumError,
+    SignatureRequirement,
+    deployment_hash,
+    hash_hex,
+)
 from zerostack.ledger.errors import Rejected
 from zerostack.ledger.state import Receipt, State, apply_with_receipt, genesis, tick
-from zerostack.ledger.tx import Tx, parse_tx, sign_approval, sign_tx
+from zerostack.ledger.tx import Tx, parse_tx, sign_approval, sign_cancel_vote, sign_tx
 
 GiB = 1 << 30
 
@@ -102,9 +109,40 @@ def sealed(text: str = "instructions") -> str:
     return base64.b64encode(text.encode()).decode()
 
 
-def requirement(*twins: int, weight_required: int | None = None,
+def key_of(w: World | Mapping[int, str], twin: int) -> str:
+    """A twin's key (a made-up one for an id nobody registered)."""
+    if isinstance(w, World):
+        return w.keys[twin].public_hex if twin in w.keys else f"{twin:064x}"
+    return w.get(twin, f"{twin:064x}")
+
+
+def requirement(w: World | Mapping[int, str], owner: int, *twins: int, weight_required: int | None = None,
                 required: tuple[int, ...] = ()) -> dict[str, Any]:
+    """`owner` (always required) and `twins`, weight 1 each, named by their keys."""
+    listed = [owner, *(t for t in twins if t != owner)]
     return {
-        "requests": [{"twin": t, "weight": 1, "required": t in required} for t in twins],
-        "weight_required": len(twins) if weight_required is None else weight_required,
+        "requests": [{"twin": t, "key": key_of(w, t), "weight": 1,
+                      "required": t == owner or t in required} for t in listed],
+        "weight_required": len(listed) if weight_required is None else weight_required,
     }
+
+
+def hashes(n: int, req: dict[str, Any],
+           delete: dict[str, Any] | None = None) -> dict[str, str]:
+    """`body_hash` and the `deployment_hash` the ledger derives from it and the
+    requirements: what a contract.create or contract.update carries."""
+    body = deployment(n)
+    try:
+        derived = deployment_hash(
+            body, SignatureRequirement.from_dict(req),
+            None if delete is None else SignatureRequirement.from_dict(delete))
+    except QuorumError:  # a malformed requirement, for a test of its refusal
+        derived = body
+    return {"body_hash": body, "deployment_hash": derived}
+
+
+def cancel_vote(w: World, twin: int, cid: int) -> dict[str, Any]:
+    """A contract.cancel payload: `twin`'s signed vote to remove contract `cid`."""
+    c = w.state.contracts.get(cid)
+    node = c.node if c is not None else 0
+    return {"contract": cid, "signature": sign_cancel_vote(w.keys[twin], cid, node)}

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.conftest import ProcessGroup, free_port, wait_for_port, zerostack_cmd
-from zerostack.bot import ThreeBot, build_deployment
+from zerostack.bot import ThreeBot
 from zerostack.crypto import Identity
 from zerostack.ledger import LedgerClient
 
@@ -78,8 +78,8 @@ class Grid:
 
     def deploy(self, ident: Identity, twin: int, workloads: list[dict[str, Any]], node: int,
                stakeholders: list[str] = (), weight: int | None = None) -> tuple[int, Any]:
-        dep = build_deployment({"workloads": workloads}, twin, list(stakeholders), weight)
         with self.bot(ident) as bot:
+            dep = bot.build({"workloads": workloads}, list(stakeholders), weight)
             return bot.deploy(dep, node), dep
 
     def wait_contract(self, cid: int, states: set[str], timeout: float = 20.0) -> dict[str, Any]:

@@ -19,8 +19,15 @@ import redis
 
 from tests.conftest import ProcessGroup, require_root, require_tool
 from tests.node.harness import Grid
-from zerostack.bot import build_deployment
-from zerostack.crypto import Identity, canonical_json, hash_hex, seal_to
+from zerostack.crypto import (
+    Domain,
+    Identity,
+    SignatureRequirement,
+    canonical_json,
+    deployment_hash,
+    hash_hex,
+    seal_envelope,
+)
 from zerostack.ledger import LedgerRejected
 from zerostack.ledger.tx import sign_approval, sign_tx
 from zerostack.node.provisioners.volume import mounted_at
@@ -62,27 +69,38 @@ def node_key(grid: Grid, node: int) -> str:
     return str(twin["public_key"])
 
 
-def raw_contract(grid: Grid, owner: Identity, owner_twin: int, node: int,
-                 deployment: dict[str, Any], *, claimed_hash: str | None = None,
-                 ledger_requirement: dict[str, Any] | None = None,
+def raw_contract(grid: Grid, owner: Identity, node: int, deployment: dict[str, Any], *,
+                 claimed_body: str | None = None, signer: Identity | None = None,
                  capacity: dict[str, int] | None = None) -> int:
     """Create a contract from a hand-made deployment dict (what a buggy or hostile client
-    could send): the node must judge it, whatever the ledger accepted."""
-    canonical = {k: v for k, v in deployment.items() if k != "contract_id"}
-    h = claimed_hash or hash_hex(canonical)
-    sealed = seal_to(node_key(grid, node), canonical_json(deployment))
-    req = ledger_requirement or {"requests": [{"twin": owner_twin, "weight": 1,
-                                               "required": True}], "weight_required": 1}
+    could send): the node must judge it, whatever the ledger accepted. `claimed_body` is a
+    body hash other than the sealed body's; `signer` signs the deployment instead of the
+    owner."""
+    req = SignatureRequirement.from_dict(deployment["signature_requirement"])
+    body = {k: v for k, v in deployment.items()
+            if k not in ("contract_id", "signature_requirement", "delete_requirement")}
+    real = deployment_hash(hash_hex(body), req, None)
+    claimed = deployment_hash(claimed_body or hash_hex(body), req, None)
+    sig = (signer or owner).sign(Domain.DEPLOYMENT, bytes.fromhex(real)).hex()
+    sealed = seal_envelope([node_key(grid, node), owner.public_hex],
+                           canonical_json({"deployment": deployment, "owner_signature": sig}))
     kw: dict[str, Any] = {"capacity": capacity} if capacity else {}
-    return grid.client.create_contract(owner, node, h, base64.b64encode(sealed).decode(),
-                                       req, **kw)
+    return grid.client.create_contract(owner, node, claimed, base64.b64encode(sealed).decode(),
+                                       req.to_dict(), body_hash=claimed_body or hash_hex(body),
+                                       **kw)
 
 
-def dep_dict(owner: int, workloads: list[dict[str, Any]],
-             requests: list[dict[str, Any]] | None = None, weight: int = 1) -> dict[str, Any]:
-    return {"version": 1, "twin_id": owner, "contract_id": 0, "metadata": "", "description": "",
-            "signature_requirement": {"requests": requests or [
-                {"twin": owner, "weight": 1, "required": True}], "weight_required": weight},
+def dep_dict(owner: Identity, twin: int, workloads: list[dict[str, Any]],
+             others: list[tuple[Identity, int, bool]] = (),  # type: ignore[assignment]
+             weight: int = 1) -> dict[str, Any]:
+    """A full deployment (every field, as Deployment.to_dict writes it) by `owner`, with
+    `others` = (identity, twin, required) as stakeholders of weight 1."""
+    requests = [{"twin": twin, "key": owner.public_hex, "weight": 1, "required": True}]
+    requests += [{"twin": t, "key": i.public_hex, "weight": 1, "required": r}
+                 for i, t, r in others]
+    return {"version": 1, "twin_id": twin, "contract_id": 0, "metadata": "", "description": "",
+            "nonce": os.urandom(4).hex(),
+            "signature_requirement": {"requests": requests, "weight_required": weight},
             "delete_requirement": None, "workloads": workloads}
 
 
@@ -175,23 +193,18 @@ def test_bad_contracts_are_refused_and_others_keep_running(procs: ProcessGroup,
         assert needle in c["report"]["error"], c["report"]["error"]
 
     # 1. the contract's hash is not the hash of the sealed instructions
-    d = dep_dict(twin, [zdb_wl("wrong")])
-    bogus = hash_hex({**d, "metadata": "something else"})
-    refused(raw_contract(grid, owner, twin, node, d, claimed_hash=bogus),
-            "deployment hash mismatch")
-    # 2. the deployment requires a signature the ledger-level requirement left out
-    d = dep_dict(twin, [zdb_wl("unsigned")], requests=[
-        {"twin": twin, "weight": 1, "required": True},
-        {"twin": other_twin, "weight": 1, "required": True}], weight=2)
-    refused(raw_contract(grid, owner, twin, node, d),
-            f"required signature missing from twin(s) {other_twin}")
+    d = dep_dict(owner, twin, [zdb_wl("wrong")])
+    bogus = hash_hex({"metadata": "something else"})
+    refused(raw_contract(grid, owner, node, d, claimed_body=bogus), "deployment hash mismatch")
+    # 2. instructions signed by someone else than the owner they name
+    refused(raw_contract(grid, owner, node, dep_dict(owner, twin, [zdb_wl("unsigned")]),
+                         signer=other),
+            f"the deployment is not signed by its owner (twin {twin}")
     # 3. a forged approval (twin `other` "signing" with someone else's key) never reaches
     #    the quorum: the ledger refuses it and the node provisions nothing
-    d = dep_dict(twin, [zdb_wl("forged")], requests=[
-        {"twin": twin, "weight": 1, "required": True},
-        {"twin": other_twin, "weight": 1, "required": False}], weight=2)
-    cid = raw_contract(grid, owner, twin, node, d, ledger_requirement=d["signature_requirement"])
-    h = hash_hex({k: v for k, v in d.items() if k != "contract_id"})
+    d = dep_dict(owner, twin, [zdb_wl("forged")], [(other, other_twin, False)], weight=2)
+    cid = raw_contract(grid, owner, node, d)
+    h = grid.client.contract(cid)["deployment_hash"]
     forger = Identity.generate()
     nonce = grid.client.next_nonce(other_twin)
     with pytest.raises(LedgerRejected, match="does not verify"):
@@ -199,11 +212,11 @@ def test_bad_contracts_are_refused_and_others_keep_running(procs: ProcessGroup,
             "contract": cid, "deployment_hash": h, "signature": sign_approval(forger, cid, 1, node, h)}))
     assert grid.client.contract(cid)["state"] == "created"
     # 4. more than the node has
-    refused(raw_contract(grid, owner, twin, node, dep_dict(twin, [zdb_wl("huge", size=1 << 60)])),
+    refused(raw_contract(grid, owner, node, dep_dict(owner, twin, [zdb_wl("huge", size=1 << 60)])),
             "over capacity: hru")
     # 5. an unknown workload field
-    refused(raw_contract(grid, owner, twin, node,
-                         dep_dict(twin, [{**zdb_wl("typo"), "sise": 5}])),
+    refused(raw_contract(grid, owner, node,
+                         dep_dict(owner, twin, [{**zdb_wl("typo"), "sise": 5}])),
             "workloads.0.zdb.sise: Extra inputs are not permitted")
     # nothing of the above exists; the good namespace still serves its data
     assert namespaces(zport, data) == {f"c{good}-keep"}
@@ -258,9 +271,8 @@ def test_update_applies_the_diff_and_refuses_a_type_change(procs: ProcessGroup,
     open_ns(zport, f"c{cid}-a", "pw").execute_command("SET", "x", "1")
 
     def update(workloads: list[dict[str, Any]], version: int) -> None:
-        dep = build_deployment({"workloads": workloads}, twin, [], None, version)
         with grid.bot(owner) as bot:
-            bot.update(cid, dep)
+            bot.update(cid, bot.build({"workloads": workloads}, [], None, version))
 
     # v2: a grows, b goes, c comes
     update([zdb_wl("a", size=2 << 20), zdb_wl("c")], 2)

@@ -52,7 +52,7 @@ def desired_of(items: list[tuple[int, str, str, int]]) -> dict[WorkloadID, Desir
     out: dict[WorkloadID, Desired] = {}
     for contract, specs in by_contract.items():
         dep = Deployment.parse({"twin_id": 1, "contract_id": contract, "workloads": specs,
-                                "signature_requirement": {"requests": [{"twin": 1}],
+                                "signature_requirement": {"requests": [{"twin": 1, "key": "ab" * 32, "required": True}],
                                                           "weight_required": 1}})
         for w in dep.workloads:
             wid = WorkloadID(contract, w.name)

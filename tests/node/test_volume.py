@@ -23,7 +23,7 @@ def test_volume_is_size_limited_idempotent_and_removed(tmp_path: Path) -> None:
     prov = VolumeProvisioner(node)
     spec = VolumeWorkload(name="data", size=16 << 20)
     dep = Deployment.parse({"twin_id": 1, "workloads": [spec.model_dump()],
-                            "signature_requirement": {"requests": [{"twin": 1}],
+                            "signature_requirement": {"requests": [{"twin": 1, "key": "ab" * 32, "required": True}],
                                                       "weight_required": 1}})
     wid = WorkloadID(7, "data")
     mnt = node.volume_mountpoint(wid)

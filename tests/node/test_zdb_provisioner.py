@@ -29,7 +29,7 @@ def test_namespace_lifecycle(tmp_path: Path) -> None:
         prov = ZdbProvisioner(node)
         spec = ZdbWorkload(name="db", size=1 << 20, password="s3cret", mode="user")
         dep = Deployment.parse({"twin_id": 1, "workloads": [spec.model_dump()],
-                                "signature_requirement": {"requests": [{"twin": 1}],
+                                "signature_requirement": {"requests": [{"twin": 1, "key": "ab" * 32, "required": True}],
                                                           "weight_required": 1}})
         wid = WorkloadID(3, "db")
         res = prov.provision(wid, spec, dep)

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from zerostack.crypto import Domain, Identity
+from zerostack.crypto import Domain, Identity, delete_vote_digest
 from zerostack.workloads import (
     Deployment,
     WorkloadError,
@@ -25,19 +25,31 @@ def zdb(name: str, size: int = 1 << 20, **kw: Any) -> dict[str, Any]:
     return {"type": "zdb", "name": name, "size": size, **kw}
 
 
+IDS = {t: Identity.from_seed(bytes([t]) * 32) for t in range(1, 10)}
+
+
+def signers(owner: int, requests: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
+    """The requests with every twin's key, the owner listed first as required."""
+    out = [{**r, "key": IDS[r["twin"]].public_hex} for r in requests or []]
+    if owner not in {r["twin"] for r in out}:
+        out.insert(0, {"twin": owner, "key": IDS[owner].public_hex, "weight": 1,
+                       "required": True})
+    return out
+
+
 def dep(workloads: list[dict[str, Any]], version: int = 0, owner: int = 1,
-        requests: list[dict[str, Any]] | None = None, weight: int = 1) -> Deployment:
-    return Deployment.parse(
-        {
-            "version": version,
-            "twin_id": owner,
-            "signature_requirement": {
-                "requests": requests or [{"twin": owner, "weight": 1, "required": True}],
-                "weight_required": weight,
-            },
-            "workloads": workloads,
-        }
-    )
+        requests: list[dict[str, Any]] | None = None, weight: int = 1,
+        delete: list[dict[str, Any]] | None = None) -> Deployment:
+    data: dict[str, Any] = {
+        "version": version,
+        "twin_id": owner,
+        "signature_requirement": {"requests": signers(owner, requests),
+                                  "weight_required": weight},
+        "workloads": workloads,
+    }
+    if delete is not None:
+        data["delete_requirement"] = {"requests": signers(owner, delete), "weight_required": 2}
+    return Deployment.parse(data)
 
 
 workload_dicts = st.one_of(
@@ -118,8 +130,8 @@ def test_any_change_changes_the_hash(d: Deployment, v: int) -> None:
 
 
 def test_multisig_two_of_three() -> None:
-    ids = {t: Identity.generate() for t in (1, 2, 3)}
-    keys = {t: i.public_hex for t, i in ids.items()}
+    ids = IDS
+    keys = {t: ids[t].public_hex for t in (1, 2, 3)}
     d = dep([zdb("db")], requests=[{"twin": 2, "weight": 1}, {"twin": 3, "weight": 1}], weight=2)
     where = {"contract": 7, "version": 2, "node": 5}
 
@@ -151,7 +163,7 @@ def test_multisig_two_of_three() -> None:
 
 
 def test_approval_is_no_other_kind_of_signature() -> None:
-    owner = Identity.generate()
+    owner = IDS[1]
     d = dep([zdb("db")])
     h = bytes.fromhex(d.hash())
     keys = {1: owner.public_hex}
@@ -195,3 +207,54 @@ def test_diff_refuses_type_change_and_old_versions() -> None:
         diff(a, dep([zdb("x")], version=1))
     d = diff(a, dep([zdb("x", size=2 << 20), zdb("y")], version=2))
     assert [w.name for w in d.added] == ["y"] and len(d.updated) == 1
+
+
+def test_the_deployment_names_every_signer_by_key_and_requires_the_owner() -> None:
+    base = {"version": 1, "twin_id": 1, "workloads": []}
+    with pytest.raises(WorkloadError, match=r"owner \(twin 1\) must be listed as a required"):
+        Deployment.parse({**base, "signature_requirement": {
+            "requests": [{"twin": 2, "key": IDS[2].public_hex}], "weight_required": 1}})
+    with pytest.raises(WorkloadError, match="key"):
+        Deployment.parse({**base, "signature_requirement": {
+            "requests": [{"twin": 1, "required": True}], "weight_required": 1}})
+    with pytest.raises(WorkloadError, match="two different keys"):
+        Deployment.parse({**base, "signature_requirement": {
+            "requests": signers(1, None), "weight_required": 1},
+            "delete_requirement": {"requests": [{"twin": 1, "key": IDS[3].public_hex,
+                                                 "required": True}], "weight_required": 1}})
+
+
+def test_the_hash_covers_both_requirements_and_the_owner_signs_it() -> None:
+    d = dep([zdb("db")], requests=[{"twin": 2, "weight": 1}], weight=1)
+    more = dep([zdb("db")], requests=[{"twin": 2, "weight": 1}], weight=2)
+    deleting = dep([zdb("db")], requests=[{"twin": 2, "weight": 1}], weight=1,
+                   delete=[{"twin": 2, "weight": 1}])
+    assert len({d.hash(), more.hash(), deleting.hash()}) == 3
+    assert d.body_hash() == more.body_hash() == deleting.body_hash()
+    sig = d.sign_owner(IDS[1])
+    assert d.owner_signed(sig)
+    assert not more.owner_signed(sig)
+    assert not d.owner_signed(d.sign_owner(IDS[2]))
+    assert not d.owner_signed(IDS[1].sign(Domain.APPROVAL, d.hash_bytes()).hex())
+
+
+def test_cancel_votes_meet_the_delete_requirement() -> None:
+    d = dep([zdb("db")], delete=[{"twin": 2, "weight": 1}, {"twin": 3, "weight": 1}])
+
+    def vote(t: int, contract: int = 4, node: int = 5) -> str:
+        return IDS[t].sign(Domain.DELETE_VOTE, delete_vote_digest(contract, node)).hex()
+
+    assert d.cancel_votes({1: vote(1), 2: vote(2)}, contract=4, node=5) == {1, 2}
+    with pytest.raises(WorkloadError, match="below the required 2"):
+        d.cancel_votes({1: vote(1)}, contract=4, node=5)
+    with pytest.raises(WorkloadError, match=r"twin\(s\) 1"):
+        d.cancel_votes({2: vote(2), 3: vote(3)}, contract=4, node=5)
+    with pytest.raises(WorkloadError, match="does not verify"):
+        d.cancel_votes({1: vote(1), 2: vote(2, contract=9)}, contract=4, node=5)
+    with pytest.raises(WorkloadError, match="does not verify"):
+        d.cancel_votes({1: vote(1), 4: vote(4)}, contract=4, node=5)
+    # without a delete requirement the owner alone cancels
+    alone = dep([zdb("db")])
+    assert alone.cancel_votes({1: vote(1)}, contract=4, node=5) == {1}
+    with pytest.raises(WorkloadError):
+        alone.cancel_votes({}, contract=4, node=5)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import secrets
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,9 +41,12 @@ def load_deployment_file(path: Path) -> dict[str, Any]:
 
 
 def build_deployment(data: dict[str, Any], owner: int, stakeholders: list[str],
-                     weight_required: int | None, version: int = 1) -> Deployment:
+                     weight_required: int | None, version: int = 1, *,
+                     key_of: Callable[[int], str]) -> Deployment:
     """The owner's deployment: the file's workloads, this twin as owner, and the signature
-    requirement from the options (or the file, or owner-only by default)."""
+    requirement from the options (or the file, or owner-only by default). Every signer is
+    named by its key too, from `key_of(twin)` (which checks pins); a key written in the
+    file must be that key."""
     data = dict(data)
     for key in ("twin_id", "contract_id", "version"):
         if key in data:
@@ -67,8 +72,31 @@ def build_deployment(data: dict[str, Any], owner: int, stakeholders: list[str],
     elif weight_required is not None:
         data["signature_requirement"] = {**data["signature_requirement"],
                                          "weight_required": weight_required}
+    for field in ("signature_requirement", "delete_requirement"):
+        if isinstance(data.get(field), dict):
+            data[field] = _with_keys(data[field], owner, key_of, field)
     data.update(twin_id=owner, version=version)
+    data.setdefault("nonce", secrets.token_hex(8))
     try:
         return Deployment.parse(data)
     except WorkloadError as exc:
         raise BotError(str(exc)) from exc
+
+
+def _with_keys(req: dict[str, Any], owner: int, key_of: Callable[[int], str],
+               field: str) -> dict[str, Any]:
+    """The requirement with the owner listed as required and every twin's key filled in."""
+    requests = [dict(r) if isinstance(r, dict) else r for r in req.get("requests") or []]
+    twins = [r.get("twin") for r in requests if isinstance(r, dict)]
+    if owner not in twins:
+        requests.insert(0, {"twin": owner, "weight": 1, "required": True})
+    for r in requests:
+        if not isinstance(r, dict) or not isinstance(r.get("twin"), int):
+            continue  # Deployment.parse words the error
+        if r["twin"] == owner:
+            r["required"] = True
+        key = key_of(r["twin"])
+        if r.setdefault("key", key) != key:
+            raise BotError(f"{field}: twin {r['twin']} is listed with key {str(r['key'])[:16]}…, "
+                           f"but its key is {key[:16]}…")
+    return {**req, "requests": requests}

@@ -7,21 +7,29 @@ import base64
 import functools
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar
 
 import orjson
 
-from zerostack.bot.spec import BotError
+from zerostack.bot.spec import BotError, build_deployment
 from zerostack.crypto import (
     CryptoError,
     Identity,
+    KeyChanged,
+    KeyPins,
     SignatureRequirement,
-    canonical_json,
-    seal_to,
 )
 from zerostack.ledger.client import LedgerClient
 from zerostack.ledger.errors import LedgerError, LedgerRejected
-from zerostack.workloads import Deployment, total_resources
+from zerostack.workloads import (
+    Deployment,
+    WorkloadError,
+    open_instructions,
+    seal_instructions,
+    summarize,
+    total_resources,
+)
 
 DONE_STATES = ("deployed", "error", "deleted", "expired")
 
@@ -47,13 +55,38 @@ def _as_bot_error(fn: Callable[P, R]) -> Callable[P, R]:
     return wrapper
 
 
-class ThreeBot:
-    """One identity acting on one ledger. Every method raises BotError on failure."""
+@dataclass(frozen=True)
+class Review:
+    """A pending contract version as a stakeholder sees it before signing: the deployment
+    it opened and checked itself, and where the approval will count."""
 
-    def __init__(self, ledger_url: str, identity: Identity, timeout: float = 30.0) -> None:
+    contract: int
+    version: int
+    node: int
+    deployment: Deployment
+    signed: frozenset[int]  # twins whose approval the ledger lists already
+
+    @property
+    def hash(self) -> str:
+        return self.deployment.hash()
+
+    def summary(self) -> dict[str, Any]:
+        return {"contract": self.contract, "version": self.version, "node": self.node,
+                "approved_by": sorted(self.signed), **summarize(self.deployment)}
+
+
+class ThreeBot:
+    """One identity acting on one ledger. Every method raises BotError on failure.
+
+    `pins` remembers the key of every twin and node seen (on disk, when the CLI gives a
+    path): a ledger that later serves another key for them is refused, not believed."""
+
+    def __init__(self, ledger_url: str, identity: Identity, timeout: float = 30.0,
+                 pins: KeyPins | None = None) -> None:
         self.url = ledger_url.rstrip("/")
         self.identity = identity
         self.ledger = LedgerClient(self.url, timeout=timeout)
+        self.pins = pins if pins is not None else KeyPins()
         self._twin: int | None = None
 
     def close(self) -> None:
@@ -102,47 +135,92 @@ class ThreeBot:
             raise BotError("no node that is up has enough free capacity; pick one with --node")
         return int(nodes[0]["id"])
 
+    def _pin(self, kind: str, ident: int, key: str) -> str:
+        try:
+            self.pins.pin(kind, ident, key)
+        except KeyChanged as exc:
+            raise BotError(f"ledger at {self.url} serves another key than before: {exc}") \
+                from exc
+        return key
+
+    @_as_bot_error
+    def twin_key(self, twin: int) -> str:
+        """A twin's public key: the ledger's answer, checked against the pinned one."""
+        if self._twin is not None and twin == self._twin:
+            return self.identity.public_hex
+        info = self.ledger.twin(twin)
+        if info is None:
+            raise BotError(f"twin {twin} is not registered")
+        return self._pin("twin", twin, str(info["public_key"]))
+
     @_as_bot_error
     def node_key(self, node: int) -> str:
+        """A node's public key (what its instructions are sealed to), pinned like twins'."""
         info = self.ledger.node(node)
         if info is None:
             raise BotError(f"node {node} does not exist")
         twin = self.ledger.twin(int(info["twin"]))
         if twin is None:
             raise BotError(f"node {node}'s twin {info['twin']} is not registered")
-        return str(twin["public_key"])
+        return self._pin("node", node, str(twin["public_key"]))
 
-    def _sealed_for(self, node: int, deployment: Deployment) -> str:
-        """The deployment sealed to the node's key, base64 (what a contract carries)."""
-        sealed = seal_to(self.node_key(node), canonical_json(deployment.to_dict()))
-        return base64.b64encode(sealed).decode()
+    def build(self, data: dict[str, Any], stakeholders: list[str],
+              weight_required: int | None, version: int = 1) -> Deployment:
+        """A deployment owned by this identity, every signer named by its (pinned) key."""
+        return build_deployment(data, self.twin_id(), stakeholders, weight_required, version,
+                                key_of=self.twin_key)
+
+    def _check_keys(self, deployment: Deployment) -> None:
+        """Every key the deployment names is the one this side knows for that twin."""
+        for twin, key in deployment.keys().items():
+            known = self.twin_key(twin)
+            if known != key:
+                raise BotError(f"the deployment names key {key[:16]}… for twin {twin}, whose "
+                               f"key is {known[:16]}…: refusing it")
 
     @_as_bot_error
     def deploy(self, deployment: Deployment, node: int | None = None,
                deadline: int | None = None) -> int:
-        """Seal the deployment to the node, create the contract, approve it as the owner."""
+        """Sign the deployment, seal it to the node and every stakeholder, create the
+        contract and approve it as the owner."""
+        self._check_keys(deployment)
         node = node if node is not None else self.choose_node(deployment)
         delete_req = deployment.delete_requirement
         return self.ledger.create_contract(
-            self.identity, node, deployment.hash(), self._sealed_for(node, deployment),
-            deployment.signature_requirement.model_dump(),
-            delete_requirement=None if delete_req is None else delete_req.model_dump(),
+            self.identity, node, deployment.hash(),
+            self._seal(deployment, node), deployment.requirement().to_dict(),
+            body_hash=deployment.body_hash(),
+            delete_requirement=None if delete_req is None else delete_req.to_requirement().to_dict(),
             deadline=deadline,
             capacity=total_resources(deployment.workloads).to_dict(),
             approval=deployment.approve(self.identity, 0, 1, node),
             metadata=deployment.metadata[:1024],
         )
 
+    def _seal(self, deployment: Deployment, node: int, also: list[str] | None = None) -> str:
+        try:
+            return seal_instructions(deployment, self.identity, self.node_key(node), also or ())
+        except WorkloadError as exc:
+            raise BotError(str(exc)) from exc
+
     @_as_bot_error
     def update(self, cid: int, deployment: Deployment) -> dict[str, Any]:
-        """Propose a new version of a running contract (approved by the owner at once)."""
+        """Propose a new version of a running contract (approved by the owner at once).
+        It is sealed to the current version's stakeholders too: they must consent."""
         c = self.contract(cid)
         if int(c["owner"]) != self.twin_id():
             raise BotError(f"contract {cid} belongs to twin {c['owner']}, not to you")
+        self._check_keys(deployment)
+        current = SignatureRequirement.from_dict((c.get("active") or c)["signature_requirement"])
+        for twin, key in current.keys().items():
+            if self.twin_key(twin) != key:
+                raise BotError(f"contract {cid} names key {key[:16]}… for twin {twin}, "
+                               "which is not its key: refusing it")
         result = self.ledger.update_contract(
             self.identity, cid, deployment.hash(),
-            self._sealed_for(int(c["node"]), deployment),
-            signature_requirement=deployment.signature_requirement.model_dump(),
+            self._seal(deployment, int(c["node"]), list(current.keys().values())),
+            body_hash=deployment.body_hash(),
+            signature_requirement=deployment.requirement().to_dict(),
             capacity=total_resources(deployment.workloads).to_dict(),
             version=int(c["version"]) + 1,
             node=int(c["node"]),
@@ -150,19 +228,52 @@ class ThreeBot:
         return dict(result["receipt"])
 
     @_as_bot_error
-    def approve(self, cid: int, expect_hash: str | None = None) -> dict[str, Any]:
-        """Sign the pending version's deployment hash as a stakeholder."""
+    def review(self, cid: int) -> Review:
+        """Open the pending version's instructions with this identity and check them:
+        the hash the ledger shows, the owner's signature and every key it names."""
         c = self.contract(cid)
-        h = c["deployment_hash"]
-        if expect_hash is not None and expect_hash != h:
-            raise BotError(f"contract {cid} carries deployment {h}, not the expected "
+        if not c.get("pending"):
+            raise BotError(f"contract {cid} has no version waiting for approval")
+        try:
+            opened = open_instructions(self.identity, c["instructions"])
+        except WorkloadError as exc:
+            raise BotError(f"cannot read what contract {cid} asks you to sign ({exc}); only "
+                           "a stakeholder the deployment names can") from exc
+        dep = opened.deployment
+        if dep.hash() != c["deployment_hash"]:
+            raise BotError(f"HASH MISMATCH on contract {cid}: the ledger shows deployment "
+                           f"{c['deployment_hash']}, but the instructions sealed to you hash "
+                           f"to {dep.hash()}. Refusing to sign.")
+        if dep.twin_id != int(c["owner"]):
+            raise BotError(f"contract {cid} is owned by twin {c['owner']}, but its deployment "
+                           f"names twin {dep.twin_id}: refusing to sign")
+        self._check_keys(dep)
+        me = self.identity.public_hex
+        if me not in dep.keys().values() and me not in SignatureRequirement.from_dict(
+                (c.get("active") or c)["signature_requirement"]).keys().values():
+            raise BotError(f"you are not a stakeholder of contract {cid}")
+        return Review(cid, int(c["version"]), int(c["node"]), dep,
+                      frozenset(int(t) for t in c.get("approvals") or {}))
+
+    @_as_bot_error
+    def approve(self, cid: int, expect_hash: str | None = None,
+                confirm: Callable[[Review], bool] | None = None) -> dict[str, Any]:
+        """Review the pending version, then sign what this side recomputed (never the hash
+        the ledger shows), bound to the contract, version and node; `confirm` may say no."""
+        review = self.review(cid)
+        if expect_hash is not None and expect_hash != review.hash:
+            raise BotError(f"contract {cid} carries deployment {review.hash}, not the expected "
                            f"{expect_hash}: refusing to sign")
-        return dict(self.ledger.approve(self.identity, cid, h, version=int(c["version"]),
-                                        node=int(c["node"]))["receipt"])
+        if confirm is not None and not confirm(review):
+            raise BotError(f"contract {cid} not approved")
+        return dict(self.ledger.approve(self.identity, cid, review.hash, version=review.version,
+                                        node=review.node)["receipt"])
 
     @_as_bot_error
     def cancel(self, cid: int) -> dict[str, Any]:
-        return dict(self.ledger.cancel(self.identity, cid)["receipt"])
+        """Vote to cancel: a signed vote the node checks against the delete requirement."""
+        c = self.contract(cid)
+        return dict(self.ledger.cancel(self.identity, cid, node=int(c["node"]))["receipt"])
 
     @_as_bot_error
     def wait(self, cid: int, until: Callable[[dict[str, Any]], bool], timeout: float = 60.0,
@@ -194,7 +305,7 @@ class ThreeBot:
 
 def quorum_progress(c: dict[str, Any]) -> str:
     """'weight 1/2 (missing: twin 3)' for a contract waiting on approvals."""
-    req = SignatureRequirement.from_dict(c["signature_requirement"]).with_owner(int(c["owner"]))
+    req = SignatureRequirement.from_dict(c["signature_requirement"])
     signed = {int(t) for t in c.get("approvals", {})}
     weight = sum(r.weight for r in req.requests if r.twin in signed)
     waiting = [r.twin for r in req.requests if r.twin not in signed]

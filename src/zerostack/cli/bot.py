@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -9,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from zerostack.cli.identity import load_named
+from zerostack.cli.identity import ledger_dir, load_named
 from zerostack.cli.output import console, fail, print_json, print_table
 
 if TYPE_CHECKING:
@@ -29,11 +30,13 @@ JSON = typer.Option(False, "--json", help="Print JSON.")
 def _session(ledger: str, identity: str) -> Iterator[ThreeBot]:
     """The bot for one command; a BotError becomes the command's one-line failure."""
     from zerostack.bot import BotError, ThreeBot
+    from zerostack.crypto import CryptoError, KeyPins
 
     try:
-        with ThreeBot(ledger, load_named(identity)) as bot:
+        pins = KeyPins(ledger_dir(ledger) / "pins.json")
+        with ThreeBot(ledger, load_named(identity), pins=pins) as bot:
             yield bot
-    except BotError as exc:
+    except (BotError, CryptoError) as exc:
         fail(str(exc))
 
 
@@ -111,18 +114,17 @@ def deploy(
     json_out: bool = JSON,
 ) -> None:
     """Deploy workloads to a node under a signed contract, and wait for the node's report."""
-    from zerostack.bot import build_deployment, load_deployment_file, quorum_progress
+    from zerostack.bot import load_deployment_file, quorum_progress
 
     with _session(ledger, identity) as bot:
         data = load_deployment_file(file)
         if update is not None:
             version = int(bot.contract(update)["version"]) + 1
-            dep = build_deployment(data, bot.twin_id(), stakeholder, weight_required,
-                                   version)
+            dep = bot.build(data, stakeholder, weight_required, version)
             bot.update(update, dep)
             cid = update
         else:
-            dep = build_deployment(data, bot.twin_id(), stakeholder, weight_required)
+            dep = bot.build(data, stakeholder, weight_required)
             cid = bot.deploy(dep, node)
         c = bot.contract(cid)
         if not json_out:
@@ -148,17 +150,63 @@ def deploy(
             raise typer.Exit(1)
 
 
+def _show_review(summary: dict[str, Any]) -> None:
+    """What a stakeholder is asked to sign, readable (every value is outside text)."""
+    from rich.markup import escape
+
+    def line(text: str) -> None:
+        console.print(escape(text), highlight=False)
+
+    line(f"contract {summary['contract']} version {summary['version']} on node "
+         f"{summary['node']}, owned by twin {summary['owner']['twin']}")
+    if summary["description"] or summary["metadata"]:
+        line(f"  {summary['description'] or summary['metadata']}")
+    for w in summary["workloads"]:
+        extra = ", ".join(f"{k}={v}" for k, v in w.items() if k not in ("name", "type")
+                          and v not in (None, [], ""))
+        line(f"  {w['type']} {w['name']}: {extra}")
+    r = summary["resources"]
+    line(f"  resources: {r['cpu']} CPU, {r['memory']} memory, {r['ssd']} SSD, {r['hdd']} HDD")
+    signed = set(summary["approved_by"])
+    for s in summary["signers"]:
+        mark = "signed" if s["twin"] in signed else "not yet signed"
+        line(f"  signer twin {s['twin']} (key {s['key'][:16]}…) weight {s['weight']}"
+             f"{', required' if s['required'] else ''}: {mark}")
+    line(f"  quorum: weight {summary['weight_required']}; cancelling needs weight "
+         f"{summary['delete_weight_required']} of twins "
+         f"{', '.join(str(d['twin']) for d in summary['delete'])}")
+    line(f"  deployment hash (recomputed here): {summary['hash']}")
+
+
 def approve(
     contract: int = typer.Argument(..., help="Contract id."),
     expect_hash: str | None = typer.Option(None, "--hash",
                                            help="Refuse unless the deployment hash is this."),
+    yes: bool = typer.Option(False, "--yes", "-y",
+                             help="Sign without asking (after the same checks)."),
     ledger: str = LEDGER,
     identity: str = IDENTITY,
     json_out: bool = JSON,
 ) -> None:
-    """Approve a contract's pending deployment as a stakeholder (signs its hash)."""
+    """Open a contract's pending deployment, check it, show it, and approve it as a
+    stakeholder: signs the hash recomputed here, for this contract, version and node."""
+    from zerostack.bot import Review
+
+    def confirm(review: Review) -> bool:
+        if json_out:
+            return yes
+        _show_review(review.summary())
+        if yes:
+            return True
+        if not sys.stdin.isatty():
+            fail("not approved: add --yes to sign without a terminal to confirm on")
+        return typer.confirm("sign this deployment?", default=False)
+
     with _session(ledger, identity) as bot:
-        receipt = bot.approve(contract, expect_hash)
+        if json_out and not yes:
+            print_json(bot.review(contract).summary())
+            fail("not approved: --json shows what you would sign; add --yes to sign it")
+        receipt = bot.approve(contract, expect_hash, confirm)
         c = bot.contract(contract)
         if json_out:
             print_json({"receipt": receipt, "state": c["state"]})
@@ -199,7 +247,8 @@ def cancel(
     identity: str = IDENTITY,
     json_out: bool = JSON,
 ) -> None:
-    """Cancel a contract; the node removes its workloads and reports them deleted."""
+    """Vote to cancel a contract; once the delete quorum holds, the node checks the votes
+    itself, removes the workloads and reports them deleted."""
     with _session(ledger, identity) as bot:
         bot.cancel(contract)
         c = bot.contract(contract)

@@ -17,7 +17,7 @@ from typing import Any
 import redis
 import typer
 
-from zerostack.bot import BotError, ThreeBot, build_deployment
+from zerostack.bot import BotError, ThreeBot
 from zerostack.cli.output import console, fail, print_table
 from zerostack.grid import GridError, LocalGrid
 
@@ -44,11 +44,11 @@ def _run(grid: LocalGrid, nodes: int, once: bool) -> int:
             ThreeBot(grid.url, carol) as c:
         twins = {name: bot.twin_id() for name, bot in (("alice", a), ("bob", b), ("carol", c))}
         _step("twins: " + ", ".join(f"{n}={t}" for n, t in twins.items()))
-        deployment = build_deployment(
+        deployment = a.build(
             {"metadata": "demo/sessions",
              "workloads": [{"type": "zdb", "name": "sessions", "size": "64M", "mode": "user",
                             "password": NAMESPACE_PASSWORD, "public": False}]},
-            twins["alice"], [f"{twins['bob']}:1", f"{twins['carol']}:1"], weight_required=2)
+            [f"{twins['bob']}:1", f"{twins['carol']}:1"], weight_required=2)
         node_id = grid.nodes[0].node_id
         cid = a.deploy(deployment, node_id)
         _step(f"alice created contract {cid} on node {node_id}: a Zero-DB namespace, "
@@ -57,8 +57,12 @@ def _run(grid: LocalGrid, nodes: int, once: bool) -> int:
         state = a.contract(cid)["state"]
         _step(f"with alice's signature alone the contract is [bold]{state}[/]: "
               "the node provisions nothing")
+        review = b.review(cid)
+        _step(f"bob opened the sealed deployment himself: {len(review.deployment.workloads)} "
+              f"workload(s), hash {review.hash[:16]}… recomputed and matching the ledger")
         b.approve(cid, expect_hash=deployment.hash())
-        _step("bob signed the deployment hash: the quorum holds")
+        _step("bob signed his approval of that hash for this contract, version and node: "
+              "the quorum holds")
         contract = a.wait(cid, _deployed, timeout=60)
         report = contract["report"]
         rows = [(w["name"], w["type"], w["state"], w.get("message", ""),

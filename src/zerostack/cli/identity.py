@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -13,10 +14,20 @@ from zerostack.crypto import CryptoError, Identity, load_identity, save_identity
 app = typer.Typer(help="Manage identities (ed25519 key pairs).", no_args_is_help=True)
 
 
+def zerostack_home() -> Path:
+    """The user's zerostack folder: $ZEROSTACK_HOME (default ~/.zerostack)."""
+    return Path(os.environ.get("ZEROSTACK_HOME", Path.home() / ".zerostack"))
+
+
 def identity_dir() -> Path:
     """Where key files live: $ZEROSTACK_HOME/identities (default ~/.zerostack/identities)."""
-    home = Path(os.environ.get("ZEROSTACK_HOME", Path.home() / ".zerostack"))
-    return home / "identities"
+    return zerostack_home() / "identities"
+
+
+def ledger_dir(url: str) -> Path:
+    """What this user remembers of one ledger (pinned keys...): one folder per URL."""
+    return zerostack_home() / "ledgers" / hashlib.blake2b(url.rstrip("/").encode(),
+                                                          digest_size=8).hexdigest()
 
 
 def identity_path(name: str) -> Path:

@@ -1,7 +1,9 @@
-"""Identities and hashing: ed25519 keys, canonical JSON, blake2b-256, sealed boxes, key files."""
+"""Identities and hashing: ed25519 keys, signature domains, canonical JSON, blake2b-256,
+sealed boxes and envelopes, key files, pinned keys, signature requirements."""
 
 from zerostack.crypto.canonical import CanonicalError, canonical_json, hash_hex, hash_obj
 from zerostack.crypto.domains import Domain, approval_digest, delete_vote_digest
+from zerostack.crypto.envelope import envelope_recipients, open_envelope, seal_envelope
 from zerostack.crypto.identity import (
     CryptoError,
     Identity,
@@ -12,29 +14,37 @@ from zerostack.crypto.identity import (
     seal_to,
     verify,
 )
+from zerostack.crypto.multisig import (
+    QuorumError,
+    SignatureRequest,
+    SignatureRequirement,
+    deployment_hash,
+)
+from zerostack.crypto.pins import KeyChanged, KeyPins
 
 __all__ = [
     "CanonicalError",
     "CryptoError",
     "Domain",
     "Identity",
+    "KeyChanged",
+    "KeyPins",
+    "QuorumError",
+    "SignatureRequest",
+    "SignatureRequirement",
     "approval_digest",
     "canonical_json",
     "delete_vote_digest",
+    "deployment_hash",
+    "envelope_recipients",
     "hash_hex",
     "hash_obj",
     "load_identity",
+    "open_envelope",
     "open_sealed",
     "public_key_from_hex",
     "save_identity",
+    "seal_envelope",
     "seal_to",
     "verify",
 ]
-
-from zerostack.crypto.multisig import (
-    QuorumError,
-    SignatureRequest,
-    SignatureRequirement,
-)
-
-__all__ += ["QuorumError", "SignatureRequest", "SignatureRequirement"]

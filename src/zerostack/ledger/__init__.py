@@ -21,7 +21,16 @@ from zerostack.ledger.state import (
     tick,
 )
 from zerostack.ledger.store import BlockLog, SqliteLog
-from zerostack.ledger.tx import PAYLOADS, TX_TYPES, Tx, parse_tx, sign_approval, sign_tx, tx_hash
+from zerostack.ledger.tx import (
+    PAYLOADS,
+    TX_TYPES,
+    Tx,
+    parse_tx,
+    sign_approval,
+    sign_cancel_vote,
+    sign_tx,
+    tx_hash,
+)
 
 __all__ = [
     "APPROVED",
@@ -54,6 +63,7 @@ __all__ = [
     "parse_tx",
     "replay",
     "sign_approval",
+    "sign_cancel_vote",
     "sign_tx",
     "tick",
     "tx_hash",

@@ -20,7 +20,7 @@ import orjson
 
 from zerostack.crypto import Identity
 from zerostack.ledger.errors import LedgerError, LedgerRejected
-from zerostack.ledger.tx import sign_approval, sign_tx
+from zerostack.ledger.tx import sign_approval, sign_cancel_vote, sign_tx
 
 T = TypeVar("T")
 NONCE_RETRIES = 3
@@ -95,6 +95,7 @@ def contract_payload(
     instructions: str,
     signature_requirement: dict[str, Any],
     *,
+    body_hash: str,
     delete_requirement: dict[str, Any] | None = None,
     deadline: int | None = None,
     capacity: dict[str, int] | None = None,
@@ -104,6 +105,7 @@ def contract_payload(
     return _drop_none({
         "node": node,
         "deployment_hash": deployment_hash,
+        "body_hash": body_hash,
         "instructions": instructions,
         "signature_requirement": signature_requirement,
         "delete_requirement": delete_requirement,
@@ -408,8 +410,18 @@ class LedgerClient(_Queries[Obj | None, list[Obj], Obj]):
                               "instructions": instructions, **kw})
         return self.send(identity, "contract.update", payload)
 
-    def cancel(self, identity: Identity, contract: int) -> dict[str, Any]:
-        return self.send(identity, "contract.cancel", {"contract": contract})
+    def cancel(self, identity: Identity, contract: int, *,
+               node: int | None = None) -> dict[str, Any]:
+        """Vote to cancel `contract` (signed for it and its node: the node checks votes)."""
+        if node is None:
+            c = self.contract(contract)
+            if c is None:
+                raise LedgerError(f"contract {contract} does not exist", code="not_found",
+                                  status=404)
+            node = int(c["node"])
+        payload = {"contract": contract,
+                   "signature": sign_cancel_vote(identity, contract, node)}
+        return self.send(identity, "contract.cancel", payload)
 
     def report(self, identity: Identity, contract: int, version: int,
                workloads: list[dict[str, Any]], error: str = "") -> dict[str, Any]:
@@ -663,8 +675,18 @@ class AsyncLedgerClient(_Queries[Awaitable[Obj | None], Awaitable[list[Obj]],
                               "instructions": instructions, **kw})
         return await self.send(identity, "contract.update", payload)
 
-    async def cancel(self, identity: Identity, contract: int) -> dict[str, Any]:
-        return await self.send(identity, "contract.cancel", {"contract": contract})
+    async def cancel(self, identity: Identity, contract: int, *,
+                     node: int | None = None) -> dict[str, Any]:
+        """Vote to cancel `contract` (signed for it and its node: the node checks votes)."""
+        if node is None:
+            c = await self.contract(contract)
+            if c is None:
+                raise LedgerError(f"contract {contract} does not exist", code="not_found",
+                                  status=404)
+            node = int(c["node"])
+        payload = {"contract": contract,
+                   "signature": sign_cancel_vote(identity, contract, node)}
+        return await self.send(identity, "contract.cancel", payload)
 
     async def report(self, identity: Identity, contract: int, version: int,
                      workloads: list[dict[str, Any]], error: str = "") -> dict[str, Any]:

@@ -18,8 +18,11 @@ from immutables import Map
 from zerostack.crypto import (
     Domain,
     QuorumError,
+    SignatureRequest,
     SignatureRequirement,
     approval_digest,
+    delete_vote_digest,
+    deployment_hash,
     hash_hex,
     verify,
 )
@@ -227,11 +230,11 @@ class Contract:
     state: str
     proposal: Version  # the latest version (waiting for its quorum unless == active)
     active: Version | None  # the latest approved version: what the node must run
-    delete_requirement: SignatureRequirement | None
+    delete_requirement: SignatureRequirement | None  # None: the owner alone cancels
     metadata: str
     created: int
     updated: int
-    cancel_votes: tuple[int, ...] = ()
+    cancel_votes: Map[int, str] = field(default_factory=Map)  # twin -> delete-vote signature
     report: Report | None = None
 
     @property
@@ -258,7 +261,7 @@ class Contract:
             "approvals": {str(k): v for k, v in sorted(p.approvals.items())},
             "pending": self.pending,
             "active": self.active.to_dict() if self.active else None,
-            "cancel_votes": list(self.cancel_votes),
+            "cancel_votes": {str(k): v for k, v in sorted(self.cancel_votes.items())},
             "report": self.report.to_dict() if self.report else None,
             "metadata": self.metadata,
             "created": self.created,
@@ -562,11 +565,22 @@ def _template_publish(state: State, tx: t.Tx, twin: Twin, time: int) -> tuple[St
 # ---- contracts ---------------------------------------------------------------------------
 
 
-def _requirement(model: t.SignatureRequirementModel, what: str) -> SignatureRequirement:
+def _requirement(model: t.SignatureRequirementModel, what: str,
+                 owner: int) -> SignatureRequirement:
     try:
-        return SignatureRequirement.from_dict(model.model_dump())
+        return SignatureRequirement.from_dict(model.model_dump(), owner=owner)
     except QuorumError as exc:
         raise _Refuse("invalid", f"{what}: {exc}") from None
+
+
+def _derived_hash(p: t.ContractCreate | t.ContractUpdate, requirement: SignatureRequirement,
+                  delete_req: SignatureRequirement | None) -> None:
+    """The deployment hash must be the one its body and requirements make: what is enforced
+    here is then exactly what the stakeholders approve and the node checks."""
+    derived = deployment_hash(p.body_hash, requirement, delete_req)
+    if derived != p.deployment_hash:
+        raise _Refuse("invalid", f"deployment_hash {p.deployment_hash} is not the hash of its "
+                      f"body and signature requirements ({derived})")
 
 
 def _reserve(nodes: Map[int, Node], nid: int, old: Capacity, new: Capacity) -> Map[int, Node]:
@@ -614,16 +628,20 @@ def _owner_approval(state: State, twin_id: int, where: tuple[int, int, int],
 
 def _check_stakeholders(state: State, *requirements: SignatureRequirement | None) -> None:
     for req in requirements:
-        for signer in req.twins if req else ():
-            if signer not in state.twins:
-                raise _Refuse("not_found", f"stakeholder twin {signer} is not registered")
+        for r in req.requests if req else ():
+            twin = state.twins.get(r.twin)
+            if twin is None:
+                raise _Refuse("not_found", f"stakeholder twin {r.twin} is not registered")
+            if twin.public_key != r.key:
+                raise _Refuse("invalid", f"stakeholder twin {r.twin} is listed with key "
+                              f"{r.key[:16]}…, but its key is {twin.public_key[:16]}…")
 
 
 def _signers(c: Contract) -> frozenset[int]:
     """Who may approve the pending version: its stakeholders, plus the active version's."""
-    allowed = c.proposal.requirement.with_owner(c.owner).twins
+    allowed = c.proposal.requirement.twins
     if c.active is not None:
-        allowed |= c.active.requirement.with_owner(c.owner).twins
+        allowed |= c.active.requirement.twins
     return allowed
 
 
@@ -631,9 +649,9 @@ def _quorum(c: Contract) -> bool:
     """The pending version needs its own quorum and, for an update, the active one's too,
     so an update cannot drop stakeholders without their consent."""
     signed = c.proposal.approvals.keys()
-    if not c.proposal.requirement.with_owner(c.owner).holds(signed):
+    if not c.proposal.requirement.holds(signed):
         return False
-    return c.active is None or c.active.requirement.with_owner(c.owner).holds(signed)
+    return c.active is None or c.active.requirement.holds(signed)
 
 
 def _settle(state: State, c: Contract, time: int) -> State:
@@ -666,11 +684,13 @@ def _contract_create(state: State, tx: t.Tx, twin: Twin, time: int) -> tuple[Sta
     p: t.ContractCreate = tx.payload
     if p.node not in state.nodes:
         raise _Refuse("not_found", f"node {p.node} does not exist")
-    requirement = _requirement(p.signature_requirement, "signature_requirement")
+    requirement = _requirement(p.signature_requirement, "signature_requirement", twin.id)
     delete_req = (
-        _requirement(p.delete_requirement, "delete_requirement") if p.delete_requirement else None
+        _requirement(p.delete_requirement, "delete_requirement", twin.id)
+        if p.delete_requirement else None
     )
     _check_stakeholders(state, requirement, delete_req)
+    _derived_hash(p, requirement, delete_req)
     # contract 0 in the owner's approval: the id is assigned by this very transaction
     approvals = _owner_approval(state, twin.id, (0, 1, p.node), p.deployment_hash, p.approval)
     cid = state.last_contract + 1
@@ -740,11 +760,12 @@ def _contract_update(state: State, tx: t.Tx, twin: Twin, time: int) -> tuple[Sta
         raise _Refuse("unauthorized", f"only the owner (twin {c.owner}) updates contract {c.id}")
     _live(c, "update")
     requirement = (
-        _requirement(p.signature_requirement, "signature_requirement")
+        _requirement(p.signature_requirement, "signature_requirement", twin.id)
         if p.signature_requirement is not None
         else c.proposal.requirement
     )
     _check_stakeholders(state, requirement)
+    _derived_hash(p, requirement, c.delete_requirement)
     approvals = _owner_approval(state, twin.id, (c.id, c.proposal.version + 1, c.node),
                                 p.deployment_hash, p.approval)
     capacity = Capacity.of(p.capacity) if p.capacity is not None else c.proposal.capacity
@@ -792,20 +813,23 @@ def _contract_cancel(state: State, tx: t.Tx, twin: Twin, time: int) -> tuple[Sta
     p: t.ContractCancel = tx.payload
     c = _contract(state, p.contract)
     _live(c, "cancel")
-    if c.delete_requirement is None:
-        if twin.id != c.owner:
-            raise _Refuse("unauthorized", f"only the owner (twin {c.owner}) cancels contract {c.id}")
-        done = True
-    else:
-        if twin.id not in c.delete_requirement.twins:
-            raise _Refuse(
-                "unauthorized", f"twin {twin.id} is not in contract {c.id}'s delete requirement"
-            )
-        if twin.id in c.cancel_votes:
-            raise _Refuse("conflict", f"twin {twin.id} already voted to cancel contract {c.id}")
-        c = _replace(c, cancel_votes=(*c.cancel_votes, twin.id), updated=time)
-        done = c.delete_requirement.holds(c.cancel_votes)
-    if done:
+    quorum = c.delete_requirement or SignatureRequirement(
+        (SignatureRequest(c.owner, state.twins[c.owner].public_key, 1, True),), 1)
+    if twin.id not in quorum.twins:
+        raise _Refuse("unauthorized",
+                      f"twin {twin.id} is not in contract {c.id}'s delete requirement"
+                      if c.delete_requirement else
+                      f"only the owner (twin {c.owner}) cancels contract {c.id}")
+    if twin.id in c.cancel_votes:
+        raise _Refuse("conflict", f"twin {twin.id} already voted to cancel contract {c.id}")
+    # the vote is signed on its own (not only as this transaction) so that the node can
+    # check the delete quorum itself, with the keys of the deployment it runs
+    if not verify(Domain.DELETE_VOTE, twin.public_key, delete_vote_digest(c.id, c.node),
+                  bytes.fromhex(p.signature)):
+        raise _Refuse("bad_signature", f"cancel vote of twin {twin.id} does not verify as a "
+                      f"vote to cancel contract {c.id} on node {c.node}")
+    c = _replace(c, cancel_votes=c.cancel_votes.set(twin.id, p.signature), updated=time)
+    if quorum.holds(c.cancel_votes.keys()):
         # nothing was ever approved, so nothing runs: straight to deleted
         state = _finish(state, c, DELETED if c.active is None else CANCELLED, time)
     else:

@@ -15,7 +15,14 @@ from typing import Annotated, Any, Literal
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from zerostack.crypto import CanonicalError, Domain, Identity, approval_digest, hash_obj
+from zerostack.crypto import (
+    CanonicalError,
+    Domain,
+    Identity,
+    approval_digest,
+    delete_vote_digest,
+    hash_obj,
+)
 from zerostack.crypto.canonical import hash_bytes
 from zerostack.ledger.errors import HTTP_STATUS, LedgerRejected
 
@@ -59,6 +66,7 @@ class Location(_Model):
 
 class SignatureRequestModel(_Model):
     twin: Id
+    key: PublicKeyHex
     weight: Annotated[int, Field(ge=0, le=2**31)] = 1
     required: bool = False
 
@@ -115,8 +123,13 @@ class TemplatePublish(_Model):
 
 
 class ContractCreate(_Model):
+    """`deployment_hash` must equal the hash derived from `body_hash` and the two
+    requirements (see `zerostack.crypto.deployment_hash`): the ledger enforces exactly
+    the requirements the stakeholders sign."""
+
     node: Id
     deployment_hash: HexHash
+    body_hash: HexHash
     instructions: Base64
     signature_requirement: SignatureRequirementModel
     delete_requirement: SignatureRequirementModel | None = None
@@ -135,6 +148,7 @@ class ContractApprove(_Model):
 class ContractUpdate(_Model):
     contract: Id
     deployment_hash: HexHash
+    body_hash: HexHash
     instructions: Base64
     signature_requirement: SignatureRequirementModel | None = None
     deadline: Count | None = None
@@ -144,7 +158,11 @@ class ContractUpdate(_Model):
 
 
 class ContractCancel(_Model):
+    """A cancel vote: `signature` is the sender's `delete-vote` signature over
+    (contract, node), which the node checks itself before removing anything."""
+
     contract: Id
+    signature: HexSignature
 
 
 WorkloadState = Literal["init", "ok", "error", "deleted", "paused"]
@@ -324,3 +342,8 @@ def sign_approval(identity: Identity, contract: int, version: int, node: int,
     `contract` on `node` (contract 0: the contract this `contract.create` makes)."""
     digest = approval_digest(contract, version, node, deployment_hash)
     return identity.sign(Domain.APPROVAL, digest).hex()
+
+
+def sign_cancel_vote(identity: Identity, contract: int, node: int) -> str:
+    """A cancel vote (hex): remove `contract` from `node`."""
+    return identity.sign(Domain.DELETE_VOTE, delete_vote_digest(contract, node)).hex()

@@ -8,17 +8,13 @@ of them again (and checks workloads still exist), so nothing depends on seeing a
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import orjson
-
-from zerostack.crypto import CryptoError, Identity, hash_hex, load_identity, save_identity
+from zerostack.crypto import Identity, KeyChanged, KeyPins, hash_hex, load_identity, save_identity
 from zerostack.ledger.errors import LedgerError, LedgerRejected
 from zerostack.node.capacity import node_capacity, system_reserve
 from zerostack.node.engine import Desired, Executor, Outcome, observe, plan
@@ -40,6 +36,7 @@ from zerostack.workloads import (
     Resources,
     WorkloadError,
     diff,
+    open_instructions,
     total_resources,
     workload_hash,
 )
@@ -84,8 +81,8 @@ class ContractView:
     version: int
     owner_key: str
     deployment: Deployment | None  # the verified deployment to run (None: run nothing)
-    cancelled: bool = False
-    final: bool = False  # deleted/expired on the ledger: clean up, report nothing
+    cancelled: bool = False  # removal authorised by cancel votes this node checked
+    final: bool = False  # the ledger no longer takes reports: report nothing
     error: str = ""
     ledger_report: dict[str, Any] | None = None
     live: dict[str, tuple[str, str]] = field(default_factory=dict)
@@ -116,6 +113,8 @@ class NodeAgent:
         self.pools = cfg.pools or default_pools(cfg.data_dir)
         self.identity = load_or_create_identity(cfg.data_dir)
         self.state = NodeState(cfg.data_dir / "state.db")
+        # keys of the twins whose deployments this node ran: never taken from a server
+        self.pins = KeyPins(cfg.data_dir / "pins.json")
         self.capacity = node_capacity(self.pools, cfg.cpu, cfg.memory)
         self.reserve = system_reserve(self.capacity)
         self.zdb: ZdbServer | None = None
@@ -294,36 +293,30 @@ class NodeAgent:
 
     async def _view(self, cid: int, c: dict[str, Any] | None) -> ContractView | None:
         local = self.state.contract(cid)
-        if c is None or c["state"] in ("deleted", "expired") or c.get("active") is None:
-            if not self.state.workloads(cid):
-                return None
-            return ContractView(cid, 0, "", None, final=True)
+        running = (Deployment.parse(local.deployment)
+                   if local and local.status == "active" and local.deployment else None)
+        owner_key = running.owner_key if running else (local.owner_key if local else "")
+        if c is None or c["state"] in ("deleted", "expired", "cancelled") \
+                or c.get("active") is None:
+            return self._ending(cid, c, local, running, owner_key)
         active = c["active"]
-        owner_key = await self.link.twin_key(int(c["owner"]))
         view = ContractView(cid, int(active["version"]), owner_key, None,
                             ledger_report=c.get("report"))
-        if c["state"] == "cancelled":
-            view.cancelled = True
-            view.deployment = (Deployment.parse(local.deployment)
-                               if local and local.deployment else None)
-            return view
         if c["state"] not in LIVE:
             return None
         h = active["deployment_hash"]
-        previous = (Deployment.parse(local.deployment)
-                    if local and local.status == "active" and local.deployment else None)
         if local is not None and local.hash == h and local.status == "active":
-            view.deployment = previous
+            view.deployment = running
             return view
         # A refusal is remembered for exactly what was judged: if the approvals or the
         # instructions the node sees change (a real approval after a forged one), judge again.
         attempt = hash_hex({"hash": h, "instructions": active.get("instructions", ""),
                             "approvals": active.get("approvals") or {}})
         if local is not None and local.refused == attempt:
-            view.deployment, view.error = previous, local.message
+            view.deployment, view.error = running, local.message
             return view
         try:
-            dep = await self._verify(cid, c, active, previous)
+            dep = self._verify(cid, c, active, running)
         except Refused as exc:
             msg = str(exc)
             log.warning("event=contract_refused contract=%s version=%s reason=%r",
@@ -332,29 +325,62 @@ class NodeAgent:
                 cid, local.version if local else 0, local.hash if local else "",
                 local.deployment if local else {}, owner_key,
                 local.status if local else "refused", msg, "", attempt))
-            view.deployment, view.error = previous, msg
+            view.deployment, view.error = running, msg
             return view
+        for twin, key in dep.keys().items():
+            self.pins.pin("twin", twin, key)
+        self.state.record_run(h, cid)
         self.state.put_contract(ContractRecord(
-            cid, int(active["version"]), h, dep.to_dict(), owner_key, "active", "", "", ""))
-        view.deployment = dep
+            cid, int(active["version"]), h, dep.to_dict(), dep.owner_key, "active", "", "", ""))
+        view.deployment, view.owner_key = dep, dep.owner_key
         return view
 
-    async def _verify(self, cid: int, c: dict[str, Any], active: dict[str, Any],
-                      previous: Deployment | None) -> Deployment:
-        """Trust no server: open, parse, hash, signatures, quorum, update rules, capacity."""
+    def _ending(self, cid: int, c: dict[str, Any] | None, local: ContractRecord | None,
+                running: Deployment | None, owner_key: str) -> ContractView | None:
+        """The ledger says the contract is cancelled, deleted, expired or gone. The node
+        removes what it runs only on cancel votes it verified itself against the delete
+        requirement of the deployment it runs; any other say-so is an anomaly, and the
+        workloads keep running."""
+        state = "missing" if c is None else str(c["state"])
+        active = (c or {}).get("active") or {}
+        version = int(active.get("version") or (local.version if local else 0))
+        report = (c or {}).get("report")
+        if running is None:
+            if state != "cancelled":
+                return None
+            # removed already (or nothing ever ran here): the ledger waits for the report
+            # that says so
+            removed = (Deployment.parse(local.deployment)
+                       if local and local.status == "cancelled" and local.deployment else None)
+            return ContractView(cid, version, owner_key, removed, cancelled=True,
+                                ledger_report=report)
+        votes = {int(t): str(v) for t, v in ((c or {}).get("cancel_votes") or {}).items()}
         try:
-            box = base64.b64decode(active["instructions"], validate=True)
-            raw = self.identity.open_sealed(box)
-        except (CryptoError, binascii.Error, ValueError) as exc:
-            raise Refused("instructions do not open with this node's key") from exc
+            running.cancel_votes(votes, contract=cid, node=self.node_id)
+        except WorkloadError as exc:
+            why = (f"anomaly: the ledger says contract {cid} is {state}, without cancel votes "
+                   f"that meet its delete requirement ({exc}); its workloads keep running")
+            if local is not None and local.message != why:
+                log.warning("event=contract_anomaly contract=%s ledger_state=%s reason=%r",
+                            cid, state, str(exc))
+                self.state.put_contract(ContractRecord(
+                    local.id, local.version, local.hash, local.deployment, local.owner_key,
+                    local.status, why, local.reported, local.refused))
+            return ContractView(cid, version, owner_key, running, final=True, error=why)
+        # the ledger takes a report only while the contract is cancelled
+        return ContractView(cid, version, owner_key, running, cancelled=True,
+                            final=state != "cancelled", ledger_report=report)
+
+    def _verify(self, cid: int, c: dict[str, Any], active: dict[str, Any],
+                previous: Deployment | None) -> Deployment:
+        """Trust no server: open, parse, hash, the owner's signature, every key against the
+        pinned ones, approvals against the keys the deployment names, update rules,
+        capacity."""
         try:
-            data = orjson.loads(raw)
-        except orjson.JSONDecodeError as exc:
-            raise Refused("instructions are not JSON") from exc
-        try:
-            dep = Deployment.parse(data)
+            opened = open_instructions(self.identity, active["instructions"])
         except WorkloadError as exc:
             raise Refused(str(exc)) from exc
+        dep = opened.deployment
         got, want = dep.hash(), active["deployment_hash"]
         if got != want:
             raise Refused(f"deployment hash mismatch: the contract says {want[:16]}…, "
@@ -364,13 +390,25 @@ class NodeAgent:
                           f"twin {c['owner']}")
         if dep.contract_id not in (0, cid):
             raise Refused(f"deployment is for contract {dep.contract_id}, not {cid}")
-        approvals = {int(k): v for k, v in (active.get("approvals") or {}).items()}
-        keys = {t: await self.link.twin_key(t) for t in approvals}
+        ran = self.state.ran_as(want)
+        if ran is not None and ran != cid:
+            raise Refused(f"this signed deployment already ran here as contract {ran}: "
+                          "a deployment runs under one contract only")
+        for twin, key in dep.keys().items():
+            try:
+                self.pins.check("twin", twin, key)
+            except KeyChanged as exc:
+                raise Refused(str(exc)) from exc
+        approvals = {int(k): str(v) for k, v in (active.get("approvals") or {}).items()}
+        keys = dep.keys()
+        if previous is not None:
+            keys = {**previous.keys(), **keys}
         try:
+            if previous is not None:
+                diff(previous, dep)
             signed = dep.verify_signatures(approvals, keys, contract=cid,
                                            version=int(active["version"]), node=self.node_id)
             if previous is not None:
-                diff(previous, dep)
                 why = previous.requirement().missing(signed)
                 if why is not None:
                     raise Refused(f"update lacks the current stakeholders' consent: {why}")
@@ -398,7 +436,7 @@ class NodeAgent:
         """Runs in a worker thread: observe, plan, execute for one contract."""
         assert self.executor is not None
         desired: dict[WorkloadID, Desired] = {}
-        if view.deployment is not None and not (view.cancelled or view.final):
+        if view.deployment is not None and not view.cancelled:
             for w in view.deployment.workloads:
                 wid = WorkloadID(view.cid, w.name)
                 desired[wid] = Desired(wid, w, workload_hash(w), view.deployment, view.owner_key)
@@ -415,7 +453,7 @@ class NodeAgent:
                     live = ("error", str(exc))
                 if live is not None:
                     view.live[wrec.wid.name] = live
-        if (view.cancelled or view.final) and not self.state.workloads(view.cid):
+        if view.cancelled and not self.state.workloads(view.cid):
             rec = self.state.contract(view.cid)
             if rec is not None and rec.status == "active":
                 self.state.put_contract(ContractRecord(

@@ -1,5 +1,6 @@
 """The ledger as the node sees it, on top of AsyncLedgerClient: the node's twin and node
-record, its contracts, the events that touch them, and the keys of the twins that sign."""
+record, its contracts and the events that touch them. Keys of the twins that sign are never
+taken from here: the node reads them from the deployments it opens."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ from typing import Any
 
 from zerostack.crypto import Identity
 from zerostack.ledger.client import AsyncLedgerClient
-from zerostack.ledger.errors import LedgerError
 
 log = logging.getLogger("zerostack.node.link")
 
@@ -24,7 +24,6 @@ class LedgerLink:
         self.client = AsyncLedgerClient(url)
         self.identity = identity
         self.twin_id = 0
-        self._keys: dict[int, str] = {}
 
     async def close(self) -> None:
         await self.client.close()
@@ -42,17 +41,6 @@ class LedgerLink:
     async def node_of_twin(self) -> dict[str, Any] | None:
         nodes = await self.client.nodes(twin=self.twin_id)
         return nodes[0] if nodes else None
-
-    async def twin_key(self, twin: int) -> str:
-        """A twin's public key (hex); keys never change, so they are asked for once."""
-        key = self._keys.get(twin)
-        if key is None:
-            data = await self.client.twin(twin)
-            if data is None:
-                raise LedgerError(f"twin {twin} is not registered", code="not_found",
-                                  status=404)
-            key = self._keys[twin] = str(data["public_key"])
-        return key
 
     # ---- submission -------------------------------------------------------------------
 

@@ -43,6 +43,7 @@ CREATE TABLE IF NOT EXISTS contracts (
     updated REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS runs (hash TEXT PRIMARY KEY, contract INTEGER NOT NULL);
 """
 
 
@@ -150,6 +151,19 @@ class NodeState:
     def set_reported(self, cid: int, digest: str) -> None:
         with self._lock:
             self._db.execute("UPDATE contracts SET reported=? WHERE id=?", (digest, cid))
+
+    # every deployment hash this node ever accepted, and for which contract: a signed
+    # deployment runs under one contract only, so a replay under another id is caught
+
+    def record_run(self, deployment_hash: str, cid: int) -> None:
+        with self._lock:
+            self._db.execute("INSERT OR IGNORE INTO runs VALUES (?,?)", (deployment_hash, cid))
+
+    def ran_as(self, deployment_hash: str) -> int | None:
+        with self._lock:
+            row = self._db.execute("SELECT contract FROM runs WHERE hash=?",
+                                   (deployment_hash,)).fetchone()
+        return None if row is None else int(row[0])
 
     # meta
 

@@ -10,6 +10,12 @@ from zerostack.workloads.deployment import (
     diff,
     workload_hash,
 )
+from zerostack.workloads.instructions import (
+    Instructions,
+    open_instructions,
+    seal_instructions,
+    summarize,
+)
 from zerostack.workloads.types import (
     WORKLOAD_TYPES,
     ContainerNetwork,
@@ -36,6 +42,7 @@ __all__ = [
     "GatewayFqdnProxyWorkload",
     "GatewayNameProxyWorkload",
     "HealthCheck",
+    "Instructions",
     "Mount",
     "NetworkWorkload",
     "PublicIPWorkload",
@@ -48,7 +55,10 @@ __all__ = [
     "WorkloadError",
     "ZdbWorkload",
     "diff",
+    "open_instructions",
     "parse_size",
+    "seal_instructions",
+    "summarize",
     "total_resources",
     "workload_hash",
     "workload_resources",

@@ -1,5 +1,6 @@
-"""The Deployment: versioned set of named workloads with its owner, signature requirement,
-canonical hash, multi-signature check and version diff."""
+"""The Deployment: versioned set of named workloads with its owner, its stakeholders (by
+twin and public key), canonical hash, owner signature, multi-signature check and version
+diff. A node decides on a deployment with nothing but what is inside it."""
 
 from __future__ import annotations
 
@@ -13,10 +14,12 @@ from zerostack.crypto import (
     Domain,
     Identity,
     QuorumError,
+    SignatureRequest,
     SignatureRequirement,
     approval_digest,
+    delete_vote_digest,
+    deployment_hash,
     hash_hex,
-    hash_obj,
     verify,
 )
 from zerostack.workloads.types import ContainerWorkload, Spec, Workload
@@ -27,15 +30,17 @@ class WorkloadError(ValueError):
 
 
 class SignatureRequestSpec(Spec):
-    twin: int = Field(ge=0)
-    weight: int = Field(default=1, ge=0)
+    twin: int = Field(ge=1, le=2**53)
+    key: str = Field(pattern=r"^[0-9a-f]{64}$")
+    weight: int = Field(default=1, ge=0, le=2**31)
     required: bool = False
 
 
 class SignatureRequirementSpec(Spec):
-    """Who must sign, with which weight, and the weight that makes a quorum."""
+    """Who must sign (twin and public key), with which weight, and the weight that makes a
+    quorum."""
 
-    requests: list[SignatureRequestSpec] = Field(min_length=1)
+    requests: list[SignatureRequestSpec] = Field(min_length=1, max_length=64)
     weight_required: int = Field(ge=0)
 
     @model_validator(mode="after")
@@ -72,6 +77,9 @@ class Deployment(Spec):
     contract_id: int = Field(default=0, ge=0)
     metadata: str = ""
     description: str = ""
+    nonce: str = Field(default="", max_length=64)
+    """Makes two otherwise equal deployments differ: a node runs a signed deployment under
+    one contract only (the bot sets a random one)."""
     signature_requirement: SignatureRequirementSpec
     delete_requirement: SignatureRequirementSpec | None = None
     workloads: list[Workload] = Field(default_factory=list)
@@ -85,6 +93,25 @@ class Deployment(Spec):
                 raise ValueError(f"workload name {w.name!r} is used twice")
             seen.add(w.name)
         return v
+
+    @model_validator(mode="after")
+    def _owner_signs(self) -> Deployment:
+        # the owner is a required signer of both requirements, listed with its key, so the
+        # hash covers exactly who must sign and the node needs no outside list of keys
+        for what, spec in (("signature_requirement", self.signature_requirement),
+                           ("delete_requirement", self.delete_requirement)):
+            if spec is None:
+                continue
+            try:
+                SignatureRequirement.from_dict(spec.model_dump(), owner=self.twin_id)
+            except QuorumError as exc:
+                raise ValueError(f"{what}: {exc}") from exc
+        keys = self.signature_requirement.to_requirement().keys()
+        if self.delete_requirement is not None:
+            for twin, key in self.delete_requirement.to_requirement().keys().items():
+                if keys.setdefault(twin, key) != key:
+                    raise ValueError(f"twin {twin} is listed with two different keys")
+        return self
 
     @model_validator(mode="after")
     def _references_resolve(self) -> Deployment:
@@ -113,16 +140,22 @@ class Deployment(Spec):
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
-    def canonical(self) -> dict[str, Any]:
-        """The signed content. The contract id is excluded: it is known only after the
-        contract that carries this hash is created."""
-        return self.model_dump(mode="json", exclude={"contract_id"})
+    def body(self) -> dict[str, Any]:
+        """The signed content but the requirements. The contract id is excluded: it is
+        known only after the contract that carries this hash is created."""
+        return self.model_dump(mode="json", exclude={"contract_id", "signature_requirement",
+                                                     "delete_requirement"})
+
+    def body_hash(self) -> str:
+        return hash_hex(self.body())
 
     def hash(self) -> str:
-        return hash_hex(self.canonical())
+        """What stakeholders approve: the body's hash bound to both requirements (the
+        ledger recomputes it from the requirements it enforces)."""
+        return deployment_hash(self.body_hash(), self.requirement(), self._delete())
 
     def hash_bytes(self) -> bytes:
-        return hash_obj(self.canonical())
+        return bytes.fromhex(self.hash())
 
     def workload(self, name: str) -> Workload | None:
         for w in self.workloads:
@@ -131,13 +164,61 @@ class Deployment(Spec):
         return None
 
     def requirement(self) -> SignatureRequirement:
-        """The signature requirement with the owner made required, as every party applies it."""
-        return self.signature_requirement.to_requirement().with_owner(self.twin_id)
+        """Who must approve this deployment (the owner always among them)."""
+        return self.signature_requirement.to_requirement()
 
-    def delete_quorum(self) -> SignatureRequirement | None:
-        if self.delete_requirement is None:
-            return None
-        return self.delete_requirement.to_requirement().with_owner(self.twin_id)
+    def _delete(self) -> SignatureRequirement | None:
+        return None if self.delete_requirement is None else self.delete_requirement.to_requirement()
+
+    def delete_quorum(self) -> SignatureRequirement:
+        """Whose cancel votes remove this deployment: its delete requirement, or else the
+        owner alone."""
+        return self._delete() or SignatureRequirement(
+            (SignatureRequest(self.twin_id, self.owner_key, 1, True),), 1)
+
+    @property
+    def owner_key(self) -> str:
+        """The owner's public key, as the deployment itself names it."""
+        return self.requirement().keys()[self.twin_id]
+
+    def keys(self) -> dict[int, str]:
+        """Every stakeholder's public key named in this deployment."""
+        keys = self.requirement().keys()
+        keys.update(self.delete_quorum().keys())
+        return keys
+
+    def sign_owner(self, identity: Identity) -> str:
+        """The owner's signature (hex) over this deployment: it wrote these instructions."""
+        return identity.sign(Domain.DEPLOYMENT, self.hash_bytes()).hex()
+
+    def owner_signed(self, signature: str) -> bool:
+        try:
+            sig = bytes.fromhex(signature)
+        except ValueError:
+            return False
+        return verify(Domain.DEPLOYMENT, self.owner_key, self.hash_bytes(), sig)
+
+    def cancel_votes(self, votes: Mapping[int, str], *, contract: int, node: int) -> set[int]:
+        """The twins whose cancel vote for `contract` on `node` verifies against the keys
+        this deployment names; raises WorkloadError unless they make its delete quorum."""
+        quorum = self.delete_quorum()
+        keys = quorum.keys()
+        digest = delete_vote_digest(contract, node)
+        valid = set()
+        for twin, sig_hex in votes.items():
+            key = keys.get(twin)
+            try:
+                sig = bytes.fromhex(sig_hex)
+            except ValueError:
+                sig = b""
+            if key is None or not verify(Domain.DELETE_VOTE, key, digest, sig):
+                raise WorkloadError(f"cancel vote of twin {twin} does not verify for contract "
+                                    f"{contract} on node {node}")
+            valid.add(twin)
+        why = quorum.missing(valid)
+        if why is not None:
+            raise WorkloadError(f"delete quorum does not hold: {why}")
+        return valid
 
     def approve(self, identity: Identity, contract: int, version: int, node: int) -> str:
         """A stakeholder's approval (hex) of this deployment as `version` of `contract` on
@@ -148,7 +229,7 @@ class Deployment(Spec):
     def verify_signatures(
         self,
         signatures: Mapping[int, str],
-        twin_keys: Mapping[int, str],
+        twin_keys: Mapping[int, str] | None = None,
         *,
         contract: int,
         version: int,
@@ -163,6 +244,7 @@ class Deployment(Spec):
         when any signature is forged or the quorum does not hold: a node acts on neither.
         """
         req = requirement or self.requirement()
+        twin_keys = self.keys() if twin_keys is None else twin_keys
         h = self.hash()
         digest = approval_digest(contract, version, node, h)
         owner_digest = approval_digest(0, 1, node, h) if version == 1 else None
@@ -209,6 +291,11 @@ def diff(old: Deployment, new: Deployment) -> DeploymentDiff:
     """Compare versions. A workload keeps its type for life: changing it is refused."""
     if new.twin_id != old.twin_id:
         raise WorkloadError(f"the owner cannot change (twin {old.twin_id} -> {new.twin_id})")
+    if new.owner_key != old.owner_key:
+        raise WorkloadError(f"the owner's key cannot change (twin {old.twin_id})")
+    for twin, key in new.keys().items():
+        if old.keys().get(twin, key) != key:
+            raise WorkloadError(f"twin {twin}'s key cannot change between versions")
     if new.version <= old.version:
         raise WorkloadError(
             f"new version {new.version} must be greater than the current {old.version}"
