@@ -203,3 +203,26 @@ def test_release_of_a_folder_without_containers_or_mounts_does_nothing(tmp_path:
     (tmp_path / "node1" / "x.log").write_text("log")
     assert release(tmp_path) == []
     assert (tmp_path / "node1" / "x.log").read_text() == "log"
+
+
+def test_the_demo_refuses_to_wipe_a_folder_with_a_busy_mount(tmp_path: Path) -> None:
+    require_root()
+    top = tmp_path / "grid"
+    point = top / "node1" / "volumes" / "c1-vol"
+    point.mkdir(parents=True)
+    (top / "ledger.db").write_text("an earlier demo")
+    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(point)], check=True)
+    holder = subprocess.Popen(["sleep", "60"], cwd=point)
+    try:
+        (point / "tenant-data").write_text("precious")
+        out = subprocess.run([*Demo(top, free_port(), free_port()).args("--once")],
+                             capture_output=True, text=True, timeout=120,
+                             env={**os.environ, "COLUMNS": "300"})
+        assert out.returncode != 0
+        assert "stays mounted" in out.stderr and "busy" in out.stderr, out.stderr
+        assert (point / "tenant-data").read_text() == "precious"
+        assert (top / "ledger.db").read_text() == "an earlier demo"
+    finally:
+        holder.kill()
+        holder.wait()
+        subprocess.run(["umount", "-l", str(point)], check=False)

@@ -110,12 +110,15 @@ def demo(
             and not (directory / "ledger.db").exists()):
         fail(f"{directory} is not empty and holds no demo grid; pick another --dir")
     grid = LocalGrid(directory.resolve(), ledger_port=ledger_port, zdb_base_port=zdb_port)
+    try:
+        grid.reset()
+    except GridError as exc:
+        fail(str(exc))
     stops = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
     for sig in stops:
         signal.signal(sig, _interrupt)
     code = 0
     try:
-        grid.reset()
         code = _run(grid, nodes, once)
         if not once and code == 0:
             while True:
