@@ -198,6 +198,24 @@ def test_a_busy_mount_stops_the_deletion_before_anything_is_deleted(tmp_path: Pa
             subprocess.run(["umount", "-l", str(point)], check=False)
 
 
+def test_release_detaches_the_loop_devices_of_images_in_the_folder(tmp_path: Path) -> None:
+    require_root()
+    require_tool("losetup")
+    image = tmp_path / "grid" / "node1" / "layer.img"
+    image.parent.mkdir(parents=True)
+    with open(image, "wb") as f:
+        f.truncate(1 << 20)
+    device = subprocess.run(["losetup", "-f", "--show", str(image)], capture_output=True,
+                            text=True, check=True).stdout.strip()
+    try:
+        assert teardown.loop_devices_under(tmp_path / "grid") == [device]
+        assert release(tmp_path / "grid") == []
+        assert teardown.loop_devices_under(tmp_path / "grid") == []
+    finally:
+        if teardown.loop_devices_under(tmp_path / "grid"):
+            subprocess.run(["losetup", "-d", device], check=False)
+
+
 def test_release_of_a_folder_without_containers_or_mounts_does_nothing(tmp_path: Path) -> None:
     (tmp_path / "node1" / "containers" / "runc").mkdir(parents=True)
     (tmp_path / "node1" / "x.log").write_text("log")

@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import stat
+import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -61,6 +62,32 @@ def _unmount(point: Path) -> str:
     return ""
 
 
+def loop_devices_under(folder: Path) -> list[str]:
+    """Loop devices whose backing file is below `folder` (a volume or layer image)."""
+    prefix = os.path.realpath(folder).rstrip("/") + "/"
+    found = []
+    for dev in sorted(Path("/sys/block").glob("loop*")):
+        try:
+            backing = (dev / "loop" / "backing_file").read_text().rstrip("\n")
+        except OSError:
+            continue  # not attached
+        if backing.removesuffix(" (deleted)").startswith(prefix):
+            found.append(f"/dev/{dev.name}")
+    return found
+
+
+def _detach(device: str) -> str:
+    try:
+        out = subprocess.run(["losetup", "-d", device], capture_output=True, text=True,
+                             timeout=30, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"loop device {device} stays attached: {exc}"
+    if out.returncode != 0:
+        return f"loop device {device} stays attached: {out.stderr.strip()[:200]}"
+    log.info("event=loop_detached device=%s", device)
+    return ""
+
+
 def _runtimes(top: Path, mounts: set[str]) -> list[ContainerRuntime]:
     """Container runtimes whose state is under `top`: a directory holding runc's state
     (`runc/`) or a supervised container's files (`containers/<id>/shim.json`)."""
@@ -104,8 +131,9 @@ def _stop_container(runtime: ContainerRuntime, container_id: str) -> str:
 
 
 def release(folder: Path) -> list[str]:
-    """Stop every container whose state is under `folder` (all at once), then unmount
-    everything mounted below it, deepest first. Returns what stays (empty: all done)."""
+    """Stop every container whose state is under `folder` (all at once), unmount
+    everything mounted below it, deepest first, and detach the loop devices of images
+    below it. Returns what stays (empty: all done)."""
     if not folder.is_dir():
         return []
     top = Path(os.path.realpath(folder))
@@ -125,6 +153,9 @@ def release(folder: Path) -> list[str]:
         why = _unmount(point)
         if why:
             problems.append(f"{point} stays mounted: {why}")
+    # A mount made with `-o loop` frees its device on unmount; one attached otherwise
+    # would keep the image (and its data) in use.
+    problems += [p for p in map(_detach, loop_devices_under(top)) if p]
     return problems
 
 
