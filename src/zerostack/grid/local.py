@@ -53,9 +53,13 @@ def _start_time(pid: int) -> int | None:
 
 
 def _signal_group(pid: int, sig: int) -> None:
-    # Every grid process leads its own session and process group (its Zero-DB is in it).
+    # Every grid process leads its own session and process group (its Zero-DB is in it);
+    # one that does not lead a group is signalled alone.
     try:
-        os.killpg(pid, sig)
+        if os.getpgid(pid) == pid:
+            os.killpg(pid, sig)
+        else:
+            os.kill(pid, sig)
     except ProcessLookupError:
         pass
 
