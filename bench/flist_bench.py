@@ -41,6 +41,7 @@ from zerostack.flist import (
     build_dir,
     push_flist,
 )
+from zerostack.grid import remove_tree
 from zerostack.node.provisioners import NodeContext, WorkloadID
 from zerostack.node.provisioners.container import ContainerProvisioner
 from zerostack.workloads import ContainerWorkload
@@ -295,7 +296,7 @@ def main() -> None:
             if p is not None:
                 p.kill()
                 p.wait()
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_tree(tmp)  # stops what a failed round left running; never through a mount
     if args.json:
         sys.stdout.write(orjson.dumps({"materialize": mat, "start": start, "contract": contract},
                                       option=orjson.OPT_INDENT_2).decode() + "\n")

@@ -16,7 +16,6 @@ commands the zdb provisioner sends), so the figures show what the node itself ad
 from __future__ import annotations
 
 import argparse
-import shutil
 import statistics
 import subprocess
 import tempfile
@@ -39,6 +38,7 @@ from bench.common import (
 )
 from zerostack.bot import ThreeBot
 from zerostack.crypto import Identity
+from zerostack.grid import remove_tree
 from zerostack.ledger import LedgerClient
 
 
@@ -120,7 +120,7 @@ def run(contracts: int) -> dict[str, Any]:
     finally:
         for p in procs:
             stop(p)
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_tree(tmp)
 
 
 def main() -> None:

@@ -14,10 +14,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import redis
 
-from tests.conftest import ProcessGroup, require_root, require_tool
+from tests.conftest import ProcessGroup, free_port, require_root, require_tool
 from tests.node.harness import Grid
 from zerostack.crypto import (
     Domain,
@@ -223,6 +224,29 @@ def test_bad_contracts_are_refused_and_others_keep_running(procs: ProcessGroup,
     assert ns.execute_command("GET", "before") == b"1"
     assert grid.client.contract(good)["state"] == "deployed"
     ns.close()
+
+
+def test_a_type_without_provisioner_is_refused_and_its_cancel_finishes(
+        procs: ProcessGroup, tmp_path: Path) -> None:
+    grid = Grid(procs, tmp_path)
+    status_port = free_port()
+    _, zport, data, node = grid.ready_node("nnode", "--status-port", str(status_port))
+    owner, twin = grid.user()
+    network = {"type": "network", "name": "net", "ip_range": "10.1.0.0/16",
+               "subnet": "10.1.1.0/24"}
+    cid, _ = grid.deploy(owner, twin, [zdb_wl("db"), network], node)
+    c = grid.wait_contract(cid, {"error", "deployed"})
+    assert c["state"] == "error", c
+    assert c["report"]["error"] == f"node {node} has no provisioner for workload type network"
+    # refused before anything happened: no namespace, no local workload, no capacity held
+    assert namespaces(zport, data) == set()
+    snap = httpx.get(f"http://127.0.0.1:{status_port}/", timeout=5).json()
+    assert snap["workloads"] == []
+    assert [(x["id"], x["status"]) for x in snap["contracts"]] == [(cid, "refused")]
+    assert not any(snap["used"].values()), snap["used"]
+    grid.client.cancel(owner, cid)
+    grid.wait_contract(cid, {"deleted"})
+    assert not any(grid.client.node(node)["reserved"].values())
 
 
 def test_kill9_mid_provisioning_converges(procs: ProcessGroup, tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ from zerostack.node.engine import (
     Executor,
     Provision,
     Update,
+    missing_provisioners,
     observe,
     plan,
 )
@@ -26,10 +27,11 @@ from zerostack.node.provisioners import (
     DryProvisioner,
     NodeContext,
     Provisioned,
+    ProvisionError,
     WorkloadID,
     build_provisioners,
 )
-from zerostack.node.state import NodeState
+from zerostack.node.state import NodeState, WorkloadRecord
 from zerostack.workloads import Deployment, workload_hash
 
 SPECS = {
@@ -161,6 +163,69 @@ def test_executor_reports_missing_provisioner(tmp_path: Path) -> None:
     [out] = ex.execute(plan(desired, {}))
     assert out.state == "error" and "no provisioner for public_ip" in out.message
     assert state.workloads()[0].state == "error"
+    state.close()
+
+
+def test_missing_provisioners_lists_each_type_once() -> None:
+    desired = desired_of([(1, "a", "network", 0), (1, "b", "zdb", 0), (1, "c", "network", 1),
+                          (1, "d", "public_ip", 0)])
+    workloads = [d.spec for d in desired.values()]
+    assert missing_provisioners(workloads, {"zdb": DryProvisioner(
+        NodeContext(Path("/nonexistent"), Identity.generate()))}) == ["network", "public_ip"]
+
+
+def test_removal_of_a_type_without_provisioner_drops_it(tmp_path: Path) -> None:
+    # A record of a type this node cannot handle (left by an older version that accepted
+    # it) must not make its contract's cancellation wait forever.
+    state = NodeState(tmp_path / "state.db")
+    spec = dict(SPECS["network"], name="net", description="")
+    wid = WorkloadID(1, "net")
+    state.put_workload(WorkloadRecord(wid, "network", spec, "h", "error", "failed", {}))
+    [out] = Executor({}, state).execute(plan({}, observe(state.workloads(), {})))
+    assert (out.wid, out.state) == (wid, "deleted")
+    assert state.workloads() == []
+    state.close()
+
+
+class BrokenRemoval(DryProvisioner):
+    """Provisions, but its removal fails until `fixed`."""
+
+    fixed = False
+    calls = 0
+
+    def deprovision(self, wid: WorkloadID, spec: Any) -> None:
+        self.calls += 1
+        if not self.fixed:
+            raise ProvisionError("device busy")
+        super().deprovision(wid, spec)
+
+
+def test_failed_removal_is_retried_with_backoff_and_blocks_nothing(tmp_path: Path) -> None:
+    node = NodeContext(tmp_path, Identity.generate())
+    state = NodeState(tmp_path / "state.db")
+    broken = BrokenRemoval(node)
+    now = [100.0]
+    ex = Executor({"zdb": broken, "volume": DryProvisioner(node)}, state, clock=lambda: now[0])
+    desired = desired_of([(1, "z", "zdb", 0), (1, "v", "volume", 0), (2, "w", "volume", 0)])
+    ex.execute(plan(desired, {}))
+
+    def remove_all() -> dict[str, str]:
+        outs = ex.execute(plan({}, observe(state.workloads(), ex.provisioners)))
+        return {o.wid.name: o.state for o in outs}
+
+    # the zdb's removal fails; every other removal still happens in the same pass
+    assert remove_all() == {"z": "error", "v": "deleted", "w": "deleted"}
+    assert broken.calls == 1
+    # not tried again before its delay (1s), then the delay doubles
+    assert remove_all() == {"z": "error"} and broken.calls == 1
+    for step, expected_calls in ((1.0, 2), (1.5, 2), (0.5, 3), (3.9, 3), (0.1, 4)):
+        now[0] += step
+        remove_all()
+        assert broken.calls == expected_calls, (step, broken.calls)
+    broken.fixed = True
+    now[0] += 8.0
+    assert remove_all() == {"z": "deleted"}
+    assert state.workloads() == []
     state.close()
 
 

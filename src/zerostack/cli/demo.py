@@ -3,12 +3,13 @@
 Starts a ledger and two node agents (each with its own Zero-DB), creates a user and two
 stakeholders, deploys a Zero-DB namespace that needs two of three signatures, shows that
 nothing happens until the quorum holds, writes to the namespace once the node reports it,
-and leaves the grid running for the CLI until Ctrl-C.
+and leaves the grid running for the CLI until Ctrl-C or SIGTERM. Stopping it (or a
+failure) stops everything the grid started, containers and mounts included; a crashed
+demo's leftovers in the same folder are stopped by the next start before it wipes it.
 """
 
 from __future__ import annotations
 
-import shutil
 import signal
 import time
 from pathlib import Path
@@ -93,21 +94,33 @@ def _run(grid: LocalGrid, nodes: int, once: bool) -> int:
     return 0
 
 
+def _interrupt(*_: object) -> None:
+    raise KeyboardInterrupt
+
+
 def demo(
-    directory: Path = typer.Option(Path("./var/demo"), "--dir",
-                                   help="Where the grid keeps its state (wiped at start)."),
+    directory: Path = typer.Option(
+        Path("./var/demo"), "--dir",
+        help="Where the grid keeps its state (an earlier demo there is stopped and wiped)."),
     nodes: int = typer.Option(2, "--nodes", min=1, max=8, help="How many node agents."),
     ledger_port: int = typer.Option(7700, "--ledger-port", help="The ledger's HTTP port."),
     zdb_port: int = typer.Option(9901, "--zdb-port", help="First node's Zero-DB port."),
     once: bool = typer.Option(False, "--once", help="Stop the grid after the walk-through."),
 ) -> None:
     """Run a local grid and take one smart contract through its life."""
-    if directory.exists():
-        if any(directory.iterdir()) and not (directory / "ledger.db").exists():
-            fail(f"{directory} is not empty and holds no demo grid; pick another --dir")
-        shutil.rmtree(directory)
+    if directory.is_symlink():
+        fail(f"{directory} is a symbolic link; give the folder itself as --dir")
+    if (directory.exists() and any(directory.iterdir())
+            and not (directory / "ledger.db").exists()):
+        fail(f"{directory} is not empty and holds no demo grid; pick another --dir")
     grid = LocalGrid(directory.resolve(), ledger_port=ledger_port, zdb_base_port=zdb_port)
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        grid.reset()
+    except GridError as exc:
+        fail(str(exc))
+    stops = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    for sig in stops:
+        signal.signal(sig, _interrupt)
     code = 0
     try:
         code = _run(grid, nodes, once)
@@ -120,6 +133,13 @@ def demo(
         console.print(f"[bold red]error:[/] {exc}", highlight=False)
         code = 1
     finally:
-        _step("stopping the grid")
-        grid.stop()
+        # Stopping must finish: a second Ctrl-C would leave containers and mounts behind.
+        for sig in stops:
+            signal.signal(sig, signal.SIG_IGN)
+        _step("stopping the grid: its processes, containers and mounts")
+        try:
+            grid.stop()
+        except GridError as exc:
+            console.print(f"[bold red]error:[/] {exc}", highlight=False)
+            code = 1
     raise typer.Exit(code)

@@ -2,7 +2,10 @@
 
 Every part is the real program (`zerostack ledger serve`, `zerostack node run`, each node
 with its own Zero-DB); the grid only starts them, waits until they answer, and stops
-them. Used by `zerostack demo` and by anyone who wants a grid to try contracts on.
+them together with what its nodes run (containers, mounts, cgroups). The processes it
+started are listed in `<root>/grid.pids`, so a later grid on the same folder stops what a
+crashed one left. Used by `zerostack demo` and by anyone who wants a grid to try
+contracts on.
 """
 
 from __future__ import annotations
@@ -18,11 +21,12 @@ from pathlib import Path
 from typing import IO
 
 from zerostack.crypto import Identity, load_identity, save_identity
+from zerostack.grid.errors import GridError
+from zerostack.grid.teardown import release, remove_tree
 from zerostack.ledger import LedgerClient
 
-
-class GridError(Exception):
-    """A grid process that did not start or answer, with the tail of its log."""
+PIDS = "grid.pids"
+STOP_WAIT = 10.0
 
 
 def _cli() -> list[str]:
@@ -36,6 +40,28 @@ def _port_open(port: int) -> bool:
             return True
     except OSError:
         return False
+
+
+def _start_time(pid: int) -> int | None:
+    """When process `pid` started (clock ticks after boot), or None when there is none:
+    with the pid, it names one process for good (a pid alone may be reused)."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(text.rsplit(")", 1)[1].split()[19])
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    # Every grid process leads its own session and process group (its Zero-DB is in it);
+    # one that does not lead a group is signalled alone.
+    try:
+        if os.getpgid(pid) == pid:
+            os.killpg(pid, sig)
+        else:
+            os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
 
 
 @dataclass
@@ -77,6 +103,8 @@ class LocalGrid:
         proc = subprocess.Popen([*_cli(), *args], stdout=log, stderr=log,
                                 start_new_session=True)
         self._procs.append(proc)
+        with open(self.root / PIDS, "a") as f:
+            f.write(f"{proc.pid} {_start_time(proc.pid)} {name}\n")
         return proc
 
     def log_tail(self, name: str) -> str:
@@ -103,7 +131,41 @@ class LocalGrid:
         save_identity(ident, path, name)
         return ident
 
+    def reclaim(self) -> None:
+        """Stop what an earlier grid on this folder left running after a crash: the
+        processes it listed in grid.pids (only those still the very same processes),
+        then its nodes' containers, mounts and cgroups."""
+        path = self.root / PIDS
+        stale: list[tuple[int, int]] = []
+        if path.exists():
+            for line in path.read_text().splitlines():
+                fields = line.split()
+                if len(fields) < 2 or not fields[0].isdigit() or not fields[1].isdigit():
+                    continue
+                pid, started = int(fields[0]), int(fields[1])
+                if pid != os.getpid() and _start_time(pid) == started:
+                    stale.append((pid, started))
+        for pid, _ in stale:
+            _signal_group(pid, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_WAIT
+        while any(_start_time(p) == s for p, s in stale) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for pid, started in stale:
+            if _start_time(pid) == started:
+                _signal_group(pid, signal.SIGKILL)
+        path.unlink(missing_ok=True)
+        problems = release(self.root)
+        if problems:
+            raise GridError(f"{self.root}: what an earlier grid left cannot be stopped: "
+                            + "; ".join(problems))
+
+    def reset(self) -> None:
+        """reclaim(), then delete the folder (never through a mount point)."""
+        self.reclaim()
+        remove_tree(self.root)
+
     def start_ledger(self) -> LedgerClient:
+        self.reclaim()
         if _port_open(self.ledger_port):
             raise GridError(f"port {self.ledger_port} is taken: is another grid running?")
         self.root.mkdir(parents=True, exist_ok=True)
@@ -141,24 +203,31 @@ class LocalGrid:
         return node
 
     def stop(self) -> None:
-        """Stop every process (SIGTERM, then SIGKILL after a grace period)."""
+        """Stop every process (SIGTERM, then SIGKILL after a grace period), then what the
+        nodes run: containers, mounts, cgroups. Raises GridError naming what stays."""
         for proc in reversed(self._procs):
             if proc.poll() is None:
-                try:
-                    os.killpg(proc.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
-        deadline = time.monotonic() + 10
+                _signal_group(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_WAIT
         for proc in self._procs:
             try:
                 proc.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+                _signal_group(proc.pid, signal.SIGKILL)
                 proc.wait()
         for log in self._logs:
             log.close()
         self._procs.clear()
         self._logs.clear()
+        # Containers outlive their agent by design (an agent restart keeps them); the
+        # grid started them, so the grid stops them.
+        problems = release(self.root)
+        if problems:
+            raise GridError("the grid stopped, but these stay: " + "; ".join(problems))
+        (self.root / PIDS).unlink(missing_ok=True)
+
+    def __enter__(self) -> LocalGrid:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

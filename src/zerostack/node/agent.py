@@ -17,7 +17,14 @@ from typing import Any
 from zerostack.crypto import Identity, KeyChanged, KeyPins, hash_hex, load_identity, save_identity
 from zerostack.ledger.errors import LedgerError, LedgerRejected
 from zerostack.node.capacity import node_capacity, system_reserve
-from zerostack.node.engine import Desired, Executor, Outcome, observe, plan
+from zerostack.node.engine import (
+    Desired,
+    Executor,
+    Outcome,
+    missing_provisioners,
+    observe,
+    plan,
+)
 from zerostack.node.link import LedgerLink
 from zerostack.node.provisioners import (
     NodeContext,
@@ -414,12 +421,22 @@ class NodeAgent:
                     raise Refused(f"update lacks the current stakeholders' consent: {why}")
         except WorkloadError as exc:
             raise Refused(str(exc)) from exc
+        self._refuse_unprovisionable(dep)
         need = total_resources(dep.workloads)
         free = self.capacity - self.reserve - self._used(exclude=cid)
         why = need.fits_in(free)
         if why is not None:
             raise Refused(f"over capacity: {why} (after the system reserve)")
         return dep
+
+    def _refuse_unprovisionable(self, dep: Deployment) -> None:
+        """A type this node cannot run is refused before anything is provisioned or
+        reserved: accepted, it would fail, hold its capacity and block its own removal."""
+        missing = missing_provisioners(dep.workloads, self.provisioners)
+        if missing:
+            kind = "type" if len(missing) == 1 else "types"
+            raise Refused(f"node {self.node_id} has no provisioner for workload {kind} "
+                          f"{', '.join(missing)}")
 
     def _used(self, exclude: int | None = None) -> Resources:
         used = Resources()

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import base64
 import logging
-from collections.abc import Callable, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +22,10 @@ from zerostack.workloads import Deployment, Workload
 
 log = logging.getLogger("zerostack.node.engine")
 _WORKLOAD = TypeAdapter(Workload)
+# A removal that failed is tried again after this many seconds, doubling up to the cap:
+# a broken removal must not cost every pass its full timeout, nor be forgotten.
+REMOVAL_RETRY_FIRST = 1.0
+REMOVAL_RETRY_MAX = 300.0
 
 
 @dataclass(frozen=True)
@@ -113,6 +118,12 @@ def plan(
     return [*removals, *installs]
 
 
+def missing_provisioners(workloads: Iterable[Workload],
+                         provisioners: Mapping[str, Provisioner]) -> list[str]:
+    """The workload types among `workloads` that this node has no provisioner for, sorted."""
+    return sorted({w.type for w in workloads} - set(provisioners))
+
+
 @dataclass(frozen=True)
 class Outcome:
     """What happened to one workload: state `ok`, `error` or `deleted`, with the result."""
@@ -144,10 +155,14 @@ class Executor:
     """Runs actions through the provisioners, recording every step in the node state."""
 
     def __init__(self, provisioners: Mapping[str, Provisioner], state: NodeState,
-                 on_step: Callable[[Outcome], None] | None = None) -> None:
+                 on_step: Callable[[Outcome], None] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.provisioners = provisioners
         self.state = state
         self.on_step = on_step
+        self.clock = clock
+        # Failed removals: workload -> (seconds to wait after the next failure, due at, why).
+        self._retry: dict[WorkloadID, tuple[float, float, str]] = {}
 
     def _provisioner(self, kind: str) -> Provisioner:
         prov = self.provisioners.get(kind)
@@ -167,15 +182,36 @@ class Executor:
                 self.on_step(outcome)
         return outcomes
 
+    def _remove(self, action: Deprovision) -> Outcome:
+        wid = action.wid
+        if action.type not in self.provisioners:
+            # Nothing of a type without a provisioner was ever made on this node (its
+            # provisioning fails before touching anything), so there is nothing to undo;
+            # keeping the record would make the contract's cancellation wait forever.
+            log.warning("event=anomaly workload=%s type=%s what=%r", wid, action.type,
+                        "no provisioner for this type: dropped from local state")
+            self.state.delete_workload(wid)
+            self._retry.pop(wid, None)
+            return Outcome(wid, action.type, "deleted")
+        wait, due, why = self._retry.get(wid, (REMOVAL_RETRY_FIRST, 0.0, ""))
+        now = self.clock()
+        if now < due:
+            return Outcome(wid, action.type, "error",
+                           f"{why} (next try in {due - now:.0f}s)")
+        try:
+            spec = _WORKLOAD.validate_python(action.spec)
+            self.provisioners[action.type].deprovision(wid, spec)
+        except (ProvisionError, ValidationError, OSError) as exc:
+            why = f"removal failed: {exc}"
+            self._retry[wid] = (min(wait * 2, REMOVAL_RETRY_MAX), now + wait, why)
+            return Outcome(wid, action.type, "error", why)
+        self._retry.pop(wid, None)
+        self.state.delete_workload(wid)
+        return Outcome(wid, action.type, "deleted")
+
     def _one(self, action: Action) -> Outcome:
         if isinstance(action, Deprovision):
-            try:
-                spec = _WORKLOAD.validate_python(action.spec)
-                self._provisioner(action.type).deprovision(action.wid, spec)
-            except (ProvisionError, ValidationError, OSError) as exc:
-                return Outcome(action.wid, action.type, "error", f"removal failed: {exc}")
-            self.state.delete_workload(action.wid)
-            return Outcome(action.wid, action.type, "deleted")
+            return self._remove(action)
         d = action.desired
         spec_json = d.spec.model_dump(mode="json")
         # Recorded before acting: after a crash, `init` tells the next plan to converge.
