@@ -3,6 +3,7 @@ itself, reconciles the machine against them, and reports back, signed.
 
 Level-triggered: events only say "look at contract N now"; a periodic pass looks at all
 of them again (and checks workloads still exist), so nothing depends on seeing an event.
+Its data dir is 0700 and its key and state 0600: no other host user reads any of it.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from zerostack.crypto import CryptoError, Identity, hash_hex, load_identity, sav
 from zerostack.ledger.errors import LedgerError, LedgerRejected
 from zerostack.node.capacity import node_capacity, system_reserve
 from zerostack.node.engine import Desired, Executor, Outcome, observe, plan
+from zerostack.node.hostfs import private_dir, restrict
 from zerostack.node.link import LedgerLink
 from zerostack.node.provisioners import (
     NodeContext,
@@ -100,6 +102,7 @@ def default_pools(data_dir: Path) -> list[Pool]:
 def load_or_create_identity(data_dir: Path) -> Identity:
     path = data_dir / "identity.key"
     if path.exists():
+        restrict(path)
         return load_identity(path)
     ident = Identity.generate()
     save_identity(ident, path, "node")
@@ -112,7 +115,10 @@ class NodeAgent:
 
     def __init__(self, cfg: AgentConfig) -> None:
         self.cfg = cfg
-        cfg.data_dir.mkdir(parents=True, exist_ok=True)
+        # Created 0700, or made so: a node upgraded from a version that left it open.
+        private_dir(cfg.data_dir)
+        for name in ("zdb.log", "zdb.pid"):
+            restrict(cfg.data_dir / name)
         self.pools = cfg.pools or default_pools(cfg.data_dir)
         self.identity = load_or_create_identity(cfg.data_dir)
         self.state = NodeState(cfg.data_dir / "state.db")
@@ -136,7 +142,8 @@ class NodeAgent:
 
     async def start(self) -> None:
         for pool in self.pools:
-            pool.path.mkdir(parents=True, exist_ok=True)
+            pool.path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        restrict(self.cfg.data_dir / "pools")
         if not self.cfg.dry:
             self.zdb = ZdbServer(self.cfg.data_dir, self.pools, self.cfg.zdb_port,
                                  self.cfg.zdb_listen)

@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from zerostack.node.runtime.logaccess import (
         LogRequest,
         answer_log_request,
+        check_log_request,
         decode_request,
         encode_request,
         sign_log_request,
@@ -43,6 +44,7 @@ _EXPORTS = {
     "read_logs": "logs",
     "LogRequest": "logaccess",
     "answer_log_request": "logaccess",
+    "check_log_request": "logaccess",
     "sign_log_request": "logaccess",
     "encode_request": "logaccess",
     "decode_request": "logaccess",
@@ -59,6 +61,7 @@ __all__ = [
     "VolumeBind",
     "answer_log_request",
     "cgroup_dirs",
+    "check_log_request",
     "decode_request",
     "encode_request",
     "oci_config",
