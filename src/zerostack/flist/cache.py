@@ -111,6 +111,10 @@ class ImageCache:
         for entry in os.scandir(self.images):
             if entry.is_dir(follow_symlinks=False):
                 _private_dir(Path(entry.path))
+                for name in ("flist", "seal.json"):
+                    path = Path(entry.path) / name
+                    if path.is_file() and not path.is_symlink():
+                        os.chmod(path, 0o600)
 
     @contextlib.contextmanager
     def _lock(self, manifest_hash: str) -> Iterator[None]:
@@ -158,8 +162,11 @@ class ImageCache:
                         "root": _stamp(os.lstat(rootfs)),
                         "paths": [_stamp(os.lstat(f"{rootfs}/{e.path}"))
                                   for e in flist.manifest.entries]}
-                (tmp / "flist").write_bytes(flist.to_bytes())
-                (tmp / "seal.json").write_bytes(orjson.dumps(seal))
+                for name, body in (("flist", flist.to_bytes()), ("seal.json", orjson.dumps(seal))):
+                    fd = os.open(tmp / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                                 0o600)
+                    with os.fdopen(fd, "wb") as f:
+                        f.write(body)
                 os.rename(tmp, target)
             except BaseException:
                 self._discard(tmp)
