@@ -116,7 +116,8 @@ class NodeAgent:
     def __init__(self, cfg: AgentConfig) -> None:
         self.cfg = cfg
         # Created 0700, or made so: a node upgraded from a version that left it open.
-        private_dir(cfg.data_dir)
+        # (The operator may have made the data dir itself a link: that one is followed.)
+        private_dir(cfg.data_dir.resolve())
         for name in ("zdb.log", "zdb.pid"):
             restrict(cfg.data_dir / name)
         self.pools = cfg.pools or default_pools(cfg.data_dir)

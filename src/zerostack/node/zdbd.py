@@ -44,9 +44,11 @@ def zdb_dirs(data_dir: Path, pools: list[Pool]) -> tuple[Path, Path]:
     return base / "data", base / "index"
 
 
-def _die_with_parent() -> None:
+def _child_setup() -> None:
     # Runs in the child before exec: if the agent is killed (even with -9), so is its zdb,
-    # and the restarted agent starts a fresh one on the same files.
+    # and the restarted agent starts a fresh one on the same files. Its files hold tenant
+    # data: created without group or other access.
+    os.umask(0o077)
     libc = ctypes.CDLL("libc.so.6", use_errno=True)
     libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
@@ -90,7 +92,7 @@ class ZdbServer:
             self.proc = await asyncio.create_subprocess_exec(
                 *self._args(), stdout=logf, stderr=logf, stdin=asyncio.subprocess.DEVNULL,
                 env={**os.environ, "ZEROSTACK_ZDB_ADMIN": self.admin},
-                preexec_fn=_die_with_parent)
+                preexec_fn=_child_setup)
         with os.fdopen(create_private(self.log_path.with_name("zdb.pid"),
                                       os.O_WRONLY | os.O_TRUNC), "w") as f:
             f.write(str(self.proc.pid))

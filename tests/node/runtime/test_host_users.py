@@ -91,6 +91,9 @@ class Layout:
             assert mode(path) & 0o077 == 0, (what, oct(mode(path)))
         for what, path in self.dirs.items():
             assert mode(path) & 0o077 == 0, (what, oct(mode(path)))
+        for tree in ("zdb data", "logs"):
+            for inner in self.dirs[tree].rglob("*"):
+                assert mode(inner) & 0o077 == 0, (inner, oct(mode(inner)))
         # A data dir opened by mistake still hides everything: each layer holds alone.
         os.chmod(self.data, 0o711)
         try:

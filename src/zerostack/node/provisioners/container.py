@@ -211,6 +211,8 @@ class ContainerProvisioner(Provisioner):
             raise ProvisionError(f"no container {wid} on this node") from None
         except ContainerError as exc:
             raise ProvisionError(str(exc)) from None
+        except OSError as exc:
+            raise ProvisionError(f"cannot read the logs of {wid}: {exc.strerror}") from None
 
     def serve_logs_query(self, token: str,
                          owner_key_for: Callable[[int], str | None]) -> tuple[int, dict[str, Any]]:
