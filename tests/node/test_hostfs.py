@@ -21,6 +21,7 @@ from zerostack.node.hostfs import (
     restrict_tree,
 )
 from zerostack.node.provisioners import ProvisionError, WorkloadID, check_workload_name
+from zerostack.node.provisioners.container import check_mountpoint
 from zerostack.node.runtime import ContainerError, ContainerRuntime, read_logs
 from zerostack.node.runtime.logs import LOG_NAME, RotatingLog
 
@@ -71,6 +72,18 @@ def test_a_component_is_never_a_path(text: str) -> None:
     except ValueError:
         return
     assert text not in ("", ".", "..") and "/" not in text and "\x00" not in text
+
+
+@pytest.mark.parametrize("target", ["/data", "/srv/www", "/a-b/c_d.e"])
+def test_plain_mount_points_pass(target: str) -> None:
+    assert check_mountpoint(target) == target
+
+
+@pytest.mark.parametrize("target", ["data", "/", "/data/", "/a//b", "/a/../../etc", "/./a",
+                                    "/a\x00", "/" + "a" * 1100])
+def test_odd_mount_points_are_refused(target: str) -> None:
+    with pytest.raises(ProvisionError, match="mount point"):
+        check_mountpoint(target)
 
 
 def test_open_beneath_follows_no_link_on_the_way(tmp_path: Path) -> None:

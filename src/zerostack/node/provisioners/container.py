@@ -62,13 +62,15 @@ def parse_flist_ref(flist: str, flist_hash: str, default_hub: str = "") -> tuple
         raise ProvisionError(str(exc)) from None
 
 
-def _check_mountpoint(wid: WorkloadID, target: str) -> None:
-    """A volume's place in the container: an absolute path of plain components."""
+def check_mountpoint(target: str) -> str:
+    """A volume's place in the container: an absolute path of plain components (runc
+    resolves it inside the container's root, but nothing odd is passed on at all)."""
     parts = target.split("/")[1:]
     if (not target.startswith("/") or len(target) > 1024 or "\x00" in target
-            or any(p in (".", "..") for p in parts) or "//" in target):
-        raise ProvisionError(f"container {wid.name}: mount point {target[:80]!r} must be an "
-                             "absolute path without '.', '..' or empty components")
+            or not all(p and p not in (".", "..") for p in parts)):
+        raise ProvisionError(f"mount point {target[:80]!r} must be an absolute path "
+                             "without '.', '..' or empty components")
+    return target
 
 
 class ContainerProvisioner(Provisioner):
@@ -90,7 +92,10 @@ class ContainerProvisioner(Provisioner):
     def _spec(self, wid: WorkloadID, spec: ContainerWorkload, image_hash: str) -> ContainerSpec:
         volumes = []
         for m in spec.mounts:
-            _check_mountpoint(wid, m.mountpoint)
+            try:
+                check_mountpoint(m.mountpoint)
+            except ProvisionError as exc:
+                raise ProvisionError(f"container {wid.name}: {exc}") from None
             source = self.node.volume_mountpoint(WorkloadID(wid.contract, m.volume))
             if not source.is_dir() or not is_mounted(source):
                 raise ProvisionError(f"container {wid.name}: volume {m.volume!r} is not "

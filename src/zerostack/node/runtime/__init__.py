@@ -14,7 +14,6 @@ if TYPE_CHECKING:
     from zerostack.node.runtime.logaccess import (
         LogRequest,
         answer_log_request,
-        check_log_request,
         decode_request,
         encode_request,
         sign_log_request,
@@ -44,7 +43,6 @@ _EXPORTS = {
     "read_logs": "logs",
     "LogRequest": "logaccess",
     "answer_log_request": "logaccess",
-    "check_log_request": "logaccess",
     "sign_log_request": "logaccess",
     "encode_request": "logaccess",
     "decode_request": "logaccess",
@@ -61,7 +59,6 @@ __all__ = [
     "VolumeBind",
     "answer_log_request",
     "cgroup_dirs",
-    "check_log_request",
     "decode_request",
     "encode_request",
     "oci_config",

@@ -89,11 +89,11 @@ def read_logs(directory: Path, tail: int = 200, max_bytes: int = READ_MAX,
     """
     try:
         dfd = open_beneath(directory, beneath)
-    except (NotADirectoryError, ValueError) as exc:
+    except FileNotFoundError:
+        raise
+    except ValueError as exc:
         raise ContainerError(f"log directory refused: {exc}") from None
-    except OSError as exc:
-        if isinstance(exc, FileNotFoundError):
-            raise
+    except OSError as exc:  # ELOOP or ENOTDIR: a link or a file on the way
         raise ContainerError(f"log directory refused: {exc.strerror}") from None
     try:
         rotated = sorted(int(m.group(1)) for n in os.listdir(dfd)
