@@ -4,6 +4,8 @@ One directory per manifest hash (`images/<hash>/rootfs`), written under a temp n
 renamed into place only once every chunk matched its hash, then sealed: the seal records
 each path's inode, size, mode, owner, mtime and ctime, so `check` can confirm before every
 container start that nothing was changed since, without re-hashing the content.
+The cache's own directories are 0700: images are tenant data, and no other host user may
+read them or run what is inside.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import hashlib
 import os
 import queue
 import shutil
+import stat
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -29,6 +32,7 @@ FETCH_BATCH_BYTES = 16 * 1024 * 1024
 FETCH_BATCH_KEYS = 128
 WRITERS = 4
 _SEAL_VERSION = 1
+_PRIVATE_DIR = 0o700
 
 
 def _check_hash(text: str) -> bytes:
@@ -98,10 +102,27 @@ class ImageCache:
         _check_hash(manifest_hash)
         return self.images / manifest_hash
 
+    def make_private(self) -> None:
+        """Create the cache's directories 0700, and close those an older version left open
+        (the root, `images/`, `locks/` and each image's directory; the images' own
+        sealed modes are kept, unreachable behind them)."""
+        for d in (self.root, self.images, self.locks):
+            _private_dir(d)
+        for entry in os.scandir(self.images):
+            if entry.is_dir(follow_symlinks=False):
+                _private_dir(Path(entry.path))
+                for name in ("flist", "seal.json"):
+                    path = Path(entry.path) / name
+                    if path.is_file() and not path.is_symlink():
+                        os.chmod(path, 0o600)
+
     @contextlib.contextmanager
     def _lock(self, manifest_hash: str) -> Iterator[None]:
-        self.locks.mkdir(parents=True, exist_ok=True)
-        with open(self.locks / f"{manifest_hash}.lock", "a") as f:
+        _private_dir(self.root)
+        _private_dir(self.locks)
+        fd = os.open(self.locks / f"{manifest_hash}.lock",
+                     os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "a") as f:
             fcntl.flock(f, fcntl.LOCK_EX)
             try:
                 yield
@@ -129,7 +150,7 @@ class ImageCache:
                 except FlistError:
                     self._discard(target)  # altered behind our back: fetch it again
             flist = fetch_flist(hub, manifest_hash, allowed)
-            self.images.mkdir(parents=True, exist_ok=True)
+            _private_dir(self.images)
             for stale in self.images.glob(f".tmp-{manifest_hash}-*"):
                 self._discard(stale)
             tmp = self.images / f".tmp-{manifest_hash}-{os.getpid()}-{threading.get_ident()}"
@@ -141,9 +162,11 @@ class ImageCache:
                         "root": _stamp(os.lstat(rootfs)),
                         "paths": [_stamp(os.lstat(f"{rootfs}/{e.path}"))
                                   for e in flist.manifest.entries]}
-                (tmp / "flist").write_bytes(flist.to_bytes())
-                (tmp / "seal.json").write_bytes(orjson.dumps(seal))
-                os.chmod(tmp, 0o755)
+                for name, body in (("flist", flist.to_bytes()), ("seal.json", orjson.dumps(seal))):
+                    fd = os.open(tmp / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                                 0o600)
+                    with os.fdopen(fd, "wb") as f:
+                        f.write(body)
                 os.rename(tmp, target)
             except BaseException:
                 self._discard(tmp)
@@ -326,6 +349,14 @@ class ImageCache:
             os.close(fd)
         with lock:
             stats.chunks_local += local_chunks
+
+
+def _private_dir(path: Path) -> None:
+    """`path` as a directory only its owner can enter (created so, or made so)."""
+    path.mkdir(mode=_PRIVATE_DIR, parents=True, exist_ok=True)
+    st = os.lstat(path)
+    if stat.S_ISDIR(st.st_mode) and stat.S_IMODE(st.st_mode) != _PRIVATE_DIR:
+        os.chmod(path, _PRIVATE_DIR)
 
 
 def _read_at(path: str, offset: int, length: int) -> bytes | None:

@@ -3,6 +3,7 @@ itself, reconciles the machine against them, and reports back, signed.
 
 Level-triggered: events only say "look at contract N now"; a periodic pass looks at all
 of them again (and checks workloads still exist), so nothing depends on seeing an event.
+Its data dir is 0700 and its key and state 0600: no other host user reads any of it.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from zerostack.node.engine import (
     observe,
     plan,
 )
+from zerostack.node.hostfs import private_dir, restrict
 from zerostack.node.link import LedgerLink
 from zerostack.node.provisioners import (
     NodeContext,
@@ -104,6 +106,7 @@ def default_pools(data_dir: Path) -> list[Pool]:
 def load_or_create_identity(data_dir: Path) -> Identity:
     path = data_dir / "identity.key"
     if path.exists():
+        restrict(path)
         return load_identity(path)
     ident = Identity.generate()
     save_identity(ident, path, "node")
@@ -116,7 +119,11 @@ class NodeAgent:
 
     def __init__(self, cfg: AgentConfig) -> None:
         self.cfg = cfg
-        cfg.data_dir.mkdir(parents=True, exist_ok=True)
+        # Created 0700, or made so: a node upgraded from a version that left it open.
+        # (The operator may have made the data dir itself a link: that one is followed.)
+        private_dir(cfg.data_dir.resolve())
+        for name in ("zdb.log", "zdb.pid"):
+            restrict(cfg.data_dir / name)
         self.pools = cfg.pools or default_pools(cfg.data_dir)
         self.identity = load_or_create_identity(cfg.data_dir)
         self.state = NodeState(cfg.data_dir / "state.db")
@@ -142,7 +149,8 @@ class NodeAgent:
 
     async def start(self) -> None:
         for pool in self.pools:
-            pool.path.mkdir(parents=True, exist_ok=True)
+            pool.path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        restrict(self.cfg.data_dir / "pools")
         if not self.cfg.dry:
             self.zdb = ZdbServer(self.cfg.data_dir, self.pools, self.cfg.zdb_port,
                                  self.cfg.zdb_listen)

@@ -19,7 +19,7 @@ def machine_memory() -> int:
 
 
 def pool_size(pool: Pool) -> int:
-    pool.path.mkdir(parents=True, exist_ok=True)
+    pool.path.mkdir(mode=0o700, parents=True, exist_ok=True)
     st = os.statvfs(pool.path)
     return st.f_blocks * st.f_frsize
 

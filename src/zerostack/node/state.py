@@ -1,11 +1,13 @@
 """The node's local record of what it runs (actual state) and what it last reported, in SQLite.
 
 Written before and after every provisioning step, so a restart after a crash knows
-exactly which workloads were in flight.
+exactly which workloads were in flight. It holds opened deployments (secret env,
+passwords): the database and its WAL files are 0600.
 """
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 import time
@@ -15,6 +17,7 @@ from typing import Any
 
 import orjson
 
+from zerostack.node.hostfs import restrict
 from zerostack.node.provisioners.base import WorkloadID
 
 SCHEMA = """
@@ -79,7 +82,12 @@ class NodeState:
     """Thread-safe SQLite store (the executor runs in worker threads)."""
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # SQLite gives its -wal and -shm files the database file's mode: create it 0600,
+        # and close the files an older version left readable.
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
+        for name in (path.name, f"{path.name}-wal", f"{path.name}-shm", f"{path.name}-journal"):
+            restrict(path.with_name(name))
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")

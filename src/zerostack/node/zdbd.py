@@ -1,7 +1,8 @@
 """The node's own Zero-DB server: started as a child process and restarted if it dies.
 
 Its admin password is generated once and kept (mode 0600) in the node's data dir; only
-the zdb provisioner uses it. Data goes on an HDD pool when the node has one.
+the zdb provisioner uses it. Data goes on an HDD pool when the node has one, in a 0700
+directory: it is tenant data.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+from zerostack.node.hostfs import create_private, private_dir, restrict, restrict_tree
 from zerostack.node.provisioners import Pool
 
 log = logging.getLogger("zerostack.node.zdbd")
@@ -25,8 +27,9 @@ log = logging.getLogger("zerostack.node.zdbd")
 def admin_password(data_dir: Path) -> str:
     path = data_dir / "zdb-admin.secret"
     if path.exists():
+        restrict(path)
         return path.read_text().strip()
-    data_dir.mkdir(parents=True, exist_ok=True)
+    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     pwd = secrets.token_hex(16)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
@@ -41,9 +44,11 @@ def zdb_dirs(data_dir: Path, pools: list[Pool]) -> tuple[Path, Path]:
     return base / "data", base / "index"
 
 
-def _die_with_parent() -> None:
+def _child_setup() -> None:
     # Runs in the child before exec: if the agent is killed (even with -9), so is its zdb,
-    # and the restarted agent starts a fresh one on the same files.
+    # and the restarted agent starts a fresh one on the same files. Its files hold tenant
+    # data: created without group or other access.
+    os.umask(0o077)
     libc = ctypes.CDLL("libc.so.6", use_errno=True)
     libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
@@ -69,6 +74,7 @@ class ZdbServer:
         self.proc: asyncio.subprocess.Process | None = None
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
+        self._modes_checked = False  # older files made private once per run
 
     def _args(self) -> list[str]:
         # The admin password goes in the environment, not argv: argv is world-readable.
@@ -76,14 +82,20 @@ class ZdbServer:
                 "--port", str(self.port), "--data", str(self.data), "--index", str(self.index)]
 
     async def _spawn(self) -> None:
-        self.data.mkdir(parents=True, exist_ok=True)
-        self.index.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "ab") as logf:
+        base = self.data.parent
+        if base.is_dir() and not base.is_symlink() and not self._modes_checked:
+            restrict_tree(base)  # files an older version left readable
+        self._modes_checked = True
+        for d in (base, self.data, self.index):
+            private_dir(d)
+        with os.fdopen(create_private(self.log_path), "ab") as logf:
             self.proc = await asyncio.create_subprocess_exec(
                 *self._args(), stdout=logf, stderr=logf, stdin=asyncio.subprocess.DEVNULL,
                 env={**os.environ, "ZEROSTACK_ZDB_ADMIN": self.admin},
-                preexec_fn=_die_with_parent)
-        self.log_path.with_name("zdb.pid").write_text(str(self.proc.pid))
+                preexec_fn=_child_setup)
+        with os.fdopen(create_private(self.log_path.with_name("zdb.pid"),
+                                      os.O_WRONLY | os.O_TRUNC), "w") as f:
+            f.write(str(self.proc.pid))
         log.info("event=zdb_started pid=%s port=%s", self.proc.pid, self.port)
 
     async def start(self, timeout: float = 15.0) -> None:

@@ -12,6 +12,7 @@ from zerostack.node.provisioners.base import (
     Provisioner,
     ProvisionError,
     WorkloadID,
+    check_workload_name,
 )
 from zerostack.node.provisioners.container import ContainerProvisioner
 from zerostack.node.provisioners.dry import DryProvisioner
@@ -55,4 +56,5 @@ __all__ = [
     "Provisioner",
     "WorkloadID",
     "build_provisioners",
+    "check_workload_name",
 ]

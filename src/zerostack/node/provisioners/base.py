@@ -7,6 +7,7 @@ says the thing went missing, and expects convergence, never a duplicate.
 
 from __future__ import annotations
 
+import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,18 +15,48 @@ from typing import Any, Literal
 
 from zerostack.crypto import Identity
 from zerostack.workloads import Deployment, Workload
+from zerostack.workloads.types import NAME_PATTERN
+
+MAX_CONTRACT_ID = (1 << 63) - 1
+_NAME = re.compile(NAME_PATTERN)
 
 
 class ProvisionError(Exception):
     """A workload could not be provisioned, updated or removed; the message goes in the report."""
 
 
+def check_workload_name(name: object) -> str:
+    """`name` if it is a workload name (the deployment's pattern: lowercase letters, digits,
+    `-` and `_`, 1 to 63 characters); ProvisionError otherwise. Node file, directory,
+    container and namespace names are built from it, so nothing else may pass."""
+    if not isinstance(name, str) or _NAME.fullmatch(name) is None:
+        shown = repr(name[:64] if isinstance(name, str) else name)
+        raise ProvisionError(f"invalid workload name {shown}: a workload name is 1 to 63 of "
+                             "a-z, 0-9, '-' and '_', starting with a letter or digit")
+    return name
+
+
+def check_contract_id(contract: object) -> int:
+    """`contract` if it is a contract id (an integer from 0 to 2^63-1); ProvisionError
+    otherwise."""
+    if type(contract) is not int or not 0 <= contract <= MAX_CONTRACT_ID:
+        raise ProvisionError(f"invalid contract id {str(contract)[:30]!r}")
+    return contract
+
+
 @dataclass(frozen=True, order=True)
 class WorkloadID:
-    """A workload on this node: the contract it belongs to and its name in the deployment."""
+    """A workload on this node: the contract it belongs to and its name in the deployment.
+
+    Both are checked on construction: every path and name a provisioner builds comes
+    from `key`."""
 
     contract: int
     name: str
+
+    def __post_init__(self) -> None:
+        check_contract_id(self.contract)
+        check_workload_name(self.name)
 
     @property
     def key(self) -> str:

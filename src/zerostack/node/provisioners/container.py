@@ -62,6 +62,17 @@ def parse_flist_ref(flist: str, flist_hash: str, default_hub: str = "") -> tuple
         raise ProvisionError(str(exc)) from None
 
 
+def check_mountpoint(target: str) -> str:
+    """A volume's place in the container: an absolute path of plain components (runc
+    resolves it inside the container's root, but nothing odd is passed on at all)."""
+    parts = target.split("/")[1:]
+    if (not target.startswith("/") or len(target) > 1024 or "\x00" in target
+            or not all(p and p not in (".", "..") for p in parts)):
+        raise ProvisionError(f"mount point {target[:80]!r} must be an absolute path "
+                             "without '.', '..' or empty components")
+    return target
+
+
 class ContainerProvisioner(Provisioner):
     """Runs container workloads; `status` gives the live init/ok/error for reports."""
 
@@ -69,6 +80,10 @@ class ContainerProvisioner(Provisioner):
         super().__init__(node)
         self.images = ImageCache(Path(node.extra.get("image_cache", node.data_dir / "images")))
         self.runtime = ContainerRuntime(node.data_dir / "containers")
+        # Images, bundles (secret env) and logs are tenant data: no other host user may
+        # read them, also where an older version of the node left them open.
+        self.images.make_private()
+        self.runtime.make_private()
 
     def container_id(self, wid: WorkloadID) -> str:
         # Unique per machine: several nodes may share one machine (and its cgroups).
@@ -77,6 +92,10 @@ class ContainerProvisioner(Provisioner):
     def _spec(self, wid: WorkloadID, spec: ContainerWorkload, image_hash: str) -> ContainerSpec:
         volumes = []
         for m in spec.mounts:
+            try:
+                check_mountpoint(m.mountpoint)
+            except ProvisionError as exc:
+                raise ProvisionError(f"container {wid.name}: {exc}") from None
             source = self.node.volume_mountpoint(WorkloadID(wid.contract, m.volume))
             if not source.is_dir() or not is_mounted(source):
                 raise ProvisionError(f"container {wid.name}: volume {m.volume!r} is not "
@@ -185,15 +204,20 @@ class ContainerProvisioner(Provisioner):
             raise ProvisionError(str(exc)) from None
 
     def answer_logs(self, request: LogRequest, owner_key: str) -> dict[str, Any]:
-        """Answer a `zerostack logs` request: only for the contract's owner, sealed to them."""
+        """Answer a `zerostack logs` request: only for the contract's owner, sealed to them.
+
+        The workload name is checked against the workload pattern before any path is built
+        from it, and the signature before anything is looked up on disk."""
         wid = WorkloadID(request.contract, request.workload)
-        log_dir = self.runtime.dir(self.container_id(wid)) / "logs"
-        if not log_dir.exists():
-            raise ProvisionError(f"no container {wid} on this node")
         try:
-            return answer_log_request(request, owner_key, log_dir)
+            return answer_log_request(request, owner_key, self.runtime.root,
+                                      ("containers", self.container_id(wid), "logs"))
+        except FileNotFoundError:
+            raise ProvisionError(f"no container {wid} on this node") from None
         except ContainerError as exc:
             raise ProvisionError(str(exc)) from None
+        except OSError as exc:
+            raise ProvisionError(f"cannot read the logs of {wid}: {exc.strerror}") from None
 
     def serve_logs_query(self, token: str,
                          owner_key_for: Callable[[int], str | None]) -> tuple[int, dict[str, Any]]:
@@ -203,7 +227,8 @@ class ContainerProvisioner(Provisioner):
         when the node has no such contract)."""
         try:
             request = decode_request(token)
-        except ContainerError as exc:
+            WorkloadID(request.contract, request.workload)
+        except (ContainerError, ProvisionError) as exc:
             return 400, {"error": str(exc)}
         owner = owner_key_for(request.contract)
         if owner is None:

@@ -2,7 +2,8 @@
 
 The filesystem's size is the limit: writes beyond it fail with ENOSPC inside the volume
 and nowhere else. Images are formatted under a temporary name and renamed into place, so
-a crash never leaves a half-made image under the final name.
+a crash never leaves a half-made image under the final name. Images are 0600 in 0700
+directories: through an image file anyone could read every file of the volume.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import os
 import subprocess
 from pathlib import Path
 
+from zerostack.node.hostfs import PRIVATE_FILE, private_dir, restrict
 from zerostack.node.provisioners.base import (
     NodeContext,
     Pool,
@@ -52,6 +54,19 @@ class VolumeProvisioner(Provisioner):
 
     def __init__(self, node: NodeContext) -> None:
         super().__init__(node)
+        self.make_private()
+
+    def make_private(self) -> None:
+        """Close the volume directories and images an older version left readable."""
+        for pool in self._pools():
+            vdir = pool.path / "volumes"
+            if vdir.is_dir() and not vdir.is_symlink():
+                private_dir(vdir)
+                for image in vdir.iterdir():
+                    restrict(image)
+        mounts = self.node.data_dir / "volumes"
+        if mounts.is_dir() and not mounts.is_symlink():
+            private_dir(mounts)
 
     def _pools(self) -> list[Pool]:
         pools = [p for p in self.node.pools if p.kind == "ssd"] or list(self.node.pools)
@@ -70,7 +85,7 @@ class VolumeProvisioner(Provisioner):
     def _choose_pool(self, size: int) -> Pool:
         best: tuple[int, Pool] | None = None
         for pool in self._pools():
-            pool.path.mkdir(parents=True, exist_ok=True)
+            pool.path.mkdir(mode=0o700, parents=True, exist_ok=True)
             st = os.statvfs(pool.path)
             free = st.f_bavail * st.f_frsize
             if free >= size and (best is None or free > best[0]):
@@ -85,16 +100,19 @@ class VolumeProvisioner(Provisioner):
         image = self.image_path(wid)
         if image is None:
             pool = self._choose_pool(size)
-            vdir = pool.path / "volumes"
-            vdir.mkdir(parents=True, exist_ok=True)
+            vdir = private_dir(pool.path / "volumes")
             image = vdir / f"{wid.key}.img"
             tmp = vdir / f".{wid.key}.img.tmp"
-            with open(tmp, "wb") as f:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
+                         | os.O_CLOEXEC, PRIVATE_FILE)
+            with os.fdopen(fd, "wb") as f:
+                os.fchmod(fd, PRIVATE_FILE)
                 f.truncate(size)  # sparse: takes no disk until written
             _run("mkfs.ext4", "-q", "-F", "-m", "0", "-E", "nodiscard", str(tmp))
             os.replace(tmp, image)
         mnt = self.node.volume_mountpoint(wid)
-        mnt.mkdir(parents=True, exist_ok=True)
+        private_dir(mnt.parent)
+        mnt.mkdir(mode=0o700, exist_ok=True)
         if mounted_at(mnt) is None:
             _run("mount", "-o", "loop", str(image), str(mnt))
         if image.stat().st_size < size:

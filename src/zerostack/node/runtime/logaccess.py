@@ -1,7 +1,8 @@
 """Who reads container logs: only the contract's owner, on a request signed with their key.
 
 The node answers with the lines sealed to the owner's key, so they never travel in clear
-and nobody else (not even whoever relays the answer) can read them.
+and nobody else (not even whoever relays the answer) can read them. The files are opened
+beneath the runtime's directory without following links, and read bounded in size.
 """
 
 from __future__ import annotations
@@ -9,16 +10,18 @@ from __future__ import annotations
 import base64
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from zerostack.crypto import Domain, Identity, canonical_json, seal_to, verify
 from zerostack.crypto.canonical import hash_bytes
-from zerostack.node.runtime.logs import read_logs
+from zerostack.node.runtime.logs import READ_MAX, read_logs
 from zerostack.node.runtime.spec import ContainerError
 
 REQUEST_MAX_AGE = 300
+MAX_TAIL = 100_000
 
 
 @dataclass(frozen=True)
@@ -57,10 +60,9 @@ def sign_log_request(identity: Identity, contract: int, workload: str, tail: int
     return LogRequest(**{**req.body(), "signature": identity.sign(Domain.LOG_REQUEST, req.digest()).hex()})
 
 
-def answer_log_request(request: LogRequest, owner_key: str, log_dir: Path,
-                       now: float | None = None) -> dict[str, str]:
-    """Check the request is fresh and signed by the contract's owner; return the lines sealed
-    to the owner (base64). Raises ContainerError otherwise, saying why."""
+def check_log_request(request: LogRequest, owner_key: str, now: float | None = None) -> None:
+    """Raise ContainerError, saying why, unless the request is fresh and signed by the
+    contract's owner (`owner_key`)."""
     if request.requester != owner_key:
         raise ContainerError("only the contract's owner may read its logs")
     try:
@@ -71,7 +73,17 @@ def answer_log_request(request: LogRequest, owner_key: str, log_dir: Path,
         raise ContainerError("log request signature does not verify")
     if abs((now or time.time()) - request.timestamp) > REQUEST_MAX_AGE:
         raise ContainerError("log request is too old (or the clocks disagree): sign a new one")
-    text = "\n".join(read_logs(log_dir, min(max(request.tail, 0), 100_000))).encode()
+
+
+def answer_log_request(request: LogRequest, owner_key: str, root: Path,
+                       beneath: Sequence[str] = (), now: float | None = None,
+                       max_bytes: int = READ_MAX) -> dict[str, str]:
+    """Check the request (`check_log_request`), then return the last lines of the logs in
+    `root/beneath…` (no link followed below `root`, at most `max_bytes` read) sealed to
+    the owner (base64). Raises ContainerError otherwise, saying why."""
+    check_log_request(request, owner_key, now)
+    lines = read_logs(root, min(max(request.tail, 0), MAX_TAIL), max_bytes, beneath)
+    text = "\n".join(lines).encode()
     return {"sealed": base64.b64encode(seal_to(owner_key, text)).decode()}
 
 

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import os
 import resource
+import stat
 from pathlib import Path
 from typing import Any
 
 from zerostack.flist import ImageConfig
+from zerostack.node.hostfs import open_beneath
 from zerostack.node.runtime.spec import ContainerError, ContainerSpec
 
 # Docker's default set minus MKNOD, NET_RAW, SETFCAP and AUDIT_WRITE.
@@ -40,13 +42,16 @@ CPU_PERIOD = 100_000
 
 
 def _read_image_file(rootfs: Path, rel: str) -> list[list[str]]:
-    """Colon-separated rows of an image file like etc/passwd. Never follows a symlink at the
-    last step, so an image cannot make the node read its own files."""
+    """Colon-separated rows of an image file like etc/passwd. Never follows a symlink at any
+    step and reads only a regular file, so an image cannot make the node read its own files
+    (an `etc` linked to the host's /etc) or hang on a FIFO."""
     try:
-        fd = os.open(rootfs / rel, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError:
+        fd = open_beneath(rootfs, rel.split("/"), os.O_RDONLY)
+    except (OSError, ValueError):
         return []
     with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return []
         text = f.read(1 << 20).decode("utf-8", "replace")
     return [line.split(":") for line in text.splitlines() if line and not line.startswith("#")]
 

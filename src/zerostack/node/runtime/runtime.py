@@ -3,6 +3,7 @@
 Layout under `root`: `runc/` (runc's state) and `containers/<id>/` holding `bundle/`
 (config.json, mode 0600 as it carries secret env; `rootfs/`, the overlay mount point),
 `overlay/{upper,work}` (the container's writable layer), `logs/`, and the shim's files.
+Every directory is 0700 and every file 0600: other host users see none of it.
 Every call is idempotent and safe to repeat after a crash of the caller.
 """
 
@@ -13,6 +14,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -23,6 +25,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from zerostack.flist import CachedImage, FlistError, ImageCache
+from zerostack.node.hostfs import create_private, private_dir, restrict, restrict_tree
 from zerostack.node.runtime.health import probe
 from zerostack.node.runtime.logs import read_logs
 from zerostack.node.runtime.oci import cgroups_path, oci_config
@@ -32,6 +35,11 @@ from zerostack.node.runtime.statusfile import read_status
 
 State = Literal["init", "ok", "error"]
 CGROUP_ROOT = Path("/sys/fs/cgroup")
+# What a container's directory may be called: one plain path component.
+_DIR_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,199}")
+# The runtime's own files in a container's directory (the rest is the container's).
+_OWN_FILES = ("spec.json", "shim.json", "fingerprint", "status.json", "shim.log", "shim.pid",
+              "shim.lock", "bundle/config.json")
 
 
 @dataclass(frozen=True)
@@ -66,7 +74,27 @@ class ContainerRuntime:
         self._health: dict[str, tuple[float, bool, str, bool]] = {}
 
     def dir(self, container_id: str) -> Path:
+        if _DIR_NAME.fullmatch(container_id) is None:
+            raise ContainerError(f"invalid container id {container_id[:80]!r}")
         return self.root / "containers" / container_id
+
+    def make_private(self) -> None:
+        """Create the runtime's directories 0700, and take group and other access off
+        whatever an older version left readable: bundles (config.json holds secret env),
+        logs, state files. The containers' own files (the writable layer) keep their
+        modes; their directory is closed instead."""
+        private_dir(self.root)
+        private_dir(self.root / "containers")
+        private_dir(self.runc.root)
+        for cid in self.ids():
+            d = self.dir(cid)
+            if d.is_symlink() or not d.is_dir():
+                continue
+            for sub in ("", "bundle", "overlay", "logs"):
+                restrict(d / sub)
+            for name in _OWN_FILES:
+                restrict(d / name)
+            restrict_tree(d / "logs")
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -75,7 +103,7 @@ class ContainerRuntime:
         lock = self.dir(container_id) / "shim.lock"
         if not lock.exists():
             return False
-        with open(lock, "a") as f:
+        with os.fdopen(create_private(lock), "a") as f:
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -100,9 +128,14 @@ class ContainerRuntime:
             if (d / "fingerprint").exists() and (d / "fingerprint").read_text() == fingerprint:
                 return self._settled(spec.id, wait)
             self.stop(spec.id)
-        for sub in ("bundle/rootfs", "overlay/upper", "overlay/work", "logs"):
-            (d / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
-        os.chmod(d, 0o700)
+        private_dir(self.root)
+        private_dir(self.root / "containers")
+        for sub in ("", "bundle", "overlay", "overlay/work", "logs"):
+            private_dir(d / sub)
+        # Left as they are when they exist: a mount point's mode is its mounted root's,
+        # and the upper directory's is the container's "/" (both behind 0700 parents).
+        for sub in ("bundle/rootfs", "overlay/upper"):
+            (d / sub).mkdir(mode=0o700, exist_ok=True)
         # The upper directory is the container's "/": it must look like the image's root,
         # or a non-root user could not even reach /bin.
         root_st = os.stat(image.rootfs)
@@ -125,7 +158,7 @@ class ContainerRuntime:
             "image_cache": str(image_cache), "image_hash": image.hash,
             "cgroup": cgroups_path(spec.id),
         }).encode())
-        (d / "fingerprint").write_text(fingerprint)
+        _write_private(d / "fingerprint", fingerprint.encode())
         try:
             (d / "status.json").unlink()
         except FileNotFoundError:
@@ -133,7 +166,7 @@ class ContainerRuntime:
         self._health.pop(spec.id, None)
         # The shim forks and detaches at once; this only waits for that first step.
         try:
-            with open(d / "shim.log", "ab") as shim_log:
+            with os.fdopen(create_private(d / "shim.log"), "ab") as shim_log:
                 subprocess.run([self.python, "-m", "zerostack.node.runtime.shim", str(d)],
                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                stderr=shim_log, close_fds=True, check=True, timeout=30)
@@ -188,7 +221,9 @@ class ContainerRuntime:
 
     def ids(self) -> list[str]:
         base = self.root / "containers"
-        return sorted(p.name for p in base.iterdir()) if base.exists() else []
+        if not base.exists():
+            return []
+        return sorted(p.name for p in base.iterdir() if _DIR_NAME.fullmatch(p.name))
 
     # -- state -----------------------------------------------------------------------
 
@@ -259,16 +294,20 @@ class ContainerRuntime:
         return result
 
     def logs(self, container_id: str, tail: int = 200) -> list[str]:
-        d = self.dir(container_id)
-        if not d.exists():
-            raise ContainerError(f"container {container_id} does not exist")
-        return read_logs(d / "logs", tail)
+        """The container's last `tail` log lines (bounded in bytes; no link followed)."""
+        self.dir(container_id)
+        try:
+            return read_logs(self.root, tail, beneath=("containers", container_id, "logs"))
+        except FileNotFoundError:
+            raise ContainerError(f"container {container_id} does not exist") from None
 
 
 def _write_private(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW,
+                 0o600)
     try:
+        os.fchmod(fd, 0o600)
         os.write(fd, data)
     finally:
         os.close(fd)

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from zerostack.node.hostfs import create_private
 from zerostack.node.runtime.logs import RotatingLog
 from zerostack.node.runtime.oom import OomWatch
 from zerostack.node.runtime.runc import Runc, mount_overlay, unmount
@@ -103,12 +104,14 @@ class Shim:
         return code
 
     def main(self) -> int:
-        lock = open(self.dir / "shim.lock", "a")  # noqa: SIM115 - held for the process's life
+        lock = os.fdopen(create_private(self.dir / "shim.lock"), "a")  # held for life
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             return 0  # another shim supervises this container
-        (self.dir / "shim.pid").write_text(str(os.getpid()))
+        pid_fd = create_private(self.dir / "shim.pid", os.O_WRONLY | os.O_TRUNC)
+        with os.fdopen(pid_fd, "w") as f:
+            f.write(str(os.getpid()))
         signal.signal(signal.SIGTERM, lambda *_: self.stop.set())
         signal.signal(signal.SIGINT, lambda *_: self.stop.set())
         # A container left running by a shim that was killed: remove it, so one runs.

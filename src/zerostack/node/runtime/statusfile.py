@@ -11,7 +11,13 @@ from typing import Any
 
 def write_status(directory: Path, **fields: Any) -> None:
     tmp = directory / f".status.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps({**fields, "shim_pid": os.getpid(), "updated": time.time()}))
+    body = json.dumps({**fields, "shim_pid": os.getpid(), "updated": time.time()}).encode()
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o600)
+    try:
+        os.write(fd, body)
+    finally:
+        os.close(fd)
     os.replace(tmp, directory / "status.json")
 
 
