@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import typer
 
 from zerostack.cli.identity import load_named
-from zerostack.cli.output import console, fail, print_json, print_table
+from zerostack.cli.output import console, fail, print_json, print_table, styled
 
 if TYPE_CHECKING:
     from zerostack.bot import ThreeBot
@@ -61,7 +61,7 @@ def _settled(c: dict[str, Any], version: int) -> bool:
 def _print_result(bot: ThreeBot, c: dict[str, Any]) -> None:
     report = c.get("report") or {}
     if report.get("error"):
-        console.print(f"[bold red]node error:[/] {report['error']}", highlight=False)
+        console.print(styled(("node error:", "bold red"), " ", report["error"]), highlight=False)
     rows = []
     for w in report.get("workloads", []):
         rows.append((w["name"], w["type"], w["state"], w.get("message", ""),
@@ -72,9 +72,9 @@ def _print_result(bot: ThreeBot, c: dict[str, Any]) -> None:
     for w in report.get("workloads", []):
         d = w.get("data", {})
         if w["type"] == "zdb" and w["state"] == "ok":
-            console.print(f"connect to [bold]{w['name']}[/]: redis-cli -h {d['host']} "
-                          f"-p {d['port']}  then  SELECT {d['namespace']} <password>",
-                          highlight=False)
+            console.print(styled("connect to ", (w["name"], "bold"),
+                                 f": redis-cli -h {d['host']} -p {d['port']}  then  "
+                                 f"SELECT {d['namespace']} <password>"), highlight=False)
 
 
 def _json_contract(bot: ThreeBot, c: dict[str, Any]) -> dict[str, Any]:
@@ -126,8 +126,8 @@ def deploy(
             cid = bot.deploy(dep, node)
         c = bot.contract(cid)
         if not json_out:
-            console.print(f"contract [bold]{cid}[/] on node {c['node']}, deployment "
-                          f"{dep.hash()[:16]}…", highlight=False)
+            console.print(styled("contract ", (cid, "bold"), f" on node {c['node']}, "
+                                 f"deployment {dep.hash()[:16]}…"), highlight=False)
         if c["pending"]:
             if json_out:
                 print_json(_json_contract(bot, c))

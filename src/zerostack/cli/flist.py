@@ -9,7 +9,7 @@ from pathlib import Path
 import typer
 
 from zerostack.cli.identity import load_named
-from zerostack.cli.output import console, fail, print_json, print_table
+from zerostack.cli.output import console, fail, print_json, print_table, styled
 from zerostack.flist import (
     ChunkStore,
     FlistError,
@@ -92,7 +92,8 @@ def _write_and_maybe_push(flist: SignedFlist, out: Path, store: LocalStore, hub:
     if json_out:
         print_json(result)
     else:
-        console.print(f"flist [bold]{flist.hash_hex}[/] written to {out}")
+        console.print(styled("flist ", (flist.hash_hex, "bold"), f" written to {out}"),
+                      highlight=False)
         console.print(f"  {result['files']} files, {result['size']} bytes, "
                       f"{result['chunks']} chunks", highlight=False)
         if hub and pushed:
@@ -203,12 +204,13 @@ def inspect(
         print_json(info)
         return
     for key in ("hash", "name", "publisher", "signature_valid", "entries", "size", "chunks"):
-        console.print(f"[bold]{key}[/]: {info[key]}", highlight=False)
+        console.print(styled((key, "bold"), f": {info[key]}"), highlight=False)
     c = flist.manifest.config
-    console.print(f"[bold]entrypoint[/]: {list(c.entrypoint)}  [bold]cmd[/]: {list(c.cmd)}",
+    console.print(styled(("entrypoint", "bold"), f": {list(c.entrypoint)}  ",
+                         ("cmd", "bold"), f": {list(c.cmd)}"), highlight=False)
+    console.print(styled(("env", "bold"), f": {list(c.env)}  ", ("workdir", "bold"),
+                         f": {c.working_dir!r}  ", ("user", "bold"), f": {c.user!r}"),
                   highlight=False)
-    console.print(f"[bold]env[/]: {list(c.env)}  [bold]workdir[/]: {c.working_dir!r}  "
-                  f"[bold]user[/]: {c.user!r}", highlight=False)
     if files:
         print_table("paths", ["path", "type", "mode", "owner", "size", "target"],
                     ([e.path, e.type, oct(e.mode), f"{e.uid}:{e.gid}", e.size, e.target]
