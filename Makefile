@@ -3,17 +3,20 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# pip itself is pinned; every other package is pinned by constraints.txt (runtime and dev)
+# and build-constraints.txt (what builds the package); `make lock` regenerates both.
+PIP_VERSION := 26.3
 # Modules compiled with mypyc (setup.py): editing one needs a reinstall to take effect.
 NATIVE_MODULES := $(shell sed -n 's/^    "\(zerostack\.[a-z_.]*\)",$$/\1/p' src/zerostack/zdb/native.py)
 NATIVE_SRC := $(patsubst %,src/%.py,$(subst .,/,$(NATIVE_MODULES)))
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench lock clean
 
-$(STAMP): pyproject.toml setup.py src/zerostack/zdb/native.py $(NATIVE_SRC)
+$(STAMP): pyproject.toml setup.py constraints.txt build-constraints.txt src/zerostack/zdb/native.py $(NATIVE_SRC)
 	@if [ "$$(id -u)" = 0 ]; then bash scripts/install-system-deps; else echo "not root: skipping system packages"; fi
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q pip==$(PIP_VERSION)
+	$(BIN)/pip install -q -c constraints.txt --build-constraint build-constraints.txt -e '.[dev]'
 	@touch $(STAMP)
 
 setup: $(STAMP)
@@ -32,6 +35,9 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench
+
+lock:
+	PY=$(PY) bash scripts/update-lock
 
 clean:
 	rm -rf $(VENV) var build .pytest_cache .mypy_cache .ruff_cache

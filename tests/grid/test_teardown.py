@@ -17,7 +17,7 @@ import pytest
 
 from tests.conftest import free_port, require_root, require_tool, zerostack_cmd
 from tests.node.runtime.conftest import Env
-from zerostack.bot import ThreeBot, build_deployment
+from zerostack.bot import ThreeBot
 from zerostack.crypto import load_identity
 from zerostack.grid import GridError, LocalGrid, release, remove_tree, teardown
 from zerostack.ledger import LedgerClient
@@ -75,13 +75,13 @@ class Demo:
         node = int(LedgerClient(self.url).nodes()[0]["id"])
         alice = load_identity(self.folder / "home" / "identities" / "alice.key")
         with ThreeBot(self.url, alice) as bot:
-            dep = build_deployment({"workloads": [
+            dep = bot.build({"workloads": [
                 {"type": "volume", "name": "vol", "size": "16M"},
                 {"type": "container", "name": "app", "flist": f"{env.hub}/{env.image.hash}",
                  "publishers": [env.publisher.public_hex], "memory": "32M",
                  "args": ["trap 'exit 0' TERM; sleep 1000 & wait"],
                  "mounts": [{"volume": "vol", "mountpoint": "/data"}]}]},
-                bot.twin_id(), [], None)
+                [], None)
             cid = bot.deploy(dep, node)
             c = bot.wait(cid, lambda c: c["state"] in ("deployed", "error")
                          and bool(c.get("report")), timeout=90)

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import typer
 
 from zerostack.cli.identity import ledger_dir, load_named
-from zerostack.cli.output import console, fail, print_json, print_table
+from zerostack.cli.output import console, fail, print_json, print_table, styled
 
 if TYPE_CHECKING:
     from zerostack.bot import ThreeBot
@@ -64,7 +64,7 @@ def _settled(c: dict[str, Any], version: int) -> bool:
 def _print_result(bot: ThreeBot, c: dict[str, Any]) -> None:
     report = c.get("report") or {}
     if report.get("error"):
-        console.print(f"[bold red]node error:[/] {report['error']}", highlight=False)
+        console.print(styled(("node error:", "bold red"), " ", report["error"]), highlight=False)
     rows = []
     for w in report.get("workloads", []):
         rows.append((w["name"], w["type"], w["state"], w.get("message", ""),
@@ -75,9 +75,9 @@ def _print_result(bot: ThreeBot, c: dict[str, Any]) -> None:
     for w in report.get("workloads", []):
         d = w.get("data", {})
         if w["type"] == "zdb" and w["state"] == "ok":
-            console.print(f"connect to [bold]{w['name']}[/]: redis-cli -h {d['host']} "
-                          f"-p {d['port']}  then  SELECT {d['namespace']} <password>",
-                          highlight=False)
+            console.print(styled("connect to ", (w["name"], "bold"),
+                                 f": redis-cli -h {d['host']} -p {d['port']}  then  "
+                                 f"SELECT {d['namespace']} <password>"), highlight=False)
 
 
 def _json_contract(bot: ThreeBot, c: dict[str, Any]) -> dict[str, Any]:
@@ -128,8 +128,8 @@ def deploy(
             cid = bot.deploy(dep, node)
         c = bot.contract(cid)
         if not json_out:
-            console.print(f"contract [bold]{cid}[/] on node {c['node']}, deployment "
-                          f"{dep.hash()[:16]}…", highlight=False)
+            console.print(styled("contract ", (cid, "bold"), f" on node {c['node']}, "
+                                 f"deployment {dep.hash()[:16]}…"), highlight=False)
         if c["pending"]:
             if json_out:
                 print_json(_json_contract(bot, c))
@@ -151,11 +151,11 @@ def deploy(
 
 
 def _show_review(summary: dict[str, Any]) -> None:
-    """What a stakeholder is asked to sign, readable (every value is outside text)."""
-    from rich.markup import escape
+    """What a stakeholder is asked to sign, readable (every value is outside text: the
+    console prints it as plain text, control characters spelled out)."""
 
     def line(text: str) -> None:
-        console.print(escape(text), highlight=False)
+        console.print(text, highlight=False)
 
     line(f"contract {summary['contract']} version {summary['version']} on node "
          f"{summary['node']}, owned by twin {summary['owner']['twin']}")

@@ -19,14 +19,14 @@ import redis
 import typer
 
 from zerostack.bot import BotError, ThreeBot
-from zerostack.cli.output import console, fail, print_table
+from zerostack.cli.output import console, fail, print_table, styled
 from zerostack.grid import GridError, LocalGrid
 
 NAMESPACE_PASSWORD = "demo-password"
 
 
-def _step(text: str) -> None:
-    console.print(f"[bold cyan]▸[/] {text}", highlight=False)
+def _step(*parts: object | tuple[object, str]) -> None:
+    console.print(styled(("▸", "bold cyan"), " ", *parts), highlight=False)
 
 
 def _deployed(c: dict[str, Any]) -> bool:
@@ -56,8 +56,8 @@ def _run(grid: LocalGrid, nodes: int, once: bool) -> int:
               "2 of 3 signatures needed (alice required)")
         time.sleep(1.0)
         state = a.contract(cid)["state"]
-        _step(f"with alice's signature alone the contract is [bold]{state}[/]: "
-              "the node provisions nothing")
+        _step("with alice's signature alone the contract is ", (state, "bold"),
+              ": the node provisions nothing")
         review = b.review(cid)
         _step(f"bob opened the sealed deployment himself: {len(review.deployment.workloads)} "
               f"workload(s), hash {review.hash[:16]}… recomputed and matching the ledger")
@@ -72,7 +72,7 @@ def _run(grid: LocalGrid, nodes: int, once: bool) -> int:
         print_table(f"contract {cid}: {contract['state']} (signed report from node {node_id})",
                     ["workload", "type", "state", "message", "result"], rows)
         if contract["state"] != "deployed":
-            console.print("[bold red]the node reported an error[/]")
+            console.print(styled(("the node reported an error", "bold red")))
             return 1
         data = report["workloads"][0]["data"]
         r = redis.Redis(host=str(data["host"]), port=int(data["port"]))
@@ -84,13 +84,13 @@ def _run(grid: LocalGrid, nodes: int, once: bool) -> int:
 
     if once:
         return 0
-    console.print(
-        "\n[bold]The grid keeps running.[/] Use the CLI against it from another shell:\n"
+    console.print(styled(
+        "\n", ("The grid keeps running.", "bold"), " Use the CLI against it from another shell:\n"
         f"  export ZEROSTACK_HOME={grid.home} ZEROSTACK_LEDGER={grid.url}\n"
         "  .venv/bin/zerostack status --identity alice\n"
         f"  redis-cli -p {data['port']}   # then: SELECT {data['namespace']} {NAMESPACE_PASSWORD}\n"
         f"  .venv/bin/zerostack cancel {cid} --identity alice\n"
-        f"Logs: {grid.root}/*.log.  Ctrl-C stops the grid.", highlight=False)
+        f"Logs: {grid.root}/*.log.  Ctrl-C stops the grid."), highlight=False)
     return 0
 
 
@@ -130,7 +130,7 @@ def demo(
     except KeyboardInterrupt:
         pass
     except (GridError, BotError) as exc:
-        console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        console.print(styled(("error:", "bold red"), " ", exc), highlight=False)
         code = 1
     finally:
         # Stopping must finish: a second Ctrl-C would leave containers and mounts behind.
@@ -140,6 +140,6 @@ def demo(
         try:
             grid.stop()
         except GridError as exc:
-            console.print(f"[bold red]error:[/] {exc}", highlight=False)
+            console.print(styled(("error:", "bold red"), f" {exc}"), highlight=False)
             code = 1
     raise typer.Exit(code)

@@ -9,7 +9,7 @@ from pathlib import Path
 import typer
 
 from zerostack.cli.identity import load_named
-from zerostack.cli.output import console, fail, print_json, print_table
+from zerostack.cli.output import console, fail, print_json, print_table, styled
 from zerostack.flist import (
     ChunkStore,
     FlistError,
@@ -17,6 +17,7 @@ from zerostack.flist import (
     ImageConfig,
     LocalStore,
     Manifest,
+    PushResult,
     SignedFlist,
     build_dir,
     fetch_flist,
@@ -26,7 +27,7 @@ from zerostack.flist import (
 from zerostack.flist.manifest import check_path
 
 app = typer.Typer(help="Container images (flists): build, import, push, inspect, verify.",
-                  no_args_is_help=True)
+                  no_args_is_help=True, rich_markup_mode=None)
 
 STORE_HELP = "Local chunk store (default $ZEROSTACK_HOME/chunks)."
 HUB_HELP = "Hub address host:port[/namespace] (a Zero-DB namespace)."
@@ -61,26 +62,42 @@ def _summary(flist: SignedFlist) -> dict[str, object]:
     }
 
 
+def _push(flist: SignedFlist, store: LocalStore, hub: str, password: str | None) -> PushResult:
+    try:
+        with Hub(hub, password) as h, console.status(f"pushing to {hub}…"):
+            return push_flist(flist, store, h)
+    except FlistError as exc:
+        fail(str(exc))
+
+
+def _push_json(result: PushResult) -> dict[str, object]:
+    return {"chunks": result.chunks_total, "chunks_sent": result.chunks_sent,
+            "bytes_sent": result.bytes_sent, "chunks_held": result.chunks_held,
+            "manifest_held": result.manifest_held}
+
+
+def _push_line(result: PushResult, hub: str) -> str:
+    return (f"{result.chunks_sent} of {result.chunks_total} chunks sent "
+            f"({result.bytes_sent} bytes); {hub} holds {result.chunks_held} of "
+            f"{result.chunks_total} chunks and the manifest")
+
+
 def _write_and_maybe_push(flist: SignedFlist, out: Path, store: LocalStore, hub: str | None,
                           password: str | None, json_out: bool, extra: dict[str, object]) -> None:
     out.write_bytes(flist.to_bytes())
     result: dict[str, object] = {"flist": str(out), **_summary(flist), **extra}
-    if hub:
-        try:
-            with Hub(hub, password) as h:
-                pushed = push_flist(flist, store, h)
-        except FlistError as exc:
-            fail(str(exc))
-        result["pushed"] = {"hub": hub, "chunks_sent": pushed.chunks_sent,
-                            "bytes_sent": pushed.bytes_sent}
+    pushed = _push(flist, store, hub, password) if hub else None
+    if hub and pushed:
+        result["pushed"] = {"hub": hub, **_push_json(pushed)}
     if json_out:
         print_json(result)
     else:
-        console.print(f"flist [bold]{flist.hash_hex}[/] written to {out}")
+        console.print(styled("flist ", (flist.hash_hex, "bold"), f" written to {out}"),
+                      highlight=False)
         console.print(f"  {result['files']} files, {result['size']} bytes, "
-                      f"{result['chunks']} chunks")
-        if hub:
-            console.print(f"  pushed to {hub}")
+                      f"{result['chunks']} chunks", highlight=False)
+        if hub and pushed:
+            console.print(f"  pushed: {_push_line(pushed, hub)}", highlight=False)
 
 
 @app.command("build")
@@ -151,17 +168,11 @@ def push(
 ) -> None:
     """Send the chunks the hub lacks, then the signed manifest."""
     flist = _read_flist(flist_file)
-    try:
-        with Hub(hub, password) as h, console.status(f"pushing to {hub}…"):
-            result = push_flist(flist, LocalStore(store or default_store()), h)
-    except FlistError as exc:
-        fail(str(exc))
+    result = _push(flist, LocalStore(store or default_store()), hub, password)
     if json_out:
-        print_json({"hash": result.hash, "hub": hub, "chunks": result.chunks_total,
-                    "chunks_sent": result.chunks_sent, "bytes_sent": result.bytes_sent})
+        print_json({"hash": result.hash, "hub": hub, **_push_json(result)})
     else:
-        console.print(f"pushed {result.hash} to {hub}: {result.chunks_sent} of "
-                      f"{result.chunks_total} chunks sent ({result.bytes_sent} bytes)")
+        console.print(f"pushed {result.hash}: {_push_line(result, hub)}", highlight=False)
 
 
 def _load(ref: str, hub: str | None, password: str | None) -> SignedFlist:
@@ -193,12 +204,13 @@ def inspect(
         print_json(info)
         return
     for key in ("hash", "name", "publisher", "signature_valid", "entries", "size", "chunks"):
-        console.print(f"[bold]{key}[/]: {info[key]}", highlight=False)
+        console.print(styled((key, "bold"), f": {info[key]}"), highlight=False)
     c = flist.manifest.config
-    console.print(f"[bold]entrypoint[/]: {list(c.entrypoint)}  [bold]cmd[/]: {list(c.cmd)}",
+    console.print(styled(("entrypoint", "bold"), f": {list(c.entrypoint)}  ",
+                         ("cmd", "bold"), f": {list(c.cmd)}"), highlight=False)
+    console.print(styled(("env", "bold"), f": {list(c.env)}  ", ("workdir", "bold"),
+                         f": {c.working_dir!r}  ", ("user", "bold"), f": {c.user!r}"),
                   highlight=False)
-    console.print(f"[bold]env[/]: {list(c.env)}  [bold]workdir[/]: {c.working_dir!r}  "
-                  f"[bold]user[/]: {c.user!r}", highlight=False)
     if files:
         print_table("paths", ["path", "type", "mode", "owner", "size", "target"],
                     ([e.path, e.type, oct(e.mode), f"{e.uid}:{e.gid}", e.size, e.target]

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import typer
 
-from zerostack.cli.output import console, fail, print_json
+from zerostack.cli.output import console, fail, print_json, styled
 from zerostack.crypto import CryptoError, Identity, load_identity, save_identity
 
-app = typer.Typer(help="Manage identities (ed25519 key pairs).", no_args_is_help=True)
+app = typer.Typer(help="Manage identities (ed25519 key pairs).", no_args_is_help=True,
+                  rich_markup_mode=None)
 
 
 def zerostack_home() -> Path:
@@ -61,7 +62,8 @@ def new(
     if json_out:
         print_json({"name": name, "public": ident.public_hex, "path": str(path)})
     else:
-        console.print(f"created identity [bold]{name}[/]: {ident.public_hex}\nkey file: {path}")
+        console.print(styled("created identity ", (name, "bold"),
+                             f": {ident.public_hex}\nkey file: {path}"), highlight=False)
 
 
 @app.command("show")

@@ -9,9 +9,10 @@ from typing import Any
 
 import typer
 
-from zerostack.cli.output import console, fail, print_json, print_table
+from zerostack.cli.output import console, fail, json_line, print_json, print_table
 
-app = typer.Typer(help="The ledger (BCDB): serve, verify, query.", no_args_is_help=True)
+app = typer.Typer(help="The ledger (BCDB): serve, verify, query.", no_args_is_help=True,
+                  rich_markup_mode=None)
 
 DEFAULT_LISTEN = "127.0.0.1:7700"
 
@@ -262,7 +263,7 @@ def events(
     def show(batch: dict[str, Any]) -> None:
         for e in batch["events"]:
             if json_out:
-                print(orjson.dumps(e).decode(), flush=True)
+                json_line(e)
             else:
                 console.print(f"{e['height']:>6} {e['type']:<18} sender {e['sender']} "
                               f"{orjson.dumps(e['receipt']).decode()}", highlight=False)

@@ -37,6 +37,7 @@ def build_app(only: str | None = None) -> typer.Typer:
         no_args_is_help=True,
         add_completion=False,
         pretty_exceptions_enable=False,
+        rich_markup_mode=None,  # help texts name `host:port[/namespace]`: never Rich markup
     )
 
     @app.callback()

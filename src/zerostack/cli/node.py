@@ -14,7 +14,7 @@ import typer
 from zerostack.cli.output import fail, print_json, print_table
 
 app = typer.Typer(help="Run a Zero-OS node agent (no shell, no exec: contracts only).",
-                  no_args_is_help=True)
+                  no_args_is_help=True, rich_markup_mode=None)
 
 
 def _size(text: str | None, option: str) -> int | None:
@@ -128,7 +128,7 @@ def create_farm(
 ) -> None:
     """Create a farm owned by your twin (registered on first use); nodes join it with --farm."""
     from zerostack.cli.identity import load_named
-    from zerostack.cli.output import console
+    from zerostack.cli.output import console, styled
     from zerostack.ledger import LedgerClient, LedgerError
 
     ident = load_named(identity)
@@ -141,4 +141,5 @@ def create_farm(
     if json_out:
         print_json({"farm": farm, "name": name, "owner": twin})
     else:
-        console.print(f"farm [bold]{farm}[/] ({name}) owned by twin {twin}")
+        console.print(styled("farm ", (farm, "bold"), f" ({name}) owned by twin {twin}"),
+                      highlight=False)

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from zerostack.cli.output import console, fail, print_json, print_table
+from zerostack.cli.output import console, fail, print_json, print_table, styled
 
 if TYPE_CHECKING:
     from zerostack.zdb.server import ServerConfig
@@ -18,6 +18,7 @@ app = typer.Typer(
     help="Run a Zero-DB server (Redis protocol, always-append, compatible with 0-db v2).",
     invoke_without_command=True,
     no_args_is_help=False,
+    rich_markup_mode=None,
 )
 
 _SIZE = re.compile(r"^\s*(\d+)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
@@ -133,15 +134,16 @@ def demo(
     from zerostack.zdb.server import ServerConfig
 
     data, index = home / "data", home / "index"
-    console.print(
-        f"[bold]Zero-DB[/] on [cyan]127.0.0.1:{port}[/], data in {data}, index in {index}\n\n"
+    console.print(styled(
+        ("Zero-DB", "bold"), " on ", (f"127.0.0.1:{port}", "cyan"),
+        f", data in {data}, index in {index}\n\n"
         f"  redis-cli -p {port} SET hello world\n"
         f"  redis-cli -p {port} GET hello\n"
         f"  redis-cli -p {port} NSNEW photos\n\n"
         "  python: import redis\n"
         f"          r = redis.Redis(port={port})\n"
         "          r.set('hello', 'world'); print(r.get('hello'))\n\n"
-        "Ctrl-C stops it; the data stays for the next run.",
+        "Ctrl-C stops it; the data stays for the next run."),
         highlight=False,
     )
     engine = EngineConfig(data_dir=data, index_dir=index, mode=Mode.MIXED)

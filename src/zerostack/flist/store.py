@@ -22,6 +22,12 @@ BATCH_KEYS = 256
 BATCH_BYTES = 32 * 1024 * 1024
 
 
+class _Refused(redis.ResponseError):
+    """The hub refused `SELECT`/`AUTH` on a new connection. redis-py drops a connection
+    whose connect hook raised, and does not retry a ResponseError: a wrong password fails
+    once, at once."""
+
+
 class ChunkStore(Protocol):
     """A content-addressed key-value store of chunks (and manifests)."""
 
@@ -59,7 +65,13 @@ class HubAddress:
 
 
 class Hub:
-    """A Zero-DB namespace (user mode) holding chunks and manifests, reached with redis-py."""
+    """A Zero-DB namespace (user mode) holding chunks and manifests, reached with redis-py.
+
+    Zero-DB keeps the selected namespace per connection, so every connection of the pool
+    runs `SELECT namespace [password]` (or `AUTH password` for `default`) as soon as it is
+    opened, before any command: pipelines, reconnects and other threads all land in the
+    namespace this hub names, never in `default` by accident.
+    """
 
     def __init__(self, address: HubAddress | str, password: str | None = None,
                  timeout: float = 30.0) -> None:
@@ -68,28 +80,48 @@ class Hub:
         self._timeout = timeout
         self._conn: redis.Redis | None = None
 
+    def _enter_namespace(self, conn: redis.connection.AbstractConnection) -> None:
+        """redis-py's connect hook: the usual handshake, then this hub's namespace."""
+        conn.on_connect()
+        if self.address.namespace:
+            args = [self.address.namespace] + ([self._password] if self._password else [])
+            conn.send_command("SELECT", *args)
+        elif self._password:
+            conn.send_command("AUTH", self._password)
+        else:
+            return
+        try:
+            reply = conn.read_response()
+        except redis.ResponseError as exc:
+            raise _Refused(str(exc)) from None
+        if reply not in (b"OK", "OK"):
+            raise _Refused(f"unexpected reply {reply!r}")
+
     def _client(self) -> redis.Redis:
         if self._conn is None:
-            conn = redis.Redis(
+            pool = redis.ConnectionPool(
                 host=self.address.host, port=self.address.port,
                 socket_timeout=self._timeout, socket_connect_timeout=self._timeout,
-                single_connection_client=True,
+                redis_connect_func=self._enter_namespace,
             )
+            conn = redis.Redis(connection_pool=pool)
             try:
-                if self.address.namespace:
-                    args = [self.address.namespace] + ([self._password] if self._password else [])
-                    conn.execute_command("SELECT", *args)
-                elif self._password:
-                    conn.execute_command("AUTH", self._password)
+                conn.execute_command("PING")  # opens a connection: a refusal shows here
+            except _Refused as exc:
+                pool.disconnect()
+                where = f"namespace {self.address.namespace!r}" if self.address.namespace \
+                    else "the default namespace"
+                raise FlistError(f"hub {self.address}: {where} refused access ({exc}); "
+                                 "check the namespace and its password") from None
             except redis.RedisError as exc:
-                conn.close()
+                pool.disconnect()
                 raise FlistError(f"hub {self.address}: {exc}") from None
             self._conn = conn
         return self._conn
 
     def close(self) -> None:
         if self._conn is not None:
-            self._conn.close()
+            self._conn.connection_pool.disconnect()
             self._conn = None
 
     def __enter__(self) -> Hub:
@@ -99,8 +131,9 @@ class Hub:
         self.close()
 
     def _run(self, build: Iterable[tuple[str, tuple[bytes, ...]]]) -> list[object]:
+        client = self._client()
         try:
-            pipe = self._client().pipeline(transaction=False)  # Zero-DB has no MULTI
+            pipe = client.pipeline(transaction=False)  # Zero-DB has no MULTI
             for cmd, args in build:
                 pipe.execute_command(cmd, *args)
             return list(pipe.execute())
