@@ -72,9 +72,10 @@ def main() -> int:
     ap.add_argument("name")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--json", action="store_true")
-    ap.add_argument("args", nargs=argparse.REMAINDER)
-    opts = ap.parse_args()
-    args = [a for a in opts.args if a != "--"]
+    argv = sys.argv[1:]
+    cut = argv.index("--") if "--" in argv else len(argv)
+    opts = ap.parse_args(argv[:cut])
+    args = argv[cut + 1:]
     old_tree = checkout(opts.ref)
     runs: dict[str, list[dict[str, Any]]] = {"old": [], "new": []}
     try:
