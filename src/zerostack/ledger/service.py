@@ -115,9 +115,15 @@ class LedgerService:
         parsed: list[tuple[int, Tx]] = []
         for i, raw in enumerate(raws):
             try:
-                parsed.append((i, parse_tx(raw)))
+                tx = parse_tx(raw)
             except LedgerRejected as exc:
                 results[i] = {"error": str(exc), "code": exc.code}
+                continue
+            if not _encodable(tx):
+                results[i] = {"error": "transaction cannot be encoded inside a block or an "
+                              "answer (nested too deep?)", "code": "invalid"}
+                continue
+            parsed.append((i, tx))
         checks = await self._verify([tx for _, tx in parsed])
         if self._closing:  # the sealer may be gone: accept nothing it would not write
             raise LedgerError("the ledger stopped accepting transactions: it is shutting down",
@@ -161,14 +167,13 @@ class LedgerService:
             if len(raws) > MAX_BATCH:
                 raise LedgerRejected(f"a batch holds at most {MAX_BATCH} transactions",
                                      code="too_large", status=413)
-            oversize = {i for i, raw in enumerate(raws) if len(orjson.dumps(raw)) > MAX_TX_BYTES}
-            results = await self.submit([r for i, r in enumerate(raws) if i not in oversize])
+            refused = {i: why for i, raw in enumerate(raws) if (why := _oversize(raw))}
+            results = await self.submit([r for i, r in enumerate(raws) if i not in refused])
         except LedgerError as exc:
             return exc.status or 400, orjson.dumps({"error": str(exc), "code": exc.code})
-        if oversize:
+        if refused:
             it = iter(results)
-            too_big = {"error": f"transaction is over {MAX_TX_BYTES} bytes", "code": "too_large"}
-            results = [too_big if i in oversize else next(it) for i in range(len(raws))]
+            results = [refused[i] if i in refused else next(it) for i in range(len(raws))]
         return 200, orjson.dumps({"results": results})
 
     def nodes_json(self, f: NodeFilter, limit: int, offset: int) -> bytes:
@@ -292,6 +297,29 @@ class LedgerService:
 
 def _event(event: dict[str, Any], tx: Tx, full: bool) -> dict[str, Any]:
     return {**event, "tx": tx.to_wire()} if full else event
+
+
+def _oversize(raw: Any) -> dict[str, str] | None:
+    """Why one transaction of a batch is refused before parsing: too large, or too deep
+    to even measure (the encoder stops at 254 levels)."""
+    try:
+        size = len(orjson.dumps(raw))
+    except orjson.JSONEncodeError:
+        return {"error": "transaction is nested too deep", "code": "invalid"}
+    if size > MAX_TX_BYTES:
+        return {"error": f"transaction is over {MAX_TX_BYTES} bytes", "code": "too_large"}
+    return None
+
+
+def _encodable(tx: Tx) -> bool:
+    """Whether `tx` still encodes nested as deep as a block or an event answer holds it
+    (four levels). parse_tx's limits guarantee it; this keeps one transaction that slipped
+    through from making its whole block unwritable, which would stop the ledger."""
+    try:
+        orjson.dumps([[[tx.to_wire()]]])
+    except (orjson.JSONEncodeError, TypeError):
+        return False
+    return True
 
 
 def _decode_body(body: bytes, limit: int) -> Any:

@@ -1,0 +1,177 @@
+"""Attacks on the ledger's input, each against a real `ledger serve` process: deep nesting,
+integers past what JSON clients hold, capacity griefing and overflow, look-alike names,
+and event cursors. Each asserts that nothing was accepted and that the error says why."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+
+from tests.conftest import ProcessGroup
+from tests.ledger.test_api import Server, grid, raw_post, start
+from zerostack.crypto import Domain, Identity
+from zerostack.crypto.canonical import hash_bytes
+from zerostack.ledger import LedgerClient
+from zerostack.ledger import service as service_module
+from zerostack.ledger.service import LedgerService
+from zerostack.ledger.store import SqliteLog
+from zerostack.ledger.tx import PAYLOADS, Tx, parse_tx
+
+
+def signed_raw(ident: Identity, ttype: str, sender: int | str, nonce: int,
+               payload: dict[str, Any]) -> dict[str, Any]:
+    """A correctly signed transaction built without sign_tx, whose canonical checks would
+    refuse the values these attacks need."""
+    body = {"type": ttype, "sender": sender, "nonce": nonce, "payload": payload}
+    digest = hash_bytes(orjson.dumps(body, option=orjson.OPT_SORT_KEYS))
+    return {**body, "signature": ident.sign(Domain.TRANSACTION, digest).hex()}
+
+
+def nested(levels: int) -> Any:
+    value: Any = 1
+    for _ in range(levels):
+        value = {"k": value}
+    return value
+
+
+def template(levels: int) -> dict[str, Any]:
+    return {"name": "deep", "body": {"x": nested(levels)}}
+
+
+def too_deep_to_sign(sender: int, nonce: int, levels: int) -> bytes:
+    """A template.publish nested `levels` deep, written out by hand: past 254 levels the
+    encoder refuses it, so it cannot be signed (parsing refuses it before that check)."""
+    wire = {"type": "template.publish", "sender": sender, "nonce": nonce,
+            "payload": {"name": "deep", "body": {"x": "@deep"}}, "signature": "00" * 64}
+    return orjson.dumps(wire).replace(b'"@deep"', b'{"k":' * levels + b"1" + b"}" * levels)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    group = ProcessGroup()
+    try:
+        yield start(group, tmp_path_factory.mktemp("ledger") / "ledger.db")
+    finally:
+        group.stop_all()
+
+
+@pytest.fixture
+def client(server: Server) -> Iterator[LedgerClient]:
+    with LedgerClient(server.url) as c:
+        yield c
+
+
+# ---- nesting ------------------------------------------------------------------------------
+
+
+def test_deep_nesting_is_refused_and_never_stops_writes(procs: ProcessGroup,
+                                                         tmp_path: Path) -> None:
+    """Nested 250 levels, a transaction used to be accepted and then made its block
+    unwritable (every later submission: 503, again after a restart); nested 249 levels,
+    `/events?full=true` answered 500 for good."""
+    server = start(procs, tmp_path / "ledger.db")
+    with LedgerClient(server.url) as c:
+        ident = Identity.generate()
+        twin = c.register_twin(ident)
+        head = c.head()
+        for body in (orjson.dumps(signed_raw(ident, "template.publish", twin, 1, template(249))),
+                     orjson.dumps(signed_raw(ident, "template.publish", twin, 1, template(250))),
+                     too_deep_to_sign(twin, 1, 300)):
+            r = raw_post(server, "/tx", body)
+            assert r.status_code == 422, r.text
+            assert r.json()["code"] == "invalid"
+            assert "nested deeper than 32 levels" in r.json()["error"]
+        # in a batch: the deep transaction alone is refused, its neighbour is written
+        good = signed_raw(ident, "name.register", twin, 1, {"name": "after-deep"})
+        r = raw_post(server, "/txs", b"[%s,%s,%s]" % (
+            orjson.dumps(signed_raw(ident, "template.publish", twin, 1, template(250))),
+            too_deep_to_sign(twin, 1, 300), orjson.dumps(good)))
+        assert r.status_code == 200, r.text
+        first, second, third = r.json()["results"]
+        assert first["code"] == "invalid" and "nested deeper" in first["error"]
+        assert second["code"] == "invalid" and "nested too deep" in second["error"]
+        assert "receipt" in third
+        assert c.head()["height"] == head["height"] + 1
+        assert c.templates() == []
+        # the feed, with full transactions, still answers
+        full = httpx.get(server.url + "/events", params={"since": 0, "timeout": 0,
+                                                         "full": "true"})
+        assert full.status_code == 200
+        assert [e["type"] for e in full.json()["events"]] == ["twin.register",
+                                                              "name.register"]
+        c.register_name(ident, "still-writable")
+    server.proc.terminate()
+    server.proc.wait(10)
+    again = start(procs, tmp_path / "ledger.db")
+    with LedgerClient(again.url) as c:
+        assert c.name("still-writable") is not None
+        r = raw_post(again, "/tx", orjson.dumps(signed_raw(
+            ident, "template.publish", twin, 3, template(250))))
+        assert r.status_code == 422 and "nested deeper" in r.json()["error"]
+        c.register_name(ident, "after-restart")
+
+
+def test_a_transaction_that_cannot_be_encoded_is_refused_alone(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Defence in depth: were parse_tx ever to let a too-deep transaction through, the
+    service refuses it before it joins a block, and the ledger keeps writing."""
+
+    def lenient(raw: dict[str, Any]) -> Tx:
+        if raw["type"] != "template.publish":
+            return parse_tx(raw)
+        payload = raw["payload"]
+        body = {k: raw[k] for k in ("type", "sender", "nonce", "payload")}
+        return Tx(raw["type"], raw["sender"], raw["nonce"],
+                  PAYLOADS["template.publish"].model_construct(**payload), payload,
+                  bytes.fromhex(raw["signature"]),
+                  hash_bytes(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)))
+
+    monkeypatch.setattr(service_module, "parse_tx", lenient)
+    ident = Identity.generate()
+
+    async def main() -> None:
+        service = LedgerService(SqliteLog(tmp_path / "ledger.db"))
+        await service.start()
+        try:
+            (reg,) = await service.submit([signed_raw(ident, "twin.register", ident.public_hex,
+                                                      0, {})])
+            twin = reg["receipt"]["twin"]
+            # 250 levels: encodes on its own, but not inside a block
+            (deep,) = await service.submit([signed_raw(ident, "template.publish", twin, 1,
+                                                       template(250))])
+            assert deep["code"] == "invalid" and "cannot be encoded" in deep["error"]
+            (ok,) = await service.submit([signed_raw(ident, "name.register", twin, 1,
+                                                     {"name": "fine"})])
+            assert ok["height"] == 2
+        finally:
+            await service.stop()
+
+    asyncio.run(main())
+
+
+# ---- integers -----------------------------------------------------------------------------
+
+
+def test_integers_past_2_53_are_refused_over_http(server: Server,
+                                                  client: LedgerClient) -> None:
+    g = grid(client)
+    owner, ident = g["twins"]["owner"], g["ids"]["owner"]
+    head = client.head()
+    nonce = client.next_nonce(owner)
+    for payload, words in [
+        ({"name": "p", "pricing": {"cu": 2**62}}, "integers are limited"),
+        ({"name": "p", "pricing": {"cu": -(2**53)}}, "integers are limited"),
+    ]:
+        r = raw_post(server, "/tx", orjson.dumps(signed_raw(ident, "farm.create", owner,
+                                                            nonce, payload)))
+        assert r.status_code == 422 and words in r.json()["error"], r.text
+    r = raw_post(server, "/tx", orjson.dumps(signed_raw(ident, "name.register", owner,
+                                                        2**53, {"name": "n"})))
+    assert r.status_code == 422 and "nonce" in r.json()["error"]
+    assert client.head() == head
