@@ -15,13 +15,16 @@ import pytest
 
 from tests.conftest import ProcessGroup
 from tests.ledger.test_api import Server, grid, raw_post, start
-from zerostack.crypto import Domain, Identity
+from tests.ledger.world import GiB, deployment, requirement, sealed
+from zerostack.crypto import MAX_INT, Domain, Identity
 from zerostack.crypto.canonical import hash_bytes
-from zerostack.ledger import LedgerClient
+from zerostack.ledger import LedgerClient, LedgerRejected
 from zerostack.ledger import service as service_module
+from zerostack.ledger.client import contract_payload
 from zerostack.ledger.service import LedgerService
+from zerostack.ledger.state import MAX_PENDING_PER_TWIN
 from zerostack.ledger.store import SqliteLog
-from zerostack.ledger.tx import PAYLOADS, Tx, parse_tx
+from zerostack.ledger.tx import PAYLOADS, Tx, parse_tx, sign_approval
 
 
 def signed_raw(ident: Identity, ttype: str, sender: int | str, nonce: int,
@@ -175,3 +178,56 @@ def test_integers_past_2_53_are_refused_over_http(server: Server,
                                                         2**53, {"name": "n"})))
     assert r.status_code == 422 and "nonce" in r.json()["error"]
     assert client.head() == head
+
+
+# ---- capacity -----------------------------------------------------------------------------
+
+
+def test_reservations_cannot_overflow_or_fill_a_node(server: Server,
+                                                     client: LedgerClient) -> None:
+    """Four contracts reserving 2^62 CPUs each pushed a node's sum past 64 bits and
+    GET /nodes answered 500; a contract could also hold more than its node has."""
+    owner_id, node_id = Identity.generate(), Identity.generate()
+    owner = client.register_twin(owner_id)
+    client.register_twin(node_id)
+    farm = client.create_farm(owner_id, f"big-{owner}")
+    node = client.register_node(node_id, farm, {"cru": MAX_INT, "mru": 8 * GiB}, "BE")
+
+    def contract(n: int, capacity: dict[str, int]) -> dict[str, Any]:
+        h = deployment(10_000 + n)
+        return contract_payload(node, h, sealed(), requirement(owner), capacity=capacity,
+                                approval=sign_approval(owner_id, 0, 1, node, h))
+
+    head = client.head()
+    nonce = client.next_nonce(owner)
+    # signed by hand: the client's own canonical checks refuse to sign such a payload
+    r = raw_post(server, "/txs", orjson.dumps([
+        signed_raw(owner_id, "contract.create", owner, nonce + n, contract(n, {"cru": 2**62}))
+        for n in range(4)]))
+    results = r.json()["results"]
+    assert all(r["code"] == "invalid" and "cru" in r["error"] for r in results), results
+    assert client.head() == head and client.contracts(owner=owner) == []
+    with pytest.raises(LedgerRejected) as info:
+        client.send(owner_id, "contract.create", contract(5, {"mru": 9 * GiB}))
+    assert info.value.status == 422
+    assert f"asks for {9 * GiB} mru but node {node} has {8 * GiB} in all" in str(info.value)
+    client.send(owner_id, "contract.create", contract(6, {"cru": MAX_INT}))
+    with pytest.raises(LedgerRejected) as info:
+        client.send(owner_id, "contract.create", contract(7, {"cru": 1}))
+    assert info.value.status == 409 and "would pass 2^53 - 1" in str(info.value)
+    r = httpx.get(server.url + "/nodes", params={"farm": farm})
+    assert r.status_code == 200 and r.json()[0]["reserved"]["cru"] == MAX_INT
+    assert len(client.contracts(owner=owner)) == 1
+
+
+def test_one_twin_cannot_keep_many_nodes_reserved(client: LedgerClient) -> None:
+    g = grid(client)
+    ids, twins, node = g["ids"], g["twins"], g["node"]
+    payloads = [contract_payload(node, deployment(20_000 + n), sealed(),
+                                 requirement(twins["owner"], twins["s1"]), capacity={"cru": 4})
+                for n in range(MAX_PENDING_PER_TWIN + 1)]
+    results = client.send_many(ids["owner"], "contract.create", payloads)
+    assert all("receipt" in r for r in results[:-1])
+    assert results[-1]["code"] == "state"
+    assert f"already has {MAX_PENDING_PER_TWIN} contracts waiting" in results[-1]["error"]
+    assert len(client.contracts(owner=twins["owner"])) == MAX_PENDING_PER_TWIN
