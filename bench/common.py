@@ -106,12 +106,12 @@ def approve_until_ok(client: Any, holder: Any, cid: int, deployment_hash: str,
                      timeout: float = 30.0) -> float:
     """Submit the approval that completes contract `cid`'s quorum and follow the ledger's
     events until the node reports every workload `ok`; returns the seconds that took."""
-    since = int(client.head()["height"])
+    since: int | str = int(client.head()["height"])
     t0 = time.perf_counter()
     client.approve(holder, cid, deployment_hash)
     while True:
         ev = client.events(since, timeout=timeout, contract=cid, type="contract.report")
-        since = int(ev["next"])
+        since = ev["next"]
         if not ev["events"]:
             if time.perf_counter() - t0 > timeout:
                 raise TimeoutError(f"contract {cid}: no report after {timeout:g} s")

@@ -18,7 +18,7 @@ from tests.ledger.test_api import Server, grid, raw_post, start
 from tests.ledger.world import GiB, deployment, requirement, sealed
 from zerostack.crypto import MAX_INT, Domain, Identity
 from zerostack.crypto.canonical import hash_bytes
-from zerostack.ledger import LedgerClient, LedgerRejected
+from zerostack.ledger import LedgerClient, LedgerError, LedgerRejected
 from zerostack.ledger import service as service_module
 from zerostack.ledger.client import contract_payload
 from zerostack.ledger.service import LedgerService
@@ -231,3 +231,124 @@ def test_one_twin_cannot_keep_many_nodes_reserved(client: LedgerClient) -> None:
     assert results[-1]["code"] == "state"
     assert f"already has {MAX_PENDING_PER_TWIN} contracts waiting" in results[-1]["error"]
     assert len(client.contracts(owner=twins["owner"])) == MAX_PENDING_PER_TWIN
+
+
+# ---- event cursors ------------------------------------------------------------------------
+
+
+def sse_events(lines: Iterator[str], count: int) -> list[tuple[str, dict[str, Any]]]:
+    """The next `count` (id, event) pairs of a server-sent event stream's lines."""
+    out: list[tuple[str, dict[str, Any]]] = []
+    event_id = ""
+    for line in lines:
+        if line.startswith("id: "):
+            event_id = line[4:]
+        elif line.startswith("data: "):
+            out.append((event_id, orjson.loads(line[6:])))
+            if len(out) == count:
+                break
+    return out
+
+
+def test_event_cursors_resume_mid_block_without_loss_or_repeat(procs: ProcessGroup,
+                                                               tmp_path: Path) -> None:
+    """The stream's id used to be the block height and Last-Event-ID was ignored, so a
+    reconnect after 100 of a block's 1,500 events skipped the other 1,400 (or, from the
+    height before, repeated the first 100); a cursor past the head was moved back."""
+    server = start(procs, tmp_path / "ledger.db")
+    ident = Identity.generate()
+    with LedgerClient(server.url) as c:
+        twin = c.register_twin(ident)
+        before = c.head()["height"]
+        results = c.send_many(ident, "name.register", [{"name": f"e{n}"} for n in range(1500)])
+        block = before + 1
+        assert {r["height"] for r in results} == {block}  # one block of 1,500 events
+    url = server.url + "/events/stream"
+    with httpx.stream("GET", url, params={"since": before}, timeout=30) as r:
+        first = sse_events(r.iter_lines(), 100)
+    assert [i for i, _ in first] == [f"{block}.{n}" for n in range(100)]
+    # reconnect the way an EventSource does: Last-Event-ID wins over the query
+    with httpx.stream("GET", url, params={"since": 0}, timeout=30,
+                      headers={"Last-Event-ID": first[-1][0]}) as r:
+        lines = r.iter_lines()
+        rest = sse_events(lines, 1400)
+        with LedgerClient(server.url) as c:
+            c.register_name(ident, "later")
+        (after,) = sse_events(lines, 1)
+    assert [e["index"] for _, e in rest] == list(range(100, 1500))
+    assert {e["height"] for _, e in rest} == {block}
+    assert [e["receipt"]["name"] for _, e in first + rest] == [f"e{n}" for n in range(1500)]
+    assert after[0] == f"{block + 1}.0" and after[1]["receipt"]["name"] == "later"
+    with LedgerClient(server.url) as c:
+        # the long-poll takes the same cursors; a plain height still means "after block H"
+        polled = c.events(f"{block}.99", timeout=0)
+        assert [(e["height"], e["index"]) for e in polled["events"]] == [
+            *((block, n) for n in range(100, 1500)), (block + 1, 0)]
+        assert polled["next"] == str(block + 1)
+        assert len(c.events(before, timeout=0)["events"]) == 1501
+        assert c.events(f"{block}.1499", timeout=0)["next"] == str(block + 1)
+        head = c.head()["height"]
+        for cursor, words in [(head + 1, "beyond the head"), (f"{head + 5}.0", "beyond the head"),
+                              (f"{block}.1500", "holds 1500 events"), ("0.0", "holds 0 events"),
+                              ("7x", "not a block height"), ("-1", "not a block height")]:
+            with pytest.raises(LedgerError) as info:
+                c.events(cursor, timeout=0)
+            assert info.value.status == 400 and words in str(info.value), cursor
+            assert info.value.code == "bad_cursor"
+    r = httpx.get(url, headers={"Last-Event-ID": f"{head + 1}.0"}, timeout=10)
+    assert r.status_code == 400 and "beyond the head" in r.json()["error"]
+    # after a restart the same cursors are served from the log
+    server.proc.terminate()
+    server.proc.wait(10)
+    again = start(procs, tmp_path / "ledger.db")
+    with LedgerClient(again.url) as c:
+        polled = c.events(f"{block}.99", timeout=0, twin=twin, full=True)
+        assert [(e["height"], e["index"]) for e in polled["events"]] == [
+            *((block, n) for n in range(100, 1500)), (block + 1, 0)]
+        assert polled["next"] == str(head) and polled["events"][-1]["tx"]["nonce"] == 1501
+
+
+def test_a_long_poll_answer_ends_mid_block_and_the_next_one_goes_on(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An answer holds at most MAX_EVENTS events; its `next` then points inside a block,
+    from memory (recent blocks) and from the log (after a restart) alike."""
+    monkeypatch.setattr(service_module, "MAX_EVENTS", 40)
+    ident = Identity.generate()
+
+    async def drain(service: LedgerService, since: str) -> tuple[list[tuple[int, int]],
+                                                                 list[str]]:
+        seen, cursors = [], []
+        while True:
+            batch = await service.events(since, 0, {}, False)
+            seen += [(e["height"], e["index"]) for e in batch["events"]]
+            cursors.append(batch["next"])
+            if batch["next"] == since:
+                return seen, cursors
+            since = batch["next"]
+
+    async def main() -> None:
+        service = LedgerService(SqliteLog(tmp_path / "ledger.db"))
+        await service.start()
+        try:
+            (reg,) = await service.submit([signed_raw(ident, "twin.register", ident.public_hex,
+                                                      0, {})])
+            twin = reg["receipt"]["twin"]
+            results = await service.submit([
+                signed_raw(ident, "name.register", twin, 1 + n, {"name": f"m{n}"})
+                for n in range(100)])
+            assert {r["height"] for r in results} == {2}
+            seen, cursors = await drain(service, "1")
+            assert seen == [(2, n) for n in range(100)]
+            assert cursors == ["2.39", "2.79", "2", "2"]
+        finally:
+            await service.stop()
+        again = LedgerService(SqliteLog(tmp_path / "ledger.db"))
+        await again.start()
+        try:
+            seen, cursors = await drain(again, "1.0")
+            assert seen == [(2, n) for n in range(100)]
+            assert cursors == ["2.39", "2.79", "2", "2"]
+        finally:
+            await again.stop()
+
+    asyncio.run(main())
