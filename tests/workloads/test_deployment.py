@@ -195,3 +195,10 @@ def test_diff_refuses_type_change_and_old_versions() -> None:
         diff(a, dep([zdb("x")], version=1))
     d = diff(a, dep([zdb("x", size=2 << 20), zdb("y")], version=2))
     assert [w.name for w in d.added] == ["y"] and len(d.updated) == 1
+
+
+def test_a_deployment_without_a_canonical_form_is_refused_not_crashed_on() -> None:
+    # a size past 2^53 - 1 has no canonical JSON, so the deployment has no hash to sign
+    with pytest.raises(WorkloadError, match=r"workloads\[0\]\.size: integers are limited"):
+        dep([zdb("huge", 1 << 60)])
+    assert dep([zdb("big", (1 << 53) - 1)]).hash()
