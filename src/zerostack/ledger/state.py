@@ -834,8 +834,10 @@ def _contract_update(state: State, tx: t.Tx, twin: Twin, time: int) -> tuple[Sta
     _check_stakeholders(state, requirement)
     approvals = _owner_approval(state, twin.id, (c.id, c.proposal.version + 1, c.node),
                                 p.deployment_hash, p.approval)
-    capacity = Capacity.of(p.capacity) if p.capacity is not None else c.proposal.capacity
-    _fits(state.nodes[c.node], capacity)
+    capacity = c.proposal.capacity
+    if p.capacity is not None:
+        capacity = Capacity.of(p.capacity)
+        _fits(state.nodes[c.node], capacity)
     proposal = Version(
         c.proposal.version + 1,
         p.deployment_hash,
