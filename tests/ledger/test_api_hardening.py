@@ -352,3 +352,14 @@ def test_a_long_poll_answer_ends_mid_block_and_the_next_one_goes_on(
             await again.stop()
 
     asyncio.run(main())
+
+
+def test_node_query_numbers_are_bounded(server: Server) -> None:
+    # a 5,000-digit number made int() raise inside the fast path: 500
+    for value in ("9" * 5000, "\u0661", "12" * 9):
+        r = httpx.get(server.url + "/nodes", params={"farm": value})
+        assert r.status_code in (200, 422), (value[:10], r.status_code, r.text[:200])
+        if r.status_code == 200:
+            assert r.json() == []
+        else:
+            assert r.json()["code"] == "invalid" and "farm" in r.json()["error"]

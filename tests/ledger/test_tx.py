@@ -6,7 +6,7 @@ from typing import Any
 
 import orjson
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from zerostack.crypto import MAX_INT, Domain, Identity, canonical_json, hash_obj, verify
@@ -212,13 +212,18 @@ json_value = st.recursive(
     max_leaves=30,
 )
 deep_value = st.builds(nested, st.integers(0, 400), json_leaf)
+huge_value = st.one_of(st.text(min_size=2000, max_size=20000),
+                       st.lists(st.integers(-(2**60), 2**60), min_size=100, max_size=2000),
+                       st.dictionaries(st.text(max_size=40), st.integers(), min_size=50,
+                                       max_size=500))
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                  HealthCheck.data_too_large])
 @given(st.sampled_from(sorted(PAYLOADS)),
        st.dictionaries(st.sampled_from(["name", "body", "pricing", "data", "location",
                                         "capacity", "used", "workloads", "farm", "x"]),
-                       json_value | deep_value, max_size=4),
+                       json_value | deep_value | huge_value, max_size=4),
        st.one_of(st.integers(-5, 2**64), st.just("ab" * 32), json_value),
        st.one_of(st.integers(-5, 2**64), json_value))
 def test_parse_tx_accepts_or_refuses_any_json_never_crashes(ttype: str, payload: Any,

@@ -90,7 +90,10 @@ def _node_query(query_string: bytes) -> tuple[NodeFilter, int, int] | None:
     values: dict[str, Any] = {}
     for key, value in parse_qsl(query_string.decode("latin-1")):
         if key in _NODE_INTS:
-            if not value.isdigit() or int(value) < _NODE_INTS[key]:
+            # ASCII digits and a bounded length: int() reads other scripts' digits too,
+            # and refuses (with an exception) strings over 4,300 digits
+            if not (value.isascii() and value.isdigit() and len(value) <= 16) or (
+                    int(value) < _NODE_INTS[key]):
                 return None
             values[key] = int(value)
         elif key in ("country", "city"):

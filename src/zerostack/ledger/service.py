@@ -334,12 +334,13 @@ class LedgerService:
             self._recent.popitem(last=False)
 
 
-_CURSOR = re.compile(r"(\d{1,15})(?:\.(\d{1,9}))?")
+# ASCII digits only: \d would also take other scripts' digits, which int() reads too
+_CURSOR = re.compile(r"([0-9]{1,15})(?:\.([0-9]{1,9}))?")
 
 
 def parse_cursor(cursor: str | int) -> tuple[int, int | None]:
     """Split an event cursor "H" or "H.I" (an int H is "H"); LedgerError (400) if malformed."""
-    if type(cursor) is int and cursor >= 0:
+    if type(cursor) is int and 0 <= cursor < 10**15:
         return cursor, None
     match = _CURSOR.fullmatch(cursor) if isinstance(cursor, str) else None
     if match is None:
