@@ -107,12 +107,12 @@ def approve_until_ok(client: Any, holder: Any, cid: int, deployment_hash: str,
     """As the stakeholder's 3Bot `holder` does it (open the sealed deployment, check it,
     sign), submit the approval that completes contract `cid`'s quorum, and follow the
     ledger's events until the node reports every workload `ok`; returns the seconds."""
-    since = int(client.head()["height"])
+    since: int | str = int(client.head()["height"])
     t0 = time.perf_counter()
     holder.approve(cid, deployment_hash)
     while True:
         ev = client.events(since, timeout=timeout, contract=cid, type="contract.report")
-        since = int(ev["next"])
+        since = ev["next"]
         if not ev["events"]:
             if time.perf_counter() - t0 > timeout:
                 raise TimeoutError(f"contract {cid}: no report after {timeout:g} s")

@@ -258,3 +258,10 @@ def test_cancel_votes_meet_the_delete_requirement() -> None:
     assert alone.cancel_votes({1: vote(1)}, contract=4, node=5) == {1}
     with pytest.raises(WorkloadError):
         alone.cancel_votes({}, contract=4, node=5)
+
+
+def test_a_deployment_without_a_canonical_form_is_refused_not_crashed_on() -> None:
+    # a size past 2^53 - 1 has no canonical JSON, so the deployment has no hash to sign
+    with pytest.raises(WorkloadError, match=r"workloads\[0\]\.size: integers are limited"):
+        dep([zdb("huge", 1 << 60)])
+    assert dep([zdb("big", (1 << 53) - 1)]).hash()

@@ -280,7 +280,7 @@ class ThreeBot:
              on_change: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
         """Follow the contract (long-polling the ledger's events) until `until(contract)`."""
         deadline = time.monotonic() + timeout
-        since = int(self.ledger.head()["height"])
+        since: int | str = int(self.ledger.head()["height"])
         last: Any = None
         while True:
             c = self.contract(cid)
@@ -293,7 +293,7 @@ class ThreeBot:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise BotError(f"contract {cid} is still {c['state']} after {timeout:.0f}s")
-            since = int(self.ledger.events(since, contract=cid, timeout=min(left, 5.0))["next"])
+            since = str(self.ledger.events(since, contract=cid, timeout=min(left, 5.0))["next"])
 
     def open_secret(self, sealed_b64: str) -> dict[str, Any]:
         """A workload's secret result, sealed by the node to this owner."""

@@ -248,7 +248,8 @@ def names(url: str = LedgerUrl, json_out: bool = JsonOut) -> None:
 
 @app.command("events")
 def events(
-    since: int = typer.Option(0, help="Start after this block height."),
+    since: str = typer.Option("0", help="Start after this cursor: a block height H, or "
+                              "H.I (after event I of block H)."),
     follow: bool = typer.Option(False, "--follow", "-f", help="Keep waiting for new blocks."),
     node: int = typer.Option(None, help="Only events about this node."),
     contract: int = typer.Option(None, help="Only events about this contract."),
@@ -273,6 +274,6 @@ def events(
         batch = _run(lambda c=cursor: client.events(c, timeout=25.0 if follow else 0.0,
                                                     node=node, contract=contract))
         show(batch)
-        if not follow and batch["next"] >= batch["head"]:
+        if not follow and batch["next"] == str(batch["head"]):
             return
         cursor = batch["next"]

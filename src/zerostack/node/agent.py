@@ -9,6 +9,7 @@ Its data dir is 0700 and its key and state 0600: no other host user reads any of
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -221,13 +222,18 @@ class NodeAgent:
 
     async def _follow(self) -> None:
         """Long-poll the ledger's events; queue the contracts on this node they touch."""
-        height = await self.link.height()
+        cursor: int | str = await self.link.height()
         while True:
             try:
-                height, contracts = await self.link.node_events(self.node_id, height)
+                cursor, contracts = await self.link.node_events(self.node_id, cursor)
             except LedgerError as exc:
                 log.warning("event=follow_failed error=%r", str(exc))
                 await asyncio.sleep(1)
+                if exc.code == "bad_cursor":
+                    # the ledger no longer has our position: follow on from its head; the
+                    # periodic full pass looks at every contract anyway
+                    with contextlib.suppress(LedgerError):
+                        cursor = await self.link.height()
                 continue
             if contracts:
                 self._pending |= contracts

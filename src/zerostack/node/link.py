@@ -77,12 +77,13 @@ class LedgerLink:
     async def height(self) -> int:
         return int((await self.client.head()).get("height", 0))
 
-    async def node_events(self, node: int, since: int) -> tuple[int, set[int]]:
-        """Wait for blocks after `since`; the contracts on `node` other parties touched
-        (the node's own reports are left out: they change nothing it has to do)."""
+    async def node_events(self, node: int, since: int | str) -> tuple[str, set[int]]:
+        """Wait for events after cursor `since`; the next cursor, and the contracts on
+        `node` other parties touched (the node's own reports are left out: they change
+        nothing it has to do)."""
         data = await self.client.events(since, timeout=EVENT_WAIT, node=node)
         contracts = {
             int(e["receipt"]["contract"]) for e in data["events"]
             if "contract" in e.get("receipt", {}) and e["type"] != "contract.report"
         }
-        return int(data["next"]), contracts
+        return str(data["next"]), contracts
