@@ -176,14 +176,19 @@ def unmount_rootfs(layout: Layout) -> None:
             unmount(target)
     for target in (layout.sys, layout.rootfs, layout.layer):
         unmount(target)
-    if layout.stage.is_dir():
+    if not layout.stage.is_dir():
+        return
+    # Only empty mount points are left: rmdir never deletes through a mount.
+    try:
+        if volumes.is_dir():
+            for target in volumes.iterdir():
+                target.rmdir()
         for sub in (volumes, layout.sys, layout.rootfs):
-            if sub == volumes and sub.is_dir():
-                for t in sub.iterdir():
-                    t.rmdir()
             if sub.is_dir():
                 sub.rmdir()
         layout.stage.rmdir()
+    except OSError as exc:
+        raise ContainerError(f"cannot remove {layout.stage}: {exc}") from None
 
 
 def _shift(host_id: int, base: int) -> int:
