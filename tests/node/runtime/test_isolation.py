@@ -226,3 +226,30 @@ def test_writable_layer_is_size_limited_and_leaves_the_host_disk_alone(
     # suites share this disk, so allow them some writes of their own).
     assert used_on_host <= 32 << 20
     assert free_before - free_after < 96 << 20
+
+
+def test_joined_network_namespace_gets_its_own_sysfs(env: Env, probe: CachedImage) -> None:
+    """A container attached to a namespace the node made still sees only that namespace's
+    devices, in /proc and in /sys (a sysfs the node mounts from inside the namespace)."""
+    require_tool("ip")
+    cid = env.new_id("netns")
+    ns = f"zt{os.getpid() % 100000}{cid[-4:]}"
+    ends = [f"za{cid[-6:]}", f"zb{cid[-6:]}"]
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        subprocess.run(["ip", "-n", ns, "link", "add", ends[0], "type", "veth", "peer", "name",
+                        ends[1]], check=True)
+        script = "ls /sys/class/net | sort | tr '\\n' ' '; echo; tail -n +3 /proc/net/dev | cut -d: -f1"
+        spec = ContainerSpec(id=cid, image_hash=probe.hash, args=(script,), restart="never",
+                             netns=f"/run/netns/{ns}")
+        try:
+            out = run_to_end(env, spec, probe)
+            layout = env.runtime.layout(cid)
+            assert not is_mounted(layout.sys)  # the run is over: the shim unmounted it
+        finally:
+            env.runtime.delete(cid)
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], check=False)
+    lines = out.splitlines()
+    assert lines[0].split() == sorted(["lo", *ends]), out
+    assert sorted(x.strip() for x in lines[1:]) == sorted(["lo", *ends])

@@ -3,9 +3,10 @@ loop-mounted), the overlay of that layer over the cached image, the shift of the
 owners into the container's host id range, and the staging directory runc reads it from.
 
 Every mount is `nosuid,nodev`: a set-id file a tenant plants in its image, layer or volume
-never gives a host user its owner's ids. runc mounts the rootfs and volumes from inside the
-container's user namespace, so it reaches them through `stage` (0710, group = the
-container's root on the host) instead of through the node's private data directory.
+never gives a host user its owner's ids. runc mounts the rootfs from inside the
+container's user namespace, so it reaches it (and the staged volumes) through `stage`
+(0710, group = the container's root on the host), never through the node's private data
+directory, which that namespace's root may not enter.
 """
 
 from __future__ import annotations
