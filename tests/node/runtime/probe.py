@@ -7,7 +7,6 @@ it can see and do, and two tiny static programs (syscall attempts, the effective
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -115,7 +114,3 @@ def probe_rootfs(root: Path) -> Path:
     os.chown(euid, 0, 0)
     euid.chmod(0o4755)
     return root
-
-
-def have_compiler() -> bool:
-    return shutil.which("gcc") is not None
