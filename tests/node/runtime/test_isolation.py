@@ -5,6 +5,7 @@ files, and the size limit of the writable layer."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import stat
 import subprocess
@@ -29,7 +30,7 @@ from zerostack.flist import (
 )
 from zerostack.node.provisioners import NodeContext, Pool, WorkloadID
 from zerostack.node.provisioners.volume import VolumeProvisioner
-from zerostack.node.runtime import ContainerSpec, VolumeBind
+from zerostack.node.runtime import ContainerError, ContainerSpec, VolumeBind
 from zerostack.node.runtime.idmap import RANGE
 from zerostack.node.runtime.oci import CAPABILITIES
 from zerostack.node.runtime.runc import is_mounted
@@ -253,3 +254,29 @@ def test_joined_network_namespace_gets_its_own_sysfs(env: Env, probe: CachedImag
     lines = out.splitlines()
     assert lines[0].split() == sorted(["lo", *ends]), out
     assert sorted(x.strip() for x in lines[1:]) == sorted(["lo", *ends])
+
+
+def test_writable_layer_grows_with_its_spec_keeps_its_data_and_never_shrinks(
+        env: Env, probe: CachedImage) -> None:
+    cid = env.new_id("grow")
+    script = "echo kept >> /state; cat /state | wc -l; df -k / | tail -n 1; exec sleep 1000"
+    small = ContainerSpec(id=cid, image_hash=probe.hash, args=(script,), disk=32 << 20,
+                          stop_timeout=0.2)
+    try:
+        env.runtime.start(small, probe)
+        wait_for(lambda: any("/" in x and "overlay" in x for x in env.runtime.logs(cid)),
+                 what="first df")
+        env.runtime.start(dataclasses.replace(small, disk=64 << 20), probe)
+        wait_for(lambda: sum("overlay" in x for x in env.runtime.logs(cid)) == 2,
+                 what="second df")
+        out = [x.split(" ", 2)[2] for x in env.runtime.logs(cid) if " stdout " in x]
+        running = env.runtime.status(cid)
+        with pytest.raises(ContainerError, match="cannot shrink"):
+            env.runtime.start(small, probe)
+        # Refused before anything changed: the same container still runs.
+        assert env.runtime.status(cid).pid == running.pid is not None
+    finally:
+        env.runtime.delete(cid)
+    assert out[0].strip() == "1" and out[2].strip() == "2", out  # the layer's data survived
+    first, second = int(out[1].split()[1]), int(out[3].split()[1])
+    assert first <= 32 << 10 < second <= 64 << 10

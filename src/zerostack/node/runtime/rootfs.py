@@ -89,18 +89,26 @@ class Layout:
         return cls(Path(d["dir"]), Path(d["stage"]), int(d["base"]))
 
 
+def check_layer_size(layout: Layout, size: int) -> None:
+    """Refuse a size below the existing layer's: shrinking would lose the container's data."""
+    try:
+        have = layout.layer_image.stat().st_size
+    except FileNotFoundError:
+        return
+    if max(size, MIN_DISK) < have:
+        raise ContainerError(f"the writable layer cannot shrink from {have} to {size} bytes")
+
+
 def prepare_layer(layout: Layout, size: int) -> None:
     """Create the writable layer's filesystem of `size` bytes, or grow it to `size`.
 
     The image is sparse: it takes host disk only as the container writes. A layer never
     shrinks (that would lose the container's data): a smaller size is refused."""
+    check_layer_size(layout, size)
     size = max(size, MIN_DISK)
     image = layout.layer_image
     if image.exists():
-        have = image.stat().st_size
-        if size < have:
-            raise ContainerError(f"the writable layer cannot shrink from {have} to {size} bytes")
-        if size > have:
+        if size > image.stat().st_size:
             unmount(layout.layer)
             with open(image, "r+b") as f:
                 f.truncate(size)

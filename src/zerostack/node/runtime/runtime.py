@@ -31,6 +31,7 @@ from zerostack.node.runtime.oci import HostPaths, cgroups_path, oci_config
 from zerostack.node.runtime.rootfs import (
     STAGE_ROOT,
     Layout,
+    check_layer_size,
     prepare_layer,
     unmount_rootfs,
 )
@@ -137,6 +138,7 @@ class ContainerRuntime:
         if self.supervised(spec.id):
             if (d / "fingerprint").exists() and (d / "fingerprint").read_text() == fingerprint:
                 return self._settled(spec.id, wait)
+            check_layer_size(layout, spec.disk)  # refused before the running one stops
             self.stop(spec.id)
         for sub in ("bundle", "logs"):
             (d / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
