@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import fcntl
 import os
 import subprocess
 from dataclasses import dataclass
@@ -226,12 +227,20 @@ def shift_tree(lower: Path, merged: Path, base: int) -> None:
 def own_volume(root: Path, base: int) -> None:
     """Move a volume's owners into the range starting at `base` (once: a volume whose root
     is already in the range is left alone), so the container's root can write to it."""
-    st = os.lstat(root)
-    if base <= st.st_uid < base + RANGE:
-        return
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in (*dirnames, *filenames):
-            p = os.path.join(dirpath, name)
-            est = os.lstat(p)
-            os.lchown(p, _shift(est.st_uid, base), _shift(est.st_gid, base))
-    os.lchown(root, _shift(st.st_uid, base), _shift(st.st_gid, base))
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        # Two containers of a deployment starting together: the second waits, then finds
+        # the volume in the range and leaves it alone. So no walk ever runs while a
+        # container (which could swap a directory for a symlink) uses the volume.
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        st = os.fstat(fd)
+        if base <= st.st_uid < base + RANGE:
+            return
+        for dirpath, dirnames, filenames in os.walk(root):
+            for name in (*dirnames, *filenames):
+                p = os.path.join(dirpath, name)
+                est = os.lstat(p)
+                os.lchown(p, _shift(est.st_uid, base), _shift(est.st_gid, base))
+        os.fchown(fd, _shift(st.st_uid, base), _shift(st.st_gid, base))
+    finally:
+        os.close(fd)
