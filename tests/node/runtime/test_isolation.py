@@ -63,7 +63,7 @@ def volume(env: Env, name: str) -> Iterator[Path]:
     prov = VolumeProvisioner(node)
     spec = VolumeWorkload(name="data", size=32 << 20)
     dep = Deployment.parse({"twin_id": 1, "workloads": [spec.model_dump()],
-                            "signature_requirement": {"requests": [{"twin": 1}],
+                            "signature_requirement": {"requests": [{"twin": 1, "key": "ab" * 32, "required": True}],
                                                       "weight_required": 1}})
     wid = WorkloadID(1, "data")
     prov.provision(wid, spec, dep)

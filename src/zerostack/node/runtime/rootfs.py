@@ -138,6 +138,8 @@ def mount_rootfs(layout: Layout, lower: Path, volumes: list[dict[str, Any]],
     if not is_mounted(layout.layer):
         _run("mount", "-t", "ext4", "-o", "loop,nosuid,nodev,noexec", str(layout.layer_image),
              str(layout.layer))
+    # the layer's root (mkfs makes it 0755) holds the tenant's files: the node's alone
+    os.chmod(layout.layer, 0o700)
     root_st = os.stat(lower)
     for d in (layout.upper, layout.work):
         d.mkdir(mode=0o700, exist_ok=True)

@@ -102,7 +102,7 @@ class ContainerRuntime:
             d = self.dir(cid)
             if d.is_symlink() or not d.is_dir():
                 continue
-            for sub in ("", "bundle", "logs"):
+            for sub in ("", "bundle", "logs", "layer"):
                 restrict(d / sub)
             for name in (*_OWN_FILES, "idmap.json", "layer.img"):
                 restrict(d / name)
