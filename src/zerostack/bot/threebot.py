@@ -21,6 +21,7 @@ from zerostack.crypto import (
 )
 from zerostack.ledger.client import LedgerClient
 from zerostack.ledger.errors import LedgerError, LedgerRejected
+from zerostack.ledger.pin import HeaderPin
 from zerostack.workloads import Deployment, total_resources
 
 DONE_STATES = ("deployed", "error", "deleted", "expired")
@@ -50,11 +51,20 @@ def _as_bot_error(fn: Callable[P, R]) -> Callable[P, R]:
 class ThreeBot:
     """One identity acting on one ledger. Every method raises BotError on failure."""
 
-    def __init__(self, ledger_url: str, identity: Identity, timeout: float = 30.0) -> None:
+    def __init__(self, ledger_url: str, identity: Identity, timeout: float = 30.0,
+                 pin: HeaderPin | None = None) -> None:
         self.url = ledger_url.rstrip("/")
         self.identity = identity
         self.ledger = LedgerClient(self.url, timeout=timeout)
+        self.pin = pin
         self._twin: int | None = None
+
+    @_as_bot_error
+    def check_ledger(self) -> None:
+        """Refuse a ledger that does not extend the last header this user saw (a rollback,
+        a fork, another operator key); then remember its head. No-op without a pin."""
+        if self.pin is not None:
+            self.pin.check(self.ledger)
 
     def close(self) -> None:
         self.ledger.close()

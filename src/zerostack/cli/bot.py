@@ -23,17 +23,26 @@ LEDGER = typer.Option("http://127.0.0.1:7700", "--ledger", envvar="ZEROSTACK_LED
 IDENTITY = typer.Option("default", "--identity", "-i", envvar="ZEROSTACK_IDENTITY",
                         help="Identity name (see `zerostack id`).")
 JSON = typer.Option(False, "--json", help="Print JSON.")
+LEDGER_KEY = typer.Option(None, "--ledger-key", envvar="ZEROSTACK_LEDGER_KEY",
+                          help="The ledger operator's public key (hex); default: learnt on "
+                               "first contact and pinned in $ZEROSTACK_HOME/ledgers.")
 
 
 @contextmanager
-def _session(ledger: str, identity: str) -> Iterator[ThreeBot]:
-    """The bot for one command; a BotError becomes the command's one-line failure."""
+def _session(ledger: str, identity: str, ledger_key: str | None) -> Iterator[ThreeBot]:
+    """The bot for one command, on a ledger that extends the last header this user saw;
+    a BotError (or a refused ledger) becomes the command's one-line failure."""
     from zerostack.bot import BotError, ThreeBot
+    from zerostack.cli.identity import zerostack_home
+    from zerostack.ledger import LedgerError
+    from zerostack.ledger.pin import HeaderPin, pin_path
 
     try:
-        with ThreeBot(ledger, load_named(identity)) as bot:
+        pin = HeaderPin(pin_path(zerostack_home(), ledger), ledger_key)
+        with ThreeBot(ledger, load_named(identity), pin=pin) as bot:
+            bot.check_ledger()
             yield bot
-    except BotError as exc:
+    except (BotError, LedgerError) as exc:
         fail(str(exc))
 
 
@@ -109,11 +118,12 @@ def deploy(
     ledger: str = LEDGER,
     identity: str = IDENTITY,
     json_out: bool = JSON,
+    ledger_key: str | None = LEDGER_KEY,
 ) -> None:
     """Deploy workloads to a node under a signed contract, and wait for the node's report."""
     from zerostack.bot import build_deployment, load_deployment_file, quorum_progress
 
-    with _session(ledger, identity) as bot:
+    with _session(ledger, identity, ledger_key) as bot:
         data = load_deployment_file(file)
         if update is not None:
             version = int(bot.contract(update)["version"]) + 1
@@ -155,9 +165,10 @@ def approve(
     ledger: str = LEDGER,
     identity: str = IDENTITY,
     json_out: bool = JSON,
+    ledger_key: str | None = LEDGER_KEY,
 ) -> None:
     """Approve a contract's pending deployment as a stakeholder (signs its hash)."""
-    with _session(ledger, identity) as bot:
+    with _session(ledger, identity, ledger_key) as bot:
         receipt = bot.approve(contract, expect_hash)
         c = bot.contract(contract)
         if json_out:
@@ -171,9 +182,10 @@ def status(
     ledger: str = LEDGER,
     identity: str = IDENTITY,
     json_out: bool = JSON,
+    ledger_key: str | None = LEDGER_KEY,
 ) -> None:
     """Show one contract (workloads and results) or all contracts you own."""
-    with _session(ledger, identity) as bot:
+    with _session(ledger, identity, ledger_key) as bot:
         if contract is not None:
             c = bot.contract(contract)
             if json_out:
@@ -198,9 +210,10 @@ def cancel(
     ledger: str = LEDGER,
     identity: str = IDENTITY,
     json_out: bool = JSON,
+    ledger_key: str | None = LEDGER_KEY,
 ) -> None:
     """Cancel a contract; the node removes its workloads and reports them deleted."""
-    with _session(ledger, identity) as bot:
+    with _session(ledger, identity, ledger_key) as bot:
         bot.cancel(contract)
         c = bot.contract(contract)
         if wait > 0 and c["state"] == "cancelled":

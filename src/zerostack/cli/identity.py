@@ -13,10 +13,14 @@ from zerostack.crypto import CryptoError, Identity, load_identity, save_identity
 app = typer.Typer(help="Manage identities (ed25519 key pairs).", no_args_is_help=True)
 
 
+def zerostack_home() -> Path:
+    """The user's zerostack dir: $ZEROSTACK_HOME (default ~/.zerostack)."""
+    return Path(os.environ.get("ZEROSTACK_HOME", Path.home() / ".zerostack"))
+
+
 def identity_dir() -> Path:
     """Where key files live: $ZEROSTACK_HOME/identities (default ~/.zerostack/identities)."""
-    home = Path(os.environ.get("ZEROSTACK_HOME", Path.home() / ".zerostack"))
-    return home / "identities"
+    return zerostack_home() / "identities"
 
 
 def identity_path(name: str) -> Path:
