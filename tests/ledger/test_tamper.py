@@ -24,7 +24,7 @@ from tests.conftest import free_port, zerostack_cmd
 from tests.ledger.world import World
 from zerostack.crypto import Domain, Identity, canonical_json, hash_hex, save_identity
 from zerostack.ledger import BadBlock, Chain, SqliteLog, verify_log
-from zerostack.ledger.block import Block, BlockSignature
+from zerostack.ledger.block import Block, BlockSignature, Checkpoint
 from zerostack.ledger.errors import Rejected
 from zerostack.ledger.tx import parse_tx, sign_tx
 
@@ -267,3 +267,43 @@ def test_an_invalid_extra_signature_is_refused(copy: Path) -> None:
         wire["signatures"].append(BlockSignature(ATTACKER.public_hex, "11" * 64).to_wire())
         db.execute("UPDATE blocks SET data = ? WHERE height = 2", (canonical_json(wire),))
     assert "block 2: header signature" in serve_refuses(copy)
+
+
+def test_the_checkpoint_spares_the_checked_signatures_and_must_match(
+        copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import zerostack.ledger.chain as chain_module
+
+    checked: list[bytes] = []
+    real = chain_module.verify
+
+    def counting(domain: Domain, key: str, data: bytes, sig: bytes) -> bool:
+        checked.append(data)
+        return real(domain, key, data, sig)
+
+    monkeypatch.setattr(chain_module, "verify", counting)
+    log = SqliteLog(copy)
+    try:
+        Chain(log, OPERATOR)  # a server's start: the checkpoint is at the head
+        assert checked == []
+        verify_log(log)  # verify checks every transaction signature
+        assert len(checked) == 6
+    finally:
+        log.close()
+    monkeypatch.undo()
+
+    with sqlite3.connect(copy) as db:
+        (block2,) = db.execute("SELECT hash FROM blocks WHERE height = 2").fetchone()
+    # the operator's checkpoint for another chain (another hash at height 3)
+    forged = Checkpoint.make(OPERATOR, LAST, block2)
+    with sqlite3.connect(copy) as db:
+        db.execute("UPDATE checkpoint SET hash = ?, signature = ?",
+                   (forged.hash, forged.signature))
+    assert "differs from the operator's checkpoint" in serve_refuses(copy)
+    # a checkpoint of the right block, signed by another key
+    with sqlite3.connect(copy) as db:
+        (block3,) = db.execute("SELECT hash FROM blocks WHERE height = 3").fetchone()
+    other = Checkpoint.make(ATTACKER, LAST, block3)
+    with sqlite3.connect(copy) as db:
+        db.execute("UPDATE checkpoint SET hash = ?, key = ?, signature = ?",
+                   (other.hash, other.key, other.signature))
+    assert "checkpoint at height 3 is not signed by the operator key" in serve_refuses(copy)
