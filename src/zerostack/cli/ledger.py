@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import typer
+from rich.markup import escape
 
 from zerostack.cli.output import console, fail, print_json, print_table
 
@@ -87,7 +89,8 @@ def serve(
     try:
         application = create_app(path, operator, block_interval=block_interval)
     except LedgerError as exc:
-        fail(f"refusing to serve {path}: {exc}")
+        # the reason may quote bytes of the file: no console markup from it
+        fail(escape(f"refusing to serve {path}: {exc}"))
     console.print(f"ledger {path} listening on http://{host}:{port} operator key "
                   f"{operator.public_hex}", highlight=False)
     serve_app(application, host, int(port))
@@ -107,6 +110,8 @@ def verify(
     path = db or default_db()
     if not path.exists():
         fail(f"{path} does not exist")
+    if operator_key is not None and not re.fullmatch(r"[0-9a-f]{64}", operator_key):
+        fail("--operator-key must be a public key: 64 lowercase hex characters")
     try:
         log = SqliteLog(path)
         try:
@@ -117,7 +122,7 @@ def verify(
         if json_out:
             print_json({"ok": False, "bad_block": exc.height, "reason": exc.reason})
             raise typer.Exit(1) from None
-        fail(f"first bad block is {exc.height}: {exc.reason}")
+        fail(escape(f"first bad block is {exc.height}: {exc.reason}"))
     except LedgerError as exc:
         fail(str(exc))
     summary = {"ok": True, "height": result.height, "hash": result.hash, "txs": result.txs,
