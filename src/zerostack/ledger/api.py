@@ -19,7 +19,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response, StreamingResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from zerostack.ledger.chain import block_json
+from zerostack.crypto import Identity
+from zerostack.ledger.chain import block_json, header_json
 from zerostack.ledger.errors import HTTP_STATUS, LedgerError
 from zerostack.ledger.query import NodeFilter, find_contracts, node_view, page
 from zerostack.ledger.service import MAX_BATCH_BYTES, LedgerService
@@ -133,13 +134,20 @@ Cursor = Annotated[str, Query(max_length=32, description=(
 
 def create_app(
     db: Path | str | BlockLog,
+    operator: Identity,
     *,
     clock: Callable[[], float] = _time.time,
     block_interval: float = 0.0,
 ) -> FastAPI:
-    """The ASGI app for a ledger whose log is the SQLite file `db` (or any BlockLog)."""
+    """The ASGI app for a ledger whose log is the SQLite file `db` (or any BlockLog),
+    operated with the key `operator`. Raises `LedgerError` (`BadBlock`) when the log
+    fails its checks: a ledger never serves a file `zerostack ledger verify` refuses."""
     blocklog: BlockLog = SqliteLog(db) if isinstance(db, (str, Path)) else db
-    service = LedgerService(blocklog, clock=clock, block_interval=block_interval)
+    try:
+        service = LedgerService(blocklog, operator, clock=clock, block_interval=block_interval)
+    except BaseException:
+        blocklog.close()
+        raise
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -207,10 +215,20 @@ def create_app(
             "receipt": orjson.loads(row.receipt),
         })
 
-    @app.get("/head", summary="The last committed block.")
+    @app.get("/head", summary="The last committed block's header, hash and signatures.")
     async def get_head() -> Response:
-        c = service.chain
-        return _json({"height": c.height, "hash": c.hash, "time": c.time})
+        return _json(service.chain.head_header())
+
+    @app.get("/operator", summary="The public key that signs this ledger's block headers.")
+    async def get_operator() -> Response:
+        return _json({"key": operator.public_hex})
+
+    @app.get("/blocks/{height}/header", summary="A block's header, hash and signatures.")
+    async def get_block_header(height: int) -> Response:
+        stored = service.log.block(height)
+        if stored is None:
+            return _not_found(f"block {height}")
+        return _json(header_json(stored.data, stored.hash))
 
     @app.get("/blocks/{height}", summary="A block: header, hash and transactions.")
     async def get_block(height: int) -> Response:

@@ -165,8 +165,13 @@ class _Queries(Generic[MaybeT, ListT, OneT]):
         raise NotImplementedError
 
     def head(self) -> OneT:
-        """{height, hash, time} of the last block."""
+        """The last block's signed header: {height, hash, time, prev_hash, tx_root,
+        tx_count, signatures} ({height: 0, hash, time, signatures: []} when empty)."""
         return self._get("/head")
+
+    def header(self, height: int) -> MaybeT:
+        """The signed header of block `height` (no transactions)."""
+        return self._get_or_none(f"/blocks/{height}/header")
 
     def block(self, height: int) -> MaybeT:
         return self._get_or_none(f"/blocks/{height}")

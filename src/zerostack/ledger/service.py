@@ -21,7 +21,7 @@ from typing import Any
 
 import orjson
 
-from zerostack.crypto import Domain, verify
+from zerostack.crypto import Domain, Identity, verify
 from zerostack.ledger.block import Block
 from zerostack.ledger.chain import Chain
 from zerostack.ledger.errors import HTTP_STATUS, LedgerError, LedgerRejected, Rejected
@@ -49,6 +49,7 @@ class LedgerService:
     def __init__(
         self,
         blocklog: BlockLog,
+        operator: Identity,
         *,
         clock: Callable[[], float] = _time.time,
         block_interval: float = 0.0,
@@ -56,7 +57,7 @@ class LedgerService:
     ) -> None:
         self.log = blocklog
         self.clock = clock
-        self.chain = Chain(blocklog, clock)
+        self.chain = Chain(blocklog, operator, clock)
         self.block_interval = block_interval
         self._threads = verify_threads or max(1, min(4, os.cpu_count() or 1))
         self._executor = ThreadPoolExecutor(self._threads, thread_name_prefix="ledger-verify")

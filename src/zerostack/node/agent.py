@@ -18,6 +18,7 @@ from typing import Any
 
 from zerostack.crypto import Identity, KeyChanged, KeyPins, hash_hex, load_identity, save_identity
 from zerostack.ledger.errors import LedgerError, LedgerRejected
+from zerostack.ledger.pin import PIN_FILE, HeaderPin
 from zerostack.node.capacity import node_capacity, system_reserve
 from zerostack.node.engine import (
     Desired,
@@ -77,6 +78,8 @@ class AgentConfig:
     dry: bool = False
     # Settings for provisioners beyond storage (e.g. "hub", "flist_publishers").
     extra: dict[str, Any] = field(default_factory=dict)
+    # The ledger operator's public key (hex); unset: learnt on first contact and pinned.
+    ledger_key: str | None = None
 
 
 class Refused(Exception):
@@ -133,7 +136,8 @@ class NodeAgent:
         self.capacity = node_capacity(self.pools, cfg.cpu, cfg.memory)
         self.reserve = system_reserve(self.capacity)
         self.zdb: ZdbServer | None = None
-        self.link = LedgerLink(cfg.ledger_url, self.identity)
+        self.link = LedgerLink(cfg.ledger_url, self.identity,
+                               HeaderPin(cfg.data_dir / PIN_FILE, cfg.ledger_key))
         self.context = NodeContext(cfg.data_dir, self.identity, self.pools, cfg.endpoint,
                                    "127.0.0.1", cfg.zdb_port, extra=dict(cfg.extra))
         self.provisioners: dict[str, Provisioner] = {}
@@ -278,6 +282,8 @@ class NodeAgent:
 
     async def reconcile(self, contract_ids: set[int], everything: bool = False) -> None:
         async with self._lock:
+            # nothing is done for a ledger that rolled back or forked since the last pass
+            await self.link.check_ledger()
             # Listed under the lock: a pass must never act on a view older than the last one.
             listed: dict[int, dict[str, Any]] = {}
             if everything:

@@ -1,6 +1,7 @@
 """The ledger as the node sees it, on top of AsyncLedgerClient: the node's twin and node
-record, its contracts and the events that touch them. Keys of the twins that sign are never
-taken from here: the node reads them from the deployments it opens."""
+record, its contracts, the events that touch them, and the last ledger header the node saw
+(a ledger that does not extend it is refused). Keys of the twins that sign are never taken
+from here: the node reads them from the deployments it opens."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from typing import Any
 
 from zerostack.crypto import Identity
 from zerostack.ledger.client import AsyncLedgerClient
+from zerostack.ledger.errors import LedgerError
+from zerostack.ledger.pin import HeaderPin
 
 log = logging.getLogger("zerostack.node.link")
 
@@ -20,10 +23,23 @@ class LedgerLink:
     """Everything the agent asks of the ledger, signed as the node's twin. Raises
     LedgerError when it cannot."""
 
-    def __init__(self, url: str, identity: Identity) -> None:
+    def __init__(self, url: str, identity: Identity, pin: HeaderPin | None = None) -> None:
         self.client = AsyncLedgerClient(url)
         self.identity = identity
+        self.pin = pin
         self.twin_id = 0
+
+    async def check_ledger(self) -> None:
+        """Raise LedgerError unless the ledger's signed head extends the last one the node
+        saw (no rollback, no fork, the same operator key); then remember the new head."""
+        if self.pin is None:
+            return
+        try:
+            await self.pin.check_async(self.client)
+        except LedgerError as exc:
+            if exc.code == "untrusted":
+                log.error("event=ledger_refused reason=%r", str(exc))
+            raise
 
     async def close(self) -> None:
         await self.client.close()
