@@ -26,6 +26,9 @@ from zerostack.ledger.state import MAX_PENDING_PER_TWIN
 from zerostack.ledger.store import SqliteLog
 from zerostack.ledger.tx import PAYLOADS, Tx, parse_tx, sign_approval
 
+OPERATOR = Identity.generate()
+"""The ledger operator's key for the in-process services these tests run."""
+
 
 def signed_raw(ident: Identity, ttype: str, sender: int | str, nonce: int,
                payload: dict[str, Any]) -> dict[str, Any]:
@@ -139,7 +142,7 @@ def test_a_transaction_that_cannot_be_encoded_is_refused_alone(
     ident = Identity.generate()
 
     async def main() -> None:
-        service = LedgerService(SqliteLog(tmp_path / "ledger.db"))
+        service = LedgerService(SqliteLog(tmp_path / "ledger.db"), OPERATOR)
         await service.start()
         try:
             (reg,) = await service.submit([signed_raw(ident, "twin.register", ident.public_hex,
@@ -332,7 +335,7 @@ def test_a_long_poll_answer_ends_mid_block_and_the_next_one_goes_on(
             since = batch["next"]
 
     async def main() -> None:
-        service = LedgerService(SqliteLog(tmp_path / "ledger.db"))
+        service = LedgerService(SqliteLog(tmp_path / "ledger.db"), OPERATOR)
         await service.start()
         try:
             (reg,) = await service.submit([signed_raw(ident, "twin.register", ident.public_hex,
@@ -347,7 +350,7 @@ def test_a_long_poll_answer_ends_mid_block_and_the_next_one_goes_on(
             assert cursors == ["2.39", "2.79", "2", "2"]
         finally:
             await service.stop()
-        again = LedgerService(SqliteLog(tmp_path / "ledger.db"))
+        again = LedgerService(SqliteLog(tmp_path / "ledger.db"), OPERATOR)
         await again.start()
         try:
             seen, cursors = await drain(again, "1.0")
