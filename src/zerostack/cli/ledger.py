@@ -41,6 +41,10 @@ def _client(url: str | None) -> Any:
 def serve(
     db: Path = typer.Option(None, "--db", help="SQLite ledger file (default $ZEROSTACK_HOME/ledger.db)."),
     listen: str = typer.Option(DEFAULT_LISTEN, "--listen", help="HOST:PORT to listen on."),
+    listen_fd: list[int] = typer.Option(
+        [], "--listen-fd",
+        help="Also accept on this inherited listening socket (repeatable): how a local "
+             "grid gives its ledger an address inside the grid's own network namespace."),
     block_interval: float = typer.Option(0.0, "--block-interval",
                                          help="Minimum seconds between blocks (0: as soon as "
                                               "transactions wait)."),
@@ -58,8 +62,19 @@ def serve(
         application = create_app(path, block_interval=block_interval)
     except LedgerError as exc:
         fail(str(exc))
+    import socket
+
+    try:
+        extra = [socket.socket(fileno=fd) for fd in listen_fd]
+    except OSError as exc:
+        fail(f"--listen-fd: {exc}")
+    if any(s.type != socket.SOCK_STREAM for s in extra):
+        fail("--listen-fd must name listening TCP sockets")
     console.print(f"ledger {path} listening on http://{host}:{port}", highlight=False)
-    serve_app(application, host, int(port))
+    for s in extra:
+        addr = s.getsockname()
+        console.print(f"ledger also listening on {addr[0]} port {addr[1]}", highlight=False)
+    serve_app(application, host, int(port), extra)
 
 
 @app.command("verify")
