@@ -60,7 +60,9 @@ def preexec(name: str) -> Callable[[], None]:
 @contextmanager
 def inside(name: str) -> Iterator[None]:
     """Run the block in network namespace `name`: sockets created in it belong to that
-    namespace (and keep working there after the block). Only this thread moves."""
+    namespace (and keep working there after the block). Only this thread moves. Clients
+    that connect lazily (redis-py, httpx) must do all their I/O inside the block: one
+    that connects after it would do so from the root namespace."""
     back = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
     try:
         enter(name)
