@@ -144,6 +144,10 @@ def test_three_hosts_on_two_sites_and_behind_nat(grid: LocalGrid, tmp_path: Path
         # and the status endpoint of host 1 is served on its address
         status = httpx.get(f"http://{n1.address}:{grid.status_port}/", timeout=5).json()
     assert status["node"] == n1.node_id
+    out = subprocess.run(["ip", "netns", "exec", ns3, *zerostack_cmd(), "node", "status",
+                          "--host", n1.address, "--status-port", str(grid.status_port),
+                          "--json"], capture_output=True, text=True, timeout=60)
+    assert json.loads(out.stdout)["node"] == n1.node_id, out.stderr
 
     # the hidden host reaches the WAN (host 1 and host 3), seen from its gateway's address
     assert redis_cli(ns2, n1, "PING") == "PONG"

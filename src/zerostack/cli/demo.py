@@ -184,7 +184,8 @@ def demo(
         # Stopping must finish: a second Ctrl-C would leave containers and mounts behind.
         for sig in stops:
             signal.signal(sig, signal.SIG_IGN)
-        _step("stopping the grid: its processes, containers and mounts")
+        _step("stopping the grid: its processes, containers and mounts"
+              + (", network namespaces and links" if netns else ""))
         try:
             grid.stop()
         except GridError as exc:
