@@ -189,20 +189,32 @@ def test_three_hosts_on_two_sites_and_behind_nat(grid: LocalGrid, tmp_path: Path
     assert (folder / "node1.log").exists()
 
 
-def test_inside_returns_to_the_root_namespace_even_on_error(tmp_path: Path) -> None:
+def test_a_half_made_network_is_removed_and_inside_always_returns(tmp_path: Path) -> None:
     require_root()
-    topo = Topology(new_grid_id(), sites=1)
-    gridhosts.save(tmp_path, topo)
+    require_tool("nft")
+    topo = Topology(new_grid_id(), sites=2)
+    for name, site, hidden in (("node1", 0, False), ("node2", 0, True), ("node3", 1, False)):
+        topo.add_host(name, site, hidden)
+    gridhosts.save(tmp_path, topo)  # recorded whole, as before any of it is made
     try:
         gridhosts.apply(topo.wan_steps())
+        hidden = topo.host("node2")
+        steps = topo.host_steps(hidden)
+        gridhosts.apply(steps[: len(steps) // 2])  # a crash halfway through a hidden host
+        assert hidden.nat_namespace in netns_list()
         before = os.stat("/proc/thread-self/ns/net").st_ino
         with pytest.raises(RuntimeError), inside(topo.router):
             assert os.stat("/proc/thread-self/ns/net").st_ino != before
             raise RuntimeError("boom")
         assert os.stat("/proc/thread-self/ns/net").st_ino == before
+        # a process left inside a namespace does not keep it (or its links) alive
+        sleeper = subprocess.Popen(["sleep", "600"], preexec_fn=gridhosts.preexec(topo.router))
+        assert sleeper.pid in gridhosts.pids_in(topo.router)
     finally:
         assert gridhosts.release_record(tmp_path) == []
+    assert sleeper.wait(timeout=10) == -signal.SIGTERM
     assert_gone(topo, tmp_path)
+    assert not (tmp_path / "grid.json").exists()
 
 
 class Demo:

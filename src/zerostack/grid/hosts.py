@@ -43,18 +43,24 @@ def _setns(fd: int) -> None:
         raise OSError(err, f"setns: {os.strerror(err)}")
 
 
-def enter(name: str) -> None:
-    """Move the calling thread into network namespace `name` (for good)."""
-    fd = os.open(ns_path(name), os.O_RDONLY | os.O_CLOEXEC)
+def _enter_path(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         _setns(fd)
     finally:
         os.close(fd)
 
 
+def enter(name: str) -> None:
+    """Move the calling thread into network namespace `name` (for good)."""
+    _enter_path(str(ns_path(name)))
+
+
 def preexec(name: str) -> Callable[[], None]:
-    """A subprocess `preexec_fn` that starts the child inside `name`'s network namespace."""
-    return lambda: enter(name)
+    """A subprocess `preexec_fn` that starts the child inside `name`'s network namespace.
+    The path is built here: between fork and exec the child does only open and setns."""
+    path = str(ns_path(name))
+    return lambda: _enter_path(path)
 
 
 @contextmanager
