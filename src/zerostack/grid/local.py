@@ -174,7 +174,8 @@ class LocalGrid:
     def reclaim(self) -> None:
         """Stop what an earlier grid on this folder left running after a crash: the
         processes it listed in grid.pids (only those still the very same processes),
-        then its nodes' containers, mounts and cgroups."""
+        then its nodes' containers, mounts and cgroups, then the namespaces and links
+        its grid.json names."""
         path = self.root / PIDS
         stale: list[tuple[int, int]] = []
         if path.exists():
@@ -234,12 +235,16 @@ class LocalGrid:
         self.topology = Topology(new_grid_id(), self.sites)
         hosts.save(self.root, self.topology)
         hosts.apply(self.topology.wan_steps())
-        router, port = self.topology.router, self.ledger_port
+        sockets: list[socket.socket] = []
         try:
-            return [hosts.listen_socket(router, self.topology.ledger_address, port),
-                    hosts.listen_socket(router, self.topology.ledger_address6, port)]
+            for address in (self.topology.ledger_address, self.topology.ledger_address6):
+                sockets.append(hosts.listen_socket(self.topology.router, address,
+                                                   self.ledger_port))
         except OSError as exc:
+            for s in sockets:
+                s.close()
             raise GridError(f"the ledger cannot listen on the grid's WAN: {exc}") from exc
+        return sockets
 
     def _add_host(self, name: str, site: int, hidden: bool) -> Host:
         if self.topology is None:
