@@ -46,20 +46,24 @@ def wait_port(port: int, proc: subprocess.Popen[bytes] | None = None,
     raise TimeoutError(f"nothing listens on {port} after {timeout:g} s")
 
 
-def spawn(args: list[str], log: Path | None = None) -> subprocess.Popen[bytes]:
+def spawn(args: list[str], log: Path | None = None,
+          src: Path | None = None) -> subprocess.Popen[bytes]:
     """Start a process in its own session (so stop() reaches its children too), its
-    output appended to `log` (or dropped)."""
+    output appended to `log` (or dropped); with `src`, zerostack is imported from there."""
     out: IO[bytes] | int = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115
+    env = None if src is None else {**os.environ, "PYTHONPATH": str(src)}
     try:
-        return subprocess.Popen(args, stdout=out, stderr=out, start_new_session=True)
+        return subprocess.Popen(args, stdout=out, stderr=out, start_new_session=True,
+                                env=env)
     finally:
         if not isinstance(out, int):
             out.close()  # the child holds its own copy
 
 
-def start(args: list[str], port: int, log: Path | None = None) -> subprocess.Popen[bytes]:
+def start(args: list[str], port: int, log: Path | None = None,
+          src: Path | None = None) -> subprocess.Popen[bytes]:
     """spawn() a server and wait until it listens on `port`."""
-    proc = spawn(args, log)
+    proc = spawn(args, log, src)
     try:
         wait_port(port, proc)
     except BaseException:
@@ -83,12 +87,13 @@ def stop(proc: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
 
 
 @contextmanager
-def ledger_server(log: Path | None = None) -> Iterator[str]:
-    """A `zerostack ledger serve` on a fresh file and a free port; yields its URL."""
+def ledger_server(log: Path | None = None, src: Path | None = None) -> Iterator[str]:
+    """A `zerostack ledger serve` on a fresh file and a free port; yields its URL. With
+    `src`, the server runs the zerostack sources found there (another version)."""
     tmp = Path(tempfile.mkdtemp(prefix="zs-bench-ledger-"))
     port = free_port()
     proc = start([*zerostack_cli(), "ledger", "serve", "--db", str(tmp / "ledger.db"),
-                  "--listen", f"127.0.0.1:{port}"], port, log)
+                  "--listen", f"127.0.0.1:{port}"], port, log, src=src)
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
@@ -107,12 +112,12 @@ def approve_until_ok(client: Any, holder: Any, cid: int, deployment_hash: str,
     """As the stakeholder's 3Bot `holder` does it (open the sealed deployment, check it,
     sign), submit the approval that completes contract `cid`'s quorum, and follow the
     ledger's events until the node reports every workload `ok`; returns the seconds."""
-    since = int(client.head()["height"])
+    since: int | str = int(client.head()["height"])
     t0 = time.perf_counter()
     holder.approve(cid, deployment_hash)
     while True:
         ev = client.events(since, timeout=timeout, contract=cid, type="contract.report")
-        since = int(ev["next"])
+        since = ev["next"]
         if not ev["events"]:
             if time.perf_counter() - t0 > timeout:
                 raise TimeoutError(f"contract {cid}: no report after {timeout:g} s")

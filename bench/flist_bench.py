@@ -180,7 +180,7 @@ def bench_start(tmp: Path, hub: str, starts: int) -> dict[str, Any]:
         assert done.data["state"] == "ok", done.data
         prov.deprovision(wid, spec)
     times.sort()
-    return {"starts": starts, "p50_s": statistics.median(times),
+    return {"starts": starts, "times_s": times, "p50_s": statistics.median(times),
             "p90_s": percentile(times, 90), "max_s": times[-1], "min_s": times[0]}
 
 
@@ -259,8 +259,21 @@ def bench_contract(tmp: Path, hub: str, contracts: int) -> dict[str, Any]:
             for point in [ln.split()[4] for ln in f if str(tmp) in ln.split()[4]]:
                 subprocess.run(["umount", "-l", point], check=False)
     latencies.sort()
-    return {"contracts": contracts, "p50_s": statistics.median(latencies),
+    return {"contracts": contracts, "latencies_s": latencies,
+            "p50_s": statistics.median(latencies),
             "p90_s": percentile(latencies, 90), "max_s": max(latencies)}
+
+
+def print_materialize(mat: dict[str, Any]) -> None:
+    print(f"materialize {mat['files']} paths, {mat['bytes'] / (1 << 20):.0f} MiB, "
+          f"{mat['chunks']} chunks (median of {len(mat['ours_s'])}):")
+    print(f"  zerostack fetch+verify: {mat['ours_median_s']:.2f} s ({mat['ours_mib_s']:.0f} MiB/s)")
+    print(f"  tar -x:                 {mat['tar_median_s']:.2f} s ({mat['tar_mib_s']:.0f} MiB/s)")
+    print(f"  ratio tar/ours: {mat['ratio_tar_over_ours']:.2f} (target >= 0.5); "
+          f"seal check {mat['seal_check_s'] * 1000:.0f} ms")
+    if "redis_hub_median_s" in mat:
+        print(f"  same client, redis-server as hub: {mat['redis_hub_median_s']:.2f} s, "
+              f"ratio {mat['ratio_tar_over_ours_redis_hub']:.2f}")
 
 
 def main() -> None:
@@ -273,6 +286,8 @@ def main() -> None:
     ap.add_argument("--reference-hub", action="store_true",
                     help="Also materialize from a redis-server hub, to separate the hub's "
                          "speed from the client's.")
+    ap.add_argument("--containers-only", action="store_true",
+                    help="Skip the materialize figures (what bench.isolation_bench runs).")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     if os.geteuid() != 0:
@@ -288,7 +303,8 @@ def main() -> None:
         time.sleep(0.5)
         ref_hub = f"127.0.0.1:{port}"
     try:
-        mat = bench_materialize(tmp, hub, args.rounds, args.files, args.mib, ref_hub)
+        mat = ({} if args.containers_only else
+               bench_materialize(tmp, hub, args.rounds, args.files, args.mib, ref_hub))
         start = bench_start(tmp, hub, args.starts)
         contract = bench_contract(tmp, hub, args.contracts)
     finally:
@@ -301,15 +317,8 @@ def main() -> None:
         sys.stdout.write(orjson.dumps({"materialize": mat, "start": start, "contract": contract},
                                       option=orjson.OPT_INDENT_2).decode() + "\n")
         return
-    print(f"materialize {mat['files']} paths, {mat['bytes'] / (1 << 20):.0f} MiB, "
-          f"{mat['chunks']} chunks (median of {len(mat['ours_s'])}):")
-    print(f"  zerostack fetch+verify: {mat['ours_median_s']:.2f} s ({mat['ours_mib_s']:.0f} MiB/s)")
-    print(f"  tar -x:                 {mat['tar_median_s']:.2f} s ({mat['tar_mib_s']:.0f} MiB/s)")
-    print(f"  ratio tar/ours: {mat['ratio_tar_over_ours']:.2f} (target >= 0.5); "
-          f"seal check {mat['seal_check_s'] * 1000:.0f} ms")
-    if "redis_hub_median_s" in mat:
-        print(f"  same client, redis-server as hub: {mat['redis_hub_median_s']:.2f} s, "
-              f"ratio {mat['ratio_tar_over_ours_redis_hub']:.2f}")
+    if mat:
+        print_materialize(mat)
     print(f"container start, warm cache ({start['starts']} starts): p50 {start['p50_s'] * 1000:.0f} ms, "
           f"p90 {start['p90_s'] * 1000:.0f} ms, max {start['max_s'] * 1000:.0f} ms (target p50 <= 1 s)")
     print(f"approval -> report ok, warm cache ({contract['contracts']} contracts): "

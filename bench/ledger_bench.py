@@ -1,10 +1,14 @@
-"""Ledger benchmark: accepted tx/s through the HTTP API vs raw PyNaCl verifications/s, and
-node-query latency with 10,000 nodes.
+"""Ledger benchmark: accepted tx/s through the HTTP API vs raw PyNaCl verifications/s,
+node-query latency with 10,000 nodes, and start-up time on a big ledger.
 
     .venv/bin/python -m bench.ledger_bench [--txs 20000] [--nodes 10000] [--json]
+        [--before-src DIR] [--rounds 2] [--startup 50000]
 
 Runs a real `zerostack ledger serve` on loopback with a fresh SQLite file. Every
-transaction is signed before the clock starts, so the figures are the server's.
+transaction is signed before the clock starts, so the figures are the server's. With
+`--before-src` (the `src` dir of another zerostack version, e.g. an extracted older
+commit) the submission runs and the start-up are measured on both, alternating, in the
+same run.
 """
 
 from __future__ import annotations
@@ -14,9 +18,13 @@ import asyncio
 import http.client
 import os
 import random
+import shutil
+import sqlite3
 import statistics
+import tempfile
 import threading
 import time
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
@@ -24,12 +32,12 @@ import httpx
 import nacl.signing
 import orjson
 
-from bench.common import ledger_server
+from bench.common import free_port, ledger_server, start, stop, zerostack_cli
 from zerostack.crypto import Identity
 from zerostack.ledger.tx import sign_tx
 
 GiB = 1 << 30
-COUNTRIES = [f"C{i:02d}" for i in range(50)]
+COUNTRIES = [a + b for a in "ABCDE" for b in "ABCDEFGHIJ"]  # 50 two-letter codes
 
 
 def raw_verify_rate(n: int = 5000) -> float:
@@ -212,22 +220,101 @@ def query_latency(url: str, queries: int = 1000) -> tuple[float, float, float]:
     return q[49] * 1000, q[98] * 1000, statistics.mean(matches)
 
 
+def startup_times(total: int, src: Path | None) -> dict[str, float]:
+    """Seconds from `ledger serve` to a listening socket on a ledger of `total`
+    transactions (batches of 1,000, so about total/1,000 blocks): as written, and,
+    when the file has a checkpoint table, with the checkpoint removed (every signature
+    checked again)."""
+    tmp = Path(tempfile.mkdtemp(prefix="zs-bench-startup-"))
+    db = tmp / "ledger.db"
+
+    def serve() -> tuple[str, Any, float]:
+        port = free_port()
+        t0 = time.perf_counter()
+        proc = start([*zerostack_cli(), "ledger", "serve", "--db", str(db),
+                      "--listen", f"127.0.0.1:{port}"], port, src=src)
+        return f"http://127.0.0.1:{port}", proc, time.perf_counter() - t0
+
+    out: dict[str, float] = {}
+    try:
+        url, proc, _ = serve()
+        senders = 100
+        idents = [Identity.generate() for _ in range(senders)]
+        twins = register_twins(url, idents)
+        txs = [sign_tx(idents[i % senders], "name.register", twins[i % senders],
+                       1 + i // senders, {"name": f"n{i}"}) for i in range(total)]
+        post_batches(url, [orjson.dumps(txs[k:k + 1000]) for k in range(0, total, 1000)])
+        stop(proc)
+        url, proc, out["startup_s"] = serve()
+        stop(proc)
+        with sqlite3.connect(db) as conn:
+            has_checkpoint = conn.execute(
+                "SELECT count(*) FROM sqlite_master WHERE name = 'checkpoint'").fetchone()[0]
+            if has_checkpoint:
+                conn.execute("DELETE FROM checkpoint")
+        if has_checkpoint:
+            url, proc, out["startup_full_check_s"] = serve()
+            stop(proc)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def submission(src: Path | None, txs: int, single: int) -> dict[str, float]:
+    with ledger_server(src=src) as url:
+        batch = batch_throughput(url, txs)
+        rate, p50, p99 = single_throughput(url, single)
+    return {"batch_tx_per_s": batch, "single_tx_per_s": rate, "single_latency_ms_p50": p50,
+            "single_latency_ms_p99": p99}
+
+
+def compare(args: argparse.Namespace) -> None:
+    """The same submission runs (and start-up) on the old and the new sources, alternating."""
+    before_src = Path(args.before_src).resolve()
+    runs: dict[str, list[dict[str, float]]] = {"before": [], "after": []}
+    for _ in range(args.rounds):
+        runs["before"].append(submission(before_src, args.txs, args.single))
+        runs["after"].append(submission(None, args.txs, args.single))
+    results: dict[str, Any] = {"rounds": runs}
+    for key in ("batch_tx_per_s", "single_tx_per_s", "single_latency_ms_p50",
+                "single_latency_ms_p99"):
+        before = statistics.median(r[key] for r in runs["before"])
+        after = statistics.median(r[key] for r in runs["after"])
+        results[key] = {"before": before, "after": after, "ratio": after / before}
+    if args.startup:
+        results["startup_before"] = startup_times(args.startup, before_src)
+        results["startup_after"] = startup_times(args.startup, None)
+    if args.json:
+        print(orjson.dumps(results, option=orjson.OPT_INDENT_2).decode())
+        return
+    for key in ("batch_tx_per_s", "single_tx_per_s", "single_latency_ms_p50",
+                "single_latency_ms_p99"):
+        r = results[key]
+        print(f"{key:<24} before {r['before']:9.1f}  after {r['after']:9.1f}  "
+              f"after/before {r['ratio']:.2f}")
+    if args.startup:
+        print(f"start-up, {args.startup} txs: before {results['startup_before']}, "
+              f"after {results['startup_after']}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--txs", type=int, default=20000, help="transactions for batch runs")
     parser.add_argument("--single", type=int, default=4000, help="transactions for single runs")
     parser.add_argument("--nodes", type=int, default=10000)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--before-src", help="compare with the zerostack sources in this dir")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds of each, with --before-src")
+    parser.add_argument("--startup", type=int, default=0,
+                        help="also time start-up on a ledger of this many transactions")
     args = parser.parse_args()
+    if args.before_src:
+        compare(args)
+        return
 
     results: dict[str, Any] = {}
     results["raw_verify_per_s"] = raw_verify_rate()
-    with ledger_server() as url:
-        results["batch_tx_per_s"] = batch_throughput(url, args.txs)
-        rate, p50, p99 = single_throughput(url, args.single)
-        results["single_tx_per_s"] = rate
-        results["single_latency_ms_p50"] = p50
-        results["single_latency_ms_p99"] = p99
+    results.update(submission(None, args.txs, args.single))
     results["raw_verify_after_per_s"] = raw_verify_rate()
     with ledger_server() as url:
         t0 = time.perf_counter()
@@ -237,6 +324,8 @@ def main() -> None:
         results["query_ms_p50"] = p50
         results["query_ms_p99"] = p99
         results["query_mean_matches"] = mean
+    if args.startup:
+        results["startup"] = startup_times(args.startup, None)
     raw = (results["raw_verify_per_s"] + results["raw_verify_after_per_s"]) / 2
     results["batch_ratio"] = results["batch_tx_per_s"] / raw
     results["single_ratio"] = results["single_tx_per_s"] / raw
@@ -254,6 +343,8 @@ def main() -> None:
           f"'country X, free mru >= N': p50 {results['query_ms_p50']:.2f} ms, "
           f"p99 {results['query_ms_p99']:.2f} ms (target <= 20), "
           f"{results['query_mean_matches']:.0f} matches on average")
+    if args.startup:
+        print(f"start-up on {args.startup} transactions: {results['startup']}")
 
 
 if __name__ == "__main__":

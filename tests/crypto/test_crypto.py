@@ -11,6 +11,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from zerostack.crypto import (
+    MAX_DEPTH,
+    MAX_INT,
     CanonicalError,
     CryptoError,
     Domain,
@@ -25,7 +27,7 @@ from zerostack.crypto import (
 )
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.text(),
+    st.none() | st.booleans() | st.integers(-MAX_INT, MAX_INT) | st.text(),
     lambda children: st.lists(children, max_size=5)
     | st.dictionaries(st.text(max_size=10), children, max_size=5),
     max_leaves=20,
@@ -36,10 +38,27 @@ def test_canonical_json_sorts_keys_and_has_no_whitespace() -> None:
     assert canonical_json({"b": 1, "a": [True, None, "é"]}) == '{"a":[true,null,"é"],"b":1}'.encode()
 
 
-@pytest.mark.parametrize("bad", [1.5, {"a": 0.1}, {1: "x"}, b"raw", [object()]])
+def nested(levels: int) -> object:
+    value: object = 0
+    for i in range(levels):
+        value = {"k": value} if i % 2 else [value]
+    return value
+
+
+@pytest.mark.parametrize("bad", [1.5, {"a": 0.1}, {1: "x"}, b"raw", [object()], 2**53,
+                                 -(2**53), {"a": [2**63]}, nested(MAX_DEPTH + 1)])
 def test_canonical_json_refuses_non_canonical_values(bad: object) -> None:
     with pytest.raises(CanonicalError):
         canonical_json(bad)
+
+
+def test_canonical_json_bounds_integers_and_nesting_with_a_reason() -> None:
+    assert canonical_json([MAX_INT, -MAX_INT]) == b"[9007199254740991,-9007199254740991]"
+    canonical_json(nested(MAX_DEPTH))
+    with pytest.raises(CanonicalError, match=r"nested deeper than 64 levels"):
+        canonical_json(nested(300))  # no RecursionError, no encoder error
+    with pytest.raises(CanonicalError, match=r"k\[0\]\.k: integers are limited"):
+        canonical_json({"k": [{"k": 2**53}]})
 
 
 @given(json_values)

@@ -69,7 +69,10 @@ def _same_tree(a: Path, b: Path) -> None:
                 assert not pb.exists()
                 continue
             sb = os.lstat(pb)
-            assert (sa.st_mode, sa.st_uid, sa.st_gid) == (sb.st_mode, sb.st_uid, sb.st_gid), pa
+            # The cache keeps every mode bit but set-uid and set-gid on files.
+            want = sa.st_mode & ~(stat.S_ISUID | stat.S_ISGID) if stat.S_ISREG(sa.st_mode) else (
+                sa.st_mode)
+            assert (want, sa.st_uid, sa.st_gid) == (sb.st_mode, sb.st_uid, sb.st_gid), pa
             if stat.S_ISLNK(sa.st_mode):
                 assert os.readlink(pa) == os.readlink(pb)
             elif stat.S_ISREG(sa.st_mode):
@@ -169,3 +172,31 @@ def test_tampered_unsigned_and_foreign_manifests_are_refused(tmp_path: Path, hub
     r.set(key, good)
     with Hub(hub) as h:
         assert cache.fetch(h, flist.hash_hex, [ident.public_hex]).hash == flist.hash_hex
+
+
+def test_cache_keeps_no_set_id_file_and_refetches_one_sealed_with_it(
+        tmp_path: Path, hub: str) -> None:
+    ident = Identity.generate()
+    flist, _ = _publish(tmp_path, hub, ident)
+    assert next(e for e in flist.manifest.entries if e.path == "etc/suid").mode == 0o4755
+    cache = ImageCache(tmp_path / "cache")
+    with Hub(hub) as h:
+        image = cache.fetch(h, flist.hash_hex, [ident.public_hex])
+    suid = image.rootfs / "etc" / "suid"
+    assert stat.S_IMODE(suid.stat().st_mode) == 0o755
+    # A cache materialized by an older node kept the bit under a valid seal: refused, and
+    # the next fetch materializes it again without the bit.
+    suid.chmod(0o4755)
+    seal_path = image.rootfs.parent / "seal.json"
+    seal = orjson.loads(seal_path.read_bytes())
+    index = [e.path for e in flist.manifest.entries].index("etc/suid")
+    seal["paths"][index] = [*seal["paths"][index][:2], suid.lstat().st_mode,
+                            *seal["paths"][index][3:6], suid.lstat().st_ctime_ns,
+                            seal["paths"][index][7]]
+    seal_path.write_bytes(orjson.dumps(seal))
+    with pytest.raises(FlistError, match="etc/suid is set-id"):
+        cache.check(flist.hash_hex)
+    with Hub(hub) as h:
+        again = cache.fetch(h, flist.hash_hex, [ident.public_hex])
+    assert stat.S_IMODE((again.rootfs / "etc" / "suid").stat().st_mode) == 0o755
+    cache.check(flist.hash_hex)

@@ -141,7 +141,7 @@ def test_a_killed_demo_is_cleaned_by_the_next_start_and_others_are_untouched(
     env.runtime.start(ContainerSpec(id=other, image_hash=env.image.hash,
                                     args=("trap 'exit 0' TERM; sleep 1000 & wait",),
                                     stop_timeout=1), env.image)
-    other_rootfs = env.runtime.dir(other) / "bundle" / "rootfs"
+    other_rootfs = env.runtime.layout(other).rootfs
     try:
         before = sorted(os.listdir(other_rootfs))
         assert "bin" in before

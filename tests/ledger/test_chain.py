@@ -12,17 +12,19 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.ledger.world import World, hashes, requirement, sealed
+from zerostack.crypto import Identity
 from zerostack.ledger.chain import BadBlock, Chain, replay, verify_log
 from zerostack.ledger.errors import Rejected
 from zerostack.ledger.store import SqliteLog
 
 BLOCKS = 6
+OPERATOR = Identity.generate()
 
 
 def build_log(path: Path) -> Chain:
     """A few blocks of realistic traffic written through Chain (the server's path)."""
     clock = [1_000_000.0]
-    chain = Chain(SqliteLog(path), clock=lambda: clock[0])
+    chain = Chain(SqliteLog(path), OPERATOR, clock=lambda: clock[0])
     w = World(time=int(clock[0]))
     # World applies to its own state; mirror every accepted tx into the chain
     original = w.apply_tx
@@ -72,7 +74,7 @@ def test_replay_and_verify(pristine: Path, tmp_path: Path) -> None:
         assert len(result.state.contracts) == BLOCKS - 1
         assert all(c.state == "deployed" for c in result.state.contracts.values())
         # a server reopening the file gets the same state
-        chain = Chain(log)
+        chain = Chain(log, OPERATOR)
         assert chain.height == BLOCKS and chain.hash == result.hash
         assert chain.state.contracts[1].to_dict() == result.state.contracts[1].to_dict()
     finally:
@@ -150,7 +152,7 @@ def test_replay_without_signature_checks_still_checks_hashes(pristine: Path) -> 
     log = SqliteLog(path)
     try:
         with pytest.raises(BadBlock) as info:
-            replay(log, check_signatures=False)
+            replay(log, operator_key=OPERATOR.public_hex, trust_checkpoint=True)
         assert info.value.height == 4
     finally:
         log.close()

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import orjson
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.ledger.world import World, cancel_vote, deployment, hashes, requirement, sealed
 from zerostack.crypto import (
+    MAX_INT,
     CanonicalError,
     Domain,
     Identity,
@@ -19,23 +21,30 @@ from zerostack.crypto import (
     verify,
 )
 from zerostack.ledger.errors import HTTP_STATUS, LedgerRejected, Rejected
+from zerostack.ledger.query import NodeFilter, find_node_records, nodes_json
 from zerostack.ledger.state import (
     CONTRACT_STATES,
     FINAL_STATES,
+    NEVER,
     ZERO,
     Capacity,
     State,
     apply_with_receipt,
     genesis,
+    holds,
     tick,
 )
 from zerostack.ledger.tx import PAYLOADS
 
 USERS = 3
 
-create = st.tuples(st.just("create"), st.integers(0, USERS - 1), st.integers(0, 1),
+# capacities: small, past a small node's total, and the most a node (the third) can have
+cpus = st.one_of(st.integers(0, 4), st.sampled_from([9, MAX_INT // 3, MAX_INT]))
+# deadlines: before and after the pending hold lapses
+deadlines = st.one_of(st.integers(-5, 300), st.integers(600, 5000))
+create = st.tuples(st.just("create"), st.integers(0, USERS - 1), st.integers(0, 2),
               st.sets(st.integers(0, USERS - 1), max_size=USERS), st.integers(0, 3),
-              st.booleans(), st.integers(0, 4), st.integers(-5, 300), st.booleans())
+              st.booleans(), cpus, deadlines, st.booleans())
 contract_id = st.integers(0, 1000)  # an index into the existing contracts
 action = st.one_of(
     create,
@@ -44,13 +53,13 @@ action = st.one_of(
               st.sampled_from(["stakeholder", "anyone", "wrong_hash", "forged"])),
     st.tuples(st.just("approve"), st.integers(0, 10), contract_id, st.just("stakeholder")),
     st.tuples(st.just("update"), st.integers(0, 4), contract_id,
-              st.integers(0, 5), st.booleans(), st.integers(1, 300)),
+              cpus, st.booleans(), deadlines),
     st.tuples(st.just("cancel"), st.integers(0, 6), contract_id),
     st.tuples(st.just("report"), st.integers(0, 3), contract_id,
               st.sampled_from([0, 0, 0, 1]),
               st.lists(st.sampled_from(["init", "ok", "error", "deleted"]),
                                           max_size=3), st.booleans()),
-    st.tuples(st.just("time"), st.sampled_from([0, 1, 30, 120, 400])),
+    st.tuples(st.just("time"), st.sampled_from([0, 1, 30, 120, 400, 1000])),
     st.tuples(st.just("heartbeat"), st.integers(0, 1), st.integers(0, 4)),
     st.tuples(st.just("name"), st.integers(0, USERS - 1), st.sampled_from(["a", "b"]),
               st.booleans()),
@@ -64,6 +73,7 @@ def build() -> tuple[World, list[int], list[tuple[int, int]]]:
     users = [w.twin(Identity.from_seed(bytes([i + 1]) * 32)) for i in range(USERS)]
     farm = w.farm(users[0])
     nodes = [w.node(farm, country=c) for c in ("BE", "NL")]
+    nodes.append(w.node(farm, country="FR", cru=MAX_INT))
     return w, users, nodes
 
 
@@ -113,7 +123,7 @@ def run(w: World, users: list[int], nodes: list[tuple[int, int]], step: tuple[An
         owner = c.owner if c is not None and o == 0 else users[o % USERS]
         req = c.proposal.requirement.to_dict() if c else requirement(w, owner)
         delete = c.delete_requirement.to_dict() if c and c.delete_requirement else None
-        ids = hashes(1000 + len(w.accepted) + n, req, delete)
+        ids = hashes(1000 + len(w.accepted) + n % 1000, req, delete)
         payload = {"contract": cid, **ids, "instructions": sealed("u"),
                    "deadline": w.time + deadline, "capacity": {"cru": n}}
         if approve:
@@ -174,8 +184,10 @@ def check(w: World, finals: dict[int, str]) -> None:
         if c.state in FINAL_STATES:
             finals[cid] = c.state
             assert cid not in s.deadlines
-        else:
-            reserved[c.node] = reserved[c.node] + c.proposal.capacity
+        # what a contract holds: its active version, and while a version waits for its
+        # approvals within its hold, enough for either version
+        reserved[c.node] = reserved[c.node] + holds(c, cid in s.lapses)
+        assert cid not in s.lapses or cid in s.deadlines
         if c.state == "created":
             assert c.active is None
         if c.state in ("approved", "deployed", "error", "cancelled"):
@@ -207,8 +219,17 @@ def check(w: World, finals: dict[int, str]) -> None:
         assert cid in s.contracts_by_node[c.node] and cid in s.contracts_by_owner[c.owner]
     for nid, node in s.nodes.items():
         assert node.reserved == reserved[nid]
+        assert max(node.reserved.to_dict().values()) <= MAX_INT
         assert nid in s.nodes_by_country[node.country]
-    assert s.next_deadline == min(s.deadlines.values(), default=2**62)
+    assert s.next_deadline == min(s.deadlines.values(), default=NEVER)
+    assert s.next_lapse == min(s.lapses.values(), default=NEVER)
+    waiting: dict[int, int] = {}
+    for cid in s.deadlines:
+        waiting[s.contracts[cid].owner] = waiting.get(s.contracts[cid].owner, 0) + 1
+    assert dict(s.pending_by_owner.items()) == waiting
+    # GET /nodes answers whatever the contracts did
+    listed = orjson.loads(nodes_json(find_node_records(s, NodeFilter(), now=w.time), w.time))
+    assert len(listed) == len(s.nodes)
     for name in s.names.values():
         assert name.owner in s.twins
 
@@ -220,6 +241,8 @@ def views(s: State) -> Any:
         [c.to_dict() for c in s.contracts.values()],
         [n.to_dict() for n in s.names.values()],
         dict(s.deadlines.items()),
+        dict(s.lapses.items()),
+        dict(s.pending_by_owner.items()),
     )
 
 

@@ -72,11 +72,12 @@ class World:
     def farm(self, owner: int, name: str = "farm") -> int:
         return int(self.ok(owner, "farm.create", {"name": name})["farm"])
 
-    def node(self, farm: int, country: str = "BE", mru: int = 16 * GiB) -> tuple[int, int]:
+    def node(self, farm: int, country: str = "BE", mru: int = 16 * GiB,
+             cru: int = 8) -> tuple[int, int]:
         twin = self.twin()
         receipt = self.ok(twin, "node.register", {
             "farm": farm,
-            "capacity": {"cru": 8, "mru": mru, "sru": 100 * GiB, "hru": 1000 * GiB},
+            "capacity": {"cru": cru, "mru": mru, "sru": 100 * GiB, "hru": 1000 * GiB},
             "location": {"country": country, "city": "x"},
         })
         return int(receipt["node"]), twin

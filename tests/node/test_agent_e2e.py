@@ -213,7 +213,7 @@ def test_bad_contracts_are_refused_and_others_keep_running(procs: ProcessGroup,
             "contract": cid, "deployment_hash": h, "signature": sign_approval(forger, cid, 1, node, h)}))
     assert grid.client.contract(cid)["state"] == "created"
     # 4. more than the node has
-    refused(raw_contract(grid, owner, node, dep_dict(owner, twin, [zdb_wl("huge", size=1 << 60)])),
+    refused(raw_contract(grid, owner, node, dep_dict(owner, twin, [zdb_wl("huge", size=1 << 50)])),
             "over capacity: hru")
     # 5. an unknown workload field
     refused(raw_contract(grid, owner, node,

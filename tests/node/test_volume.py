@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ import pytest
 from tests.conftest import require_root, require_tool
 from zerostack.crypto import Identity
 from zerostack.node.provisioners import NodeContext, Pool, WorkloadID
-from zerostack.node.provisioners.volume import VolumeProvisioner, mounted_at
+from zerostack.node.provisioners.volume import VolumeProvisioner, mount_flags, mounted_at
 from zerostack.workloads import Deployment, VolumeWorkload
 
 
@@ -56,6 +57,12 @@ def test_volume_is_size_limited_idempotent_and_removed(tmp_path: Path) -> None:
         assert not prov.exists(wid, bigger)
         prov.provision(wid, bigger, dep)
         assert (mnt / "small").read_bytes() == b"x" * 1024
+        assert {"nosuid", "nodev"} <= mount_flags(mnt)
+        # mounted without nosuid,nodev (as nodes did before): provision remounts it with them
+        subprocess.run(["mount", "-o", "remount,suid,dev", str(mnt)], check=True)
+        assert "nosuid" not in mount_flags(mnt)
+        prov.provision(wid, bigger, dep)
+        assert {"nosuid", "nodev"} <= mount_flags(mnt)
     finally:
         prov.deprovision(wid, spec)
     assert mounted_at(mnt) is None and not mnt.exists()

@@ -7,15 +7,19 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
 from zerostack.crypto import Domain, Identity, delete_vote_digest
 from zerostack.workloads import (
+    ContainerWorkload,
     Deployment,
+    Resources,
     WorkloadError,
     ZdbWorkload,
     diff,
     total_resources,
     workload_hash,
+    workload_resources,
 )
 
 names = st.from_regex(r"[a-z][a-z0-9]{0,8}", fullmatch=True)
@@ -85,7 +89,8 @@ def test_every_primitive_parses() -> None:
     db = d.workload("db")
     assert isinstance(db, ZdbWorkload) and db.size == 1 << 30
     res = total_resources(d.workloads)
-    assert res.sru == (1 << 30) + (512 << 20) and res.cru == 1
+    # zdb + volume + the container's writable layer (1 GiB by default)
+    assert res.sru == (1 << 30) + (512 << 20) + (1 << 30) and res.cru == 1
 
 
 @pytest.mark.parametrize(
@@ -258,3 +263,22 @@ def test_cancel_votes_meet_the_delete_requirement() -> None:
     assert alone.cancel_votes({1: vote(1)}, contract=4, node=5) == {1}
     with pytest.raises(WorkloadError):
         alone.cancel_votes({}, contract=4, node=5)
+
+
+def test_a_deployment_without_a_canonical_form_is_refused_not_crashed_on() -> None:
+    # a size past 2^53 - 1 has no canonical JSON, so the deployment has no hash to sign
+    with pytest.raises(WorkloadError, match=r"workloads\[0\]\.size: integers are limited"):
+        dep([zdb("huge", 1 << 60)])
+    assert dep([zdb("big", (1 << 53) - 1)]).hash()
+
+
+def test_container_writable_layer_counts_as_ssd_capacity() -> None:
+    small = ContainerWorkload(name="a", flist="hub://x", disk="64M")
+    assert workload_resources(small) == Resources(cru=1, mru=256 << 20, sru=64 << 20)
+    assert ContainerWorkload(name="b", flist="hub://x").disk == 1 << 30
+    need = total_resources([small, ContainerWorkload(name="b", flist="hub://x", disk="2G")])
+    assert need.sru == (64 << 20) + (2 << 30)
+    assert need.fits_in(Resources(cru=4, mru=1 << 30, sru=2 << 30)) == (
+        f"sru: needs {need.sru}, {2 << 30} free")
+    with pytest.raises(ValidationError):
+        ContainerWorkload(name="c", flist="hub://x", disk="1M")

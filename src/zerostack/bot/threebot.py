@@ -22,6 +22,7 @@ from zerostack.crypto import (
 )
 from zerostack.ledger.client import LedgerClient
 from zerostack.ledger.errors import LedgerError, LedgerRejected
+from zerostack.ledger.pin import HeaderPin
 from zerostack.workloads import (
     Deployment,
     WorkloadError,
@@ -79,15 +80,25 @@ class ThreeBot:
     """One identity acting on one ledger. Every method raises BotError on failure.
 
     `pins` remembers the key of every twin and node seen (on disk, when the CLI gives a
-    path): a ledger that later serves another key for them is refused, not believed."""
+    path): a ledger that later serves another key for them is refused, not believed.
+    `pin` remembers the last signed ledger header seen: a ledger that rolled back or
+    forked is refused (`check_ledger`)."""
 
     def __init__(self, ledger_url: str, identity: Identity, timeout: float = 30.0,
-                 pins: KeyPins | None = None) -> None:
+                 pins: KeyPins | None = None, pin: HeaderPin | None = None) -> None:
         self.url = ledger_url.rstrip("/")
         self.identity = identity
         self.ledger = LedgerClient(self.url, timeout=timeout)
         self.pins = pins if pins is not None else KeyPins()
+        self.pin = pin
         self._twin: int | None = None
+
+    @_as_bot_error
+    def check_ledger(self) -> None:
+        """Refuse a ledger that does not extend the last header this user saw (a rollback,
+        a fork, another operator key); then remember its head. No-op without a pin."""
+        if self.pin is not None:
+            self.pin.check(self.ledger)
 
     def close(self) -> None:
         self.ledger.close()
@@ -280,7 +291,7 @@ class ThreeBot:
              on_change: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
         """Follow the contract (long-polling the ledger's events) until `until(contract)`."""
         deadline = time.monotonic() + timeout
-        since = int(self.ledger.head()["height"])
+        since: int | str = int(self.ledger.head()["height"])
         last: Any = None
         while True:
             c = self.contract(cid)
@@ -293,7 +304,7 @@ class ThreeBot:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise BotError(f"contract {cid} is still {c['state']} after {timeout:.0f}s")
-            since = int(self.ledger.events(since, contract=cid, timeout=min(left, 5.0))["next"])
+            since = str(self.ledger.events(since, contract=cid, timeout=min(left, 5.0))["next"])
 
     def open_secret(self, sealed_b64: str) -> dict[str, Any]:
         """A workload's secret result, sealed by the node to this owner."""

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from zerostack.cli.identity import ledger_dir, load_named
+from zerostack.cli.identity import load_named
 from zerostack.cli.output import console, fail, print_json, print_table, styled
 
 if TYPE_CHECKING:
@@ -24,19 +24,29 @@ LEDGER = typer.Option("http://127.0.0.1:7700", "--ledger", envvar="ZEROSTACK_LED
 IDENTITY = typer.Option("default", "--identity", "-i", envvar="ZEROSTACK_IDENTITY",
                         help="Identity name (see `zerostack id`).")
 JSON = typer.Option(False, "--json", help="Print JSON.")
+LEDGER_KEY = typer.Option(None, "--ledger-key", envvar="ZEROSTACK_LEDGER_KEY",
+                          help="The ledger operator's public key (hex); default: learnt on "
+                               "first contact and pinned in $ZEROSTACK_HOME/ledgers.")
 
 
 @contextmanager
-def _session(ledger: str, identity: str) -> Iterator[ThreeBot]:
-    """The bot for one command; a BotError becomes the command's one-line failure."""
+def _session(ledger: str, identity: str, ledger_key: str | None) -> Iterator[ThreeBot]:
+    """The bot for one command, on a ledger that extends the last header this user saw;
+    a BotError (or a refused ledger) becomes the command's one-line failure."""
     from zerostack.bot import BotError, ThreeBot
+    from zerostack.cli.identity import zerostack_home
     from zerostack.crypto import CryptoError, KeyPins
+    from zerostack.ledger import LedgerError
+    from zerostack.ledger.pin import HeaderPin, pin_path
 
     try:
-        pins = KeyPins(ledger_dir(ledger) / "pins.json")
-        with ThreeBot(ledger, load_named(identity), pins=pins) as bot:
+        head = pin_path(zerostack_home(), ledger)
+        pin = HeaderPin(head, ledger_key)
+        pins = KeyPins(head.with_name(head.stem + ".keys.json"))
+        with ThreeBot(ledger, load_named(identity), pins=pins, pin=pin) as bot:
+            bot.check_ledger()
             yield bot
-    except (BotError, CryptoError) as exc:
+    except (BotError, CryptoError, LedgerError) as exc:
         fail(str(exc))
 
 
@@ -112,11 +122,12 @@ def deploy(
     ledger: str = LEDGER,
     identity: str = IDENTITY,
     json_out: bool = JSON,
+    ledger_key: str | None = LEDGER_KEY,
 ) -> None:
     """Deploy workloads to a node under a signed contract, and wait for the node's report."""
     from zerostack.bot import load_deployment_file, quorum_progress
 
-    with _session(ledger, identity) as bot:
+    with _session(ledger, identity, ledger_key) as bot:
         data = load_deployment_file(file)
         if update is not None:
             version = int(bot.contract(update)["version"]) + 1
@@ -187,6 +198,7 @@ def approve(
     ledger: str = LEDGER,
     identity: str = IDENTITY,
     json_out: bool = JSON,
+    ledger_key: str | None = LEDGER_KEY,
 ) -> None:
     """Open a contract's pending deployment, check it, show it, and approve it as a
     stakeholder: signs the hash recomputed here, for this contract, version and node."""
@@ -202,7 +214,7 @@ def approve(
             fail("not approved: add --yes to sign without a terminal to confirm on")
         return typer.confirm("sign this deployment?", default=False)
 
-    with _session(ledger, identity) as bot:
+    with _session(ledger, identity, ledger_key) as bot:
         if json_out and not yes:
             print_json(bot.review(contract).summary())
             fail("not approved: --json shows what you would sign; add --yes to sign it")
@@ -219,9 +231,10 @@ def status(
     ledger: str = LEDGER,
     identity: str = IDENTITY,
     json_out: bool = JSON,
+    ledger_key: str | None = LEDGER_KEY,
 ) -> None:
     """Show one contract (workloads and results) or all contracts you own."""
-    with _session(ledger, identity) as bot:
+    with _session(ledger, identity, ledger_key) as bot:
         if contract is not None:
             c = bot.contract(contract)
             if json_out:
@@ -246,10 +259,11 @@ def cancel(
     ledger: str = LEDGER,
     identity: str = IDENTITY,
     json_out: bool = JSON,
+    ledger_key: str | None = LEDGER_KEY,
 ) -> None:
     """Vote to cancel a contract; once the delete quorum holds, the node checks the votes
     itself, removes the workloads and reports them deleted."""
-    with _session(ledger, identity) as bot:
+    with _session(ledger, identity, ledger_key) as bot:
         bot.cancel(contract)
         c = bot.contract(contract)
         if wait > 0 and c["state"] == "cancelled":

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
@@ -23,12 +22,6 @@ def zerostack_home() -> Path:
 def identity_dir() -> Path:
     """Where key files live: $ZEROSTACK_HOME/identities (default ~/.zerostack/identities)."""
     return zerostack_home() / "identities"
-
-
-def ledger_dir(url: str) -> Path:
-    """What this user remembers of one ledger (pinned keys...): one folder per URL."""
-    return zerostack_home() / "ledgers" / hashlib.blake2b(url.rstrip("/").encode(),
-                                                          digest_size=8).hexdigest()
 
 
 def identity_path(name: str) -> Path:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import typer
+from rich.markup import escape
 
 from zerostack.cli.output import console, fail, json_line, print_json, print_table
 
@@ -37,6 +39,33 @@ def _client(url: str | None) -> Any:
     return LedgerClient(url or default_url())
 
 
+def operator_identity(key: Path, db: Path) -> Any:
+    """The ledger operator's key from `key`, created there (mode 0600) when the ledger is
+    new; a ledger that already has blocks never gets a fresh key: its blocks are signed."""
+    from zerostack.crypto import CryptoError, Identity, load_identity, save_identity
+    from zerostack.ledger import LedgerError, SqliteLog
+
+    if key.exists():
+        try:
+            return load_identity(key)
+        except (CryptoError, OSError) as exc:
+            fail(f"operator key: {exc}")
+    if db.exists():
+        try:
+            log = SqliteLog(db)
+            height = log.head()[0]
+            log.close()
+        except LedgerError as exc:
+            fail(str(exc))
+        if height:
+            fail(f"{db} has {height} blocks but its operator key {key} is missing: pass "
+                 "--key with the key that signed them")
+    key.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    ident = Identity.generate()
+    save_identity(ident, key, "ledger-operator")
+    return ident
+
+
 @app.command("serve")
 def serve(
     db: Path = typer.Option(None, "--db", help="SQLite ledger file (default $ZEROSTACK_HOME/ledger.db)."),
@@ -48,8 +77,11 @@ def serve(
     block_interval: float = typer.Option(0.0, "--block-interval",
                                          help="Minimum seconds between blocks (0: as soon as "
                                               "transactions wait)."),
+    key: Path = typer.Option(None, "--key", help="The operator's key file, which signs every "
+                             "block (default: ledger.key beside --db, created on first start, "
+                             "mode 0600)."),
 ) -> None:
-    """Run the ledger's HTTP API."""
+    """Run the ledger's HTTP API, after checking the whole file (as `verify` does)."""
     from zerostack.ledger import LedgerError
     from zerostack.ledger.api import create_app
     from zerostack.ledger.api import serve as serve_app
@@ -58,10 +90,12 @@ def serve(
     if not sep or not port.isdigit():
         fail(f"--listen must be HOST:PORT, got {listen!r}")
     path = db or default_db()
+    operator = operator_identity(key or path.parent / "ledger.key", path)
     try:
-        application = create_app(path, block_interval=block_interval)
+        application = create_app(path, operator, block_interval=block_interval)
     except LedgerError as exc:
-        fail(str(exc))
+        # the reason may quote bytes of the file: no console markup from it
+        fail(escape(f"refusing to serve {path}: {exc}"))
     import socket
 
     try:
@@ -70,7 +104,8 @@ def serve(
         fail(f"--listen-fd: {exc}")
     if any(s.type != socket.SOCK_STREAM for s in extra):
         fail("--listen-fd must name listening TCP sockets")
-    console.print(f"ledger {path} listening on http://{host}:{port}", highlight=False)
+    console.print(f"ledger {path} listening on http://{host}:{port} operator key "
+                  f"{operator.public_hex}", highlight=False)
     for s in extra:
         addr = s.getsockname()
         console.print(f"ledger also listening on {addr[0]} port {addr[1]}", highlight=False)
@@ -80,6 +115,9 @@ def serve(
 @app.command("verify")
 def verify(
     db: Path = typer.Option(None, "--db", help="SQLite ledger file (default $ZEROSTACK_HOME/ledger.db)."),
+    operator_key: str = typer.Option(None, "--operator-key", help="The operator's public key "
+                                     "(hex) every block must be signed by (default: the key "
+                                     "that signed block 1, printed for you to compare)."),
     json_out: bool = JsonOut,
 ) -> None:
     """Replay the log from genesis, re-checking every hash, signature and transition."""
@@ -88,27 +126,32 @@ def verify(
     path = db or default_db()
     if not path.exists():
         fail(f"{path} does not exist")
+    if operator_key is not None and not re.fullmatch(r"[0-9a-f]{64}", operator_key):
+        fail("--operator-key must be a public key: 64 lowercase hex characters")
     try:
         log = SqliteLog(path)
         try:
-            result = verify_log(log)
+            result = verify_log(log, operator_key)
         finally:
             log.close()
     except BadBlock as exc:
         if json_out:
             print_json({"ok": False, "bad_block": exc.height, "reason": exc.reason})
             raise typer.Exit(1) from None
-        fail(f"first bad block is {exc.height}: {exc.reason}")
+        fail(escape(f"first bad block is {exc.height}: {exc.reason}"))
     except LedgerError as exc:
         fail(str(exc))
     summary = {"ok": True, "height": result.height, "hash": result.hash, "txs": result.txs,
                "twins": len(result.state.twins), "nodes": len(result.state.nodes),
-               "contracts": len(result.state.contracts)}
+               "contracts": len(result.state.contracts), "operator_key": result.operator_key}
     if json_out:
         print_json(summary)
     else:
+        whose = ("" if operator_key or not result.operator_key else
+                 " (the key that signed block 1: compare it with the operator's)")
         console.print(f"ok: {result.height} blocks, {result.txs} transactions, head "
-                      f"{result.hash}", highlight=False)
+                      f"{result.hash}, signed by operator key {result.operator_key}{whose}",
+                      highlight=False)
 
 
 def _run(fn: Any) -> Any:
@@ -263,7 +306,8 @@ def names(url: str = LedgerUrl, json_out: bool = JsonOut) -> None:
 
 @app.command("events")
 def events(
-    since: int = typer.Option(0, help="Start after this block height."),
+    since: str = typer.Option("0", help="Start after this cursor: a block height H, or "
+                              "H.I (after event I of block H)."),
     follow: bool = typer.Option(False, "--follow", "-f", help="Keep waiting for new blocks."),
     node: int = typer.Option(None, help="Only events about this node."),
     contract: int = typer.Option(None, help="Only events about this contract."),
@@ -288,6 +332,6 @@ def events(
         batch = _run(lambda c=cursor: client.events(c, timeout=25.0 if follow else 0.0,
                                                     node=node, contract=contract))
         show(batch)
-        if not follow and batch["next"] >= batch["head"]:
+        if not follow and batch["next"] == str(batch["head"]):
             return
         cursor = batch["next"]

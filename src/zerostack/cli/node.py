@@ -61,6 +61,10 @@ def run(
     flist_publisher: list[str] = typer.Option(
         [], "--flist-publisher",
         help="Publisher key trusted for flists when a workload names none (repeatable)."),
+    ledger_key: str | None = typer.Option(
+        None, "--ledger-key", envvar="ZEROSTACK_LEDGER_KEY",
+        help="The ledger operator's public key (hex); default: learnt on first contact, "
+             "then pinned in --data."),
 ) -> None:
     """Run the node agent until interrupted."""
     from zerostack.ledger.errors import LedgerError
@@ -79,6 +83,7 @@ def run(
         endpoint=endpoint, status_port=status_port, status_listen=status_listen,
         heartbeat=heartbeat, resync=resync, dry=dry,
         extra={k: v for k, v in (("hub", hub), ("flist_publishers", flist_publisher)) if v},
+        ledger_key=ledger_key,
     )
     logging.basicConfig(stream=sys.stderr, level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")

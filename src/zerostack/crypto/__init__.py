@@ -1,7 +1,15 @@
 """Identities and hashing: ed25519 keys, signature domains, canonical JSON, blake2b-256,
 sealed boxes and envelopes, key files, pinned keys, signature requirements."""
 
-from zerostack.crypto.canonical import CanonicalError, canonical_json, hash_hex, hash_obj
+from zerostack.crypto.canonical import (
+    MAX_DEPTH,
+    MAX_INT,
+    CanonicalError,
+    canonical_json,
+    check_canonical,
+    hash_hex,
+    hash_obj,
+)
 from zerostack.crypto.domains import Domain, approval_digest, delete_vote_digest
 from zerostack.crypto.envelope import envelope_recipients, open_envelope, seal_envelope
 from zerostack.crypto.identity import (
@@ -23,6 +31,8 @@ from zerostack.crypto.multisig import (
 from zerostack.crypto.pins import KeyChanged, KeyPins
 
 __all__ = [
+    "MAX_DEPTH",
+    "MAX_INT",
     "CanonicalError",
     "CryptoError",
     "Domain",
@@ -34,6 +44,7 @@ __all__ = [
     "SignatureRequirement",
     "approval_digest",
     "canonical_json",
+    "check_canonical",
     "delete_vote_digest",
     "deployment_hash",
     "envelope_recipients",

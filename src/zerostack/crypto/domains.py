@@ -34,6 +34,9 @@ class Domain(enum.StrEnum):
     """A ledger operator's (or validator's) signature over a block header hash."""
     KEY_CHANGE = "key-change"
     """A twin's old key authorising its new key."""
+    LEDGER_CHECKPOINT = "ledger-checkpoint"
+    """A ledger operator's statement that every signature of its log up to one block
+    (height and hash) was checked, so a restart may skip checking them again."""
 
 
 PREFIX = b"zerostack-sig/v1 "

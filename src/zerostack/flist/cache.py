@@ -1,7 +1,9 @@
 """The node's image cache: fetch a signed flist from the hub, verify every byte, materialize it.
 
 One directory per manifest hash (`images/<hash>/rootfs`), written under a temp name and
-renamed into place only once every chunk matched its hash, then sealed: the seal records
+renamed into place only once every chunk matched its hash, without set-uid, set-gid or
+device files (containers run with no new privileges, so the bits could only ever serve a
+host user who reaches the cache), then sealed: the seal records
 each path's inode, size, mode, owner, mtime and ctime, so `check` can confirm before every
 container start that nothing was changed since, without re-hashing the content.
 The cache's own directories are 0700: images are tenant data, and no other host user may
@@ -31,6 +33,7 @@ from zerostack.flist.store import ChunkStore
 FETCH_BATCH_BYTES = 16 * 1024 * 1024
 FETCH_BATCH_KEYS = 128
 WRITERS = 4
+SETID_BITS = stat.S_ISUID | stat.S_ISGID
 _SEAL_VERSION = 1
 _PRIVATE_DIR = 0o700
 
@@ -212,6 +215,9 @@ class ImageCache:
                 st = os.lstat(base + e.path)
                 if _stamp(st) != stamp or (e.type == "file" and st.st_size != e.size):
                     raise FlistError(f"cached image {image.hash[:16]}: {e.path} was modified")
+                if e.type == "file" and st.st_mode & SETID_BITS:
+                    # Cached before set-id bits were dropped: fetch it again.
+                    raise FlistError(f"cached image {image.hash[:16]}: {e.path} is set-id")
         except FileNotFoundError as exc:
             raise FlistError(f"cached image {image.hash[:16]}: {exc.filename} is missing") from None
 
@@ -313,7 +319,7 @@ class ImageCache:
             if e.type == "dir":
                 path = base + e.path
                 os.lchown(path, e.uid, e.gid)
-                os.chmod(path, e.mode)
+                os.chmod(path, e.mode & ~stat.S_ISUID)  # set-gid on a directory only inherits
                 os.utime(path, ns=(e.mtime * 10**9, e.mtime * 10**9))
 
     @staticmethod
@@ -341,9 +347,9 @@ class ImageCache:
                 offset += len(data)
             if offset != e.size:
                 raise FlistError(f"{e.path}: chunks hold {offset} bytes, manifest says {e.size}")
-            # Owner before mode: chown clears set-id bits.
+            # Owner before mode: chown clears set-id bits. The cache keeps none.
             os.fchown(fd, e.uid, e.gid)
-            os.fchmod(fd, e.mode)
+            os.fchmod(fd, e.mode & ~SETID_BITS)
             os.utime(fd, ns=(e.mtime * 10**9, e.mtime * 10**9))
         finally:
             os.close(fd)

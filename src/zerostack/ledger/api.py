@@ -14,13 +14,14 @@ from typing import Annotated, Any
 from urllib.parse import parse_qsl
 
 import orjson
-from fastapi import FastAPI, Query, Request
+from fastapi import FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response, StreamingResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from zerostack.ledger.chain import block_json
+from zerostack.crypto import Identity
+from zerostack.ledger.chain import block_json, header_json
 from zerostack.ledger.errors import HTTP_STATUS, LedgerError
 from zerostack.ledger.query import NodeFilter, find_contracts, node_view, page
 from zerostack.ledger.service import MAX_BATCH_BYTES, LedgerService
@@ -91,7 +92,10 @@ def _node_query(query_string: bytes) -> tuple[NodeFilter, int, int] | None:
     values: dict[str, Any] = {}
     for key, value in parse_qsl(query_string.decode("latin-1")):
         if key in _NODE_INTS:
-            if not value.isdigit() or int(value) < _NODE_INTS[key]:
+            # ASCII digits and a bounded length: int() reads other scripts' digits too,
+            # and refuses (with an exception) strings over 4,300 digits
+            if not (value.isascii() and value.isdigit() and len(value) <= 16) or (
+                    int(value) < _NODE_INTS[key]):
                 return None
             values[key] = int(value)
         elif key in ("country", "city"):
@@ -124,17 +128,27 @@ _STATES = "|".join(CONTRACT_STATES)
 # the paging parameters of every list
 Limit = Annotated[int, Query(ge=1, le=10000)]
 Offset = Annotated[int, Query(ge=0)]
+Cursor = Annotated[str, Query(max_length=32, description=(
+    "Event cursor: `H` (after every event of block H) or `H.I` (after event I, from 0, of "
+    "block H). Past the head: 400."))]
 
 
 def create_app(
     db: Path | str | BlockLog,
+    operator: Identity,
     *,
     clock: Callable[[], float] = _time.time,
     block_interval: float = 0.0,
 ) -> FastAPI:
-    """The ASGI app for a ledger whose log is the SQLite file `db` (or any BlockLog)."""
+    """The ASGI app for a ledger whose log is the SQLite file `db` (or any BlockLog),
+    operated with the key `operator`. Raises `LedgerError` (`BadBlock`) when the log
+    fails its checks: a ledger never serves a file `zerostack ledger verify` refuses."""
     blocklog: BlockLog = SqliteLog(db) if isinstance(db, (str, Path)) else db
-    service = LedgerService(blocklog, clock=clock, block_interval=block_interval)
+    try:
+        service = LedgerService(blocklog, operator, clock=clock, block_interval=block_interval)
+    except BaseException:
+        blocklog.close()
+        raise
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -202,10 +216,20 @@ def create_app(
             "receipt": orjson.loads(row.receipt),
         })
 
-    @app.get("/head", summary="The last committed block.")
+    @app.get("/head", summary="The last committed block's header, hash and signatures.")
     async def get_head() -> Response:
-        c = service.chain
-        return _json({"height": c.height, "hash": c.hash, "time": c.time})
+        return _json(service.chain.head_header())
+
+    @app.get("/operator", summary="The public key that signs this ledger's block headers.")
+    async def get_operator() -> Response:
+        return _json({"key": operator.public_hex})
+
+    @app.get("/blocks/{height}/header", summary="A block's header, hash and signatures.")
+    async def get_block_header(height: int) -> Response:
+        stored = service.log.block(height)
+        if stored is None:
+            return _not_found(f"block {height}")
+        return _json(header_json(stored.data, stored.hash))
 
     @app.get("/blocks/{height}", summary="A block: header, hash and transactions.")
     async def get_block(height: int) -> Response:
@@ -323,10 +347,10 @@ def create_app(
 
     @app.get(
         "/events",
-        summary="Long-poll: transactions committed after height `since` (waits up to `timeout` s).",
+        summary="Long-poll: events after cursor `since` (waits up to `timeout` s for one).",
     )
     async def get_events(
-        since: int = Query(0, ge=0),
+        since: Cursor = "0",
         timeout: float = Query(25.0, ge=0, le=300),
         node: int | None = None,
         contract: int | None = None,
@@ -337,23 +361,29 @@ def create_app(
         filters = {"node": node, "contract": contract, "twin": twin, "type": type}
         return _json(await service.events(since, timeout, filters, full))
 
-    @app.get("/events/stream", summary="Server-sent events: one `data:` line per transaction.")
+    @app.get("/events/stream", summary=(
+        "Server-sent events: one `data:` line per transaction, its `id:` the event's cursor "
+        "`H.I`. A reconnect resumes after `Last-Event-ID` (else after `since`)."))
     async def get_event_stream(
-        since: int = Query(0, ge=0),
+        since: Cursor = "0",
         node: int | None = None,
         contract: int | None = None,
         twin: int | None = None,
         type: str | None = None,
         full: bool = False,
+        last_event_id: Annotated[str | None, Header(max_length=32)] = None,
     ) -> StreamingResponse:
         filters = {"node": node, "contract": contract, "twin": twin, "type": type}
+        start = last_event_id if last_event_id else since
+        await service.position(start)  # a bad cursor is a 400, not a broken stream
 
         async def stream() -> AsyncIterator[bytes]:
-            cursor = since
+            cursor = start
             while True:
                 batch = await service.events(cursor, 15.0, filters, full)
                 for event in batch["events"]:
-                    yield b"id: %d\ndata: %s\n\n" % (event["height"], orjson.dumps(event))
+                    yield b"id: %d.%d\ndata: %s\n\n" % (event["height"], event["index"],
+                                                         orjson.dumps(event))
                 if service.draining:
                     return
                 if batch["next"] == cursor:

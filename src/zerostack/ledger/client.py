@@ -24,6 +24,9 @@ from zerostack.ledger.tx import sign_approval, sign_cancel_vote, sign_tx
 
 T = TypeVar("T")
 NONCE_RETRIES = 3
+Cursor = int | str
+"""An event cursor: a block height H (after all of block H) or "H.I" (after event I of
+block H); `/events` answers the next one as `next`."""
 
 
 def _drop_none(d: dict[str, Any]) -> dict[str, Any]:
@@ -162,8 +165,13 @@ class _Queries(Generic[MaybeT, ListT, OneT]):
         raise NotImplementedError
 
     def head(self) -> OneT:
-        """{height, hash, time} of the last block."""
+        """The last block's signed header: {height, hash, time, prev_hash, tx_root,
+        tx_count, signatures} ({height: 0, hash, time, signatures: []} when empty)."""
         return self._get("/head")
+
+    def header(self, height: int) -> MaybeT:
+        """The signed header of block `height` (no transactions)."""
+        return self._get_or_none(f"/blocks/{height}/header")
 
     def block(self, height: int) -> MaybeT:
         return self._get_or_none(f"/blocks/{height}")
@@ -443,14 +451,17 @@ class LedgerClient(_Queries[Obj | None, list[Obj], Obj]):
 
     # ---- events ----------------------------------------------------------------------
 
-    def events(self, since: int = 0, *, timeout: float = 25.0, **filters: Any) -> dict[str, Any]:
-        """One long-poll: {head, next, events} for blocks after `since` (filters: node,
-        contract, twin, type (prefix), full). Ask again with `since=next`."""
+    def events(self, since: Cursor = 0, *, timeout: float = 25.0,
+               **filters: Any) -> dict[str, Any]:
+        """One long-poll: {head, next, events} for the events after cursor `since` (a block
+        height H, or "H.I": after event I of block H; filters: node, contract, twin, type
+        (prefix), full). Ask again with `since=next`; a cursor past the head is an error."""
         params = _params({"since": since, "timeout": timeout, **filters})
         return self._request("GET", "/events", params=params,
                              timeout=timeout + 10)
 
-    def follow(self, since: int = 0, *, timeout: float = 25.0, **filters: Any) -> Iterator[dict[str, Any]]:
+    def follow(self, since: Cursor = 0, *, timeout: float = 25.0,
+               **filters: Any) -> Iterator[dict[str, Any]]:
         """Every matching event after `since`, forever (a generator; break out of it)."""
         while True:
             batch = self.events(since, timeout=timeout, **filters)
@@ -461,7 +472,7 @@ class LedgerClient(_Queries[Obj | None, list[Obj], Obj]):
                  **filters: Any) -> T:
         """Return `predicate()` as soon as it is truthy, re-checking after each new block."""
         deadline = time.monotonic() + timeout
-        since = self.head()["height"]
+        since: Cursor = self.head()["height"]
         while True:
             value = predicate()
             if value:
@@ -704,13 +715,13 @@ class AsyncLedgerClient(_Queries[Awaitable[Obj | None], Awaitable[list[Obj]],
         found = await self._get_list("/twins", {"key": public_hex})
         return found[0] if found else None
 
-    async def events(self, since: int = 0, *, timeout: float = 25.0,
+    async def events(self, since: Cursor = 0, *, timeout: float = 25.0,
                      **filters: Any) -> dict[str, Any]:
         params = _params({"since": since, "timeout": timeout, **filters})
         return await self._request("GET", "/events", params=params,
                                    timeout=timeout + 10)
 
-    async def follow(self, since: int = 0, *, timeout: float = 25.0,
+    async def follow(self, since: Cursor = 0, *, timeout: float = 25.0,
                      **filters: Any) -> AsyncIterator[dict[str, Any]]:
         while True:
             batch = await self.events(since, timeout=timeout, **filters)
@@ -722,7 +733,7 @@ class AsyncLedgerClient(_Queries[Awaitable[Obj | None], Awaitable[list[Obj]],
                        timeout: float = 30.0, **filters: Any) -> T:
         """Return `await predicate()` as soon as it is truthy, re-checking after each block."""
         deadline = time.monotonic() + timeout
-        since = (await self.head())["height"]
+        since: Cursor = (await self.head())["height"]
         while True:
             value = await predicate()
             if value:

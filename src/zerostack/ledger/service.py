@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import time as _time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -20,7 +21,7 @@ from typing import Any
 
 import orjson
 
-from zerostack.crypto import Domain, verify
+from zerostack.crypto import Domain, Identity, verify
 from zerostack.ledger.block import Block
 from zerostack.ledger.chain import Chain
 from zerostack.ledger.errors import HTTP_STATUS, LedgerError, LedgerRejected, Rejected
@@ -34,6 +35,8 @@ log = logging.getLogger("zerostack.ledger")
 MAX_BATCH_BYTES = 64 * 1024 * 1024
 MAX_EVENT_BLOCKS = 1000
 """Most blocks one `/events` answer covers; the client asks again from `next`."""
+MAX_EVENTS = 10000
+"""Most events in one `/events` answer; `next` then points inside a block."""
 RECENT_BLOCKS = 2000
 """Blocks whose events `/events` serves from memory; older ones are read from the log."""
 PARALLEL_VERIFY_MIN = 32
@@ -46,6 +49,7 @@ class LedgerService:
     def __init__(
         self,
         blocklog: BlockLog,
+        operator: Identity,
         *,
         clock: Callable[[], float] = _time.time,
         block_interval: float = 0.0,
@@ -53,7 +57,7 @@ class LedgerService:
     ) -> None:
         self.log = blocklog
         self.clock = clock
-        self.chain = Chain(blocklog, clock)
+        self.chain = Chain(blocklog, operator, clock)
         self.block_interval = block_interval
         self._threads = verify_threads or max(1, min(4, os.cpu_count() or 1))
         self._executor = ThreadPoolExecutor(self._threads, thread_name_prefix="ledger-verify")
@@ -115,9 +119,15 @@ class LedgerService:
         parsed: list[tuple[int, Tx]] = []
         for i, raw in enumerate(raws):
             try:
-                parsed.append((i, parse_tx(raw)))
+                tx = parse_tx(raw)
             except LedgerRejected as exc:
                 results[i] = {"error": str(exc), "code": exc.code}
+                continue
+            if not _encodable(tx):
+                results[i] = {"error": "transaction cannot be encoded inside a block or an "
+                              "answer (nested too deep?)", "code": "invalid"}
+                continue
+            parsed.append((i, tx))
         checks = await self._verify([tx for _, tx in parsed])
         if self._closing:  # the sealer may be gone: accept nothing it would not write
             raise LedgerError("the ledger stopped accepting transactions: it is shutting down",
@@ -161,14 +171,13 @@ class LedgerService:
             if len(raws) > MAX_BATCH:
                 raise LedgerRejected(f"a batch holds at most {MAX_BATCH} transactions",
                                      code="too_large", status=413)
-            oversize = {i for i, raw in enumerate(raws) if len(orjson.dumps(raw)) > MAX_TX_BYTES}
-            results = await self.submit([r for i, r in enumerate(raws) if i not in oversize])
+            refused = {i: why for i, raw in enumerate(raws) if (why := _oversize(raw))}
+            results = await self.submit([r for i, r in enumerate(raws) if i not in refused])
         except LedgerError as exc:
             return exc.status or 400, orjson.dumps({"error": str(exc), "code": exc.code})
-        if oversize:
+        if refused:
             it = iter(results)
-            too_big = {"error": f"transaction is over {MAX_TX_BYTES} bytes", "code": "too_large"}
-            results = [too_big if i in oversize else next(it) for i in range(len(raws))]
+            results = [refused[i] if i in refused else next(it) for i in range(len(raws))]
         return 200, orjson.dumps({"results": results})
 
     def nodes_json(self, f: NodeFilter, limit: int, offset: int) -> bytes:
@@ -239,29 +248,42 @@ class LedgerService:
     # ---- events -------------------------------------------------------------------------
 
     async def events(
-        self, since: int, timeout: float, filters: dict[str, Any], full: bool
+        self, since: str | int, timeout: float, filters: dict[str, Any], full: bool
     ) -> dict[str, Any]:
-        """Transactions of blocks after `since`, waiting up to `timeout` s for one to come."""
-        if self._published <= since and timeout > 0 and not self._draining:
+        """Events after cursor `since`, waiting up to `timeout` s for one to come.
+
+        A cursor is "H" (after every event of block H) or "H.I" (after event I, counted
+        from 0, of block H); `next` in the answer is the cursor to ask from next time.
+        A cursor past the head raises LedgerError (400): the ledger never had it.
+        """
+        height, index = await self.position(since)
+        # (block, index) of the first event not delivered yet
+        start_h, start_i = (height + 1, 0) if index is None else (height, index + 1)
+        if self._published < start_h and timeout > 0 and not self._draining:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._new_block.wait(), timeout)
         head = self._published
-        upper = min(head, since + MAX_EVENT_BLOCKS)
-        if upper <= since:
-            # a client ahead of the head (a ledger rebuilt from scratch) is sent back to it
-            return {"head": head, "next": min(since, head), "events": []}
-        if self._recent and since + 1 >= next(iter(self._recent)):
+        upper = min(head, start_h - 1 + MAX_EVENT_BLOCKS)
+        if upper < start_h:
+            return {"head": head, "next": _cursor(height, index), "events": []}
+        if self._recent and start_h >= next(iter(self._recent)):
             # followers are nearly always near the head: serve from memory
-            events = [
-                _event(e, tx, full)
-                for height in range(since + 1, upper + 1)
-                for e, tx in self._recent.get(height, ())
-                if _matches(e, e["receipt"], filters)
-            ]
-            return {"head": head, "next": upper, "events": events}
-        rows = await asyncio.to_thread(self.log.txs_between, since, upper)
+            events: list[dict[str, Any]] = []
+            for h in range(start_h, upper + 1):
+                block = self._recent.get(h, ())
+                for i in range(start_i if h == start_h else 0, len(block)):
+                    e, tx = block[i]
+                    if _matches(e, e["receipt"], filters):
+                        events.append(_event(e, tx, full))
+                        if len(events) >= MAX_EVENTS:
+                            return {"head": head, "events": events,
+                                    "next": _cursor(h, None if i == len(block) - 1 else i)}
+            return {"head": head, "next": str(upper), "events": events}
+        rows = await asyncio.to_thread(self.log.txs_between, start_h - 1, upper)
         events = []
-        for row in rows:
+        for n, row in enumerate(rows):
+            if row.height == start_h and row.index < start_i:
+                continue
             wire = orjson.loads(row.data)
             receipt = orjson.loads(row.receipt)
             if not _matches(wire, receipt, filters):
@@ -277,7 +299,30 @@ class LedgerService:
             if full:
                 event["tx"] = wire
             events.append(event)
-        return {"head": head, "next": upper, "events": events}
+            if len(events) >= MAX_EVENTS:
+                last = n + 1 == len(rows) or rows[n + 1].height != row.height
+                return {"head": head, "events": events,
+                        "next": _cursor(row.height, None if last else row.index)}
+        return {"head": head, "next": str(upper), "events": events}
+
+    async def position(self, cursor: str | int) -> tuple[int, int | None]:
+        """(height, index) of an event cursor (index None: after the whole block); raise
+        LedgerError (400) for a cursor that is malformed or past what the ledger holds."""
+        height, index = parse_cursor(cursor)
+        head = self._published
+        if height > head:
+            raise LedgerError(f"cursor {cursor} is beyond the head (height {head}): this "
+                              "ledger never had it", code="bad_cursor", status=400)
+        if index is not None:
+            block = self._recent.get(height)
+            count = len(block) if block is not None else len(
+                await asyncio.to_thread(self.log.txs_in, height))
+            if index >= count:
+                raise LedgerError(f"cursor {cursor} is beyond block {height}, which holds "
+                                  f"{count} events", code="bad_cursor", status=400)
+            if index == count - 1:
+                index = None  # the last event of a block: the same as the whole block
+        return height, index
 
     def _remember(self, block: Block, receipts: list[Receipt]) -> None:
         """Keep the events of the last RECENT_BLOCKS blocks in memory for followers."""
@@ -290,8 +335,51 @@ class LedgerService:
             self._recent.popitem(last=False)
 
 
+# ASCII digits only: \d would also take other scripts' digits, which int() reads too
+_CURSOR = re.compile(r"([0-9]{1,15})(?:\.([0-9]{1,9}))?")
+
+
+def parse_cursor(cursor: str | int) -> tuple[int, int | None]:
+    """Split an event cursor "H" or "H.I" (an int H is "H"); LedgerError (400) if malformed."""
+    if type(cursor) is int and 0 <= cursor < 10**15:
+        return cursor, None
+    match = _CURSOR.fullmatch(cursor) if isinstance(cursor, str) else None
+    if match is None:
+        raise LedgerError(f"cursor {str(cursor)[:40]!r} is not a block height H or an "
+                          "event H.I", code="bad_cursor", status=400)
+    index = match.group(2)
+    return int(match.group(1)), None if index is None else int(index)
+
+
+def _cursor(height: int, index: int | None) -> str:
+    return str(height) if index is None else f"{height}.{index}"
+
+
 def _event(event: dict[str, Any], tx: Tx, full: bool) -> dict[str, Any]:
     return {**event, "tx": tx.to_wire()} if full else event
+
+
+def _oversize(raw: Any) -> dict[str, str] | None:
+    """Why one transaction of a batch is refused before parsing: too large, or too deep
+    to even measure (the encoder stops at 254 levels)."""
+    try:
+        size = len(orjson.dumps(raw))
+    except orjson.JSONEncodeError:
+        return {"error": "transaction is nested too deep", "code": "invalid"}
+    if size > MAX_TX_BYTES:
+        return {"error": f"transaction is over {MAX_TX_BYTES} bytes", "code": "too_large"}
+    return None
+
+
+def _encodable(tx: Tx) -> bool:
+    """Whether `tx` still encodes nested as deep as a block or an event answer holds it
+    (four levels). parse_tx's limits guarantee it; this keeps one transaction that slipped
+    through from making its whole block unwritable, which would stop the ledger."""
+    try:
+        orjson.dumps([[[tx.to_wire()]]])
+    except (orjson.JSONEncodeError, TypeError):
+        return False
+    return True
 
 
 def _decode_body(body: bytes, limit: int) -> Any:

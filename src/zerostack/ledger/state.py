@@ -16,6 +16,7 @@ import orjson
 from immutables import Map
 
 from zerostack.crypto import (
+    MAX_INT,
     Domain,
     QuorumError,
     SignatureRequest,
@@ -42,6 +43,14 @@ FINAL_STATES = frozenset({DELETED, EXPIRED})
 DEFAULT_DEADLINE = 24 * 3600
 """Seconds a contract (or a new version) has to gather its approval quorum by default."""
 MAX_DEADLINE = 30 * 24 * 3600
+PENDING_HOLD = 15 * 60
+"""Seconds a version waiting for its approvals holds capacity on its node. After that it
+holds nothing beyond the active version's until its quorum is reached, so unapproved
+contracts cannot keep a node looking full."""
+MAX_PENDING_PER_TWIN = 64
+"""Most contracts one twin may have waiting for approvals at once."""
+NEVER = 2**62
+"""A time after every deadline: the value of `next_deadline` when there is none."""
 
 K = TypeVar("K")
 V = TypeVar("V")
@@ -86,6 +95,18 @@ class Capacity:
     def __sub__(self, o: Capacity) -> Capacity:
         return Capacity(self.cru - o.cru, self.mru - o.mru, self.sru - o.sru, self.hru - o.hru)
 
+    def cover(self, o: Capacity) -> Capacity:
+        """The least capacity that holds both (the larger of each unit)."""
+        return Capacity(max(self.cru, o.cru), max(self.mru, o.mru), max(self.sru, o.sru),
+                        max(self.hru, o.hru))
+
+    def exceeds(self, o: Capacity) -> str | None:
+        """The first unit in which self is larger than `o`, if any."""
+        for unit in ("cru", "mru", "sru", "hru"):
+            if getattr(self, unit) > getattr(o, unit):
+                return unit
+        return None
+
     def to_dict(self) -> dict[str, int]:
         return {"cru": self.cru, "mru": self.mru, "sru": self.sru, "hru": self.hru}
 
@@ -126,7 +147,7 @@ class Node:
     created: int
     updated: int
     used: Capacity = ZERO  # as reported by the node's last heartbeat
-    reserved: Capacity = ZERO  # summed capacity of its live contracts
+    reserved: Capacity = ZERO  # summed holds of its contracts (see `holds`)
     last_heartbeat: int = 0
     uptime: int = 0
     # derived once per version of the record: queries read them for thousands of nodes
@@ -297,9 +318,13 @@ class State:
     contracts_by_node: Map[int, Map[int, bool]] = field(default_factory=_empty)
     contracts_by_owner: Map[int, Map[int, bool]] = field(default_factory=_empty)
     deadlines: Map[int, int] = field(default_factory=_empty)  # contract -> pending deadline
+    # contract -> when its pending version stops holding capacity (see PENDING_HOLD)
+    lapses: Map[int, int] = field(default_factory=_empty)
+    pending_by_owner: Map[int, int] = field(default_factory=_empty)  # twin -> len(deadlines)
     names: Map[str, Name] = field(default_factory=_empty)
     balances: Map[int, int] = field(default_factory=_empty)  # billing comes later
-    next_deadline: int = 2**62  # earliest value in `deadlines`, so tick() is O(1) mostly
+    next_deadline: int = NEVER  # earliest value in `deadlines`, so tick() is O(1) mostly
+    next_lapse: int = NEVER  # earliest value in `lapses`
     last_twin: int = 0
     last_farm: int = 0
     last_node: int = 0
@@ -389,32 +414,45 @@ def apply_with_receipt(
 
 
 def tick(state: State, time: int) -> State:
-    """Advance the clock to `time` (start of a block): expire proposals past their deadline.
+    """Advance the clock to `time` (start of a block): expire proposals past their deadline
+    and release the capacity of pending versions past their hold.
 
     A contract never approved by its deadline becomes `expired`; a new version not
     approved in time is dropped and the contract keeps running its active version.
     """
-    if time <= state.next_deadline:
+    if time <= state.next_deadline and time <= state.next_lapse:
         return state
     contracts, deadlines, nodes = state.contracts, state.deadlines, state.nodes
+    lapses, pending = state.lapses, state.pending_by_owner
+    for cid, at in state.lapses.items():
+        if at < time:
+            lapses = lapses.delete(cid)
+            c = contracts[cid]
+            nodes = _reserve(nodes, c.node, holds(c, True), holds(c, False))
     for cid, deadline in state.deadlines.items():
         if deadline >= time:
             continue
         deadlines = deadlines.delete(cid)
         c = contracts[cid]
+        live = cid in lapses
+        lapses = lapses.delete(cid) if live else lapses
+        before = holds(c, live)
         if c.active is None:
-            nodes = _reserve(nodes, c.node, c.proposal.capacity, ZERO)
             c = _replace(c, state=EXPIRED, updated=time)
         else:
-            nodes = _reserve(nodes, c.node, c.proposal.capacity, c.active.capacity)
             c = _replace(c, proposal=c.active, updated=time)
+        nodes = _reserve(nodes, c.node, before, holds(c, False))
+        pending = _count(pending, c.owner, -1)
         contracts = contracts.set(cid, c)
     return _replace(
         state,
         contracts=contracts,
         deadlines=deadlines,
         nodes=nodes,
-        next_deadline=min(deadlines.values(), default=2**62),
+        lapses=lapses,
+        pending_by_owner=pending,
+        next_deadline=min(deadlines.values(), default=NEVER),
+        next_lapse=min(lapses.values(), default=NEVER),
     )
 
 
@@ -583,11 +621,42 @@ def _derived_hash(p: t.ContractCreate | t.ContractUpdate, requirement: Signature
                       f"body and signature requirements ({derived})")
 
 
+def holds(c: Contract, live: bool) -> Capacity:
+    """The capacity contract `c` holds on its node: its active version's, or while a
+    version waits for approvals within its hold (`live`), enough for either version."""
+    if c.state in FINAL_STATES:
+        return ZERO
+    active = c.active.capacity if c.active is not None else ZERO
+    return active.cover(c.proposal.capacity) if c.pending and live else active
+
+
 def _reserve(nodes: Map[int, Node], nid: int, old: Capacity, new: Capacity) -> Map[int, Node]:
+    """Replace a hold of `old` on node `nid` by `new`; refuse a sum past MAX_INT, which no
+    JSON client could read back (it only grows on a create, update or approval)."""
     if old == new:
         return nodes
     node = nodes[nid]
-    return nodes.set(nid, _replace(node, reserved=node.reserved - old + new))
+    reserved = node.reserved - old + new
+    unit = reserved.exceeds(_MAX_CAPACITY)
+    if unit is not None:
+        raise _Refuse("state", f"node {nid} cannot hold more {unit}: its reservations "
+                      "would pass 2^53 - 1")
+    return nodes.set(nid, _replace(node, reserved=reserved))
+
+
+_MAX_CAPACITY = Capacity(MAX_INT, MAX_INT, MAX_INT, MAX_INT)
+
+
+def _count(counts: Map[int, int], key: int, delta: int) -> Map[int, int]:
+    n = counts.get(key, 0) + delta
+    return counts.set(key, n) if n else counts.delete(key)
+
+
+def _fits(node: Node, capacity: Capacity) -> None:
+    unit = capacity.exceeds(node.capacity)
+    if unit is not None:
+        raise _Refuse("invalid", f"contract asks for {getattr(capacity, unit)} {unit} but "
+                      f"node {node.id} has {getattr(node.capacity, unit)} in all")
 
 
 def _deadline(requested: int | None, time: int) -> int:
@@ -655,18 +724,36 @@ def _quorum(c: Contract) -> bool:
 
 
 def _settle(state: State, c: Contract, time: int) -> State:
-    """Store `c`; if its pending version now has its quorum, make it the active version."""
-    deadlines = state.deadlines
+    """Store `c`; if its pending version now has its quorum, make it the active version.
+    Keeps what `c` holds on its node, its deadline and its owner's pending count in step."""
+    old = state.contracts.get(c.id)
+    before = ZERO if old is None else holds(old, c.id in state.lapses)
+    deadlines, lapses, pending = state.deadlines, state.lapses, state.pending_by_owner
     if _quorum(c):
         c = _replace(c, active=c.proposal, state=APPROVED, report=None, updated=time)
-        deadlines = deadlines.delete(c.id) if c.id in deadlines else deadlines
+        if c.id in deadlines:
+            deadlines = deadlines.delete(c.id)
+            pending = _count(pending, c.owner, -1)
+        lapses = lapses.delete(c.id) if c.id in lapses else lapses
     else:
+        if c.id not in deadlines:
+            pending = _count(pending, c.owner, 1)
+            if pending[c.owner] > MAX_PENDING_PER_TWIN:
+                raise _Refuse("state", f"twin {c.owner} already has {MAX_PENDING_PER_TWIN} "
+                              "contracts waiting for approvals")
         deadlines = deadlines.set(c.id, c.proposal.deadline)
+        if old is None or old.proposal.version != c.proposal.version:
+            lapses = lapses.set(c.id, min(time + PENDING_HOLD, c.proposal.deadline))
+    nodes = _reserve(state.nodes, c.node, before, holds(c, c.id in lapses))
     return _replace(
         state,
         contracts=state.contracts.set(c.id, c),
+        nodes=nodes,
         deadlines=deadlines,
-        next_deadline=min(deadlines.values(), default=2**62),
+        lapses=lapses,
+        pending_by_owner=pending,
+        next_deadline=min(deadlines.values(), default=NEVER),
+        next_lapse=min(lapses.values(), default=NEVER),
     )
 
 
@@ -691,6 +778,7 @@ def _contract_create(state: State, tx: t.Tx, twin: Twin, time: int) -> tuple[Sta
     )
     _check_stakeholders(state, requirement, delete_req)
     _derived_hash(p, requirement, delete_req)
+    _fits(state.nodes[p.node], Capacity.of(p.capacity))
     # contract 0 in the owner's approval: the id is assigned by this very transaction
     approvals = _owner_approval(state, twin.id, (0, 1, p.node), p.deployment_hash, p.approval)
     cid = state.last_contract + 1
@@ -706,7 +794,6 @@ def _contract_create(state: State, tx: t.Tx, twin: Twin, time: int) -> tuple[Sta
     c = Contract(cid, twin.id, p.node, CREATED, version, None, delete_req, p.metadata, time, time)
     state = _replace(
         state,
-        nodes=_reserve(state.nodes, p.node, ZERO, version.capacity),
         contracts_by_node=_index_add(state.contracts_by_node, p.node, cid),
         contracts_by_owner=_index_add(state.contracts_by_owner, twin.id, cid),
         last_contract=cid,
@@ -768,7 +855,10 @@ def _contract_update(state: State, tx: t.Tx, twin: Twin, time: int) -> tuple[Sta
     _derived_hash(p, requirement, c.delete_requirement)
     approvals = _owner_approval(state, twin.id, (c.id, c.proposal.version + 1, c.node),
                                 p.deployment_hash, p.approval)
-    capacity = Capacity.of(p.capacity) if p.capacity is not None else c.proposal.capacity
+    capacity = c.proposal.capacity
+    if p.capacity is not None:
+        capacity = Capacity.of(p.capacity)
+        _fits(state.nodes[c.node], capacity)
     proposal = Version(
         c.proposal.version + 1,
         p.deployment_hash,
@@ -778,7 +868,6 @@ def _contract_update(state: State, tx: t.Tx, twin: Twin, time: int) -> tuple[Sta
         approvals,
         _deadline(p.deadline, time),
     )
-    state = _replace(state, nodes=_reserve(state.nodes, c.node, c.proposal.capacity, capacity))
     c = _replace(
         c,
         proposal=proposal,
@@ -791,21 +880,25 @@ def _contract_update(state: State, tx: t.Tx, twin: Twin, time: int) -> tuple[Sta
 
 def _finish(state: State, c: Contract, final: str, time: int) -> State:
     """Move `c` to a final or cancelled state, releasing what it held."""
-    deadlines = state.deadlines.delete(c.id) if c.id in state.deadlines else state.deadlines
-    nodes = state.nodes
-    if final in FINAL_STATES:
-        nodes = _reserve(nodes, c.node, c.proposal.capacity, ZERO)
-    elif c.pending and c.active is not None:
-        # a cancelled contract's pending version will never run: reserve only the active one
-        nodes = _reserve(nodes, c.node, c.proposal.capacity, c.active.capacity)
+    before = holds(state.contracts[c.id], c.id in state.lapses)
+    deadlines, lapses, pending = state.deadlines, state.lapses, state.pending_by_owner
+    if c.id in deadlines:
+        deadlines = deadlines.delete(c.id)
+        pending = _count(pending, c.owner, -1)
+    lapses = lapses.delete(c.id) if c.id in lapses else lapses
+    if final not in FINAL_STATES and c.pending and c.active is not None:
+        # a cancelled contract's pending version will never run: hold only the active one
         c = _replace(c, proposal=c.active)
     c = _replace(c, state=final, updated=time)
     return _replace(
         state,
         contracts=state.contracts.set(c.id, c),
         deadlines=deadlines,
-        nodes=nodes,
-        next_deadline=min(deadlines.values(), default=2**62),
+        lapses=lapses,
+        pending_by_owner=pending,
+        nodes=_reserve(state.nodes, c.node, before, holds(c, False)),
+        next_deadline=min(deadlines.values(), default=NEVER),
+        next_lapse=min(lapses.values(), default=NEVER),
     )
 
 

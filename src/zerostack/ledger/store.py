@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 import orjson
 
-from zerostack.ledger.block import GENESIS_HASH, Block
+from zerostack.ledger.block import GENESIS_HASH, Block, Checkpoint
 from zerostack.ledger.errors import LedgerError
 from zerostack.ledger.state import Receipt
 
@@ -48,9 +48,17 @@ class BlockLog(Protocol):
         """(height, hash) of the last block; (0, GENESIS_HASH) when empty."""
         ...
 
-    def append(self, block: Block, receipts: list[Receipt]) -> None:
-        """Persist `block` (whose height is head + 1) atomically with its tx index rows."""
+    def append(self, block: Block, receipts: list[Receipt],
+               checkpoint: Checkpoint | None = None) -> None:
+        """Persist `block` (whose height is head + 1) atomically with its tx index rows
+        and, when given, the new checkpoint; durable (on disk) when it returns."""
         ...
+
+    def checkpoint(self) -> Checkpoint | None:
+        """The operator's signed "checked up to here" mark, if the log has one."""
+        ...
+
+    def set_checkpoint(self, checkpoint: Checkpoint) -> None: ...
 
     def block(self, height: int) -> StoredBlock | None: ...
 
@@ -83,7 +91,16 @@ CREATE TABLE IF NOT EXISTS txs (
     receipt BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS txs_by_height ON txs (height, idx);
+CREATE TABLE IF NOT EXISTS checkpoint (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    height INTEGER NOT NULL,
+    hash TEXT NOT NULL,
+    key TEXT NOT NULL,
+    signature TEXT NOT NULL
+);
 """
+_SET_CHECKPOINT = ("INSERT OR REPLACE INTO checkpoint (id, height, hash, key, signature) "
+                   "VALUES (1, ?, ?, ?, ?)")
 
 
 class SqliteLog:
@@ -99,9 +116,10 @@ class SqliteLog:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
-            # WAL + NORMAL: a crash of the process loses nothing committed; power loss may
-            # drop the last blocks but never corrupts the file
-            self._db.execute("PRAGMA synchronous=NORMAL")
+            # WAL + FULL: every commit is fsynced before append() returns, so a block
+            # whose transactions were acknowledged survives a power loss too (blocks are
+            # cut while the previous one is written, so one fsync serves many of them)
+            self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(_SCHEMA)
         except sqlite3.DatabaseError as exc:
             raise LedgerError(f"{self.path}: cannot open the ledger database: {exc}") from exc
@@ -114,7 +132,8 @@ class SqliteLog:
             ).fetchone()
         return (int(row[0]), str(row[1])) if row else (0, GENESIS_HASH)
 
-    def append(self, block: Block, receipts: list[Receipt]) -> None:
+    def append(self, block: Block, receipts: list[Receipt],
+               checkpoint: Checkpoint | None = None) -> None:
         rows = [
             (tx.hash.hex(), block.height, i, orjson.dumps(tx.to_wire()), orjson.dumps(r))
             for i, (tx, r) in enumerate(zip(block.txs, receipts, strict=True))
@@ -131,10 +150,25 @@ class SqliteLog:
                     "INSERT INTO txs (hash, height, idx, data, receipt) VALUES (?, ?, ?, ?, ?)",
                     rows,
                 )
+                if checkpoint is not None:
+                    self._db.execute(_SET_CHECKPOINT, _checkpoint_row(checkpoint))
                 self._db.execute("COMMIT")
             except sqlite3.Error as exc:
                 self._db.execute("ROLLBACK")
                 raise LedgerError(f"cannot append block {block.height}: {exc}") from exc
+
+    def checkpoint(self) -> Checkpoint | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT height, hash, key, signature FROM checkpoint WHERE id = 1").fetchone()
+        return Checkpoint(int(row[0]), str(row[1]), str(row[2]), str(row[3])) if row else None
+
+    def set_checkpoint(self, checkpoint: Checkpoint) -> None:
+        with self._lock:
+            try:
+                self._db.execute(_SET_CHECKPOINT, _checkpoint_row(checkpoint))
+            except sqlite3.Error as exc:
+                raise LedgerError(f"cannot write the checkpoint: {exc}") from exc
 
     def block(self, height: int) -> StoredBlock | None:
         with self._lock:
@@ -193,3 +227,7 @@ class SqliteLog:
 
 def _stored_tx(row: Any) -> StoredTx:
     return StoredTx(str(row[0]), int(row[1]), int(row[2]), bytes(row[3]), bytes(row[4]))
+
+
+def _checkpoint_row(c: Checkpoint) -> tuple[int, str, str, str]:
+    return (c.height, c.hash, c.key, c.signature)

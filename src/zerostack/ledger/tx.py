@@ -9,17 +9,20 @@ from __future__ import annotations
 
 import binascii
 import re
+import unicodedata
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from zerostack.crypto import (
+    MAX_INT,
     CanonicalError,
     Domain,
     Identity,
     approval_digest,
+    check_canonical,
     delete_vote_digest,
     hash_obj,
 )
@@ -33,16 +36,51 @@ MAX_BATCH = 2000
 MAX_INSTRUCTIONS = 96 * 1024
 """Largest sealed instructions (base64 characters)."""
 
+MAX_PAYLOAD_DEPTH = 32
+"""Deepest nesting of objects and arrays inside a payload: a block and an event answer
+wrap a payload in a few more levels, and all of it stays well inside canonical JSON's
+MAX_DEPTH (and the encoder's own limit)."""
+
+
+def _city(value: str) -> str:
+    # refused, not rewritten: the value is signed, and a silent rewrite would change what
+    # the signature covers. Letters and marks of any script, in NFC, and a few separators
+    # keep "Liège" or "São Paulo" but not zero-width or control characters.
+    if not unicodedata.is_normalized("NFC", value):
+        raise ValueError("must be in Unicode normalisation form NFC")
+    for ch in value:
+        if ch not in " -'." and unicodedata.category(ch)[0] not in "LM":
+            raise ValueError(f"character U+{ord(ch):04X} is not allowed (letters, marks, "
+                             "space, hyphen, apostrophe and full stop only)")
+    if value != value.strip() or "  " in value:
+        raise ValueError("no leading, trailing or repeated spaces")
+    return value
+
+
 HexHash = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 HexSignature = Annotated[str, Field(pattern=r"^[0-9a-f]{128}$")]
 PublicKeyHex = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 Base64 = Annotated[str, Field(max_length=MAX_INSTRUCTIONS, pattern=r"^[A-Za-z0-9+/]*={0,2}$")]
-Id = Annotated[int, Field(ge=1, le=2**53)]
-Count = Annotated[int, Field(ge=0, le=2**62)]
-Label = Annotated[str, Field(min_length=1, max_length=64)]
+# every integer fits what a JSON client represents exactly (±(2^53 - 1))
+Id = Annotated[int, Field(ge=1, le=MAX_INT)]
+Count = Annotated[int, Field(ge=0, le=MAX_INT)]
 Text = Annotated[str, Field(max_length=1024)]
+# Names that identify or locate something use a restricted ASCII alphabet (one spelling
+# per name: no look-alike letters from other scripts, no invisible characters).
+Name = Annotated[str, Field(pattern=r"^[a-z0-9](?:[a-z0-9._-]{0,62}[a-z0-9])?$")]
+"""Farm and template names: lowercase ASCII letters, digits, '.', '_', '-'; 1-64 long,
+starting and ending with a letter or digit."""
+Country = Annotated[str, Field(pattern=r"^[A-Z]{2}$")]
+"""An ISO 3166-1 alpha-2 code, upper case (BE, NL...)."""
+City = Annotated[str, Field(max_length=64), AfterValidator(_city)]
+VersionLabel = Annotated[str, Field(pattern=r"^(?:[A-Za-z0-9][A-Za-z0-9.+_-]{0,63})?$")]
+WorkloadName = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")]
+WorkloadType = Annotated[str, Field(pattern=r"^[a-z0-9_.-]{0,32}$")]
+Endpoint = Annotated[str, Field(pattern=r"^[!-~]{0,256}$")]
+"""An address (host:port, URL): printable ASCII without spaces."""
+PublicIp = Annotated[str, Field(pattern=r"^[0-9A-Fa-f.:/]{1,64}$")]
 GatewayName = Annotated[str, Field(pattern=r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")]
-ShortList = Annotated[list[Annotated[str, Field(max_length=64)]], Field(max_length=64)]
+IpList = Annotated[list[PublicIp], Field(max_length=64)]
 
 
 class _Model(BaseModel):
@@ -60,8 +98,8 @@ class Capacity(_Model):
 
 
 class Location(_Model):
-    country: Label
-    city: Annotated[str, Field(max_length=64)] = ""
+    country: Country
+    city: City = ""
 
 
 class SignatureRequestModel(_Model):
@@ -84,12 +122,12 @@ class SignatureRequirementModel(_Model):
 class TwinRegister(_Model):
     """Sent with `sender` = the new twin's public key (hex) and nonce 0."""
 
-    endpoint: Annotated[str, Field(max_length=256)] = ""
+    endpoint: Endpoint = ""
 
 
 class FarmCreate(_Model):
-    name: Label
-    public_ips: ShortList = []
+    name: Name
+    public_ips: IpList = []
     pricing: dict[str, Any] | None = None
 
 
@@ -99,8 +137,8 @@ class NodeRegister(_Model):
     farm: Id
     capacity: Capacity
     location: Location
-    endpoint: Annotated[str, Field(max_length=256)] = ""
-    public_ips: ShortList = []
+    endpoint: Endpoint = ""
+    public_ips: IpList = []
     pricing: dict[str, Any] | None = None
 
 
@@ -116,8 +154,8 @@ class NodeHeartbeat(_Model):
 class TemplatePublish(_Model):
     """Content-addressed: the template's id is the hash of this payload."""
 
-    name: Label
-    version: Annotated[str, Field(max_length=64)] = ""
+    name: Name
+    version: VersionLabel = ""
     description: Text = ""
     body: dict[str, Any]
 
@@ -169,8 +207,8 @@ WorkloadState = Literal["init", "ok", "error", "deleted", "paused"]
 
 
 class WorkloadResult(_Model):
-    name: Label
-    type: Annotated[str, Field(max_length=32)] = ""
+    name: WorkloadName
+    type: WorkloadType = ""
     state: WorkloadState
     message: Text = ""
     data: dict[str, Any] = {}
@@ -218,7 +256,7 @@ class SignedTxModel(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     type: str
-    sender: Annotated[int, Field(ge=1)] | PublicKeyHex
+    sender: Id | PublicKeyHex
     nonce: Count
     payload: dict[str, Any]
     signature: HexSignature
@@ -293,29 +331,49 @@ def parse_tx(data: Any, *, canonical_checked: bool = False) -> Tx:
     if model is None:
         raise _reject("invalid", f"unknown transaction type {str(ttype)[:40]!r}")
     if type(sender) is int:
-        if sender < 1:
-            raise _reject("invalid", "sender must be a twin id (>= 1) or a public key")
+        if not 1 <= sender <= MAX_INT:
+            raise _reject("invalid", "sender must be a twin id (1 to 2^53 - 1) or a public key")
     elif not (isinstance(sender, str) and _HEX64.fullmatch(sender)):
         raise _reject("invalid", "sender must be a twin id or a lowercase hex public key")
-    if type(nonce) is not int or nonce < 0 or nonce >= 2**62:
-        raise _reject("invalid", "nonce must be a non-negative integer")
+    if type(nonce) is not int or not 0 <= nonce <= MAX_INT:
+        raise _reject("invalid", "nonce must be an integer from 0 to 2^53 - 1")
     if not isinstance(payload, dict):
         raise _reject("invalid", "payload must be an object")
     if not (isinstance(signature, str) and _HEX128.fullmatch(signature)):
         raise _reject("invalid", "signature must be 64 bytes as lowercase hex")
+    if not canonical_checked:
+        # before the model: bounds nesting (and recursion) before anything walks the payload
+        try:
+            check_canonical(payload, max_depth=MAX_PAYLOAD_DEPTH)
+        except CanonicalError as exc:
+            raise _reject("invalid", f"{ttype} payload: {exc}") from None
+    elif _too_deep(payload, MAX_PAYLOAD_DEPTH):
+        raise _reject("invalid", f"{ttype} payload: nested deeper than {MAX_PAYLOAD_DEPTH} levels")
     try:
         parsed = model.model_validate(payload)
     except ValidationError as exc:
         raise _reject("invalid", _first_error(exc, f"{ttype} payload: ")) from None
+    # the envelope's fields were checked above and the payload has a canonical form, so
+    # sorting the keys is all canonical_json would add
     body = {"type": ttype, "sender": sender, "nonce": nonce, "payload": payload}
-    if canonical_checked:
-        digest = hash_bytes(orjson.dumps(body, option=orjson.OPT_SORT_KEYS))
-    else:
-        try:
-            digest = hash_obj(body)
-        except CanonicalError as exc:
-            raise _reject("invalid", f"payload: {exc}") from None
+    digest = hash_bytes(orjson.dumps(body, option=orjson.OPT_SORT_KEYS))
     return Tx(ttype, sender, nonce, parsed, payload, binascii.unhexlify(signature), digest)
+
+
+def _too_deep(value: Any, limit: int) -> bool:
+    """Whether `value` nests objects and arrays more than `limit` levels (no recursion)."""
+    level = [value] if isinstance(value, (dict, list)) else []
+    depth = 0
+    while level:
+        depth += 1
+        if depth > limit:
+            return True
+        below: list[Any] = []
+        for v in level:
+            below.extend(c for c in (v.values() if isinstance(v, dict) else v)
+                         if isinstance(c, (dict, list)))
+        level = below
+    return False
 
 
 def tx_body(ttype: str, sender: int | str, nonce: int, payload: dict[str, Any]) -> dict[str, Any]:

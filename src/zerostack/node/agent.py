@@ -9,6 +9,7 @@ Its data dir is 0700 and its key and state 0600: no other host user reads any of
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from typing import Any
 
 from zerostack.crypto import Identity, KeyChanged, KeyPins, hash_hex, load_identity, save_identity
 from zerostack.ledger.errors import LedgerError, LedgerRejected
+from zerostack.ledger.pin import PIN_FILE, HeaderPin
 from zerostack.node.capacity import node_capacity, system_reserve
 from zerostack.node.engine import (
     Desired,
@@ -79,6 +81,8 @@ class AgentConfig:
     dry: bool = False
     # Settings for provisioners beyond storage (e.g. "hub", "flist_publishers").
     extra: dict[str, Any] = field(default_factory=dict)
+    # The ledger operator's public key (hex); unset: learnt on first contact and pinned.
+    ledger_key: str | None = None
 
 
 class Refused(Exception):
@@ -135,7 +139,8 @@ class NodeAgent:
         self.capacity = node_capacity(self.pools, cfg.cpu, cfg.memory)
         self.reserve = system_reserve(self.capacity)
         self.zdb: ZdbServer | None = None
-        self.link = LedgerLink(cfg.ledger_url, self.identity)
+        self.link = LedgerLink(cfg.ledger_url, self.identity,
+                               HeaderPin(cfg.data_dir / PIN_FILE, cfg.ledger_key))
         zdb_host = connect_address(cfg.zdb_listen)
         self.context = NodeContext(cfg.data_dir, self.identity, self.pools,
                                    cfg.endpoint or zdb_host, zdb_host, cfg.zdb_port,
@@ -226,13 +231,18 @@ class NodeAgent:
 
     async def _follow(self) -> None:
         """Long-poll the ledger's events; queue the contracts on this node they touch."""
-        height = await self.link.height()
+        cursor: int | str = await self.link.height()
         while True:
             try:
-                height, contracts = await self.link.node_events(self.node_id, height)
+                cursor, contracts = await self.link.node_events(self.node_id, cursor)
             except LedgerError as exc:
                 log.warning("event=follow_failed error=%r", str(exc))
                 await asyncio.sleep(1)
+                if exc.code == "bad_cursor":
+                    # the ledger no longer has our position: follow on from its head; the
+                    # periodic full pass looks at every contract anyway
+                    with contextlib.suppress(LedgerError):
+                        cursor = await self.link.height()
                 continue
             if contracts:
                 self._pending |= contracts
@@ -277,6 +287,8 @@ class NodeAgent:
 
     async def reconcile(self, contract_ids: set[int], everything: bool = False) -> None:
         async with self._lock:
+            # nothing is done for a ledger that rolled back or forked since the last pass
+            await self.link.check_ledger()
             # Listed under the lock: a pass must never act on a view older than the last one.
             listed: dict[int, dict[str, Any]] = {}
             if everything:

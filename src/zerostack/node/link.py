@@ -1,6 +1,7 @@
 """The ledger as the node sees it, on top of AsyncLedgerClient: the node's twin and node
-record, its contracts and the events that touch them. Keys of the twins that sign are never
-taken from here: the node reads them from the deployments it opens."""
+record, its contracts, the events that touch them, and the last ledger header the node saw
+(a ledger that does not extend it is refused). Keys of the twins that sign are never taken
+from here: the node reads them from the deployments it opens."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from typing import Any
 
 from zerostack.crypto import Identity
 from zerostack.ledger.client import AsyncLedgerClient
+from zerostack.ledger.errors import LedgerError
+from zerostack.ledger.pin import HeaderPin
 
 log = logging.getLogger("zerostack.node.link")
 
@@ -20,10 +23,23 @@ class LedgerLink:
     """Everything the agent asks of the ledger, signed as the node's twin. Raises
     LedgerError when it cannot."""
 
-    def __init__(self, url: str, identity: Identity) -> None:
+    def __init__(self, url: str, identity: Identity, pin: HeaderPin | None = None) -> None:
         self.client = AsyncLedgerClient(url)
         self.identity = identity
+        self.pin = pin
         self.twin_id = 0
+
+    async def check_ledger(self) -> None:
+        """Raise LedgerError unless the ledger's signed head extends the last one the node
+        saw (no rollback, no fork, the same operator key); then remember the new head."""
+        if self.pin is None:
+            return
+        try:
+            await self.pin.check_async(self.client)
+        except LedgerError as exc:
+            if exc.code == "untrusted":
+                log.error("event=ledger_refused reason=%r", str(exc))
+            raise
 
     async def close(self) -> None:
         await self.client.close()
@@ -77,12 +93,13 @@ class LedgerLink:
     async def height(self) -> int:
         return int((await self.client.head()).get("height", 0))
 
-    async def node_events(self, node: int, since: int) -> tuple[int, set[int]]:
-        """Wait for blocks after `since`; the contracts on `node` other parties touched
-        (the node's own reports are left out: they change nothing it has to do)."""
+    async def node_events(self, node: int, since: int | str) -> tuple[str, set[int]]:
+        """Wait for events after cursor `since`; the next cursor, and the contracts on
+        `node` other parties touched (the node's own reports are left out: they change
+        nothing it has to do)."""
         data = await self.client.events(since, timeout=EVENT_WAIT, node=node)
         contracts = {
             int(e["receipt"]["contract"]) for e in data["events"]
             if "contract" in e.get("receipt", {}) and e["type"] != "contract.report"
         }
-        return int(data["next"]), contracts
+        return str(data["next"]), contracts

@@ -44,7 +44,7 @@ class Resources:
 
 def workload_resources(w: Workload) -> Resources:
     if isinstance(w, ContainerWorkload):
-        return Resources(cru=w.cpu, mru=w.memory)
+        return Resources(cru=w.cpu, mru=w.memory, sru=w.disk)
     if isinstance(w, VolumeWorkload):
         return Resources(sru=w.size)
     if isinstance(w, ZdbWorkload):

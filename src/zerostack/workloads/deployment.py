@@ -11,12 +11,14 @@ from typing import Any
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from zerostack.crypto import (
+    CanonicalError,
     Domain,
     Identity,
     QuorumError,
     SignatureRequest,
     SignatureRequirement,
     approval_digest,
+    check_canonical,
     delete_vote_digest,
     deployment_hash,
     hash_hex,
@@ -133,9 +135,14 @@ class Deployment(Spec):
     def parse(cls, data: Any) -> Deployment:
         """Validate user or wire data, turning pydantic's error into a WorkloadError."""
         try:
-            return cls.model_validate(data)
+            dep = cls.model_validate(data)
         except ValidationError as exc:
             raise WorkloadError(f"invalid deployment: {describe_validation_error(exc)}") from exc
+        try:  # a deployment that has no hash (a size past 2^53 - 1...) cannot be signed
+            check_canonical(dep.body())
+        except CanonicalError as exc:
+            raise WorkloadError(f"invalid deployment: {exc}") from exc
+        return dep
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

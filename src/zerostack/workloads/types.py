@@ -82,6 +82,9 @@ class ContainerWorkload(_WorkloadBase):
     cpu: int = Field(default=1, ge=1)
     memory: Size = 256 << 20
     pids: int = Field(default=1024, ge=1)
+    # The writable layer (what the container writes outside its volumes): a filesystem of
+    # this size, counted as SSD capacity (sru).
+    disk: Size = Field(default=1 << 30, ge=16 << 20)
     mounts: list[Mount] = Field(default_factory=list)
     network: ContainerNetwork | None = None
     restart: Literal["always", "on-failure", "never"] = "on-failure"

@@ -62,8 +62,9 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
             image = cache.fetch(h, flist.hash_hex, [ident.public_hex])
         yield Env(hub, ident, store, cache, runtime, image, tmp)
     finally:
+        layouts = [runtime.layout(cid) for cid in runtime.ids()]
         for cid in runtime.ids():
             runtime.delete(cid)
         procs.stop_all()
-        for p in (tmp / "node" / "runtime" / "containers").glob("*/bundle/rootfs"):
-            assert not is_mounted(p)
+        for layout in layouts:  # deleting a container leaves none of its mounts
+            assert not is_mounted(layout.rootfs) and not is_mounted(layout.layer)

@@ -139,7 +139,7 @@ def test_same_spec_is_idempotent_and_changed_cache_is_refused(env: Env) -> None:
         with pytest.raises(ContainerError, match="etc/passwd was modified"):
             env.runtime.start(spec, env.image)
         assert env.runtime.runc.state(cid) is None
-        assert not is_mounted(env.runtime.dir(cid) / "bundle" / "rootfs")
+        assert not is_mounted(env.runtime.layout(cid).rootfs)
     finally:
         env.runtime.delete(cid)
         from zerostack.flist import Hub

@@ -62,6 +62,7 @@ class Layout:
             "container state": cdir / "shim.json",
             "container log": cdir / "logs" / "container.log",
             "volume image": data / "pools" / "ssd" / "volumes" / f"c{contract}-vol.img",
+            "writable layer image": cdir / "layer.img",
             "cached image seal": data / "images" / "images" / image / "seal.json",
         }
         self.dirs = {
@@ -70,7 +71,7 @@ class Layout:
             "containers": data / "containers" / "containers",
             "container": cdir,
             "bundle": cdir / "bundle",
-            "writable layer": cdir / "overlay",
+            "writable layer": cdir / "layer",
             "logs": cdir / "logs",
             "image cache": data / "images",
             "images": data / "images" / "images",

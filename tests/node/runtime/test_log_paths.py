@@ -95,7 +95,7 @@ def tenants(env: Env, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tena
         image = {"flist": f"{env.hub}/{env.image.hash}", "publishers": [env.publisher.public_hex],
                  "memory": "32M"}
         # The links a hostile process can plant: in its own writable layer (`/logs`, which
-        # is `<container dir>/overlay/upper/logs` on the host) and in its volume.
+        # is `<container dir>/layer/upper/logs` on the host) and in its volume.
         plant = (f"mkdir -p /logs /data/logs; ln -s {secret} /logs/container.log; "
                  f"ln -s {data}/identity.key /logs/container.log.1; "
                  f"ln -s {secret} /data/logs/container.log; ")
@@ -119,7 +119,7 @@ def tenants(env: Env, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tena
         _wait(lambda: any(line.endswith("box-own-line")
                           for line in runtime.logs(t.container(alice_cid, "box"))), "box")
         _wait(lambda: (data / "containers" / "containers" / t.container(alice_cid, "box")
-                       / "overlay" / "upper" / "logs" / "container.log").is_symlink(),
+                       / "layer" / "upper" / "logs" / "container.log").is_symlink(),
               "the planted link")
         yield t
     finally:
@@ -131,7 +131,7 @@ def tenants(env: Env, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tena
 
 TRAVERSALS = {
     "other-tenant": "{box}/../{other}",
-    "writable-layer": "box/overlay/upper",  # `/logs` of the container itself
+    "writable-layer": "box/layer/upper",  # `/logs` of the container itself
     "volume": "box/../../../volumes/c{alice}-vol",
     "dotdot": "../..",
     "absolute": "/etc",

@@ -122,8 +122,10 @@ class ContainerProvisioner(Provisioner):
                 entrypoint=tuple(spec.entrypoint), args=tuple(spec.args), env=dict(spec.env),
                 secret_env=dict(spec.secret_env), workdir=spec.workdir, user=spec.user,
                 hostname=spec.hostname or wid.name, cpu_millis=spec.cpu * 1000,
-                memory=spec.memory, pids=spec.pids, volumes=tuple(volumes),
+                memory=spec.memory, pids=spec.pids, disk=spec.disk, volumes=tuple(volumes),
                 restart=spec.restart, health=health, netns=netns,
+                # One host id range per deployment: its containers may share volumes.
+                idmap_group=f"zs-{self.node.identity.public_hex[:10]}-c{wid.contract}",
             )
         except ContainerError as exc:
             raise ProvisionError(f"container {wid.name}: {exc}") from None

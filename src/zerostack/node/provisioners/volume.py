@@ -1,9 +1,11 @@
 """Volumes: a sparse ext4 image on an SSD pool, loop-mounted under the node's data dir.
 
 The filesystem's size is the limit: writes beyond it fail with ENOSPC inside the volume
-and nowhere else. Images are formatted under a temporary name and renamed into place, so
-a crash never leaves a half-made image under the final name. Images are 0600 in 0700
-directories: through an image file anyone could read every file of the volume.
+and nowhere else. It is mounted `nosuid,nodev`: a set-id file a container writes into its
+volume gives nobody on the host its owner's ids. Images are formatted under a temporary
+name and renamed into place, so a crash never leaves a half-made image under the final
+name. Images are 0600 in 0700 directories: through an image file anyone could read every
+file of the volume.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from zerostack.node.provisioners.base import (
 from zerostack.workloads import Deployment, VolumeWorkload, Workload
 
 MIN_SIZE = 8 << 20  # mkfs.ext4 needs room for its own metadata
+MOUNT_OPTIONS = "loop,nosuid,nodev"
 
 
 def _run(*args: str, ok: tuple[int, ...] = (0,)) -> str:
@@ -34,6 +37,17 @@ def _run(*args: str, ok: tuple[int, ...] = (0,)) -> str:
     if proc.returncode not in ok:
         raise ProvisionError(f"{' '.join(args[:2])} failed: {proc.stderr.strip()[:300]}")
     return proc.stdout
+
+
+def mount_flags(path: Path) -> set[str]:
+    """The per-mount options (field 6 of mountinfo) of what is mounted at `path`."""
+    target = str(path.resolve()) if path.exists() else str(path)
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if fields[4] == target:
+                return set(fields[5].split(","))
+    return set()
 
 
 def mounted_at(path: Path) -> str | None:
@@ -114,7 +128,9 @@ class VolumeProvisioner(Provisioner):
         private_dir(mnt.parent)
         mnt.mkdir(mode=0o700, exist_ok=True)
         if mounted_at(mnt) is None:
-            _run("mount", "-o", "loop", str(image), str(mnt))
+            _run("mount", "-o", MOUNT_OPTIONS, str(image), str(mnt))
+        elif not {"nosuid", "nodev"} <= mount_flags(mnt):
+            _run("mount", "-o", "remount,nosuid,nodev", str(mnt))  # mounted by an older node
         if image.stat().st_size < size:
             self._grow(image, mnt, size)
         return Provisioned(data={"id": wid.key, "size": spec.size})
@@ -127,7 +143,7 @@ class VolumeProvisioner(Provisioner):
             f.truncate(size)
         _run("e2fsck", "-f", "-y", str(image), ok=(0, 1))  # 1 = fixed something, fine
         _run("resize2fs", "-f", str(image))
-        _run("mount", "-o", "loop", str(image), str(mnt))
+        _run("mount", "-o", MOUNT_OPTIONS, str(image), str(mnt))
 
     def update(
         self, wid: WorkloadID, old: Workload, new: Workload, deployment: Deployment

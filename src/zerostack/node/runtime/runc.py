@@ -70,16 +70,6 @@ def is_mounted(path: Path) -> bool:
         return any(line.split()[4] == target for line in f)
 
 
-def mount_overlay(lower: Path, upper: Path, work: Path, target: Path) -> None:
-    """Mount the read-only image `lower` with a writable `upper` at `target` (idempotent)."""
-    if is_mounted(target):
-        return
-    opts = f"lowerdir={lower},upperdir={upper},workdir={work}"
-    if _libc.mount(b"overlay", str(target).encode(), b"overlay", 0, opts.encode()) != 0:
-        err = ctypes.get_errno()
-        raise ContainerError(f"mounting the image overlay at {target} failed: {os.strerror(err)}")
-
-
 def unmount(target: Path) -> None:
     """Unmount `target` (lazily if busy); nothing mounted is fine."""
     while is_mounted(target):

@@ -1,9 +1,10 @@
 """The node's container runtime: bundles, shims, state, health, logs and cleanup.
 
 Layout under `root`: `runc/` (runc's state) and `containers/<id>/` holding `bundle/`
-(config.json, mode 0600 as it carries secret env; `rootfs/`, the overlay mount point),
-`overlay/{upper,work}` (the container's writable layer), `logs/`, and the shim's files.
-Every directory is 0700 and every file 0600: other host users see none of it.
+(config.json, mode 0600 as it carries secret env), `layer.img` (the writable layer, an ext4
+image of the spec's `disk` size, mounted at `layer/`), `idmap.json` (the container's host id
+range), `logs/`, and the shim's files. The mounts runc uses live under the staging root (see
+`rootfs.py`). Every directory is 0700 and every file 0600: other host users see none of it.
 Every call is idempotent and safe to repeat after a crash of the caller.
 """
 
@@ -27,8 +28,16 @@ from typing import Any, Literal
 from zerostack.flist import CachedImage, FlistError, ImageCache
 from zerostack.node.hostfs import create_private, private_dir, restrict, restrict_tree
 from zerostack.node.runtime.health import probe
+from zerostack.node.runtime.idmap import IdRegistry
 from zerostack.node.runtime.logs import read_logs
-from zerostack.node.runtime.oci import cgroups_path, oci_config
+from zerostack.node.runtime.oci import HostPaths, cgroups_path, oci_config
+from zerostack.node.runtime.rootfs import (
+    STAGE_ROOT,
+    Layout,
+    check_layer_size,
+    prepare_layer,
+    unmount_rootfs,
+)
 from zerostack.node.runtime.runc import RUNC, Runc, is_mounted, unmount
 from zerostack.node.runtime.spec import ContainerError, ContainerSpec
 from zerostack.node.runtime.statusfile import read_status
@@ -66,10 +75,13 @@ class ContainerStatus:
 class ContainerRuntime:
     """Runs containers under runc on this node, each supervised by its own shim process."""
 
-    def __init__(self, root: Path, runc: str = RUNC, python: str = sys.executable) -> None:
+    def __init__(self, root: Path, runc: str = RUNC, python: str = sys.executable,
+                 stage: Path = STAGE_ROOT, idmap: IdRegistry | None = None) -> None:
         self.root = root
         self.runc = Runc(root / "runc", runc)
         self.python = python
+        self.stage = stage
+        self.idmap = idmap or IdRegistry()
         # Consecutive health-probe failures and whether a probe ever passed, per container.
         self._health: dict[str, tuple[float, bool, str, bool]] = {}
 
@@ -81,8 +93,8 @@ class ContainerRuntime:
     def make_private(self) -> None:
         """Create the runtime's directories 0700, and take group and other access off
         whatever an older version left readable: bundles (config.json holds secret env),
-        logs, state files. The containers' own files (the writable layer) keep their
-        modes; their directory is closed instead."""
+        logs, state files, the writable layer's image. The files inside the writable layer
+        keep their modes; their directory is closed instead."""
         private_dir(self.root)
         private_dir(self.root / "containers")
         private_dir(self.runc.root)
@@ -90,11 +102,34 @@ class ContainerRuntime:
             d = self.dir(cid)
             if d.is_symlink() or not d.is_dir():
                 continue
-            for sub in ("", "bundle", "overlay", "logs"):
+            for sub in ("", "bundle", "logs", "layer"):
                 restrict(d / sub)
-            for name in _OWN_FILES:
+            for name in (*_OWN_FILES, "idmap.json", "layer.img"):
                 restrict(d / name)
             restrict_tree(d / "logs")
+
+    def layout(self, container_id: str) -> Layout:
+        """Where the container's filesystem lives, as its shim was told (base 0: unknown)."""
+        cfg = _read_json(self.dir(container_id) / "shim.json")
+        if "layout" in cfg:
+            return Layout.from_dict(cfg["layout"])
+        return Layout(self.dir(container_id), self.stage / container_id, 0)
+
+    def _id_base(self, spec: ContainerSpec) -> int:
+        """The container's host id range, claimed once and kept for its whole life (its
+        writable layer and volumes hold files owned by it)."""
+        d = self.dir(spec.id)
+        d.mkdir(parents=True, exist_ok=True, mode=0o700)
+        recorded = _read_json(d / "idmap.json")
+        group = str(recorded.get("group") or spec.idmap_group or spec.id)
+        if isinstance(recorded.get("base"), int):
+            return int(recorded["base"])
+        # Membership is on disk before the claim, so no other runtime takes the claim
+        # back as abandoned in between.
+        _write_private(d / "idmap.json", json.dumps({"group": group}).encode())
+        base = self.idmap.claim(group, self.root / "containers")
+        _write_private(d / "idmap.json", json.dumps({"group": group, "base": base}).encode())
+        return base
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -121,38 +156,36 @@ class ContainerRuntime:
             raise ContainerError(f"container {spec.id}: image {image.hash[:16]} is not the "
                                  f"spec's image {spec.image_hash[:16]}")
         d = self.dir(spec.id)
-        config = oci_config(spec, image.manifest.config, image.rootfs)
+        base = self._id_base(spec)
+        layout = Layout(d, self.stage / spec.id, base)
+        host = HostPaths(layout.rootfs, base, tuple(layout.volume(i) for i in range(len(spec.volumes))),
+                         layout.sys if spec.netns else None)
+        config = oci_config(spec, image.manifest.config, image.rootfs, host)
         fingerprint = hashlib.blake2b(json.dumps({"spec": spec.public_dict(), "config": config},
                                                  sort_keys=True).encode(), digest_size=32).hexdigest()
         if self.supervised(spec.id):
             if (d / "fingerprint").exists() and (d / "fingerprint").read_text() == fingerprint:
                 return self._settled(spec.id, wait)
+            check_layer_size(layout, spec.disk)  # refused before the running one stops
             self.stop(spec.id)
         private_dir(self.root)
         private_dir(self.root / "containers")
-        for sub in ("", "bundle", "overlay", "overlay/work", "logs"):
+        for sub in ("", "bundle", "logs"):
             private_dir(d / sub)
-        # Left as they are when they exist: a mount point's mode is its mounted root's,
-        # and the upper directory's is the container's "/" (both behind 0700 parents).
-        for sub in ("bundle/rootfs", "overlay/upper"):
-            (d / sub).mkdir(mode=0o700, exist_ok=True)
-        # The upper directory is the container's "/": it must look like the image's root,
-        # or a non-root user could not even reach /bin.
-        root_st = os.stat(image.rootfs)
-        os.chown(d / "overlay" / "upper", root_st.st_uid, root_st.st_gid)
-        os.chmod(d / "overlay" / "upper", root_st.st_mode & 0o7777)
         # The image cache is checked now; the shim checks again before every restart.
         image_cache = image.cache_root
         try:
             ImageCache(image_cache).check(image.hash)
         except FlistError as exc:
             raise ContainerError(f"container {spec.id}: {exc}") from None
+        prepare_layer(layout, spec.disk)
         _write_private(d / "bundle" / "config.json", json.dumps(config).encode())
         _write_private(d / "spec.json", json.dumps(spec.public_dict()).encode())
         _write_private(d / "shim.json", json.dumps({
             "id": spec.id, "runc": self.runc.binary, "runc_root": str(self.runc.root),
             "bundle": str(d / "bundle"), "lower": str(image.rootfs),
-            "upper": str(d / "overlay" / "upper"), "work": str(d / "overlay" / "work"),
+            "layout": layout.to_dict(), "netns": spec.netns,
+            "volumes": [{"source": str(v.source), "readonly": v.readonly} for v in spec.volumes],
             "restart": spec.restart, "stop_timeout": spec.stop_timeout,
             "log_max_bytes": spec.log_max_bytes, "log_keep": spec.log_keep,
             "image_cache": str(image_cache), "image_hash": image.hash,
@@ -206,17 +239,23 @@ class ContainerRuntime:
                 while self.supervised(container_id):
                     time.sleep(0.02)
         self.runc.delete(container_id)
-        unmount(d / "bundle" / "rootfs")
+        unmount(d / "bundle" / "rootfs")  # where containers of earlier versions had it
+        unmount_rootfs(self.layout(container_id))
 
     def delete(self, container_id: str) -> None:
         """Remove every trace: processes, runc state, mounts, cgroups, overlay, logs."""
         self.stop(container_id)
         _remove_cgroups(container_id)
         d = self.dir(container_id)
+        layout = self.layout(container_id)
+        group = _read_json(d / "idmap.json").get("group")
         if d.exists():
-            if is_mounted(d / "bundle" / "rootfs"):
-                raise ContainerError(f"container {container_id}: rootfs is still mounted")
+            for point in (d / "bundle" / "rootfs", layout.rootfs, layout.layer):
+                if is_mounted(point):
+                    raise ContainerError(f"container {container_id}: {point} is still mounted")
             shutil.rmtree(d)
+        if group:
+            self.idmap.release(str(group), self.root / "containers")
         self._health.pop(container_id, None)
 
     def ids(self) -> list[str]:

@@ -22,7 +22,8 @@ from typing import Any
 from zerostack.node.hostfs import create_private
 from zerostack.node.runtime.logs import RotatingLog
 from zerostack.node.runtime.oom import OomWatch
-from zerostack.node.runtime.runc import Runc, mount_overlay, unmount
+from zerostack.node.runtime.rootfs import Layout, mount_rootfs, unmount_rootfs
+from zerostack.node.runtime.runc import Runc
 from zerostack.node.runtime.statusfile import write_status
 
 BACKOFF_START = 0.5
@@ -59,8 +60,8 @@ class Shim:
 
     def run_once(self, log: RotatingLog) -> int:
         bundle = Path(self.cfg["bundle"])
-        mount_overlay(Path(self.cfg["lower"]), Path(self.cfg["upper"]), Path(self.cfg["work"]),
-                      bundle / "rootfs")
+        mount_rootfs(Layout.from_dict(self.cfg["layout"]), Path(self.cfg["lower"]),
+                     list(self.cfg.get("volumes", [])), str(self.cfg.get("netns", "")))
         self.started_at = time.time()
         self.status("starting")
         oom = OomWatch(self.cfg.get("cgroup", "")).start() if self.cfg.get("cgroup") else None
@@ -154,7 +155,7 @@ class Shim:
         finally:
             log.close()
             try:
-                unmount(Path(self.cfg["bundle"]) / "rootfs")
+                unmount_rootfs(Layout.from_dict(self.cfg["layout"]))
             except Exception as exc:
                 self.status("error", f"cleanup failed: {exc}")
 

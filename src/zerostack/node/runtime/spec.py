@@ -52,6 +52,7 @@ class ContainerSpec:
     cpu_millis: int = 1000
     memory: int = 256 << 20
     pids: int = 1024
+    disk: int = 1 << 30  # size of the writable layer (bytes)
     volumes: tuple[VolumeBind, ...] = ()
     restart: RestartPolicy = "on-failure"
     health: HealthProbe | None = None
@@ -59,12 +60,18 @@ class ContainerSpec:
     stop_timeout: float = 10.0  # seconds between TERM and KILL on stop
     log_max_bytes: int = 4 << 20
     log_keep: int = 3
+    # Containers of one group share a host id range (and so can share volumes); "" = its own.
+    idmap_group: str = ""
 
     def __post_init__(self) -> None:
         if not _ID.match(self.id):
             raise ContainerError(f"container id {self.id!r} must match {_ID.pattern}")
         if self.memory < 4 << 20:
             raise ContainerError("a container needs at least 4 MiB of memory")
+        if self.disk < 16 << 20:
+            raise ContainerError("a container's writable layer needs at least 16 MiB (disk)")
+        if self.idmap_group and not _ID.match(self.idmap_group):
+            raise ContainerError(f"id map group {self.idmap_group!r} must match {_ID.pattern}")
         if self.cpu_millis < 10 or self.pids < 1:
             raise ContainerError("cpu must be at least 10 millicores and pids at least 1")
         for v in self.volumes:

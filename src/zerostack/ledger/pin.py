@@ -1,0 +1,157 @@
+"""The last ledger header a node or a user saw, kept on disk, and the operator key that
+signs the ledger: a ledger whose chain does not extend that header is refused.
+
+Before acting on what a ledger says, its head must be signed by the pinned operator key
+and extend the pinned header: the head is at least as high, and the block at the pinned
+height is the one seen before. A rollback (a lower head: a ledger restored from an old
+copy), a fork (another block at the pinned height) and a change of operator key are
+refused. The key is learnt on first contact (trust on first use) unless it is given.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from zerostack.ledger.block import (
+    GENESIS_HASH,
+    header_hash,
+    parse_signatures,
+    signature_problem,
+)
+from zerostack.ledger.client import AsyncLedgerClient, LedgerClient
+from zerostack.ledger.errors import LedgerError
+
+PIN_FILE = "ledger-head.json"
+"""The pin's file name in a node's data dir."""
+
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+def untrusted(message: str) -> LedgerError:
+    return LedgerError(message, code="untrusted", status=0)
+
+
+def check_header(header: Any, operator_key: str | None) -> tuple[int, str, str | None]:
+    """(height, hash, signer) of a served signed header, once its hash is recomputed and
+    its signature by `operator_key` checked (by its first signer when no key is known).
+    Height 0 is the empty ledger: nothing is signed yet."""
+    if not isinstance(header, dict):
+        raise untrusted("the ledger served a header that is not an object")
+    if header.get("height") == 0:
+        if header.get("hash") != GENESIS_HASH:
+            raise untrusted("the ledger's empty head has a hash")
+        return 0, GENESIS_HASH, operator_key
+    try:
+        block_hash = header_hash(header)
+        signatures = parse_signatures(header.get("signatures"))
+    except ValueError as exc:
+        raise untrusted(f"the ledger served a malformed header: {exc}") from None
+    height = int(header["height"])
+    if header.get("hash") != block_hash:
+        raise untrusted(f"the ledger's block {height} header does not hash to the hash served")
+    key = operator_key or signatures[0].key
+    why = signature_problem(block_hash, signatures, key)
+    if why is not None:
+        raise untrusted(f"the ledger's block {height} header is {why}")
+    return height, block_hash, key
+
+
+class HeaderPin:
+    """The pinned operator key and header of one ledger, in the JSON file `path`
+    (mode 0600). `check` (or `check_async`) asks the ledger for its head, and for the
+    header at the pinned height, and raises `LedgerError` (code `untrusted`) unless the
+    head extends the pin; then it moves the pin to the head."""
+
+    def __init__(self, path: Path, operator_key: str | None = None) -> None:
+        if operator_key is not None and not _HEX64.fullmatch(operator_key):
+            raise LedgerError(f"ledger operator key must be 64 lowercase hex, got "
+                              f"{operator_key[:80]!r}")
+        self.path = path
+        self.key, self.height, self.hash = self._read()
+        if operator_key is not None:
+            if self.key is not None and self.key != operator_key:
+                raise untrusted(f"{path} pins the ledger operator key {self.key}, not "
+                                f"{operator_key}: a change of operator key is refused "
+                                "(remove the file to trust the new key)")
+            self.key = operator_key
+
+    def _read(self) -> tuple[str | None, int, str]:
+        try:
+            data = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return None, 0, GENESIS_HASH
+        except (OSError, ValueError) as exc:
+            raise untrusted(f"{self.path}: unreadable ledger pin: {exc}") from None
+        key, height, block_hash = (data.get("operator_key"), data.get("height"),
+                                   data.get("hash")) if isinstance(data, dict) else (0, 0, 0)
+        if not (isinstance(key, str) and _HEX64.fullmatch(key) and type(height) is int
+                and height >= 0 and isinstance(block_hash, str) and _HEX64.fullmatch(block_hash)):
+            raise untrusted(f"{self.path}: not a ledger pin {{operator_key, height, hash}}")
+        return key, height, block_hash
+
+    def wanted(self, head: dict[str, Any]) -> int | None:
+        """The height whose header the ledger must show to prove `head` extends the pin."""
+        height = head.get("height")
+        return self.height if type(height) is int and 0 < self.height < height else None
+
+    def accept(self, head: dict[str, Any], at_pinned: dict[str, Any] | None) -> None:
+        """Check the served `head` (and the header `at_pinned` the pinned height, when the
+        head is higher) against the pin; move the pin to the head."""
+        height, block_hash, key = check_header(head, self.key)
+        if height < self.height:
+            raise untrusted(f"the ledger rolled back: its head is block {height}, but block "
+                            f"{self.height} ({self.hash[:16]}…) was seen before")
+        if height == self.height and block_hash != self.hash:
+            raise untrusted(f"the ledger forked: its block {height} is {block_hash[:16]}…, "
+                            f"not {self.hash[:16]}… seen before")
+        if height > self.height > 0:
+            if at_pinned is None:
+                raise untrusted(f"the ledger does not show its block {self.height}")
+            old_height, old_hash, _ = check_header(at_pinned, key)
+            if old_height != self.height or old_hash != self.hash:
+                raise untrusted(f"the ledger forked: its block {self.height} is "
+                                f"{old_hash[:16]}…, not {self.hash[:16]}… seen before")
+        if key is not None and (height, block_hash, key) != (self.height, self.hash, self.key):
+            self.key, self.height, self.hash = key, height, block_hash
+            self._write()
+
+    def check(self, client: LedgerClient) -> None:
+        head = client.head()
+        at = self.wanted(head)
+        self.accept(head, None if at is None else client.header(at))
+
+    async def check_async(self, client: AsyncLedgerClient) -> None:
+        head = await client.head()
+        at = self.wanted(head)
+        self.accept(head, None if at is None else await client.header(at))
+
+    def _write(self) -> None:
+        """Atomically, 0600; never lowers a pin another process moved further meanwhile."""
+        try:
+            on_disk = self._read()
+        except LedgerError:
+            on_disk = (None, 0, GENESIS_HASH)
+        if on_disk[0] == self.key and on_disk[1] > self.height:
+            return
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        body = json.dumps({"operator_key": self.key, "height": self.height,
+                           "hash": self.hash}).encode()
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.fchmod(fd, 0o600)
+            os.write(fd, body)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, self.path)
+
+
+def pin_path(config_dir: Path, ledger_url: str) -> Path:
+    """Where a user's pin for the ledger at `ledger_url` lives: one file per ledger."""
+    name = re.sub(r"[^A-Za-z0-9.-]+", "_", ledger_url.rstrip("/"))[:120]
+    return config_dir / "ledgers" / f"{name}.json"
