@@ -19,7 +19,10 @@ import pytest
 import redis
 
 from tests.conftest import free_port, require_root, require_tool, zerostack_cmd
+from tests.flist.image import busybox_rootfs
 from zerostack.bot import ThreeBot
+from zerostack.crypto import Identity
+from zerostack.flist import Hub, ImageConfig, LocalStore, SignedFlist, build_dir, push_flist
 from zerostack.grid import GridNode, LocalGrid, Topology, inside
 from zerostack.grid import hosts as gridhosts
 from zerostack.grid.topology import new_grid_id
@@ -281,3 +284,46 @@ def test_a_killed_grid_is_cleaned_by_the_next_start_and_lookalikes_stay(tmp_path
         if other_ns:
             subprocess.run(["ip", "netns", "delete", other_ns], check=False)
             subprocess.run(["ip", "link", "delete", other_link], check=False)
+
+
+def test_a_container_runs_on_a_host_with_its_image_from_the_grid_hub(tmp_path: Path) -> None:
+    require_root()
+    require_tool("runc")
+    publisher = Identity.generate()
+    store = LocalStore(tmp_path / "store")
+    manifest, _ = build_dir(busybox_rootfs(tmp_path / "img"), store,
+                            ImageConfig(entrypoint=("/bin/sh", "-c")))
+    flist = SignedFlist.sign(manifest, publisher)
+    g = LocalGrid(tmp_path / "grid", ledger_port=free_port(), netns=True,
+                  status_port=free_port())
+    try:
+        client = g.start_ledger()
+        hub = g.start_hub(free_port())
+        assert hub.startswith("198.18.0.1:")
+        with g.on_wan(), Hub(hub) as h:
+            push_flist(flist, store, h)
+        node = g.start_node(client, "node1", "--hub", hub,
+                            "--flist-publisher", publisher.public_hex)
+        assert node.host is not None
+        with ThreeBot(g.url, g.identity("alice")) as bot:
+            dep = bot.build({"workloads": [
+                {"type": "container", "name": "app", "flist": f"{hub}/{flist.hash_hex}",
+                 "publishers": [publisher.public_hex], "memory": "32M",
+                 "args": ["trap 'exit 0' TERM; sleep 1000 & wait"]}]}, [], None)
+            cid = bot.deploy(dep, node.node_id)
+            c = bot.wait(cid, lambda c: c["state"] in ("deployed", "error")
+                         and bool(c.get("report")), timeout=120)
+        assert c["state"] == "deployed", c["report"]
+        runc_root = node.data / "containers" / "runc"
+        assert subprocess.run(["runc", "--root", str(runc_root), "list", "-q"],
+                              capture_output=True, text=True).stdout.split()
+        topo = g.topology
+        assert topo is not None
+    finally:
+        g.stop()
+    # the grid's stop took the container, its mounts and the host's network with it
+    assert subprocess.run(["runc", "--root", str(runc_root), "list", "-q"],
+                          capture_output=True, text=True).stdout.split() == []
+    with open("/proc/self/mountinfo") as f:
+        assert str(tmp_path / "grid") not in f.read()
+    assert_gone(topo, tmp_path / "grid")

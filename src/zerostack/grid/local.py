@@ -11,6 +11,7 @@ one left. Used by `zerostack demo` and by anyone who wants a grid to try contrac
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -227,6 +228,25 @@ class LocalGrid:
         client.register_twin(farmer)
         self.farm = client.create_farm(farmer, "demo-farm")
         return client
+
+    def on_wan(self) -> contextlib.AbstractContextManager[None]:
+        """A block whose new sockets are on the grid's WAN (in the router's namespace),
+        to reach hosts from this process; without hosts, a block like any other."""
+        return hosts.inside(self.topology.router) if self.topology else contextlib.nullcontext()
+
+    def start_hub(self, port: int) -> str:
+        """Start a flist hub (a Zero-DB, files in `<root>/hub`) that every node reaches:
+        on 127.0.0.1, or on the WAN at the ledger's address. Returns its HOST:PORT;
+        push flists to it inside `on_wan()`. It stops with the grid."""
+        address = self.topology.ledger_address if self.topology else "127.0.0.1"
+        netns = self.topology.router if self.topology else None
+        if _port_open(port, address, netns):
+            raise GridError(f"port {port} for the hub is taken")
+        proc = self._start("hub", ["zdb", "--listen", address, "--port", str(port),
+                                   "--data", str(self.root / "hub" / "data"),
+                                   "--index", str(self.root / "hub" / "index")], netns)
+        self._wait("the hub", "hub", proc, lambda: _port_open(port, address, netns))
+        return f"{address}:{port}"
 
     def _make_wan(self) -> list[socket.socket]:
         """The grid's WAN (recorded before it is made) and the ledger's sockets on it."""
