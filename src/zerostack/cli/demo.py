@@ -145,7 +145,8 @@ def demo(
         help="Where the grid keeps its state (an earlier demo there is stopped and wiped)."),
     nodes: int = typer.Option(2, "--nodes", min=1, max=8, help="How many node agents."),
     ledger_port: int = typer.Option(7700, "--ledger-port", help="The ledger's HTTP port."),
-    zdb_port: int = typer.Option(9901, "--zdb-port", help="First node's Zero-DB port."),
+    zdb_port: int = typer.Option(9901, "--zdb-port",
+                                 help="First node's Zero-DB port (--netns: every host's)."),
     once: bool = typer.Option(False, "--once", help="Stop the grid after the walk-through."),
     netns: bool = typer.Option(
         False, "--netns",
