@@ -67,3 +67,12 @@ def test_namespace_lifecycle(tmp_path: Path) -> None:
     finally:
         loop.run_until_complete(server.stop())
         loop.close()
+
+
+def test_the_agent_reaches_its_zero_db_where_it_listens() -> None:
+    from zerostack.node.zdbd import connect_address
+
+    assert connect_address("198.18.0.10") == "198.18.0.10"
+    assert connect_address("fd00:5a::10") == "fd00:5a::10"
+    assert connect_address("0.0.0.0") == "127.0.0.1"
+    assert connect_address("::") == "::1"

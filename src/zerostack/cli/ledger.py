@@ -70,6 +70,10 @@ def operator_identity(key: Path, db: Path) -> Any:
 def serve(
     db: Path = typer.Option(None, "--db", help="SQLite ledger file (default $ZEROSTACK_HOME/ledger.db)."),
     listen: str = typer.Option(DEFAULT_LISTEN, "--listen", help="HOST:PORT to listen on."),
+    listen_fd: list[int] = typer.Option(
+        [], "--listen-fd",
+        help="Also accept on this inherited listening socket (repeatable): how a local "
+             "grid gives its ledger an address inside the grid's own network namespace."),
     block_interval: float = typer.Option(0.0, "--block-interval",
                                          help="Minimum seconds between blocks (0: as soon as "
                                               "transactions wait)."),
@@ -92,9 +96,20 @@ def serve(
     except LedgerError as exc:
         # the reason may quote bytes of the file: no console markup from it
         fail(escape(f"refusing to serve {path}: {exc}"))
+    import socket
+
+    try:
+        extra = [socket.socket(fileno=fd) for fd in listen_fd]
+    except OSError as exc:
+        fail(f"--listen-fd: {exc}")
+    if any(s.type != socket.SOCK_STREAM for s in extra):
+        fail("--listen-fd must name listening TCP sockets")
     console.print(f"ledger {path} listening on http://{host}:{port} operator key "
                   f"{operator.public_hex}", highlight=False)
-    serve_app(application, host, int(port))
+    for s in extra:
+        addr = s.getsockname()
+        console.print(f"ledger also listening on {addr[0]} port {addr[1]}", highlight=False)
+    serve_app(application, host, int(port), extra)
 
 
 @app.command("verify")

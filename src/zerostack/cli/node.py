@@ -44,10 +44,14 @@ def run(
                                       help="Memory to offer, e.g. 8G (default: all)."),
     country: str = typer.Option("BE", "--country", help="Location: country code."),
     city: str = typer.Option("", "--city", help="Location: city."),
-    endpoint: str = typer.Option("127.0.0.1", "--endpoint",
-                                 help="Public address users reach this node's workloads on."),
+    endpoint: str = typer.Option(
+        "127.0.0.1", "--endpoint",
+        help="Public address users reach this node's workloads on; '' for a node nothing "
+             "can dial (behind NAT): its workloads are then reported at --zdb-listen."),
     status_port: int | None = typer.Option(None, "--status-port",
-                                           help="Serve read-only JSON status on 127.0.0.1."),
+                                           help="Serve read-only JSON status on this port."),
+    status_listen: str = typer.Option("127.0.0.1", "--status-listen",
+                                      help="Address the status endpoint listens on."),
     heartbeat: float = typer.Option(10.0, "--heartbeat", help="Seconds between heartbeats."),
     resync: float = typer.Option(10.0, "--resync",
                                  help="Seconds between full reconcile/self-healing passes."),
@@ -76,7 +80,8 @@ def run(
     cfg = AgentConfig(
         ledger_url=ledger, farm=farm, data_dir=data, zdb_port=zdb_port, zdb_listen=zdb_listen,
         pools=pools, cpu=cpu, memory=_size(memory, "--memory"), country=country, city=city,
-        endpoint=endpoint, status_port=status_port, heartbeat=heartbeat, resync=resync, dry=dry,
+        endpoint=endpoint, status_port=status_port, status_listen=status_listen,
+        heartbeat=heartbeat, resync=resync, dry=dry,
         extra={k: v for k, v in (("hub", hub), ("flist_publishers", flist_publisher)) if v},
         ledger_key=ledger_key,
     )
@@ -104,15 +109,17 @@ def run(
 @app.command("status")
 def status(
     port: int = typer.Option(..., "--status-port", help="The agent's --status-port."),
+    host: str = typer.Option("127.0.0.1", "--host", help="The agent's --status-listen."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
-    """Show a local node's contracts and workloads (from its read-only status endpoint)."""
+    """Show a node's contracts and workloads (from its read-only status endpoint)."""
     import httpx
 
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
-        snap = httpx.get(f"http://127.0.0.1:{port}/", timeout=5).json()
+        snap = httpx.get(f"http://{where}/", timeout=5).json()
     except (httpx.HTTPError, ValueError) as exc:
-        fail(f"no node status on 127.0.0.1:{port}: {exc}")
+        fail(f"no node status on {where}: {exc}")
     if json_out:
         print_json(snap)
         return

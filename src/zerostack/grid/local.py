@@ -1,15 +1,17 @@
-"""LocalGrid: start a ledger server and node agents as child processes on loopback.
+"""LocalGrid: start a ledger server and node agents as child processes, on loopback or
+with every node on a host of its own (a network namespace on a simulated WAN).
 
 Every part is the real program (`zerostack ledger serve`, `zerostack node run`, each node
 with its own Zero-DB); the grid only starts them, waits until they answer, and stops
-them together with what its nodes run (containers, mounts, cgroups). The processes it
-started are listed in `<root>/grid.pids`, so a later grid on the same folder stops what a
-crashed one left. Used by `zerostack demo` and by anyone who wants a grid to try
-contracts on.
+them together with what its nodes run (containers, mounts, cgroups, the hosts' network).
+The processes it started are listed in `<root>/grid.pids` and its namespaces and links
+follow from `<root>/grid.json`, so a later grid on the same folder removes what a crashed
+one left. Used by `zerostack demo` and by anyone who wants a grid to try contracts on.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -21,8 +23,10 @@ from pathlib import Path
 from typing import IO
 
 from zerostack.crypto import Identity, load_identity, save_identity
+from zerostack.grid import hosts
 from zerostack.grid.errors import GridError
 from zerostack.grid.teardown import release, remove_tree
+from zerostack.grid.topology import Host, Topology, new_grid_id
 from zerostack.ledger import LedgerClient
 
 PIDS = "grid.pids"
@@ -34,12 +38,24 @@ def _cli() -> list[str]:
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "zerostack.cli.main"]
 
 
-def _port_open(port: int) -> bool:
+def _port_open(port: int, host: str = "127.0.0.1", netns: str | None = None) -> bool:
+    """Whether something accepts on `host`:`port` (as seen from inside `netns`)."""
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.3):
-            return True
+        if netns is None:
+            conn = socket.create_connection((host, port), timeout=0.3)
+        else:
+            with hosts.inside(netns):
+                conn = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+            conn.settimeout(0.3)
+            try:
+                conn.connect((host, port))
+            except OSError:
+                conn.close()
+                raise
     except OSError:
         return False
+    conn.close()
+    return True
 
 
 def _start_time(pid: int) -> int | None:
@@ -71,11 +87,23 @@ class GridNode:
     zdb_port: int
     proc: subprocess.Popen[bytes]
     node_id: int = 0
+    host: Host | None = None  # its host, when the grid runs nodes on hosts
+
+    @property
+    def address(self) -> str:
+        """Where its Zero-DB and status listen (inside its host's namespace, if any)."""
+        return self.host.address if self.host else "127.0.0.1"
 
 
 @dataclass
 class LocalGrid:
     """A ledger on `ledger_port` and nodes whose Zero-DBs listen from `zdb_base_port` up.
+
+    With `netns`, each node runs on a host of its own (see `zerostack.grid.topology`):
+    its agent, Zero-DB and status endpoint live in the host's network namespace, every
+    Zero-DB on `zdb_base_port` and every status endpoint on `status_port` of its host's
+    address; the ledger answers on 127.0.0.1 for this machine and on the WAN address
+    198.18.0.1 for the hosts. Needs root.
 
     Identities live under `<home>/identities` as ordinary key files, so the `zerostack`
     CLI works against the grid with ZEROSTACK_HOME=<home> and ZEROSTACK_LEDGER=<url>.
@@ -84,6 +112,10 @@ class LocalGrid:
     root: Path
     ledger_port: int = 7700
     zdb_base_port: int = 9901
+    netns: bool = False
+    sites: int = 2
+    status_port: int = 9800
+    topology: Topology | None = None
     nodes: list[GridNode] = field(default_factory=list)
     _procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     _logs: list[IO[bytes]] = field(default_factory=list)
@@ -94,14 +126,23 @@ class LocalGrid:
         return f"http://127.0.0.1:{self.ledger_port}"
 
     @property
+    def wan_url(self) -> str:
+        """The ledger's URL as the nodes reach it (on the WAN when they run on hosts)."""
+        if self.topology is None:
+            return self.url
+        return f"http://{self.topology.ledger_address}:{self.ledger_port}"
+
+    @property
     def home(self) -> Path:
         return self.root / "home"
 
-    def _start(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
+    def _start(self, name: str, args: list[str], netns: str | None = None,
+               pass_fds: tuple[int, ...] = ()) -> subprocess.Popen[bytes]:
         log = open(self.root / f"{name}.log", "ab")  # noqa: SIM115 - closed in stop()
         self._logs.append(log)
         proc = subprocess.Popen([*_cli(), *args], stdout=log, stderr=log,
-                                start_new_session=True)
+                                start_new_session=True, pass_fds=pass_fds,
+                                preexec_fn=hosts.preexec(netns) if netns else None)
         self._procs.append(proc)
         with open(self.root / PIDS, "a") as f:
             f.write(f"{proc.pid} {_start_time(proc.pid)} {name}\n")
@@ -134,7 +175,8 @@ class LocalGrid:
     def reclaim(self) -> None:
         """Stop what an earlier grid on this folder left running after a crash: the
         processes it listed in grid.pids (only those still the very same processes),
-        then its nodes' containers, mounts and cgroups."""
+        then its nodes' containers, mounts and cgroups, then the namespaces and links
+        its grid.json names."""
         path = self.root / PIDS
         stale: list[tuple[int, int]] = []
         if path.exists():
@@ -169,8 +211,17 @@ class LocalGrid:
         if _port_open(self.ledger_port):
             raise GridError(f"port {self.ledger_port} is taken: is another grid running?")
         self.root.mkdir(parents=True, exist_ok=True)
-        proc = self._start("ledger", ["ledger", "serve", "--db", str(self.root / "ledger.db"),
-                                      "--listen", f"127.0.0.1:{self.ledger_port}"])
+        args = ["ledger", "serve", "--db", str(self.root / "ledger.db"),
+                "--listen", f"127.0.0.1:{self.ledger_port}"]
+        wan: list[socket.socket] = []
+        if self.netns:
+            wan = self._make_wan()
+            args += [a for s in wan for a in ("--listen-fd", str(s.fileno()))]
+        try:
+            proc = self._start("ledger", args, pass_fds=tuple(s.fileno() for s in wan))
+        finally:
+            for s in wan:
+                s.close()  # the ledger holds its own copies
         self._wait("the ledger", "ledger", proc, lambda: _port_open(self.ledger_port))
         client = LedgerClient(self.url)
         farmer = self.identity("farmer")
@@ -178,15 +229,72 @@ class LocalGrid:
         self.farm = client.create_farm(farmer, "demo-farm")
         return client
 
-    def start_node(self, client: LedgerClient, name: str, *extra: str) -> GridNode:
-        port = self.zdb_base_port + len(self.nodes)
-        if _port_open(port):
-            raise GridError(f"port {port} for {name}'s Zero-DB is taken")
+    def on_wan(self) -> contextlib.AbstractContextManager[None]:
+        """A block whose new sockets are on the grid's WAN (in the router's namespace),
+        to reach hosts from this process; without hosts, a block like any other."""
+        return hosts.inside(self.topology.router) if self.topology else contextlib.nullcontext()
+
+    def start_hub(self, port: int) -> str:
+        """Start a flist hub (a Zero-DB, files in `<root>/hub`) that every node reaches:
+        on 127.0.0.1, or on the WAN at the ledger's address. Returns its HOST:PORT;
+        push flists to it inside `on_wan()`. It stops with the grid."""
+        address = self.topology.ledger_address if self.topology else "127.0.0.1"
+        netns = self.topology.router if self.topology else None
+        if _port_open(port, address, netns):
+            raise GridError(f"port {port} for the hub is taken")
+        proc = self._start("hub", ["zdb", "--listen", address, "--port", str(port),
+                                   "--data", str(self.root / "hub" / "data"),
+                                   "--index", str(self.root / "hub" / "index")], netns)
+        self._wait("the hub", "hub", proc, lambda: _port_open(port, address, netns))
+        return f"{address}:{port}"
+
+    def _make_wan(self) -> list[socket.socket]:
+        """The grid's WAN (recorded before it is made) and the ledger's sockets on it."""
+        if os.geteuid() != 0:
+            raise GridError("a grid with hosts makes network namespaces: it needs root")
+        self.topology = Topology(new_grid_id(), self.sites)
+        hosts.save(self.root, self.topology)
+        hosts.apply(self.topology.wan_steps())
+        sockets: list[socket.socket] = []
+        try:
+            for address in (self.topology.ledger_address, self.topology.ledger_address6):
+                sockets.append(hosts.listen_socket(self.topology.router, address,
+                                                   self.ledger_port))
+        except OSError as exc:
+            for s in sockets:
+                s.close()
+            raise GridError(f"the ledger cannot listen on the grid's WAN: {exc}") from exc
+        return sockets
+
+    def _add_host(self, name: str, site: int, hidden: bool) -> Host:
+        if self.topology is None:
+            raise GridError("start_ledger() makes the WAN hosts join: call it first")
+        host = self.topology.add_host(name, site, hidden)
+        hosts.save(self.root, self.topology)
+        hosts.apply(self.topology.host_steps(host))
+        return host
+
+    def start_node(self, client: LedgerClient, name: str, *extra: str, site: int = 0,
+                   hidden: bool = False) -> GridNode:
+        """Start node agent `name` and wait until it is registered. On a grid with hosts,
+        it runs on a new host on WAN `site`, or behind NAT there when `hidden`."""
         data = self.root / name
-        proc = self._start(name, ["node", "run", "--ledger", self.url, "--farm", str(self.farm),
-                                  "--data", str(data), "--zdb-port", str(port),
-                                  "--heartbeat", "5", "--resync", "5", *extra])
-        node = GridNode(name, data, port, proc)
+        args = ["node", "run", "--farm", str(self.farm), "--data", str(data),
+                "--heartbeat", "5", "--resync", "5"]
+        host = None
+        if self.netns:
+            host = self._add_host(name, site, hidden)
+            port = self.zdb_base_port
+            args += ["--ledger", self.wan_url, "--zdb-port", str(port),
+                     "--zdb-listen", host.address, "--endpoint", host.endpoint,
+                     "--status-port", str(self.status_port), "--status-listen", host.address]
+        else:
+            port = self.zdb_base_port + len(self.nodes)
+            if _port_open(port):
+                raise GridError(f"port {port} for {name}'s Zero-DB is taken")
+            args += ["--ledger", self.url, "--zdb-port", str(port)]
+        proc = self._start(name, [*args, *extra], host.namespace if host else None)
+        node = GridNode(name, data, port, proc, host=host)
 
         def registered() -> bool:
             key = data / "identity.key"
@@ -196,7 +304,9 @@ class LocalGrid:
             found = client.nodes(twin=twin["id"]) if twin else []
             if found:
                 node.node_id = int(found[0]["id"])
-            return bool(found)
+            # its Zero-DB answers soon after the registration: a node is ready with both
+            return bool(found) and _port_open(port, node.address,
+                                              host.namespace if host else None)
 
         self._wait(f"node {name}", name, proc, registered)
         self.nodes.append(node)
@@ -225,6 +335,7 @@ class LocalGrid:
         if problems:
             raise GridError("the grid stopped, but these stay: " + "; ".join(problems))
         (self.root / PIDS).unlink(missing_ok=True)
+        self.topology = None
 
     def __enter__(self) -> LocalGrid:
         return self

@@ -1,8 +1,10 @@
 """Stop what node agents left under a grid folder (containers and their supervisors,
-mounts, cgroups) and delete such a folder without ever reaching through a mount point.
+mounts, cgroups, the hosts' network namespaces and links) and delete such a folder
+without ever reaching through a mount point.
 
 Only what provably belongs to the folder is touched: container runtimes whose state lives
-under it, and mounts whose mount point is below it. Nothing is picked by a name pattern.
+under it, mounts whose mount point is below it, and the namespaces and links named in its
+grid record (`grid.json`). Nothing is picked by a name pattern.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from zerostack.grid.errors import GridError
+from zerostack.grid.hosts import release_record
 from zerostack.node.runtime import ContainerError, ContainerRuntime, cgroup_dirs
 
 log = logging.getLogger("zerostack.grid.teardown")
@@ -132,8 +135,9 @@ def _stop_container(runtime: ContainerRuntime, container_id: str) -> str:
 
 def release(folder: Path) -> list[str]:
     """Stop every container whose state is under `folder` (all at once), unmount
-    everything mounted below it, deepest first, and detach the loop devices of images
-    below it. Returns what stays (empty: all done)."""
+    everything mounted below it, deepest first, detach the loop devices of images below
+    it, then remove the network namespaces and links its grid record names (after the
+    containers, which may live in them). Returns what stays (empty: all done)."""
     if not folder.is_dir():
         return []
     top = Path(os.path.realpath(folder))
@@ -156,6 +160,7 @@ def release(folder: Path) -> list[str]:
     # A mount made with `-o loop` frees its device on unmount; one attached otherwise
     # would keep the image (and its data) in use.
     problems += [p for p in map(_detach, loop_devices_under(top)) if p]
+    problems += release_record(top)
     return problems
 
 

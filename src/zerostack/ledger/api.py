@@ -5,8 +5,9 @@ a small ASGI layer in front of FastAPI; the FastAPI routes document them in the 
 from __future__ import annotations
 
 import contextlib
+import socket
 import time as _time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import Annotated, Any
@@ -394,8 +395,9 @@ def create_app(
     return app
 
 
-def serve(app: FastAPI, host: str, port: int) -> None:
-    """Run a create_app() app under uvicorn until SIGTERM or SIGINT. On the signal the
+def serve(app: FastAPI, host: str, port: int, extra: Sequence[socket.socket] = ()) -> None:
+    """Run a create_app() app under uvicorn on `host`:`port` and on the listening sockets
+    in `extra`, until SIGTERM or SIGINT. On the signal the
     long-polls are answered at once, so shutting down takes as long as answering the
     submissions in flight and writing the pending block, not a long-poll's timeout."""
     import uvicorn
@@ -410,4 +412,8 @@ def serve(app: FastAPI, host: str, port: int) -> None:
     # the graceful timeout is a backstop: a stuck request must not keep the ledger up
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
                             loop="uvloop", http="httptools", timeout_graceful_shutdown=3)
-    Server(config).run()
+    if not extra:
+        Server(config).run()
+        return
+    own = config.bind_socket()
+    Server(config).run(sockets=[own, *extra])

@@ -41,7 +41,7 @@ from zerostack.node.provisioners import (
 from zerostack.node.provisioners.container import ContainerProvisioner
 from zerostack.node.state import ContractRecord, NodeState
 from zerostack.node.status import StatusServer
-from zerostack.node.zdbd import ZdbServer
+from zerostack.node.zdbd import ZdbServer, connect_address
 from zerostack.workloads import (
     Deployment,
     Resources,
@@ -71,8 +71,11 @@ class AgentConfig:
     memory: int | None = None
     country: str = "BE"
     city: str = ""
+    # The node's public address ('' for a node nothing can dial, e.g. behind NAT: it
+    # reports its workloads at its zdb_listen address, reachable from its own LAN only).
     endpoint: str = "127.0.0.1"
     status_port: int | None = None
+    status_listen: str = "127.0.0.1"
     heartbeat: float = 10.0
     resync: float = 10.0
     dry: bool = False
@@ -138,8 +141,10 @@ class NodeAgent:
         self.zdb: ZdbServer | None = None
         self.link = LedgerLink(cfg.ledger_url, self.identity,
                                HeaderPin(cfg.data_dir / PIN_FILE, cfg.ledger_key))
-        self.context = NodeContext(cfg.data_dir, self.identity, self.pools, cfg.endpoint,
-                                   "127.0.0.1", cfg.zdb_port, extra=dict(cfg.extra))
+        zdb_host = connect_address(cfg.zdb_listen)
+        self.context = NodeContext(cfg.data_dir, self.identity, self.pools,
+                                   cfg.endpoint or zdb_host, zdb_host, cfg.zdb_port,
+                                   extra=dict(cfg.extra))
         self.provisioners: dict[str, Provisioner] = {}
         self.executor: Executor | None = None
         self.node_id = 0
@@ -176,7 +181,7 @@ class NodeAgent:
             await self.zdb.ready()
         if self.cfg.status_port:
             self._status = StatusServer(self.snapshot, self.cfg.status_port,
-                                        logs=self.logs_query)
+                                        self.cfg.status_listen, logs=self.logs_query)
             await self._status.start()
         log.info("event=node_ready node=%s twin=%s capacity=%s", self.node_id,
                  self.link.twin_id, self.capacity.to_dict())

@@ -53,9 +53,14 @@ def _child_setup() -> None:
     libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
-def _listening(port: int) -> bool:
+def connect_address(listen: str) -> str:
+    """Where to reach a server listening on `listen`: itself, or loopback for a wildcard."""
+    return {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(listen, listen)
+
+
+def _listening(host: str, port: int) -> bool:
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.3):
+        with socket.create_connection((host, port), timeout=0.3):
             return True
     except OSError:
         return False
@@ -107,7 +112,7 @@ class ZdbServer:
         """Start the process without waiting for it (the agent registers meanwhile)."""
         await self._reap_previous()
         deadline = time.monotonic() + 5
-        while _listening(self.port):
+        while _listening(connect_address(self.listen), self.port):
             # The previous agent's server may still be dying (it gets SIGKILL when its
             # parent dies, asynchronously); anything else on the port is a real conflict.
             if time.monotonic() > deadline:
@@ -137,7 +142,7 @@ class ZdbServer:
     async def ready(self, timeout: float = 15.0) -> None:
         """Wait until the server accepts connections, then supervise it."""
         deadline = time.monotonic() + timeout
-        while not _listening(self.port):
+        while not _listening(connect_address(self.listen), self.port):
             if self.proc is not None and self.proc.returncode is not None:
                 raise RuntimeError(f"Zero-DB exited with {self.proc.returncode}; see {self.log_path}")
             if time.monotonic() > deadline:
