@@ -38,18 +38,28 @@ def _params(filters: dict[str, Any]) -> dict[str, Any]:
             for k, v in filters.items() if v is not None}
 
 
-def _decode(url: str, response: httpx.Response) -> Any:
+MAX_ANSWER = 256 << 20
+"""Largest answer read from a ledger (a page of 1,000 contracts with their sealed
+instructions stays far below it): a server that sends more is cut off, not buffered."""
+
+
+def _too_large(url: str) -> LedgerError:
+    return LedgerError(f"the ledger at {url} answered more than {MAX_ANSWER} bytes",
+                       code="too_large")
+
+
+def _decode(url: str, method: str, status: int, content: bytes) -> Any:
     try:
-        data = orjson.loads(response.content) if response.content else None
+        data = orjson.loads(content) if content else None
     except orjson.JSONDecodeError:
         data = None
-    if response.status_code >= 400:
+    if status >= 400:
         if isinstance(data, dict) and "error" in data:
             message, code = str(data["error"]), str(data.get("code", "error"))
         else:
-            message, code = f"HTTP {response.status_code} from {url}", "error"
-        cls = LedgerRejected if response.request.method == "POST" else LedgerError
-        raise cls(message, code=code, status=response.status_code)
+            message, code = f"HTTP {status} from {url}", "error"
+        cls = LedgerRejected if method == "POST" else LedgerError
+        raise cls(message, code=code, status=status)
     return data
 
 
@@ -249,11 +259,16 @@ class LedgerClient(_Queries[Obj | None, list[Obj], Obj]):
         if timeout is not None:
             kwargs["timeout"] = timeout
         try:
-            response = self._http.request(method, path, params=params, **kwargs)
+            with self._http.stream(method, path, params=params, **kwargs) as response:
+                content = bytearray()
+                for chunk in response.iter_bytes():
+                    content += chunk
+                    if len(content) > MAX_ANSWER:
+                        raise _too_large(self.url)
         except httpx.HTTPError as exc:
             raise LedgerError(f"cannot reach the ledger at {self.url}: {exc}",
                               code="unreachable") from exc
-        return _decode(self.url, response)
+        return _decode(self.url, method, response.status_code, bytes(content))
 
     def _get(self, path: str) -> Obj:
         result: Obj = self._request("GET", path)
@@ -521,11 +536,16 @@ class AsyncLedgerClient(_Queries[Awaitable[Obj | None], Awaitable[list[Obj]],
         if timeout is not None:
             kwargs["timeout"] = timeout
         try:
-            response = await self._http.request(method, path, params=params, **kwargs)
+            async with self._http.stream(method, path, params=params, **kwargs) as response:
+                content = bytearray()
+                async for chunk in response.aiter_bytes():
+                    content += chunk
+                    if len(content) > MAX_ANSWER:
+                        raise _too_large(self.url)
         except httpx.HTTPError as exc:
             raise LedgerError(f"cannot reach the ledger at {self.url}: {exc}",
                               code="unreachable") from exc
-        return _decode(self.url, response)
+        return _decode(self.url, method, response.status_code, bytes(content))
 
     async def _get(self, path: str) -> Obj:
         result: Obj = await self._request("GET", path)

@@ -23,6 +23,11 @@ from zerostack.workloads.types import (
 )
 
 
+MAX_SEALED = 96 * 1024
+"""Largest sealed instructions (base64 characters), as the ledger accepts them: a server
+that serves more is refused before anything is decoded."""
+
+
 @dataclass(frozen=True)
 class Instructions:
     """An opened envelope: the deployment and the owner's signature over its hash."""
@@ -52,6 +57,9 @@ def seal_instructions(deployment: Deployment, owner: Identity, node_key: str,
 
 def open_instructions(identity: Identity, sealed_b64: str) -> Instructions:
     """Open, parse and check the owner's signature; WorkloadError says what is wrong."""
+    if len(sealed_b64) > MAX_SEALED:
+        raise WorkloadError(f"instructions are {len(sealed_b64)} characters, more than the "
+                            f"{MAX_SEALED} a ledger accepts")
     try:
         raw = open_envelope(identity, base64.b64decode(sealed_b64, validate=True))
     except (CryptoError, binascii.Error, ValueError) as exc:
