@@ -201,20 +201,27 @@ class HiredisParser:
     """RequestParser's engine in the pure-Python build, where a C parser beats typed code
     run by the interpreter: hiredis parses.
 
-    Whenever a read ends inside a token (hiredis holds unconsumed bytes), the parser walks
-    the token headers from the last known token boundary to find the incomplete one and
-    checks what it declares, so an oversized argument is refused from its `$N` header
-    before its payload is buffered. Reads ending on a token boundary, the common case,
-    cost nothing beyond hiredis.
+    hiredis knows nothing of our limits, so a small scanner follows the stream's framing
+    alongside it and applies the native parser's rules to every header as soon as its line
+    is whole: the same refusals, at the same point of the stream. The scanner keeps only
+    counters between reads (arguments still due, payload bytes still to pass) and the
+    bytes of a header line cut by a read, never payload bytes. A read holding whole
+    requests that are encoded canonically (the common case) is recognised from their
+    sizes alone and not scanned.
     """
 
-    __slots__ = ("_reader", "_window")
+    __slots__ = ("_cr", "_head", "_left", "_reader", "_skip")
 
     def __init__(self) -> None:
         self._reader = hiredis.Reader()
-        # Stream bytes from the last known token boundary, kept while hiredis holds an
-        # incomplete token (None: the stream ends on a token boundary).
-        self._window: bytearray | None = None
+        # Framing state at the end of what was fed: arguments still due in the current
+        # request (-1: at a request boundary), payload bytes (CRLF included) still to pass,
+        # the start of a header line cut by a read, and the CR byte of a payload end whose
+        # LF has not arrived yet (-1: none).
+        self._left = -1
+        self._skip = 0
+        self._head: bytes | None = None
+        self._cr = -1
 
     def feed(self, data: bytes) -> list[list[bytes]]:
         if not data:
@@ -226,95 +233,141 @@ class HiredisParser:
         try:
             req = gets()
         except (hiredis.ProtocolError, MemoryError):
-            # Inline commands end here: their first byte is no RESP type.
+            self._scan(data, requests)
             raise ProtocolViolation(MALFORMED, requests) from None
-        if req.__class__ is list and data[-1] == 10 and not reader.has_data() \
-                and len(req) <= MAX_ARGS:
-            # Fast path: the read held exactly one whole request (no pipelining).
-            for arg in req:
-                if arg.__class__ is not bytes:
-                    raise ProtocolViolation(MALFORMED_ARG, requests)
-            self._window = None
+        at_boundary = self._left < 0 and not self._skip and self._head is None
+        if at_boundary and req.__class__ is list and not reader.has_data() \
+                and len(req) <= MAX_ARGS and _frame_end(data, 0, req) == len(data):
+            # Fast path: the read held exactly one whole request, canonically encoded
+            # (which also says every element was a bulk string within the limits).
             requests.append(req)
             return requests
+        clean = True
         while req is not False:
-            if req.__class__ is not list:
-                # `*-1`, a bare bulk, status or integer at the top level: not a request.
-                raise ProtocolViolation(MALFORMED, requests)
+            if req.__class__ is not list or len(req) > MAX_ARGS:
+                clean = False
+                break
             for arg in req:
                 if arg.__class__ is not bytes:
-                    raise ProtocolViolation(MALFORMED_ARG, requests)
-            if len(req) > MAX_ARGS:
-                raise ProtocolViolation(TOO_MANY_ARGS, requests)
+                    clean = False
+                    break
+            if not clean:
+                break
             requests.append(req)
             try:
                 req = gets()
             except (hiredis.ProtocolError, MemoryError):
-                raise ProtocolViolation(MALFORMED, requests) from None
-        if not reader.has_data():
-            # Everything was consumed: the stream ends on a token boundary, or just after
-            # the type byte of the next token (hiredis consumes that byte first).
-            self._window = None if data[-1] == 10 else bytearray(data[-1:])
-            return requests
-        window = self._window
-        if window is None:
-            window = bytearray(data)
-        else:
-            window += data
-        start = _incomplete_token(window, requests)
-        del window[:start]
-        self._window = window or None
+                clean = False
+                break
+        if clean and at_boundary and not reader.has_data():
+            pos = 0
+            for request in requests:
+                pos = _frame_end(data, pos, request)
+                if pos < 0:
+                    break
+            if pos == len(data):
+                return requests  # whole requests, framed as the scanner wants: all checked
+        # The scanner raises the native parser's refusal; hiredis choking on something the
+        # native rules accept is still no request.
+        self._scan(data, requests)
+        if not clean:
+            raise ProtocolViolation(MALFORMED, requests)
         return requests
 
-
-def _incomplete_token(window: bytearray, requests: list[list[bytes]]) -> int:
-    """Walk complete tokens from window[0] (a token boundary); the offset of the incomplete
-    last token, after checking what its header declares."""
-    pos, end = 0, len(window)
-    find = window.find
-    while pos < end:
-        marker = window[pos]
-        if marker != 36 and marker != 42:  # '$' / '*': nothing else belongs in a request
-            raise ProtocolViolation(MALFORMED if marker != 43 else MALFORMED_ARG, requests)
-        eol = find(b"\r\n", pos, pos + _MAX_HEADER)
-        if eol < 0:
-            if end - pos >= _MAX_HEADER:
-                raise ProtocolViolation(MALFORMED if marker == 42 else MALFORMED_ARG, requests)
-            return pos
+    def _scan(self, data: bytes, requests: list[list[bytes]]) -> None:
+        """Follow the framing through `data` with the native parser's checks; on a
+        violation raise it with the requests completed before it."""
+        if self._head is not None:
+            data = self._head + data
+            self._head = None
+        end = len(data)
+        pos = 0
+        left = self._left
+        skip = self._skip
+        done = 0
         try:
-            n = int(window[pos + 1 : eol])
-        except ValueError:
-            raise ProtocolViolation(MALFORMED if marker == 42 else MALFORMED_ARG,
-                                    requests) from None
-        if marker == 42:
-            if n > MAX_ARGS:
-                raise ProtocolViolation(TOO_MANY_ARGS, requests)
-            if n < 0:
-                raise ProtocolViolation(MALFORMED, requests)
-            pos = eol + 2
-            continue
-        if n > MAX_ARG_SIZE:
-            raise ProtocolViolation(PAYLOAD_TOO_BIG, requests)
-        if n < 0:
-            raise ProtocolViolation(MALFORMED_ARG, requests)
-        following = eol + 2 + n + 2
-        if following > end:
-            return pos
-        pos = following
+            while True:
+                if skip:
+                    stop = pos + skip
+                    if stop > end:
+                        if stop - end == 1 and end > pos:
+                            self._cr = data[end - 1]  # the payload's CR; its LF comes next read
+                        skip = stop - end
+                        break
+                    if skip == 1:
+                        cr, self._cr = self._cr, -1
+                    else:
+                        cr = data[stop - 2]
+                    if cr != 13 or data[stop - 1] != 10:
+                        raise ProtocolViolation(MALFORMED_ARG, requests)
+                    pos = stop
+                    skip = 0
+                    if left == 0:
+                        left = -1
+                        done += 1
+                if pos >= end:
+                    break
+                if left < 0:
+                    if data[pos] != 42:  # '*'
+                        raise ProtocolViolation(MALFORMED, requests)
+                    count, at = _header(data, pos, end, MALFORMED, requests)
+                    if at < 0:
+                        self._head = data[pos:]
+                        break
+                    if count > MAX_ARGS:
+                        raise ProtocolViolation(TOO_MANY_ARGS, requests)
+                    pos = at
+                    if count == 0:
+                        done += 1  # `*0`: an empty request
+                    else:
+                        left = count
+                    continue
+                if data[pos] != 36:  # '$'
+                    raise ProtocolViolation(MALFORMED_ARG, requests)
+                size, at = _header(data, pos, end, MALFORMED_ARG, requests)
+                if at < 0:
+                    self._head = data[pos:]
+                    break
+                if size > MAX_ARG_SIZE:
+                    raise ProtocolViolation(PAYLOAD_TOO_BIG, requests)
+                pos = at
+                left -= 1
+                skip = size + 2
+        except ProtocolViolation as exc:
+            exc.requests = requests[:done]  # only those completed before the violation
+            raise
+        self._left = left
+        self._skip = skip
+
+
+def _frame_end(data: bytes, pos: int, request: list[bytes]) -> int:
+    """Where `request` ends when it sits at data[pos] encoded canonically (headers without
+    leading zeros, bulk strings each followed by CRLF); -1 when it does not."""
+    pos += 3 + len(str(len(request)))
+    for arg in request:
+        if arg.__class__ is not bytes:
+            return -1
+        n = len(arg)
+        pos += 3 + len(str(n)) + n
+        if data[pos : pos + 2] != b"\r\n":
+            return -1
+        pos += 2
     return pos
 
 
 def _header(buf: bytes, pos: int, end: int, bad: str,
             requests: list[list[bytes]]) -> tuple[int, int]:
     """The count after the marker at buf[pos] and the offset after its CRLF; (0, -1) when
-    the line is not all here yet. Only decimal digits are accepted (no sign: a negative
-    count or size is no request)."""
+    the line is not all here yet. Only decimal digits are accepted, without a leading zero
+    (no sign: a negative count or size is no request)."""
     at = pos + 1
     limit = min(end, pos + _MAX_HEADER)
     value = 0
     while at < limit:
         c = buf[at]
         if 48 <= c <= 57:
+            if value == 0 and at > pos + 1:
+                raise ProtocolViolation(bad, requests)  # a leading zero: hiredis refuses it too
             value = value * 10 + (c - 48)
             at += 1
             continue
