@@ -7,7 +7,7 @@ buffered: typed code in the native build (setup.py), hiredis in the pure-Python 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Final
 
 import hiredis
@@ -205,9 +205,11 @@ class HiredisParser:
     alongside it and applies the native parser's rules to every header as soon as its line
     is whole: the same refusals, at the same point of the stream. The scanner keeps only
     counters between reads (arguments still due, payload bytes still to pass) and the
-    bytes of a header line cut by a read, never payload bytes. A read holding whole
-    requests that are encoded canonically (the common case) is recognised from their
-    sizes alone and not scanned.
+    bytes of a header line cut by a read, never payload bytes. Whole requests that sit in
+    a read framed canonically (the usual case) are recognised from what hiredis returned
+    and skipped without scanning: hiredis refuses numbers with leading zeros or signs, so
+    where each header's marker and each payload's CRLF are where the sizes put them, those
+    are the bytes it parsed.
     """
 
     __slots__ = ("_cr", "_head", "_left", "_reader", "_skip")
@@ -233,13 +235,12 @@ class HiredisParser:
         try:
             req = gets()
         except (hiredis.ProtocolError, MemoryError):
-            self._scan(data, requests)
+            self._scan(data, requests, 0, 0, False)
             raise ProtocolViolation(MALFORMED, requests) from None
         at_boundary = self._left < 0 and not self._skip and self._head is None
-        if at_boundary and req.__class__ is list and not reader.has_data() \
-                and len(req) <= MAX_ARGS and _frame_end(data, 0, req) == len(data):
-            # Fast path: the read held exactly one whole request, canonically encoded
-            # (which also says every element was a bulk string within the limits).
+        if at_boundary and req.__class__ is list and len(req) <= MAX_ARGS \
+                and _frame_end(data, 0, req) == len(data):
+            # Fast path: the read held exactly one whole request.
             requests.append(req)
             return requests
         clean = True
@@ -259,40 +260,41 @@ class HiredisParser:
             except (hiredis.ProtocolError, MemoryError):
                 clean = False
                 break
-        if clean and at_boundary and not reader.has_data():
-            pos = 0
-            for request in requests:
-                pos = _frame_end(data, pos, request)
-                if pos < 0:
-                    break
-            if pos == len(data):
-                return requests  # whole requests, framed as the scanner wants: all checked
-        # The scanner raises the native parser's refusal; hiredis choking on something the
-        # native rules accept is still no request.
-        self._scan(data, requests)
+        buf, pos, done = data, 0, 0
+        if not at_boundary:  # first the rest of the request in progress
+            buf, pos, done = self._scan(data, requests, 0, 0, True)
+        if clean:
+            pos, done = _frames_end(buf, pos, requests, done)
+        if pos < len(buf):
+            # The native parser's refusal, if any; hiredis choking on something the native
+            # rules accept is still no request.
+            self._scan(buf, requests, pos, done, False)
         if not clean:
             raise ProtocolViolation(MALFORMED, requests)
         return requests
 
-    def _scan(self, data: bytes, requests: list[list[bytes]]) -> None:
-        """Follow the framing through `data` with the native parser's checks; on a
-        violation raise it with the requests completed before it."""
+    def _scan(self, data: bytes, requests: list[list[bytes]], pos: int, done: int,
+              one: bool) -> tuple[bytes, int, int]:
+        """Follow the framing through data[pos:] with the native parser's checks, `done`
+        requests of this read being complete before pos; with `one`, stop where the request
+        in progress ends. Returns (the bytes scanned, where it stopped, requests complete);
+        on a violation raises it with the requests completed before it."""
         if self._head is not None:
-            data = self._head + data
+            data = self._head + data[pos:]
+            pos = 0
             self._head = None
         end = len(data)
-        pos = 0
         left = self._left
         skip = self._skip
-        done = 0
         try:
             while True:
                 if skip:
                     stop = pos + skip
                     if stop > end:
                         if stop - end == 1 and end > pos:
-                            self._cr = data[end - 1]  # the payload's CR; its LF comes next read
+                            self._cr = data[end - 1]  # the payload's CR; its LF comes next
                         skip = stop - end
+                        pos = end
                         break
                     if skip == 1:
                         cr, self._cr = self._cr, -1
@@ -305,6 +307,8 @@ class HiredisParser:
                     if left == 0:
                         left = -1
                         done += 1
+                        if one:
+                            break
                 if pos >= end:
                     break
                 if left < 0:
@@ -313,12 +317,15 @@ class HiredisParser:
                     count, at = _header(data, pos, end, MALFORMED, requests)
                     if at < 0:
                         self._head = data[pos:]
+                        pos = end
                         break
                     if count > MAX_ARGS:
                         raise ProtocolViolation(TOO_MANY_ARGS, requests)
                     pos = at
                     if count == 0:
                         done += 1  # `*0`: an empty request
+                        if one:
+                            break
                     else:
                         left = count
                     continue
@@ -327,6 +334,7 @@ class HiredisParser:
                 size, at = _header(data, pos, end, MALFORMED_ARG, requests)
                 if at < 0:
                     self._head = data[pos:]
+                    pos = end
                     break
                 if size > MAX_ARG_SIZE:
                     raise ProtocolViolation(PAYLOAD_TOO_BIG, requests)
@@ -338,21 +346,56 @@ class HiredisParser:
             raise
         self._left = left
         self._skip = skip
+        return data, pos, done
 
 
-def _frame_end(data: bytes, pos: int, request: list[bytes]) -> int:
-    """Where `request` ends when it sits at data[pos] encoded canonically (headers without
-    leading zeros, bulk strings each followed by CRLF); -1 when it does not."""
-    pos += 3 + len(str(len(request)))
+# Length of the decimal text of 0..9999, the sizes nearly every header carries.
+_DIGITS: Final = bytes(len(str(n)) for n in range(10000))
+
+
+def _frame_end(data: bytes, pos: int, request: Sequence[object]) -> int:
+    """Where `request`, as hiredis returned it, ends when it sits at data[pos] framed
+    canonically: its markers and payload CRLFs where the sizes put them. -1 when it does
+    not. Elements are whatever hiredis made of the stream, hence `object`."""
+    end = len(data)
+    if pos >= end or data[pos] != 42:  # '*'
+        return -1
+    digits = _DIGITS
+    count = len(request)
+    pos += 3 + (digits[count] if count < 10000 else len(str(count)))
     for arg in request:
-        if arg.__class__ is not bytes:
+        if not isinstance(arg, bytes) or pos >= end or data[pos] != 36:  # '$'
             return -1
         n = len(arg)
-        pos += 3 + len(str(n)) + n
-        if data[pos : pos + 2] != b"\r\n":
+        pos += 5 + n + (digits[n] if n < 10000 else len(str(n)))
+        if pos > end or data[pos - 2] != 13 or data[pos - 1] != 10:
             return -1
-        pos += 2
     return pos
+
+
+def _frames_end(data: bytes, pos: int, requests: list[list[bytes]], done: int
+                ) -> tuple[int, int]:
+    """_frame_end() over requests[done:] (elements known to be bytes) from data[pos]:
+    (where the last one recognised ends, how many requests are recognised in all)."""
+    end = len(data)
+    digits = _DIGITS
+    count = len(requests)
+    while done < count:
+        request = requests[done]
+        if pos >= end or data[pos] != 42:  # '*'
+            break
+        n = len(request)
+        at = pos + 3 + (digits[n] if n < 10000 else len(str(n)))
+        for arg in request:
+            if at >= end or data[at] != 36:  # '$'
+                return pos, done
+            n = len(arg)
+            at += 5 + n + (digits[n] if n < 10000 else len(str(n)))
+            if at > end or data[at - 2] != 13 or data[at - 1] != 10:
+                return pos, done
+        pos = at
+        done += 1
+    return pos, done
 
 
 def _header(buf: bytes, pos: int, end: int, bad: str,
