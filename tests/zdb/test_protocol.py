@@ -201,22 +201,38 @@ def test_oversized_argument_is_refused_after_a_few_bytes() -> None:
     assert info.value.message == PAYLOAD_TOO_BIG
 
 
-def test_elements_other_than_bulk_strings_are_malformed_arguments(parser_kind: bool) -> None:
-    for element in (b":1\r\n", b"-ERR\r\n", b"*1\r\n$1\r\na\r\n"):
+def test_elements_other_than_bulk_strings_are_malformed_arguments() -> None:
+    for element in (b":1\r\n", b"-ERR\r\n", b"*1\r\n$1\r\na\r\n", b"+OK\r\n"):
         assert violation([b"*2\r\n$3\r\nGET\r\n" + element]).message == MALFORMED_ARG
-    if parser_kind:  # hiredis hands a `+text` element over as bytes, like a bulk string
-        assert violation([b"*2\r\n$3\r\nGET\r\n+OK\r\n"]).message == MALFORMED_ARG
 
 
-def test_headers_cut_anywhere_keep_their_limits(parser_kind: bool) -> None:
-    # The size (and with typed code the count) is checked once its line is whole, wherever
-    # reads end; hiredis reports a count only with the first element after it.
-    frames = [(b"*1\r\n$%d\r\n" % (MAX_ARG_SIZE + 1), PAYLOAD_TOO_BIG)]
-    if parser_kind:
-        frames.append((b"*1025\r\n", TOO_MANY_ARGS))
+def test_headers_cut_anywhere_keep_their_limits() -> None:
+    # Count and size are checked once their line is whole, wherever reads end.
+    frames = [(b"*1\r\n$%d\r\n" % (MAX_ARG_SIZE + 1), PAYLOAD_TOO_BIG),
+              (b"*1025\r\n", TOO_MANY_ARGS), (b"*1025\r\n$3\r\nGET\r\n", TOO_MANY_ARGS)]
     for frame, message in frames:
         for cut in range(1, len(frame)):
             assert violation([frame[:cut], frame[cut:]]).message == message
+
+
+def test_a_lone_oversized_count_is_refused_at_once() -> None:
+    # The pure-Python build used to wait for the first element after `*1025`, so a client
+    # that sent only the header never got an answer.
+    exc = violation([b"*1025\r\n"])
+    assert exc.message == TOO_MANY_ARGS and exc.requests == []
+    exc = violation([encode_request("PING") + b"*1025\r\n"])
+    assert exc.message == TOO_MANY_ARGS and exc.requests == [[b"PING"]]
+    assert feed_all([b"*1024\r\n"]) == []
+
+
+@pytest.mark.parametrize("frame", [b"*01\r\n$1\r\na\r\n", b"*1\r\n$01\r\na\r\n", b"*00\r\n"])
+def test_leading_zeros_are_refused(frame: bytes) -> None:
+    assert violation([frame]).message in (MALFORMED, MALFORMED_ARG)
+
+
+def test_a_payload_must_end_with_crlf() -> None:
+    for chunks in ([b"*1\r\n$1\r\naXY"], [b"*1\r\n$1\r\na\r", b"Y"], [b"*1\r\n$1\r\na", b"X\n"]):
+        assert violation(chunks).message == MALFORMED_ARG
 
 
 def test_a_request_fed_in_small_pieces_is_parsed_in_linear_time() -> None:
@@ -231,3 +247,37 @@ def test_a_request_fed_in_small_pieces_is_parsed_in_linear_time() -> None:
         out.extend(parser.feed(data[i : i + 512]))
     assert time.perf_counter() - started < 2.0
     assert out == [args]
+
+
+# Streams built from RESP fragments: both parsers must end in the same state (the same
+# requests, then the same refusal or none) however the stream is cut into reads.
+frame_token = st.one_of(
+    st.sampled_from([b"*", b"$", b":", b"+", b"\r\n", b"\r", b"\n", b"0", b"1", b"2", b"01",
+                     b"1024", b"1025", b"8388608", b"8388609", b"abc", b"*1\r\n", b"$1\r\n",
+                     b"*2\r\n$3\r\nGET\r\n", b"*1025\r\n", b"$8388609\r\n"]),
+    st.binary(max_size=6),
+)
+
+
+def outcome(typed: bool, chunks: list[bytes]) -> tuple[list[list[bytes]], str | None]:
+    parser = RequestParser(typed=typed)
+    out: list[list[bytes]] = []
+    try:
+        for chunk in chunks:
+            out.extend(parser.feed(chunk))
+    except ProtocolViolation as exc:
+        return out + exc.requests, exc.message
+    return out, None
+
+
+@settings(max_examples=1500, deadline=None)
+@given(st.lists(args_st, max_size=3), st.lists(frame_token, max_size=30),
+       st.lists(st.integers(1, 400), max_size=6))
+def test_both_parsers_answer_every_stream_alike(valid: list[list[bytes]], tokens: list[bytes],
+                                                cuts: list[int]) -> None:
+    data = b"".join(encode_request(*r) for r in valid) + b"".join(tokens)
+    if not data:
+        return
+    points = sorted({c % len(data) for c in cuts} - {0})
+    chunks = [data[a:b] for a, b in zip([0, *points], [*points, len(data)], strict=True)]
+    assert outcome(False, chunks) == outcome(True, chunks)

@@ -7,7 +7,7 @@ buffered: typed code in the native build (setup.py), hiredis in the pure-Python 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Final
 
 import hiredis
@@ -201,20 +201,29 @@ class HiredisParser:
     """RequestParser's engine in the pure-Python build, where a C parser beats typed code
     run by the interpreter: hiredis parses.
 
-    Whenever a read ends inside a token (hiredis holds unconsumed bytes), the parser walks
-    the token headers from the last known token boundary to find the incomplete one and
-    checks what it declares, so an oversized argument is refused from its `$N` header
-    before its payload is buffered. Reads ending on a token boundary, the common case,
-    cost nothing beyond hiredis.
+    hiredis knows nothing of our limits, so a small scanner follows the stream's framing
+    alongside it and applies the native parser's rules to every header as soon as its line
+    is whole: the same refusals, at the same point of the stream. The scanner keeps only
+    counters between reads (arguments still due, payload bytes still to pass) and the
+    bytes of a header line cut by a read, never payload bytes. Whole requests that sit in
+    a read framed canonically (the usual case) are recognised from what hiredis returned
+    and skipped without scanning: hiredis refuses numbers with leading zeros or signs, so
+    where each header's marker and each payload's CRLF are where the sizes put them, those
+    are the bytes it parsed.
     """
 
-    __slots__ = ("_reader", "_window")
+    __slots__ = ("_cr", "_head", "_left", "_reader", "_skip")
 
     def __init__(self) -> None:
         self._reader = hiredis.Reader()
-        # Stream bytes from the last known token boundary, kept while hiredis holds an
-        # incomplete token (None: the stream ends on a token boundary).
-        self._window: bytearray | None = None
+        # Framing state at the end of what was fed: arguments still due in the current
+        # request (-1: at a request boundary), payload bytes (CRLF included) still to pass,
+        # the start of a header line cut by a read, and the CR byte of a payload end whose
+        # LF has not arrived yet (-1: none).
+        self._left = -1
+        self._skip = 0
+        self._head: bytes | None = None
+        self._cr = -1
 
     def feed(self, data: bytes) -> list[list[bytes]]:
         if not data:
@@ -226,95 +235,182 @@ class HiredisParser:
         try:
             req = gets()
         except (hiredis.ProtocolError, MemoryError):
-            # Inline commands end here: their first byte is no RESP type.
+            self._scan(data, requests, 0, 0, False)
             raise ProtocolViolation(MALFORMED, requests) from None
-        if req.__class__ is list and data[-1] == 10 and not reader.has_data() \
-                and len(req) <= MAX_ARGS:
-            # Fast path: the read held exactly one whole request (no pipelining).
-            for arg in req:
-                if arg.__class__ is not bytes:
-                    raise ProtocolViolation(MALFORMED_ARG, requests)
-            self._window = None
+        at_boundary = self._left < 0 and not self._skip and self._head is None
+        if at_boundary and req.__class__ is list and len(req) <= MAX_ARGS \
+                and _frame_end(data, 0, req) == len(data):
+            # Fast path: the read held exactly one whole request.
             requests.append(req)
             return requests
+        clean = True
         while req is not False:
-            if req.__class__ is not list:
-                # `*-1`, a bare bulk, status or integer at the top level: not a request.
-                raise ProtocolViolation(MALFORMED, requests)
+            if req.__class__ is not list or len(req) > MAX_ARGS:
+                clean = False
+                break
             for arg in req:
                 if arg.__class__ is not bytes:
-                    raise ProtocolViolation(MALFORMED_ARG, requests)
-            if len(req) > MAX_ARGS:
-                raise ProtocolViolation(TOO_MANY_ARGS, requests)
+                    clean = False
+                    break
+            if not clean:
+                break
             requests.append(req)
             try:
                 req = gets()
             except (hiredis.ProtocolError, MemoryError):
-                raise ProtocolViolation(MALFORMED, requests) from None
-        if not reader.has_data():
-            # Everything was consumed: the stream ends on a token boundary, or just after
-            # the type byte of the next token (hiredis consumes that byte first).
-            self._window = None if data[-1] == 10 else bytearray(data[-1:])
-            return requests
-        window = self._window
-        if window is None:
-            window = bytearray(data)
-        else:
-            window += data
-        start = _incomplete_token(window, requests)
-        del window[:start]
-        self._window = window or None
+                clean = False
+                break
+        buf, pos, done = data, 0, 0
+        if not at_boundary:  # first the rest of the request in progress
+            buf, pos, done = self._scan(data, requests, 0, 0, True)
+        if clean:
+            pos, done = _frames_end(buf, pos, requests, done)
+        if pos < len(buf):
+            # The native parser's refusal, if any; hiredis choking on something the native
+            # rules accept is still no request.
+            self._scan(buf, requests, pos, done, False)
+        if not clean:
+            raise ProtocolViolation(MALFORMED, requests)
         return requests
 
-
-def _incomplete_token(window: bytearray, requests: list[list[bytes]]) -> int:
-    """Walk complete tokens from window[0] (a token boundary); the offset of the incomplete
-    last token, after checking what its header declares."""
-    pos, end = 0, len(window)
-    find = window.find
-    while pos < end:
-        marker = window[pos]
-        if marker != 36 and marker != 42:  # '$' / '*': nothing else belongs in a request
-            raise ProtocolViolation(MALFORMED if marker != 43 else MALFORMED_ARG, requests)
-        eol = find(b"\r\n", pos, pos + _MAX_HEADER)
-        if eol < 0:
-            if end - pos >= _MAX_HEADER:
-                raise ProtocolViolation(MALFORMED if marker == 42 else MALFORMED_ARG, requests)
-            return pos
+    def _scan(self, data: bytes, requests: list[list[bytes]], pos: int, done: int,
+              one: bool) -> tuple[bytes, int, int]:
+        """Follow the framing through data[pos:] with the native parser's checks, `done`
+        requests of this read being complete before pos; with `one`, stop where the request
+        in progress ends. Returns (the bytes scanned, where it stopped, requests complete);
+        on a violation raises it with the requests completed before it."""
+        if self._head is not None:
+            data = self._head + data[pos:]
+            pos = 0
+            self._head = None
+        end = len(data)
+        left = self._left
+        skip = self._skip
         try:
-            n = int(window[pos + 1 : eol])
-        except ValueError:
-            raise ProtocolViolation(MALFORMED if marker == 42 else MALFORMED_ARG,
-                                    requests) from None
-        if marker == 42:
-            if n > MAX_ARGS:
-                raise ProtocolViolation(TOO_MANY_ARGS, requests)
-            if n < 0:
-                raise ProtocolViolation(MALFORMED, requests)
-            pos = eol + 2
-            continue
-        if n > MAX_ARG_SIZE:
-            raise ProtocolViolation(PAYLOAD_TOO_BIG, requests)
-        if n < 0:
-            raise ProtocolViolation(MALFORMED_ARG, requests)
-        following = eol + 2 + n + 2
-        if following > end:
-            return pos
-        pos = following
+            while True:
+                if skip:
+                    stop = pos + skip
+                    if stop > end:
+                        if stop - end == 1 and end > pos:
+                            self._cr = data[end - 1]  # the payload's CR; its LF comes next
+                        skip = stop - end
+                        pos = end
+                        break
+                    if skip == 1:
+                        cr, self._cr = self._cr, -1
+                    else:
+                        cr = data[stop - 2]
+                    if cr != 13 or data[stop - 1] != 10:
+                        raise ProtocolViolation(MALFORMED_ARG, requests)
+                    pos = stop
+                    skip = 0
+                    if left == 0:
+                        left = -1
+                        done += 1
+                        if one:
+                            break
+                if pos >= end:
+                    break
+                if left < 0:
+                    if data[pos] != 42:  # '*'
+                        raise ProtocolViolation(MALFORMED, requests)
+                    count, at = _header(data, pos, end, MALFORMED, requests)
+                    if at < 0:
+                        self._head = data[pos:]
+                        pos = end
+                        break
+                    if count > MAX_ARGS:
+                        raise ProtocolViolation(TOO_MANY_ARGS, requests)
+                    pos = at
+                    if count == 0:
+                        done += 1  # `*0`: an empty request
+                        if one:
+                            break
+                    else:
+                        left = count
+                    continue
+                if data[pos] != 36:  # '$'
+                    raise ProtocolViolation(MALFORMED_ARG, requests)
+                size, at = _header(data, pos, end, MALFORMED_ARG, requests)
+                if at < 0:
+                    self._head = data[pos:]
+                    pos = end
+                    break
+                if size > MAX_ARG_SIZE:
+                    raise ProtocolViolation(PAYLOAD_TOO_BIG, requests)
+                pos = at
+                left -= 1
+                skip = size + 2
+        except ProtocolViolation as exc:
+            exc.requests = requests[:done]  # only those completed before the violation
+            raise
+        self._left = left
+        self._skip = skip
+        return data, pos, done
+
+
+# Length of the decimal text of 0..9999, the sizes nearly every header carries.
+_DIGITS: Final = bytes(len(str(n)) for n in range(10000))
+
+
+def _frame_end(data: bytes, pos: int, request: Sequence[object]) -> int:
+    """Where `request`, as hiredis returned it, ends when it sits at data[pos] framed
+    canonically: its markers and payload CRLFs where the sizes put them. -1 when it does
+    not. Elements are whatever hiredis made of the stream, hence `object`."""
+    end = len(data)
+    if pos >= end or data[pos] != 42:  # '*'
+        return -1
+    digits = _DIGITS
+    count = len(request)
+    pos += 3 + (digits[count] if count < 10000 else len(str(count)))
+    for arg in request:
+        if not isinstance(arg, bytes) or pos >= end or data[pos] != 36:  # '$'
+            return -1
+        n = len(arg)
+        pos += 5 + n + (digits[n] if n < 10000 else len(str(n)))
+        if pos > end or data[pos - 2] != 13 or data[pos - 1] != 10:
+            return -1
     return pos
+
+
+def _frames_end(data: bytes, pos: int, requests: list[list[bytes]], done: int
+                ) -> tuple[int, int]:
+    """_frame_end() over requests[done:] (elements known to be bytes) from data[pos]:
+    (where the last one recognised ends, how many requests are recognised in all)."""
+    end = len(data)
+    digits = _DIGITS
+    count = len(requests)
+    while done < count:
+        request = requests[done]
+        if pos >= end or data[pos] != 42:  # '*'
+            break
+        n = len(request)
+        at = pos + 3 + (digits[n] if n < 10000 else len(str(n)))
+        for arg in request:
+            if at >= end or data[at] != 36:  # '$'
+                return pos, done
+            n = len(arg)
+            at += 5 + n + (digits[n] if n < 10000 else len(str(n)))
+            if at > end or data[at - 2] != 13 or data[at - 1] != 10:
+                return pos, done
+        pos = at
+        done += 1
+    return pos, done
 
 
 def _header(buf: bytes, pos: int, end: int, bad: str,
             requests: list[list[bytes]]) -> tuple[int, int]:
     """The count after the marker at buf[pos] and the offset after its CRLF; (0, -1) when
-    the line is not all here yet. Only decimal digits are accepted (no sign: a negative
-    count or size is no request)."""
+    the line is not all here yet. Only decimal digits are accepted, without a leading zero
+    (no sign: a negative count or size is no request)."""
     at = pos + 1
     limit = min(end, pos + _MAX_HEADER)
     value = 0
     while at < limit:
         c = buf[at]
         if 48 <= c <= 57:
+            if value == 0 and at > pos + 1:
+                raise ProtocolViolation(bad, requests)  # a leading zero: hiredis refuses it too
             value = value * 10 + (c - 48)
             at += 1
             continue

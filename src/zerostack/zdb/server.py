@@ -31,6 +31,7 @@ from zerostack.zdb.commands import (
 )
 from zerostack.zdb.commands.read import cmd_get
 from zerostack.zdb.commands.rules import refusal
+from zerostack.zdb.commands.system import note_failure, note_flush_failure
 from zerostack.zdb.commands.write import cmd_set
 from zerostack.zdb.engine import Engine, EngineConfig, ZdbError
 from zerostack.zdb.protocol import ProtocolViolation, RequestParser, error
@@ -144,6 +145,7 @@ class Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closing:
             return
+        self.state.network_rx += len(data)
         try:
             requests = self.parser.feed(data)
         except ProtocolViolation as exc:
@@ -262,6 +264,7 @@ class Connection(asyncio.Protocol):
             self._close_with(error(violation))
 
     def _internal_error(self, request: list[bytes], exc: Exception) -> bytes:
+        note_failure(self.session, request[0], exc)
         log_event("zdb.command.failed", logging.ERROR,
                   command=request[0][:32].decode("ascii", "replace"),
                   error=type(exc).__name__, detail=str(exc)[:200])
@@ -467,11 +470,13 @@ class ZdbServer:
         except OSError as exc:
             # Nothing buffered may be acknowledged: drop the connections waiting on it.
             log_event("zdb.flush.failed", logging.ERROR, error=str(exc))
+            note_flush_failure(self.state, self.engine._dirty)
             for transport, _ in self._outbox:
                 transport.abort()
             self._outbox = []
             return
         box, self._outbox = self._outbox, []
+        sent = 0
         for transport, payload in box:
             if transport.is_closing():
                 continue
@@ -479,6 +484,8 @@ class ZdbServer:
                 transport.close()
             else:
                 transport.write(payload)
+                sent += len(payload)
+        self.state.network_tx += sent
         if ship:
             primary.notify()
 

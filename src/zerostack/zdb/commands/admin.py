@@ -1,4 +1,5 @@
-"""Admin authentication and admin-only tools: AUTH, STOP, DATA RAW, HOOKS, INDEX DIRTY."""
+"""Admin authentication and admin-only tools: AUTH, STOP, DATA RAW, HOOKS, INDEX DIRTY, and the
+refusals of the reference's MIRROR and MASTER."""
 
 from __future__ import annotations
 
@@ -63,13 +64,38 @@ def _auth_secure(s: Session, args: list[bytes]) -> bytes:
     return ACCESS_DENIED
 
 
+STOP_REFUSED = error("Unauthorized")
+# The reference's MIRROR and MASTER, and what replaces them here (see docs/zdb.md).
+MIRROR_REFUSED = error("MIRROR is not supported: run a replica with --replica-of "
+                       "(see docs/zdb-replication.md)")
+MASTER_REFUSED = error("MASTER is not supported: a replica started with --replica-of "
+                       "follows its primary (see docs/zdb-replication.md)")
+
+
 def cmd_stop(s: Session, args: list[bytes]) -> bytes:
-    """STOP: end the server cleanly (admin)."""
+    """STOP: end the server cleanly. Only an authenticated admin may: without an admin
+    password every client would be admin, so STOP is refused then (as the reference's
+    release build always does); stop such a server with SIGTERM."""
+    if s.state.admin_password is None:
+        s.state.commands_unauthorized += 1
+        return STOP_REFUSED
     bad = admin(s)
     if bad is not None:
         return bad
     s.state.on_stop()
     return b"+Stopping\r\n"
+
+
+def cmd_mirror(s: Session, args: list[bytes]) -> bytes:
+    """MIRROR: the reference copies every later request of other clients to this one, tagged
+    with an owner id its 2.0 server never sets; replicas ship the data log instead."""
+    return admin(s) or MIRROR_REFUSED
+
+
+def cmd_master(s: Session, args: list[bytes]) -> bytes:
+    """MASTER: the reference then takes the last argument of each request from this client
+    as an owner id and drops it; a replica applies its primary's log instead."""
+    return admin(s) or MASTER_REFUSED
 
 
 def cmd_data(s: Session, args: list[bytes]) -> bytes:
@@ -120,6 +146,8 @@ def cmd_index(s: Session, args: list[bytes]) -> bytes:
 HANDLERS = {
     b"AUTH": cmd_auth,
     b"STOP": cmd_stop,
+    b"MIRROR": cmd_mirror,
+    b"MASTER": cmd_master,
     b"DATA": cmd_data,
     b"HOOKS": cmd_hooks,
     b"INDEX": cmd_index,

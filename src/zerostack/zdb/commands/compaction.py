@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 
-from zerostack.zdb.commands import namespace
+from zerostack.zdb.commands import namespace, system
 from zerostack.zdb.commands.deferred import defer
 from zerostack.zdb.commands.rules import atoll
 from zerostack.zdb.commands.session import Session
@@ -52,6 +52,7 @@ def cmd_compact(s: Session, args: list[bytes]) -> bytes | None:
 
     async def job() -> bytes:
         engine.flush_all()  # nothing of this namespace is left for the loop thread to write
+        system.count_disk(s.state)  # the files about to be replaced count as written
         role.busy.add(name)
         try:
             report = await asyncio.to_thread(engine.compact_namespace, name, keep)

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import os
+from pathlib import Path
+from typing import Final
 
 from zerostack.zdb.commands.rules import (
     MAX_NAMESPACE_LENGTH,
@@ -13,12 +16,17 @@ from zerostack.zdb.commands.rules import (
     admin,
     arity,
 )
-from zerostack.zdb.commands.session import DEFAULT_NAMESPACE, Session
+from zerostack.zdb.commands.session import DEFAULT_NAMESPACE, IoErrors, Session
+from zerostack.zdb.commands.system import MB, count_disk
 from zerostack.zdb.engine import Namespace, ZdbError
 from zerostack.zdb.protocol import OK, error
 
 ACCESS_DENIED = error("Access denied")
 MAX_PROPERTY_VALUE = 63
+# What one key costs the reference's in-memory index besides the key itself: its entry
+# struct on a 64-bit build (two pointers, then the fields of an index entry, padded).
+# NSINFO's index_size_bytes is this plus the key length, summed over the live keys.
+REFERENCE_ENTRY_SIZE: Final = 64
 
 
 def secure_hash(nonce: str, password: str) -> str:
@@ -65,6 +73,7 @@ def cmd_nsdel(s: Session, args: list[bytes]) -> bytes:
         return error("This namespace doesn't exists")
     if s.ns.name == name:
         return error("Cannot remove namespace you're currently using.")
+    count_disk(s.state)  # what its files took counts as written
     try:
         s.state.engine.delete_namespace(name)
     except ZdbError as exc:
@@ -78,13 +87,70 @@ def cmd_nslist(s: Session, args: list[bytes]) -> bytes:
     return b"*%d\r\n" % len(names) + b"".join(b"$%d\r\n%b\r\n" % (len(n), n) for n in names)
 
 
+def _free_space(path: Path) -> int | None:
+    """Bytes available to the server on the file system holding `path`, as the reference
+    computes them (block size times blocks available); None when statvfs fails."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return None
+    return st.f_bsize * st.f_bavail
+
+
+def _hex_id(value: int) -> str:
+    """The reference prints its next entry id byte-swapped, capped to 32 bits: the id's
+    little-endian bytes read as hex."""
+    return "0x" + (value & 0xFFFFFFFF).to_bytes(4, "little").hex()
+
+
 def nsinfo_text(s: Session, ns: Namespace) -> str:
-    """The `# namespace` block of NSINFO, one `key: value` per line."""
+    """The `# namespace` block of NSINFO, one `key: value` per line: every field of the
+    reference, in its order, then the ones only zerostack reports."""
     info = dict(ns.info())
     password, public = s.state.credentials(ns)
-    info["password"] = "yes" if password else "no"
-    info["public"] = "yes" if public else "no"
-    lines = ["# namespace"] + [f"{key}: {value}" for key, value in info.items()]
+    errors = s.state.io_errors.get(ns.name) or IoErrors()
+    index_size = 0
+    if ns.dbsize() and info["mode"] == "userkey":
+        index_size = REFERENCE_ENTRY_SIZE * ns.dbsize() + ns.live_key_bytes()
+    lines = [
+        "# namespace",
+        f"name: {info['name']}",
+        f"entries: {info['entries']}",
+        f"public: {'yes' if public else 'no'}",
+        f"worm: {info['worm']}",
+        f"locked: {info['locked']}",
+        f"password: {'yes' if password else 'no'}",
+        f"data_size_bytes: {info['data_size_bytes']}",
+        f"data_size_mb: {info['data_size_mb']}",
+        f"data_limits_bytes: {info['data_limits_bytes']}",
+        f"index_size_bytes: {index_size}",
+        f"index_size_kb: {index_size / 1024:.2f}",
+        f"next_internal_id: {_hex_id(ns.next_internal_id())}",
+        f"mode: {info['mode']}",
+        f"stats_index_io_errors: {errors.index}",
+        f"stats_index_io_error_last: {errors.index_last}",
+        "stats_index_faults: 0",
+        f"stats_data_io_errors: {errors.data}",
+        f"stats_data_io_error_last: {errors.data_last}",
+        "stats_data_faults: 0",
+    ]
+    if "space_available" in info:
+        lines.append(f"space_available: {info['space_available']}")
+    for which, path in (("index", ns.index_root), ("data", ns.data_root)):
+        free = _free_space(path)
+        if free is not None:
+            lines.append(f"{which}_disk_freespace_bytes: {free}")
+            lines.append(f"{which}_disk_freespace_mb: {free / MB:.2f}")
+    if s.admin:
+        # Where the files are is for the operator only, as in the reference.
+        index_file, data_file = ns.active_files()
+        lines += [f"data_path: {ns.data_root}", f"data_path_active: {data_file}",
+                  f"index_path: {ns.index_root}", f"index_path_active: {index_file}"]
+    lines += [
+        f"data_current_id: {info['data_current_id']}",
+        f"data_current_offset: {info['data_current_offset']}",
+        f"frozen: {info['frozen']}",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -173,6 +239,7 @@ def cmd_flush(s: Session, args: list[bytes]) -> bytes:
     password, public = s.state.credentials(s.ns)
     if public or not password:
         return error("Flushing public namespace denied")
+    count_disk(s.state)
     try:
         s.ns.flush()
     except ZdbError as exc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -10,6 +11,33 @@ from typing import Final
 from zerostack.zdb.engine import Engine, Namespace
 
 DEFAULT_NAMESPACE: Final = "default"
+
+
+@dataclass
+class IoErrors:
+    """I/O errors met while serving one namespace: count and time of the last one, for its
+    index files and its data files (NSINFO's stats_* lines)."""
+
+    index: int = 0
+    index_last: int = 0
+    data: int = 0
+    data_last: int = 0
+
+
+@dataclass
+class DiskCounters:
+    """INFO's disk figures. Bytes written are the growth of the files; index bytes read
+    are what the start-up replay read; the failures are I/O errors met serving requests."""
+
+    index_read_failed: int = 0
+    index_write_failed: int = 0
+    data_read_failed: int = 0
+    data_write_failed: int = 0
+    index_loaded: int = 0
+    index_written: int = 0
+    data_written: int = 0
+    # namespace name -> (the namespace, its index and data bytes when last counted)
+    seen: dict[str, tuple[Namespace, int, int]] = field(default_factory=dict)
 
 
 @dataclass
@@ -24,11 +52,25 @@ class ServerState:
     commands_executed: int = 0
     commands_failed: int = 0
     commands_unauthorized: int = 0
+    # A random id for this run of the server (INFO's instance_id, like the reference's).
+    instance_id: int = field(default_factory=lambda: secrets.randbits(32))
+    network_rx: int = 0  # bytes received from clients
+    network_tx: int = 0  # bytes of replies handed to the sockets
+    io_errors: dict[str, IoErrors] = field(default_factory=dict)
+    disk: DiskCounters = field(default_factory=DiskCounters)
     sessions: set[Session] = field(default_factory=set)
     # Set by the server: called by STOP to end the process cleanly.
     on_stop: Callable[[], None] = lambda: None
     # Set by the server: called when NSDEL removes a namespace other sessions still use.
     on_namespace_removed: Callable[[str], None] = lambda name: None
+
+    def __post_init__(self) -> None:
+        # The baseline of the disk counters: what the files held when the server started.
+        disk = self.disk
+        for name, ns in self.engine.namespaces.items():
+            isize, dsize = ns.file_sizes()
+            disk.seen[name] = (ns, isize, dsize)
+            disk.index_loaded += isize
 
     def credentials(self, ns: Namespace) -> tuple[str | None, bool]:
         """(password, public) as SELECT sees them: `--protect` guards 'default' with the

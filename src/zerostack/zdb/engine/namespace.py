@@ -167,17 +167,17 @@ def _walk_entries(raw: mmap.mmap | bytes, off: int) -> tuple[list[int], list[byt
 
 
 def replay_user_index(raw: mmap.mmap | bytes, fid: int, keys: dict[bytes, int]
-                      ) -> tuple[int, int, int, int]:
+                      ) -> tuple[int, int, int, int, int]:
     """Replay the entries of user-mode index file `fid` into `keys`.
 
     Returns (end of the last whole entry, offset of the last entry or 0, number of entries
-    not flagged deleted, their payload bytes). Replaying in order, the newest entry of a
+    not flagged deleted, their payload bytes, number of entries). Replaying in order, the newest entry of a
     key decides: flagged deleted means the key was deleted (an overwritten entry is flagged
     too, and a newer entry of the same key follows it).
     """
     offs, klist, end = _index_offsets(raw)
     if not offs:
-        return end, 0, 0, 0
+        return end, 0, 0, 0, 0
     base = fid << 32
     vals: Sequence[int]
     if isinstance(offs, range):
@@ -188,7 +188,7 @@ def replay_user_index(raw: mmap.mmap | bytes, fid: int, keys: dict[bytes, int]
         flags = bytes([raw[o + INDEX_FLAGS_AT] for o in offs])
     keys.update(zip(klist, vals, strict=True))
     if flags.count(0) == len(flags):
-        return end, offs[-1], len(offs), _sum_lengths(raw, offs)
+        return end, offs[-1], len(offs), _sum_lengths(raw, offs), len(offs)
     deleted = 0
     total = 0
     get = keys.get
@@ -200,7 +200,7 @@ def replay_user_index(raw: mmap.mmap | bytes, fid: int, keys: dict[bytes, int]
                 del keys[k]
         else:
             total += _u32(raw, offs[i] + 5)[0]
-    return end, offs[-1], len(offs) - deleted, total
+    return end, offs[-1], len(offs) - deleted, total, len(offs)
 
 
 def _sum_lengths(raw: mmap.mmap | bytes, offs: Sequence[int]) -> int:
@@ -257,6 +257,7 @@ class Namespace:
         self._closed_dsizes: list[int] = []
         self._seq_bases: list[int] = [0]
         self._seq_next = 0
+        self._inserted = 0  # user mode: the reference's next entry id (see next_internal_id)
         self._count = 0
         self._bytes = 0
         self._data_prev = 0
@@ -437,6 +438,7 @@ class Namespace:
         self._closed_dsizes = []
         self._seq_bases = [0]
         self._seq_next = 0
+        self._inserted = 0
         self._count = 0
         self._bytes = 0
         self._data_prev = 0
@@ -462,8 +464,9 @@ class Namespace:
             elif mode != file_mode:
                 raise ZdbError(f"{path}: mode {mode} differs from i0 (mode {file_mode})")
             if self.mode is Mode.USER:
-                end, last_off, live, total = replay_user_index(raw, fid, self._keys)
+                end, last_off, live, total, entries = replay_user_index(raw, fid, self._keys)
                 unflagged += live
+                self._inserted += entries
                 self._bytes += total
                 if last_off:
                     kl, doff, ln = struct.unpack_from("<BII", raw, last_off)
@@ -871,6 +874,7 @@ class Namespace:
         ioff = ix.disk_size + len(ibuf)
         if old is None:
             ibuf += _IDX_WITH_KEY[kl](kl, doff, vl, self._idx_prev, 0, fid, ts, crc, 0, 0, key)
+            self._inserted += 1
         else:
             ibuf += _IDX_WITH_KEY[kl](kl, doff, vl, self._idx_prev, 0, fid, ts, crc, ofid, ooff,
                                       key)
@@ -1297,6 +1301,25 @@ class Namespace:
         if self.maxsize:
             info["space_available"] = max(0, self.maxsize - self._bytes)
         return info
+
+    def next_internal_id(self) -> int:
+        """The reference's next entry id. Sequential mode: the next slot. User mode: like
+        the reference's loader, every index entry found at load, plus each key inserted
+        since (an overwrite adds none)."""
+        return self._seq_next if self._seqmode else self._inserted
+
+    def live_key_bytes(self) -> int:
+        """Total length of the live keys held in memory (none in sequential mode)."""
+        return sum(map(len, self._keys))
+
+    def file_sizes(self) -> tuple[int, int]:
+        """(index bytes, data bytes) over all files, buffered writes included."""
+        return (sum(self._closed_isizes) + self._index.size,
+                sum(self._closed_dsizes) + self._data.size)
+
+    def active_files(self) -> tuple[Path, Path]:
+        """(index file, data file) that writes currently go to."""
+        return self._ipath(self._index.fileid), self._dpath(self._data.fileid)
 
     def set_property(self, prop: str, value: str) -> None:
         """NSSET: change one setting (password, maxsize, public, worm, lock, freeze, mode)."""
