@@ -22,7 +22,6 @@ from zerostack.workloads.types import (
     ZdbWorkload,
 )
 
-
 MAX_SEALED = 96 * 1024
 """Largest sealed instructions (base64 characters), as the ledger accepts them: a server
 that serves more is refused before anything is decoded."""
