@@ -27,8 +27,10 @@ from zerostack.crypto import (
     hash_hex,
     verify,
 )
+from zerostack.ledger import pricing as pr
 from zerostack.ledger import tx as t
 from zerostack.ledger.errors import Rejected
+from zerostack.ledger.pricing import Policy, Prices
 
 CREATED = "created"
 APPROVED = "approved"
@@ -37,7 +39,10 @@ ERROR = "error"
 CANCELLED = "cancelled"
 DELETED = "deleted"
 EXPIRED = "expired"
-CONTRACT_STATES = (CREATED, APPROVED, DEPLOYED, ERROR, CANCELLED, DELETED, EXPIRED)
+GRACE = "grace"
+CONTRACT_STATES = (CREATED, APPROVED, DEPLOYED, ERROR, GRACE, CANCELLED, DELETED, EXPIRED)
+BILLED_STATES = frozenset({APPROVED, DEPLOYED, ERROR})
+"""States whose contract pays at every boundary: it holds its reservation on the node."""
 FINAL_STATES = frozenset({DELETED, EXPIRED})
 
 DEFAULT_DEADLINE = 24 * 3600
@@ -51,6 +56,8 @@ MAX_PENDING_PER_TWIN = 64
 """Most contracts one twin may have waiting for approvals at once."""
 NEVER = 2**62
 """A time after every deadline: the value of `next_deadline` when there is none."""
+MAX_HISTORY = 1000
+"""Charge rows kept per contract and payout rows per twin (totals are kept forever)."""
 
 K = TypeVar("K")
 V = TypeVar("V")
@@ -209,6 +216,7 @@ class Template(_PlainRecord):
     body: dict[str, Any]
     author: int
     created: int
+    author_share: int = 0  # basis points of every charge of a contract made from it
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,6 +252,89 @@ class Report(_PlainRecord):
 
 
 @dataclass(frozen=True, slots=True)
+class Billing:
+    """What a contract pays and where it stands: the prices it was created under (a later
+    price change never reaches it), and what accrued since it was last charged."""
+
+    prices: Prices
+    ipv4: int
+    names: int
+    template: str  # "" when not made from a template
+    author: int  # the template's author (0: none)
+    author_share: int  # basis points, already capped by the policy of the day
+    since: int  # charged up to this time (or active since)
+    accrued: tuple[int, ...] = (0,) * len(pr.RESERVED)  # resource-seconds not charged yet
+    traffic: int = 0  # reported bytes not charged yet
+    last_period: int = -1  # the last period a consumption report was accepted for
+    due: tuple[int, ...] = ()  # in grace: the unpaid charge, per resource (RESOURCES order)
+    due_span: tuple[int, int] = (0, 0)  # in grace: the span the unpaid charge covers
+    resume: str = ""  # in grace: the state a top-up returns to
+    grace_until: int = 0
+    charged: int = 0  # paid so far, in all
+    totals: tuple[int, ...] = (0,) * len(pr.RESOURCES)  # paid so far, per resource
+    unpaid: int = 0  # charges never paid (the contract ended in or into grace)
+    consumption: dict[str, Any] | None = None  # the node's last accepted report
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "prices": self.prices.to_dict(),
+            "ipv4": self.ipv4,
+            "names": self.names,
+            "template": self.template,
+            "author": self.author,
+            "author_share": self.author_share,
+            "since": self.since,
+            "traffic_due": self.traffic,
+            "last_period": self.last_period,
+            "due": sum(self.due),
+            "grace_until": self.grace_until,
+            "charged": self.charged,
+            "totals": dict(zip(pr.RESOURCES, self.totals, strict=True)),
+            "unpaid": self.unpaid,
+            "consumption": self.consumption,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Charge(_PlainRecord):
+    """One charge of a contract: the span of ledger time it covers and who got what."""
+
+    start: int
+    end: int
+    time: int  # the block time it was made at
+    amounts: dict[str, int]  # per resource
+    total: int
+    status: str  # "paid", "late" (paid on a top-up in grace) or "unpaid"
+    farmer: int
+    farmer_amount: int
+    author: int
+    author_amount: int
+    treasury_amount: int
+
+
+@dataclass(frozen=True, slots=True)
+class Payout(_PlainRecord):
+    """What one twin received at one block, as farmer or as template author."""
+
+    time: int
+    role: str
+    amount: int
+    contracts: int
+
+
+@dataclass(frozen=True, slots=True)
+class FarmPricing:
+    """A farm's own prices, and the ones it scheduled for later."""
+
+    prices: Prices | None
+    next: Prices | None = None
+    at: int = NEVER
+
+    def now(self, time: int) -> Prices | None:
+        return self.next if self.next is not None and self.at <= time else self.prices
+
+
+@dataclass(frozen=True, slots=True)
 class Contract:
     id: int
     owner: int
@@ -257,6 +348,7 @@ class Contract:
     updated: int
     cancel_votes: Map[int, str] = field(default_factory=Map)  # twin -> delete-vote signature
     report: Report | None = None
+    billing: Billing | None = None  # None: created before the grid had a pricing policy
 
     @property
     def pending(self) -> bool:
@@ -284,6 +376,7 @@ class Contract:
             "active": self.active.to_dict() if self.active else None,
             "cancel_votes": {str(k): v for k, v in sorted(self.cancel_votes.items())},
             "report": self.report.to_dict() if self.report else None,
+            "billing": self.billing.to_dict() if self.billing else None,
             "metadata": self.metadata,
             "created": self.created,
             "updated": self.updated,
@@ -322,18 +415,35 @@ class State:
     lapses: Map[int, int] = field(default_factory=_empty)
     pending_by_owner: Map[int, int] = field(default_factory=_empty)  # twin -> len(deadlines)
     names: Map[str, Name] = field(default_factory=_empty)
-    balances: Map[int, int] = field(default_factory=_empty)  # billing comes later
+    balances: Map[int, int] = field(default_factory=_empty)
     next_deadline: int = NEVER  # earliest value in `deadlines`, so tick() is O(1) mostly
     next_lapse: int = NEVER  # earliest value in `lapses`
+    # ---- billing
+    operator: str | None = None  # the ledger operator key: the grid's governing key
+    policy: Policy | None = None  # None: nothing is priced (no grid.policy yet)
+    policy_next: tuple[int, Policy] | None = None  # a policy scheduled for a later time
+    governor_nonce: int = 0
+    supply: int = 0  # all money minted: sum(balances) + treasury, always
+    treasury: int = 0
+    farm_prices: Map[int, FarmPricing] = field(default_factory=_empty)
+    billable: Map[int, bool] = field(default_factory=_empty)  # contracts charged at boundaries
+    graces: Map[int, int] = field(default_factory=_empty)  # contract in grace -> its end
+    graced_owners: Map[int, int] = field(default_factory=_empty)  # twin -> contracts in grace
+    charges: Map[int, tuple[Charge, ...]] = field(default_factory=_empty)
+    payouts: Map[int, tuple[Payout, ...]] = field(default_factory=_empty)
+    paid_out: Map[int, int] = field(default_factory=_empty)  # twin -> all it received
+    next_bill: int = NEVER  # the next billing boundary
+    next_grace: int = NEVER  # earliest value in `graces`
     last_twin: int = 0
     last_farm: int = 0
     last_node: int = 0
     last_contract: int = 0
 
 
-def genesis() -> State:
-    """The empty state every ledger starts from."""
-    return State()
+def genesis(operator: str | None = None) -> State:
+    """The empty state every ledger starts from; `operator` is the key that signs the
+    ledger's blocks, which also governs the grid's pricing policy."""
+    return State(operator=operator)
 
 
 def _replace(obj: Any, **changes: Any) -> Any:
@@ -404,6 +514,8 @@ def apply_with_receipt(
     try:
         if tx.type == "twin.register":
             return _twin_register(state, tx, time, verified)
+        if tx.type == "grid.policy":
+            return _grid_policy(state, tx, time, verified)
         twin = _sender(state, tx, verified)
         handler = _HANDLERS[tx.type]
         new, receipt = handler(state, tx, twin, time)
@@ -414,14 +526,23 @@ def apply_with_receipt(
 
 
 def tick(state: State, time: int) -> State:
-    """Advance the clock to `time` (start of a block): expire proposals past their deadline
-    and release the capacity of pending versions past their hold.
+    """Advance the clock to `time` (start of a block): expire proposals past their deadline,
+    release the capacity of pending versions past their hold, end grace periods that ran
+    out, and charge every billed contract when a billing boundary has passed.
 
     A contract never approved by its deadline becomes `expired`; a new version not
     approved in time is dropped and the contract keeps running its active version.
     """
-    if time <= state.next_deadline and time <= state.next_lapse:
-        return state
+    if time > state.next_deadline or time > state.next_lapse:
+        state = _expire(state, time)
+    if time > state.next_grace:
+        state = _end_graces(state, time)
+    if time >= state.next_bill:
+        state = _bill(state, time)
+    return state
+
+
+def _expire(state: State, time: int) -> State:
     contracts, deadlines, nodes = state.contracts, state.deadlines, state.nodes
     lapses, pending = state.lapses, state.pending_by_owner
     for cid, at in state.lapses.items():
@@ -596,7 +717,8 @@ def _template_publish(state: State, tx: t.Tx, twin: Twin, time: int) -> tuple[St
         raise _Refuse(
             "conflict", f"template {digest} is already published (by twin {existing.author})"
         )
-    tpl = Template(digest, p.name, p.version, p.description, tx.raw_payload["body"], twin.id, time)
+    tpl = Template(digest, p.name, p.version, p.description, tx.raw_payload["body"], twin.id, time,
+                   p.author_share)
     return _replace(state, templates=state.templates.set(digest, tpl)), {"template": digest}
 
 
@@ -729,8 +851,17 @@ def _settle(state: State, c: Contract, time: int) -> State:
     old = state.contracts.get(c.id)
     before = ZERO if old is None else holds(old, c.id in state.lapses)
     deadlines, lapses, pending = state.deadlines, state.lapses, state.pending_by_owner
+    billable = state.billable
     if _quorum(c):
-        c = _replace(c, active=c.proposal, state=APPROVED, report=None, updated=time)
+        c = _activate(state, old, c, time)
+        if c.state == GRACE:  # an update approved in grace: still unpaid
+            assert c.billing is not None
+            c = _replace(c, active=c.proposal, report=None, updated=time,
+                         billing=_replace(c.billing, resume=APPROVED))
+        else:
+            c = _replace(c, active=c.proposal, state=APPROVED, report=None, updated=time)
+            if c.billing is not None:
+                billable = billable.set(c.id, True)
         if c.id in deadlines:
             deadlines = deadlines.delete(c.id)
             pending = _count(pending, c.owner, -1)
@@ -752,6 +883,7 @@ def _settle(state: State, c: Contract, time: int) -> State:
         deadlines=deadlines,
         lapses=lapses,
         pending_by_owner=pending,
+        billable=billable,
         next_deadline=min(deadlines.values(), default=NEVER),
         next_lapse=min(lapses.values(), default=NEVER),
     )
@@ -791,7 +923,8 @@ def _contract_create(state: State, tx: t.Tx, twin: Twin, time: int) -> tuple[Sta
         approvals,
         _deadline(p.deadline, time),
     )
-    c = Contract(cid, twin.id, p.node, CREATED, version, None, delete_req, p.metadata, time, time)
+    c = Contract(cid, twin.id, p.node, CREATED, version, None, delete_req, p.metadata, time, time,
+                 billing=_new_billing(state, p, time))
     state = _replace(
         state,
         contracts_by_node=_index_add(state.contracts_by_node, p.node, cid),
@@ -846,6 +979,9 @@ def _contract_update(state: State, tx: t.Tx, twin: Twin, time: int) -> tuple[Sta
     if c.owner != twin.id:
         raise _Refuse("unauthorized", f"only the owner (twin {c.owner}) updates contract {c.id}")
     _live(c, "update")
+    if c.state == GRACE:
+        raise _Refuse("state", f"contract {c.id} is in grace (its owner has not paid): top up "
+                      "the owner's balance before updating it")
     requirement = (
         _requirement(p.signature_requirement, "signature_requirement", twin.id)
         if p.signature_requirement is not None
@@ -881,6 +1017,7 @@ def _contract_update(state: State, tx: t.Tx, twin: Twin, time: int) -> tuple[Sta
 def _finish(state: State, c: Contract, final: str, time: int) -> State:
     """Move `c` to a final or cancelled state, releasing what it held."""
     before = holds(state.contracts[c.id], c.id in state.lapses)
+    state, c = _stop_billing(state, c, time)
     deadlines, lapses, pending = state.deadlines, state.lapses, state.pending_by_owner
     if c.id in deadlines:
         deadlines = deadlines.delete(c.id)
@@ -958,6 +1095,10 @@ def _contract_report(state: State, tx: t.Tx, twin: Twin, time: int) -> tuple[Sta
     else:
         new_state = APPROVED
     c = _replace(c, report=Report(p.version, time, p.error, workloads), updated=time)
+    if c.state == GRACE:  # stays unpaid: a top-up returns it to what the node reported
+        assert c.billing is not None
+        c = _replace(c, billing=_replace(c.billing, resume=new_state))
+        new_state = GRACE
     if new_state == DELETED:
         state = _finish(state, c, DELETED, time)
     else:
@@ -988,6 +1129,433 @@ def _name_release(state: State, tx: t.Tx, twin: Twin, time: int) -> tuple[State,
     return _replace(state, names=state.names.delete(p.name)), {"name": p.name}
 
 
+# ---- billing -----------------------------------------------------------------------------
+#
+# Billing runs inside `tick`, at the first block at or after each period boundary, on the
+# block's time: replay applies the same ticks at the same times, so it reaches the same
+# charges, and no transaction (nor anyone's clock) decides when or whether a contract pays.
+
+
+def policy_at(state: State, time: int) -> Policy | None:
+    """The pricing policy in force at `time` (a scheduled one once its time has come)."""
+    if state.policy_next is not None and state.policy_next[0] <= time:
+        return state.policy_next[1]
+    return state.policy
+
+
+def _prices(model: t.PricesModel) -> Prices:
+    return Prices.of(model.model_dump())
+
+
+def _grid_policy(state: State, tx: t.Tx, time: int, verified: bool) -> tuple[State, Receipt]:
+    """The governing key (the ledger's operator key) sets the pricing policy."""
+    if state.operator is None or tx.sender != state.operator:
+        raise _Refuse("unauthorized", "grid.policy is sent by the grid's governing key (the "
+                      "ledger's operator key), as the sender")
+    if not verified and not verify(Domain.TRANSACTION, state.operator, tx.hash, tx.signature):
+        raise _Refuse("bad_signature", "signature does not verify with the governing key")
+    if tx.nonce != state.governor_nonce:
+        raise _Refuse("bad_nonce", f"nonce {tx.nonce} of the governing key is wrong; the next "
+                      f"nonce is {state.governor_nonce}")
+    p: t.GridPolicy = tx.payload
+    low, high, prices = _prices(p.min), _prices(p.max), _prices(p.prices)
+    why = prices.outside(low, high)
+    if why is not None:
+        raise _Refuse("invalid", f"grid prices: {why}")
+    if p.treasury_share + p.max_author_share > pr.BASIS:
+        raise _Refuse("invalid", "treasury_share + max_author_share is more than 10000 "
+                      "basis points (the whole charge)")
+    effective = time if p.effective is None else p.effective
+    if effective < time:
+        raise _Refuse("invalid", f"effective time {effective} is before the block time {time}: "
+                      "a price change is never retroactive")
+    current = policy_at(state, time)
+    if current is not None:
+        if p.period != current.period:
+            raise _Refuse("invalid", f"the billing period is fixed at {current.period} s for the "
+                          "grid's life")
+        if p.dev_faucet != current.dev_faucet:
+            raise _Refuse("invalid", "dev_faucet is fixed by the grid's first policy")
+    policy = Policy(prices, low, high, p.period, p.grace, p.treasury_share,
+                    p.max_author_share, p.max_traffic, p.dev_faucet)
+    changes: dict[str, Any] = {"governor_nonce": state.governor_nonce + 1}
+    if current is None:
+        if effective != time:
+            raise _Refuse("invalid", "the grid's first policy takes effect at once")
+        changes.update(policy=policy, next_bill=(time // p.period + 1) * p.period)
+    elif effective == time:
+        changes.update(policy=policy, policy_next=None)
+    else:
+        changes.update(policy=current, policy_next=(effective, policy))
+    return _replace(state, **changes), {"policy": effective}
+
+
+def _farm_prices(state: State, tx: t.Tx, twin: Twin, time: int) -> tuple[State, Receipt]:
+    p: t.FarmPrices = tx.payload
+    farm = state.farms.get(p.farm)
+    if farm is None:
+        raise _Refuse("not_found", f"farm {p.farm} does not exist")
+    if farm.owner != twin.id:
+        raise _Refuse("unauthorized", f"only farm {farm.id}'s owner (twin {farm.owner}) sets "
+                      "its prices")
+    policy = policy_at(state, time)
+    if policy is None:
+        raise _Refuse("state", "the grid has no pricing policy yet")
+    prices = _prices(p.prices)
+    why = prices.outside(policy.minimum, policy.maximum)
+    if why is not None:
+        raise _Refuse("invalid", f"farm prices: {why}")
+    effective = time if p.effective is None else p.effective
+    if effective < time:
+        raise _Refuse("invalid", f"effective time {effective} is before the block time {time}: "
+                      "a price change is never retroactive")
+    old = state.farm_prices.get(farm.id, FarmPricing(None))
+    fp = (FarmPricing(prices) if effective == time
+          else FarmPricing(old.now(time), prices, effective))
+    return _replace(state, farm_prices=state.farm_prices.set(farm.id, fp)), {
+        "farm": farm.id, "effective": effective}
+
+
+def contract_prices(state: State, node: int, time: int) -> Prices | None:
+    """The prices a contract on `node` created at `time` is recorded with: its farm's own,
+    kept within the policy's bounds, or else the grid's."""
+    policy = policy_at(state, time)
+    if policy is None:
+        return None
+    fp = state.farm_prices.get(state.nodes[node].farm)
+    own = fp.now(time) if fp is not None else None
+    return policy.prices if own is None else own.clamp(policy.minimum, policy.maximum)
+
+
+def _new_billing(state: State, p: t.ContractCreate, time: int) -> Billing | None:
+    prices = contract_prices(state, p.node, time)
+    policy = policy_at(state, time)
+    if prices is None or policy is None:
+        if p.template is not None or p.ipv4 or p.names:
+            raise _Refuse("state", "the grid has no pricing policy yet: template, ipv4 and "
+                          "names are billing fields")
+        return None
+    author, share, template = 0, 0, ""
+    if p.template is not None:
+        tpl = state.templates.get(p.template)
+        if tpl is None:
+            raise _Refuse("not_found", f"template {p.template} is not published")
+        template, author = tpl.hash, tpl.author
+        share = min(tpl.author_share, policy.max_author_share)
+    return Billing(prices, p.ipv4, p.names, template, author, share, time)
+
+
+def _units(c: Contract) -> tuple[int, ...]:
+    """What the contract reserves, in RESERVED order (nothing before it is approved)."""
+    assert c.billing is not None
+    cap = c.active.capacity if c.active is not None else ZERO
+    return (cap.cru, cap.mru, cap.sru, cap.hru, c.billing.ipv4, c.billing.names)
+
+
+class _Books:
+    """Money moved by one transaction or one tick, collected in plain dicts and written
+    into the state's maps at once (a billing pass touches thousands of entries)."""
+
+    def __init__(self, state: State, time: int) -> None:
+        self.state = state
+        self.time = time
+        self.balances: dict[int, int] = {}
+        self.contracts: dict[int, Contract] = {}
+        self.charges: dict[int, list[Charge]] = {}
+        self.earned: dict[tuple[int, str], list[int]] = {}  # (twin, role) -> [amount, contracts]
+        self.treasury = state.treasury
+        self.billable: dict[int, bool] = {}  # contract -> add (True) or drop (False)
+        self.graces: dict[int, int | None] = {}  # contract -> grace end, None: leaves grace
+        self.graced: dict[int, int] = {}  # owner -> change in contracts in grace
+
+    def balance(self, twin: int) -> int:
+        got = self.balances.get(twin)
+        return self.state.balances.get(twin, 0) if got is None else got
+
+    def move(self, twin: int, delta: int) -> None:
+        self.balances[twin] = self.balance(twin) + delta
+
+    def earn(self, twin: int, role: str, amount: int) -> None:
+        self.move(twin, amount)
+        row = self.earned.setdefault((twin, role), [0, 0])
+        row[0] += amount
+        row[1] += 1
+
+    def pay(self, c: Contract, amounts: dict[str, int], start: int, end: int,
+            status: str) -> Charge:
+        """Take the charge from the owner (who can pay it) and share it out."""
+        assert c.billing is not None
+        b = c.billing
+        total = min(MAX_INT, sum(amounts.values()))
+        policy = policy_at(self.state, self.time)
+        treasury_share = policy.treasury_share if policy is not None else 0
+        farmer_part, author_part, treasury_part = pr.split(
+            total, treasury_share, b.author_share if b.author else 0)
+        farmer = self.state.farms[self.state.nodes[c.node].farm].owner
+        self.move(c.owner, -total)
+        if farmer_part:
+            self.earn(farmer, "farmer", farmer_part)
+        if author_part:
+            self.earn(b.author, "author", author_part)
+        self.treasury += treasury_part
+        row = Charge(start, end, self.time, amounts, total, status, farmer, farmer_part,
+                     b.author, author_part, treasury_part)
+        self.record(c.id, row)
+        return row
+
+    def record(self, cid: int, row: Charge) -> None:
+        self.charges.setdefault(cid, []).append(row)
+
+    def commit(self) -> State:
+        s = self.state
+        charges = s.charges
+        if self.charges:
+            with charges.mutate() as m:
+                for cid, rows in self.charges.items():
+                    m[cid] = (m.get(cid, ()) + tuple(rows))[-MAX_HISTORY:]
+                charges = m.finish()
+        payouts, paid_out = s.payouts, s.paid_out
+        if self.earned:
+            with payouts.mutate() as m, paid_out.mutate() as total:
+                for (twin, role), (amount, n) in sorted(self.earned.items()):
+                    m[twin] = (*m.get(twin, ()), Payout(self.time, role, amount, n)
+                               )[-MAX_HISTORY:]
+                    total[twin] = total.get(twin, 0) + amount
+                payouts, paid_out = m.finish(), total.finish()
+        billable, graces, graced = s.billable, s.graces, s.graced_owners
+        if self.billable:
+            with billable.mutate() as m:
+                for cid, add in self.billable.items():
+                    if add:
+                        m[cid] = True
+                    elif cid in m:
+                        del m[cid]
+                billable = m.finish()
+        if self.graces:
+            with graces.mutate() as m:
+                for cid, until in self.graces.items():
+                    if until is not None:
+                        m[cid] = until
+                    elif cid in m:
+                        del m[cid]
+                graces = m.finish()
+            for twin, delta in self.graced.items():
+                graced = _count(graced, twin, delta)
+        return _replace(
+            s,
+            balances=s.balances.update(self.balances) if self.balances else s.balances,
+            contracts=s.contracts.update(self.contracts) if self.contracts else s.contracts,
+            charges=charges,
+            payouts=payouts,
+            paid_out=paid_out,
+            treasury=self.treasury,
+            billable=billable,
+            graces=graces,
+            graced_owners=graced,
+            next_grace=(min(graces.values(), default=NEVER) if self.graces
+                        else s.next_grace),
+        )
+
+    def contract(self, cid: int) -> Contract:
+        return self.contracts.get(cid) or self.state.contracts[cid]
+
+    def charge_to(self, c: Contract, upto: int, *, settle: bool) -> Contract:
+        """Charge `c` for what accrued up to `upto`. An owner who cannot pay puts the
+        contract in grace, or, when `settle` (the contract is ending), leaves the charge
+        unpaid. Returns the contract as it now is (also kept in the books)."""
+        b = c.billing
+        assert b is not None
+        if upto <= b.since and not any(b.accrued) and not b.traffic:
+            return c
+        accrued = pr.add(b.accrued, pr.usage(_units(c), max(0, upto - b.since)))
+        amounts = pr.amounts(b.prices, accrued, b.traffic)
+        total = min(MAX_INT, sum(amounts.values()))
+        fresh = (0,) * len(pr.RESERVED)
+        if total <= self.balance(c.owner):
+            self.pay(c, amounts, b.since, upto, "paid")
+            totals = pr.add(b.totals, tuple(amounts[r] for r in pr.RESOURCES))
+            b = _replace(b, since=upto, accrued=fresh, traffic=0, charged=b.charged + total,
+                         totals=totals)
+            c = _replace(c, billing=b)
+        elif settle:
+            self.record(c.id, Charge(b.since, upto, self.time, amounts, total, "unpaid",
+                                     0, 0, 0, 0, 0))
+            c = _replace(c, billing=_replace(b, since=upto, accrued=fresh, traffic=0,
+                                             unpaid=b.unpaid + total))
+        else:
+            policy = policy_at(self.state, self.time)
+            until = self.time + (policy.grace if policy is not None else 0)
+            b = _replace(b, since=upto, accrued=fresh, traffic=0,
+                         due=tuple(amounts[r] for r in pr.RESOURCES), due_span=(b.since, upto),
+                         resume=c.state, grace_until=until)
+            c = _replace(c, state=GRACE, billing=b, updated=self.time)
+            self.billable[c.id] = False
+            self.graces[c.id] = until
+            self.graced[c.owner] = self.graced.get(c.owner, 0) + 1
+        self.contracts[c.id] = c
+        return c
+
+    def top_up(self, twin: int) -> list[int]:
+        """`twin` received money: pay what its contracts in grace owe, oldest first, and
+        bring each one paid back to the state it left."""
+        if not self.state.graced_owners.get(twin):
+            return []
+        resumed = []
+        for cid in sorted(contract_ids(self.state.contracts_by_owner, twin)):
+            c = self.contract(cid)
+            if c.state != GRACE or c.billing is None:
+                continue
+            b = c.billing
+            due = sum(b.due)
+            if due > self.balance(twin):
+                continue
+            amounts = dict(zip(pr.RESOURCES, b.due, strict=True))
+            self.pay(c, amounts, b.due_span[0], b.due_span[1], "late")
+            b = _replace(b, since=self.time, due=(), due_span=(0, 0), resume="",
+                         grace_until=0, charged=b.charged + due,
+                         totals=pr.add(b.totals, b.due))
+            self.contracts[cid] = _replace(c, state=c.billing.resume or APPROVED, billing=b,
+                                           updated=self.time)
+            self.billable[cid] = True
+            self.graces[cid] = None
+            self.graced[twin] = self.graced.get(twin, 0) - 1
+            resumed.append(cid)
+        return resumed
+
+
+def _bill(state: State, time: int) -> State:
+    """Charge every billed contract up to the last boundary at or before `time`."""
+    policy = policy_at(state, time)
+    assert policy is not None
+    boundary = time // policy.period * policy.period
+    books = _Books(state, time)
+    for cid in state.billable:
+        books.charge_to(state.contracts[cid], boundary, settle=False)
+    return _replace(books.commit(), next_bill=boundary + policy.period)
+
+
+def _end_graces(state: State, time: int) -> State:
+    """Contracts whose grace ran out are cancelled: the node decommissions them."""
+    for cid, until in sorted(state.graces.items()):
+        if until >= time:
+            continue
+        c = state.contracts[cid]
+        b = c.billing
+        assert b is not None
+        state = _replace(state, graces=state.graces.delete(cid),
+                         graced_owners=_count(state.graced_owners, c.owner, -1))
+        c = _replace(c, billing=_replace(b, unpaid=b.unpaid + sum(b.due), due=(),
+                                         resume=""))
+        state = _finish(state, c, CANCELLED, time)
+    return _replace(state, next_grace=min(state.graces.values(), default=NEVER))
+
+
+def _stop_billing(state: State, c: Contract, time: int) -> tuple[State, Contract]:
+    """`c` is ending: charge what accrued since the last boundary (left unpaid if the owner
+    cannot pay) and bill it no more; a contract in grace owes its due for good."""
+    if c.billing is None:
+        return state, c
+    if c.id in state.graces:
+        b = c.billing
+        c = _replace(c, billing=_replace(b, unpaid=b.unpaid + sum(b.due), due=(), resume=""))
+        return _replace(state, graces=state.graces.delete(c.id),
+                        graced_owners=_count(state.graced_owners, c.owner, -1),
+                        next_grace=min((v for k, v in state.graces.items() if k != c.id),
+                                       default=NEVER)), c
+    if c.id not in state.billable:
+        return state, c
+    books = _Books(state, time)
+    c = books.charge_to(c, time, settle=True)
+    books.billable[c.id] = False
+    return books.commit(), c
+
+
+def _activate(state: State, old: Contract | None, c: Contract, time: int) -> Contract:
+    """`c` just had a version approved: start billing it, or, when the reservation changes,
+    keep what the old one accrued so far to charge at the next boundary."""
+    b = c.billing
+    if b is None:
+        return c
+    if old is None or old.active is None:
+        return _replace(c, billing=_replace(b, since=time))
+    if c.id in state.billable:
+        accrued = pr.add(b.accrued, pr.usage(_units(old), max(0, time - b.since)))
+        return _replace(c, billing=_replace(b, since=time, accrued=accrued))
+    return c
+
+
+def _contract_consumption(state: State, tx: t.Tx, twin: Twin,
+                          time: int) -> tuple[State, Receipt]:
+    p: t.ContractConsumption = tx.payload
+    c = _contract(state, p.contract)
+    node = state.nodes[c.node]
+    if node.twin != twin.id:
+        raise _Refuse("unauthorized", f"contract {c.id} runs on node {c.node}: only its twin "
+                      f"({node.twin}) reports its consumption")
+    if c.billing is None:
+        raise _Refuse("state", f"contract {c.id} is not billed (made before the grid's policy)")
+    if c.state not in BILLED_STATES and c.state != GRACE:
+        raise _Refuse("state", f"contract {c.id} is {c.state}: no consumption to report")
+    policy = policy_at(state, time)
+    assert policy is not None
+    b = c.billing
+    if (p.period + 1) * policy.period > time:
+        raise _Refuse("invalid", f"period {p.period} has not ended yet (it ends at "
+                      f"{(p.period + 1) * policy.period}, the block time is {time})")
+    if p.period <= b.last_period:
+        raise _Refuse("conflict", f"period {p.period} of contract {c.id} is already reported "
+                      f"(the last reported period is {b.last_period})")
+    if (p.period + 1) * policy.period <= c.created:
+        raise _Refuse("invalid", f"period {p.period} ended before contract {c.id} existed")
+    reserved = p.reserved
+    allowed = dict(zip(pr.RESERVED, _units(c), strict=True))
+    for r in pr.RESERVED:
+        if getattr(reserved, r) > allowed[r]:
+            raise _Refuse("invalid", f"report says {getattr(reserved, r)} {r} reserved, but "
+                          f"contract {c.id} reserves {allowed[r]}")
+    traffic = p.traffic_in + p.traffic_out
+    if traffic > policy.max_traffic:
+        raise _Refuse("invalid", f"report counts {traffic} bytes of traffic: the policy allows "
+                      f"at most {policy.max_traffic} per period")
+    report = {"period": p.period, "time": time, "reserved": reserved.model_dump(),
+              "traffic_in": p.traffic_in, "traffic_out": p.traffic_out}
+    b = _replace(b, traffic=b.traffic + traffic, last_period=p.period, consumption=report)
+    c = _replace(c, billing=b)
+    return _replace(state, contracts=state.contracts.set(c.id, c)), {
+        "contract": c.id, "node": c.node, "owner": c.owner, "period": p.period}
+
+
+def _balance_transfer(state: State, tx: t.Tx, twin: Twin, time: int) -> tuple[State, Receipt]:
+    p: t.BalanceTransfer = tx.payload
+    if p.to not in state.twins:
+        raise _Refuse("not_found", f"twin {p.to} is not registered")
+    have = state.balances.get(twin.id, 0)
+    if p.amount > have:
+        raise _Refuse("state", f"twin {twin.id} has {have}, less than the {p.amount} to transfer")
+    books = _Books(state, time)
+    books.move(twin.id, -p.amount)
+    books.move(p.to, p.amount)
+    resumed = books.top_up(p.to)
+    return books.commit(), {"twin": p.to, "from": twin.id, "to": p.to, "amount": p.amount,
+                            "resumed": resumed}
+
+
+def _balance_faucet(state: State, tx: t.Tx, twin: Twin, time: int) -> tuple[State, Receipt]:
+    p: t.BalanceFaucet = tx.payload
+    policy = policy_at(state, time)
+    if policy is None or not policy.dev_faucet:
+        raise _Refuse("unauthorized", "this grid has no faucet (only a grid started for "
+                      "development mints money)")
+    if state.supply + p.amount > MAX_INT:
+        raise _Refuse("invalid", f"minting {p.amount} would take the grid's money past 2^53 - 1")
+    books = _Books(state, time)
+    books.move(twin.id, p.amount)
+    resumed = books.top_up(twin.id)
+    state = books.commit()
+    return _replace(state, supply=state.supply + p.amount), {
+        "twin": twin.id, "amount": p.amount, "resumed": resumed}
+
+
 _HANDLERS: dict[str, Any] = {
     "farm.create": _farm_create,
     "node.register": _node_register,
@@ -1001,9 +1569,13 @@ _HANDLERS: dict[str, Any] = {
     "contract.report": _contract_report,
     "name.register": _name_register,
     "name.release": _name_release,
+    "contract.consumption": _contract_consumption,
+    "farm.prices": _farm_prices,
+    "balance.transfer": _balance_transfer,
+    "balance.faucet": _balance_faucet,
 }
 
-assert set(_HANDLERS) | {"twin.register"} == t.TX_TYPES
+assert set(_HANDLERS) | {"twin.register", "grid.policy"} == t.TX_TYPES
 
 
 def contract_ids(index: Map[int, Map[int, bool]], key: int) -> Iterable[int]:
