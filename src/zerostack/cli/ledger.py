@@ -75,7 +75,13 @@ def serve(
                                               "transactions wait)."),
     key: Path = typer.Option(None, "--key", help="The operator's key file, which signs every "
                              "block (default: ledger.key beside --db, created on first start, "
-                             "mode 0600)."),
+                             "mode 0600). It is also the grid's governing key."),
+    dev_faucet: bool = typer.Option(False, "--dev-faucet", help="A development grid: anyone "
+                                    "may mint money with `zerostack faucet`. Recorded in the "
+                                    "grid's first pricing policy, for the grid's life."),
+    policy_file: Path = typer.Option(None, "--policy", help="JSON pricing policy the grid "
+                                     "starts with (see docs/billing.md); default with "
+                                     "--dev-faucet: the development prices."),
 ) -> None:
     """Run the ledger's HTTP API, after checking the whole file (as `verify` does)."""
     from zerostack.ledger import LedgerError
@@ -86,15 +92,33 @@ def serve(
     if not sep or not port.isdigit():
         fail(f"--listen must be HOST:PORT, got {listen!r}")
     path = db or default_db()
+    policy = _policy(policy_file, dev_faucet)
     operator = operator_identity(key or path.parent / "ledger.key", path)
     try:
-        application = create_app(path, operator, block_interval=block_interval)
+        application = create_app(path, operator, block_interval=block_interval, policy=policy)
     except LedgerError as exc:
         # the reason may quote bytes of the file: no console markup from it
         fail(escape(f"refusing to serve {path}: {exc}"))
     console.print(f"ledger {path} listening on http://{host}:{port} operator key "
                   f"{operator.public_hex}", highlight=False)
     serve_app(application, host, int(port))
+
+
+def _policy(path: Path | None, dev_faucet: bool) -> dict[str, Any] | None:
+    """The pricing policy `serve` gives a grid that has none yet (None: leave it unpriced)."""
+    import json
+
+    from zerostack.ledger.pricing import DEV_POLICY
+
+    if path is None:
+        return {**DEV_POLICY, "dev_faucet": True} if dev_faucet else None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        fail(f"--policy {path}: {exc}")
+    if not isinstance(data, dict):
+        fail(f"--policy {path}: a policy is a JSON object")
+    return {**data, "dev_faucet": True} if dev_faucet else data
 
 
 @app.command("verify")

@@ -1143,6 +1143,21 @@ def policy_at(state: State, time: int) -> Policy | None:
     return state.policy
 
 
+def billing_view(state: State, time: int) -> dict[str, Any]:
+    """The grid's pricing policy as `GET /policy` shows it (policy null: nothing is priced)."""
+    policy = policy_at(state, time)
+    upcoming = state.policy_next if state.policy_next and state.policy_next[0] > time else None
+    return {
+        "governor": state.operator,
+        "policy": None if policy is None else policy.to_dict(),
+        "next": None if upcoming is None else {"effective": upcoming[0],
+                                               **upcoming[1].to_dict()},
+        "next_bill": None if state.next_bill == NEVER else state.next_bill,
+        "supply": state.supply,
+        "treasury": state.treasury,
+    }
+
+
 def _prices(model: t.PricesModel) -> Prices:
     return Prices.of(model.model_dump())
 
@@ -1231,10 +1246,7 @@ def _new_billing(state: State, p: t.ContractCreate, time: int) -> Billing | None
     prices = contract_prices(state, p.node, time)
     policy = policy_at(state, time)
     if prices is None or policy is None:
-        if p.template is not None or p.ipv4 or p.names:
-            raise _Refuse("state", "the grid has no pricing policy yet: template, ipv4 and "
-                          "names are billing fields")
-        return None
+        return None  # nothing is priced on this grid (yet): the contract runs unbilled
     author, share, template = 0, 0, ""
     if p.template is not None:
         tpl = state.templates.get(p.template)
