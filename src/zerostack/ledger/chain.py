@@ -101,7 +101,9 @@ class Chain:
         """A contract deadline or grace period has passed, or a billing boundary: an
         (empty) block would expire, end or charge what is due."""
         s, now = self._tip_state, int(self.clock())
-        return s.next_deadline < now or s.next_grace < now or s.next_bill <= now
+        # a boundary with nothing to bill waits for the next block: it changes nothing
+        return (s.next_deadline < now or s.next_grace < now
+                or (s.next_bill <= now and bool(s.billable)))
 
     def cut(self, *, allow_empty: bool = False) -> tuple[Block, list[Receipt], State] | None:
         """Close the pending block; the caller writes it with `commit` (maybe in a thread)."""
