@@ -202,3 +202,24 @@ def test_bill_payouts_consumption_and_grace(grid: Any, procs: ProcessGroup) -> N
         assert again.bill(cid)["charges"][0] == row
         assert again.account(farmer_twin)["balance"] >= before[farmer_twin]
         assert again.bill(cid)["charges"][0] == row
+
+
+def test_the_governing_key_changes_prices_never_retroactively(grid: Any) -> None:
+    home, url, client = grid["home"], grid["url"], grid["client"]
+    key = grid["tmp"] / "ledger.key"  # the operator key `ledger serve` created
+    new = grid["tmp"] / "new.json"
+    new.write_text(json.dumps({**POLICY, "prices": {**PRICES, "cru": 2 * PRICES["cru"]}}))
+    now = int(client.head()["time"])
+    proc = zs(home, url, "ledger", "policy", str(new), "--key", str(key), "--effective",
+              str(now - 60), check=False)
+    assert proc.returncode != 0 and "never retroactive" in proc.stderr, proc.stderr
+    stranger = json.loads(zs(home, url, "id", "new", "stranger", "--json").stdout)["path"]
+    proc = zs(home, url, "ledger", "policy", str(new), "--key", stranger, check=False)
+    assert proc.returncode != 0 and "governing key" in proc.stderr, proc.stderr
+    assert client.policy()["policy"]["prices"]["cru"] == PRICES["cru"]
+    zs(home, url, "ledger", "policy", str(new), "--key", str(key), "--effective",
+       str(now + 3600))
+    got = client.policy()
+    assert got["policy"]["prices"]["cru"] == PRICES["cru"]
+    assert got["next"]["prices"]["cru"] == 2 * PRICES["cru"]
+    assert got["next"]["effective"] == now + 3600

@@ -121,6 +121,47 @@ def _policy(path: Path | None, dev_faucet: bool) -> dict[str, Any] | None:
     return {**data, "dev_faucet": True} if dev_faucet else data
 
 
+@app.command("policy")
+def policy(
+    file: Path = typer.Argument(..., help="JSON pricing policy (see docs/billing.md)."),
+    key: Path = typer.Option(..., "--key", help="The ledger operator's key file: the grid's "
+                             "governing key."),
+    effective: int = typer.Option(None, "--effective", help="Unix time it takes effect "
+                                  "(default: the block's time; never earlier)."),
+    url: str = LedgerUrl,
+    json_out: bool = JsonOut,
+) -> None:
+    """Set (or schedule) the grid's pricing policy, signed with the governing key."""
+    from zerostack.crypto import CanonicalError, CryptoError, load_identity
+    from zerostack.ledger.tx import sign_tx
+
+    payload = _policy(file, False)
+    assert payload is not None
+    if effective is not None:
+        payload["effective"] = effective
+    try:
+        operator = load_identity(key)
+    except (CryptoError, OSError) as exc:
+        fail(f"operator key: {exc}")
+    client = _client(url)
+    current = _run(client.policy)
+    if current["governor"] != operator.public_hex:
+        fail(f"{key} is not this grid's governing key ({current['governor']})")
+    if current["policy"] is not None:
+        payload.setdefault("dev_faucet", current["policy"]["dev_faucet"])
+    try:
+        tx = sign_tx(operator, "grid.policy", operator.public_hex, current["governor_nonce"],
+                     payload)
+    except CanonicalError as exc:
+        fail(f"--policy {file}: {exc}")
+    result = _run(lambda: client.submit(tx))
+    if json_out:
+        print_json(result)
+    else:
+        console.print(f"pricing policy effective from {result['receipt']['policy']} (block "
+                      f"{result['height']})", highlight=False)
+
+
 @app.command("verify")
 def verify(
     db: Path = typer.Option(None, "--db", help="SQLite ledger file (default $ZEROSTACK_HOME/ledger.db)."),

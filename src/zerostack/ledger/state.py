@@ -1149,6 +1149,7 @@ def billing_view(state: State, time: int) -> dict[str, Any]:
     upcoming = state.policy_next if state.policy_next and state.policy_next[0] > time else None
     return {
         "governor": state.operator,
+        "governor_nonce": state.governor_nonce,
         "policy": None if policy is None else policy.to_dict(),
         "next": None if upcoming is None else {"effective": upcoming[0],
                                                **upcoming[1].to_dict()},
