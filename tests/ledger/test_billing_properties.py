@@ -35,6 +35,7 @@ action = st.one_of(
               st.sampled_from([-1, -1, -1, -2, 0, 1]), st.integers(0, 3),
               st.sampled_from([0, GiB, 3 * GiB, 20 * GiB]), st.sampled_from([False] * 3 + [True])),
     st.tuples(st.just("cancel"), st.integers(0, 50)),
+    st.tuples(st.just("update"), st.integers(0, 50), st.integers(0, 4), st.booleans()),
     st.tuples(st.just("report"), st.integers(0, 50), st.sampled_from(["ok", "error"])),
     st.tuples(st.just("time"), st.sampled_from([1, 60, 1800, PERIOD, 3 * PERIOD,
                                                 10 * PERIOD])),
@@ -104,6 +105,19 @@ def run(w: World, users: list[int], nodes: list[tuple[int, int]], farmer: int, t
             "reserved": {"cru": cru}, "traffic_in": traffic, "traffic_out": 0})
         if wrong_node:
             assert isinstance(result, Rejected) and result.code == "unauthorized"
+    elif kind == "update":
+        _, ci, cru, approve = step
+        cid = pick(ci)
+        c = w.state.contracts.get(cid)
+        if c is None:
+            return
+        req = c.proposal.requirement.to_dict()
+        h = hashes(5000 + len(w.accepted), req)
+        payload = {"contract": cid, **h, "instructions": sealed("u"),
+                   "capacity": {"cru": cru, "mru": cru * GiB}}
+        if approve:
+            payload["approval"] = w.update_approval(c.owner, cid, h["deployment_hash"])
+        w.send(c.owner, "contract.update", payload)
     elif kind == "cancel":
         cid = pick(step[1])
         c = w.state.contracts.get(cid)
@@ -140,7 +154,9 @@ def check(w: World) -> None:
         paid = sum(r.total for r in rows if r.status != "unpaid")
         assert paid == c.billing.charged
     for cid in s.billable:
-        assert s.contracts[cid].state in ("approved", "deployed", "error")
+        c = s.contracts[cid]
+        assert c.state in ("approved", "deployed", "error")
+        assert c.billing is not None and c.billing.since <= w.time
     for cid, until in s.graces.items():
         c = s.contracts[cid]
         assert c.state == GRACE and c.billing is not None and c.billing.grace_until == until
