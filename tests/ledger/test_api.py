@@ -109,7 +109,8 @@ def test_contract_flow_through_the_client(client: LedgerClient) -> None:
     client.report(ids["node"], cid, 1, [{"name": "db", "state": "deleted"}])
     assert client.contract(cid)["state"] == "deleted"  # type: ignore[index]
     assert client.contract(999) is None
-    assert client.account(twins["s1"]) == {"twin": twins["s1"], "balance": 0}
+    assert client.account(twins["s1"]) == {"twin": twins["s1"], "balance": 0, "paid_out": 0,
+                                           "in_grace": 0}
 
 
 def raw_post(server: Server, path: str, body: bytes) -> httpx.Response:

@@ -24,7 +24,10 @@ class World:
     """Applies signed transactions to a State, one block (same time) per call unless told."""
 
     def __init__(self, time: int = 1_000_000) -> None:
-        self.state: State = genesis()
+        # the ledger operator's key, which governs the grid's pricing policy
+        self.operator = Identity.from_seed(b"\x99" * 32)
+        self.governor_nonce = 0
+        self.state: State = genesis(self.operator.public_hex)
         self.time = time
         self.keys: dict[int, Identity] = {}
         self.nonces: dict[int, int] = {}
@@ -51,6 +54,17 @@ class World:
         if isinstance(tx.sender, int):
             self.nonces[tx.sender] = tx.nonce + 1
         return receipt
+
+    def govern(self, payload: dict[str, Any], identity: Identity | None = None,
+               nonce: int | None = None) -> Receipt | Rejected:
+        """A `grid.policy` sent by the governing key (or by `identity` posing as it)."""
+        ident = identity or self.operator
+        n = self.governor_nonce if nonce is None else nonce
+        result = self.apply_tx(parse_tx(sign_tx(ident, "grid.policy", self.operator.public_hex,
+                                                n, payload)))
+        if not isinstance(result, Rejected):
+            self.governor_nonce += 1
+        return result
 
     def send(self, twin: int, ttype: str, payload: dict[str, Any], **kw: Any) -> Receipt | Rejected:
         return self.apply_tx(self.tx(twin, ttype, payload, **kw))

@@ -16,14 +16,14 @@ from zerostack.ledger import LedgerClient
 class Grid:
     """Ledger + farm; start node agents and users on it. Processes die with `procs`."""
 
-    def __init__(self, procs: ProcessGroup, tmp: Path) -> None:
+    def __init__(self, procs: ProcessGroup, tmp: Path, *ledger_args: str) -> None:
         self.procs = procs
         self.tmp = tmp
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
         self.ledger_log = open(tmp / "ledger.log", "wb")  # noqa: SIM115 - closed by the OS
         proc = procs.start([*zerostack_cmd(), "ledger", "serve", "--db", str(tmp / "ledger.db"),
-                            "--listen", f"127.0.0.1:{port}"],
+                            "--listen", f"127.0.0.1:{port}", *ledger_args],
                            stdout=self.ledger_log, stderr=self.ledger_log)
         wait_for_port(port, proc=proc)
         self.client = LedgerClient(self.url)

@@ -27,6 +27,7 @@ from zerostack.workloads import (
     Deployment,
     WorkloadError,
     open_instructions,
+    priced_units,
     seal_instructions,
     summarize,
     total_resources,
@@ -197,6 +198,7 @@ class ThreeBot:
         self._check_keys(deployment)
         node = node if node is not None else self.choose_node(deployment)
         delete_req = deployment.delete_requirement
+        units = priced_units(deployment.workloads)
         return self.ledger.create_contract(
             self.identity, node, deployment.hash(),
             self._seal(deployment, node), deployment.requirement().to_dict(),
@@ -206,6 +208,8 @@ class ThreeBot:
             capacity=total_resources(deployment.workloads).to_dict(),
             approval=deployment.approve(self.identity, 0, 1, node),
             metadata=deployment.metadata[:1024],
+            ipv4=units["ipv4"],
+            names=units["names"],
         )
 
     def _seal(self, deployment: Deployment, node: int, also: list[str] | None = None) -> str:

@@ -79,7 +79,13 @@ def serve(
                                               "transactions wait)."),
     key: Path = typer.Option(None, "--key", help="The operator's key file, which signs every "
                              "block (default: ledger.key beside --db, created on first start, "
-                             "mode 0600)."),
+                             "mode 0600). It is also the grid's governing key."),
+    dev_faucet: bool = typer.Option(False, "--dev-faucet", help="A development grid: anyone "
+                                    "may mint money with `zerostack faucet`. Recorded in the "
+                                    "grid's first pricing policy, for the grid's life."),
+    policy_file: Path = typer.Option(None, "--policy", help="JSON pricing policy the grid "
+                                     "starts with (see docs/billing.md); default with "
+                                     "--dev-faucet: the development prices."),
 ) -> None:
     """Run the ledger's HTTP API, after checking the whole file (as `verify` does)."""
     from zerostack.ledger import LedgerError
@@ -90,9 +96,10 @@ def serve(
     if not sep or not port.isdigit():
         fail(f"--listen must be HOST:PORT, got {listen!r}")
     path = db or default_db()
+    policy = _policy(policy_file, dev_faucet)
     operator = operator_identity(key or path.parent / "ledger.key", path)
     try:
-        application = create_app(path, operator, block_interval=block_interval)
+        application = create_app(path, operator, block_interval=block_interval, policy=policy)
     except LedgerError as exc:
         # the reason may quote bytes of the file: no console markup from it
         fail(escape(f"refusing to serve {path}: {exc}"))
@@ -110,6 +117,64 @@ def serve(
         addr = s.getsockname()
         console.print(f"ledger also listening on {addr[0]} port {addr[1]}", highlight=False)
     serve_app(application, host, int(port), extra)
+
+
+def _policy(path: Path | None, dev_faucet: bool) -> dict[str, Any] | None:
+    """The pricing policy `serve` gives a grid that has none yet (None: leave it unpriced)."""
+    import json
+
+    from zerostack.ledger.pricing import DEV_POLICY
+
+    if path is None:
+        return {**DEV_POLICY, "dev_faucet": True} if dev_faucet else None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        fail(f"--policy {path}: {exc}")
+    if not isinstance(data, dict):
+        fail(f"--policy {path}: a policy is a JSON object")
+    return {**data, "dev_faucet": True} if dev_faucet else data
+
+
+@app.command("policy")
+def policy(
+    file: Path = typer.Argument(..., help="JSON pricing policy (see docs/billing.md)."),
+    key: Path = typer.Option(..., "--key", help="The ledger operator's key file: the grid's "
+                             "governing key."),
+    effective: int = typer.Option(None, "--effective", help="Unix time it takes effect "
+                                  "(default: the block's time; never earlier)."),
+    url: str = LedgerUrl,
+    json_out: bool = JsonOut,
+) -> None:
+    """Set (or schedule) the grid's pricing policy, signed with the governing key."""
+    from zerostack.crypto import CanonicalError, CryptoError, load_identity
+    from zerostack.ledger.tx import sign_tx
+
+    payload = _policy(file, False)
+    assert payload is not None
+    if effective is not None:
+        payload["effective"] = effective
+    try:
+        operator = load_identity(key)
+    except (CryptoError, OSError) as exc:
+        fail(f"operator key: {exc}")
+    client = _client(url)
+    current = _run(client.policy)
+    if current["governor"] != operator.public_hex:
+        fail(f"{key} is not this grid's governing key ({current['governor']})")
+    if current["policy"] is not None:
+        payload.setdefault("dev_faucet", current["policy"]["dev_faucet"])
+    try:
+        tx = sign_tx(operator, "grid.policy", operator.public_hex, current["governor_nonce"],
+                     payload)
+    except CanonicalError as exc:
+        fail(f"--policy {file}: {exc}")
+    result = _run(lambda: client.submit(tx))
+    if json_out:
+        print_json(result)
+    else:
+        console.print(f"pricing policy effective from {result['receipt']['policy']} (block "
+                      f"{result['height']})", highlight=False)
 
 
 @app.command("verify")

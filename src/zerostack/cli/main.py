@@ -25,6 +25,12 @@ _ENTRIES: dict[str, tuple[str, str, str]] = {
     "status": ("bot", "status", "command"),
     "cancel": ("bot", "cancel", "command"),
     "logs": ("logs", "logs", "command"),
+    "balance": ("billing", "balance", "command"),
+    "transfer": ("billing", "transfer", "command"),
+    "faucet": ("billing", "faucet", "command"),
+    "bill": ("billing", "bill", "command"),
+    "price": ("billing", "price", "command"),
+    "payouts": ("billing", "payouts", "command"),
     "demo": ("demo", "demo", "command"),
 }
 

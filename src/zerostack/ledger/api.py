@@ -25,7 +25,7 @@ from zerostack.ledger.chain import block_json, header_json
 from zerostack.ledger.errors import HTTP_STATUS, LedgerError
 from zerostack.ledger.query import NodeFilter, find_contracts, node_view, page
 from zerostack.ledger.service import MAX_BATCH_BYTES, LedgerService
-from zerostack.ledger.state import CONTRACT_STATES
+from zerostack.ledger.state import CONTRACT_STATES, billing_view, contract_prices
 from zerostack.ledger.store import BlockLog, SqliteLog
 from zerostack.ledger.tx import MAX_BATCH, MAX_TX_BYTES, SignedTxModel
 
@@ -139,13 +139,15 @@ def create_app(
     *,
     clock: Callable[[], float] = _time.time,
     block_interval: float = 0.0,
+    policy: dict[str, Any] | None = None,
 ) -> FastAPI:
     """The ASGI app for a ledger whose log is the SQLite file `db` (or any BlockLog),
     operated with the key `operator`. Raises `LedgerError` (`BadBlock`) when the log
     fails its checks: a ledger never serves a file `zerostack ledger verify` refuses."""
     blocklog: BlockLog = SqliteLog(db) if isinstance(db, (str, Path)) else db
     try:
-        service = LedgerService(blocklog, operator, clock=clock, block_interval=block_interval)
+        service = LedgerService(blocklog, operator, clock=clock, block_interval=block_interval,
+                                policy=policy)
     except BaseException:
         blocklog.close()
         raise
@@ -253,12 +255,52 @@ def create_app(
         twin = service.chain.state.twins.get(twin_id)
         return _json(twin.to_dict()) if twin else _not_found(f"twin {twin_id}")
 
-    @app.get("/accounts/{twin_id}", summary="A twin's balance (billing comes later).")
+    @app.get("/accounts/{twin_id}", summary="A twin's balance, what it was paid, and its "
+             "contracts in grace.")
     async def get_account(twin_id: int) -> Response:
-        balance = service.chain.state.balances.get(twin_id)
+        state = service.chain.state
+        balance = state.balances.get(twin_id)
         if balance is None:
             return _not_found(f"twin {twin_id}")
-        return _json({"twin": twin_id, "balance": balance})
+        return _json({"twin": twin_id, "balance": balance,
+                      "paid_out": state.paid_out.get(twin_id, 0),
+                      "in_grace": state.graced_owners.get(twin_id, 0)})
+
+    @app.get("/accounts/{twin_id}/payouts", summary="What a twin received as farmer or "
+             "template author, per billing block (the last 1,000 rows).")
+    async def get_payouts(twin_id: int, limit: Limit = 100, offset: Offset = 0) -> Response:
+        state = service.chain.state
+        if twin_id not in state.twins:
+            return _not_found(f"twin {twin_id}")
+        rows = list(reversed(state.payouts.get(twin_id, ())))
+        return _json({"twin": twin_id, "total": state.paid_out.get(twin_id, 0),
+                      "payouts": [r.to_dict() for r in page(iter(rows), limit, offset)]})
+
+    @app.get("/policy", summary="The grid's pricing policy, a scheduled one, and its money.")
+    async def get_policy() -> Response:
+        return _json(billing_view(service.chain.state, int(service.clock())))
+
+    @app.get("/nodes/{node_id}/prices", summary="The prices a contract created on this node "
+             "now would be recorded with.")
+    async def get_node_prices(node_id: int) -> Response:
+        state = service.chain.state
+        if node_id not in state.nodes:
+            return _not_found(f"node {node_id}")
+        prices = contract_prices(state, node_id, int(service.clock()))
+        return _json({"node": node_id, "farm": state.nodes[node_id].farm,
+                      "prices": None if prices is None else prices.to_dict()})
+
+    @app.get("/contracts/{contract_id}/bill", summary="A contract's charges: per period and "
+             "per resource, and where it stands.")
+    async def get_bill(contract_id: int, limit: Limit = 1000, offset: Offset = 0) -> Response:
+        state = service.chain.state
+        c = state.contracts.get(contract_id)
+        if c is None:
+            return _not_found(f"contract {contract_id}")
+        rows = state.charges.get(contract_id, ())
+        return _json({"contract": c.id, "owner": c.owner, "node": c.node, "state": c.state,
+                      "billing": c.billing.to_dict() if c.billing else None,
+                      "charges": [r.to_dict() for r in page(iter(rows), limit, offset)]})
 
     @app.get("/farms", summary="Farms, optionally by name or owner.")
     async def get_farms(name: str | None = None, owner: int | None = None,

@@ -98,8 +98,12 @@ class Chain:
         return receipt
 
     def deadline_due(self) -> bool:
-        """A contract deadline has passed: an (empty) block would expire it."""
-        return self._tip_state.next_deadline < int(self.clock())
+        """A contract deadline or grace period has passed, or a billing boundary: an
+        (empty) block would expire, end or charge what is due."""
+        s, now = self._tip_state, int(self.clock())
+        # a boundary with nothing to bill waits for the next block: it changes nothing
+        return (s.next_deadline < now or s.next_grace < now
+                or (s.next_bill <= now and bool(s.billable)))
 
     def cut(self, *, allow_empty: bool = False) -> tuple[Block, list[Receipt], State] | None:
         """Close the pending block; the caller writes it with `commit` (maybe in a thread)."""
@@ -185,7 +189,7 @@ def replay(log: BlockLog, *, operator_key: str | None = None, trust_checkpoint: 
                                          or not checkpoint.valid_for(operator_key))
     trusted = checkpoint.height if checkpoint is not None and trust_checkpoint and not forged \
         else 0
-    state = genesis()
+    state = genesis(operator_key)
     prev_hash, prev_time, height, count = GENESIS_HASH, 0, 0, 0
     last: Block | None = None
     threads = max(1, min(4, os.cpu_count() or 1))

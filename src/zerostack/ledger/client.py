@@ -114,8 +114,14 @@ def contract_payload(
     capacity: dict[str, int] | None = None,
     approval: str | None = None,
     metadata: str | None = None,
+    template: str | None = None,
+    ipv4: int = 0,
+    names: int = 0,
 ) -> dict[str, Any]:
     return _drop_none({
+        "template": template,
+        "ipv4": ipv4 or None,  # left out when zero: the payload stays what it was
+        "names": names or None,
         "node": node,
         "deployment_hash": deployment_hash,
         "body_hash": body_hash,
@@ -198,6 +204,19 @@ class _Queries(Generic[MaybeT, ListT, OneT]):
 
     def account(self, twin_id: int) -> MaybeT:
         return self._get_or_none(f"/accounts/{twin_id}")
+
+    def payouts(self, twin_id: int) -> MaybeT:
+        return self._get_or_none(f"/accounts/{twin_id}/payouts?limit=1000")
+
+    def policy(self) -> OneT:
+        """The grid's pricing policy (`policy` null: nothing is priced), supply, treasury."""
+        return self._get("/policy")
+
+    def node_prices(self, node_id: int) -> MaybeT:
+        return self._get_or_none(f"/nodes/{node_id}/prices")
+
+    def bill(self, contract_id: int) -> MaybeT:
+        return self._get_or_none(f"/contracts/{contract_id}/bill")
 
     def farm(self, farm_id: int) -> MaybeT:
         return self._get_or_none(f"/farms/{farm_id}")
@@ -454,6 +473,25 @@ class LedgerClient(_Queries[Obj | None, list[Obj], Obj]):
 
     def register_name(self, identity: Identity, name: str) -> dict[str, Any]:
         return self.send(identity, "name.register", {"name": name})
+
+    def transfer(self, identity: Identity, to: int, amount: int) -> dict[str, Any]:
+        return self.send(identity, "balance.transfer", {"to": to, "amount": amount})
+
+    def faucet(self, identity: Identity, amount: int) -> dict[str, Any]:
+        """Mint `amount` to `identity`'s twin (a development grid only)."""
+        return self.send(identity, "balance.faucet", {"amount": amount})
+
+    def set_farm_prices(self, identity: Identity, farm: int, prices: dict[str, int],
+                        effective: int | None = None) -> dict[str, Any]:
+        return self.send(identity, "farm.prices",
+                         _drop_none({"farm": farm, "prices": prices, "effective": effective}))
+
+    def report_consumption(self, identity: Identity, contract: int, period: int,
+                           reserved: dict[str, int], traffic_in: int = 0,
+                           traffic_out: int = 0) -> dict[str, Any]:
+        return self.send(identity, "contract.consumption", {
+            "contract": contract, "period": period, "reserved": reserved,
+            "traffic_in": traffic_in, "traffic_out": traffic_out})
 
     def release_name(self, identity: Identity, name: str) -> dict[str, Any]:
         return self.send(identity, "name.release", {"name": name})

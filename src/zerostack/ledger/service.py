@@ -28,7 +28,7 @@ from zerostack.ledger.errors import HTTP_STATUS, LedgerError, LedgerRejected, Re
 from zerostack.ledger.query import NodeFilter, find_node_records, nodes_json
 from zerostack.ledger.state import Receipt, sender_key
 from zerostack.ledger.store import BlockLog
-from zerostack.ledger.tx import MAX_BATCH, MAX_TX_BYTES, Tx, parse_tx
+from zerostack.ledger.tx import MAX_BATCH, MAX_TX_BYTES, Tx, parse_tx, sign_tx
 
 log = logging.getLogger("zerostack.ledger")
 
@@ -54,10 +54,13 @@ class LedgerService:
         clock: Callable[[], float] = _time.time,
         block_interval: float = 0.0,
         verify_threads: int | None = None,
+        policy: dict[str, Any] | None = None,
     ) -> None:
         self.log = blocklog
         self.clock = clock
         self.chain = Chain(blocklog, operator, clock)
+        if policy is not None:
+            self._genesis_policy(operator, policy)
         self.block_interval = block_interval
         self._threads = verify_threads or max(1, min(4, os.cpu_count() or 1))
         self._executor = ThreadPoolExecutor(self._threads, thread_name_prefix="ledger-verify")
@@ -72,6 +75,24 @@ class LedgerService:
         self._recent: OrderedDict[int, list[tuple[dict[str, Any], Tx]]] = OrderedDict()
         # the last block whose events are in `_recent`: `/events` answers up to it only
         self._published = self.chain.height
+
+    def _genesis_policy(self, operator: Identity, policy: dict[str, Any]) -> None:
+        """Give a grid without a pricing policy its first one, signed with the operator key
+        (the grid's governing key) in a block of its own; a grid that has one keeps it, but
+        must agree on whether it is a development grid (dev_faucet is fixed at genesis)."""
+        state = self.chain.state
+        if state.policy is not None:
+            if bool(policy.get("dev_faucet")) != state.policy.dev_faucet:
+                raise LedgerError(
+                    f"this ledger was started with dev_faucet={state.policy.dev_faucet}: the "
+                    "faucet is fixed by the grid's first policy", code="invalid")
+            return
+        tx = parse_tx(sign_tx(operator, "grid.policy", operator.public_hex,
+                              state.governor_nonce, policy))
+        result = self.chain.add(tx)
+        if isinstance(result, Rejected):
+            raise LedgerError(f"pricing policy refused: {result.reason}", code=result.code)
+        self.chain.seal()
 
     # ---- lifecycle ----------------------------------------------------------------------
 

@@ -8,11 +8,8 @@ ordering and HTTP live in other modules.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass, field
-from typing import Any, ClassVar, TypeVar
+from typing import Any
 
-import orjson
 from immutables import Map
 
 from zerostack.crypto import (
@@ -28,363 +25,113 @@ from zerostack.crypto import (
     verify,
 )
 from zerostack.ledger import tx as t
+from zerostack.ledger.billing import (
+    activate,
+    balance_faucet,
+    balance_transfer,
+    bill,
+    billing_view,
+    contract_consumption,
+    contract_prices,
+    farm_prices,
+    grid_policy,
+    new_billing,
+    policy_at,
+    stop_billing,
+)
 from zerostack.ledger.errors import Rejected
+from zerostack.ledger.records import (
+    APPROVED,
+    BILLED_STATES,
+    CANCELLED,
+    CONTRACT_STATES,
+    CREATED,
+    DEFAULT_DEADLINE,
+    DELETED,
+    DEPLOYED,
+    ERROR,
+    EXPIRED,
+    FINAL_STATES,
+    GRACE,
+    MAX_DEADLINE,
+    MAX_HISTORY,
+    MAX_PENDING_PER_TWIN,
+    NEVER,
+    PENDING_HOLD,
+    ZERO,
+    Billing,
+    Capacity,
+    Charge,
+    Contract,
+    Farm,
+    FarmPricing,
+    Name,
+    Node,
+    Payout,
+    Receipt,
+    Report,
+    State,
+    Template,
+    Twin,
+    Version,
+    contract_ids,
+    genesis,
+)
+from zerostack.ledger.records import Refuse as _Refuse
+from zerostack.ledger.records import count as _count
+from zerostack.ledger.records import get_contract as _contract
+from zerostack.ledger.records import index_add as _index_add
+from zerostack.ledger.records import index_remove as _index_remove
+from zerostack.ledger.records import replace_record as _replace
 
-CREATED = "created"
-APPROVED = "approved"
-DEPLOYED = "deployed"
-ERROR = "error"
-CANCELLED = "cancelled"
-DELETED = "deleted"
-EXPIRED = "expired"
-CONTRACT_STATES = (CREATED, APPROVED, DEPLOYED, ERROR, CANCELLED, DELETED, EXPIRED)
-FINAL_STATES = frozenset({DELETED, EXPIRED})
-
-DEFAULT_DEADLINE = 24 * 3600
-"""Seconds a contract (or a new version) has to gather its approval quorum by default."""
-MAX_DEADLINE = 30 * 24 * 3600
-PENDING_HOLD = 15 * 60
-"""Seconds a version waiting for its approvals holds capacity on its node. After that it
-holds nothing beyond the active version's until its quorum is reached, so unapproved
-contracts cannot keep a node looking full."""
-MAX_PENDING_PER_TWIN = 64
-"""Most contracts one twin may have waiting for approvals at once."""
-NEVER = 2**62
-"""A time after every deadline: the value of `next_deadline` when there is none."""
-
-K = TypeVar("K")
-V = TypeVar("V")
-
-Receipt = dict[str, Any]
-"""What a transaction did, for events and clients (ids it created or touched)."""
-
-
-# ---- records ---------------------------------------------------------------------------
-
-
-class _PlainRecord:
-    """A record whose JSON is its fields, in their declared order (tuples as lists)."""
-
-    __slots__ = ()
-    __dataclass_fields__: ClassVar[dict[str, Any]]
-
-    def to_dict(self) -> dict[str, Any]:
-        out = {}
-        for name in self.__dataclass_fields__:
-            value = getattr(self, name)
-            out[name] = list(value) if isinstance(value, tuple) else value
-        return out
-
-
-@dataclass(frozen=True, slots=True)
-class Capacity:
-    cru: int = 0
-    mru: int = 0
-    sru: int = 0
-    hru: int = 0
-
-    @classmethod
-    def of(cls, model: t.Capacity | None) -> Capacity:
-        if model is None:
-            return ZERO
-        return cls(model.cru, model.mru, model.sru, model.hru)
-
-    def __add__(self, o: Capacity) -> Capacity:
-        return Capacity(self.cru + o.cru, self.mru + o.mru, self.sru + o.sru, self.hru + o.hru)
-
-    def __sub__(self, o: Capacity) -> Capacity:
-        return Capacity(self.cru - o.cru, self.mru - o.mru, self.sru - o.sru, self.hru - o.hru)
-
-    def cover(self, o: Capacity) -> Capacity:
-        """The least capacity that holds both (the larger of each unit)."""
-        return Capacity(max(self.cru, o.cru), max(self.mru, o.mru), max(self.sru, o.sru),
-                        max(self.hru, o.hru))
-
-    def exceeds(self, o: Capacity) -> str | None:
-        """The first unit in which self is larger than `o`, if any."""
-        for unit in ("cru", "mru", "sru", "hru"):
-            if getattr(self, unit) > getattr(o, unit):
-                return unit
-        return None
-
-    def to_dict(self) -> dict[str, int]:
-        return {"cru": self.cru, "mru": self.mru, "sru": self.sru, "hru": self.hru}
-
-
-ZERO = Capacity()
-
-
-@dataclass(frozen=True, slots=True)
-class Twin(_PlainRecord):
-    id: int
-    public_key: str
-    nonce: int  # the next nonce this twin must use
-    endpoint: str
-    created: int
-
-
-@dataclass(frozen=True, slots=True)
-class Farm(_PlainRecord):
-    id: int
-    name: str
-    owner: int
-    public_ips: tuple[str, ...]
-    pricing: dict[str, Any] | None  # never mutated
-    created: int
-
-
-@dataclass(frozen=True, slots=True)
-class Node:
-    id: int
-    twin: int
-    farm: int
-    capacity: Capacity
-    country: str
-    city: str
-    endpoint: str
-    public_ips: tuple[str, ...]
-    pricing: dict[str, Any] | None
-    created: int
-    updated: int
-    used: Capacity = ZERO  # as reported by the node's last heartbeat
-    reserved: Capacity = ZERO  # summed holds of its contracts (see `holds`)
-    last_heartbeat: int = 0
-    uptime: int = 0
-    # derived once per version of the record: queries read them for thousands of nodes
-    free: Capacity = field(init=False, compare=False)
-    _view: dict[str, Any] | None = field(init=False, compare=False, repr=False)
-    _json: bytes | None = field(init=False, compare=False, repr=False)
-
-    def __post_init__(self) -> None:
-        c, u, r = self.capacity, self.used, self.reserved
-        # total minus the larger of what the node says it uses and what contracts reserve
-        free = Capacity(
-            max(0, c.cru - max(u.cru, r.cru)),
-            max(0, c.mru - max(u.mru, r.mru)),
-            max(0, c.sru - max(u.sru, r.sru)),
-            max(0, c.hru - max(u.hru, r.hru)),
-        )
-        object.__setattr__(self, "free", free)
-        object.__setattr__(self, "_view", None)
-        object.__setattr__(self, "_json", None)
-
-    def to_dict(self) -> dict[str, Any]:
-        """The node as JSON; built once per record and shared, so callers must not mutate it."""
-        if self._view is None:
-            object.__setattr__(self, "_view", {
-                "id": self.id,
-                "twin": self.twin,
-                "farm": self.farm,
-                "capacity": self.capacity.to_dict(),
-                "used": self.used.to_dict(),
-                "reserved": self.reserved.to_dict(),
-                "free": self.free.to_dict(),
-                "location": {"country": self.country, "city": self.city},
-                "endpoint": self.endpoint,
-                "public_ips": list(self.public_ips),
-                "pricing": self.pricing,
-                "created": self.created,
-                "updated": self.updated,
-                "last_heartbeat": self.last_heartbeat,
-                "uptime": self.uptime,
-            })
-        assert self._view is not None
-        return self._view
-
-    def to_json(self) -> bytes:
-        """`to_dict()` encoded (sorted keys), cached like it."""
-        if self._json is None:
-            object.__setattr__(self, "_json", orjson.dumps(self.to_dict(),
-                                                           option=orjson.OPT_SORT_KEYS))
-        assert self._json is not None
-        return self._json
-
-
-@dataclass(frozen=True, slots=True)
-class Template(_PlainRecord):
-    hash: str
-    name: str
-    version: str
-    description: str
-    body: dict[str, Any]
-    author: int
-    created: int
-
-
-@dataclass(frozen=True, slots=True)
-class Version:
-    """One version of a contract's deployment, and the approvals gathered for it."""
-
-    version: int
-    deployment_hash: str
-    instructions: str
-    requirement: SignatureRequirement  # as given; the owner is added when checking
-    capacity: Capacity
-    approvals: Map[int, str] = field(default_factory=Map)  # twin -> signature hex
-    deadline: int = 0
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "version": self.version,
-            "deployment_hash": self.deployment_hash,
-            "instructions": self.instructions,
-            "signature_requirement": self.requirement.to_dict(),
-            "capacity": self.capacity.to_dict(),
-            "approvals": {str(k): v for k, v in sorted(self.approvals.items())},
-            "deadline": self.deadline,
-        }
-
-
-@dataclass(frozen=True, slots=True)
-class Report(_PlainRecord):
-    version: int
-    time: int
-    error: str
-    workloads: tuple[dict[str, Any], ...]
-
-
-@dataclass(frozen=True, slots=True)
-class Contract:
-    id: int
-    owner: int
-    node: int
-    state: str
-    proposal: Version  # the latest version (waiting for its quorum unless == active)
-    active: Version | None  # the latest approved version: what the node must run
-    delete_requirement: SignatureRequirement | None  # None: the owner alone cancels
-    metadata: str
-    created: int
-    updated: int
-    cancel_votes: Map[int, str] = field(default_factory=Map)  # twin -> delete-vote signature
-    report: Report | None = None
-
-    @property
-    def pending(self) -> bool:
-        """A version is waiting for its approval quorum."""
-        return self.active is None or self.active.version != self.proposal.version
-
-    def to_dict(self) -> dict[str, Any]:
-        p = self.proposal
-        return {
-            "id": self.id,
-            "owner": self.owner,
-            "node": self.node,
-            "state": self.state,
-            "version": p.version,
-            "deployment_hash": p.deployment_hash,
-            "instructions": p.instructions,
-            "signature_requirement": p.requirement.to_dict(),
-            "delete_requirement": (
-                self.delete_requirement.to_dict() if self.delete_requirement else None
-            ),
-            "deadline": p.deadline,
-            "capacity": p.capacity.to_dict(),
-            "approvals": {str(k): v for k, v in sorted(p.approvals.items())},
-            "pending": self.pending,
-            "active": self.active.to_dict() if self.active else None,
-            "cancel_votes": {str(k): v for k, v in sorted(self.cancel_votes.items())},
-            "report": self.report.to_dict() if self.report else None,
-            "metadata": self.metadata,
-            "created": self.created,
-            "updated": self.updated,
-        }
-
-
-@dataclass(frozen=True, slots=True)
-class Name(_PlainRecord):
-    name: str
-    owner: int
-    created: int
-
-
-def _empty() -> Map[Any, Any]:
-    return Map()
-
-
-@dataclass(frozen=True, slots=True)
-class State:
-    """Everything the ledger knows, plus the indexes queries need."""
-
-    twins: Map[int, Twin] = field(default_factory=_empty)
-    twin_by_key: Map[str, int] = field(default_factory=_empty)
-    farms: Map[int, Farm] = field(default_factory=_empty)
-    farm_by_name: Map[str, int] = field(default_factory=_empty)
-    nodes: Map[int, Node] = field(default_factory=_empty)
-    node_by_twin: Map[int, int] = field(default_factory=_empty)
-    nodes_by_country: Map[str, Map[int, bool]] = field(default_factory=_empty)
-    nodes_by_farm: Map[int, Map[int, bool]] = field(default_factory=_empty)
-    templates: Map[str, Template] = field(default_factory=_empty)
-    contracts: Map[int, Contract] = field(default_factory=_empty)
-    contracts_by_node: Map[int, Map[int, bool]] = field(default_factory=_empty)
-    contracts_by_owner: Map[int, Map[int, bool]] = field(default_factory=_empty)
-    deadlines: Map[int, int] = field(default_factory=_empty)  # contract -> pending deadline
-    # contract -> when its pending version stops holding capacity (see PENDING_HOLD)
-    lapses: Map[int, int] = field(default_factory=_empty)
-    pending_by_owner: Map[int, int] = field(default_factory=_empty)  # twin -> len(deadlines)
-    names: Map[str, Name] = field(default_factory=_empty)
-    balances: Map[int, int] = field(default_factory=_empty)  # billing comes later
-    next_deadline: int = NEVER  # earliest value in `deadlines`, so tick() is O(1) mostly
-    next_lapse: int = NEVER  # earliest value in `lapses`
-    last_twin: int = 0
-    last_farm: int = 0
-    last_node: int = 0
-    last_contract: int = 0
-
-
-def genesis() -> State:
-    """The empty state every ledger starts from."""
-    return State()
-
-
-def _replace(obj: Any, **changes: Any) -> Any:
-    """`dataclasses.replace`, but several times faster: State is replaced twice per
-    transaction, so this is on the hot path."""
-    cls = type(obj)
-    fast = _REPLACERS.get(cls)
-    if fast is None:
-        fast = _REPLACERS[cls] = _compile_replacer(cls)
-    return fast(obj, changes)
-
-
-_REPLACERS: dict[type, Any] = {}
-
-
-def _compile_replacer(cls: type) -> Any:
-    # one straight-line function per record type, as dataclasses itself generates __init__
-    names: tuple[str, ...] = cls.__slots__  # type: ignore[attr-defined]
-    body = ["def replace(obj, changes):", "    new = _new(cls)"]
-    body += [f"    _set(new, {n!r}, changes.pop({n!r}) if {n!r} in changes else obj.{n})"
-             for n in names]
-    body += ["    if changes:",
-             "        raise TypeError(f'{cls.__name__} has no field(s) {sorted(changes)}')"]
-    if hasattr(cls, "__post_init__"):  # derived fields (Node.free...) are recomputed
-        body.append("    new.__post_init__()")
-    body.append("    return new")
-    scope: dict[str, Any] = {"_new": object.__new__, "_set": object.__setattr__, "cls": cls}
-    exec("\n".join(body), scope)
-    return scope["replace"]
-
-
-def _index_add(index: Map[K, Map[int, bool]], key: K, item: int) -> Map[K, Map[int, bool]]:
-    return index.set(key, index.get(key, Map()).set(item, True))
-
-
-def _index_remove(index: Map[K, Map[int, bool]], key: K, item: int) -> Map[K, Map[int, bool]]:
-    members = index.get(key)
-    if members is None or item not in members:
-        return index
-    members = members.delete(item)
-    return index.set(key, members) if members else index.delete(key)
+__all__ = [
+    "APPROVED",
+    "BILLED_STATES",
+    "CANCELLED",
+    "CONTRACT_STATES",
+    "CREATED",
+    "DEFAULT_DEADLINE",
+    "DELETED",
+    "DEPLOYED",
+    "ERROR",
+    "EXPIRED",
+    "FINAL_STATES",
+    "GRACE",
+    "MAX_DEADLINE",
+    "MAX_HISTORY",
+    "MAX_PENDING_PER_TWIN",
+    "NEVER",
+    "PENDING_HOLD",
+    "ZERO",
+    "Billing",
+    "Capacity",
+    "Charge",
+    "Contract",
+    "Farm",
+    "FarmPricing",
+    "Name",
+    "Node",
+    "Payout",
+    "Receipt",
+    "Report",
+    "State",
+    "Template",
+    "Twin",
+    "Version",
+    "apply",
+    "apply_with_receipt",
+    "billing_view",
+    "contract_ids",
+    "contract_prices",
+    "genesis",
+    "holds",
+    "policy_at",
+    "sender_key",
+    "tick",
+]
 
 
 # ---- the transition function -----------------------------------------------------------
-
-
-class _Refuse(Exception):
-    """Internal: unwinds a handler with a Rejected (nothing was committed)."""
-
-    def __init__(self, code: str, reason: str) -> None:
-        self.rejected = Rejected(code, reason)
 
 
 def apply(state: State, tx: t.Tx, *, time: int, verified: bool = False) -> State | Rejected:
@@ -404,6 +151,8 @@ def apply_with_receipt(
     try:
         if tx.type == "twin.register":
             return _twin_register(state, tx, time, verified)
+        if tx.type == "grid.policy":
+            return grid_policy(state, tx, time, verified)
         twin = _sender(state, tx, verified)
         handler = _HANDLERS[tx.type]
         new, receipt = handler(state, tx, twin, time)
@@ -414,14 +163,23 @@ def apply_with_receipt(
 
 
 def tick(state: State, time: int) -> State:
-    """Advance the clock to `time` (start of a block): expire proposals past their deadline
-    and release the capacity of pending versions past their hold.
+    """Advance the clock to `time` (start of a block): expire proposals past their deadline,
+    release the capacity of pending versions past their hold, end grace periods that ran
+    out, and charge every billed contract when a billing boundary has passed.
 
     A contract never approved by its deadline becomes `expired`; a new version not
     approved in time is dropped and the contract keeps running its active version.
     """
-    if time <= state.next_deadline and time <= state.next_lapse:
-        return state
+    if time > state.next_deadline or time > state.next_lapse:
+        state = _expire(state, time)
+    if time > state.next_grace:
+        state = _end_graces(state, time)
+    if time >= state.next_bill:
+        state = bill(state, time)
+    return state
+
+
+def _expire(state: State, time: int) -> State:
     contracts, deadlines, nodes = state.contracts, state.deadlines, state.nodes
     lapses, pending = state.lapses, state.pending_by_owner
     for cid, at in state.lapses.items():
@@ -596,7 +354,8 @@ def _template_publish(state: State, tx: t.Tx, twin: Twin, time: int) -> tuple[St
         raise _Refuse(
             "conflict", f"template {digest} is already published (by twin {existing.author})"
         )
-    tpl = Template(digest, p.name, p.version, p.description, tx.raw_payload["body"], twin.id, time)
+    tpl = Template(digest, p.name, p.version, p.description, tx.raw_payload["body"], twin.id, time,
+                   p.author_share)
     return _replace(state, templates=state.templates.set(digest, tpl)), {"template": digest}
 
 
@@ -645,11 +404,6 @@ def _reserve(nodes: Map[int, Node], nid: int, old: Capacity, new: Capacity) -> M
 
 
 _MAX_CAPACITY = Capacity(MAX_INT, MAX_INT, MAX_INT, MAX_INT)
-
-
-def _count(counts: Map[int, int], key: int, delta: int) -> Map[int, int]:
-    n = counts.get(key, 0) + delta
-    return counts.set(key, n) if n else counts.delete(key)
 
 
 def _fits(node: Node, capacity: Capacity) -> None:
@@ -729,8 +483,17 @@ def _settle(state: State, c: Contract, time: int) -> State:
     old = state.contracts.get(c.id)
     before = ZERO if old is None else holds(old, c.id in state.lapses)
     deadlines, lapses, pending = state.deadlines, state.lapses, state.pending_by_owner
+    billable = state.billable
     if _quorum(c):
-        c = _replace(c, active=c.proposal, state=APPROVED, report=None, updated=time)
+        c = activate(state, old, c, time)
+        if c.state == GRACE:  # an update approved in grace: still unpaid
+            assert c.billing is not None
+            c = _replace(c, active=c.proposal, report=None, updated=time,
+                         billing=_replace(c.billing, resume=APPROVED))
+        else:
+            c = _replace(c, active=c.proposal, state=APPROVED, report=None, updated=time)
+            if c.billing is not None:
+                billable = billable.set(c.id, True)
         if c.id in deadlines:
             deadlines = deadlines.delete(c.id)
             pending = _count(pending, c.owner, -1)
@@ -752,6 +515,7 @@ def _settle(state: State, c: Contract, time: int) -> State:
         deadlines=deadlines,
         lapses=lapses,
         pending_by_owner=pending,
+        billable=billable,
         next_deadline=min(deadlines.values(), default=NEVER),
         next_lapse=min(lapses.values(), default=NEVER),
     )
@@ -791,7 +555,8 @@ def _contract_create(state: State, tx: t.Tx, twin: Twin, time: int) -> tuple[Sta
         approvals,
         _deadline(p.deadline, time),
     )
-    c = Contract(cid, twin.id, p.node, CREATED, version, None, delete_req, p.metadata, time, time)
+    c = Contract(cid, twin.id, p.node, CREATED, version, None, delete_req, p.metadata, time, time,
+                 billing=new_billing(state, p, time))
     state = _replace(
         state,
         contracts_by_node=_index_add(state.contracts_by_node, p.node, cid),
@@ -800,13 +565,6 @@ def _contract_create(state: State, tx: t.Tx, twin: Twin, time: int) -> tuple[Sta
     )
     state = _settle(state, c, time)
     return state, _receipt(state.contracts[cid])
-
-
-def _contract(state: State, cid: int) -> Contract:
-    c = state.contracts.get(cid)
-    if c is None:
-        raise _Refuse("not_found", f"contract {cid} does not exist")
-    return c
 
 
 def _live(c: Contract, action: str) -> None:
@@ -846,6 +604,9 @@ def _contract_update(state: State, tx: t.Tx, twin: Twin, time: int) -> tuple[Sta
     if c.owner != twin.id:
         raise _Refuse("unauthorized", f"only the owner (twin {c.owner}) updates contract {c.id}")
     _live(c, "update")
+    if c.state == GRACE:
+        raise _Refuse("state", f"contract {c.id} is in grace (its owner has not paid): top up "
+                      "the owner's balance before updating it")
     requirement = (
         _requirement(p.signature_requirement, "signature_requirement", twin.id)
         if p.signature_requirement is not None
@@ -881,6 +642,7 @@ def _contract_update(state: State, tx: t.Tx, twin: Twin, time: int) -> tuple[Sta
 def _finish(state: State, c: Contract, final: str, time: int) -> State:
     """Move `c` to a final or cancelled state, releasing what it held."""
     before = holds(state.contracts[c.id], c.id in state.lapses)
+    state, c = stop_billing(state, c, time)
     deadlines, lapses, pending = state.deadlines, state.lapses, state.pending_by_owner
     if c.id in deadlines:
         deadlines = deadlines.delete(c.id)
@@ -958,6 +720,10 @@ def _contract_report(state: State, tx: t.Tx, twin: Twin, time: int) -> tuple[Sta
     else:
         new_state = APPROVED
     c = _replace(c, report=Report(p.version, time, p.error, workloads), updated=time)
+    if c.state == GRACE:  # stays unpaid: a top-up returns it to what the node reported
+        assert c.billing is not None
+        c = _replace(c, billing=_replace(c.billing, resume=new_state))
+        new_state = GRACE
     if new_state == DELETED:
         state = _finish(state, c, DELETED, time)
     else:
@@ -988,6 +754,25 @@ def _name_release(state: State, tx: t.Tx, twin: Twin, time: int) -> tuple[State,
     return _replace(state, names=state.names.delete(p.name)), {"name": p.name}
 
 
+# ---- the end of a grace period -----------------------------------------------------------
+
+
+def _end_graces(state: State, time: int) -> State:
+    """Contracts whose grace ran out are cancelled: the node decommissions them."""
+    for cid, until in sorted(state.graces.items()):
+        if until >= time:
+            continue
+        c = state.contracts[cid]
+        b = c.billing
+        assert b is not None
+        state = _replace(state, graces=state.graces.delete(cid),
+                         graced_owners=_count(state.graced_owners, c.owner, -1))
+        c = _replace(c, billing=_replace(b, unpaid=b.unpaid + sum(b.due), due=(),
+                                         resume=""))
+        state = _finish(state, c, CANCELLED, time)
+    return _replace(state, next_grace=min(state.graces.values(), default=NEVER))
+
+
 _HANDLERS: dict[str, Any] = {
     "farm.create": _farm_create,
     "node.register": _node_register,
@@ -1001,10 +786,10 @@ _HANDLERS: dict[str, Any] = {
     "contract.report": _contract_report,
     "name.register": _name_register,
     "name.release": _name_release,
+    "contract.consumption": contract_consumption,
+    "farm.prices": farm_prices,
+    "balance.transfer": balance_transfer,
+    "balance.faucet": balance_faucet,
 }
 
-assert set(_HANDLERS) | {"twin.register"} == t.TX_TYPES
-
-
-def contract_ids(index: Map[int, Map[int, bool]], key: int) -> Iterable[int]:
-    return index.get(key, Map()).keys()
+assert set(_HANDLERS) | {"twin.register", "grid.policy"} == t.TX_TYPES

@@ -151,13 +151,20 @@ class NodeHeartbeat(_Model):
     uptime: Count | None = None
 
 
+Share = Annotated[int, Field(ge=0, le=10_000)]
+"""Basis points: 10,000 is the whole amount."""
+
+
 class TemplatePublish(_Model):
-    """Content-addressed: the template's id is the hash of this payload."""
+    """Content-addressed: the template's id is the hash of this payload. `author_share`
+    is what the author asks of every charge of a contract made from it (capped by the
+    grid's policy)."""
 
     name: Name
     version: VersionLabel = ""
     description: Text = ""
     body: dict[str, Any]
+    author_share: Share = 0
 
 
 class ContractCreate(_Model):
@@ -175,6 +182,9 @@ class ContractCreate(_Model):
     capacity: Capacity | None = None
     approval: HexSignature | None = None
     metadata: Text = ""
+    template: HexHash | None = None
+    ipv4: Count = 0
+    names: Count = 0
 
 
 class ContractApprove(_Model):
@@ -222,6 +232,79 @@ class ContractReport(_Model):
     workloads: Annotated[list[WorkloadResult], Field(max_length=256)] = []
 
 
+class Usage(_Model):
+    """What a contract reserved during a period, as its node counted it."""
+
+    cru: Count = 0
+    mru: Count = 0
+    sru: Count = 0
+    hru: Count = 0
+    ipv4: Count = 0
+    names: Count = 0
+
+
+class ContractConsumption(_Model):
+    """A node's signed consumption report for one billing period of one contract it runs:
+    period `period` covers ledger time [period * P, (period + 1) * P) for the policy's P."""
+
+    contract: Id
+    period: Count
+    reserved: Usage
+    traffic_in: Count = 0
+    traffic_out: Count = 0
+
+
+class PricesModel(_Model):
+    """Base units per resource-hour (traffic: per GiB)."""
+
+    cru: Count = 0
+    mru: Count = 0
+    sru: Count = 0
+    hru: Count = 0
+    ipv4: Count = 0
+    names: Count = 0
+    traffic: Count = 0
+
+
+class GridPolicy(_Model):
+    """The grid's pricing policy. Sent by the governing key (the ledger's operator key,
+    as `sender`, with the governor's nonce); `effective` schedules it for later (never
+    earlier than the block: a price change is not retroactive)."""
+
+    prices: PricesModel
+    min: PricesModel = PricesModel()
+    max: PricesModel
+    period: Annotated[int, Field(ge=1, le=31 * 24 * 3600)] = 3600
+    grace: Annotated[int, Field(ge=0, le=365 * 24 * 3600)] = 24 * 3600
+    treasury_share: Share = 0
+    max_author_share: Share = 0
+    max_traffic: Count = 0
+    dev_faucet: bool = False
+    effective: Count | None = None
+
+
+class FarmPrices(_Model):
+    """A farm's own prices, within the policy's bounds; `effective` as for the policy."""
+
+    farm: Id
+    prices: PricesModel
+    effective: Count | None = None
+
+
+Amount = Annotated[int, Field(ge=1, le=MAX_INT)]
+
+
+class BalanceTransfer(_Model):
+    to: Id
+    amount: Amount
+
+
+class BalanceFaucet(_Model):
+    """Mint `amount` to the sender: only on a grid whose genesis policy enables it."""
+
+    amount: Amount
+
+
 class NameRegister(_Model):
     name: GatewayName
 
@@ -242,6 +325,11 @@ PAYLOADS: dict[str, type[_Model]] = {
     "contract.update": ContractUpdate,
     "contract.cancel": ContractCancel,
     "contract.report": ContractReport,
+    "contract.consumption": ContractConsumption,
+    "grid.policy": GridPolicy,
+    "farm.prices": FarmPrices,
+    "balance.transfer": BalanceTransfer,
+    "balance.faucet": BalanceFaucet,
     "name.register": NameRegister,
     "name.release": NameRelease,
 }

@@ -1,6 +1,11 @@
 """Workload primitives and the Deployment: typed specs, canonical hash, signatures, diff."""
 
-from zerostack.workloads.capacity import Resources, total_resources, workload_resources
+from zerostack.workloads.capacity import (
+    Resources,
+    priced_units,
+    total_resources,
+    workload_resources,
+)
 from zerostack.workloads.deployment import (
     Deployment,
     DeploymentDiff,
@@ -57,6 +62,7 @@ __all__ = [
     "diff",
     "open_instructions",
     "parse_size",
+    "priced_units",
     "seal_instructions",
     "summarize",
     "total_resources",

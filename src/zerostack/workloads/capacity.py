@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 from zerostack.workloads.types import (
     ContainerWorkload,
+    GatewayNameProxyWorkload,
+    PublicIPWorkload,
     VolumeWorkload,
     Workload,
     ZdbWorkload,
@@ -50,6 +52,16 @@ def workload_resources(w: Workload) -> Resources:
     if isinstance(w, ZdbWorkload):
         return Resources(sru=w.size) if w.disk_type == "ssd" else Resources(hru=w.size)
     return Resources()
+
+
+def priced_units(workloads: Iterable[Workload]) -> dict[str, int]:
+    """What a deployment reserves that is priced by the unit, beside cru/mru/sru/hru:
+    public IPv4 addresses and gateway names."""
+    ws = list(workloads)
+    return {
+        "ipv4": sum(1 for w in ws if isinstance(w, PublicIPWorkload) and w.v4),
+        "names": sum(1 for w in ws if isinstance(w, GatewayNameProxyWorkload)),
+    }
 
 
 def total_resources(workloads: Iterable[Workload]) -> Resources:
