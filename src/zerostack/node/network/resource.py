@@ -246,3 +246,45 @@ def transfer(names: ResourceNames) -> dict[str, tuple[int, int]]:
         if len(parts) == 3:
             counts[parts[0]] = (int(parts[1]), int(parts[2]))
     return counts
+
+
+def attach_container(names: ResourceNames, bridge_address: str, netns: str, outer: str,
+                     inner: str, address: str) -> None:
+    """Give namespace `netns` an `eth0` on the resource's bridge with `address` (in the
+    bridge's subnet) and a default route through the bridge; converges like `ensure`."""
+    rns = names.namespace
+    _ensure_namespace(netns)
+    outer_ok = outer in _links(rns)
+    inner_ok = "eth0" in _links(netns)
+    if not (outer_ok and inner_ok):
+        if outer_ok:
+            _ip(rns, "link", "delete", outer, check=False)
+        for stale in ("eth0", inner):
+            if stale in _links(netns):
+                _ip(netns, "link", "delete", stale, check=False)
+        _ip(rns, "link", "add", outer, "type", "veth", "peer", "name", inner, "netns", netns)
+        _ip(netns, "link", "set", inner, "name", "eth0")
+    _ip(rns, "link", "set", outer, "master", names.bridge, "up")
+    prefix = bridge_address.split("/")[1]
+    gateway = bridge_address.split("/")[0]
+    current = _ip(netns, "-j", "-4", "addr", "show", "dev", "eth0", check=False)
+    try:
+        have = {f"{a['local']}/{a['prefixlen']}" for link in json.loads(current or "[]")
+                for a in link.get("addr_info", [])}
+    except (ValueError, KeyError, TypeError):
+        have = set()
+    for old in have - {f"{address}/{prefix}"}:
+        _ip(netns, "addr", "delete", old, "dev", "eth0", check=False)
+    _ip(netns, "addr", "replace", f"{address}/{prefix}", "dev", "eth0")
+    _ip(netns, "link", "set", "lo", "up")
+    _ip(netns, "link", "set", "eth0", "up")
+    _ip(netns, "route", "replace", "default", "via", gateway, "dev", "eth0")
+
+
+def detach_container(netns: str) -> None:
+    """Remove a container's namespace (its veth goes with it)."""
+    if namespace_exists(netns):
+        _ip(None, "netns", "delete", netns)
+    elif (NETNS_DIR / netns).exists():
+        _run(["umount", str(NETNS_DIR / netns)], check=False)
+        (NETNS_DIR / netns).unlink(missing_ok=True)
