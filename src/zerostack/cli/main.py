@@ -25,6 +25,7 @@ _ENTRIES: dict[str, tuple[str, str, str]] = {
     "status": ("bot", "status", "command"),
     "cancel": ("bot", "cancel", "command"),
     "logs": ("logs", "logs", "command"),
+    "network": ("network", "app", "app"),
     "demo": ("demo", "demo", "command"),
 }
 

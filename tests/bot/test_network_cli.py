@@ -1,0 +1,126 @@
+"""`zerostack network add` and `network access` against a grid on hosts: two nodes on two
+sites get a network, and a namespace playing the user's laptop brings up the printed
+configuration with wireguard-go and reaches both nodes' networks through node 1."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import free_port, require_root, require_tool, zerostack_cmd
+from tests.node.network.test_resource import wireguard_processes
+from zerostack.crypto import load_identity
+from zerostack.grid import LocalGrid
+from zerostack.grid.hosts import preexec
+from zerostack.grid.topology import Site
+from zerostack.node.network import resource
+from zerostack.node.network.plan import resource_names
+from zerostack.node.provisioners import WorkloadID
+
+
+@pytest.fixture
+def grid(tmp_path: Path) -> Iterator[LocalGrid]:
+    require_root()
+    for tool in ("nft", "wg", "wireguard-go", "busybox"):
+        require_tool(tool)
+    g = LocalGrid(tmp_path / "grid", ledger_port=free_port(), netns=True,
+                  status_port=free_port())
+    try:
+        client = g.start_ledger()
+        g.start_node(client, "node1")
+        g.start_node(client, "node3", site=1)
+        g.identity("alice")
+        yield g
+    finally:
+        g.stop()
+
+
+def cli(g: LocalGrid, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "ZEROSTACK_HOME": str(g.home), "ZEROSTACK_LEDGER": g.url,
+           "ZEROSTACK_IDENTITY": "alice", "COLUMNS": "200"}
+    return subprocess.run([*zerostack_cmd(), *args], capture_output=True, text=True,
+                          timeout=300, env=env)
+
+
+def pings(ns: str, address: str) -> bool:
+    return subprocess.run(["ip", "netns", "exec", ns, "busybox", "ping", "-c", "1", "-W", "3",
+                           address], capture_output=True, timeout=30).returncode == 0
+
+
+def test_network_add_and_access_from_a_laptop(grid: LocalGrid) -> None:
+    n1, n3 = grid.nodes
+    assert grid.topology is not None
+    out = cli(grid, "network", "add", "net", "--nodes", f"{n1.node_id},{n3.node_id}",
+              "--range", "10.50.0.0/16", "--json")
+    assert out.returncode == 0, out.stderr
+    record = json.loads(out.stdout)
+    assert set(record["states"].values()) == {"deployed"}
+    assert record["nodes"][str(n1.node_id)]["subnet"] == "10.50.1.0/24"
+    assert record["nodes"][str(n3.node_id)]["endpoint"] == n3.address
+    made = [(load_identity(n.data / "identity.key").public_hex,
+             int(record["nodes"][str(n.node_id)]["contract"])) for n in (n1, n3)]
+    names = [resource_names(key, WorkloadID(cid, "net")) for key, cid in made]
+    # no key of the network is kept on the user's side
+    assert "PrivateKey" not in (grid.home / "networks" / "net.json").read_text()
+    assert "private" not in (grid.home / "networks" / "net.json").read_text()
+    assert pings(names[0].namespace, "10.50.2.1")  # node 1 to node 3, through the tunnel
+
+    tag = secrets.token_hex(3)
+    lap, wg = f"zt{tag}-lap", f"zt{tag}w"
+    outer = f"zt{tag}l"
+    try:
+        subprocess.run(["ip", "netns", "add", lap], check=True)
+        subprocess.run(["ip", "link", "add", outer, "type", "veth", "peer", "name", "eth0",
+                        "netns", lap], check=True)
+        subprocess.run(["ip", "link", "set", outer, "master",
+                        Site(grid.topology.grid, 0).bridge, "up"], check=True)
+        for cmd in (["addr", "add", "198.18.0.250/24", "dev", "eth0"],
+                    ["link", "set", "eth0", "up"], ["link", "set", "lo", "up"]):
+            subprocess.run(["ip", "-n", lap, *cmd], check=True)
+
+        out = cli(grid, "network", "access", "net")
+        assert out.returncode == 0, out.stderr
+        config = out.stdout
+        assert f"Endpoint = {n1.address}:51820" in config
+        address = next(line.split(" = ")[1] for line in config.splitlines()
+                       if line.startswith("Address"))
+        assert address == "10.50.3.1/24"
+        subprocess.run(["wireguard-go", wg], check=True, capture_output=True,
+                       preexec_fn=preexec(lap),
+                       env={k: v for k, v in os.environ.items()
+                            if k not in ("WG_PROCESS_FOREGROUND", "LOG_LEVEL")})
+        stripped = "\n".join(line for line in config.splitlines()
+                             if not line.startswith("Address")) + "\n"
+        subprocess.run(["wg", "setconf", wg, "/dev/stdin"], input=stripped, text=True,
+                       check=True)
+        for cmd in (["addr", "add", address, "dev", wg], ["link", "set", wg, "up"],
+                    ["route", "add", "10.50.0.0/16", "dev", wg]):
+            subprocess.run(["ip", "-n", lap, *cmd], check=True)
+        # both nodes' networks, node 3's through node 1 which forwards for the laptop
+        assert pings(lap, "10.50.1.1")
+        assert pings(lap, "10.50.2.1")
+        # the update of the node's network kept the tunnel between the nodes
+        assert pings(names[0].namespace, "10.50.2.1")
+
+        for _, cid in made:
+            assert cli(grid, "cancel", str(cid)).returncode == 0
+        for n in names:
+            deadline = time.monotonic() + 60
+            while Path(f"/run/netns/{n.namespace}").exists() and time.monotonic() < deadline:
+                time.sleep(0.5)
+            assert not Path(f"/run/netns/{n.namespace}").exists()
+    finally:
+        for pid in wireguard_processes(wg):
+            os.kill(pid, signal.SIGKILL)
+        subprocess.run(["ip", "netns", "delete", lap], capture_output=True, check=False)
+        subprocess.run(["ip", "link", "delete", outer], capture_output=True, check=False)
+        for n in names:
+            resource.remove(n)
