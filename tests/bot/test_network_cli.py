@@ -122,7 +122,18 @@ def test_network_add_and_access_from_a_laptop(grid: LocalGrid) -> None:
         assert pings(names[0].namespace, "10.50.3.1")
         assert pings(names[2].namespace, "10.50.2.1")
 
-        for _, cid in made:
+        # node 2 leaves: 1 and 3 (and the laptop) keep working, its resource goes
+        out = cli(grid, "network", "remove", "net", "--node", str(n2.node_id))
+        assert out.returncode == 0, out.stderr
+        assert not Path(f"/run/netns/{names[1].namespace}").exists()
+        assert not wireguard_processes(names[1].wireguard)
+        route = subprocess.run(["ip", "-n", names[0].namespace, "route"], capture_output=True,
+                               text=True, check=True).stdout
+        assert "10.50.3.0/24" in route and "10.50.2.0/24" not in route
+        assert pings(names[0].namespace, "10.50.3.1") and pings(lap, "10.50.3.1")
+        assert not pings(names[0].namespace, "10.50.2.1", tries=1)
+
+        for _, cid in (made[0], made[2]):
             assert cli(grid, "cancel", str(cid)).returncode == 0
         for n in names:
             deadline = time.monotonic() + 60

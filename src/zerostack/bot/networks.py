@@ -107,6 +107,33 @@ def _current(bot: ThreeBot, cid: int) -> Deployment:
         raise BotError(f"cannot open contract {cid}'s deployment: {exc}") from exc
 
 
+def _update(bot: ThreeBot, name: str, record: dict[str, Any], nodes: list[MeshNode],
+            users: list[UserPeer]) -> dict[int, str]:
+    """Deploy the next version of every contract of `nodes` with the network laid out
+    anew; the nodes' private keys are read back from their sealed deployments (returned)."""
+    current = {n.node_id: _current(bot, int(record["nodes"][str(n.node_id)]["contract"]))
+               for n in nodes}
+    keys = {}
+    for nid, dep in current.items():
+        net = dep.workload(name)
+        if not isinstance(net, NetworkWorkload):
+            raise BotError(f"contract {record['nodes'][str(nid)]['contract']} has no "
+                           f"network {name!r}")
+        keys[nid] = net.wireguard_private_key
+    wls = workloads(name, record["range"], nodes, keys, int(record["port"]), users)
+    for nid, dep in current.items():
+        data = dep.model_dump(mode="json", exclude={"version", "twin_id", "contract_id",
+                                                    "signature_requirement",
+                                                    "delete_requirement"})
+        data["workloads"] = [wls[nid] if w["name"] == name else w for w in data["workloads"]]
+        data["signature_requirement"] = dep.signature_requirement.model_dump(mode="json")
+        if dep.delete_requirement is not None:
+            data["delete_requirement"] = dep.delete_requirement.model_dump(mode="json")
+        new = bot.build(data, [], None, version=dep.version + 1)
+        bot.update(int(record["nodes"][str(nid)]["contract"]), new)
+    return keys
+
+
 def access(bot: ThreeBot, home: Path, name: str, via: int | None = None) -> str:
     """Add the user's machine to network `name` (an update of every node's contract) and
     return its wg-quick configuration (holding its new private key)."""
@@ -124,29 +151,36 @@ def access(bot: ThreeBot, home: Path, name: str, via: int | None = None) -> str:
         private, public = keypair()
         user = UserPeer(subnet, public, through.node_id)
         users = [*_users(record), user]
-        current = {n.node_id: _current(bot, int(record["nodes"][str(n.node_id)]["contract"]))
-                   for n in nodes}
-        keys = {}
-        for nid, dep in current.items():
-            net = dep.workload(name)
-            if not isinstance(net, NetworkWorkload):
-                raise BotError(f"contract {record['nodes'][str(nid)]['contract']} has no "
-                               f"network {name!r}")
-            keys[nid] = net.wireguard_private_key
-        wls = workloads(name, record["range"], nodes, keys, int(record["port"]), users)
+        keys = _update(bot, name, record, nodes, users)
     except MeshError as exc:
         raise BotError(str(exc)) from exc
-    for nid, dep in current.items():
-        data = dep.model_dump(mode="json", exclude={"version", "twin_id", "contract_id",
-                                                    "signature_requirement",
-                                                    "delete_requirement"})
-        data["workloads"] = [wls[nid] if w["name"] == name else w for w in data["workloads"]]
-        data["signature_requirement"] = dep.signature_requirement.model_dump(mode="json")
-        if dep.delete_requirement is not None:
-            data["delete_requirement"] = dep.delete_requirement.model_dump(mode="json")
-        new = bot.build(data, [], None, version=dep.version + 1)
-        bot.update(int(record["nodes"][str(nid)]["contract"]), new)
     record["users"].append({"subnet": subnet, "public_key": public, "via": through.node_id})
     _save(home, name, record)
     return access_config(private, user, record["range"], through,
                          public_key(keys[through.node_id]), int(record["port"]))
+
+
+def remove_node(bot: ThreeBot, home: Path, name: str, node_id: int) -> int:
+    """Take `node_id` out of network `name`: the other nodes' contracts are updated
+    without it (their tunnels stay up), then its contract is cancelled. Returns that
+    contract's id."""
+    record = load(home, name)
+    entry = record["nodes"].get(str(node_id))
+    if entry is None:
+        raise BotError(f"node {node_id} is not a node of network {name!r}")
+    users = _users(record)
+    if any(u.via == node_id for u in users):
+        raise BotError(f"a machine of yours reaches {name!r} through node {node_id}: "
+                       "remove its access first")
+    rest = [n for n in _nodes(record) if n.node_id != node_id]
+    if not rest:
+        raise BotError(f"node {node_id} is the last node of {name!r}: cancel its contract")
+    try:
+        _update(bot, name, record, rest, users)
+    except MeshError as exc:
+        raise BotError(str(exc)) from exc
+    cid = int(entry["contract"])
+    bot.cancel(cid)
+    del record["nodes"][str(node_id)]
+    _save(home, name, record)
+    return cid

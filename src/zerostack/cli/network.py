@@ -90,3 +90,30 @@ def access(
                 if c["state"] != "deployed":
                     fail(f"contract {cid} failed its update: {c.get('report')}")
     sys.stdout.write(config)
+
+
+@app.command("remove")
+def remove(
+    name: str = typer.Argument(..., help="The network."),
+    node: int = typer.Option(..., "--node", help="The node to take out of the network."),
+    wait: float = typer.Option(120.0, "--wait", help="Seconds to wait for the nodes (0: none)."),
+    ledger: str = LEDGER,
+    identity: str = IDENTITY,
+    ledger_key: str | None = LEDGER_KEY,
+) -> None:
+    """Take a node out of the network: the other nodes drop it in place (their tunnels
+    stay up), then its contract is cancelled."""
+    from zerostack.bot.networks import load, remove_node
+    from zerostack.cli.identity import zerostack_home
+
+    with _session(ledger, identity, ledger_key) as bot:
+        cid = remove_node(bot, zerostack_home(), name, node)
+        if wait > 0:
+            for n in load(zerostack_home(), name)["nodes"].values():
+                other = int(n["contract"])
+                version = int(bot.contract(other)["version"])
+                c = bot.wait(other, partial(_settled, version=version), wait)
+                if c["state"] != "deployed":
+                    fail(f"contract {other} failed its update: {c.get('report')}")
+            bot.wait(cid, lambda c: c["state"] == "deleted", wait)
+    sys.stdout.write(f"node {node} left network {name}; contract {cid} cancelled\n")
