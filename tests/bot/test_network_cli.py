@@ -17,13 +17,15 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import free_port, require_root, require_tool, zerostack_cmd
+from tests.flist.image import busybox_rootfs
 from tests.node.network.test_resource import wireguard_processes
-from zerostack.crypto import load_identity
+from zerostack.crypto import Identity, load_identity
+from zerostack.flist import Hub, ImageConfig, LocalStore, SignedFlist, build_dir, push_flist
 from zerostack.grid import LocalGrid
 from zerostack.grid.hosts import preexec
 from zerostack.grid.topology import Site
 from zerostack.node.network import resource
-from zerostack.node.network.plan import resource_names
+from zerostack.node.network.plan import container_link_names, resource_names
 from zerostack.node.provisioners import WorkloadID
 
 
@@ -41,6 +43,33 @@ def grid(tmp_path: Path) -> Iterator[LocalGrid]:
         g.start_node(client, "node3", site=1)
         g.identity("alice")
         yield g
+    finally:
+        g.stop()
+
+
+@pytest.fixture
+def hub_grid(tmp_path: Path) -> Iterator[tuple[LocalGrid, str]]:
+    """node1 and node3 on two sites, with a hub serving a signed busybox image."""
+    require_root()
+    for tool in ("nft", "wg", "wireguard-go", "busybox", "runc"):
+        require_tool(tool)
+    publisher = Identity.generate()
+    store = LocalStore(tmp_path / "store")
+    manifest, _ = build_dir(busybox_rootfs(tmp_path / "img"), store,
+                            ImageConfig(entrypoint=("/bin/sh", "-c")))
+    flist = SignedFlist.sign(manifest, publisher)
+    g = LocalGrid(tmp_path / "grid", ledger_port=free_port(), netns=True,
+                  status_port=free_port())
+    try:
+        client = g.start_ledger()
+        hub = g.start_hub(free_port())
+        with g.on_wan(), Hub(hub) as h:
+            push_flist(flist, store, h)
+        for name, site in (("node1", 0), ("node3", 1)):
+            g.start_node(client, name, "--hub", hub, "--flist-publisher",
+                         publisher.public_hex, site=site)
+        g.identity("alice")
+        yield g, f"{hub}/{flist.hash_hex}"
     finally:
         g.stop()
 
@@ -147,3 +176,73 @@ def test_network_add_and_access_from_a_laptop(grid: LocalGrid) -> None:
         subprocess.run(["ip", "link", "delete", outer], capture_output=True, check=False)
         for n in names:
             resource.remove(n)
+
+
+def test_a_laptop_fetches_a_containers_page_over_the_network(
+        hub_grid: tuple[LocalGrid, str], tmp_path: Path) -> None:
+    grid, flist = hub_grid
+    n1, n3 = grid.nodes
+    assert grid.topology is not None
+    out = cli(grid, "network", "add", "web", "--nodes", f"{n1.node_id},{n3.node_id}", "--json")
+    assert out.returncode == 0, out.stderr
+    record = json.loads(out.stdout)
+    names = [resource_names(load_identity(n.data / "identity.key").public_hex,
+                            WorkloadID(int(record["nodes"][str(n.node_id)]["contract"]), "web"))
+             for n in (n1, n3)]
+    spec = tmp_path / "site.yaml"
+    spec.write_text(json.dumps({"workloads": [{
+        "type": "container", "name": "site", "flist": flist, "memory": "32M",
+        "network": {"network": "web"},
+        "args": ["mkdir -p /tmp/www && echo hello-laptop > /tmp/www/index.html && "
+                 "exec httpd -f -p 8080 -h /tmp/www"]}]}))
+    out = cli(grid, "network", "deploy", "web", str(spec), "--node", str(n3.node_id), "--json")
+    assert out.returncode == 0, out.stdout + out.stderr
+    report = json.loads(out.stdout)["report"]
+    site = next(w for w in report["workloads"] if w["name"] == "site")
+    assert site["data"]["ip"] == "10.20.2.2"
+
+    tag = secrets.token_hex(3)
+    lap, wg, outer = f"zt{tag}-lap", f"zt{tag}w", f"zt{tag}l"
+    try:
+        subprocess.run(["ip", "netns", "add", lap], check=True)
+        subprocess.run(["ip", "link", "add", outer, "type", "veth", "peer", "name", "eth0",
+                        "netns", lap], check=True)
+        subprocess.run(["ip", "link", "set", outer, "master",
+                        Site(grid.topology.grid, 0).bridge, "up"], check=True)
+        for cmd in (["addr", "add", "198.18.0.250/24", "dev", "eth0"],
+                    ["link", "set", "eth0", "up"], ["link", "set", "lo", "up"]):
+            subprocess.run(["ip", "-n", lap, *cmd], check=True)
+        out = cli(grid, "network", "access", "web")
+        assert out.returncode == 0, out.stderr
+        address = next(line.split(" = ")[1] for line in out.stdout.splitlines()
+                       if line.startswith("Address"))
+        subprocess.run(["wireguard-go", wg], check=True, capture_output=True,
+                       preexec_fn=preexec(lap),
+                       env={k: v for k, v in os.environ.items()
+                            if k not in ("WG_PROCESS_FOREGROUND", "LOG_LEVEL")})
+        subprocess.run(["wg", "setconf", wg, "/dev/stdin"], text=True, check=True,
+                       input="\n".join(line for line in out.stdout.splitlines()
+                                       if not line.startswith("Address")) + "\n")
+        for cmd in (["addr", "add", address, "dev", wg], ["link", "set", wg, "up"],
+                    ["route", "add", "10.20.0.0/16", "dev", wg]):
+            subprocess.run(["ip", "-n", lap, *cmd], check=True)
+        page = ""
+        deadline = time.monotonic() + 30
+        while "hello-laptop" not in page and time.monotonic() < deadline:
+            page = subprocess.run(["ip", "netns", "exec", lap, "busybox", "wget", "-q", "-O",
+                                   "-", "http://10.20.2.2:8080/"], capture_output=True,
+                                  text=True, timeout=30).stdout
+        assert "hello-laptop" in page
+        transfer = subprocess.run(["wg", "show", wg, "transfer"], capture_output=True,
+                                  text=True, check=True).stdout.split()
+        assert int(transfer[1]) > 0 and int(transfer[2]) > 0
+    finally:
+        for pid in wireguard_processes(wg):
+            os.kill(pid, signal.SIGKILL)
+        subprocess.run(["ip", "netns", "delete", lap], capture_output=True, check=False)
+        subprocess.run(["ip", "link", "delete", outer], capture_output=True, check=False)
+        for n in names:
+            resource.remove(n)
+        resource.detach_container(container_link_names(
+            load_identity(n3.data / "identity.key").public_hex,
+            WorkloadID(int(record["nodes"][str(n3.node_id)]["contract"]), "site")).namespace)

@@ -184,3 +184,32 @@ def remove_node(bot: ThreeBot, home: Path, name: str, node_id: int) -> int:
     del record["nodes"][str(node_id)]
     _save(home, name, record)
     return cid
+
+
+def deploy_on(bot: ThreeBot, home: Path, name: str, node_id: int,
+              data: dict[str, Any]) -> int:
+    """Run the workloads of `data` (containers joining `name`, volumes…) on `node_id`: the
+    next version of that node's network contract keeps its network workload and takes
+    these as its other workloads. Returns the contract's id."""
+    record = load(home, name)
+    entry = record["nodes"].get(str(node_id))
+    if entry is None:
+        raise BotError(f"node {node_id} is not a node of network {name!r}")
+    extra = data.get("workloads") or []
+    if not isinstance(extra, list) or any(not isinstance(w, dict) for w in extra):
+        raise BotError("the file's `workloads` must be a list of workloads")
+    if any(w.get("name") == name for w in extra):
+        raise BotError(f"workload name {name!r} is the network's own: rename that workload")
+    cid = int(entry["contract"])
+    dep = _current(bot, cid)
+    net = dep.workload(name)
+    if net is None:
+        raise BotError(f"contract {cid} has no network {name!r}")
+    body = dep.model_dump(mode="json", exclude={"version", "twin_id", "contract_id",
+                                                "signature_requirement", "delete_requirement"})
+    body["workloads"] = [net.model_dump(mode="json"), *extra]
+    body["signature_requirement"] = dep.signature_requirement.model_dump(mode="json")
+    if dep.delete_requirement is not None:
+        body["delete_requirement"] = dep.delete_requirement.model_dump(mode="json")
+    bot.update(cid, bot.build(body, [], None, version=dep.version + 1))
+    return cid

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 from functools import partial
+from pathlib import Path
 
 import typer
 
@@ -117,3 +118,35 @@ def remove(
                     fail(f"contract {other} failed its update: {c.get('report')}")
             bot.wait(cid, lambda c: c["state"] == "deleted", wait)
     sys.stdout.write(f"node {node} left network {name}; contract {cid} cancelled\n")
+
+
+@app.command("deploy")
+def deploy(
+    name: str = typer.Argument(..., help="The network."),
+    file: Path = typer.Argument(..., help="Deployment YAML: the workloads to run on NODE."),
+    node: int = typer.Option(..., "--node", help="The node of the network to run them on."),
+    wait: float = typer.Option(120.0, "--wait", help="Seconds to wait for the node (0: none)."),
+    ledger: str = LEDGER,
+    identity: str = IDENTITY,
+    json_out: bool = JSON,
+    ledger_key: str | None = LEDGER_KEY,
+) -> None:
+    """Run the file's workloads (containers with `network: {network: NAME}`) on a node of
+    the network, as the next version of that node's network contract."""
+    from zerostack.bot import load_deployment_file
+    from zerostack.bot.networks import deploy_on
+    from zerostack.cli.identity import zerostack_home
+
+    with _session(ledger, identity, ledger_key) as bot:
+        cid = deploy_on(bot, zerostack_home(), name, node, load_deployment_file(file))
+        c = bot.contract(cid)
+        if wait > 0:
+            c = bot.wait(cid, partial(_settled, version=int(c["version"])), wait)
+    rows = [(w["name"], w["type"], w["state"], (w.get("data") or {}).get("ip", ""))
+            for w in (c.get("report") or {}).get("workloads") or []]
+    if json_out:
+        print_json({"contract": cid, "state": c["state"], "report": c.get("report")})
+    else:
+        print_table(f"contract {cid} on node {node}", ["workload", "type", "state", "ip"], rows)
+    if c["state"] != "deployed":
+        raise typer.Exit(1)
