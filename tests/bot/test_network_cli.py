@@ -236,6 +236,15 @@ def test_a_laptop_fetches_a_containers_page_over_the_network(
         transfer = subprocess.run(["wg", "show", wg, "transfer"], capture_output=True,
                                   text=True, check=True).stdout.split()
         assert int(transfer[1]) > 0 and int(transfer[2]) > 0
+        # the grid stops with the contracts running: its teardown removes what the nodes
+        # recorded (the resources and the container's namespace)
+        made = [n.namespace for n in names] + [container_link_names(
+            load_identity(n3.data / "identity.key").public_hex,
+            WorkloadID(int(record["nodes"][str(n3.node_id)]["contract"]), "site")).namespace]
+        assert all(Path(f"/run/netns/{ns}").exists() for ns in made)
+        grid.stop()
+        assert not any(Path(f"/run/netns/{ns}").exists() for ns in made)
+        assert not any(wireguard_processes(n.wireguard) for n in names)
     finally:
         for pid in wireguard_processes(wg):
             os.kill(pid, signal.SIGKILL)

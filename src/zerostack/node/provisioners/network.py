@@ -2,7 +2,9 @@
 attachment of the deployment's containers to it (address, veth on its bridge, /etc/hosts).
 
 What it keeps on disk, under `<data>/networks/<tag>/` (root only): the WireGuard key the
-node made for a network that brought none, and the addresses it gave containers.
+node made for a network that brought none, the addresses it gave containers, and the
+namespaces it made (`namespaces`, written before each is made: whoever cleans up after
+the node, like a local grid's teardown, removes exactly those).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from zerostack.workloads import (
 )
 
 MAX_STATE = 1 << 16
+NAMESPACES = "namespaces"
 
 
 @dataclass(frozen=True)
@@ -101,6 +104,17 @@ class NetworkProvisioner(Provisioner):
         _write(path, key + "\n")
         return key
 
+    def _namespaces(self, names: ResourceNames, add: str = "", drop: str = "") -> None:
+        path = self._dir(names) / NAMESPACES
+        try:
+            with open(path, "rb") as f:
+                known = f.read(MAX_STATE).decode(errors="replace").split()
+        except FileNotFoundError:
+            known = []
+        new = [n for n in known if n != drop] + ([add] if add and add not in known else [])
+        if new != known:
+            _write(path, "".join(f"{n}\n" for n in new))
+
     def _plan(self, wid: WorkloadID, spec: NetworkWorkload) -> NetworkResource:
         names = self._names(wid)
         own = "" if spec.wireguard_private_key else self._own_key(names)
@@ -110,6 +124,8 @@ class NetworkProvisioner(Provisioner):
         if not isinstance(spec, NetworkWorkload):
             raise ProvisionError(f"{wid}: not a network workload")
         res = self._plan(wid, spec)
+        with self._lock:
+            self._namespaces(res.names, add=res.names.namespace)
         resource.ensure(res)
         return Provisioned(data={
             "namespace": res.names.namespace, "subnet": res.subnet,
@@ -179,10 +195,11 @@ class NetworkProvisioner(Provisioner):
         if not resource.namespace_exists(names.namespace):
             raise ProvisionError(f"container {wid.name}: network {net.name!r} is not "
                                  "provisioned on this node")
+        links = container_link_names(self._node_key, wid)
         with self._lock:
             addresses = self._assign(names, net, deployment)
+            self._namespaces(names, add=links.namespace)
         res = self._plan(net_wid, net)
-        links = container_link_names(self._node_key, wid)
         ip = addresses[wid.name]
         resource.attach_container(names, res.bridge_address, links.namespace, links.outer,
                                   links.inner, ip)
@@ -192,7 +209,8 @@ class NetworkProvisioner(Provisioner):
 
     def detach(self, wid: WorkloadID, attachment: ContainerNetwork) -> None:
         """Remove container `wid`'s namespace and give its address back."""
-        resource.detach_container(container_link_names(self._node_key, wid).namespace)
+        netns = container_link_names(self._node_key, wid).namespace
+        resource.detach_container(netns)
         names = self._names(WorkloadID(wid.contract, attachment.network))
         folder = self.node.data_dir / "networks" / names.tag
         if not folder.is_dir():
@@ -201,3 +219,4 @@ class NetworkProvisioner(Provisioner):
             given = self._addresses(names)
             if given.pop(wid.name, None) is not None:
                 _write(folder / "addresses.json", json.dumps(given))
+            self._namespaces(names, drop=netns)
