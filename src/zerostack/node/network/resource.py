@@ -31,6 +31,7 @@ NETNS_DIR = Path("/run/netns")
 WG_SOCKETS = Path("/var/run/wireguard")
 TIMEOUT = 30.0
 EXIT_WAIT = 5.0
+WIREGUARD_MTU = 1420  # 1500 less WireGuard's IPv6 overhead: what wg-quick sets, wireguard-go too
 
 
 def _run(args: list[str], stdin: str | None = None, check: bool = True) -> str:
@@ -264,7 +265,9 @@ def attach_container(names: ResourceNames, bridge_address: str, netns: str, oute
                 _ip(netns, "link", "delete", stale, check=False)
         _ip(rns, "link", "add", outer, "type", "veth", "peer", "name", inner, "netns", netns)
         _ip(netns, "link", "set", inner, "name", "eth0")
-    _ip(rns, "link", "set", outer, "master", names.bridge, "up")
+    # the tunnel's MTU end to end: a container's full-size packet would not fit through it
+    _ip(rns, "link", "set", outer, "mtu", str(WIREGUARD_MTU), "master", names.bridge, "up")
+    _ip(netns, "link", "set", "eth0", "mtu", str(WIREGUARD_MTU))
     prefix = bridge_address.split("/")[1]
     gateway = bridge_address.split("/")[0]
     current = _ip(netns, "-j", "-4", "addr", "show", "dev", "eth0", check=False)
