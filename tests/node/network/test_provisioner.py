@@ -5,6 +5,8 @@ leaves no namespace or wireguard-go process behind."""
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -15,10 +17,12 @@ import pytest
 
 from tests.conftest import free_port, require_root, require_tool
 from tests.flist.image import busybox_rootfs
+from tests.node.network.test_resource import wireguard_processes
 from zerostack.bot import ThreeBot
 from zerostack.crypto import Identity, load_identity
 from zerostack.flist import Hub, ImageConfig, LocalStore, SignedFlist, build_dir, push_flist
 from zerostack.grid import GridNode, LocalGrid
+from zerostack.grid.hosts import preexec
 from zerostack.node.network import resource
 from zerostack.node.network.plan import container_link_names, resource_names
 from zerostack.node.provisioners import WorkloadID
@@ -166,3 +170,51 @@ def test_containers_on_two_hosts_talk_through_the_network(setup: Setup) -> None:
             ns = container_link_names(key, WorkloadID(contract, c)).namespace
             assert not Path(f"/run/netns/{ns}").exists()
         assert not (node.data / "networks" / names.tag).exists()
+
+
+def test_kill9_of_the_agent_mid_setup_converges_to_one_resource(setup: Setup) -> None:
+    g = setup.grid
+    n1, n3 = g.nodes
+    assert n1.host is not None
+    k1, k3 = keypair(), keypair()
+    with ThreeBot(g.url, g.identity("alice")) as bot:
+        d3 = bot.build({"workloads": [
+            network("10.40.3.0/24", k3[0], [("10.40.1.0/24", k1[1], n1.address)])]}, [], None)
+        d1 = bot.build({"workloads": [
+            network("10.40.1.0/24", k1[0], [("10.40.3.0/24", k3[1], n3.address)])]}, [], None)
+        c3 = bot.deploy(d3, n3.node_id)
+        setup.made.append((n3, c3, []))
+        c1 = bot.deploy(d1, n1.node_id)
+        setup.made.append((n1, c1, []))
+        names = resource_names(node_key(n1), WorkloadID(c1, "net"))
+        deadline = time.monotonic() + 60
+        while not Path(f"/run/netns/{names.namespace}").exists():
+            assert time.monotonic() < deadline, g.log_tail("node1")
+            time.sleep(0.002)
+        # the agent, its Zero-DB and the WireGuard daemon it started: its whole group
+        os.killpg(n1.proc.pid, signal.SIGKILL)
+        n1.proc.wait()
+        made = subprocess.run(["ip", "-n", names.namespace, "-o", "link"],
+                              capture_output=True, text=True).stdout
+        print("links when killed:", [line.split(":")[1].strip() for line in made.splitlines()])
+        with open(g.root / "node1-again.log", "ab") as log:
+            again = subprocess.Popen(list(n1.proc.args), stdout=log, stderr=log,
+                                     start_new_session=True,
+                                     preexec_fn=preexec(n1.host.namespace))
+        try:
+            c = bot.wait(c1, lambda c: c["state"] in ("deployed", "error")
+                         and bool(c.get("report")), timeout=120)
+            assert c["state"] == "deployed", c["report"]
+            assert bot.wait(c3, lambda c: c["state"] == "deployed", 60)
+            links = subprocess.run(["ip", "-n", names.namespace, "-o", "link"],
+                                   capture_output=True, text=True, check=True).stdout
+            assert sorted(line.split(":")[1].strip().split("@")[0]
+                          for line in links.splitlines()) == sorted(
+                ["lo", names.bridge, names.wireguard, names.uplink_inner])
+            assert len(wireguard_processes(names.wireguard)) == 1
+            assert subprocess.run(["ip", "netns", "exec", names.namespace, "busybox", "ping",
+                                   "-c", "1", "-W", "3", "10.40.3.1"],
+                                  capture_output=True).returncode == 0
+        finally:
+            os.killpg(again.pid, signal.SIGKILL)
+            again.wait()
