@@ -162,7 +162,18 @@ def test_network_add_and_access_from_a_laptop(grid: LocalGrid) -> None:
         assert pings(names[0].namespace, "10.50.3.1") and pings(lap, "10.50.3.1")
         assert not pings(names[0].namespace, "10.50.2.1", tries=1)
 
-        for _, cid in (made[0], made[2]):
+        # and joins again: a new contract, its /24 free again, the others keep going
+        out = cli(grid, "network", "extend", "net", "--nodes", str(n2.node_id))
+        assert out.returncode == 0, out.stderr
+        again = json.loads((grid.home / "networks" / "net.json").read_text())["nodes"]
+        assert again[str(n2.node_id)]["subnet"] == "10.50.2.0/24"
+        rejoined = resource_names(made[1][0], WorkloadID(int(again[str(n2.node_id)]["contract"]),
+                                                         "net"))
+        names.append(rejoined)
+        assert pings(rejoined.namespace, "10.50.1.1") and pings(rejoined.namespace, "10.50.3.1")
+        assert pings(names[2].namespace, "10.50.2.1") and pings(lap, "10.50.2.1")
+
+        for cid in (made[0][1], made[2][1], int(again[str(n2.node_id)]["contract"])):
             assert cli(grid, "cancel", str(cid)).returncode == 0
         for n in names:
             deadline = time.monotonic() + 60

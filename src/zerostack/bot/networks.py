@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -108,9 +109,11 @@ def _current(bot: ThreeBot, cid: int) -> Deployment:
 
 
 def _update(bot: ThreeBot, name: str, record: dict[str, Any], nodes: list[MeshNode],
-            users: list[UserPeer]) -> dict[int, str]:
+            users: list[UserPeer], also: Sequence[MeshNode] = (),
+            also_keys: Mapping[int, str] | None = None) -> dict[int, str]:
     """Deploy the next version of every contract of `nodes` with the network laid out
-    anew; the nodes' private keys are read back from their sealed deployments (returned)."""
+    anew (with the nodes `also`, whose keys are `also_keys`, joining it); the nodes' private
+    keys are read back from their sealed deployments (returned)."""
     current = {n.node_id: _current(bot, int(record["nodes"][str(n.node_id)]["contract"]))
                for n in nodes}
     keys = {}
@@ -120,7 +123,8 @@ def _update(bot: ThreeBot, name: str, record: dict[str, Any], nodes: list[MeshNo
             raise BotError(f"contract {record['nodes'][str(nid)]['contract']} has no "
                            f"network {name!r}")
         keys[nid] = net.wireguard_private_key
-    wls = workloads(name, record["range"], nodes, keys, int(record["port"]), users)
+    wls = workloads(name, record["range"], [*nodes, *also], {**keys, **(also_keys or {})},
+                    int(record["port"]), users)
     for nid, dep in current.items():
         data = dep.model_dump(mode="json", exclude={"version", "twin_id", "contract_id",
                                                     "signature_requirement",
@@ -213,3 +217,37 @@ def deploy_on(bot: ThreeBot, home: Path, name: str, node_id: int,
         body["delete_requirement"] = dep.delete_requirement.model_dump(mode="json")
     bot.update(cid, bot.build(body, [], None, version=dep.version + 1))
     return cid
+
+
+def add_nodes(bot: ThreeBot, home: Path, name: str, node_ids: list[int]) -> dict[str, Any]:
+    """Extend network `name` to `node_ids`: the present nodes' contracts are updated with
+    the new peers (their tunnels stay up), and each new node gets a contract of its own.
+    Returns the record."""
+    record = load(home, name)
+    new_ids = [i for i in node_ids if str(i) not in record["nodes"]]
+    if not new_ids or len(set(new_ids)) != len(new_ids):
+        raise BotError(f"give nodes not yet in {name!r}, each once")
+    present = _nodes(record)
+    try:
+        taken = [n.subnet for n in present] + [u.subnet for u in _users(record)]
+        subnets = assign_subnets(record["range"], taken, len(new_ids))
+        added = []
+        for nid, subnet in zip(new_ids, subnets, strict=True):
+            info = bot.ledger.node(nid)
+            if info is None:
+                raise BotError(f"node {nid} is not on the ledger")
+            added.append(MeshNode(nid, subnet, str(info.get("endpoint") or "")))
+        nodes = [*present, *added]
+        new_keys = {n.node_id: keypair()[0] for n in added}
+        keys = _update(bot, name, record, present, _users(record), also=added,
+                       also_keys=new_keys)
+        wls = workloads(name, record["range"], nodes, {**keys, **new_keys},
+                        int(record["port"]), _users(record))
+    except MeshError as exc:
+        raise BotError(str(exc)) from exc
+    for n in added:
+        cid = bot.deploy(bot.build({"workloads": [wls[n.node_id]]}, [], None), n.node_id)
+        record["nodes"][str(n.node_id)] = {"subnet": n.subnet, "endpoint": n.endpoint,
+                                           "contract": cid}
+        _save(home, name, record)
+    return record

@@ -150,3 +150,29 @@ def deploy(
         print_table(f"contract {cid} on node {node}", ["workload", "type", "state", "ip"], rows)
     if c["state"] != "deployed":
         raise typer.Exit(1)
+
+
+@app.command("extend")
+def extend(
+    name: str = typer.Argument(..., help="The network."),
+    nodes: str = typer.Option(..., "--nodes", help="Nodes to add, comma-separated: 5,7."),
+    wait: float = typer.Option(120.0, "--wait", help="Seconds to wait for the nodes (0: none)."),
+    ledger: str = LEDGER,
+    identity: str = IDENTITY,
+    ledger_key: str | None = LEDGER_KEY,
+) -> None:
+    """Add nodes to the network: the present nodes take them as peers in place, each new
+    node gets a contract of its own."""
+    from zerostack.bot.networks import add_nodes
+    from zerostack.cli.identity import zerostack_home
+
+    with _session(ledger, identity, ledger_key) as bot:
+        record = add_nodes(bot, zerostack_home(), name, _node_list(nodes))
+        if wait > 0:
+            for n in record["nodes"].values():
+                cid = int(n["contract"])
+                version = int(bot.contract(cid)["version"])
+                c = bot.wait(cid, partial(_settled, version=version), wait)
+                if c["state"] != "deployed":
+                    fail(f"contract {cid}: {c.get('report')}")
+    sys.stdout.write(f"network {name}: nodes {', '.join(record['nodes'])}\n")
