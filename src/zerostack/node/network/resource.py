@@ -153,8 +153,14 @@ def _start_wireguard(name: str) -> None:
     log.info("event=wireguard_started name=%s impl=wireguard-go", name)
 
 
-def _answers(name: str) -> bool:
-    out = subprocess.run(["wg", "show", name, "public-key"], capture_output=True,
+def _wg_args(ns: str | None, *args: str) -> list[str]:
+    """`wg ARGS` run in namespace `ns`: kernel WireGuard answers over netlink in the
+    interface's namespace only (wireguard-go over its socket, from anywhere)."""
+    return ["nsenter", f"--net={NETNS_DIR / ns}", "wg", *args] if ns else ["wg", *args]
+
+
+def _answers(name: str, ns: str | None = None) -> bool:
+    out = subprocess.run(_wg_args(ns, "show", name, "public-key"), capture_output=True,
                          timeout=TIMEOUT, check=False)
     return out.returncode == 0
 
@@ -174,7 +180,7 @@ def _ensure_wireguard(res: NetworkResource) -> None:
             time.sleep(0.02)
         _ip(None, "link", "set", wg, "netns", ns)
     # syncconf changes only what differs: peers kept stay up, their sessions untouched
-    _run(["wg", "syncconf", wg, "/dev/stdin"], stdin=res.wireguard_config())
+    _run(_wg_args(ns, "syncconf", wg, "/dev/stdin"), stdin=res.wireguard_config())
     _ip(ns, "link", "set", wg, "up")
     out = _ip(ns, "-j", "route", "show", "dev", wg, check=False)
     try:
@@ -213,7 +219,7 @@ def exists(names: ResourceNames) -> bool:
     links = _links(names.namespace)
     if not {names.bridge, names.wireguard, names.uplink_inner} <= set(links):
         return False
-    return _answers(names.wireguard)
+    return _answers(names.wireguard, names.namespace)
 
 
 def remove(names: ResourceNames) -> None:
@@ -240,7 +246,7 @@ def remove(names: ResourceNames) -> None:
 
 def transfer(names: ResourceNames) -> dict[str, tuple[int, int]]:
     """Bytes (received, sent) per peer public key, as `wg show transfer` reports them."""
-    out = _run(["wg", "show", names.wireguard, "transfer"])
+    out = _run(_wg_args(names.namespace, "show", names.wireguard, "transfer"))
     counts = {}
     for line in out.splitlines():
         parts = line.split("\t")
