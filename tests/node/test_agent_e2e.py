@@ -232,12 +232,11 @@ def test_a_type_without_provisioner_is_refused_and_its_cancel_finishes(
     status_port = free_port()
     _, zport, data, node = grid.ready_node("nnode", "--status-port", str(status_port))
     owner, twin = grid.user()
-    network = {"type": "network", "name": "net", "ip_range": "10.1.0.0/16",
-               "subnet": "10.1.1.0/24"}
-    cid, _ = grid.deploy(owner, twin, [zdb_wl("db"), network], node)
+    public_ip = {"type": "public_ip", "name": "ip"}
+    cid, _ = grid.deploy(owner, twin, [zdb_wl("db"), public_ip], node)
     c = grid.wait_contract(cid, {"error", "deployed"})
     assert c["state"] == "error", c
-    assert c["report"]["error"] == f"node {node} has no provisioner for workload type network"
+    assert c["report"]["error"] == f"node {node} has no provisioner for workload type public_ip"
     # refused before anything happened: no namespace, no local workload, no capacity held
     assert namespaces(zport, data) == set()
     snap = httpx.get(f"http://127.0.0.1:{status_port}/", timeout=5).json()

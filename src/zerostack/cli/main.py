@@ -31,6 +31,7 @@ _ENTRIES: dict[str, tuple[str, str, str]] = {
     "bill": ("billing", "bill", "command"),
     "price": ("billing", "price", "command"),
     "payouts": ("billing", "payouts", "command"),
+    "network": ("network", "app", "app"),
     "demo": ("demo", "demo", "command"),
 }
 

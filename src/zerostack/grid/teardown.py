@@ -3,8 +3,9 @@ mounts, cgroups, the hosts' network namespaces and links) and delete such a fold
 without ever reaching through a mount point.
 
 Only what provably belongs to the folder is touched: container runtimes whose state lives
-under it, mounts whose mount point is below it, and the namespaces and links named in its
-grid record (`grid.json`). Nothing is picked by a name pattern.
+under it, mounts whose mount point is below it, the namespaces its nodes' network
+resources recorded (`networks/<tag>/namespaces`), and the namespaces and links named in
+its grid record (`grid.json`). Nothing is picked by a name pattern.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ STOP_WAIT = 15.0  # per container: its own stop timeout, then it is killed
 BUSY_WAIT = 5.0  # a mount or cgroup its last processes are still leaving
 UMOUNT_NOFOLLOW = 8
 _OCTAL = re.compile(rb"\\([0-7]{3})")
+NODE_NAMESPACES = "namespaces"
+_NODE_NS = re.compile(r"z[nc]-[0-9a-f]{10}")
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
 
@@ -106,6 +109,34 @@ def _runtimes(top: Path, mounts: set[str]) -> list[ContainerRuntime]:
     return found
 
 
+def node_namespaces(top: Path) -> list[str]:
+    """The network namespaces the node agents whose data is `top` or `top/<node>`
+    recorded as theirs (network resources and their containers'), each name checked."""
+    found = []
+    for record in [*top.glob(f"networks/*/{NODE_NAMESPACES}"),
+                   *top.glob(f"*/networks/*/{NODE_NAMESPACES}")]:
+        if record.is_symlink() or not record.is_file():
+            continue
+        try:
+            with open(record, "rb") as f:
+                names = f.read(1 << 16).decode(errors="replace").split()
+        except OSError:
+            continue
+        found += [n for n in names if _NODE_NS.fullmatch(n)]
+    return found
+
+
+def _delete_namespace(name: str) -> str:
+    if not Path("/run/netns", name).exists():
+        return ""
+    out = subprocess.run(["ip", "netns", "delete", name], capture_output=True, text=True,
+                         check=False)
+    if out.returncode != 0:
+        return f"namespace {name} stays: {out.stderr.strip()[:200]}"
+    log.info("event=netns_deleted name=%s", name)
+    return ""
+
+
 def _remove_cgroups(container_id: str) -> str:
     deadline = time.monotonic() + BUSY_WAIT
     for path in cgroup_dirs(container_id):
@@ -160,6 +191,9 @@ def release(folder: Path) -> list[str]:
     # A mount made with `-o loop` frees its device on unmount; one attached otherwise
     # would keep the image (and its data) in use.
     problems += [p for p in map(_detach, loop_devices_under(top)) if p]
+    # the nodes' network namespaces (their containers are stopped): deleting a resource's
+    # takes its links, and so its WireGuard interface, with it
+    problems += [p for p in map(_delete_namespace, node_namespaces(top)) if p]
     problems += release_record(top)
     return problems
 

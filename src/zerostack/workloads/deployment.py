@@ -4,6 +4,7 @@ diff. A node decides on a deployment with nothing but what is inside it."""
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -24,7 +25,14 @@ from zerostack.crypto import (
     hash_hex,
     verify,
 )
-from zerostack.workloads.types import ContainerWorkload, Spec, Workload
+from zerostack.workloads.types import (
+    FIRST_CONTAINER_HOST,
+    LAST_HOST,
+    ContainerWorkload,
+    NetworkWorkload,
+    Spec,
+    Workload,
+)
 
 
 class WorkloadError(ValueError):
@@ -129,6 +137,37 @@ class Deployment(Spec):
                 raise ValueError(
                     f"container {w.name!r} joins {w.network.network!r}, not a network here"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _addresses(self) -> Deployment:
+        # Checked here, on the user's side and on every node alike, so a clash is refused
+        # before anything is created anywhere.
+        # Two networks of one deployment may overlap: each lives in its own namespaces.
+        nets = {w.name: w for w in self.workloads if isinstance(w, NetworkWorkload)}
+        taken: dict[str, str] = {}
+        for w in self.workloads:
+            if not isinstance(w, ContainerWorkload) or w.network is None or w.network.ip is None:
+                continue
+            net = nets.get(w.network.network)
+            if net is None:
+                continue
+            try:
+                ip = ipaddress.IPv4Address(w.network.ip)
+            except ValueError as exc:
+                raise ValueError(f"container {w.name!r}: ip {w.network.ip[:50]!r} is not an IPv4 "
+                                 "address") from exc
+            subnet = ipaddress.IPv4Network(net.subnet)
+            if ip not in subnet:
+                raise ValueError(f"container {w.name!r}: ip {ip} is outside the subnet "
+                                 f"{subnet} of network {net.name!r} on this node")
+            if not FIRST_CONTAINER_HOST <= int(ip) - int(subnet.network_address) <= LAST_HOST:
+                raise ValueError(f"container {w.name!r}: ip {ip} is reserved in {subnet} (the "
+                                 f"network address, the node's bridge .1 and the broadcast)")
+            if str(ip) in taken:
+                raise ValueError(f"containers {taken[str(ip)]!r} and {w.name!r} both ask for "
+                                 f"ip {ip}")
+            taken[str(ip)] = w.name
         return self
 
     @classmethod

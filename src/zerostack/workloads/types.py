@@ -10,7 +10,14 @@ import ipaddress
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -117,31 +124,151 @@ class ZdbWorkload(_WorkloadBase):
     disk_type: Literal["hdd", "ssd"] = "hdd"
 
 
+MAX_PEERS = 256
+# In a node's /24: .0 is the network, .1 the node's bridge, .255 the broadcast; containers
+# get .2 to .254.
+BRIDGE_HOST = 1
+FIRST_CONTAINER_HOST = 2
+LAST_HOST = 254
+MAX_ALLOWED_IPS = 64
+_WG_KEY = re.compile(r"[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=")
+_ENDPOINT = re.compile(r"(?:(?P<v4>[0-9.]{7,15})|\[(?P<v6>[0-9a-fA-F:.]{2,45})\]):(?P<port>[0-9]{1,5})")
+
+
+def check_wireguard_key(value: str, what: str) -> str:
+    """`value` if it is a WireGuard key as `wg` prints it (base64 of 32 bytes)."""
+    if not _WG_KEY.fullmatch(value):
+        raise ValueError(f"{what} {value[:50]!r} is not a WireGuard key (44 characters of "
+                         "base64 encoding 32 bytes, as `wg genkey` or `wg pubkey` print)")
+    return value
+
+
+def parse_endpoint(value: str) -> tuple[str, int]:
+    """`1.2.3.4:51820` or `[fd00::1]:51820` as (address, port); ValueError otherwise.
+    Names are refused: a node resolves nothing a deployment gives it."""
+    m = _ENDPOINT.fullmatch(value)
+    port = int(m.group("port")) if m else 0
+    if m is None or not 1 <= port <= 65535:
+        raise ValueError(f"endpoint {value[:80]!r} is not ADDRESS:PORT with an IPv4 address, "
+                         "or [ADDRESS]:PORT with an IPv6 one, and a port from 1 to 65535")
+    try:
+        addr = ipaddress.ip_address(m.group("v4") or m.group("v6"))
+    except ValueError as exc:
+        raise ValueError(f"endpoint {value[:80]!r}: {exc}") from exc
+    if addr.is_multicast or addr.is_unspecified:
+        raise ValueError(f"endpoint {value[:80]!r} is not a unicast address")
+    return str(addr), port
+
+
+def _ipv4_network(value: str, what: str) -> ipaddress.IPv4Network:
+    try:
+        net = ipaddress.ip_network(value)
+    except ValueError as exc:
+        raise ValueError(f"{what} {value[:50]!r} is not an IP network in CIDR form "
+                         "(host bits zero, like 10.20.3.0/24)") from exc
+    if not isinstance(net, ipaddress.IPv4Network):
+        raise ValueError(f"{what} {value[:50]!r} is not IPv4: user networks are IPv4")
+    return net
+
+
 class WireguardPeer(Spec):
+    """Another node of the network (or the user's machine): its /24, its public key, what
+    else it routes for (`allowed_ips`, e.g. the /24 of a node it forwards for) and where
+    to reach it (empty: it has no public endpoint and dials in)."""
+
     subnet: str
     wireguard_public_key: str
-    allowed_ips: list[str] = Field(default_factory=list)
+    allowed_ips: list[str] = Field(default_factory=list, max_length=MAX_ALLOWED_IPS)
     endpoint: str = ""
+
+    @field_validator("subnet")
+    @classmethod
+    def _subnet(cls, v: str) -> str:
+        _ipv4_network(v, "peer subnet")
+        return v
+
+    @field_validator("allowed_ips")
+    @classmethod
+    def _allowed(cls, v: list[str]) -> list[str]:
+        for a in v:
+            _ipv4_network(a, "peer allowed_ips entry")
+        return v
+
+    @field_validator("wireguard_public_key")
+    @classmethod
+    def _key(cls, v: str) -> str:
+        return check_wireguard_key(v, "peer public key")
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint(cls, v: str) -> str:
+        if v:
+            parse_endpoint(v)
+        return v
+
+    def routes(self) -> list[ipaddress.IPv4Network]:
+        """What this peer carries: its subnet and its allowed_ips, without duplicates."""
+        nets = [ipaddress.IPv4Network(self.subnet)]
+        for a in self.allowed_ips:
+            n = ipaddress.IPv4Network(a)
+            if n not in nets:
+                nets.append(n)
+        return nets
 
 
 class NetworkWorkload(_WorkloadBase):
-    """This node's share of a Zero-Net overlay: one subnet of `ip_range`, WireGuard peers."""
+    """This node's share of a Zero-Net overlay: one /24 (`subnet`) of `ip_range`, the
+    WireGuard key and port of this node, and its peers (the other nodes)."""
 
     type: Literal["network"] = "network"
     ip_range: str
     subnet: str
     wireguard_private_key: str = ""
     wireguard_listen_port: int = Field(default=0, ge=0, le=65535)
-    peers: list[WireguardPeer] = Field(default_factory=list)
+    peers: list[WireguardPeer] = Field(default_factory=list, max_length=MAX_PEERS)
 
     @field_validator("ip_range", "subnet")
     @classmethod
     def _is_network(cls, v: str) -> str:
-        try:
-            ipaddress.ip_network(v)
-        except ValueError as exc:
-            raise ValueError(f"{v!r} is not an IP network in CIDR form") from exc
+        _ipv4_network(v, "network")
         return v
+
+    @field_validator("wireguard_private_key")
+    @classmethod
+    def _key(cls, v: str) -> str:
+        return check_wireguard_key(v, "wireguard_private_key") if v else v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> NetworkWorkload:
+        rng = ipaddress.IPv4Network(self.ip_range)
+        own = ipaddress.IPv4Network(self.subnet)
+        if not 8 <= rng.prefixlen <= 24:
+            raise ValueError(f"ip_range {self.ip_range} must be a /8 to a /24")
+        if own.prefixlen != 24:
+            raise ValueError(f"subnet {self.subnet} must be a /24 (each node gets one /24)")
+        if not own.subnet_of(rng):
+            raise ValueError(f"subnet {self.subnet} is outside the ip_range {self.ip_range}")
+        if self.peers and not self.wireguard_private_key:
+            raise ValueError("a network with peers needs its wireguard_private_key")
+        taken: list[tuple[ipaddress.IPv4Network, str]] = [(own, "this node's subnet")]
+        keys: set[str] = set()
+        for i, peer in enumerate(self.peers):
+            if peer.wireguard_public_key in keys:
+                raise ValueError(f"peers.{i}: public key {peer.wireguard_public_key} is "
+                                 "listed twice")
+            keys.add(peer.wireguard_public_key)
+            if not ipaddress.IPv4Network(peer.subnet).subnet_of(rng):
+                raise ValueError(f"peers.{i}: subnet {peer.subnet} is outside the ip_range "
+                                 f"{self.ip_range}")
+            for net in peer.routes():
+                if not net.subnet_of(rng):
+                    raise ValueError(f"peers.{i}: {net} is outside the ip_range "
+                                     f"{self.ip_range}")
+                for other, whose in taken:
+                    if net.overlaps(other):
+                        raise ValueError(f"peers.{i}: {net} overlaps {whose} ({other})")
+                taken.append((net, f"what peers.{i} carries"))
+        return self
 
 
 class GatewayNameProxyWorkload(_WorkloadBase):

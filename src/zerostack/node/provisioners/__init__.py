@@ -16,6 +16,7 @@ from zerostack.node.provisioners.base import (
 )
 from zerostack.node.provisioners.container import ContainerProvisioner
 from zerostack.node.provisioners.dry import DryProvisioner
+from zerostack.node.provisioners.network import NetworkProvisioner
 from zerostack.node.provisioners.volume import VolumeProvisioner
 from zerostack.node.provisioners.zdb import ZdbProvisioner
 
@@ -33,6 +34,7 @@ INSTALL_ORDER: tuple[str, ...] = (
 PROVISIONERS: dict[str, type[Provisioner]] = {
     "volume": VolumeProvisioner,
     "zdb": ZdbProvisioner,
+    "network": NetworkProvisioner,
     "container": ContainerProvisioner,
 }
 

@@ -89,7 +89,8 @@ class ContainerProvisioner(Provisioner):
         # Unique per machine: several nodes may share one machine (and its cgroups).
         return f"zs-{self.node.identity.public_hex[:10]}-{wid.key}"
 
-    def _spec(self, wid: WorkloadID, spec: ContainerWorkload, image_hash: str) -> ContainerSpec:
+    def _spec(self, wid: WorkloadID, spec: ContainerWorkload, image_hash: str,
+              deployment: Deployment) -> ContainerSpec:
         volumes = []
         for m in spec.mounts:
             try:
@@ -101,13 +102,14 @@ class ContainerProvisioner(Provisioner):
                 raise ProvisionError(f"container {wid.name}: volume {m.volume!r} is not "
                                      "provisioned on this node")
             volumes.append(VolumeBind(source, m.mountpoint))
-        netns = ""
+        netns = hosts = ""
         if spec.network is not None:
-            resolve = self.node.extra.get("container_netns")
-            if resolve is None:
+            networks = self.node.extra.get("container_network")
+            if networks is None:
                 raise ProvisionError(f"container {wid.name}: this node cannot attach containers "
-                                     f"to network {spec.network.network!r} yet")
-            netns = str(resolve(wid, spec.network))
+                                     f"to network {spec.network.network!r}")
+            attached = networks.attach(wid, spec.network, deployment)
+            netns, hosts = attached.netns, attached.hosts
         health = None
         if spec.healthcheck is not None:
             hc = spec.healthcheck
@@ -123,7 +125,7 @@ class ContainerProvisioner(Provisioner):
                 secret_env=dict(spec.secret_env), workdir=spec.workdir, user=spec.user,
                 hostname=spec.hostname or wid.name, cpu_millis=spec.cpu * 1000,
                 memory=spec.memory, pids=spec.pids, disk=spec.disk, volumes=tuple(volumes),
-                restart=spec.restart, health=health, netns=netns,
+                restart=spec.restart, health=health, netns=netns, hosts=hosts,
                 # One host id range per deployment: its containers may share volumes.
                 idmap_group=f"zs-{self.node.identity.public_hex[:10]}-c{wid.contract}",
             )
@@ -144,7 +146,7 @@ class ContainerProvisioner(Provisioner):
                 image = self.images.fetch(h, image_hash, allowed)
         except FlistError as exc:
             raise ProvisionError(f"container {wid.name}: {exc}") from None
-        cspec = self._spec(wid, spec, image_hash)
+        cspec = self._spec(wid, spec, image_hash, deployment)
         try:
             status = self.runtime.start(cspec, image)
             # Give a container that crashes once on start, or is not healthy yet, a
@@ -155,19 +157,34 @@ class ContainerProvisioner(Provisioner):
                 status = self.runtime.status(cspec.id)
         except ContainerError as exc:
             raise ProvisionError(f"container {wid.name}: {exc}") from None
-        return Provisioned(data={"container": cspec.id, "image": image_hash,
-                                 "state": status.state, "message": status.message})
+        data = {"container": cspec.id, "image": image_hash, "state": status.state,
+                "message": status.message}
+        if spec.network is not None:
+            data["ip"] = self._address(cspec, wid.name)
+        return Provisioned(data=data)
 
     def update(self, wid: WorkloadID, old: Workload, new: Workload,
                deployment: Deployment) -> Provisioned:
         # The runtime replaces a running container whose spec changed (volumes survive).
         return self.provision(wid, new, deployment)
 
+    @staticmethod
+    def _address(cspec: ContainerSpec, name: str) -> str:
+        """The container's own address: the /etc/hosts line naming its workload."""
+        for line in cspec.hosts.splitlines():
+            parts = line.split("\t")
+            if len(parts) == 2 and parts[1] == name:
+                return parts[0]
+        return ""
+
     def deprovision(self, wid: WorkloadID, spec: Workload) -> None:
         try:
             self.runtime.delete(self.container_id(wid))
         except ContainerError as exc:
             raise ProvisionError(f"container {wid.name}: {exc}") from None
+        networks = self.node.extra.get("container_network")
+        if isinstance(spec, ContainerWorkload) and spec.network is not None and networks:
+            networks.detach(wid, spec.network)
 
     def exists(self, wid: WorkloadID, spec: Workload) -> bool:
         """Supervised, or finished as its restart policy wants; otherwise provision again

@@ -119,6 +119,7 @@ class HostPaths:
     base: int  # host uid and gid of the container's root
     volumes: tuple[Path, ...] = ()  # staged bind mounts, in the order of spec.volumes
     sys: Path | None = None  # a sysfs of a joined network namespace, when there is one
+    hosts: Path | None = None  # the file bound read-only on /etc/hosts, when there is one
 
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -243,6 +244,9 @@ def oci_config(spec: ContainerSpec, image: ImageConfig, image_rootfs: Path,
         mounts.append({"destination": v.target, "type": "bind", "source": str(staged),
                        "options": ["rbind", "rprivate", "nosuid", "nodev",
                                    "ro" if v.readonly else "rw"]})
+    if host.hosts is not None:
+        mounts.append({"destination": "/etc/hosts", "type": "bind", "source": str(host.hosts),
+                       "options": ["bind", "rprivate", "nosuid", "nodev", "noexec", "ro"]})
     # Never above the node's own hard limit, which runc could not raise.
     nofile = min(65536, resource.getrlimit(resource.RLIMIT_NOFILE)[1])
     net: dict[str, Any] = {"type": "network"}

@@ -159,7 +159,7 @@ class ContainerRuntime:
         base = self._id_base(spec)
         layout = Layout(d, self.stage / spec.id, base)
         host = HostPaths(layout.rootfs, base, tuple(layout.volume(i) for i in range(len(spec.volumes))),
-                         layout.sys if spec.netns else None)
+                         layout.sys if spec.netns else None, d / "hosts" if spec.hosts else None)
         config = oci_config(spec, image.manifest.config, image.rootfs, host)
         fingerprint = hashlib.blake2b(json.dumps({"spec": spec.public_dict(), "config": config},
                                                  sort_keys=True).encode(), digest_size=32).hexdigest()
@@ -180,6 +180,10 @@ class ContainerRuntime:
             raise ContainerError(f"container {spec.id}: {exc}") from None
         prepare_layer(layout, spec.disk)
         _write_private(d / "bundle" / "config.json", json.dumps(config).encode())
+        if spec.hosts:
+            # names and addresses every process of the container may read, in a private dir
+            _write_private(d / "hosts", spec.hosts.encode())
+            os.chmod(d / "hosts", 0o644)
         _write_private(d / "spec.json", json.dumps(spec.public_dict()).encode())
         _write_private(d / "shim.json", json.dumps({
             "id": spec.id, "runc": self.runc.binary, "runc_root": str(self.runc.root),

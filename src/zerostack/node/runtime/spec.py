@@ -57,6 +57,7 @@ class ContainerSpec:
     restart: RestartPolicy = "on-failure"
     health: HealthProbe | None = None
     netns: str = ""  # join this network namespace (a path); default: own netns, loopback only
+    hosts: str = ""  # the container's /etc/hosts (names of its deployment); "": the image's
     stop_timeout: float = 10.0  # seconds between TERM and KILL on stop
     log_max_bytes: int = 4 << 20
     log_keep: int = 3

@@ -1,0 +1,224 @@
+"""Container-to-container TCP throughput and round-trip time across a user network (two
+nodes, WireGuard between them) against the same two nodes over their plain veth/bridge
+link, in one run, as ratios; with the CPU the WireGuard daemons used. Needs root.
+
+    python -m bench.network_bench [--megabytes 256] [--rounds 3] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from zerostack.bot.mesh import keypair
+from zerostack.grid.hosts import inside
+from zerostack.node.network import resource
+from zerostack.node.network.plan import NetworkResource, container_link_names, plan
+from zerostack.node.provisioners import WorkloadID
+from zerostack.workloads import NetworkWorkload
+
+CHUNK = 1 << 20
+PORT = 5201
+
+
+@dataclass
+class Side:
+    ns: str  # the node's namespace
+    wan_ip: str
+    subnet: str
+    key: tuple[str, str]
+    res: NetworkResource | None = None
+
+
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True)
+
+
+def _socket_in(ns: str) -> socket.socket:
+    with inside(ns):
+        return socket.socket()
+
+
+def throughput(src_ns: str, dst_ns: str, address: str, size: int) -> float:
+    """Bytes per second of one TCP stream from `src_ns` to `address` in `dst_ns`."""
+    server = _socket_in(dst_ns)
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    server.bind((address, PORT))
+    server.listen(1)
+    got = [0]
+
+    def receive() -> None:
+        conn, _ = server.accept()
+        buf = bytearray(CHUNK)
+        with conn:
+            while (n := conn.recv_into(buf)) > 0:
+                got[0] += n
+
+    t = threading.Thread(target=receive)
+    t.start()
+    client = _socket_in(src_ns)
+    payload = b"\0" * CHUNK
+    start = time.perf_counter()
+    with client:
+        client.connect((address, PORT))
+        for _ in range(size // CHUNK):
+            client.sendall(payload)
+        client.shutdown(socket.SHUT_WR)
+        t.join()
+    elapsed = time.perf_counter() - start
+    server.close()
+    return got[0] / elapsed
+
+
+def rtt(src_ns: str, dst_ns: str, address: str, count: int = 2000) -> float:
+    """Median seconds of a 1-byte TCP request and answer."""
+    server = _socket_in(dst_ns)
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    server.bind((address, PORT + 1))
+    server.listen(1)
+
+    def echo() -> None:
+        conn, _ = server.accept()
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        with conn:
+            while data := conn.recv(1):
+                conn.sendall(data)
+
+    t = threading.Thread(target=echo)
+    t.start()
+    client = _socket_in(src_ns)
+    times = []
+    with client:
+        client.connect((address, PORT + 1))
+        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for _ in range(count):
+            start = time.perf_counter()
+            client.sendall(b"x")
+            client.recv(1)
+            times.append(time.perf_counter() - start)
+    t.join()
+    server.close()
+    return statistics.median(times)
+
+
+def _cpu_seconds(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def _wireguard_pids(names: list[str]) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                argv = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if len(argv) > 1 and argv[0] == b"wireguard-go" and argv[1].decode() in names:
+                found.append(int(entry.name))
+    return found
+
+
+def run(megabytes: int, rounds: int) -> dict[str, Any]:
+    tag = secrets.token_hex(3)
+    wan = f"zb{tag}-wan"
+    sides = [Side(f"zb{tag}-n{i}", f"192.0.2.{i}", f"10.60.{i}.0/24", keypair())
+             for i in (1, 2)]
+    made: list[str] = [wan]
+    try:
+        _ip("netns", "add", wan)
+        _ip("-n", wan, "link", "add", "name", "wanbr", "type", "bridge")
+        _ip("-n", wan, "link", "set", "wanbr", "up")
+        for i, s in enumerate(sides, 1):
+            _ip("netns", "add", s.ns)
+            made.append(s.ns)
+            _ip("-n", s.ns, "link", "set", "lo", "up")
+            _ip("link", "add", f"zb{tag}e{i}", "netns", s.ns, "type", "veth", "peer", "name",
+                f"zb{tag}w{i}", "netns", wan)
+            _ip("-n", wan, "link", "set", f"zb{tag}w{i}", "master", "wanbr", "up")
+            _ip("-n", s.ns, "addr", "add", f"{s.wan_ip}/24", "dev", f"zb{tag}e{i}")
+            _ip("-n", s.ns, "link", "set", f"zb{tag}e{i}", "up")
+        for s, other in ((sides[0], sides[1]), (sides[1], sides[0])):
+            spec = NetworkWorkload.model_validate({
+                "name": "net", "ip_range": "10.60.0.0/16", "subnet": s.subnet,
+                "wireguard_private_key": s.key[0], "wireguard_listen_port": 51820,
+                "peers": [{"subnet": other.subnet, "wireguard_public_key": other.key[1],
+                           "endpoint": f"{other.wan_ip}:51820"}]})
+            s.res = plan(s.ns.ljust(64, "0"), WorkloadID(1, "net"), spec)
+            with inside(s.ns):
+                resource.ensure(s.res)
+            links = container_link_names(s.ns.ljust(64, "0"), WorkloadID(1, "c"))
+            made.append(links.namespace)
+            resource.attach_container(s.res.names, s.res.bridge_address, links.namespace,
+                                      links.outer, links.inner,
+                                      s.subnet.replace(".0/24", ".2"))
+        a, b = (container_link_names(s.ns.ljust(64, "0"), WorkloadID(1, "c")).namespace
+                for s in sides)
+        wg_names = [s.res.names.wireguard for s in sides if s.res]
+        pids = _wireguard_pids(wg_names)
+        size = megabytes << 20
+        throughput(a, b, "10.60.2.2", 8 << 20)  # the handshake and warm-up
+        results: dict[str, list[float]] = {k: [] for k in
+                                           ("overlay_bps", "plain_bps", "overlay_rtt",
+                                            "plain_rtt", "wg_cores")}
+        for _ in range(rounds):
+            cpu0, t0 = _cpu_seconds(pids), time.perf_counter()
+            results["overlay_bps"].append(throughput(a, b, "10.60.2.2", size))
+            results["wg_cores"].append((_cpu_seconds(pids) - cpu0) / (time.perf_counter() - t0))
+            results["plain_bps"].append(throughput(sides[0].ns, sides[1].ns, "192.0.2.2", size))
+            results["overlay_rtt"].append(rtt(a, b, "10.60.2.2"))
+            results["plain_rtt"].append(rtt(sides[0].ns, sides[1].ns, "192.0.2.2"))
+        med = {k: statistics.median(v) for k, v in results.items()}
+        return {
+            "wireguard": subprocess.run(["wireguard-go", "--version"], capture_output=True,
+                                        text=True).stdout.strip().splitlines()[0],
+            "megabytes": megabytes, "rounds": rounds,
+            "overlay_mbit_s": round(med["overlay_bps"] * 8 / 1e6, 1),
+            "plain_mbit_s": round(med["plain_bps"] * 8 / 1e6, 1),
+            "throughput_ratio": round(med["overlay_bps"] / med["plain_bps"], 3),
+            "overlay_rtt_us": round(med["overlay_rtt"] * 1e6, 1),
+            "plain_rtt_us": round(med["plain_rtt"] * 1e6, 1),
+            "rtt_ratio": round(med["overlay_rtt"] / med["plain_rtt"], 2),
+            "wireguard_cores_during_overlay_transfer": round(med["wg_cores"], 2),
+        }
+    finally:
+        for s in sides:
+            if s.res is not None:
+                with inside(s.ns):
+                    resource.remove(s.res.names)
+        for ns in reversed(made):
+            subprocess.run(["ip", "netns", "delete", ns], capture_output=True, check=False)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--megabytes", type=int, default=256)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        sys.exit("network_bench needs root (it makes network namespaces)")
+    out = run(args.megabytes, args.rounds)
+    if args.json:
+        print(json.dumps(out))
+    else:
+        for k, v in out.items():
+            print(f"{k:42} {v}")
+
+
+if __name__ == "__main__":
+    main()
