@@ -83,6 +83,7 @@ class NamespaceFiles:
         self._readers = Readers()
         self._keys: dict[bytes, int] = {}
         self._maps: dict[int, mmap.mmap] = {}             # index files, shared maps
+        self._dmaps: dict[int, mmap.mmap] = {}            # closed data files, read-only maps
         self._early: list[tuple[int, int, bytes]] = []   # delete flags (before index appends)
         self._late: list[tuple[int, int, bytes]] = []    # superseded flags (after index appends)
         self._patched_paths: set[Path] = set()           # older index files to fsync
@@ -142,6 +143,25 @@ class NamespaceFiles:
         for mm in self._maps.values():
             mm.close()
         self._maps.clear()
+        for mm in self._dmaps.values():
+            mm.close()
+        self._dmaps.clear()
+
+    def _data_map(self, fid: int) -> mmap.mmap:
+        """A read-only map of closed data file `fid`, made on its first read and kept until
+        the namespace closes: reads of older files cost a slice, not a system call. Closed
+        data files never change while open (compaction swaps in new files, then reopens)."""
+        mm = self._dmaps.get(fid)
+        if mm is None:
+            fd = os.open(self._dpath(fid), os.O_RDONLY)
+            try:
+                mm = mmap.mmap(fd, 0, prot=mmap.PROT_READ)
+            except FileNotFoundError:
+                raise ZdbError(f"{self._dpath(fid)} is missing") from None
+            finally:
+                os.close(fd)
+            self._dmaps[fid] = mm
+        return mm
 
     def _map(self, fid: int) -> mmap.mmap:
         """A shared map of index file `fid`: reads see in-place patches, and small patches
@@ -177,7 +197,7 @@ class NamespaceFiles:
         d = self._data
         if fid == d.fileid:
             return d.read(offset, length)
-        return os.pread(self._readers.fd(self._dpath(fid)), length, offset)
+        return self._data_map(fid)[offset:offset + length]
 
     def _read_index(self, fid: int, offset: int, length: int) -> bytes:
         if self._early or self._late:

@@ -4,7 +4,6 @@ KEYCUR and DBSIZE (the reference's index_get.c and the read side of data.c).
 
 from __future__ import annotations
 
-import os
 import struct
 from typing import Final
 
@@ -54,16 +53,30 @@ class NamespaceReads(NamespaceRecovery):
                 sfid, _soff, fields = found
                 return self._payload(fields[5] or sfid, fields[1], fields[0], fields[2])
             return None
-        # inlined _ientry() + _payload() for the common case: both in the current pair
+        # inlined _ientry() + _payload() for the common cases: an entry of an older pair, or
+        # of the current pair; both are slices of maps, without a system call.
         fid = p >> 32
         ioff = p & U32
         ix = self._index
-        d = self._data
-        if fid == ix.fileid:
-            # Typed, so the native build does this arithmetic on machine integers.
-            _kl: int
-            doff: int
-            ln: int
+        # Typed, so the native build does this arithmetic on machine integers.
+        _kl: int
+        doff: int
+        ln: int
+        start: int
+        end: int
+        if fid != ix.fileid:
+            mm = self._maps.get(fid)
+            if mm is not None and ioff + IENT <= len(mm):
+                _kl, doff, ln = _idx_head(mm, ioff)
+                dm = self._dmaps.get(fid)
+                if dm is None:
+                    dm = self._data_map(fid)
+                start = doff + DENT + _kl
+                end = start + ln
+                if end <= len(dm):
+                    return dm[start:end]
+        else:
+            d = self._data
             disk = ix.disk_size
             if ioff >= disk:
                 _kl, doff, ln = _idx_head(ix.buf, ioff - disk)
@@ -91,10 +104,7 @@ class NamespaceReads(NamespaceRecovery):
     def _payload(self, fid: int, doff: int, kl: int, ln: int) -> bytes:
         start = doff + DENT + kl
         d = self._data
-        if fid == d.fileid:
-            value = d.read(start, ln)
-        else:
-            value = os.pread(self._readers.fd(self._dpath(fid)), ln, start)
+        value = d.read(start, ln) if fid == d.fileid else self._data_map(fid)[start:start + ln]
         if len(value) != ln:
             raise ZdbError(f"namespace {self.name}: data file d{fid} is shorter than its index "
                            "says; run `zerostack zdb check`")
