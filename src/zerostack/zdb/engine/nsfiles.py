@@ -43,8 +43,10 @@ log: Final = logging.getLogger("zerostack.zdb.engine")
 # A live user-mode key maps to `fid << 32 | index offset` (data and index file N always go
 # together in user mode), an int of at most 2 digits: 32 bytes.
 MAX_FILEID: Final = 0xFFFFFFF
-# Re-map the current index file once this many bytes were written past the mapping.
+# Re-map the current index file once this many bytes were written past the mapping, or
+# once this many reads fell past it.
 REMAP_AFTER: Final = 256 * 1024
+REMAP_MISSES: Final = 64
 
 IHEAD: Final = INDEX_HEADER.size   # 29
 DHEAD: Final = DATA_HEADER.size    # 28
@@ -84,6 +86,7 @@ class NamespaceFiles:
         self._keys: dict[bytes, int] = {}
         self._maps: dict[int, mmap.mmap] = {}             # index files, shared maps
         self._dmaps: dict[int, mmap.mmap] = {}            # closed data files, read-only maps
+        self._imisses = 0  # reads of the current index file past its map since it was made
         self._early: list[tuple[int, int, bytes]] = []   # delete flags (before index appends)
         self._late: list[tuple[int, int, bytes]] = []    # superseded flags (after index appends)
         self._patched_paths: set[Path] = set()           # older index files to fsync
@@ -172,6 +175,7 @@ class NamespaceFiles:
         with open(self._ipath(fid), "r+b") as f:
             mm = mmap.mmap(f.fileno(), 0)
         self._maps[fid] = mm
+        self._imisses = 0
         return mm
 
     def _ientry(self, fid: int, off: int) -> tuple[int, ...]:
@@ -182,7 +186,9 @@ class NamespaceFiles:
                 return idx_unpack(ix.buf, off - ix.disk_size)
             mm = self._maps.get(fid)
             if mm is None or off + IENT > len(mm):
-                if mm is not None and ix.disk_size - len(mm) < REMAP_AFTER:
+                if mm is not None and ix.disk_size - len(mm) < REMAP_AFTER \
+                        and self._imisses < REMAP_MISSES:
+                    self._imisses += 1
                     return idx_unpack(os.pread(ix.fd, IENT, off), 0)
                 mm = self._map(fid)
             return idx_unpack(mm, off)
