@@ -9,6 +9,7 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 import redis
 
 from tests.zdb.conftest import ZdbStarter
@@ -128,26 +129,37 @@ def test_reading_slowly_gets_every_reply_in_order(zdb_start: ZdbStarter) -> None
 
 
 def test_output_limit_disconnects_with_a_log_line(zdb_start: ZdbStarter) -> None:
-    # One MGET reply of 32 MiB is past a 4 MiB limit: the client is dropped, others stay.
-    z = zdb_start("--client-output-pause", "256K", "--client-output-limit", "4M")
+    # An 8 MiB reply to a client that does not read is past a 1 MiB limit, even after the
+    # kernel's socket buffers took their share: the client is dropped with a log line,
+    # others stay. MGET stops building before the limit instead.
+    z = zdb_start("--client-output-pause", "256K", "--client-output-limit", "1M")
     r = z.client()
+    huge = os.urandom(8 * 1024 * 1024 - 64)
+    r.execute_command("SET", "huge", huge)
     r.execute_command("SET", "big", VALUE)
     with socket.socket() as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
         sock.connect(("127.0.0.1", z.port))
-        sock.sendall(b"*33\r\n$4\r\nMGET\r\n" + b"$3\r\nbig\r\n" * 32)
+        sock.sendall(b"*2\r\n$3\r\nGET\r\n$4\r\nhuge\r\n" * 2)
         time.sleep(0.5)
         sock.settimeout(10)
         got = 0
-        while chunk := sock.recv(1 << 20):
-            got += len(chunk)
-    assert got < 32 * len(VALUE)
+        try:
+            while chunk := sock.recv(1 << 20):
+                got += len(chunk)
+        except ConnectionResetError:
+            pass  # dropped with its replies unsent: what the limit is for
+    assert got < len(huge)
     deadline = time.monotonic() + 5
     while "zdb.client.output_limit" not in z.log.read_text() and time.monotonic() < deadline:
         time.sleep(0.1)
     line = next(x for x in z.log.read_text().splitlines() if "zdb.client.output_limit" in x)
-    assert "limit=4194304" in line and "reason=" in line
-    assert r.execute_command("GET", "big") == VALUE
+    assert "limit=1048576" in line and "reason=" in line
+    assert r.execute_command("SET", "small", b"s") == b"small"
+    assert r.execute_command("GET", "small") == b"s"
+    with pytest.raises(redis.ResponseError, match="Reply too large"):
+        r.execute_command("MGET", "big", "big")
+    assert r.execute_command("MGET", "small", "nope", "small") == [b"s", None, b"s"]
 
 
 def test_output_settings_are_checked(zdb_start: ZdbStarter, tmp_path: Path) -> None:

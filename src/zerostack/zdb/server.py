@@ -442,6 +442,7 @@ class ZdbServer:
             engine=self.engine, admin_password=config.admin_password, protect=config.protect,
         )
         self.state.on_stop = self.request_stop
+        self.state.reply_limit = config.output_limit
         self.state.on_namespace_removed = self._namespace_removed
         self.connections: set[Connection] = set()
         self.role = ReplicationRole(

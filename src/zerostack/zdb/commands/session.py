@@ -24,6 +24,8 @@ class ServerState:
     commands_executed: int = 0
     commands_failed: int = 0
     commands_unauthorized: int = 0
+    # `--client-output-limit`: no single reply may grow past it (0: no limit).
+    reply_limit: int = 0
     sessions: set[Session] = field(default_factory=set)
     # Set by the server: called by STOP to end the process cleanly.
     on_stop: Callable[[], None] = lambda: None
