@@ -14,7 +14,7 @@ import logging
 import socket
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Final, cast
 
@@ -437,7 +437,9 @@ class ZdbServer:
 
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
-        self.engine = Engine(config.engine)
+        # Replies leave only after engine.flush_all(): under --sync one fsync there covers
+        # every write of the pass (group commit) and each is still durable before its reply.
+        self.engine = Engine(replace(config.engine, group_commit=True))
         self.state = ServerState(
             engine=self.engine, admin_password=config.admin_password, protect=config.protect,
         )

@@ -145,7 +145,7 @@ class Namespace(NamespaceHistory):
         self.mode = Mode.USER if value == "user" else Mode.SEQ
         # Rewrite the fresh header in place (same size): no moment without a valid header.
         os.pwrite(self._index.fd, index_header(0, MODE_SEQ if value == "seq" else MODE_USER), 0)
-        if self._sync:
+        if self._durable:
             self._index.fsync()
 
     def flush(self) -> None:

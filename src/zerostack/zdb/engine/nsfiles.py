@@ -70,7 +70,8 @@ class NamespaceFiles:
         self.data_root = data_root
         self._config = config
         self._on_dirty = on_dirty
-        self._sync = config.sync
+        self._durable = config.sync    # files and rotations made durable at once
+        self._sync = config.sync and not config.group_commit  # fsync inside each write
         self._datasize = config.datasize
         self._pending = False  # buffered writes the engine has not been told about yet
         self._ts = 0           # timestamp of the current batch of writes
@@ -127,7 +128,7 @@ class NamespaceFiles:
         # empty files only under --sync: a torn header of the newest pair is rewritten on open.
         write_new_file(self.index_root / NS_FILENAME, desc.encode())
         create_pair(self._ipath(0), self._dpath(0), 0, MODE_SEQ if mode is Mode.SEQ else MODE_USER,
-                    durable=self._sync)
+                    durable=self._durable)
 
     def _count_files(self, root: Path, name: Callable[[int], str]) -> int:
         n = 0
@@ -307,14 +308,14 @@ class NamespaceFiles:
 
     def _rotate(self) -> None:
         self.write_out()
-        if self._sync:
-            self.fsync()
+        if self._durable:
+            self.fsync()  # the pair being closed is not fsynced by a later flush
         old_i, old_d = self._index, self._data
         new = old_d.fileid + 1
         if new > MAX_FILEID:
             raise ZdbError(f"namespace {self.name}: too many data files (max {MAX_FILEID})")
         create_pair(self._ipath(new), self._dpath(new), new,
-                    MODE_SEQ if self.mode is Mode.SEQ else MODE_USER, durable=self._sync)
+                    MODE_SEQ if self.mode is Mode.SEQ else MODE_USER, durable=self._durable)
         self._closed_isizes.append(old_i.size)
         self._closed_dsizes.append(old_d.size)
         old_i.close()
