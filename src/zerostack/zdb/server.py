@@ -89,7 +89,8 @@ class ServerConfig:
     # to it; resume as its socket drains.
     output_pause: int = 1024 * 1024
     # Disconnect a client once more reply bytes than this wait for it (0: never). Only a
-    # single reply larger than output_pause can get there (MGET of many large values).
+    # single reply larger than output_pause can get there (a GET of a large value); MGET
+    # refuses to build a reply past it.
     output_limit: int = 64 * 1024 * 1024
 
 
