@@ -43,6 +43,12 @@ class RecordingTransport:
     def get_extra_info(self, name: str) -> None:
         return None
 
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        pass
+
+    def get_write_buffer_size(self) -> int:
+        return 0  # everything written is taken at once
+
 
 token = st.one_of(
     st.sampled_from([b"*", b"$", b":", b"+", b"-", b"\r\n", b"\n", b"*1\r\n", b"*3\r\n",

@@ -67,6 +67,13 @@ def serve(
     min_replicas_timeout: float = typer.Option(
         10.0, "--min-replicas-timeout",
         help="Seconds to wait for --min-replicas before answering a write with an error."),
+    client_output_pause: str = typer.Option(
+        "1M", "--client-output-pause",
+        help="Stop running a client's requests while this many reply bytes wait to be sent "
+             "to it; go on as it reads them."),
+    client_output_limit: str = typer.Option(
+        "64M", "--client-output-limit",
+        help="Disconnect a client once this many reply bytes wait for it (0: never)."),
 ) -> None:
     """Run a Zero-DB server until Ctrl-C, SIGTERM or STOP."""
     if ctx.invoked_subcommand is not None:
@@ -87,6 +94,12 @@ def serve(
         fail(f"--port {port} is not a TCP port")
     if min_replicas < 0 or min_replicas_timeout <= 0:
         fail("--min-replicas must be >= 0 and --min-replicas-timeout > 0")
+    output_pause = parse_size(client_output_pause, "--client-output-pause")
+    output_limit = parse_size(client_output_limit, "--client-output-limit")
+    if output_pause <= 0:
+        fail("--client-output-pause must be more than 0 bytes")
+    if output_limit and output_limit < output_pause:
+        fail("--client-output-limit must be 0 (no limit) or at least --client-output-pause")
     primary = _host_port(replica_of, "--replica-of") if replica_of else None
     if primary_auth and not primary:
         fail("--primary-auth goes with --replica-of")
@@ -98,7 +111,8 @@ def serve(
     config = ServerConfig(engine=engine, listen=listen, port=port, socket_path=socket_path,
                           admin_password=admin or None, protect=protect, replica_of=primary,
                           primary_auth=primary_auth or None, min_replicas=min_replicas,
-                          min_replicas_timeout=min_replicas_timeout)
+                          min_replicas_timeout=min_replicas_timeout,
+                          output_pause=output_pause, output_limit=output_limit)
     _run(config, verbose)
 
 

@@ -2,7 +2,9 @@
 the command table and the storage engine together.
 
 Replies to everything one read brought in are written with a single transport.write, and
-all replies of one event-loop pass go out after a single engine.flush_all().
+all replies of one event-loop pass go out after a single engine.flush_all(). A client's
+requests are executed only while its unsent replies stay under `output_pause`, so a client
+that never reads cannot make the server build replies without bound.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import logging
 import socket
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Final, cast
 
@@ -84,6 +86,13 @@ class ServerConfig:
     primary_auth: str | None = field(default=None, repr=False)
     min_replicas: int = 0          # acknowledge writes once this many replicas hold them
     min_replicas_timeout: float = 10.0
+    # Stop executing a client's requests while more reply bytes than this wait to be sent
+    # to it; resume as its socket drains.
+    output_pause: int = 1024 * 1024
+    # Disconnect a client once more reply bytes than this wait for it (0: never). Only a
+    # single reply larger than output_pause can get there (a GET of a large value); MGET
+    # refuses to build a reply past it.
+    output_limit: int = 64 * 1024 * 1024
 
 
 class Connection(asyncio.Protocol):
@@ -102,6 +111,12 @@ class Connection(asyncio.Protocol):
         self.pending: list[list[bytes]] = []
         self.pending_violation: str | None = None
         self.closing = False
+        # Output backpressure: `unsent` reply bytes sit in the server's outbox; `draining`
+        # while requests wait in `pending` for the socket to take the replies already made.
+        self.unsent = 0
+        self.draining = False
+        self.write_paused = False
+        self.output_pause = server.config.output_pause
         # Shared with the server, read on every request: held here to save lookups.
         self.busy = server.role.busy
         self.durable = server.role.primary.min_replicas
@@ -111,6 +126,8 @@ class Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports quack like asyncio.Transport without subclassing it.
         self.transport = cast(asyncio.Transport, transport)
+        # The transport pauses us (pause_writing) exactly when its buffer passes the bound.
+        self.transport.set_write_buffer_limits(high=self.output_pause)
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             # The reference's lack of TCP_NODELAY is what stalls its pipelined replies.
@@ -128,6 +145,8 @@ class Connection(asyncio.Protocol):
         self.state.sessions.discard(self.session)
         self.server.connections.discard(self)
         self._cancel_wait()
+        self.pending = []
+        self.server.draining.discard(self)
         deferred.take(self.session)
         if self.server.role.primary.followers:
             self.server.role.primary.detach(self.session)
@@ -135,12 +154,32 @@ class Connection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         # The client does not read its replies: stop reading its requests until it does.
+        self.write_paused = True
         if self.transport is not None:
             self.transport.pause_reading()
 
     def resume_writing(self) -> None:
-        if self.transport is not None and not self.waiting and not self.closing:
+        self.write_paused = False
+        if self.draining:
+            self.drain()
+        elif self.transport is not None and not self.waiting and not self.closing:
             self.transport.resume_reading()
+
+    def drain(self) -> None:
+        """Go on with the requests held while replies were waiting to be sent."""
+        if not self.draining or self.write_paused:
+            return
+        self.draining = False
+        self.server.draining.discard(self)
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        requests, self.pending = self.pending, []
+        violation, self.pending_violation = self.pending_violation, None
+        if requests or violation:
+            self.process(requests, violation)
+        if not self.draining and not self.waiting and not self.closing:
+            transport.resume_reading()
 
     def data_received(self, data: bytes) -> None:
         if self.closing:
@@ -151,7 +190,8 @@ class Connection(asyncio.Protocol):
         except ProtocolViolation as exc:
             self._received(exc.requests, exc.message)
             return
-        if len(requests) == 1 and not self.waiting and not len(self.busy) and not self.durable:
+        if len(requests) == 1 and not self.waiting and not self.draining and not len(self.busy) \
+                and not self.durable:
             # One request per read, the common case without pipelining: served here,
             # without process()'s batch bookkeeping. Anything unusual goes there.
             request = requests[0]
@@ -188,12 +228,12 @@ class Connection(asyncio.Protocol):
                     if reply is None:
                         self._later(requests, 0, None)
                     else:
-                        server.send(transport, reply)
+                        server.send(self, reply)
                     return
         self._received(requests, None)
 
     def _received(self, requests: list[list[bytes]], violation: str | None) -> None:
-        if self.waiting:
+        if self.waiting or self.draining:
             self.pending.extend(requests)
             if violation is not None:
                 self.pending_violation = violation
@@ -218,16 +258,27 @@ class Connection(asyncio.Protocol):
         durable = self.durable
         writes: list[int] = []
         failed = 0
-        for request in requests:
+        # Reply bytes this connection already owes: made in this batch, queued for the end
+        # of this event-loop pass, and buffered by the transport.
+        owed = self.unsent + transport.get_write_buffer_size()
+        pause = self.output_pause
+        executed = 0
+        for index, request in enumerate(requests):
+            if owed > pause:
+                # Replies are made only as fast as the client takes them: hold the rest.
+                self._throttle(requests[index:], violation)
+                violation = None
+                break
             if not request:
+                executed += 1
                 out.append(MISSING_ARGUMENTS)
                 continue
             if busy and session.ns.name in busy:
                 # Compaction has this namespace's files: hold the rest until it is done.
-                index = next(i for i, r in enumerate(requests) if r is request)
                 self._hold(session.ns.name, requests[index:], violation)
                 violation = None
                 break
+            executed += 1
             handler = handlers.get(request[0])
             if handler is None:
                 handler = lookup(request[0], handlers)
@@ -244,24 +295,36 @@ class Connection(asyncio.Protocol):
             if waiters:
                 self.server.notify_waiters(self, request[0])
             if reply is None:  # WAIT: answer later, keep the rest in order behind it
-                self._later(requests, next(i for i, r in enumerate(requests) if r is request),
-                            violation)
+                self._later(requests, index, violation)
                 violation = None
                 break
             if durable and reply[:1] != b"-" and request[0].upper() in WRITE_NAMES:
                 writes.append(len(out))
             out.append(reply)
+            owed += len(reply)
         state = self.state
-        state.commands_executed += len(requests) - failed
+        state.commands_executed += executed - failed
         state.commands_failed += failed
         if writes and not self.waiting:
             self._confirm(out, writes, violation)
             return
         if out:
-            self.server.send(transport, b"".join(out) if len(out) > 1 else out[0])
+            self.server.send(self, b"".join(out) if len(out) > 1 else out[0])
         if violation is not None:
             log_event("zdb.client.protocol_error", logging.INFO, peer=self.peer, reply=violation)
             self._close_with(error(violation))
+
+    def _throttle(self, requests: list[list[bytes]], violation: str | None) -> None:
+        """Hold `requests` until the replies already made have been taken by the client."""
+        self.pending = requests
+        self.pending_violation = violation
+        self.draining = True
+        assert self.transport is not None
+        self.transport.pause_reading()
+        # The end of this pass hands the replies to the transport: if it takes them all
+        # without pausing us, drain() carries on from there; otherwise resume_writing() does.
+        self.server.draining.add(self)
+        self.server.kick()
 
     def _internal_error(self, request: list[bytes], exc: Exception) -> bytes:
         note_failure(self.session, request[0], exc)
@@ -284,8 +347,8 @@ class Connection(asyncio.Protocol):
         self.closing = True
         if self.transport is not None:
             self.transport.pause_reading()
-            self.server.send(self.transport, reply)
-            self.server.send(self.transport, None)
+            self.server.send(self, reply)
+            self.server.send(self, None)
 
     # -- replies that wait: jobs (REPLWAIT, PROMOTE, COMPACT), compaction, --min-replicas --
 
@@ -364,12 +427,12 @@ class Connection(asyncio.Protocol):
         if self.transport is None or self.transport.is_closing():
             return
         if reply:
-            self.server.send(self.transport, reply)
+            self.server.send(self, reply)
         requests, self.pending = self.pending, []
         violation, self.pending_violation = self.pending_violation, None
         if requests or violation:
             self.process(requests, violation)
-        if not self.waiting and not self.closing:
+        if not self.waiting and not self.closing and not self.draining:
             self.transport.resume_reading()
 
 
@@ -378,11 +441,14 @@ class ZdbServer:
 
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
-        self.engine = Engine(config.engine)
+        # Replies leave only after engine.flush_all(): under --sync one fsync there covers
+        # every write of the pass (group commit) and each is still durable before its reply.
+        self.engine = Engine(replace(config.engine, group_commit=True))
         self.state = ServerState(
             engine=self.engine, admin_password=config.admin_password, protect=config.protect,
         )
         self.state.on_stop = self.request_stop
+        self.state.reply_limit = config.output_limit
         self.state.on_namespace_removed = self._namespace_removed
         self.connections: set[Connection] = set()
         self.role = ReplicationRole(
@@ -403,7 +469,9 @@ class ZdbServer:
         self.waiters: dict[str, set[Connection]] = {}
         self._servers: list[asyncio.AbstractServer] = []
         # Replies waiting for the engine flush at the end of this event-loop pass (None: close).
-        self._outbox: list[tuple[asyncio.Transport, bytes | None]] = []
+        self._outbox: list[tuple[Connection, bytes | None]] = []
+        # Connections holding requests until their replies are sent (see Connection.drain).
+        self.draining: set[Connection] = set()
         self._outbox_scheduled = False
         self._stopped: asyncio.Event | None = None
         self._sync_task: asyncio.Task[None] | None = None
@@ -440,7 +508,7 @@ class ZdbServer:
                   admin="yes" if cfg.admin_password else "no", protect=cfg.protect,
                   native="yes" if native.compiled() else "no")
 
-    def send(self, transport: asyncio.Transport, payload: bytes | None) -> None:
+    def send(self, conn: Connection, payload: bytes | None) -> None:
         """Queue a reply (None: close the connection) behind one engine flush.
 
         Replies of every connection served in this event-loop pass go out after a single
@@ -450,7 +518,9 @@ class ZdbServer:
         request is served, they wake a client per reply instead of once per pass, which
         measured 1.7x more CPU per GET on the pure-Python build.
         """
-        self._outbox.append((transport, payload))
+        self._outbox.append((conn, payload))
+        if payload is not None:
+            conn.unsent += len(payload)
         if not self._outbox_scheduled:
             self._outbox_scheduled = True
             asyncio.get_running_loop().call_soon(self._send_outbox)
@@ -471,23 +541,46 @@ class ZdbServer:
             # Nothing buffered may be acknowledged: drop the connections waiting on it.
             log_event("zdb.flush.failed", logging.ERROR, error=str(exc))
             note_flush_failure(self.state, self.engine._dirty)
-            for transport, _ in self._outbox:
-                transport.abort()
+            for conn, _ in self._outbox:
+                conn.unsent = 0
+                if conn.transport is not None:
+                    conn.transport.abort()
             self._outbox = []
             return
         box, self._outbox = self._outbox, []
+        limit = self.config.output_limit
         sent = 0
-        for transport, payload in box:
-            if transport.is_closing():
+        for conn, payload in box:
+            conn.unsent = 0
+            transport = conn.transport
+            if transport is None or transport.is_closing():
                 continue
             if payload is None:
                 transport.close()
-            else:
-                transport.write(payload)
-                sent += len(payload)
+                continue
+            transport.write(payload)
+            sent += len(payload)
+            if limit and transport.get_write_buffer_size() > limit \
+                    and not any(f.session is conn.session for f in primary.followers):
+                # (a replica's stream is paced by the primary itself, see replication/primary)
+                self._over_limit(conn, transport, limit)
         self.state.network_tx += sent
+        if self.draining:
+            loop = asyncio.get_running_loop()
+            for conn in self.draining:
+                if not conn.write_paused:
+                    loop.call_soon(conn.drain)
         if ship:
             primary.notify()
+
+    def _over_limit(self, conn: Connection, transport: asyncio.Transport, limit: int) -> None:
+        """Drop a client whose unsent replies passed --client-output-limit."""
+        log_event("zdb.client.output_limit", logging.WARNING, peer=conn.peer,
+                  unsent=transport.get_write_buffer_size(), limit=limit,
+                  reason="unsent replies passed the client output limit")
+        conn.closing = True
+        conn.pending = []
+        transport.abort()  # drops the buffered replies at once
 
     async def _sync_loop(self, synctime: int) -> None:
         period = min(1.0, float(synctime))

@@ -17,6 +17,7 @@ from zerostack.zdb.engine import ZdbError
 from zerostack.zdb.protocol import NIL, ONE, ZERO, bulk
 
 MISSING_ARGUMENTS: Final = b"-Missing arguments\r\n"
+REPLY_TOO_LARGE: Final = b"-Reply too large: ask for fewer keys at once\r\n"
 
 
 def _key(s: Session, args: list[bytes]) -> bytes | None:
@@ -52,9 +53,19 @@ def cmd_mget(s: Session, args: list[bytes]) -> bytes:
         return FROZEN
     get = s.ns.get
     out = [b"*%d\r\n" % (len(args) - 1)]
+    # Up to 1,024 values of up to 8 MiB: stop building once past the output limit rather
+    # than hold gigabytes for one reply.
+    limit = s.state.reply_limit
+    size = 0
     for key in args[1:]:
         value = get(key) if 0 < len(key) <= MAX_KEY_LENGTH else None
-        out.append(NIL if value is None else bulk(value))
+        if value is None:
+            out.append(NIL)
+            continue
+        size += len(value)
+        if limit and size > limit:
+            return REPLY_TOO_LARGE
+        out.append(bulk(value))
     return b"".join(out)
 
 

@@ -58,6 +58,8 @@ class ServerState:
     network_tx: int = 0  # bytes of replies handed to the sockets
     io_errors: dict[str, IoErrors] = field(default_factory=dict)
     disk: DiskCounters = field(default_factory=DiskCounters)
+    # `--client-output-limit`: no single reply may grow past it (0: no limit).
+    reply_limit: int = 0
     sessions: set[Session] = field(default_factory=set)
     # Set by the server: called by STOP to end the process cleanly.
     on_stop: Callable[[], None] = lambda: None

@@ -24,5 +24,9 @@ class EngineConfig:
     mode: Mode = Mode.MIXED
     datasize: int = 256 * 1024 * 1024  # rotate files when the next write would pass it
     sync: bool = False                 # fsync data+index before each write returns
+    # With sync: fsync at the next flush_all() instead, once for every write since the last
+    # one. The server flushes before it sends any reply, so a write is still durable
+    # before it is acknowledged, and a pipeline of writes shares one fsync.
+    group_commit: bool = False
     synctime: int = 0                  # >0: fsync at most every N seconds (sync_if_due())
     maxsize: int = 0                   # default maxsize for new namespaces (0 = unlimited)

@@ -109,11 +109,15 @@ class Engine:
             ns.reopen()
 
     def flush_all(self) -> None:
-        """Hand every buffered write to the OS (not fsync)."""
+        """Hand every buffered write to the OS (and fsync it under sync with group_commit)."""
         if not self._dirty:
             return
+        durable = self.config.sync
         for ns in self._dirty:
-            ns.write_out()
+            if durable:
+                ns.fsync()
+            else:
+                ns.write_out()
         if self.config.synctime > 0:
             self._unsynced |= self._dirty
         self._dirty.clear()

@@ -24,9 +24,11 @@ from zerostack.zdb.engine.format import (
 
 # Opening many old files for reads costs descriptors; keep at most this many around.
 MAX_READERS: Final = 64
-# A mapped file is mapped again once this many bytes were written past the mapping; reads
-# of the newest bytes use pread until then.
+# A mapped file is mapped again once this many bytes were written past the mapping, or once
+# this many reads fell past it (no more writes may come to widen the gap); reads of the
+# newest bytes use pread until then.
 REMAP_AFTER: Final = 256 * 1024
+REMAP_MISSES: Final = 64
 
 
 class AppendFile:
@@ -38,7 +40,8 @@ class AppendFile:
     the map is dropped before the file is cut or closed, so it never covers a hole.
     """
 
-    __slots__ = ("_mappable", "buf", "disk_size", "fd", "fileid", "map", "mapped", "path")
+    __slots__ = ("_mappable", "buf", "disk_size", "fd", "fileid", "map", "mapped", "misses",
+                 "path")
 
     def __init__(self, path: Path, fileid: int, mapped: bool = False) -> None:
         self.path = path
@@ -50,6 +53,7 @@ class AppendFile:
         # Bytes [0, mapped) of the file can be read as map[a:b]; mapped lazily, on a read.
         self.map: mmap.mmap | None = None
         self.mapped = 0
+        self.misses = 0  # reads past the map since it was made
 
     @property
     def size(self) -> int:
@@ -65,9 +69,11 @@ class AppendFile:
         if end <= disk:
             if end <= self.mapped:
                 return self.map[offset:end]  # type: ignore[index]
-            if self._mappable and disk - self.mapped >= REMAP_AFTER:
+            if self._mappable and (disk - self.mapped >= REMAP_AFTER
+                                   or self.misses >= REMAP_MISSES):
                 self.remap()
                 return self.map[offset:end]  # type: ignore[index]
+            self.misses += 1
             return os.pread(self.fd, length, offset)
         head = os.pread(self.fd, disk - offset, offset)
         return head + bytes(self.buf[:offset + length - disk])
@@ -75,6 +81,7 @@ class AppendFile:
     def remap(self) -> None:
         """Map everything on disk now (reads up to disk_size need no system call)."""
         self.unmap()
+        self.misses = 0
         if self.disk_size:
             self.map = mmap.mmap(self.fd, self.disk_size, prot=mmap.PROT_READ)
             self.mapped = self.disk_size
