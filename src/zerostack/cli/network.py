@@ -1,19 +1,23 @@
-"""`zerostack network add | access`: a user network over several nodes, and the user's
-machine on it."""
+"""`zerostack network add | deploy | extend | remove | access`: a user network over
+several nodes, the workloads that join it, and the user's machine on it."""
 
 from __future__ import annotations
 
 import sys
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from zerostack.cli.bot import IDENTITY, JSON, LEDGER, LEDGER_KEY, _session, _settled
 from zerostack.cli.output import fail, print_json, print_table
 
+if TYPE_CHECKING:
+    from zerostack.bot import ThreeBot
+
 app = typer.Typer(help="User networks: WireGuard between a deployment's nodes.",
-                  no_args_is_help=True)
+                  no_args_is_help=True, rich_markup_mode=None)
 
 
 def _node_list(text: str) -> list[int]:
@@ -24,6 +28,17 @@ def _node_list(text: str) -> list[int]:
     if not ids or any(i < 1 for i in ids):
         fail("--nodes needs node ids like 1,3,5")
     return ids
+
+
+def _wait_updates(bot: ThreeBot, record: dict[str, Any], wait: float) -> None:
+    """Wait until every node of a network record reported on its contract's latest
+    version; fail with the report of the first that did not deploy."""
+    for n in record["nodes"].values():
+        cid = int(n["contract"])
+        version = int(bot.contract(cid)["version"])
+        c = bot.wait(cid, partial(_settled, version=version), wait)
+        if c["state"] != "deployed":
+            fail(f"contract {cid} failed its update: {c.get('report')}")
 
 
 @app.command("add")
@@ -84,12 +99,7 @@ def access(
         config = add_access(bot, zerostack_home(), name, via)
         record = load(zerostack_home(), name)
         if wait > 0:
-            for n in record["nodes"].values():
-                cid = int(n["contract"])
-                version = int(bot.contract(cid)["version"])
-                c = bot.wait(cid, partial(_settled, version=version), wait)
-                if c["state"] != "deployed":
-                    fail(f"contract {cid} failed its update: {c.get('report')}")
+            _wait_updates(bot, record, wait)
     sys.stdout.write(config)
 
 
@@ -110,12 +120,7 @@ def remove(
     with _session(ledger, identity, ledger_key) as bot:
         cid = remove_node(bot, zerostack_home(), name, node)
         if wait > 0:
-            for n in load(zerostack_home(), name)["nodes"].values():
-                other = int(n["contract"])
-                version = int(bot.contract(other)["version"])
-                c = bot.wait(other, partial(_settled, version=version), wait)
-                if c["state"] != "deployed":
-                    fail(f"contract {other} failed its update: {c.get('report')}")
+            _wait_updates(bot, load(zerostack_home(), name), wait)
             bot.wait(cid, lambda c: c["state"] == "deleted", wait)
     sys.stdout.write(f"node {node} left network {name}; contract {cid} cancelled\n")
 
@@ -169,10 +174,5 @@ def extend(
     with _session(ledger, identity, ledger_key) as bot:
         record = add_nodes(bot, zerostack_home(), name, _node_list(nodes))
         if wait > 0:
-            for n in record["nodes"].values():
-                cid = int(n["contract"])
-                version = int(bot.contract(cid)["version"])
-                c = bot.wait(cid, partial(_settled, version=version), wait)
-                if c["state"] != "deployed":
-                    fail(f"contract {cid}: {c.get('report')}")
+            _wait_updates(bot, record, wait)
     sys.stdout.write(f"network {name}: nodes {', '.join(record['nodes'])}\n")
