@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from tests.ledger.world import GiB, World, cancel_vote, hashes, requirement, sealed
-from zerostack.crypto import MAX_INT, Identity
+from zerostack.crypto import MAX_INT, Domain, Identity
 from zerostack.ledger.errors import LedgerRejected, Rejected
 from zerostack.ledger.pricing import HOUR, split
 from zerostack.ledger.state import APPROVED, CANCELLED, DEPLOYED, GRACE, State
@@ -225,6 +225,16 @@ def test_consumption_reports() -> None:
             "invalid", "at most")
     refused(w.send(g.node_twin, "contract.consumption", consumption(g, cid, period - 5)),
             "invalid", "before contract")
+    # the report's own signature (`consumption` domain) must be the node's, over these
+    # figures: figures changed after signing, or signed by another key, are refused
+    signed = w.sign_consumption(w.keys[g.node_twin], consumption(g, cid, period))
+    refused(w.send(g.node_twin, "contract.consumption", {**signed, "traffic_in": GiB}),
+            "bad_signature", "consumption signature")
+    forged = w.sign_consumption(w.keys[other_twin], consumption(g, cid, period))
+    refused(w.send(g.node_twin, "contract.consumption", forged), "bad_signature")
+    as_tx = w.keys[g.node_twin].sign(Domain.TRANSACTION, bytes(32)).hex()
+    refused(w.send(g.node_twin, "contract.consumption",
+                   {**consumption(g, cid, period), "signature": as_tx}), "bad_signature")
     assert w.state.contracts[cid] == before
     w.ok(g.node_twin, "contract.consumption",
          consumption(g, cid, period, traffic_in=2 * GiB, traffic_out=GiB))
