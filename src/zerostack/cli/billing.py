@@ -15,14 +15,13 @@ import typer
 
 from zerostack.cli.bot import IDENTITY, JSON, LEDGER, LEDGER_KEY, _session
 from zerostack.cli.output import console, fail, print_json, print_table
+from zerostack.ledger.pricing import HOURS_PER_MONTH
 
 if TYPE_CHECKING:
     from zerostack.ledger import LedgerClient
 
 MAX_AMOUNT = 2**53 - 1
 """The largest amount any JSON client reads exactly: the ledger's bound on integers."""
-HOURS_PER_MONTH = 730
-"""8,760 hours a year over 12 months: what `price` calls a month."""
 
 
 def _when(ts: int) -> str:
