@@ -326,3 +326,66 @@ def test_an_approved_update_charges_the_old_reservation_up_to_its_approval() -> 
     g.to_boundary()
     row = w.state.charges[cid][-1]
     assert row.amounts["cru"] == (1 * 100 + 4 * (row.end - start - 100)) * PRICES["cru"] // HOUR
+
+
+def test_the_bad_input_list_is_refused_and_changes_nothing() -> None:
+    """Every bad input the billing design names, in one place: each is refused with a
+    clear error, and neither balances nor contracts change."""
+    g = Grid()
+    w = g.w
+    g.fund(g.user, 10**9)
+    cid = g.contract()
+    _, other_node_twin = w.node(g.farm, country="NL")
+    g.to_boundary()
+    period = w.time // PERIOD - 1
+    accepted = w.tx(g.node_twin, "contract.consumption", consumption(g, cid, period))
+    assert not isinstance(w.apply_tx(accepted), Rejected)
+    cancelled = g.contract()
+    w.ok(g.user, "contract.cancel", cancel_vote(w, g.user, cancelled))
+    g.to_boundary()
+    period = w.time // PERIOD - 1
+    before = w.state
+
+    def unchanged() -> None:
+        assert w.state.balances == before.balances
+        assert w.state.contracts == before.contracts
+        assert w.state.treasury == before.treasury and w.state.policy == before.policy
+
+    def envelope(amount: int) -> dict[str, Any]:
+        return {"type": "balance.transfer", "sender": g.user, "nonce": w.nonces[g.user],
+                "payload": {"to": g.farmer, "amount": amount}, "signature": "0" * 128}
+
+    # negative and overflowing amounts: not even a transaction
+    for amount in (-1, 0, MAX_INT + 1, 2**70):
+        with pytest.raises(LedgerRejected, match="amount"):
+            parse_tx(envelope(amount))
+    # a transfer above the balance
+    have = w.state.balances[g.user]
+    refused(w.send(g.user, "balance.transfer", {"to": g.farmer, "amount": have + 1}),
+            "state", f"less than the {have + 1}")
+    # a replayed consumption report: the same transaction again, or the period again
+    refused(w.apply_tx(accepted), "bad_nonce")
+    refused(w.send(g.node_twin, "contract.consumption", consumption(g, cid, period - 1)),
+            "conflict", "already reported")
+    # a node reporting for another node's contract
+    refused(w.send(other_node_twin, "contract.consumption", consumption(g, cid, period)),
+            "unauthorized", f"runs on node {g.node}")
+    # a node inflating usage beyond the reservation (or past the traffic bound)
+    refused(w.send(g.node_twin, "contract.consumption",
+                   consumption(g, cid, period, reserved={"cru": 2, "mru": 5 * GiB})),
+            "invalid", "reserves")
+    refused(w.send(g.node_twin, "contract.consumption",
+                   consumption(g, cid, period, traffic_out=MAX_INT)), "invalid", "at most")
+    # billing a cancelled contract: reports are refused, boundaries charge it nothing
+    refused(w.send(g.node_twin, "contract.consumption", consumption(g, cancelled, period)),
+            "state", "cancelled")
+    # a price change applied retroactively, by the grid or by a farm
+    refused(w.govern(policy(prices={**PRICES, "cru": 1}, effective=w.time - 1)),
+            "invalid", "never retroactive")
+    refused(w.send(g.farmer, "farm.prices",
+                   {"farm": g.farm, "prices": {**PRICES, "cru": 1}, "effective": w.time - 60}),
+            "invalid", "never retroactive")
+    unchanged()
+    rows = len(w.state.charges.get(cancelled, ()))
+    g.to_boundary(2)
+    assert len(w.state.charges.get(cancelled, ())) == rows
