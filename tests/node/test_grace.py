@@ -125,14 +125,13 @@ def test_grace_pauses_resumes_and_removes_on_a_real_node(procs: ProcessGroup,
         # out of money: grace at the next boundary; the node pauses the contract
         drain(grid.client, owner, twin, sink)
         wait("grace", lambda: grid.client.contract(cid)["state"] == "grace")
-        wait("the container frozen", lambda: is_frozen(runtime, container))
+        # the node reports once both are paused
+        paused = wait("the paused report", lambda: len(p := _paused(grid, cid)) == 2 and p)
+        assert set(paused) == {"app", "db"}, paused
+        assert is_frozen(runtime, container)
         with pytest.raises(redis.ResponseError, match="read-only"):
             db.set("kept", "during grace")
         assert db.get("kept") == b"before"  # reads are still served
-        report = wait("the paused report", lambda: [
-            w for w in (grid.client.contract(cid)["report"] or {}).get("workloads", [])
-            if w["state"] == "paused"])
-        assert {w["name"] for w in report} == {"app", "db"}, report
         assert grid.client.contract(cid)["state"] == "grace"
 
         # the notice the node acted on is the operator's, for this contract and node
@@ -172,6 +171,11 @@ def test_grace_pauses_resumes_and_removes_on_a_real_node(procs: ProcessGroup,
     finally:
         for cont in runtime.ids():
             runtime.delete(cont)
+
+
+def _paused(grid: Grid, cid: int) -> list[str]:
+    report = grid.client.contract(cid)["report"] or {}
+    return [w["name"] for w in report.get("workloads", []) if w["state"] == "paused"]
 
 
 def _writes(db: redis.Redis) -> bool:

@@ -50,7 +50,7 @@ from zerostack.workloads import (
     WorkloadError,
     diff,
     open_instructions,
-    priced_units,
+    reserved_units,
     total_resources,
     workload_hash,
 )
@@ -636,7 +636,7 @@ class NodeAgent:
         """What the node reserved for the contract (its own arithmetic on the deployment
         it runs, never above what the contract reserves on the ledger) and the traffic it
         counted, at most the policy's `max_traffic` (the rest waits for the next one)."""
-        mine = {**total_resources(dep.workloads).to_dict(), **priced_units(dep.workloads)}
+        mine = reserved_units(dep.workloads)
         cap = (c.get("active") or {}).get("capacity") or c.get("capacity") or {}
         billing = c.get("billing") or {}
         ledger = {**cap, "ipv4": billing.get("ipv4", 0), "names": billing.get("names", 0)}
