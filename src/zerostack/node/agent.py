@@ -351,7 +351,7 @@ class NodeAgent:
             # It runs the version it verified: one approved during grace waits for the end.
             if running is None:
                 return None
-            view.deployment, view.error = running, local.message if local else ""
+            view.deployment = running
             view.paused = await self._standing(cid) == "grace"
             return view
         if c["state"] not in LIVE:
