@@ -26,10 +26,10 @@ from zerostack.ledger.errors import LedgerError
 from zerostack.node.billing import check_notice
 from zerostack.node.runtime import ContainerRuntime
 
-# 1,000 base units per second for a core or a GiB; billed every 2 s; 6 s of grace
+# 1,000 base units per second for a core or a GiB; billed every 2 s; 10 s of grace
 POLICY = {"prices": {"cru": 3_600_000, "mru": 3_600_000, "sru": 3_600_000, "hru": 3_600_000},
           "max": {"cru": 10**9, "mru": 10**9, "sru": 10**9, "hru": 10**9},
-          "period": 2, "grace": 6, "max_traffic": 1 << 30}
+          "period": 2, "grace": 10, "max_traffic": 1 << 30}
 
 
 def wait(what: str, check: Callable[[], Any], timeout: float = 30.0) -> Any:
