@@ -19,7 +19,7 @@ from tests.conftest import ProcessGroup, require_root, require_tool
 from tests.flist.hub import start_hub
 from tests.flist.image import busybox_rootfs
 from tests.node.harness import Grid
-from zerostack.crypto import Identity
+from zerostack.crypto import Domain, Identity, billing_notice_digest
 from zerostack.flist import Hub, ImageConfig, LocalStore, SignedFlist, build_dir, push_flist
 from zerostack.ledger import LedgerClient, LedgerRejected
 from zerostack.ledger.errors import LedgerError
@@ -184,3 +184,63 @@ def _writes(db: redis.Redis) -> bool:
         return True
     except redis.ResponseError:
         return False
+
+
+def test_a_lying_ledger_cannot_pause_or_remove_for_non_payment(procs: ProcessGroup,
+                                                               tmp_path: Path) -> None:
+    """A man in the middle says a paying contract is in grace, or ended unpaid, and serves
+    notices it changed or signed itself: the node pauses and removes nothing."""
+    from tests.node.test_untrusted_ledger import Rewrite, passthrough, tampering_proxy
+
+    policy = tmp_path / "policy.json"
+    policy.write_text(json.dumps({**POLICY, "period": 3600, "grace": 3600}))
+    grid = Grid(procs, tmp_path, "--dev-faucet", "--policy", str(policy))
+    owner, twin = grid.user()
+    grid.client.faucet(owner, 10**9)
+    attacker = Identity.generate()
+    rule: list[Rewrite] = [passthrough]
+    with tampering_proxy(grid.url, rewrite=rule) as lying_ledger:
+        proc, zport, data = grid.start_node("node", ledger=lying_ledger)
+        node = grid.node_id(data, proc)
+        cid, _ = grid.deploy(owner, twin, [{"type": "zdb", "name": "db", "size": "4M",
+                                            "password": "s3cret"}], node)
+        assert grid.wait_contract(cid, {"deployed", "error"})["state"] == "deployed"
+        db = ns_client(zport, f"c{cid}-db")
+
+        def lie(state: str, notice: Callable[[dict[str, Any]], dict[str, Any]]) -> Rewrite:
+            def rewrite(path: str, status: int, body: Any) -> tuple[int, Any]:
+                if path == f"/contracts/{cid}/notice":
+                    return status, notice(body)
+                if path.startswith("/contracts") and status == 200:
+                    if isinstance(body, list):
+                        body = [{**c, "state": state} if c.get("id") == cid else c
+                                for c in body]
+                    elif body.get("id") == cid:
+                        body = {**body, "state": state}
+                return status, body
+            return rewrite
+
+        def signed_by_attacker(n: dict[str, Any], standing: str) -> dict[str, Any]:
+            n = {**n, "standing": standing, "key": attacker.public_hex}
+            n.pop("signature", None)
+            n["signature"] = attacker.sign(Domain.BILLING_NOTICE,
+                                           billing_notice_digest(n)).hex()
+            return n
+
+        log = tmp_path / "node.log"
+        # 1. "in grace", with the operator's notice edited to say so
+        rule[0] = lie("grace", lambda n: {**n, "standing": "grace", "state": "grace"})
+        wait("the edited notice refused", lambda: "not signed by the ledger's operator key"
+             in log.read_text())
+        time.sleep(1.5)  # more than one more pass
+        db.set("k", "still writable")
+        # 2. "ended unpaid", with a notice the attacker signed
+        rule[0] = lie("cancelled", lambda n: signed_by_attacker(n, "ended"))
+        wait("the anomaly", lambda: "event=contract_anomaly" in log.read_text())
+        time.sleep(1.5)
+        assert db.get("k") == b"still writable"
+        db.set("k", "after the lies")
+        assert "contract_paused" not in log.read_text()
+        assert "contract_ended_unpaid" not in log.read_text()
+        rule[0] = passthrough
+        assert grid.client.contract(cid)["state"] == "deployed"
