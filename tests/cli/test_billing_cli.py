@@ -137,6 +137,20 @@ def test_price_of_a_deployment_file(grid: Any) -> None:
     assert got["total_per_month"] == hourly * 730
     text = zs(home, url, "price", str(spec), "-i", "alice").stdout
     assert f"total: {hourly} per hour" in text
+    # a published template's workloads, priced the same way
+    author = Identity.generate()
+    grid["client"].register_twin(author)
+    body = {"workloads": [{"type": "container", "name": "web", "flist": "x", "cpu": 2,
+                           "memory": "1G"}, {"type": "public_ip", "name": "ip"}]}
+    tpl = grid["client"].publish_template(author, "shop", body, version="1.0")
+    got = zs_json(home, url, "price", "--template", tpl, "-i", "alice")
+    assert got["total_per_hour"] == hourly and got["template"] == tpl
+    text = zs(home, url, "price", "--template", tpl, "-i", "alice").stdout
+    assert "price of template shop 1.0" in text and f"total: {hourly} per hour" in text
+    for args, words in ((["--template", "ab" * 32], "is not published"),
+                        ([str(spec), "--template", tpl], "one of them"), ([], "one of them")):
+        bad = zs(home, url, "price", *args, "-i", "alice", check=False)
+        assert bad.returncode != 0 and words in bad.stderr, bad.stderr
 
 
 def test_deploy_dry_run_shows_the_cheapest_node_and_max_cost(grid: Any) -> None:
