@@ -92,7 +92,8 @@ def grid(procs: ProcessGroup, tmp_path: Path) -> Any:
     farmer_twin = client.register_twin(farmer)
     farm = client.create_farm(farmer, "farm1")
     client.register_twin(node_ident)
-    node = client.register_node(node_ident, farm, {"cru": 8, "mru": 16 * GiB}, "BE")
+    node = client.register_node(node_ident, farm, {"cru": 8, "mru": 16 * GiB, "sru": 64 * GiB},
+                                "BE")
     yield {"url": url, "proc": proc, "client": client, "farmer": farmer,
            "farmer_twin": farmer_twin, "node": node, "node_ident": node_ident,
            "home": tmp_path / "home", "tmp": tmp_path, "farm": farm}
@@ -136,6 +137,65 @@ def test_price_of_a_deployment_file(grid: Any) -> None:
     assert got["total_per_month"] == hourly * 730
     text = zs(home, url, "price", str(spec), "-i", "alice").stdout
     assert f"total: {hourly} per hour" in text
+    # a published template's workloads, priced the same way
+    author = Identity.generate()
+    grid["client"].register_twin(author)
+    body = {"workloads": [{"type": "container", "name": "web", "flist": "x", "cpu": 2,
+                           "memory": "1G"}, {"type": "public_ip", "name": "ip"}]}
+    tpl = grid["client"].publish_template(author, "shop", body, version="1.0")
+    got = zs_json(home, url, "price", "--template", tpl, "-i", "alice")
+    assert got["total_per_hour"] == hourly and got["template"] == tpl
+    text = zs(home, url, "price", "--template", tpl, "-i", "alice").stdout
+    assert "price of template shop 1.0" in text and f"total: {hourly} per hour" in text
+    for args, words in ((["--template", "ab" * 32], "is not published"),
+                        ([str(spec), "--template", tpl], "one of them"), ([], "one of them")):
+        bad = zs(home, url, "price", *args, "-i", "alice", check=False)
+        assert bad.returncode != 0 and words in bad.stderr, bad.stderr
+
+
+def test_deploy_dry_run_shows_the_cheapest_node_and_max_cost(grid: Any) -> None:
+    home, url, client = grid["home"], grid["url"], grid["client"]
+    new_user(home, url, "alice")
+    # a second farm whose own prices are half the grid's, with a node just as big
+    farmer2, node2_ident = Identity.generate(), Identity.generate()
+    client.register_twin(farmer2)
+    farm2 = client.create_farm(farmer2, "farm2")
+    client.register_twin(node2_ident)
+    node2 = client.register_node(node2_ident, farm2,
+                                 {"cru": 8, "mru": 16 * GiB, "sru": 64 * GiB}, "BE")
+    client.set_farm_prices(farmer2, farm2, {k: v // 2 for k, v in PRICES.items()})
+    for ident in (grid["node_ident"], node2_ident):
+        client.heartbeat(ident, {"cru": 0, "mru": 0, "sru": 0, "hru": 0}, 1)
+    spec = grid["tmp"] / "web.yaml"
+    spec.write_text("workloads:\n"
+                    "  - {type: container, name: web, flist: x, cpu: 1, memory: 1G}\n"
+                    "  - {type: public_ip, name: ip}\n")
+    hourly = PRICES["cru"] + PRICES["mru"] + PRICES["ipv4"]
+    got = zs_json(home, url, "deploy", str(spec), "--dry-run", "-i", "alice")
+    assert got["dry_run"] and got["node"] == node2
+    assert got["total_per_hour"] == hourly // 2 and got["total_per_month"] == hourly // 2 * 730
+    assert [o["node"] for o in got["alternatives"]] == [node2, grid["node"]]
+    assert got["alternatives"][1]["per_month"] == hourly * 730
+    # on the grid's prices only when asked for that node
+    there = zs_json(home, url, "deploy", str(spec), "--dry-run", "--node", str(grid["node"]),
+                    "-i", "alice")
+    assert there["node"] == grid["node"] and there["total_per_month"] == hourly * 730
+    # a cap between the two leaves the cheap node only; below both: nothing fits
+    capped = zs_json(home, url, "deploy", str(spec), "--dry-run", "--max-cost",
+                     str(hourly * 730 - 1), "-i", "alice")
+    assert [o["node"] for o in capped["alternatives"]] == [node2]
+    low = zs(home, url, "deploy", str(spec), "--dry-run", "--max-cost", "10", "-i", "alice",
+             check=False)
+    assert low.returncode != 0 and "within max_cost 10 per month" in low.stderr
+    spec.write_text(spec.read_text() + "max_cost: 10\n")  # the file's own cap
+    low = zs(home, url, "deploy", str(spec), "--node", str(grid["node"]), "-i", "alice",
+             check=False)
+    assert low.returncode != 0 and "above max_cost 10" in low.stderr
+    text = zs(home, url, "deploy", str(spec), "--dry-run", "--max-cost", "0", "-i", "alice",
+              check=False)
+    assert text.returncode != 0
+    # nothing was deployed by any of these
+    assert client.contracts(limit=10) == []
 
 
 def test_bill_payouts_consumption_and_grace(grid: Any, procs: ProcessGroup) -> None:

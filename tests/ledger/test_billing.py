@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from tests.ledger.world import GiB, World, cancel_vote, hashes, requirement, sealed
-from zerostack.crypto import MAX_INT, Identity
+from zerostack.crypto import MAX_INT, Domain, Identity
 from zerostack.ledger.errors import LedgerRejected, Rejected
 from zerostack.ledger.pricing import HOUR, split
 from zerostack.ledger.state import APPROVED, CANCELLED, DEPLOYED, GRACE, State
@@ -225,6 +225,16 @@ def test_consumption_reports() -> None:
             "invalid", "at most")
     refused(w.send(g.node_twin, "contract.consumption", consumption(g, cid, period - 5)),
             "invalid", "before contract")
+    # the report's own signature (`consumption` domain) must be the node's, over these
+    # figures: figures changed after signing, or signed by another key, are refused
+    signed = w.sign_consumption(w.keys[g.node_twin], consumption(g, cid, period))
+    refused(w.send(g.node_twin, "contract.consumption", {**signed, "traffic_in": GiB}),
+            "bad_signature", "consumption signature")
+    forged = w.sign_consumption(w.keys[other_twin], consumption(g, cid, period))
+    refused(w.send(g.node_twin, "contract.consumption", forged), "bad_signature")
+    as_tx = w.keys[g.node_twin].sign(Domain.TRANSACTION, bytes(32)).hex()
+    refused(w.send(g.node_twin, "contract.consumption",
+                   {**consumption(g, cid, period), "signature": as_tx}), "bad_signature")
     assert w.state.contracts[cid] == before
     w.ok(g.node_twin, "contract.consumption",
          consumption(g, cid, period, traffic_in=2 * GiB, traffic_out=GiB))
@@ -316,3 +326,66 @@ def test_an_approved_update_charges_the_old_reservation_up_to_its_approval() -> 
     g.to_boundary()
     row = w.state.charges[cid][-1]
     assert row.amounts["cru"] == (1 * 100 + 4 * (row.end - start - 100)) * PRICES["cru"] // HOUR
+
+
+def test_the_bad_input_list_is_refused_and_changes_nothing() -> None:
+    """Every bad input the billing design names, in one place: each is refused with a
+    clear error, and neither balances nor contracts change."""
+    g = Grid()
+    w = g.w
+    g.fund(g.user, 10**9)
+    cid = g.contract()
+    _, other_node_twin = w.node(g.farm, country="NL")
+    g.to_boundary()
+    period = w.time // PERIOD - 1
+    accepted = w.tx(g.node_twin, "contract.consumption", consumption(g, cid, period))
+    assert not isinstance(w.apply_tx(accepted), Rejected)
+    cancelled = g.contract()
+    w.ok(g.user, "contract.cancel", cancel_vote(w, g.user, cancelled))
+    g.to_boundary()
+    period = w.time // PERIOD - 1
+    before = w.state
+
+    def unchanged() -> None:
+        assert w.state.balances == before.balances
+        assert w.state.contracts == before.contracts
+        assert w.state.treasury == before.treasury and w.state.policy == before.policy
+
+    def envelope(amount: int) -> dict[str, Any]:
+        return {"type": "balance.transfer", "sender": g.user, "nonce": w.nonces[g.user],
+                "payload": {"to": g.farmer, "amount": amount}, "signature": "0" * 128}
+
+    # negative and overflowing amounts: not even a transaction
+    for amount in (-1, 0, MAX_INT + 1, 2**70):
+        with pytest.raises(LedgerRejected, match="amount"):
+            parse_tx(envelope(amount))
+    # a transfer above the balance
+    have = w.state.balances[g.user]
+    refused(w.send(g.user, "balance.transfer", {"to": g.farmer, "amount": have + 1}),
+            "state", f"less than the {have + 1}")
+    # a replayed consumption report: the same transaction again, or the period again
+    refused(w.apply_tx(accepted), "bad_nonce")
+    refused(w.send(g.node_twin, "contract.consumption", consumption(g, cid, period - 1)),
+            "conflict", "already reported")
+    # a node reporting for another node's contract
+    refused(w.send(other_node_twin, "contract.consumption", consumption(g, cid, period)),
+            "unauthorized", f"runs on node {g.node}")
+    # a node inflating usage beyond the reservation (or past the traffic bound)
+    refused(w.send(g.node_twin, "contract.consumption",
+                   consumption(g, cid, period, reserved={"cru": 2, "mru": 5 * GiB})),
+            "invalid", "reserves")
+    refused(w.send(g.node_twin, "contract.consumption",
+                   consumption(g, cid, period, traffic_out=MAX_INT)), "invalid", "at most")
+    # billing a cancelled contract: reports are refused, boundaries charge it nothing
+    refused(w.send(g.node_twin, "contract.consumption", consumption(g, cancelled, period)),
+            "state", "cancelled")
+    # a price change applied retroactively, by the grid or by a farm
+    refused(w.govern(policy(prices={**PRICES, "cru": 1}, effective=w.time - 1)),
+            "invalid", "never retroactive")
+    refused(w.send(g.farmer, "farm.prices",
+                   {"farm": g.farm, "prices": {**PRICES, "cru": 1}, "effective": w.time - 60}),
+            "invalid", "never retroactive")
+    unchanged()
+    rows = len(w.state.charges.get(cancelled, ()))
+    g.to_boundary(2)
+    assert len(w.state.charges.get(cancelled, ())) == rows

@@ -15,7 +15,14 @@ from zerostack.crypto import (
 )
 from zerostack.ledger.errors import Rejected
 from zerostack.ledger.state import Receipt, State, apply_with_receipt, genesis, tick
-from zerostack.ledger.tx import Tx, parse_tx, sign_approval, sign_cancel_vote, sign_tx
+from zerostack.ledger.tx import (
+    Tx,
+    parse_tx,
+    sign_approval,
+    sign_cancel_vote,
+    sign_consumption,
+    sign_tx,
+)
 
 GiB = 1 << 30
 
@@ -40,7 +47,20 @@ class World:
            identity: Identity | None = None) -> Tx:
         ident = identity or self.keys[twin]
         n = self.nonces[twin] if nonce is None else nonce
+        if ttype == "contract.consumption" and "signature" not in payload:
+            try:
+                payload = self.sign_consumption(ident, payload)
+            except (KeyError, TypeError, ValueError, AttributeError):
+                pass  # a malformed payload (fuzzing) goes unsigned: the ledger refuses it
         return parse_tx(sign_tx(ident, ttype, twin, n, payload))
+
+    def sign_consumption(self, ident: Identity, payload: dict[str, Any]) -> dict[str, Any]:
+        """`payload` signed by `ident` as a consumption report of the contract's node."""
+        c = self.state.contracts.get(payload.get("contract", 0))
+        node = c.node if c is not None else 0
+        return {**payload, "signature": sign_consumption(
+            ident, payload["contract"], node, payload["period"], payload.get("reserved", {}),
+            payload.get("traffic_in", 0), payload.get("traffic_out", 0))}
 
     def apply_tx(self, tx: Tx) -> Receipt | Rejected:
         self.state = tick(self.state, self.time)

@@ -23,11 +23,13 @@ from zerostack.crypto import (
 from zerostack.ledger.client import LedgerClient
 from zerostack.ledger.errors import LedgerError, LedgerRejected
 from zerostack.ledger.pin import HeaderPin
+from zerostack.ledger.pricing import Offer, rank_nodes
 from zerostack.workloads import (
     Deployment,
     WorkloadError,
     open_instructions,
     priced_units,
+    reserved_units,
     seal_instructions,
     summarize,
     total_resources,
@@ -37,6 +39,9 @@ DONE_STATES = ("deployed", "error", "deleted", "expired")
 
 P = ParamSpec("P")
 R = TypeVar("R")
+
+CANDIDATES = 50
+"""Nodes with room compared by price when a deployment names no node."""
 
 
 def _as_bot_error(fn: Callable[P, R]) -> Callable[P, R]:
@@ -139,13 +144,30 @@ class ThreeBot:
         return self.ledger.contracts(owner=self.twin_id(), limit=1000)
 
     @_as_bot_error
-    def choose_node(self, deployment: Deployment) -> int:
-        need = total_resources(deployment.workloads)
-        nodes = self.ledger.nodes(status="up", free_cru=need.cru, free_mru=need.mru,
-                                  free_sru=need.sru, free_hru=need.hru, limit=1)
-        if not nodes:
-            raise BotError("no node that is up has enough free capacity; pick one with --node")
-        return int(nodes[0]["id"])
+    def offers(self, reserved: dict[str, int], max_cost: int | None = None,
+               candidates: int = CANDIDATES) -> list[Offer]:
+        """Nodes that are up with room for `reserved`, cheapest first at the prices a
+        contract made on each now gets (at most `max_cost` per month when set)."""
+        nodes = self.ledger.nodes(status="up", free_cru=reserved.get("cru", 0),
+                                  free_mru=reserved.get("mru", 0),
+                                  free_sru=reserved.get("sru", 0),
+                                  free_hru=reserved.get("hru", 0), limit=candidates)
+        prices: dict[int, dict[str, int] | None] = {}
+        for n in nodes:
+            got = self.ledger.node_prices(int(n["id"]))
+            if got is not None:
+                prices[int(n["id"])] = got["prices"]
+        return rank_nodes(nodes, reserved, prices, max_cost)
+
+    def choose_node(self, deployment: Deployment, max_cost: int | None = None) -> int:
+        """The cheapest node that is up with room for the deployment (within `max_cost`
+        per month when set)."""
+        found = self.offers(reserved_units(deployment.workloads), max_cost)
+        if not found:
+            within = "" if max_cost is None else f" within {max_cost} per month"
+            raise BotError(f"no node that is up has enough free capacity{within}; pick one "
+                           "with --node")
+        return found[0].node
 
     def _pin(self, kind: str, ident: int, key: str) -> str:
         try:
@@ -192,11 +214,12 @@ class ThreeBot:
 
     @_as_bot_error
     def deploy(self, deployment: Deployment, node: int | None = None,
-               deadline: int | None = None) -> int:
-        """Sign the deployment, seal it to the node and every stakeholder, create the
-        contract and approve it as the owner."""
+               deadline: int | None = None, max_cost: int | None = None) -> int:
+        """Sign the deployment, seal it to the node (by default the cheapest with room,
+        within `max_cost` per month) and every stakeholder, create the contract and
+        approve it as the owner."""
         self._check_keys(deployment)
-        node = node if node is not None else self.choose_node(deployment)
+        node = node if node is not None else self.choose_node(deployment, max_cost)
         delete_req = deployment.delete_requirement
         units = priced_units(deployment.workloads)
         return self.ledger.create_contract(

@@ -15,14 +15,13 @@ import typer
 
 from zerostack.cli.bot import IDENTITY, JSON, LEDGER, LEDGER_KEY, _session
 from zerostack.cli.output import console, fail, print_json, print_table
+from zerostack.ledger.pricing import HOURS_PER_MONTH
 
 if TYPE_CHECKING:
     from zerostack.ledger import LedgerClient
 
 MAX_AMOUNT = 2**53 - 1
 """The largest amount any JSON client reads exactly: the ledger's bound on integers."""
-HOURS_PER_MONTH = 730
-"""8,760 hours a year over 12 months: what `price` calls a month."""
 
 
 def _when(ts: int) -> str:
@@ -182,7 +181,11 @@ def price_of(data: dict[str, Any], prices: dict[str, int]) -> dict[str, Any]:
 
 
 def price(
-    file: Path = typer.Argument(..., help="Deployment YAML (as for `zerostack deploy`)."),
+    file: Path | None = typer.Argument(None, help="Deployment YAML (as for `zerostack "
+                                       "deploy`)."),
+    template: str | None = typer.Option(None, "--template", metavar="HASH",
+                                        help="Price a published template's workloads "
+                                        "instead of a file."),
     node: int | None = typer.Option(None, "--node", help="Price it on this node's farm "
                                     "(default: the grid's prices)."),
     ledger: str = LEDGER,
@@ -190,12 +193,26 @@ def price(
     json_out: bool = JSON,
     ledger_key: str | None = LEDGER_KEY,
 ) -> None:
-    """Show what a deployment would cost per hour and per month, before deploying it."""
+    """Show what a deployment (or a published template) would cost per hour and per
+    month, before deploying it."""
     from zerostack.bot import load_deployment_file
     from zerostack.ledger.pricing import RESERVED
 
+    if (file is None) == (template is None):
+        fail("give a deployment FILE or --template HASH (one of them)")
     with _reader(ledger, identity, ledger_key, 0) as (client, _):
-        data = load_deployment_file(file)
+        if file is not None:
+            data, title, share = load_deployment_file(file), file.name, 0
+        else:
+            assert template is not None
+            tpl = client.template(template)
+            if tpl is None:
+                fail(f"template {template[:64]!r} is not published")
+            data = tpl.get("body") or {}
+            if not isinstance(data.get("workloads"), list):
+                fail(f"template {template[:16]}… has no workloads list to price")
+            title = f"template {tpl.get('name', '')} {tpl.get('version', '')}".strip()
+            share = int(tpl.get("author_share", 0))
         if node is not None:
             found = client.node_prices(node)
             if found is None:
@@ -209,16 +226,23 @@ def price(
         result = price_of(data, prices)
         if node is not None:
             result["node"] = node
+        if template is not None:
+            result["template"] = template
+            result["author_share"] = share
         if json_out:
             print_json(result)
             return
-        print_table(f"price of {file.name}" + (f" on node {node}" if node else ""),
+        print_table(f"price of {title}" + (f" on node {node}" if node else ""),
                     ["resource", "units", "price per unit-hour", "per hour", "per month"],
                     [[r, result["units"][r], result["prices"][r], result["per_hour"][r],
                       result["per_month"][r]] for r in RESERVED])
         console.print(f"total: {result['total_per_hour']} per hour, "
                       f"{result['total_per_month']} per month ({HOURS_PER_MONTH} h), plus "
                       f"{result['traffic_per_gib']} per GiB of traffic", highlight=False)
+        if template is not None:
+            console.print(f"of which the template's author asks {result['author_share']} "
+                          "basis points (capped by the grid's policy): part of the price, "
+                          "not on top of it", highlight=False)
 
 
 def payouts(

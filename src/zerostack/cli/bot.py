@@ -119,16 +119,27 @@ def deploy(
     wait: float = typer.Option(120.0, "--wait", help="Seconds to wait for the node (0: none)."),
     update: int | None = typer.Option(None, "--update", metavar="CONTRACT",
                                       help="Deploy FILE as the next version of CONTRACT."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Show the node it would go to "
+                                 "and what it would cost per hour and month; deploy nothing."),
+    max_cost: int | None = typer.Option(None, "--max-cost", min=1, help="The most it may "
+                                        "cost per month, in base units (also `max_cost:` in "
+                                        "the file): the cheapest node within it is chosen."),
     ledger: str = LEDGER,
     identity: str = IDENTITY,
     json_out: bool = JSON,
     ledger_key: str | None = LEDGER_KEY,
 ) -> None:
-    """Deploy workloads to a node under a signed contract, and wait for the node's report."""
+    """Deploy workloads to a node under a signed contract, and wait for the node's report.
+    Without --node, the cheapest node that is up and has room is chosen."""
     from zerostack.bot import load_deployment_file, quorum_progress
 
     with _session(ledger, identity, ledger_key) as bot:
-        data = load_deployment_file(file)
+        data, cap = _max_cost(load_deployment_file(file), max_cost)
+        if dry_run:
+            _dry_run(bot, data, node, cap, file.name, json_out)
+            return
+        if update is None and node is not None and cap is not None:
+            _within(bot, data, node, cap)
         if update is not None:
             version = int(bot.contract(update)["version"]) + 1
             dep = bot.build(data, stakeholder, weight_required, version)
@@ -136,7 +147,7 @@ def deploy(
             cid = update
         else:
             dep = bot.build(data, stakeholder, weight_required)
-            cid = bot.deploy(dep, node)
+            cid = bot.deploy(dep, node, max_cost=cap)
         c = bot.contract(cid)
         if not json_out:
             console.print(styled("contract ", (cid, "bold"), f" on node {c['node']}, "
@@ -159,6 +170,65 @@ def deploy(
             _print_result(bot, c)
         if c["state"] == "error":
             raise typer.Exit(1)
+
+
+def _max_cost(data: dict[str, Any], option: int | None) -> tuple[dict[str, Any], int | None]:
+    """The file without its `max_cost`, and the monthly cap: the lower of the file's and
+    the option's."""
+    data = dict(data)
+    raw = data.pop("max_cost", None)
+    if raw is not None and (type(raw) is not int or raw < 1):
+        fail(f"max_cost in the file must be a whole number of base units, at least 1; got "
+             f"{str(raw)[:40]!r}")
+    caps = [c for c in (raw, option) if c is not None]
+    return data, min(caps) if caps else None
+
+
+def _node_prices(bot: ThreeBot, node: int) -> dict[str, int]:
+    found = bot.ledger.node_prices(node)
+    if found is None:
+        fail(f"node {node} does not exist")
+    return found["prices"] or {}
+
+
+def _within(bot: ThreeBot, data: dict[str, Any], node: int, cap: int) -> None:
+    from zerostack.cli.billing import price_of
+
+    month = price_of(data, _node_prices(bot, node))["total_per_month"]
+    if month > cap:
+        fail(f"on node {node} this deployment costs {month} per month, above max_cost {cap}")
+
+
+def _dry_run(bot: ThreeBot, data: dict[str, Any], node: int | None, cap: int | None,
+             name: str, json_out: bool) -> None:
+    """Where the deployment would go and what it would cost there; nothing is signed."""
+    from zerostack.cli.billing import HOURS_PER_MONTH, price_of
+    from zerostack.ledger.pricing import RESERVED
+
+    units = price_of(data, {})["units"]
+    offers = bot.offers(units, cap)
+    if node is None:
+        if not offers:
+            within = "" if cap is None else f" within max_cost {cap} per month"
+            fail(f"no node that is up has enough free capacity{within}")
+        node = offers[0].node
+    result = price_of(data, _node_prices(bot, node))
+    result.update(node=node, max_cost=cap, dry_run=True,
+                  alternatives=[{"node": o.node, "farm": o.farm, "per_hour": o.per_hour,
+                                 "per_month": o.per_month} for o in offers[:5]])
+    if cap is not None and result["total_per_month"] > cap:
+        fail(f"on node {node} this deployment costs {result['total_per_month']} per month, "
+             f"above max_cost {cap}")
+    if json_out:
+        print_json(result)
+        return
+    print_table(f"dry run: {name} on node {node}",
+                ["resource", "units", "price per unit-hour", "per hour", "per month"],
+                [[r, result["units"][r], result["prices"][r], result["per_hour"][r],
+                  result["per_month"][r]] for r in RESERVED])
+    console.print(f"total: {result['total_per_hour']} per hour, {result['total_per_month']} "
+                  f"per month ({HOURS_PER_MONTH} h), plus {result['traffic_per_gib']} per GiB "
+                  "of traffic; nothing was deployed", highlight=False)
 
 
 def _show_review(summary: dict[str, Any]) -> None:

@@ -10,7 +10,13 @@ from zerostack.crypto.canonical import (
     hash_hex,
     hash_obj,
 )
-from zerostack.crypto.domains import Domain, approval_digest, delete_vote_digest
+from zerostack.crypto.domains import (
+    Domain,
+    approval_digest,
+    billing_notice_digest,
+    consumption_digest,
+    delete_vote_digest,
+)
 from zerostack.crypto.envelope import envelope_recipients, open_envelope, seal_envelope
 from zerostack.crypto.identity import (
     CryptoError,
@@ -43,8 +49,10 @@ __all__ = [
     "SignatureRequest",
     "SignatureRequirement",
     "approval_digest",
+    "billing_notice_digest",
     "canonical_json",
     "check_canonical",
+    "consumption_digest",
     "delete_vote_digest",
     "deployment_hash",
     "envelope_recipients",

@@ -37,6 +37,11 @@ class Domain(enum.StrEnum):
     LEDGER_CHECKPOINT = "ledger-checkpoint"
     """A ledger operator's statement that every signature of its log up to one block
     (height and hash) was checked, so a restart may skip checking them again."""
+    CONSUMPTION = "consumption"
+    """A node's figures for one billing period of one contract it runs."""
+    BILLING_NOTICE = "billing-notice"
+    """The grid's governing key (the ledger operator's) stating where one contract stands
+    with its payments (paying, in grace, ended unpaid) as of one signed block."""
 
 
 PREFIX = b"zerostack-sig/v1 "
@@ -60,3 +65,21 @@ def approval_digest(contract: int, version: int, node: int, deployment_hash: str
 def delete_vote_digest(contract: int, node: int) -> bytes:
     """What a cancel vote signs: remove contract `contract` from node `node`."""
     return hash_obj({"contract": contract, "node": node, "action": "cancel"})
+
+
+RESERVED_UNITS = ("cru", "mru", "sru", "hru", "ipv4", "names")
+"""The resources a consumption report states as reserved, in this order."""
+
+
+def consumption_digest(contract: int, node: int, period: int, reserved: dict[str, int],
+                       traffic_in: int, traffic_out: int) -> bytes:
+    """What a consumption report signs: node `node`'s figures for billing period `period`
+    of contract `contract` (every reserved unit named, 0 when absent)."""
+    return hash_obj({"contract": contract, "node": node, "period": period,
+                     "reserved": {r: int(reserved.get(r, 0)) for r in RESERVED_UNITS},
+                     "traffic_in": traffic_in, "traffic_out": traffic_out})
+
+
+def billing_notice_digest(notice: dict[str, object]) -> bytes:
+    """What a billing notice signs: the whole notice but its `signature` field."""
+    return hash_obj({k: v for k, v in notice.items() if k != "signature"})

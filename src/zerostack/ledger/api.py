@@ -20,7 +20,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response, StreamingResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from zerostack.crypto import Identity
+from zerostack.crypto import Domain, Identity, billing_notice_digest
+from zerostack.ledger.billing import billing_notice
 from zerostack.ledger.chain import block_json, header_json
 from zerostack.ledger.errors import HTTP_STATUS, LedgerError
 from zerostack.ledger.query import NodeFilter, find_contracts, node_view, page
@@ -301,6 +302,18 @@ def create_app(
         return _json({"contract": c.id, "owner": c.owner, "node": c.node, "state": c.state,
                       "billing": c.billing.to_dict() if c.billing else None,
                       "charges": [r.to_dict() for r in page(iter(rows), limit, offset)]})
+
+    @app.get("/contracts/{contract_id}/notice", summary="Where a contract stands with its "
+             "payments as of the head block, signed by the grid's governing key.")
+    async def get_notice(contract_id: int) -> Response:
+        chain = service.chain
+        notice = billing_notice(chain.state, contract_id, chain.height, chain.hash, chain.time)
+        if notice is None:
+            return _not_found(f"contract {contract_id}")
+        notice["key"] = operator.public_hex
+        notice["signature"] = operator.sign(Domain.BILLING_NOTICE,
+                                            billing_notice_digest(notice)).hex()
+        return _json(notice)
 
     @app.get("/farms", summary="Farms, optionally by name or owner.")
     async def get_farms(name: str | None = None, owner: int | None = None,

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from zerostack.crypto import MAX_INT, Domain, verify
+from zerostack.crypto import MAX_INT, Domain, consumption_digest, verify
 from zerostack.ledger import pricing as pr
 from zerostack.ledger import tx as t
 from zerostack.ledger.pricing import Policy, Prices
 from zerostack.ledger.records import (
     APPROVED,
     BILLED_STATES,
+    CANCELLED,
     GRACE,
     MAX_HISTORY,
     NEVER,
@@ -415,6 +416,11 @@ def contract_consumption(state: State, tx: t.Tx, twin: Twin,
             raise _Refuse("invalid", f"report says {getattr(reserved, r)} {r} reserved, but "
                           f"contract {c.id} reserves {allowed[r]}")
     traffic = p.traffic_in + p.traffic_out
+    digest = consumption_digest(c.id, c.node, p.period, reserved.model_dump(), p.traffic_in,
+                                p.traffic_out)
+    if not verify(Domain.CONSUMPTION, twin.public_key, digest, bytes.fromhex(p.signature)):
+        raise _Refuse("bad_signature", f"the report's consumption signature does not verify "
+                      f"with node {c.node}'s key for these figures")
     if traffic > policy.max_traffic:
         raise _Refuse("invalid", f"report counts {traffic} bytes of traffic: the policy allows "
                       f"at most {policy.max_traffic} per period")
@@ -455,3 +461,39 @@ def balance_faucet(state: State, tx: t.Tx, twin: Twin, time: int) -> tuple[State
     state = books.commit()
     return _replace(state, supply=state.supply + p.amount), {
         "twin": twin.id, "amount": p.amount, "resumed": resumed}
+
+
+# ---- billing notices: what a node acts on -------------------------------------------
+
+NOTICE_STANDINGS = ("unbilled", "paying", "grace", "ended", "closed")
+"""Where a contract stands with its payments, in a billing notice: `unbilled` (made before
+the grid priced anything), `paying` (billed and paid up), `grace` (its owner could not
+pay: the node pauses it), `ended` (its grace ran out: the node removes it), `closed`
+(cancelled, deleted or expired otherwise, or not approved yet)."""
+
+
+def billing_notice(state: State, cid: int, height: int, block_hash: str,
+                   time: int) -> dict[str, Any] | None:
+    """The unsigned billing notice of contract `cid` in `state`, the state after block
+    `height` (`block_hash`, block time `time`); None when there is no such contract. The
+    server signs it with the governing key (`Domain.BILLING_NOTICE`); a node pauses and
+    removes workloads for non-payment on nothing else."""
+    c = state.contracts.get(cid)
+    if c is None:
+        return None
+    b = c.billing
+    if b is None:
+        standing = "unbilled"
+    elif c.state == GRACE:
+        standing = "grace"
+    elif c.state == CANCELLED and b.grace_ended:
+        standing = "ended"
+    elif c.state in BILLED_STATES:
+        standing = "paying"
+    else:
+        standing = "closed"
+    return {"contract": c.id, "node": c.node, "owner": c.owner, "state": c.state,
+            "standing": standing, "due": sum(b.due) if b else 0,
+            "grace_until": b.grace_until if b and standing == "grace" else 0,
+            "grace_ended": b.grace_ended if b else 0,
+            "height": height, "block": block_hash, "time": time}

@@ -231,6 +231,11 @@ class _Queries(Generic[MaybeT, ListT, OneT]):
         """Filters: country, city, farm, twin, free_cru/mru/sru/hru, status, limit, offset."""
         return self._get_list("/nodes", filters)
 
+    def billing_notice(self, contract_id: int) -> MaybeT:
+        """Where a contract stands with its payments, signed by the governing key (the
+        caller checks the signature: `zerostack.ledger.notice.check_notice`)."""
+        return self._get_or_none(f"/contracts/{contract_id}/notice")
+
     def contract(self, contract_id: int) -> MaybeT:
         return self._get_or_none(f"/contracts/{contract_id}")
 
@@ -488,10 +493,14 @@ class LedgerClient(_Queries[Obj | None, list[Obj], Obj]):
 
     def report_consumption(self, identity: Identity, contract: int, period: int,
                            reserved: dict[str, int], traffic_in: int = 0,
-                           traffic_out: int = 0) -> dict[str, Any]:
-        return self.send(identity, "contract.consumption", {
-            "contract": contract, "period": period, "reserved": reserved,
-            "traffic_in": traffic_in, "traffic_out": traffic_out})
+                           traffic_out: int = 0, node: int | None = None) -> dict[str, Any]:
+        """Send a node's consumption report, signed as a report (`consumption` domain) and
+        as a transaction; `node` defaults to the contract's node."""
+        if node is None:
+            found = self.contract(contract)
+            node = int(found["node"]) if found else 0
+        return self.send(identity, "contract.consumption", consumption_payload(
+            identity, contract, node, period, reserved, traffic_in, traffic_out))
 
     def release_name(self, identity: Identity, name: str) -> dict[str, Any]:
         return self.send(identity, "name.release", {"name": name})
@@ -808,3 +817,15 @@ class AsyncLedgerClient(_Queries[Awaitable[Obj | None], Awaitable[list[Obj]],
             c = await self.contract(contract_id)
             return c if c is not None and c["state"] in states else None
         return await self.wait_for(check, timeout=timeout, contract=contract_id)
+
+
+def consumption_payload(identity: Identity, contract: int, node: int, period: int,
+                        reserved: dict[str, int], traffic_in: int = 0,
+                        traffic_out: int = 0) -> dict[str, Any]:
+    """A `contract.consumption` payload with the node's `consumption` signature."""
+    from zerostack.ledger.tx import sign_consumption
+
+    return {"contract": contract, "period": period, "reserved": reserved,
+            "traffic_in": traffic_in, "traffic_out": traffic_out,
+            "signature": sign_consumption(identity, contract, node, period, reserved,
+                                          traffic_in, traffic_out)}

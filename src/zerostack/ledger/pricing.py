@@ -8,6 +8,7 @@ end of a charge, so the same inputs always give the same amounts on every replay
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -120,6 +121,81 @@ def split(total: int, treasury_share: int, author_share: int) -> tuple[int, int,
     treasury = total * treasury_share // BASIS
     author = total * author_share // BASIS
     return total - treasury - author, author, treasury
+
+
+# ---- what a deployment would cost, and where it is cheapest --------------------------
+
+HOURS_PER_MONTH = 730
+"""A month, for prices per month: a year of 8,760 hours over 12 months."""
+
+
+def units_of(reserved: Mapping[str, int]) -> tuple[int, ...]:
+    """`reserved` ({cru, mru, sru, hru, ipv4, names}, bytes for memory and disks; absent
+    is 0) in RESERVED order."""
+    return tuple(int(reserved.get(r, 0)) for r in RESERVED)
+
+
+def cost(prices: Prices | Mapping[str, int], reserved: Mapping[str, int],
+         hours: int = 1) -> int:
+    """What reserving `reserved` for `hours` hours costs at `prices`, in base units (the
+    ledger's arithmetic: per resource, rounded down once)."""
+    p = prices if isinstance(prices, Prices) else Prices.of(dict(prices))
+    return min(MAX_INT, sum(amounts(p, usage(units_of(reserved), hours * HOUR), 0).values()))
+
+
+@dataclass(frozen=True, slots=True)
+class Offer:
+    """One node that can take a deployment, and what the deployment would cost there."""
+
+    node: int
+    farm: int
+    per_hour: int
+    per_month: int
+
+
+def _fits(node: Mapping[str, Any], reserved: Mapping[str, int]) -> bool:
+    free = node.get("free") or {}
+    return all(int(free.get(r, 0)) >= int(reserved.get(r, 0)) for r in ("cru", "mru", "sru", "hru"))
+
+
+def rank_nodes(nodes: Iterable[Mapping[str, Any]], reserved: Mapping[str, int],
+               node_prices: Mapping[int, Prices | Mapping[str, int] | None],
+               max_cost: int | None = None) -> list[Offer]:
+    """The nodes that can take a deployment reserving `reserved`, cheapest first.
+
+    - `nodes`: node records as `GET /nodes` serves them (`id`, `farm`, `free`): the
+      caller has already applied its other constraints (country, status, farm...).
+    - `reserved`: what the deployment reserves: `cru` (cores), `mru`, `sru`, `hru`
+      (bytes), `ipv4`, `names` (counts), e.g. `total_resources(workloads).to_dict()`
+      merged with `priced_units(workloads)`.
+    - `node_prices`: node id -> the prices a contract created there now gets
+      (`GET /nodes/{id}/prices`, or `contract_prices` on a ledger state); a node absent
+      from it is left out; None (a grid that prices nothing) costs 0.
+    - `max_cost`: the most the deployment may cost per month (730 h), in base units;
+      a node above it is left out.
+
+    Ties go to the lower node id, so the choice is the same on every run. Traffic is
+    not in the estimate: it is charged as counted."""
+    offers = []
+    for node in nodes:
+        nid = int(node["id"])
+        if nid not in node_prices or not _fits(node, reserved):
+            continue
+        prices = node_prices[nid]
+        hour = 0 if prices is None else cost(prices, reserved)
+        month = 0 if prices is None else cost(prices, reserved, HOURS_PER_MONTH)
+        if max_cost is not None and month > max_cost:
+            continue
+        offers.append(Offer(nid, int(node.get("farm", 0)), hour, month))
+    return sorted(offers, key=lambda o: (o.per_month, o.node))
+
+
+def cheapest_node(nodes: Iterable[Mapping[str, Any]], reserved: Mapping[str, int],
+                  node_prices: Mapping[int, Prices | Mapping[str, int] | None],
+                  max_cost: int | None = None) -> Offer | None:
+    """The cheapest node of `rank_nodes` (same arguments); None when no node fits."""
+    ranked = rank_nodes(nodes, reserved, node_prices, max_cost)
+    return ranked[0] if ranked else None
 
 
 DEV_POLICY: dict[str, Any] = {

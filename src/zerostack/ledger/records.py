@@ -262,6 +262,7 @@ class Billing:
     totals: tuple[int, ...] = (0,) * len(pr.RESOURCES)  # paid so far, per resource
     unpaid: int = 0  # charges never paid (the contract ended in or into grace)
     consumption: dict[str, Any] | None = None  # the node's last accepted report
+    grace_ended: int = 0  # the block time its grace ran out (it was cancelled unpaid)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -280,6 +281,7 @@ class Billing:
             "totals": dict(zip(pr.RESOURCES, self.totals, strict=True)),
             "unpaid": self.unpaid,
             "consumption": self.consumption,
+            "grace_ended": self.grace_ended,
         }
 
 

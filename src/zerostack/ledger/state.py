@@ -768,7 +768,7 @@ def _end_graces(state: State, time: int) -> State:
         state = _replace(state, graces=state.graces.delete(cid),
                          graced_owners=_count(state.graced_owners, c.owner, -1))
         c = _replace(c, billing=_replace(b, unpaid=b.unpaid + sum(b.due), due=(),
-                                         resume=""))
+                                         resume="", grace_ended=time))
         state = _finish(state, c, CANCELLED, time)
     return _replace(state, next_grace=min(state.graces.values(), default=NEVER))
 

@@ -23,6 +23,7 @@ from zerostack.crypto import (
     Identity,
     approval_digest,
     check_canonical,
+    consumption_digest,
     delete_vote_digest,
     hash_obj,
 )
@@ -252,6 +253,9 @@ class ContractConsumption(_Model):
     reserved: Usage
     traffic_in: Count = 0
     traffic_out: Count = 0
+    # the node twin's `consumption` signature over the figures (see `sign_consumption`):
+    # the report stands on its own, apart from the transaction that carried it
+    signature: HexSignature
 
 
 class PricesModel(_Model):
@@ -493,3 +497,11 @@ def sign_approval(identity: Identity, contract: int, version: int, node: int,
 def sign_cancel_vote(identity: Identity, contract: int, node: int) -> str:
     """A cancel vote (hex): remove `contract` from `node`."""
     return identity.sign(Domain.DELETE_VOTE, delete_vote_digest(contract, node)).hex()
+
+
+def sign_consumption(identity: Identity, contract: int, node: int, period: int,
+                     reserved: dict[str, int], traffic_in: int = 0,
+                     traffic_out: int = 0) -> str:
+    """A node's signature (hex) over its consumption figures for one period of `contract`."""
+    digest = consumption_digest(contract, node, period, reserved, traffic_in, traffic_out)
+    return identity.sign(Domain.CONSUMPTION, digest).hex()

@@ -17,8 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from zerostack.crypto import Identity, KeyChanged, KeyPins, hash_hex, load_identity, save_identity
+from zerostack.ledger.client import consumption_payload
 from zerostack.ledger.errors import LedgerError, LedgerRejected
 from zerostack.ledger.pin import PIN_FILE, HeaderPin
+from zerostack.node.billing import TrafficMeter, check_notice
 from zerostack.node.capacity import node_capacity, system_reserve
 from zerostack.node.engine import (
     Desired,
@@ -48,6 +50,7 @@ from zerostack.workloads import (
     WorkloadError,
     diff,
     open_instructions,
+    reserved_units,
     total_resources,
     workload_hash,
 )
@@ -102,6 +105,7 @@ class ContractView:
     error: str = ""
     ledger_report: dict[str, Any] | None = None
     live: dict[str, tuple[str, str]] = field(default_factory=dict)
+    paused: bool = False  # in grace, on a billing notice this node checked: pause it
 
 
 def default_pools(data_dir: Path) -> list[Pool]:
@@ -154,6 +158,10 @@ class NodeAgent:
         self._wake = asyncio.Event()
         self._status: StatusServer | None = None
         self._resources: dict[tuple[int, str], Resources] = {}  # (contract, hash) -> need
+        # bytes in/out per contract not reported yet, and what the agent knows of each
+        # contract's pause (absent: unknown, e.g. after a restart: resumed if not in grace)
+        self.meter = TrafficMeter(cfg.data_dir / "traffic.json")
+        self._paused: dict[int, bool] = {}
 
     # ---- lifecycle ------------------------------------------------------------------
 
@@ -322,6 +330,8 @@ class NodeAgent:
                 for (cid, r), err in zip(reports, errors, strict=True):
                     if not err:
                         self.state.set_reported(cid, hash_hex(r))
+            if everything:
+                await self._consumption(listed)
 
     async def _view(self, cid: int, c: dict[str, Any] | None) -> ContractView | None:
         local = self.state.contract(cid)
@@ -330,10 +340,20 @@ class NodeAgent:
         owner_key = running.owner_key if running else (local.owner_key if local else "")
         if c is None or c["state"] in ("deleted", "expired", "cancelled") \
                 or c.get("active") is None:
-            return self._ending(cid, c, local, running, owner_key)
+            ended = (c is not None and c["state"] == "cancelled" and running is not None
+                     and await self._standing(cid) == "ended")
+            return self._ending(cid, c, local, running, owner_key, ended)
         active = c["active"]
         view = ContractView(cid, int(active["version"]), owner_key, None,
                             ledger_report=c.get("report"))
+        if c["state"] == "grace":
+            # Paused on the governing key's signed notice only; otherwise it keeps running.
+            # It runs the version it verified: one approved during grace waits for the end.
+            if running is None:
+                return None
+            view.deployment = running
+            view.paused = await self._standing(cid) == "grace"
+            return view
         if c["state"] not in LIVE:
             return None
         h = active["deployment_hash"]
@@ -367,12 +387,28 @@ class NodeAgent:
         view.deployment, view.owner_key = dep, dep.owner_key
         return view
 
+    async def _standing(self, cid: int) -> str | None:
+        """Where contract `cid` stands with its payments, from a billing notice checked
+        against the pinned operator key and head (see `node.billing`); None when there is
+        no notice this node can trust (it then pauses and removes nothing)."""
+        pin = self.link.pin
+        if pin is None:
+            return None
+        try:
+            notice = await self.link.client.billing_notice(cid)
+            return check_notice(notice, pin.key, cid, self.node_id, pin.height, pin.hash)
+        except LedgerError as exc:
+            log.warning("event=billing_notice_refused contract=%s reason=%r", cid, str(exc))
+            return None
+
     def _ending(self, cid: int, c: dict[str, Any] | None, local: ContractRecord | None,
-                running: Deployment | None, owner_key: str) -> ContractView | None:
+                running: Deployment | None, owner_key: str,
+                ended: bool = False) -> ContractView | None:
         """The ledger says the contract is cancelled, deleted, expired or gone. The node
         removes what it runs only on cancel votes it verified itself against the delete
-        requirement of the deployment it runs; any other say-so is an anomaly, and the
-        workloads keep running."""
+        requirement of the deployment it runs, or on a billing notice it verified saying
+        the contract's grace period ended unpaid (`ended`); any other say-so is an
+        anomaly, and the workloads keep running."""
         state = "missing" if c is None else str(c["state"])
         active = (c or {}).get("active") or {}
         version = int(active.get("version") or (local.version if local else 0))
@@ -388,7 +424,11 @@ class NodeAgent:
                                 ledger_report=report)
         votes = {int(t): str(v) for t, v in ((c or {}).get("cancel_votes") or {}).items()}
         try:
-            running.cancel_votes(votes, contract=cid, node=self.node_id)
+            if ended:
+                log.warning("event=contract_ended_unpaid contract=%s action=remove", cid)
+                self._paused.pop(cid, None)
+            else:
+                running.cancel_votes(votes, contract=cid, node=self.node_id)
         except WorkloadError as exc:
             why = (f"anomaly: the ledger says contract {cid} is {state}, without cancel votes "
                    f"that meet its delete requirement ({exc}); its workloads keep running")
@@ -485,9 +525,12 @@ class NodeAgent:
         actual = observe(self.state.workloads(view.cid), self.provisioners)
         actions = plan(desired, actual)
         outcomes = self.executor.execute(actions)
+        self._pause_or_resume(view, desired)
         for wrec in self.state.workloads(view.cid):
             prov = self.provisioners.get(wrec.type)
             d = desired.get(wrec.wid)
+            if wrec.wid.name in view.live:
+                continue  # paused: what `_pause_or_resume` said
             if wrec.state == "ok" and prov is not None and d is not None:
                 try:
                     live = prov.live_state(wrec.wid, d.spec)
@@ -501,7 +544,113 @@ class NodeAgent:
                 self.state.put_contract(ContractRecord(
                     rec.id, rec.version, rec.hash, rec.deployment, rec.owner_key,
                     "cancelled", rec.message, rec.reported, rec.refused))
+                self.meter.forget(view.cid)
         return outcomes
+
+    def _pause_or_resume(self, view: ContractView, desired: dict[WorkloadID, Desired]) -> None:
+        """Pause the contract's workloads while it is in grace (on a checked notice), and
+        resume them as soon as it is not: every pass, so a restarted Zero-DB or agent
+        converges too. Resuming is only done when the contract may be paused."""
+        if view.cancelled or view.deployment is None:
+            return
+        if not view.paused and self._paused.get(view.cid) is False:
+            return
+        for wrec in self.state.workloads(view.cid):
+            prov = self.provisioners.get(wrec.type)
+            d = desired.get(wrec.wid)
+            if prov is None or d is None or wrec.state != "ok":
+                continue
+            try:
+                if view.paused:
+                    note = prov.pause(wrec.wid, d.spec)
+                    if note is not None:
+                        view.live[wrec.wid.name] = ("paused", note)
+                else:
+                    prov.resume(wrec.wid, d.spec)
+            except ProvisionError as exc:
+                log.warning("event=pause_failed contract=%s workload=%s paused=%s error=%r",
+                            view.cid, wrec.wid.name, view.paused, str(exc))
+                view.live[wrec.wid.name] = ("error", str(exc))
+                return  # the next pass tries again
+        if self._paused.get(view.cid, False) != view.paused:
+            log.info("event=contract_%s contract=%s", "paused" if view.paused else "resumed",
+                     view.cid)
+        self._paused[view.cid] = view.paused
+
+    # ---- consumption reports ----------------------------------------------------------
+
+    def _traffic(self, cid: int, dep: Deployment) -> None:
+        """Runs in a worker thread: add what the contract's interfaces counted."""
+        counters: dict[str, tuple[int, int]] = {}
+        for w in dep.workloads:
+            prov = self.provisioners.get(w.type)
+            if prov is None:
+                continue
+            try:
+                got = prov.traffic(WorkloadID(cid, w.name), w)
+            except ProvisionError as exc:
+                log.warning("event=traffic_unread contract=%s workload=%s error=%r",
+                            cid, w.name, str(exc))
+                continue
+            for key, value in (got or {}).items():
+                counters[f"{w.name}/{key}"] = value
+        if counters:
+            self.meter.sample(cid, counters)
+
+    async def _consumption(self, listed: dict[int, dict[str, Any]]) -> None:
+        """Count each billed contract's traffic, and for each whose last billing period
+        ended (by this node's clock: the ledger refuses a period its own clock has not
+        ended, and the next pass sends it again) without a report, send one, signed."""
+        try:
+            policy = (await self.link.client.policy()).get("policy")
+        except LedgerError as exc:
+            log.warning("event=policy_unread error=%r", str(exc))
+            return
+        if not policy:
+            return  # nothing is priced on this grid
+        period, max_traffic = int(policy["period"]), int(policy["max_traffic"])
+        k = int(time.time()) // period - 1
+        payloads: list[dict[str, Any]] = []
+        for cid, c in sorted(listed.items()):
+            b = c.get("billing")
+            rec = self.state.contract(cid)
+            if (b is None or c["state"] not in (*LIVE, "grace") or rec is None
+                    or rec.status != "active" or not rec.deployment):
+                continue
+            dep = Deployment.parse(rec.deployment)
+            await asyncio.to_thread(self._traffic, cid, dep)
+            if k < 0 or k <= int(b.get("last_period", -1)) or (k + 1) * period <= int(c["created"]):
+                continue
+            payloads.append(self._consumption_report(cid, k, dep, c, max_traffic))
+        if not payloads:
+            return
+        errors = await self.link.submit_many("contract.consumption", payloads)
+        for p, err in zip(payloads, errors, strict=True):
+            if not err:
+                self.meter.reported(p["contract"], p["traffic_in"], p["traffic_out"])
+                log.info("event=consumption_reported contract=%s period=%s in=%s out=%s",
+                         p["contract"], p["period"], p["traffic_in"], p["traffic_out"])
+
+    def _consumption_report(self, cid: int, period: int, dep: Deployment, c: dict[str, Any],
+                            max_traffic: int) -> dict[str, Any]:
+        """What the node reserved for the contract (its own arithmetic on the deployment
+        it runs, never above what the contract reserves on the ledger) and the traffic it
+        counted, at most the policy's `max_traffic` (the rest waits for the next one)."""
+        mine = reserved_units(dep.workloads)
+        cap = (c.get("active") or {}).get("capacity") or c.get("capacity") or {}
+        billing = c.get("billing") or {}
+        ledger = {**cap, "ipv4": billing.get("ipv4", 0), "names": billing.get("names", 0)}
+        reserved = {}
+        for unit, value in mine.items():
+            reserved[unit] = min(value, int(ledger.get(unit, 0)))
+            if value > reserved[unit]:
+                log.warning("event=reservation_mismatch contract=%s unit=%s node=%s ledger=%s",
+                            cid, unit, value, ledger.get(unit, 0))
+        tin, tout = self.meter.pending(cid)
+        tin = min(tin, max_traffic)
+        tout = min(tout, max_traffic - tin)
+        return consumption_payload(self.identity, cid, self.node_id, period, reserved,
+                                   tin, tout)
 
     def _report(self, view: ContractView) -> dict[str, Any] | None:
         if view.final:

@@ -95,11 +95,12 @@ class LedgerLink:
 
     async def node_events(self, node: int, since: int | str) -> tuple[str, set[int]]:
         """Wait for events after cursor `since`; the next cursor, and the contracts on
-        `node` other parties touched (the node's own reports are left out: they change
-        nothing it has to do)."""
+        `node` other parties touched (the node's own reports and consumption reports are
+        left out: they change nothing it has to do)."""
         data = await self.client.events(since, timeout=EVENT_WAIT, node=node)
         contracts = {
             int(e["receipt"]["contract"]) for e in data["events"]
-            if "contract" in e.get("receipt", {}) and e["type"] != "contract.report"
+            if "contract" in e.get("receipt", {})
+            and e["type"] not in ("contract.report", "contract.consumption")
         }
         return str(data["next"]), contracts

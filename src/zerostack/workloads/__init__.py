@@ -3,6 +3,7 @@
 from zerostack.workloads.capacity import (
     Resources,
     priced_units,
+    reserved_units,
     total_resources,
     workload_resources,
 )
@@ -63,6 +64,7 @@ __all__ = [
     "open_instructions",
     "parse_size",
     "priced_units",
+    "reserved_units",
     "seal_instructions",
     "summarize",
     "total_resources",

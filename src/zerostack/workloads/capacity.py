@@ -69,3 +69,10 @@ def total_resources(workloads: Iterable[Workload]) -> Resources:
     for w in workloads:
         total = total + workload_resources(w)
     return total
+
+
+def reserved_units(workloads: Iterable[Workload]) -> dict[str, int]:
+    """Everything a deployment reserves, as the ledger prices it: cru, mru, sru, hru
+    (bytes for memory and disks), ipv4 and names."""
+    ws = list(workloads)
+    return {**total_resources(ws).to_dict(), **priced_units(ws)}

@@ -156,6 +156,10 @@ def test_containers_on_two_hosts_talk_through_the_network(setup: Setup) -> None:
             # the resource lives in its own namespace; the tunnel's socket on the host
             ns = reports[cid]["net"]["data"]["namespace"]
             assert Path(f"/run/netns/{ns}").exists()
+            # what the node bills as the resource's traffic: its tunnel's bytes, both ways
+            node = n1 if cid == c1 else n3
+            billed = resource.counters(resource_names(node_key(node), WorkloadID(cid, "net")))
+            assert billed["wireguard"][0] > 0 and billed["wireguard"][1] > 0, billed
 
         for cid in (c1, c3):
             bot.cancel(cid)

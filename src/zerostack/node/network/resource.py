@@ -297,3 +297,28 @@ def detach_container(netns: str) -> None:
     elif (NETNS_DIR / netns).exists():
         _run(["umount", str(NETNS_DIR / netns)], check=False)
         (NETNS_DIR / netns).unlink(missing_ok=True)
+
+
+def _link_bytes(ns: str | None, dev: str) -> tuple[int, int] | None:
+    """(received, sent) bytes of interface `dev` in namespace `ns` (None: the node's)."""
+    out = _ip(ns, "-j", "-s", "link", "show", "dev", dev, check=False)
+    try:
+        stats = json.loads(out or "[]")[0]["stats64"]
+        return int(stats["rx"]["bytes"]), int(stats["tx"]["bytes"])
+    except (ValueError, KeyError, TypeError, IndexError):
+        return None
+
+
+def counters(names: ResourceNames) -> dict[str, tuple[int, int]]:
+    """Bytes (in, out) of the resource through its WireGuard interface and its egress
+    veth, as the kernel counts them; an interface that is not there is left out."""
+    out: dict[str, tuple[int, int]] = {}
+    wg = _link_bytes(names.namespace, names.wireguard) if namespace_exists(names.namespace) \
+        else None
+    if wg is not None:
+        out["wireguard"] = wg  # received by the resource: in
+    up = _link_bytes(None, names.uplink_outer)
+    if up is not None:
+        # the node's end of the egress veth: what it sends goes into the resource
+        out["uplink"] = (up[1], up[0])
+    return out

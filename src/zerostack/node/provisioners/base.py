@@ -141,5 +141,25 @@ class Provisioner(ABC):
         None: nothing changes after provisioning, report the recorded state."""
         return None
 
+    def pause(self, wid: WorkloadID, spec: Workload) -> str | None:
+        """Stop serving the workload without losing anything: its contract is in grace
+        (its owner has not paid). Returns what the report says about it (`paused: …`),
+        or None when this type has nothing to pause (a volume: the container using it is
+        frozen; a network: it carries no one's service by itself). Idempotent.
+
+        Gateway names (built separately) implement this by answering 503 for the name
+        until `resume`."""
+        return None
+
+    def resume(self, wid: WorkloadID, spec: Workload) -> None:  # noqa: B027 - optional hook
+        """Undo `pause`; a no-op when the workload is not paused. Idempotent."""
+
+    def traffic(self, wid: WorkloadID, spec: Workload) -> dict[str, tuple[int, int]] | None:
+        """Byte counters (in, out) of the interfaces through which the workload exchanges
+        traffic with the outside, by a stable interface key, as the kernel counts them
+        (they may restart from 0); None when the type carries no billed traffic. The
+        network resource and public IPs implement it; the node bills the increase."""
+        return None
+
     def close(self) -> None:  # noqa: B027 - optional hook, most provisioners hold nothing
         """Release connections at agent shutdown."""

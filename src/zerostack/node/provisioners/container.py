@@ -200,6 +200,21 @@ class ContainerProvisioner(Provisioner):
         detail = st.message + (f" (restarts: {st.restarts})" if st.restarts else "")
         return st.state, detail
 
+    def pause(self, wid: WorkloadID, spec: Workload) -> str | None:
+        """Freeze the container's processes (cgroup v2 freezer)."""
+        cid = self.container_id(wid)
+        try:
+            self.runtime.freeze(cid, True)
+        except ContainerError as exc:
+            raise ProvisionError(f"container {wid.name}: {exc}") from None
+        return "paused: every process frozen (cgroup freezer) while the contract is in grace"
+
+    def resume(self, wid: WorkloadID, spec: Workload) -> None:
+        try:
+            self.runtime.freeze(self.container_id(wid), False)
+        except ContainerError as exc:
+            raise ProvisionError(f"container {wid.name}: {exc}") from None
+
     def prune_images(self) -> list[str]:
         """Drop cached images no container on this node uses (e.g. under disk pressure;
         never done implicitly, since a warm cache makes redeploys fast)."""

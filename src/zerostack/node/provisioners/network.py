@@ -148,6 +148,14 @@ class NetworkProvisioner(Provisioner):
     def exists(self, wid: WorkloadID, spec: Workload) -> bool:
         return resource.exists(self._names(wid))
 
+    def traffic(self, wid: WorkloadID, spec: Workload) -> dict[str, tuple[int, int]] | None:
+        """Bytes (in, out) of the resource's two ways out: its WireGuard interface (to the
+        network's other nodes and its users' laptops) and its egress veth (to the
+        internet), seen from the resource. The bridge inside is not counted: traffic
+        between the deployment's own containers is free."""
+        names = self._names(wid)
+        return resource.counters(names)
+
     # ---- containers ------------------------------------------------------------------
 
     def _addresses(self, names: ResourceNames) -> dict[str, str]:

@@ -113,6 +113,18 @@ class ZdbProvisioner(Provisioner):
         if wid.key in self.namespaces():
             self._cmd("NSDEL", wid.key)
 
+    def pause(self, wid: WorkloadID, spec: Workload) -> str | None:
+        """Make the namespace read-only (`NSSET ns lock 1`): writes are refused, reads
+        still served. The lock lives in the server's memory: after a restart of the
+        Zero-DB the next pass of the agent sets it again."""
+        if self.info(wid.key).get("locked") != "yes":
+            self._cmd("NSSET", wid.key, "lock", "1")
+        return "paused: read-only (writes refused) while the contract is in grace"
+
+    def resume(self, wid: WorkloadID, spec: Workload) -> None:
+        if wid.key in self.namespaces() and self.info(wid.key).get("locked") == "yes":
+            self._cmd("NSSET", wid.key, "lock", "0")
+
     def exists(self, wid: WorkloadID, spec: Workload) -> bool:
         return wid.key in self.namespaces()
 
