@@ -1,0 +1,113 @@
+"""The grid page's data: every node counted by country, farm and status, and one page of
+nodes matching a filter, as compact rows (arrays, not objects) so that a grid of 10,000
+nodes is summarised in a few kilobytes and the browser renders one page at a time."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from zerostack.ledger.query import node_status
+from zerostack.ledger.records import Capacity, Node
+from zerostack.ledger.state import State
+
+MAX_QUERY = 64
+"""Longest search text: an id, a country, a city, a farm name."""
+MAX_PAGE = 500
+"""Most node rows in one answer."""
+MAX_FARMS = 500
+"""Most farms listed in the summary (those with the most nodes)."""
+
+ROW_COLUMNS = ("id", "farm", "country", "city", "up", "last_heartbeat", "capacity", "used",
+               "reserved", "free")
+"""What each node row holds, in order; capacities are [cru, mru, sru, hru]."""
+
+
+@dataclass(frozen=True)
+class GridQuery:
+    country: str | None = None
+    farm: int | None = None
+    status: str | None = None  # "up" | "down"
+    q: str = ""
+    offset: int = 0
+    limit: int = 50
+
+
+def _units(c: Capacity) -> list[int]:
+    return [c.cru, c.mru, c.sru, c.hru]
+
+
+def _row(node: Node, up: bool) -> list[Any]:
+    return [node.id, node.farm, node.country, node.city, 1 if up else 0, node.last_heartbeat,
+            _units(node.capacity), _units(node.used), _units(node.reserved), _units(node.free)]
+
+
+def _matches(node: Node, q: GridQuery, up: bool, farm_name: str, text: str) -> bool:
+    if q.country is not None and node.country != q.country:
+        return False
+    if q.farm is not None and node.farm != q.farm:
+        return False
+    if q.status is not None and up != (q.status == "up"):
+        return False
+    if not text:
+        return True
+    if text.isdigit():
+        return node.id == int(text) or node.farm == int(text)
+    return (text in node.city.casefold() or text == node.country.casefold()
+            or text in farm_name)
+
+
+def grid_view(state: State, q: GridQuery, now: int) -> dict[str, Any]:
+    """The summary of the whole grid and the page of nodes `q` selects (by node id)."""
+    text = q.q.strip().casefold()[:MAX_QUERY]
+    names = {fid: farm.name for fid, farm in state.farms.items()}
+    countries: dict[str, list[int]] = {}
+    farms: dict[int, list[int]] = {}
+    total = [0, 0, 0, 0]
+    used = [0, 0, 0, 0]
+    reserved = [0, 0, 0, 0]
+    up_count = matched = 0
+    rows: list[list[Any]] = []
+    for nid in sorted(state.nodes.keys()):
+        node = state.nodes[nid]
+        up = node_status(node, now) == "up"
+        by_country = countries.setdefault(node.country, [0, 0])
+        by_farm = farms.setdefault(node.farm, [0, 0])
+        by_country[0] += 1
+        by_farm[0] += 1
+        if up:
+            up_count += 1
+            by_country[1] += 1
+            by_farm[1] += 1
+        c, u, r = node.capacity, node.used, node.reserved
+        total[0] += c.cru
+        total[1] += c.mru
+        total[2] += c.sru
+        total[3] += c.hru
+        used[0] += u.cru
+        used[1] += u.mru
+        used[2] += u.sru
+        used[3] += u.hru
+        reserved[0] += r.cru
+        reserved[1] += r.mru
+        reserved[2] += r.sru
+        reserved[3] += r.hru
+        if _matches(node, q, up, names.get(node.farm, "").casefold(), text):
+            if q.offset <= matched < q.offset + q.limit:
+                rows.append(_row(node, up))
+            matched += 1
+    top_farms = sorted(farms.items(), key=lambda kv: (-kv[1][0], kv[0]))[:MAX_FARMS]
+    return {
+        "now": now,
+        "nodes_total": len(state.nodes),
+        "up": up_count,
+        "capacity": {"total": total, "used": used, "reserved": reserved},
+        "countries": [[code, n[0], n[1]] for code, n in sorted(countries.items())],
+        "farms": [[fid, names.get(fid, ""), n[0], n[1]] for fid, n in top_farms],
+        "farms_total": len(farms),
+        "matched": matched,
+        "offset": q.offset,
+        "limit": q.limit,
+        "columns": list(ROW_COLUMNS),
+        "nodes": rows,
+    }
