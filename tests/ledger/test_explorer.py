@@ -26,7 +26,9 @@ from tests.ledger.explorer_support import (
     seed,
     tampering_server,
 )
-from zerostack.crypto import approval_digest
+from tests.ledger.world import GiB
+from zerostack.crypto import Identity, approval_digest
+from zerostack.ledger import LedgerClient
 from zerostack.ledger.explorer import CSP
 
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(),
@@ -311,3 +313,28 @@ def test_responses_carry_a_strict_policy_and_serve_only_known_files(
         for params in ({"limit": 501}, {"q": "x" * 65}, {"country": "nl"},
                        {"status": "sideways"}, {"offset": -1}):
             assert http.get("/explorer/api/grid", params=params).status_code == 422, params
+
+
+def test_grid_follows_new_nodes_and_heartbeats_live(world: tuple[Ledger, SmallGrid, Any],
+                                                    tmp_path: Path) -> None:
+    _, _, browser = world
+    with ledger_server(tmp_path / "ledger.db") as ledger, LedgerClient(ledger.url) as client, \
+            closing(browser.new_page()) as page:
+        page.set_default_timeout(TIMEOUT)
+        farmer, first, second = Identity.generate(), Identity.generate(), Identity.generate()
+        for ident in (farmer, first, second):
+            client.register_twin(ident)
+        farm = client.create_farm(farmer, "live")
+        client.register_node(first, farm, {"cru": 4, "mru": 8 * GiB}, "BE")
+        ledger.clock.offset += 700  # the first node is down by now
+        open_page(page, ledger.url, "grid", "#nodes tbody tr")
+        expect(page.locator("#live")).to_contain_text("following the ledger")
+        assert page.text_content("#totals") == "1 nodes: 0 up, 1 down · 1 countries · 1 farms"
+        page.evaluate("window.notReloaded = true")
+        client.register_node(second, farm, {"cru": 8, "mru": 16 * GiB}, "NL")
+        expect(page.locator("#totals")).to_have_text(
+            "2 nodes: 1 up, 1 down · 2 countries · 1 farms")
+        client.heartbeat(first, used={"cru": 1})
+        expect(page.locator("#totals")).to_have_text(
+            "2 nodes: 2 up, 0 down · 2 countries · 1 farms")
+        assert page.evaluate("window.notReloaded") is True

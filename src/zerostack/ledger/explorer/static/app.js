@@ -701,18 +701,23 @@ function render() {
   }
 }
 
+// Refresh at most once per `delay` ms however many events come: a busy grid sends
+// heartbeats all the time, and each would otherwise refetch the page.
 let refreshTimer = 0;
-function refreshSoon(fn) {
-  clearTimeout(refreshTimer);
-  refreshTimer = setTimeout(fn, 250);
+function refreshSoon(fn, delay = 500) {
+  if (refreshTimer) return;
+  refreshTimer = setTimeout(() => {
+    refreshTimer = 0;
+    fn();
+  }, delay);
 }
 
 async function onEvent(event) {
   say(`live · block ${event.height}: ${event.type}`);
   const r = route();
   const contractEvent = event.type.startsWith('contract.');
-  if (r.name === 'grid' && (event.type.startsWith('node.') || contractEvent)) refreshSoon(() => loadGrid(true));
-  else if (r.name === 'contracts' && contractEvent) refreshSoon(loadContracts);
+  if (r.name === 'grid' && (event.type.startsWith('node.') || contractEvent)) refreshSoon(() => route().name === 'grid' && loadGrid(true), 2000);
+  else if (r.name === 'contracts' && contractEvent) refreshSoon(() => route().name === 'contracts' && loadContracts());
   else if ((r.name === 'contract' || r.name === 'approve') && contractEvent && event.receipt && event.receipt.contract === r.id) {
     refreshSoon(render);
   } else if (r.name === 'node' && event.receipt && event.receipt.node === r.id) refreshSoon(render);
