@@ -10,7 +10,8 @@ cache disabled `--runs` times. "First render" is the page's own performance mark
 the bytes are the transfer sizes (headers and compressed bodies) of the document and every
 resource fetched by then. Reference, same run and same browser: fetching the full node
 list the plain API serves (`GET /nodes?limit=10000`), what a page without the explorer's
-summary endpoint would download before drawing anything.
+summary endpoint would download before drawing anything. Then, the time the chain page
+takes to load and re-check its latest 20 blocks (hashes and every ed25519 signature).
 """
 
 from __future__ import annotations
@@ -87,6 +88,16 @@ def measure(url: str, runs: int) -> dict[str, Any]:
             page.wait_for_selector("#nodes tbody tr", timeout=60_000)
             out["runs"].append(page.evaluate(_MEASURE))
         out["reference"] = [page.evaluate(_REFERENCE) for _ in range(3)]
+        # the chain page: the latest 20 blocks (1,000 transactions each here) re-checked
+        page.goto("about:blank")
+        t0 = time.perf_counter()
+        page.goto(f"{url}/explorer#/chain")
+        page.wait_for_selector("#chain-summary.ok, #chain-summary.bad", timeout=600_000)
+        out["chain_s"] = time.perf_counter() - t0
+        out["chain_summary"] = page.text_content("#chain-summary")
+        out["chain_txs"] = page.evaluate(
+            "Array.from(document.querySelectorAll('#blocks summary'))"
+            ".reduce((n, s) => n + parseInt(s.textContent), 0)")
         page.close()
     return out
 
@@ -131,6 +142,8 @@ def main() -> None:
           f"{ref_ms:.0f} ms, {ref_bytes / 1024:.1f} KiB "
           f"(explorer/reference: time {results['render_ms_median'] / ref_ms:.2f}, "
           f"bytes {results['bytes_median'] / ref_bytes:.3f})")
+    print(f"chain page: {results['chain_txs']} transactions in 20 blocks checked in "
+          f"{results['chain_s']:.1f} s: {results['chain_summary']}")
     print(f"/explorer/api/grid on the server: p50 {results['summary_ms_p50']:.1f} ms, "
           f"max {results['summary_ms_max']:.1f} ms")
 

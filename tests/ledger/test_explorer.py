@@ -128,7 +128,8 @@ def test_node_page_shows_contracts_reports_and_heartbeats(
     open_page(page, ledger.url, f"node/{g.nodes['gent1']}", "#heartbeats")
     assert [r[0] for r in rows(page, "#node-contracts")] == [f"contract {g.contracts['web']}"]
     beats = rows(page, "#heartbeats")
-    assert len(beats) == 1 and beats[0][1:] == ["3600 s", "1 cores, 2 GiB"]
+    assert len(beats) == 1 and beats[0][2:] == ["3600 s", "1 cores, 2 GiB"]
+    assert beats[0][1].startswith("20") and beats[0][1].endswith("Z")  # the block's time
     reports = rows(page, "#node-reports")
     assert len(reports) == 1
     assert reports[0][1:] == [f"contract {g.contracts['web']}", "v1", "web: ok, data: ok",

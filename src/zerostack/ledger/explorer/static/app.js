@@ -128,12 +128,43 @@ function failure(err) {
 }
 
 // Twin keys, looked up once: the chain page checks each transaction's signature with it.
+// At most a few lookups run at a time (a block of 1,000 new twins would otherwise open
+// 1,000 requests at once); a block with many senders loads their range in one list.
 const twinKeys = new Map();
+let lookups = 0;
+const queued = [];
+async function limited(fn) {
+  if (lookups >= 6) await new Promise((resolve) => queued.push(resolve));
+  lookups++;
+  try {
+    return await fn();
+  } finally {
+    lookups--;
+    const next = queued.shift();
+    if (next) next();
+  }
+}
+
 function keyOf(twin) {
   if (!twinKeys.has(twin)) {
-    twinKeys.set(twin, api(`/twins/${Number(twin)}`).then((t) => t.public_key));
+    twinKeys.set(twin, limited(() => api(`/twins/${Number(twin)}`)).then((t) => t.public_key));
   }
   return twinKeys.get(twin);
+}
+
+async function preloadKeys(txs) {
+  const ids = [...new Set(txs.map((tx) => tx.sender).filter((s) => Number.isInteger(s) && !twinKeys.has(s)))];
+  if (ids.length < 16) return;
+  const low = Math.min(...ids);
+  const count = Math.min(10000, Math.max(...ids) - low + 1);
+  try {
+    const twins = await api(`/twins?offset=${low - 1}&limit=${count}`);
+    for (const t of twins) {
+      if (Number.isInteger(t.id) && !twinKeys.has(t.id)) twinKeys.set(t.id, Promise.resolve(t.public_key));
+    }
+  } catch {
+    // each missing key is then looked up on its own
+  }
 }
 
 // ---- grid ------------------------------------------------------------------------------
@@ -305,9 +336,13 @@ async function loadNode(id) {
     el('td', {}, link(`#/contract/${c.id}`, `contract ${c.id}`)), el('td', {}, c.state),
     el('td', {}, String(c.owner)), el('td', {}, String(c.version)),
     el('td', {}, code(short(c.deployment_hash), c.deployment_hash))));
-  const beatRows = beats.slice(-50).reverse().map((e) => {
+  const recent = beats.slice(-50).reverse();
+  const times = new Map(await Promise.all([...new Set(recent.map((e) => e.height))].map(
+    (h) => api(`/blocks/${h}/header`).then((hd) => [h, hd.time], () => [h, 0]))));
+  const beatRows = recent.map((e) => {
     const p = e.tx.payload;
     return el('tr', {}, el('td', {}, link(`#/block/${e.height}`, String(e.height))),
+      el('td', {}, when(times.get(e.height))),
       el('td', {}, p.uptime === undefined || p.uptime === null ? '—' : `${p.uptime} s`),
       el('td', {}, p.used ? `${p.used.cru ?? 0} cores, ${bytes(p.used.mru ?? 0)}` : '—'));
   });
@@ -325,7 +360,7 @@ async function loadNode(id) {
     el('h3', {}, 'Capacity'), bars,
     el('div', { class: 'scroll' }, table(`Contracts on node ${id}`, ['Contract', 'State', 'Owner', 'Version', 'Deployment'], cRows, { id: 'node-contracts' })),
     el('div', { class: 'scroll' }, table(`Reports (last ${HISTORY_BLOCKS} blocks)`, ['Block', 'Contract', 'Version', 'Workloads', 'Signature'], reportRows, { id: 'node-reports' })),
-    el('div', { class: 'scroll' }, table(`Heartbeats (last ${HISTORY_BLOCKS} blocks, newest first)`, ['Block', 'Uptime', 'Used'], beatRows, { id: 'heartbeats' })));
+    el('div', { class: 'scroll' }, table(`Heartbeats (last ${HISTORY_BLOCKS} blocks, newest first)`, ['Block', 'Time', 'Uptime', 'Used'], beatRows, { id: 'heartbeats' })));
 }
 
 // ---- contracts -------------------------------------------------------------------------
@@ -563,22 +598,37 @@ function blockRow(block, check, prevOk) {
   const problems = [...check.problems];
   if (prevOk === false) problems.push('prev_hash is not the hash of the block before');
   const ok = problems.length === 0;
-  const txRows = (block.txs || []).map((tx, i) => el('tr', { class: check.txs[i].ok ? '' : 'invalid' },
+  const txRows = () => (block.txs || []).map((tx, i) => el('tr', { class: check.txs[i].ok ? '' : 'invalid' },
     el('td', {}, String(i)), el('td', {}, tx.type), el('td', {}, short(String(tx.sender), 16)),
     el('td', {}, code(short(check.txs[i].hash, 16), check.txs[i].hash)),
     el('td', {}, badge(check.txs[i].ok, 'valid', `INVALID: ${check.txs[i].why}`))));
+  const count = (block.txs || []).length;
+  // a block's transaction table is built when it is opened: blocks may hold thousands
+  const details = count ? el('details', { open: !ok }, el('summary', {}, '')) : null;
+  const fill = () => {
+    if (details.dataset.filled) return;
+    details.dataset.filled = '1';
+    details.append(el('div', { class: 'scroll' }, table(`Transactions of block ${block.height}`,
+      ['#', 'Type', 'Sender', 'Hash', 'Check'], txRows())));
+  };
+  if (details) {
+    if (!ok) fill();
+    details.addEventListener('toggle', () => details.open && fill());
+  }
   const types = [...new Set((block.txs || []).map((tx) => tx.type))].join(', ');
-  return el('article', { class: ok ? 'block' : 'block invalid', 'data-height': block.height, id: `block-${block.height}` },
+  const article = el('article', { class: ok ? 'block' : 'block invalid', 'data-height': block.height, id: `block-${block.height}` },
     el('h3', {}, link(`#/block/${block.height}`, `Block ${block.height}`), ' ', badge(ok, 'verified', 'INVALID')),
     el('p', { class: 'blockline' }, `${when(block.time)} · hash `, code(short(block.hash, 16), block.hash)),
-    ok ? null : el('ul', { class: 'bad' }, problems.map((p) => el('li', {}, p))),
-    txRows.length ? el('details', { open: !ok },
-      el('summary', {}, `${txRows.length} transaction${txRows.length === 1 ? '' : 's'}: ${types}`),
-      el('div', { class: 'scroll' }, table(`Transactions of block ${block.height}`, ['#', 'Type', 'Sender', 'Hash', 'Check'], txRows))) : el('p', { class: 'note' }, 'no transactions'));
+    ok ? null : el('ul', { class: 'bad' }, problems.slice(0, 10).map((p) => el('li', {}, p)),
+      problems.length > 10 ? el('li', {}, `and ${problems.length - 10} more`) : null),
+    details || el('p', { class: 'note' }, 'no transactions'));
+  if (details) details.firstChild.textContent = `${count} transaction${count === 1 ? '' : 's'}: ${types}`;
+  return article;
 }
 
 async function verifiedBlock(height) {
   const block = await api(`/blocks/${height}`);
+  await preloadKeys(block.txs || []);
   const check = await checkBlock(block, operatorKey, keyOf);
   return { block, check };
 }
