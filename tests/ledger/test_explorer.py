@@ -28,7 +28,7 @@ from tests.ledger.explorer_support import (
 )
 from tests.ledger.world import GiB
 from zerostack.crypto import Identity, approval_digest
-from zerostack.ledger import LedgerClient
+from zerostack.ledger import LedgerClient, sign_tx
 from zerostack.ledger.explorer import CSP
 
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(),
@@ -339,3 +339,31 @@ def test_grid_follows_new_nodes_and_heartbeats_live(world: tuple[Ledger, SmallGr
         expect(page.locator("#totals")).to_have_text(
             "2 nodes: 2 up, 0 down · 2 countries · 1 farms")
         assert page.evaluate("window.notReloaded") is True
+
+
+def test_a_block_of_many_senders_is_checked_with_their_keys_in_one_request(
+        world: tuple[Ledger, SmallGrid, Any], tmp_path: Path) -> None:
+    _, _, browser = world
+    with ledger_server(tmp_path / "ledger.db") as ledger, LedgerClient(ledger.url) as client, \
+            closing(browser.new_page()) as page:
+        page.set_default_timeout(TIMEOUT)
+        idents = [Identity.generate() for _ in range(40)]
+        twins = [client.register_twin(ident) for ident in idents]
+        results = client.submit_many([
+            sign_tx(ident, "farm.create", twin, 1, {"name": f"farm-{twin}"})
+            for ident, twin in zip(idents, twins, strict=True)])
+        heights = {r["height"] for r in results}
+        assert all("receipt" in r for r in results) and len(heights) <= 3
+        single: list[str] = []
+        page.on("request", lambda r: single.append(r.url) if "/twins/" in r.url else None)
+        page.goto(f"{ledger.url}/explorer#/chain")
+        page.wait_for_selector("#chain-summary.ok")
+        biggest = max(heights, key=lambda h: sum(r["height"] == h for r in results))
+        summary = page.text_content(f"#block-{biggest} summary")
+        assert summary.endswith("transactions: farm.create") and int(summary.split()[0]) >= 14
+        # one request per sender would be 40 (a block of under 4 senders asks one by one)
+        assert len(single) < 10, f"keys looked up one by one: {single}"
+        page.click(f"#block-{biggest} summary")
+        rows = page.locator(f"#block-{biggest} tbody tr")
+        expect(rows).to_have_count(int(summary.split()[0]))
+        assert page.locator(f"#block-{biggest} tbody tr.invalid").count() == 0

@@ -154,9 +154,10 @@ function keyOf(twin) {
 
 async function preloadKeys(txs) {
   const ids = [...new Set(txs.map((tx) => tx.sender).filter((s) => Number.isInteger(s) && !twinKeys.has(s)))];
-  if (ids.length < 16) return;
+  if (ids.length < 4) return;
   const low = Math.min(...ids);
-  const count = Math.min(10000, Math.max(...ids) - low + 1);
+  const count = Math.max(...ids) - low + 1;
+  if (count > 10000 || count > 8 * ids.length) return; // too sparse for one list: one by one
   try {
     const twins = await api(`/twins?offset=${low - 1}&limit=${count}`);
     for (const t of twins) {
