@@ -7,6 +7,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -37,13 +38,10 @@ class Clock:
     """Wall-clock time plus an offset the test moves forward (never back)."""
 
     def __init__(self) -> None:
-        import time
-
-        self._time = time.time
         self.offset = 0.0
 
     def __call__(self) -> float:
-        return self._time() + self.offset
+        return time.time() + self.offset
 
 
 @dataclass
