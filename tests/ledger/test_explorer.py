@@ -148,6 +148,19 @@ def test_contract_page_shows_approvals_and_the_signed_report(
     assert "✔ signed by node" in page.text_content("#report-signature")
 
 
+def test_a_stakeholder_finds_the_contracts_waiting_for_them(
+        world: tuple[Ledger, SmallGrid, Any], page: Any) -> None:
+    ledger, g, _ = world
+    open_page(page, ledger.url, "contracts", "#contracts tbody tr")
+    page.fill("#c-twin", str(g.twins["carol"]))
+    page.select_option("#c-state", "created")  # applies the form
+    expect(page.locator("#contracts tbody tr")).to_have_count(1)
+    first = rows(page, "#contracts")[0]
+    assert first[0] == f"contract {g.contracts['vote']}" and first[-1] == "review and approve"
+    page.click("#contracts tbody tr a:text('review and approve')")
+    page.wait_for_selector("#approve-cli")
+
+
 def test_approval_view_shows_what_is_signed_and_the_cli_line(
         world: tuple[Ledger, SmallGrid, Any], page: Any) -> None:
     ledger, g, _ = world
@@ -210,6 +223,13 @@ def test_chain_blocks_verify_in_the_browser(world: tuple[Ledger, SmallGrid, Any]
     open_page(page, ledger.url, "chain", "#chain-summary.ok")
     assert page.text_content("#chain-summary").startswith("All 20 blocks shown verified")
     assert page.query_selector(".block.invalid") is None
+    top = int(page.get_attribute("#blocks article", "data-height"))
+    page.click("#older")
+    expect(page.locator("#blocks article")).to_have_count(top)  # down to block 1
+    assert page.query_selector(".block.invalid") is None
+    page.click("#block-1 h3 a")
+    page.wait_for_selector("#page-title:text('Block 1')")
+    assert page.text_content("#block-1 h3") == "Block 1 ✔ verified"
 
 
 def _edit_payload(target: str) -> Any:

@@ -366,7 +366,7 @@ async function loadNode(id) {
 
 // ---- contracts -------------------------------------------------------------------------
 
-const contractFilter = { state: '', owner: '', node: '' };
+const contractFilter = { state: '', owner: '', node: '', twin: '' };
 const STATES = ['created', 'approved', 'deployed', 'error', 'grace', 'cancelled', 'deleted', 'expired'];
 
 function approvalWeight(c) {
@@ -381,7 +381,7 @@ let contractsSeq = 0;
 async function loadContracts() {
   const seq = ++contractsSeq;
   const p = new URLSearchParams({ limit: '1000' });
-  for (const k of ['state', 'owner', 'node']) if (contractFilter[k]) p.set(k, contractFilter[k]);
+  for (const k of ['state', 'owner', 'node', 'twin']) if (contractFilter[k]) p.set(k, contractFilter[k]);
   let list;
   try {
     list = await api(`/contracts?${p}`);
@@ -395,16 +395,19 @@ async function loadContracts() {
     STATES.map((s) => el('option', { value: s, selected: s === contractFilter.state }, s)));
   const owner = el('input', { id: 'c-owner', type: 'number', min: 1, inputmode: 'numeric', value: contractFilter.owner });
   const node = el('input', { id: 'c-node', type: 'number', min: 1, inputmode: 'numeric', value: contractFilter.node });
+  const twin = el('input', { id: 'c-twin', type: 'number', min: 1, inputmode: 'numeric', value: contractFilter.twin });
   const form = el('form', { class: 'filters', role: 'search', 'aria-label': 'Filter contracts' },
     el('div', {}, el('label', { for: 'c-state' }, 'State'), stateSel),
     el('div', {}, el('label', { for: 'c-owner' }, 'Owner twin'), owner),
     el('div', {}, el('label', { for: 'c-node' }, 'Node'), node),
+    el('div', {}, el('label', { for: 'c-twin' }, 'Stakeholder twin'), twin),
     el('div', {}, el('button', { type: 'submit' }, 'Apply')));
   const apply = (e) => {
     if (e) e.preventDefault();
     contractFilter.state = stateSel.value;
     contractFilter.owner = /^[0-9]+$/.test(owner.value) ? owner.value : '';
     contractFilter.node = /^[0-9]+$/.test(node.value) ? node.value : '';
+    contractFilter.twin = /^[0-9]+$/.test(twin.value) ? twin.value : '';
     loadContracts();
   };
   form.addEventListener('submit', apply);
