@@ -104,6 +104,46 @@ def test_grid_counts_nodes_by_country_farm_and_status(
     assert page.text_content("#shown") == "nodes 1\u20131 of 1"
 
 
+_CONTRAST = """() => {
+  const rgb = (c) => c.match(/[0-9.]+/g).map(Number);
+  const lum = ([r, g, b]) => {
+    const f = (v) => { v /= 255; return v <= 0.03928 ? v / 12.92 : ((v + 0.055) / 1.055) ** 2.4; };
+    return 0.2126 * f(r) + 0.7152 * f(g) + 0.0722 * f(b);
+  };
+  const background = (el) => {
+    for (let e = el; e; e = e.parentElement) {
+      const c = rgb(getComputedStyle(e).backgroundColor);
+      if (c.length < 4 || c[3] > 0) return c;
+    }
+    return [255, 255, 255];
+  };
+  const worst = [];
+  let checked = 0;
+  for (const el of document.querySelectorAll('body *')) {
+    const text = Array.from(el.childNodes).some((n) => n.nodeType === 3 && n.textContent.trim());
+    if (!text || !el.offsetParent) continue;
+    checked++;
+    const a = lum(rgb(getComputedStyle(el).color));
+    const b = lum(background(el));
+    const ratio = (Math.max(a, b) + 0.05) / (Math.min(a, b) + 0.05);
+    if (ratio < 4.5) worst.push([el.tagName, el.className, el.textContent.slice(0, 30), ratio]);
+  }
+  return {worst, checked};
+}"""
+
+
+def test_text_contrast_is_at_least_4_5_to_1_on_every_page(
+        world: tuple[Ledger, SmallGrid, Any], page: Any) -> None:
+    ledger, g, _ = world
+    for route, ready in (("grid", "#nodes tbody tr"), (f"contract/{g.contracts['web']}",
+                                                       "#workloads"),
+                         (f"approve/{g.contracts['vote']}", "#approve-cli"),
+                         ("chain", "#chain-summary.ok")):
+        open_page(page, ledger.url, route, ready)
+        result = page.evaluate(_CONTRAST)
+        assert result["worst"] == [] and result["checked"] > 20, (route, result)
+
+
 def test_every_control_has_a_label_and_pages_are_reached_by_keyboard(
         world: tuple[Ledger, SmallGrid, Any], page: Any) -> None:
     ledger, _, _ = world
