@@ -26,7 +26,7 @@ from tests.ledger.explorer_support import (
     seed,
     tampering_server,
 )
-from tests.ledger.world import GiB
+from tests.ledger.world import GiB, hashes, requirement, sealed
 from zerostack.crypto import Identity, approval_digest
 from zerostack.ledger import LedgerClient, sign_tx
 from zerostack.ledger.explorer import CSP
@@ -223,6 +223,26 @@ def test_approval_view_shows_what_is_signed_and_the_cli_line(
                            text=True, check=True, env={**os.environ, "COLUMNS": "200"}).stdout
     for option in ("--hash", "--ledger", "--identity", "-i"):
         assert option in usage
+
+
+def test_an_update_shows_both_quorums_it_needs(world: tuple[Ledger, SmallGrid, Any],
+                                              page: Any) -> None:
+    ledger, g, _ = world
+    cid = new_contract(ledger, g, 50)  # bob alone: active at once
+    keys = {g.twins[k]: g.ids[k].public_hex for k in g.ids}
+    req = requirement(keys, g.twins["bob"], g.twins["carol"], required=(g.twins["carol"],))
+    ids = hashes(51, req)
+    with LedgerClient(ledger.url) as client:
+        client.update_contract(g.ids["bob"], cid, ids["deployment_hash"], sealed(), version=2,
+                               node=g.nodes["gent2"], body_hash=ids["body_hash"],
+                               signature_requirement=req)
+    open_page(page, ledger.url, f"approve/{cid}", "#running-approvers")
+    bob, carol = g.twins["bob"], g.twins["carol"]
+    new = {r[0]: r[4] for r in rows(page, "#approvers")}
+    assert new == {f"{bob} (owner)": "✔ approved, signature checked", str(carol): "not yet"}
+    running = {r[0]: r[4] for r in rows(page, "#running-approvers")}
+    assert running == {f"{bob} (owner)": "✔ approved, signature checked"}
+    assert "running version 1" in page.text_content("#running-approvers caption")
 
 
 def test_templates_tab_lists_the_catalogue(world: tuple[Ledger, SmallGrid, Any],

@@ -461,6 +461,18 @@ function stakeholderTable(c, version, checks, caption, id) {
   return table(caption, ['Twin', 'Key', 'Weight', 'Required', 'Approval'], rows, { id });
 }
 
+// An update needs the running version's quorum too: its stakeholders cannot be dropped
+// without their consent. The table checks the pending version's approvals against it.
+async function runningQuorum(c) {
+  if (!c.pending || !c.active || c.active.version === c.version) return null;
+  const running = { version: c.version, deployment_hash: c.deployment_hash, approvals: c.approvals,
+    signature_requirement: c.active.signature_requirement };
+  const checks = await checkApprovals(c, running);
+  return el('div', { class: 'scroll' }, stakeholderTable(c, running, checks,
+    `This updates running version ${c.active.version}: its stakeholders must approve too (weight required: ${c.active.signature_requirement.weight_required})`,
+    'running-approvers'));
+}
+
 async function reportCheck(c) {
   if (!c.report) return null;
   const events = await recentEvents({ contract: String(c.id), type: 'contract.report' }).catch(() => []);
@@ -483,6 +495,7 @@ async function loadContract(id) {
   const proposal = { version: c.version, deployment_hash: c.deployment_hash, approvals: c.approvals,
     signature_requirement: c.signature_requirement };
   const checks = await checkApprovals(c, proposal);
+  const running = await runningQuorum(c);
   const report = await reportCheck(c).catch(() => null);
   if (route().name !== 'contract') return;
   const facts = el('dl', { class: 'facts' },
@@ -501,7 +514,7 @@ async function loadContract(id) {
     parts.push(el('p', {}, link(`#/approve/${c.id}`, `Version ${c.version} waits for approvals: review what stakeholders sign`)));
   }
   parts.push(el('div', { class: 'scroll' }, stakeholderTable(c, proposal, checks,
-    `Stakeholders of version ${c.version} (weight required: ${c.signature_requirement.weight_required})`, 'stakeholders')));
+    `Stakeholders of version ${c.version} (weight required: ${c.signature_requirement.weight_required})`, 'stakeholders')), running);
   if (c.delete_requirement) {
     const votes = new Set(Object.keys(c.cancel_votes || {}).map(Number));
     parts.push(el('div', { class: 'scroll' }, table(`Cancelling needs weight ${c.delete_requirement.weight_required}`,
@@ -545,6 +558,7 @@ async function loadApprove(id) {
   const proposal = { version: c.version, deployment_hash: c.deployment_hash, approvals: c.approvals,
     signature_requirement: c.signature_requirement };
   const checks = await checkApprovals(c, proposal);
+  const running = await runningQuorum(c);
   let template = null;
   if (c.billing && c.billing.template) template = await api(`/templates/${c.billing.template}`).catch(() => null);
   if (route().name !== 'approve') return;
@@ -586,6 +600,7 @@ async function loadApprove(id) {
   parts.push(
     el('div', { class: 'scroll' }, stakeholderTable(c, proposal, checks,
       `Who approves (weight required: ${c.signature_requirement.weight_required}; now ${approvalWeight(c)})`, 'approvers')),
+    running,
     el('h3', {}, 'Approve from the command line'),
     el('p', {}, 'Run, with NAME the identity of your twin (see zerostack id):'),
     el('pre', { class: 'cli' }, el('code', { id: 'approve-cli' }, cli)),
