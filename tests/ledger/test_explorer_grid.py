@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from tests.ledger.world import GiB, World
-from zerostack.ledger.explorer.grid import GridQuery, grid_view
+from zerostack.ledger.explorer.grid import GridQuery, SummaryCache, grid_view
 
 
 def world() -> tuple[World, dict[str, int]]:
@@ -58,3 +58,17 @@ def test_filters_search_and_pages() -> None:
     assert ids(view) == [n["b"], n["c"]] and view["matched"] == 4
     # the summary counts the whole grid whatever the filter
     assert grid_view(w.state, GridQuery(country="BE"), w.time)["nodes_total"] == 4
+
+
+def test_the_cached_summary_follows_the_state_and_the_clock() -> None:
+    w, n = world()
+    cache = SummaryCache()
+    first = cache.view(w.state, GridQuery(), w.time)
+    assert first == grid_view(w.state, GridQuery(), w.time)
+    assert cache.view(w.state, GridQuery(status="up"), w.time) == grid_view(
+        w.state, GridQuery(status="up"), w.time)
+    w.ok(n["c-twin"], "node.heartbeat", {})  # a new state: c is up
+    assert cache.view(w.state, GridQuery(), w.time)["up"] == 2
+    # the same state a second later... and 700 s later, when b's heartbeat is old
+    assert cache.view(w.state, GridQuery(), w.time + 1)["up"] == 2
+    assert cache.view(w.state, GridQuery(), w.time + 700)["up"] == 0

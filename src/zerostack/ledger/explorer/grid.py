@@ -57,19 +57,16 @@ def _matches(node: Node, q: GridQuery, up: bool, farm_name: str, text: str) -> b
             or text in farm_name)
 
 
-def grid_view(state: State, q: GridQuery, now: int) -> dict[str, Any]:
-    """The summary of the whole grid and the page of nodes `q` selects (by node id)."""
-    text = q.q.strip().casefold()[:MAX_QUERY]
+def grid_summary(state: State, now: int) -> dict[str, Any]:
+    """The whole grid counted: nodes up and down, by country and by farm, capacity totals."""
     names = {fid: farm.name for fid, farm in state.farms.items()}
     countries: dict[str, list[int]] = {}
     farms: dict[int, list[int]] = {}
     total = [0, 0, 0, 0]
     used = [0, 0, 0, 0]
     reserved = [0, 0, 0, 0]
-    up_count = matched = 0
-    rows: list[list[Any]] = []
-    for nid in sorted(state.nodes.keys()):
-        node = state.nodes[nid]
+    up_count = 0
+    for node in state.nodes.values():
         up = node_status(node, now) == "up"
         by_country = countries.setdefault(node.country, [0, 0])
         by_farm = farms.setdefault(node.farm, [0, 0])
@@ -92,10 +89,6 @@ def grid_view(state: State, q: GridQuery, now: int) -> dict[str, Any]:
         reserved[1] += r.mru
         reserved[2] += r.sru
         reserved[3] += r.hru
-        if _matches(node, q, up, names.get(node.farm, "").casefold(), text):
-            if q.offset <= matched < q.offset + q.limit:
-                rows.append(_row(node, up))
-            matched += 1
     top_farms = sorted(farms.items(), key=lambda kv: (-kv[1][0], kv[0]))[:MAX_FARMS]
     return {
         "now": now,
@@ -105,9 +98,57 @@ def grid_view(state: State, q: GridQuery, now: int) -> dict[str, Any]:
         "countries": [[code, n[0], n[1]] for code, n in sorted(countries.items())],
         "farms": [[fid, names.get(fid, ""), n[0], n[1]] for fid, n in top_farms],
         "farms_total": len(farms),
-        "matched": matched,
-        "offset": q.offset,
-        "limit": q.limit,
-        "columns": list(ROW_COLUMNS),
-        "nodes": rows,
     }
+
+
+def grid_page(state: State, q: GridQuery, now: int) -> dict[str, Any]:
+    """The nodes `q` selects, by id: how many match, and the rows of one page."""
+    text = q.q.strip().casefold()[:MAX_QUERY]
+    if q.country is not None:
+        members = state.nodes_by_country.get(q.country)
+        ids = sorted(members.keys()) if members is not None else []
+    elif q.farm is not None:
+        members = state.nodes_by_farm.get(q.farm)
+        ids = sorted(members.keys()) if members is not None else []
+    else:
+        ids = sorted(state.nodes.keys())
+    rows: list[list[Any]] = []
+    if q.country is None and q.farm is None and q.status is None and not text:
+        # nothing to test: the page is a slice of the ids
+        for nid in ids[q.offset:q.offset + q.limit]:
+            node = state.nodes[nid]
+            rows.append(_row(node, node_status(node, now) == "up"))
+        return {"matched": len(ids), "offset": q.offset, "limit": q.limit,
+                "columns": list(ROW_COLUMNS), "nodes": rows}
+    names = {fid: farm.name.casefold() for fid, farm in state.farms.items()} if text else {}
+    matched = 0
+    for nid in ids:
+        node = state.nodes[nid]
+        up = node_status(node, now) == "up"
+        if _matches(node, q, up, names.get(node.farm, ""), text):
+            if q.offset <= matched < q.offset + q.limit:
+                rows.append(_row(node, up))
+            matched += 1
+    return {"matched": matched, "offset": q.offset, "limit": q.limit,
+            "columns": list(ROW_COLUMNS), "nodes": rows}
+
+
+def grid_view(state: State, q: GridQuery, now: int) -> dict[str, Any]:
+    """The summary of the whole grid and the page of nodes `q` selects (by node id)."""
+    return {**grid_summary(state, now), **grid_page(state, q, now)}
+
+
+class SummaryCache:
+    """The last grid summary, reused while the state and the clock's second are the same:
+    many viewers of a big grid then cost one count per block, not one per request."""
+
+    def __init__(self) -> None:
+        self._key: tuple[State, int] | None = None
+        self._summary: dict[str, Any] = {}
+
+    def view(self, state: State, q: GridQuery, now: int) -> dict[str, Any]:
+        key = self._key
+        if key is None or key[0] is not state or key[1] != now:
+            self._summary = grid_summary(state, now)
+            self._key = (state, now)
+        return {**self._summary, **grid_page(state, q, now)}

@@ -15,7 +15,7 @@ import orjson
 from fastapi import FastAPI, Query, Request
 from starlette.responses import RedirectResponse, Response
 
-from zerostack.ledger.explorer.grid import MAX_PAGE, MAX_QUERY, GridQuery, grid_view
+from zerostack.ledger.explorer.grid import MAX_PAGE, MAX_QUERY, GridQuery, SummaryCache
 from zerostack.ledger.service import LedgerService
 
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
@@ -91,6 +91,7 @@ def _send(request: Request, body: bytes, media_type: str, *, gzipped: bytes | No
 def mount(app: FastAPI, service: LedgerService) -> None:
     """Add `/explorer` (the page), `/explorer/static/...` and `/explorer/api/grid`."""
     assets = load_assets()
+    summaries = SummaryCache()
 
     @app.get("/explorer", include_in_schema=False)
     async def explorer_page(request: Request) -> Response:
@@ -121,7 +122,7 @@ def mount(app: FastAPI, service: LedgerService) -> None:
         offset: Annotated[int, Query(ge=0, le=10**9)] = 0,
         limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 50,
     ) -> Response:
-        view = grid_view(service.chain.state,
-                         GridQuery(country, farm, status, q, offset, limit),
-                         int(service.clock()))
+        view = summaries.view(service.chain.state,
+                              GridQuery(country, farm, status, q, offset, limit),
+                              int(service.clock()))
         return _send(request, orjson.dumps(view), "application/json", cache="no-store")
