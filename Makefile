@@ -10,7 +10,7 @@ PIP_VERSION := 26.3
 NATIVE_MODULES := $(shell sed -n 's/^    "\(zerostack\.[a-z_.]*\)",$$/\1/p' src/zerostack/zdb/native.py)
 NATIVE_SRC := $(patsubst %,src/%.py,$(subst .,/,$(NATIVE_MODULES)))
 
-.PHONY: setup demo test lint bench lock clean
+.PHONY: setup demo test lint bench lock clean screenshots explorer-vendor
 
 $(STAMP): pyproject.toml setup.py constraints.txt build-constraints.txt src/zerostack/zdb/native.py $(NATIVE_SRC)
 	@if [ "$$(id -u)" = 0 ]; then bash scripts/install-system-deps; else echo "not root: skipping system packages"; fi
@@ -35,6 +35,18 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench
+
+# the explorer's pages, photographed in headless Chromium against a small grid
+screenshots: $(STAMP)
+	EXPLORER_SCREENSHOTS=docs/explorer $(BIN)/pytest -q \
+		tests/ledger/test_explorer.py -k screenshots
+
+# refresh the vendored @noble/hashes files from package-lock.json (needs node and npm)
+EXPLORER_VENDOR := src/zerostack/ledger/explorer/static/vendor/noble-hashes
+explorer-vendor:
+	npm ci --ignore-scripts --no-audit --no-fund
+	for f in blake2 _blake _md _u64 utils; do cp node_modules/@noble/hashes/$$f.js $(EXPLORER_VENDOR)/; done
+	cp node_modules/@noble/hashes/LICENSE $(EXPLORER_VENDOR)/
 
 lock:
 	PY=$(PY) bash scripts/update-lock

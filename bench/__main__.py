@@ -12,6 +12,7 @@ BENCHMARKS = [
     "ledger_bench",
     "provision_bench",
     "flist_bench",
+    "explorer_bench",
 ]
 
 

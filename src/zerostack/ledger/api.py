@@ -24,6 +24,7 @@ from zerostack.crypto import Domain, Identity, billing_notice_digest
 from zerostack.ledger.billing import billing_notice
 from zerostack.ledger.chain import block_json, header_json
 from zerostack.ledger.errors import HTTP_STATUS, LedgerError
+from zerostack.ledger.explorer import mount as mount_explorer
 from zerostack.ledger.query import NodeFilter, find_contracts, node_view, page
 from zerostack.ledger.service import MAX_BATCH_BYTES, LedgerService
 from zerostack.ledger.state import CONTRACT_STATES, billing_view, contract_prices
@@ -447,6 +448,7 @@ def create_app(
 
         return StreamingResponse(stream(), media_type="text/event-stream")
 
+    mount_explorer(app, service)
     return app
 
 
