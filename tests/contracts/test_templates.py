@@ -75,7 +75,7 @@ def test_spread_over_farms_is_enforced() -> None:
 
 
 @pytest.mark.parametrize(("params", "message"), [
-    ({"size": "1G"}, "below the minimum 3G"),
+    ({"size": "1M"}, "below the minimum 3M"),
     ({"shards": "many"}, "not an integer"),
     ({"shards": "99"}, "above the maximum 16"),
     ({"colour": "red"}, "unknown parameter 'colour'"),

@@ -36,6 +36,14 @@ class Where:
 
 
 @dataclass(frozen=True)
+class GatewayPlan:
+    name: str
+    part: str
+    port: int
+    count: int
+
+
+@dataclass(frozen=True)
 class PartPlan:
     """One copy of a part: what one node will run for it."""
 
@@ -43,6 +51,8 @@ class PartPlan:
     index: int
     workloads: tuple[Workload, ...]
     where: Where
+    gateway: GatewayPlan | None = None
+    """A gateway copy: its proxy workload is made once the backends' addresses are known."""
 
     @property
     def key(self) -> str:
@@ -58,14 +68,6 @@ class NetworkPlan:
     name: str
     ip_range: str
     parts: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class GatewayPlan:
-    name: str
-    part: str
-    port: int
-    count: int
 
 
 @dataclass(frozen=True)
@@ -228,6 +230,9 @@ def expand(template: Template, given: Mapping[str, Any]) -> Plan:
                 _int(x.eval(g.count, names, (*gpath, "count")), "gateway count", 1, 8)))
         except TemplateError as exc:
             raise template.error(exc.message, gpath) from None
+        gw = gateways[-1]
+        for index in range(gw.count):
+            parts.append(PartPlan(f"gw-{i}", index, (), Where(public_ip=True), gw))
     try:
         min_nodes = _int(x.eval(spec.spread.nodes, names, ("spread", "nodes")),
                          "spread.nodes", 1, MAX_TOTAL_PARTS)

@@ -10,7 +10,12 @@ from zerostack.crypto.canonical import (
     hash_hex,
     hash_obj,
 )
-from zerostack.crypto.domains import Domain, approval_digest, delete_vote_digest
+from zerostack.crypto.domains import (
+    Domain,
+    approval_digest,
+    delete_vote_digest,
+    solution_digest,
+)
 from zerostack.crypto.envelope import envelope_recipients, open_envelope, seal_envelope
 from zerostack.crypto.identity import (
     CryptoError,
@@ -57,5 +62,6 @@ __all__ = [
     "save_identity",
     "seal_envelope",
     "seal_to",
+    "solution_digest",
     "verify",
 ]
