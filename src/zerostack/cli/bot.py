@@ -110,10 +110,18 @@ def _json_contract(bot: ThreeBot, c: dict[str, Any]) -> dict[str, Any]:
 
 
 def deploy(
-    file: Path = typer.Argument(..., help="Deployment YAML (workloads, optional metadata)."),
+    target: str = typer.Argument(..., metavar="FILE|TEMPLATE",
+                                 help="Deployment YAML (workloads, optional metadata), or a "
+                                      "template: a published name or hash, or a template "
+                                      "YAML file."),
+    param: list[str] = typer.Option([], "--param", "-p",
+                                    help="Template parameter KEY=VALUE (repeatable)."),
+    dry_run: bool = typer.Option(False, "--dry-run",
+                                 help="Template: print the plan and its price; create nothing."),
     node: int | None = typer.Option(None, "--node", help="Node id (default: one with room)."),
     stakeholder: list[str] = typer.Option([], "--stakeholder",
-                                          help="TWIN:WEIGHT[:required] (repeatable)."),
+                                          help="TWIN:WEIGHT[:required] (repeatable); for a "
+                                               "template ROLE=TWIN."),
     weight_required: int | None = typer.Option(None, "--weight-required",
                                                help="Approval weight the quorum needs."),
     wait: float = typer.Option(120.0, "--wait", help="Seconds to wait for the node (0: none)."),
@@ -124,9 +132,18 @@ def deploy(
     json_out: bool = JSON,
     ledger_key: str | None = LEDGER_KEY,
 ) -> None:
-    """Deploy workloads to a node under a signed contract, and wait for the node's report."""
+    """Deploy workloads to a node under a signed contract, and wait for the node's report;
+    or deploy a template (-p KEY=VALUE, --stakeholder ROLE=TWIN) as a solution of one
+    contract per node."""
     from zerostack.bot import load_deployment_file, quorum_progress
 
+    file = Path(target)
+    if param or dry_run or _is_template(file):
+        from zerostack.cli.templates import deploy_template
+
+        deploy_template(target, param, stakeholder, dry_run, wait, ledger, identity, json_out,
+                        ledger_key)
+        return
     with _session(ledger, identity, ledger_key) as bot:
         data = load_deployment_file(file)
         if update is not None:
@@ -159,6 +176,19 @@ def deploy(
             _print_result(bot, c)
         if c["state"] == "error":
             raise typer.Exit(1)
+
+
+def _is_template(path: Path) -> bool:
+    """A template target: not a file here (a published name or hash), or a YAML file
+    whose top level has `parts:` (a deployment file has `workloads:`)."""
+    if not path.is_file():
+        return path.suffix not in (".yaml", ".yml", ".json")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(256 * 1024)
+    except OSError:
+        return False
+    return any(line.startswith(b"parts:") for line in head.splitlines())
 
 
 def _show_review(summary: dict[str, Any]) -> None:

@@ -33,6 +33,8 @@ _ENTRIES: dict[str, tuple[str, str, str]] = {
     "payouts": ("billing", "payouts", "command"),
     "network": ("network", "app", "app"),
     "demo": ("demo", "demo", "command"),
+    "template": ("templates", "template_app", "app"),
+    "solution": ("templates", "solution_app", "app"),
 }
 
 
