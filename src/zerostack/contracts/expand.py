@@ -4,6 +4,7 @@ approve). Pure: no ledger, no I/O; every expression runs in the sandbox."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,6 +17,10 @@ from zerostack.contracts.sandbox import Sandbox
 from zerostack.contracts.template import Placement, Template
 from zerostack.workloads import ContainerWorkload, Resources, Workload, total_resources
 from zerostack.workloads.deployment import describe_validation_error
+from zerostack.workloads.types import NAME_PATTERN
+
+GATEWAY_NAME = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
+"""A gateway name as the ledger registers it."""
 
 MAX_COPIES = 64
 """Most copies of one part (and so most nodes one part may take)."""
@@ -214,16 +219,21 @@ def expand(template: Template, given: Mapping[str, Any]) -> Plan:
                 raise template.error(f"more than {MAX_TOTAL_PARTS} part copies", path)
     if not parts:
         raise template.error("the parameters give no part at all (every count is 0)", ("parts",))
-    networks = tuple(NetworkPlan(str(x.eval(n.name, names, ("networks", i, "name"))),
-                                 n.ip_range, tuple(n.parts))
-                     for i, n in enumerate(spec.networks))
+    networks = []
+    for i, n in enumerate(spec.networks):
+        nname = x.eval(n.name, names, ("networks", i, "name"))
+        if not (isinstance(nname, str) and re.fullmatch(NAME_PATTERN, nname)):
+            raise template.error(f"network name {str(nname)[:40]!r} must match {NAME_PATTERN}",
+                                 ("networks", i, "name"))
+        networks.append(NetworkPlan(nname, n.ip_range, tuple(n.parts)))
     gateways = []
     for i, g in enumerate(spec.gateways):
         gpath: tuple[str | int, ...] = ("gateways", i)
         try:
             gname = x.eval(g.name, names, (*gpath, "name"))
-            if not isinstance(gname, str):
-                raise TemplateError("gateway name must be text")
+            if not (isinstance(gname, str) and re.fullmatch(GATEWAY_NAME, gname)):
+                raise TemplateError(f"gateway name {str(gname)[:40]!r} must match "
+                                    f"{GATEWAY_NAME}")
             gateways.append(GatewayPlan(
                 gname, g.part,
                 _int(x.eval(g.port, names, (*gpath, "port")), "gateway port", 1, 65535),
@@ -244,7 +254,7 @@ def expand(template: Template, given: Mapping[str, Any]) -> Plan:
         raise template.error(exc.message, ("spread",)) from None
     return Plan(
         template=spec.name, version=spec.version, values=values, parts=tuple(parts),
-        networks=networks, gateways=tuple(gateways),
+        networks=tuple(networks), gateways=tuple(gateways),
         stakeholders=tuple(StakeholderRole(s.role, s.weight, s.required)
                            for s in spec.stakeholders),
         weight_required=spec.weight_required, min_nodes=min_nodes, min_farms=min_farms,

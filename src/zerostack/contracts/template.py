@@ -98,7 +98,7 @@ class Part(_Model):
 class NetworkSpec(_Model):
     """A user network joining the nodes of the named parts (one /24 per node)."""
 
-    name: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]{0,30}$")]
+    name: Expr
     ip_range: str = "10.60.0.0/16"
     parts: list[str] = Field(min_length=1)
 
