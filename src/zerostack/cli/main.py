@@ -35,6 +35,9 @@ _ENTRIES: dict[str, tuple[str, str, str]] = {
     "demo": ("demo", "demo", "command"),
     "template": ("templates", "template_app", "app"),
     "solution": ("templates", "solution_app", "app"),
+    "up": ("grid", "up", "command"),
+    "down": ("grid", "down", "command"),
+    "grid": ("grid", "app", "app"),
 }
 
 

@@ -1,0 +1,76 @@
+"""`zerostack up` / `grid status` / `down`: a standing grid with the example image, the
+batch-job template run to completion on it by a user, and everything removed after."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+from tests.conftest import REPO, free_port, require_root, require_tool, zerostack_cmd
+
+
+def run(home: Path | None, url: str | None, *args: str,
+        ok: bool = True) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "COLUMNS": "200"}
+    if home is not None:
+        env["ZEROSTACK_HOME"] = str(home)
+    if url is not None:
+        env["ZEROSTACK_LEDGER"] = url
+    proc = subprocess.run([*zerostack_cmd(), *args], env=env, capture_output=True, text=True,
+                          timeout=240)
+    if ok:
+        assert proc.returncode == 0, proc.stderr + proc.stdout
+    return proc
+
+
+def grid_processes(folder: Path) -> list[str]:
+    out = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    return [line for line in out.splitlines() if str(folder) in line]
+
+
+def test_up_runs_a_batch_job_and_down_removes_everything(tmp_path: Path) -> None:
+    require_root()
+    for tool in ("runc", "busybox"):
+        require_tool(tool)
+    folder = tmp_path / "grid"
+    try:
+        rec = json.loads(run(None, None, "up", "--dir", str(folder), "--nodes", "2",
+                             "--loopback", "--ledger-port", str(free_port()),
+                             "--zdb-port", str(free_port()), "--hub-port", str(free_port()),
+                             "--json").stdout)
+        home, url = Path(rec["home"]), rec["url"]
+        assert sorted(rec["twins"]) == ["alice", "budget", "expert", "legal"]
+        status = json.loads(run(None, None, "grid", "status", "--dir", str(folder),
+                                "--json").stdout)
+        assert sorted(n["location"]["country"] for n in status["nodes"]) == ["BE", "CH"]
+        assert (folder / "up.json").stat().st_mode & 0o777 == 0o600
+
+        run(home, url, "template", "publish",
+            str(REPO / "examples" / "templates" / "batch-job.yaml"), "-i", "expert")
+        st = json.loads(run(home, url, "deploy", "batch-job", "-p", f"image={rec['image']}",
+                            "-p", "command=wc -c /etc/passwd", "-p", "country=CH",
+                            "-i", "alice", "--json").stdout)
+        (part,) = st["parts"]
+        assert part["state"] == "deployed"
+        ch = next(n["id"] for n in status["nodes"] if n["location"]["country"] == "CH")
+        assert part["node"] == ch
+        deadline = time.monotonic() + 60
+        while True:  # the node reports again once the job has finished
+            job = next(w for w in part["workloads"] if w["name"] == "job")
+            if "exited" in job["message"] or time.monotonic() > deadline:
+                break
+            time.sleep(1)
+            part = json.loads(run(home, url, "solution", "status", str(st["id"]), "--json",
+                                  "-i", "alice").stdout)["parts"][0]
+        assert job["state"] == "ok" and "exited with 0" in job["message"], job
+        shown = run(None, None, "grid", "status", "--dir", str(folder)).stdout
+        assert "batch-job 1.0" in shown and "deployed" in shown
+        run(home, url, "solution", "cancel", str(st["id"]), "-i", "alice")
+    finally:
+        if folder.exists():
+            run(None, None, "down", "--dir", str(folder), ok=False)
+    assert not folder.exists()
+    assert grid_processes(folder) == []
