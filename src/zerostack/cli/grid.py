@@ -8,11 +8,15 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from zerostack.cli.output import console, fail, print_json, print_table, styled
+
+if TYPE_CHECKING:
+    from zerostack.crypto import Identity
+    from zerostack.grid import LocalGrid
 
 app = typer.Typer(help="The local grid `zerostack up` started.", no_args_is_help=True,
                   rich_markup_mode=None)
@@ -34,6 +38,25 @@ def _record(directory: Path) -> dict[str, Any]:
     return data
 
 
+def bring_up(grid: LocalGrid, nodes: int,
+             hub_port: int) -> tuple[str, str, Identity, dict[str, int]]:
+    """Start the ledger, the hub with the example image and `nodes` nodes on `grid`;
+    register the demo identities. Returns (hub, image reference, publisher, twins)."""
+    from zerostack.grid.images import publish_example
+
+    client = grid.start_ledger()
+    hub = grid.start_hub(hub_port)
+    publisher = grid.identity("publisher")
+    with grid.on_wan():
+        image = publish_example(grid.root / "image", hub, publisher)
+    for i in range(nodes):
+        site = i % 2
+        grid.start_node(client, f"node{i + 1}", "--hub", hub, "--flist-publisher",
+                        publisher.public_hex, "--country", COUNTRIES[site], site=site)
+    twins = {name: client.register_twin(grid.identity(name)) for name in IDENTITIES}
+    return hub, image, publisher, twins
+
+
 def up(
     directory: Path = DIR,
     nodes: int = typer.Option(3, "--nodes", min=1, max=16, help="How many node agents."),
@@ -48,9 +71,9 @@ def up(
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Start a local grid and leave it running: ledger, hub, nodes, demo identities."""
-    from zerostack.crypto import Identity
+    from zerostack.flist import FlistError
     from zerostack.grid import GridError, LocalGrid
-    from zerostack.grid.images import publish_example
+    from zerostack.ledger import LedgerError
 
     if gateways:
         fail("gateway nodes come with the Zero-GW work: run `zerostack up` with --gateways 0")
@@ -65,20 +88,8 @@ def up(
                      netns=netns)
     try:
         grid.reset()
-        client = grid.start_ledger()
-        hub = grid.start_hub(hub_port)
-        publisher = grid.identity("publisher")
-        with grid.on_wan():
-            image = publish_example(grid.root / "image", hub, publisher)
-        for i in range(nodes):
-            site = i % 2
-            grid.start_node(client, f"node{i + 1}", "--hub", hub, "--flist-publisher",
-                            publisher.public_hex, "--country", COUNTRIES[site], site=site)
-        twins = {}
-        for name in IDENTITIES:
-            ident: Identity = grid.identity(name)
-            twins[name] = client.register_twin(ident)
-    except GridError as exc:
+        hub, image, publisher, twins = bring_up(grid, nodes, hub_port)
+    except (GridError, FlistError, LedgerError, OSError) as exc:
         try:
             grid.stop()
         except GridError:

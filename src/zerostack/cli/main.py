@@ -38,6 +38,7 @@ _ENTRIES: dict[str, tuple[str, str, str]] = {
     "up": ("grid", "up", "command"),
     "down": ("grid", "down", "command"),
     "grid": ("grid", "app", "app"),
+    "story": ("story", "story", "command"),
 }
 
 
