@@ -85,3 +85,24 @@ def test_dry_run_prints_the_plan_and_creates_nothing(procs: ProcessGroup,
              "-p", "cpu=64", "-i", "alice", ok=False)
     assert bad.returncode == 1 and "above the maximum 32" in bad.stderr
     assert grid.client.contracts() == [] and grid.client.solutions() == []
+
+
+def test_a_tampered_template_is_refused(procs: ProcessGroup, tmp_path: Path) -> None:
+    """The user's side re-hashes what the ledger serves: a body that is not what was
+    published (a ledger that swapped it) is refused, by name and by hash."""
+    grid = Grid(procs, tmp_path)
+    expert, _ = grid.user()
+    user, _ = grid.user()
+    with grid.bot(expert) as bot:
+        digest = sol.publish(bot, load_text((TEMPLATES / "archive.yaml").read_text()))
+    with grid.bot(user) as bot:
+        assert sol.load_template(bot, digest)[1] == digest
+        served = bot.ledger.template(digest)
+        assert served is not None
+        body = {**served["body"], "spread": {"nodes": 1}}
+        swapped = {**served, "body": body}
+        bot.ledger.template = lambda _h: swapped  # type: ignore[method-assign]
+        bot.ledger.templates = lambda **_kw: [swapped]  # type: ignore[method-assign]
+        for ref in (digest, "archive"):
+            with pytest.raises(BotError, match="tampered"):
+                sol.load_template(bot, ref)
