@@ -57,18 +57,21 @@ def test_up_runs_a_batch_job_and_down_removes_everything(tmp_path: Path) -> None
         assert part["state"] == "deployed"
         ch = next(n["id"] for n in status["nodes"] if n["location"]["country"] == "CH")
         assert part["node"] == ch
-        deadline = time.monotonic() + 60
-        while True:  # the node reports again once the job has finished
-            job = next(w for w in part["workloads"] if w["name"] == "job")
-            if "exited" in job["message"] or time.monotonic() > deadline:
-                break
-            time.sleep(1)
-            part = json.loads(run(home, url, "solution", "status", str(st["id"]), "--json",
-                                  "-i", "alice").stdout)["parts"][0]
-        assert job["state"] == "ok" and "exited with 0" in job["message"], job
         shown = run(None, None, "grid", "status", "--dir", str(folder)).stdout
-        assert "batch-job 1.0" in shown and "deployed" in shown
-        run(home, url, "solution", "cancel", str(st["id"]), "-i", "alice")
+        assert "batch-job 1.0" in shown
+        # the job runs to completion, then its solution is cancelled: everything released
+        done = json.loads(run(home, url, "solution", "wait", str(st["id"]), "--release",
+                              "--timeout", "90", "--json", "-i", "alice").stdout)
+        assert done["jobs"] == {"job": "exited with 0"}
+        deadline = time.monotonic() + 60
+        while json.loads(run(home, url, "status", str(part["contract"]), "--json",
+                             "-i", "alice").stdout)["state"] != "deleted":
+            assert time.monotonic() < deadline, "the job's contract was not removed"
+            time.sleep(1)
+        free = json.loads(run(None, None, "grid", "status", "--dir", str(folder),
+                              "--json").stdout)
+        node = next(n for n in free["nodes"] if n["id"] == ch)
+        assert node["reserved"]["cru"] == 0 and node["reserved"]["hru"] == 0
     finally:
         if folder.exists():
             run(None, None, "down", "--dir", str(folder), ok=False)

@@ -440,3 +440,61 @@ def publish(bot: ThreeBot, template: Template) -> str:
     return bot.ledger.publish_template(bot.identity, template.spec.name, template.body,
                                        version=template.spec.version,
                                        description=template.spec.description[:1024])
+
+
+def _jobs(bot: ThreeBot, sid: int) -> dict[int, set[str]]:
+    """The run-to-completion containers (restart: never) of each part, by contract, read
+    from the deployments sealed to this owner."""
+    sol = bot.ledger.solution(sid)
+    if sol is None:
+        raise BotError(f"solution {sid} does not exist")
+    out: dict[int, set[str]] = {}
+    for p in sol["parts"]:
+        c = bot.contract(int(p["contract"]))
+        try:
+            dep = open_instructions(bot.identity, c["instructions"]).deployment
+        except WorkloadError as exc:
+            raise BotError(f"cannot read part contract {c['id']}: {exc}") from exc
+        out[int(c["id"])] = {w.name for w in dep.workloads
+                             if isinstance(w, ContainerWorkload) and w.restart == "never"}
+    return out
+
+
+def job_results(st: Mapping[str, Any], jobs: Mapping[int, set[str]]) -> dict[str, str] | None:
+    """Each job's final message once every one has ended ("exited with 0", or the node's
+    reason), else None. A part in error ends its jobs too."""
+    results = {}
+    for p in st["parts"]:
+        names = jobs.get(int(p["contract"]), set())
+        reported = {w["name"]: w for w in p["workloads"]}
+        for name in names:
+            w = reported.get(name)
+            if p["state"] == "error":
+                results[name] = (w or {}).get("message") or p["error"] or "part failed"
+            elif w is None or not (w["state"] == "error" or "exited" in w.get("message", "")):
+                return None
+            else:
+                results[name] = str(w.get("message", ""))
+    return results
+
+
+@_as_bot_error
+def wait_jobs(bot: ThreeBot, sid: int, timeout: float, release: bool) -> dict[str, str]:
+    """Wait until every run-to-completion container of the solution has ended; with
+    `release`, then cancel every part so the nodes free what it held."""
+    import time as _time
+
+    jobs = _jobs(bot, sid)
+    if not any(jobs.values()):
+        raise BotError(f"solution {sid} has no run-to-completion container (restart: never)")
+    deadline = _time.monotonic() + timeout
+    while True:
+        results = job_results(status(bot, sid), jobs)
+        if results is not None:
+            break
+        if _time.monotonic() > deadline:
+            raise BotError(f"the jobs of solution {sid} are still running after {timeout:.0f}s")
+        _time.sleep(0.5)
+    if release:
+        cancel(bot, sid)
+    return results

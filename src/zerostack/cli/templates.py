@@ -375,6 +375,34 @@ def retry(solution: int = typer.Argument(..., help="Solution id."),
                       highlight=False)
 
 
+@solution_app.command("wait")
+def wait(solution: int = typer.Argument(..., help="Solution id."),
+         release: bool = typer.Option(False, "--release",
+                                      help="Then cancel the solution: its nodes free "
+                                           "everything it held."),
+         timeout: float = typer.Option(600.0, "--timeout", help="Seconds to wait."),
+         ledger: str = LEDGER, identity: str = IDENTITY, json_out: bool = JSON,
+         ledger_key: str | None = LEDGER_KEY) -> None:
+    """Wait for the solution's run-to-completion containers (restart: never) to end,
+    print how each ended, and with --release cancel the solution."""
+    from zerostack.bot import solutions
+
+    with _session(ledger, identity, ledger_key) as bot:
+        with console.status("waiting for the jobs…"):
+            results = solutions.wait_jobs(bot, solution, timeout, release)
+    failed = [n for n, m in results.items() if m != "exited with 0"]
+    if json_out:
+        print_json({"solution": solution, "jobs": results, "released": release})
+    else:
+        for name, message in sorted(results.items()):
+            console.print(f"job {name}: {message}", highlight=False)
+        if release:
+            console.print(f"solution {solution} cancelled: its resources are released",
+                          highlight=False)
+    if failed:
+        raise typer.Exit(1)
+
+
 @solution_app.command("list")
 def list_solutions(ledger: str = LEDGER, identity: str = IDENTITY, json_out: bool = JSON,
                    ledger_key: str | None = LEDGER_KEY) -> None:
