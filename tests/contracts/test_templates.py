@@ -177,3 +177,37 @@ def test_arbitrary_parameter_text_never_escapes_the_error_type(value: str) -> No
             expand(t, {name: value})
         except TemplateError:
             pass
+
+
+offer_lists = st.lists(
+    st.builds(lambda i, farm, country, hdd, cru, public: (i, farm, country, hdd, cru, public),
+              st.integers(1, 10_000), st.integers(1, 4), st.sampled_from(["BE", "CH"]),
+              st.integers(0, 40), st.integers(0, 4), st.booleans()),
+    max_size=12, unique_by=lambda t: t[0])
+
+
+@settings(max_examples=150, deadline=None)
+@given(offers=offer_lists, shards=st.integers(3, 6), size_gib=st.integers(3, 60),
+       country=st.sampled_from(["BE", "CH"]))
+def test_placement_either_meets_every_rule_or_says_which_fails(
+        offers: list[tuple[int, int, str, int, int, bool]], shards: int, size_gib: int,
+        country: str) -> None:
+    plan = expand(load_text(example("archive")),
+                  {"size": f"{size_gib}G", "shards": str(shards), "country": country})
+    nodes = [NodeOffer(i, farm, c, Resources(cru, 0, 0, hdd * GiB),
+                       Resources(cru, 0, 0, hdd * GiB), public)
+             for i, farm, c, hdd, cru, public in offers]
+    try:
+        placed = place(plan, nodes)
+    except PlacementError as exc:
+        assert str(exc).startswith(("no ", "the template asks"))
+        return
+    by_id = {n.id: n for n in nodes}
+    assert set(placed.nodes) == {p.key for p in plan.parts}
+    assert len(set(placed.nodes.values())) == shards  # distinct copies
+    used: dict[int, int] = {}
+    for p in plan.parts:
+        node = by_id[placed.nodes[p.key]]
+        assert node.country == country and node.capacity.hru > 0
+        used[node.id] = used.get(node.id, 0) + p.resources.hru
+    assert all(used[n] <= by_id[n].free.hru for n in used)
