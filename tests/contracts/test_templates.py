@@ -211,3 +211,14 @@ def test_placement_either_meets_every_rule_or_says_which_fails(
         assert node.country == country and node.capacity.hru > 0
         used[node.id] = used.get(node.id, 0) + p.resources.hru
     assert all(used[n] <= by_id[n].free.hru for n in used)
+
+
+@pytest.mark.parametrize("expr", [
+    "{{ [['x' * 60000] * 1] * 60000 }}",
+    "{{ ([[1] * 60000] * 2) | string }}",
+    "{{ ('x' * 60000) | replace('x', 'yyyyyyyy') }}",
+    "{{ ['a' * 30000, 'b' * 30000, 'c' * 30000] }}",
+])
+def test_nested_and_multiplying_values_are_bounded_before_they_grow(expr: str) -> None:
+    with pytest.raises(TemplateError, match="more than"):
+        Sandbox().evaluate(expr, {})

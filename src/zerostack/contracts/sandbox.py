@@ -46,10 +46,33 @@ _FILTERS = ("abs", "capitalize", "default", "first", "int", "join", "last", "len
             "select", "reject", "map")
 
 
+def _weight(value: Any, limit: int = MAX_VALUE) -> int:
+    """Characters and items in `value`, nested ones included (a list repeated inside a
+    list counts every time); stops counting past `limit`."""
+    total = 0
+    todo = [value]
+    while todo:
+        v = todo.pop()
+        if isinstance(v, str):
+            total += len(v)
+        elif isinstance(v, dict):
+            total += len(v)
+            todo.extend(v.keys())
+            todo.extend(v.values())
+        elif isinstance(v, (list, tuple)):
+            total += len(v)
+            todo.extend(v)
+        else:
+            total += 1
+        if total > limit:
+            return total
+    return total
+
+
 def _check_size(value: Any) -> Any:
-    if isinstance(value, (str, list, tuple, dict)) and len(value) > MAX_VALUE:
-        raise TemplateError(f"an expression made a value of {len(value)} items or characters "
-                            f"(at most {MAX_VALUE})")
+    if isinstance(value, (str, list, tuple, dict)) and _weight(value) > MAX_VALUE:
+        raise TemplateError(f"an expression made a value of more than {MAX_VALUE} items "
+                            "or characters")
     if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_INT:
         raise TemplateError(f"an expression made the integer {str(value)[:30]}…, past 2^53 - 1")
     return value
@@ -84,6 +107,7 @@ class _Env(SandboxedEnvironment):
         # every filter wrapped so that what it returns is bounded too
         allowed = {n: self.filters[n] for n in _FILTERS}
         self.filters = {n: _bounded(f) for n, f in allowed.items()}
+        self.filters["replace"] = _bounded(_replace)
         self.filters["size"] = _size
         self.filters["gib"] = _gib
         self.tests = {n: self.tests[n] for n in ("defined", "undefined", "none", "number",
@@ -112,7 +136,7 @@ class _Env(SandboxedEnvironment):
         if operator == "*":
             for a, b in ((left, right), (right, left)):
                 if isinstance(a, (str, list, tuple)) and isinstance(b, int) \
-                        and len(a) * b > MAX_VALUE:
+                        and _weight(a) * b > MAX_VALUE:
                     raise TemplateError(f"repetition would make more than {MAX_VALUE} items")
         if operator == "%" and isinstance(left, str):
             raise TemplateError("% formatting of text is not allowed: use ~ to join text")
@@ -129,6 +153,17 @@ def _bounded(fn: Callable[..., Any]) -> Callable[..., Any]:
         if hasattr(fn, attr):
             setattr(wrapper, attr, getattr(fn, attr))
     return wrapper
+
+
+def _replace(value: Any, old: Any, new: Any, count: int | None = None) -> str:
+    """`replace`, refused before it runs when its result would be too long."""
+    text, old, new = str(value), str(old), str(new)
+    hits = text.count(old) if old else len(text) + 1
+    if count is not None:
+        hits = min(hits, max(count, 0))
+    if len(text) + hits * max(0, len(new) - len(old)) > MAX_VALUE:
+        raise TemplateError(f"replace would make more than {MAX_VALUE} characters")
+    return text.replace(old, new, -1 if count is None else count)
 
 
 def _take(it: Iterator[Any]) -> Iterator[Any]:
