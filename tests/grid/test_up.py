@@ -10,6 +10,9 @@ import time
 from pathlib import Path
 
 from tests.conftest import REPO, free_port, require_root, require_tool, zerostack_cmd
+from zerostack.crypto import load_identity
+from zerostack.node.network.plan import resource_names
+from zerostack.node.provisioners import WorkloadID
 
 
 def run(home: Path | None, url: str | None, *args: str,
@@ -33,7 +36,7 @@ def grid_processes(folder: Path) -> list[str]:
 
 def test_up_runs_a_batch_job_and_down_removes_everything(tmp_path: Path) -> None:
     require_root()
-    for tool in ("runc", "busybox"):
+    for tool in ("runc", "busybox", "wireguard-go"):
         require_tool(tool)
     folder = tmp_path / "grid"
     try:
@@ -72,6 +75,30 @@ def test_up_runs_a_batch_job_and_down_removes_everything(tmp_path: Path) -> None
                               "--json").stdout)
         node = next(n for n in free["nodes"] if n["id"] == ch)
         assert node["reserved"]["cru"] == 0 and node["reserved"]["hru"] == 0
+
+        # webapp without gateways: its container, namespace and network, and its page
+        # served on the user network
+        run(home, url, "template", "publish",
+            str(REPO / "examples" / "templates" / "webapp.yaml"), "-i", "expert")
+        st = json.loads(run(home, url, "deploy", "webapp", "-p", f"image={rec['image']}",
+                            "-p", "gateways=0", "-p", "name=shop", "-i", "alice",
+                            "--json").stdout)
+        (part,) = st["parts"]
+        assert part["state"] == "deployed", part
+        assert {w["name"]: w["state"] for w in part["workloads"]} == {
+            "shop-web": "ok", "shop-data": "ok", "shop-net": "ok"}
+        web = next(w for w in part["workloads"] if w["name"] == "shop-web")
+        node_dir = folder / next(n["name"] for n in rec["nodes"] if n["node"] == part["node"])
+        ns = resource_names(load_identity(node_dir / "identity.key").public_hex,
+                            WorkloadID(int(part["contract"]), "shop-net")).namespace
+        page = ""
+        deadline = time.monotonic() + 30
+        while "hello from shop" not in page and time.monotonic() < deadline:
+            page = subprocess.run(["ip", "netns", "exec", ns, "busybox", "wget", "-q", "-O",
+                                   "-", f"http://{web['data']['ip']}:8080/"],
+                                  capture_output=True, text=True, timeout=30).stdout
+        assert "hello from shop" in page
+        run(home, url, "solution", "cancel", str(st["id"]), "-i", "alice")
     finally:
         if folder.exists():
             run(None, None, "down", "--dir", str(folder), ok=False)

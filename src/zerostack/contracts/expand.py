@@ -237,7 +237,7 @@ def expand(template: Template, given: Mapping[str, Any]) -> Plan:
             gateways.append(GatewayPlan(
                 gname, g.part,
                 _int(x.eval(g.port, names, (*gpath, "port")), "gateway port", 1, 65535),
-                _int(x.eval(g.count, names, (*gpath, "count")), "gateway count", 1, 8)))
+                _int(x.eval(g.count, names, (*gpath, "count")), "gateway count", 0, 8)))
         except TemplateError as exc:
             raise template.error(exc.message, gpath) from None
         gw = gateways[-1]
