@@ -80,3 +80,39 @@ def test_solution_is_approved_once_per_stakeholder_and_runs_everywhere(
         sol.cancel(bot, new)
     for cid in [*cids, part["contract"]]:
         assert grid.wait_contract(cid, {"deleted"})["state"] == "deleted"
+
+
+JOB = """
+name: big-job
+version: "1"
+parts:
+  - name: job
+    workloads:
+      - type: container
+        name: job
+        flist: hub/0123
+        memory: 900M
+        disk: 64M
+"""
+
+
+def test_a_refused_part_is_reported_with_the_nodes_reason_and_moved(
+        procs: ProcessGroup, tmp_path: Path) -> None:
+    """The ledger sees 1 GiB on the first node; the node itself keeps 256 MiB back and
+    refuses a 900 MiB container. The user sees why and moves that part elsewhere."""
+    grid = Grid(procs, tmp_path)
+    small = grid.ready_node("small", "--dry", "--memory", "1G")[3]
+    big = grid.ready_node("big", "--dry", "--memory", "4G")[3]
+    user, _ = grid.user()
+    with grid.bot(user) as bot:
+        sid = sol.create(bot, sol.draft(bot, load_text(JOB), {}))
+        (part,) = sol.status(bot, sid)["parts"]
+        assert part["node"] == small
+        grid.wait_contract(part["contract"], {"error"})
+        (part,) = sol.status(bot, sid)["parts"]
+        assert part["state"] == "error" and "over capacity" in part["error"], part
+        new = sol.retry(bot, sid, part["contract"])
+        (moved,) = sol.status(bot, new)["parts"]
+        assert moved["node"] == big
+        assert grid.wait_contract(moved["contract"], {"deployed"})["state"] == "deployed"
+        assert grid.wait_contract(part["contract"], {"deleted"})["state"] == "deleted"
