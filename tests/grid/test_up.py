@@ -98,6 +98,9 @@ def test_up_runs_a_batch_job_and_down_removes_everything(tmp_path: Path) -> None
                                    "-", f"http://{web['data']['ip']}:8080/"],
                                   capture_output=True, text=True, timeout=30).stdout
         assert "hello from shop" in page
+        # the user's machine can join the solution's network: its access configuration
+        config = run(home, url, "network", "access", "shop-net", "-i", "alice").stdout
+        assert "[Interface]" in config and "AllowedIPs = 10.60.0.0/16" in config
         run(home, url, "solution", "cancel", str(st["id"]), "-i", "alice")
     finally:
         if folder.exists():

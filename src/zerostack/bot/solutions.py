@@ -54,6 +54,8 @@ class Draft:
     deployments: dict[int, Deployment] = field(default_factory=dict)
     parts_on: dict[int, list[str]] = field(default_factory=dict)
     names: list[str] = field(default_factory=list)
+    networks: dict[str, tuple[str, dict[int, tuple[str, str]]]] = field(default_factory=dict)
+    """Each user network: its range and, by node, (its /24, its public address or "")."""
 
     def summary(self) -> dict[str, Any]:
         nodes = []
@@ -206,6 +208,7 @@ def draft(bot: ThreeBot, template: Template, params: Mapping[str, Any],
     for v in bot.ledger.nodes(status="up", limit=MAX_NODES_LISTED):
         endpoints[int(v["id"])] = str(v.get("endpoint") or "")
     addresses: dict[str, dict[str, str]] = {}
+    layouts: dict[str, tuple[str, dict[int, tuple[str, str]]]] = {}
     for net in plan.networks:
         members = sorted({nid for key, nid in placed.nodes.items()
                           if _joins(by_key[key], net.parts)})
@@ -219,6 +222,7 @@ def draft(bot: ThreeBot, template: Template, params: Mapping[str, Any],
             raise BotError(f"network {net.name}: {exc}") from exc
         for nid in members:
             deps[nid]["workloads"].append(wls[nid])
+        layouts[net.name] = (net.ip_range, {m.node_id: (m.subnet, m.endpoint) for m in mesh})
         hosts = {nid: [w.name for k in parts_on[nid] for w in by_key[k].workloads
                        if by_key[k].part in net.parts and isinstance(w, ContainerWorkload)]
                  for nid in members}
@@ -249,7 +253,7 @@ def draft(bot: ThreeBot, template: Template, params: Mapping[str, Any],
             built[nid] = Deployment.parse(data)
         except WorkloadError as exc:
             raise BotError(f"node {nid}: {exc}") from exc
-    return Draft(template, template_hash, plan, placed, built, parts_on, names)
+    return Draft(template, template_hash, plan, placed, built, parts_on, names, layouts)
 
 
 def _host(endpoint: str) -> str:

@@ -226,6 +226,7 @@ def deploy_template(target: str, param: list[str], stakeholder: list[str], dry_r
         if not json_out:
             console.print(styled("solution ", (sid, "bold"), f": {len(st['parts'])} contracts "
                                  "created and approved by you"), highlight=False)
+        _adopt_networks(d, st, json_out)
         if st["waiting_for"]:
             if json_out:
                 print_json(st)
@@ -242,6 +243,26 @@ def deploy_template(target: str, param: list[str], stakeholder: list[str], dry_r
             print_result(st)
         if any(p["state"] == "error" for p in st["parts"]):
             raise typer.Exit(1)
+
+
+def _adopt_networks(d: Draft, st: dict[str, Any], quiet: bool) -> None:
+    """Record the solution's user networks on this machine, so that `zerostack network
+    access NAME` can add it to them."""
+    from zerostack.bot import networks
+    from zerostack.cli.identity import zerostack_home
+
+    contract_on = {int(p["node"]): int(p["contract"]) for p in st["parts"]}
+    for name, (ip_range, layout) in d.networks.items():
+        nodes = {nid: (subnet, endpoint, contract_on[nid])
+                 for nid, (subnet, endpoint) in layout.items()}
+        if networks.adopt(zerostack_home(), name, ip_range, nodes):
+            if not quiet:
+                console.print(f"network {name}: `zerostack network access {name}` adds this "
+                              "machine and prints its WireGuard configuration",
+                              highlight=False)
+        elif not quiet:
+            console.print(f"network {name}: you already have a network of that name here; "
+                          "this one is not recorded", highlight=False)
 
 
 def follow(bot: ThreeBot, sid: int, timeout: float, quiet: bool = False) -> dict[str, Any]:
