@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml setup.py constraints.txt build-constraints.txt src/zero
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/zerostack demo
+	$(BIN)/zerostack story
 
 test: $(STAMP)
 	$(BIN)/ruff check src tests bench

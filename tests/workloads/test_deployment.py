@@ -282,3 +282,39 @@ def test_container_writable_layer_counts_as_ssd_capacity() -> None:
         f"sru: needs {need.sru}, {2 << 30} free")
     with pytest.raises(ValidationError):
         ContainerWorkload(name="c", flist="hub://x", disk="1M")
+
+
+def test_solution_approvals_are_checked_by_the_node_alone() -> None:
+    """What a node checks of a solution: its own part among the parts, each signature a
+    solution approval of exactly those parts by a key its deployment names, the quorum."""
+    from zerostack.crypto import solution_digest
+
+    d = dep([zdb("db")], requests=[{"twin": 2, "weight": 1, "required": True}], weight=2)
+    mine = (7, 1, 5, d.hash())
+    parts = [(6, 1, 4, "ab" * 32), mine]
+    where = {"contract": 7, "version": 1, "node": 5}
+
+    def sign(t: int, over: list[tuple[int, int, int, str]] = parts, sid: int = 3) -> str:
+        return IDS[t].sign(Domain.SOLUTION_APPROVAL, solution_digest(sid, over)).hex()
+
+    good = {1: sign(1), 2: sign(2)}
+    assert d.verify_solution_signatures(good, solution=3, parts=parts, **where) == {1, 2}
+    with pytest.raises(WorkloadError, match="required"):
+        d.verify_solution_signatures({1: sign(1)}, solution=3, parts=parts, **where)
+    # this node's part is not in the list the signatures cover
+    with pytest.raises(WorkloadError, match="does not list"):
+        d.verify_solution_signatures(good, solution=3, parts=parts[:1], **where)
+    with pytest.raises(WorkloadError, match="does not list"):
+        d.verify_solution_signatures(good, solution=3, parts=parts,
+                                     **{**where, "node": 6})
+    # signed over other parts, another solution, by a stranger, or as a plain approval
+    for bad in (sign(2, parts[1:]), sign(2, sid=4), sign(3),
+                d.approve(IDS[2], contract=7, version=1, node=5)):
+        with pytest.raises(WorkloadError, match=r"does not verify|does not name"):
+            d.verify_solution_signatures({1: sign(1), 2: bad}, solution=3, parts=parts,
+                                         **where)
+    with pytest.raises(WorkloadError, match="does not name"):
+        d.verify_solution_signatures({**good, 3: sign(3)}, solution=3, parts=parts, **where)
+    # and a solution approval is no per-contract approval
+    with pytest.raises(WorkloadError, match="does not verify"):
+        d.verify_signatures(good, **where)

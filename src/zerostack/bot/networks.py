@@ -100,6 +100,21 @@ def create(bot: ThreeBot, home: Path, name: str, node_ids: list[int],
     return record
 
 
+def adopt(home: Path, name: str, ip_range: str,
+          nodes: Mapping[int, tuple[str, str, int]], port: int = DEFAULT_PORT) -> bool:
+    """Record a network a solution made (node -> (its /24, its public address, the
+    contract holding the network)), so `network access`, `extend` and `remove` work on
+    it; False when this user already has a network of that name (left as it is)."""
+    if _path(home, name).exists():
+        return False
+    record: dict[str, Any] = {"name": name, "range": ip_range, "port": port, "users": [],
+                              "nodes": {str(nid): {"subnet": subnet, "endpoint": endpoint,
+                                                   "contract": cid}
+                                        for nid, (subnet, endpoint, cid) in nodes.items()}}
+    _save(home, name, record)
+    return True
+
+
 def _current(bot: ThreeBot, cid: int) -> Deployment:
     c = bot.contract(cid)
     try:

@@ -110,17 +110,24 @@ def _json_contract(bot: ThreeBot, c: dict[str, Any]) -> dict[str, Any]:
 
 
 def deploy(
-    file: Path = typer.Argument(..., help="Deployment YAML (workloads, optional metadata)."),
+    target: str = typer.Argument(..., metavar="FILE|TEMPLATE",
+                                 help="Deployment YAML (workloads, optional metadata), or a "
+                                      "template: a published name or hash, or a template "
+                                      "YAML file."),
+    param: list[str] = typer.Option([], "--param", "-p",
+                                    help="Template parameter KEY=VALUE (repeatable)."),
     node: int | None = typer.Option(None, "--node", help="Node id (default: one with room)."),
     stakeholder: list[str] = typer.Option([], "--stakeholder",
-                                          help="TWIN:WEIGHT[:required] (repeatable)."),
+                                          help="TWIN:WEIGHT[:required] (repeatable); for a "
+                                               "template ROLE=TWIN."),
     weight_required: int | None = typer.Option(None, "--weight-required",
                                                help="Approval weight the quorum needs."),
     wait: float = typer.Option(120.0, "--wait", help="Seconds to wait for the node (0: none)."),
     update: int | None = typer.Option(None, "--update", metavar="CONTRACT",
                                       help="Deploy FILE as the next version of CONTRACT."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Show the node it would go to "
-                                 "and what it would cost per hour and month; deploy nothing."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Show the node(s) it would go to "
+                                 "and what it would cost per hour and month (a template: "
+                                 "its whole plan); deploy nothing."),
     max_cost: int | None = typer.Option(None, "--max-cost", min=1, help="The most it may "
                                         "cost per month, in base units (also `max_cost:` in "
                                         "the file): the cheapest node within it is chosen."),
@@ -129,10 +136,18 @@ def deploy(
     json_out: bool = JSON,
     ledger_key: str | None = LEDGER_KEY,
 ) -> None:
-    """Deploy workloads to a node under a signed contract, and wait for the node's report.
-    Without --node, the cheapest node that is up and has room is chosen."""
+    """Deploy workloads to a node under a signed contract, and wait for the node's report
+    (without --node, the cheapest node that is up and has room is chosen); or deploy a
+    template (-p KEY=VALUE, --stakeholder ROLE=TWIN) as a solution of one contract per node."""
     from zerostack.bot import load_deployment_file, quorum_progress
 
+    file = Path(target)
+    if param or _is_template(file):
+        from zerostack.cli.templates import deploy_template
+
+        deploy_template(target, param, stakeholder, dry_run, wait, ledger, identity, json_out,
+                        ledger_key)
+        return
     with _session(ledger, identity, ledger_key) as bot:
         data, cap = _max_cost(load_deployment_file(file), max_cost)
         if dry_run:
@@ -229,6 +244,19 @@ def _dry_run(bot: ThreeBot, data: dict[str, Any], node: int | None, cap: int | N
     console.print(f"total: {result['total_per_hour']} per hour, {result['total_per_month']} "
                   f"per month ({HOURS_PER_MONTH} h), plus {result['traffic_per_gib']} per GiB "
                   "of traffic; nothing was deployed", highlight=False)
+
+
+def _is_template(path: Path) -> bool:
+    """A template target: not a file here (a published name or hash), or a YAML file
+    whose top level has `parts:` (a deployment file has `workloads:`)."""
+    if not path.is_file():
+        return path.suffix not in (".yaml", ".yml", ".json")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(256 * 1024)
+    except OSError:
+        return False
+    return any(line.startswith(b"parts:") for line in head.splitlines())
 
 
 def _show_review(summary: dict[str, Any]) -> None:

@@ -33,6 +33,12 @@ _ENTRIES: dict[str, tuple[str, str, str]] = {
     "payouts": ("billing", "payouts", "command"),
     "network": ("network", "app", "app"),
     "demo": ("demo", "demo", "command"),
+    "template": ("templates", "template_app", "app"),
+    "solution": ("templates", "solution_app", "app"),
+    "up": ("grid", "up", "command"),
+    "down": ("grid", "down", "command"),
+    "grid": ("grid", "app", "app"),
+    "story": ("story", "story", "command"),
 }
 
 

@@ -16,6 +16,7 @@ from zerostack.crypto.domains import (
     billing_notice_digest,
     consumption_digest,
     delete_vote_digest,
+    solution_digest,
 )
 from zerostack.crypto.envelope import envelope_recipients, open_envelope, seal_envelope
 from zerostack.crypto.identity import (
@@ -65,5 +66,6 @@ __all__ = [
     "save_identity",
     "seal_envelope",
     "seal_to",
+    "solution_digest",
     "verify",
 ]

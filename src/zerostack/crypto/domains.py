@@ -34,6 +34,9 @@ class Domain(enum.StrEnum):
     """A ledger operator's (or validator's) signature over a block header hash."""
     KEY_CHANGE = "key-change"
     """A twin's old key authorising its new key."""
+    SOLUTION_APPROVAL = "solution-approval"
+    """A stakeholder's consent to run every part of one solution: the list of (contract,
+    version, node, deployment hash) it groups, all at once or not at all."""
     LEDGER_CHECKPOINT = "ledger-checkpoint"
     """A ledger operator's statement that every signature of its log up to one block
     (height and hash) was checked, so a restart may skip checking them again."""
@@ -83,3 +86,11 @@ def consumption_digest(contract: int, node: int, period: int, reserved: dict[str
 def billing_notice_digest(notice: dict[str, object]) -> bytes:
     """What a billing notice signs: the whole notice but its `signature` field."""
     return hash_obj({k: v for k, v in notice.items() if k != "signature"})
+
+
+def solution_digest(solution: int, parts: list[tuple[int, int, int, str]]) -> bytes:
+    """What a solution approval signs: solution `solution` made of exactly these parts,
+    each (contract, version, node, deployment_hash), in contract order."""
+    rows = [{"contract": c, "version": v, "node": n, "deployment_hash": h}
+            for c, v, n, h in sorted(parts)]
+    return hash_obj({"solution": solution, "parts": rows})

@@ -388,6 +388,21 @@ def create_app(
         tpl = service.chain.state.templates.get(template_hash)
         return _json(tpl.to_dict()) if tpl else _not_found(f"template {template_hash}")
 
+    @app.get("/solutions", summary="Solutions, optionally by owner.")
+    async def get_solutions(owner: int | None = None, limit: Limit = 100,
+                            offset: Offset = 0) -> Response:
+        state = service.chain.state
+        if owner is None:
+            ids: Any = sorted(state.solutions.keys())
+        else:
+            ids = sorted((state.solutions_by_owner.get(owner) or {}).keys())
+        return _json([state.solutions[i].to_dict() for i in page(iter(ids), limit, offset)])
+
+    @app.get("/solutions/{solution_id}", summary="A solution: its parts and approvals.")
+    async def get_solution(solution_id: int) -> Response:
+        sol = service.chain.state.solutions.get(solution_id)
+        return _json(sol.to_dict()) if sol else _not_found(f"solution {solution_id}")
+
     @app.get("/names", summary="Registered gateway names, optionally by owner.")
     async def get_names(owner: int | None = None, limit: Limit = 100,
                         offset: Offset = 0) -> Response:

@@ -18,7 +18,7 @@ from typing import Any, Generic, TypeVar
 import httpx
 import orjson
 
-from zerostack.crypto import Identity
+from zerostack.crypto import Domain, Identity, solution_digest
 from zerostack.ledger.errors import LedgerError, LedgerRejected
 from zerostack.ledger.tx import sign_approval, sign_cancel_vote, sign_tx
 
@@ -252,6 +252,13 @@ class _Queries(Generic[MaybeT, ListT, OneT]):
     def name(self, name: str) -> MaybeT:
         return self._get_or_none(f"/names/{name}")
 
+    def solution(self, solution_id: int) -> MaybeT:
+        return self._get_or_none(f"/solutions/{solution_id}")
+
+    def solutions(self, **filters: Any) -> ListT:
+        """Filters: owner, limit, offset."""
+        return self._get_list("/solutions", filters)
+
     def names(self, **filters: Any) -> ListT:
         return self._get_list("/names", filters)
 
@@ -430,6 +437,19 @@ class LedgerClient(_Queries[Obj | None, list[Obj], Obj]):
             kw.setdefault("approval", sign_approval(identity, 0, 1, node, deployment_hash))
         payload = contract_payload(node, deployment_hash, instructions, signature_requirement, **kw)
         return int(self.send(identity, "contract.create", payload)["receipt"]["contract"])
+
+    def create_solution(self, identity: Identity, contracts: list[int],
+                        metadata: str = "") -> int:
+        """Group new contracts (created without approvals) into one solution."""
+        payload = {"contracts": contracts, "metadata": metadata}
+        return int(self.send(identity, "solution.create", payload)["receipt"]["solution"])
+
+    def approve_solution(self, identity: Identity, solution: int,
+                         parts: list[tuple[int, int, int, str]]) -> dict[str, Any]:
+        """Approve every part of `solution` at once; `parts` is what this side checked
+        (contract, version, node, deployment hash): the signature covers exactly them."""
+        sig = identity.sign(Domain.SOLUTION_APPROVAL, solution_digest(solution, parts)).hex()
+        return self.send(identity, "solution.approve", {"solution": solution, "signature": sig})
 
     def approve(self, identity: Identity, contract: int, deployment_hash: str, *,
                 version: int | None = None, node: int | None = None) -> dict[str, Any]:

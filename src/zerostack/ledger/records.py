@@ -218,6 +218,7 @@ class Version:
     capacity: Capacity
     approvals: Map[int, str] = field(default_factory=Map)  # twin -> signature hex
     deadline: int = 0
+    solution: int = 0  # != 0: the approvals are solution approvals of this solution
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -228,6 +229,7 @@ class Version:
             "capacity": self.capacity.to_dict(),
             "approvals": {str(k): v for k, v in sorted(self.approvals.items())},
             "deadline": self.deadline,
+            "solution": self.solution,
         }
 
 
@@ -362,6 +364,7 @@ class Contract:
             "deadline": p.deadline,
             "capacity": p.capacity.to_dict(),
             "approvals": {str(k): v for k, v in sorted(p.approvals.items())},
+            "solution": p.solution,
             "pending": self.pending,
             "active": self.active.to_dict() if self.active else None,
             "cancel_votes": {str(k): v for k, v in sorted(self.cancel_votes.items())},
@@ -370,6 +373,32 @@ class Contract:
             "metadata": self.metadata,
             "created": self.created,
             "updated": self.updated,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Solution:
+    """Contracts on several nodes made from one request and approved as one: each
+    stakeholder signs once over every part's (contract, version, node, deployment hash)."""
+
+    id: int
+    owner: int
+    parts: tuple[tuple[int, int, int, str], ...]  # (contract, version, node, deployment hash)
+    requirement: SignatureRequirement
+    metadata: str
+    created: int
+    approvals: Map[int, str] = field(default_factory=Map)  # twin -> solution approval
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "owner": self.owner,
+            "parts": [{"contract": c, "version": v, "node": n, "deployment_hash": h}
+                      for c, v, n, h in self.parts],
+            "signature_requirement": self.requirement.to_dict(),
+            "approvals": {str(k): v for k, v in sorted(self.approvals.items())},
+            "metadata": self.metadata,
+            "created": self.created,
         }
 
 
@@ -428,6 +457,10 @@ class State:
     last_farm: int = 0
     last_node: int = 0
     last_contract: int = 0
+    solutions: Map[int, Solution] = field(default_factory=_empty)
+    solution_of: Map[int, int] = field(default_factory=_empty)  # contract -> its solution
+    solutions_by_owner: Map[int, Map[int, bool]] = field(default_factory=_empty)
+    last_solution: int = 0
 
 
 def genesis(operator: str | None = None) -> State:

@@ -423,7 +423,8 @@ def _verify_chunk(txs: list[Tx], keys: list[str | None]) -> list[bool | None]:
 def _matches(tx: dict[str, Any], receipt: dict[str, Any], f: dict[str, Any]) -> bool:
     if f.get("type") and not str(tx["type"]).startswith(f["type"]):
         return False
-    if f.get("node") is not None and receipt.get("node") != f["node"]:
+    if f.get("node") is not None and receipt.get("node") != f["node"] \
+            and f["node"] not in (receipt.get("nodes") or ()):
         return False
     if f.get("contract") is not None and receipt.get("contract") != f["contract"]:
         return False

@@ -22,6 +22,7 @@ from zerostack.crypto import (
     delete_vote_digest,
     deployment_hash,
     hash_hex,
+    solution_digest,
     verify,
 )
 from zerostack.ledger import tx as t
@@ -70,6 +71,7 @@ from zerostack.ledger.records import (
     Payout,
     Receipt,
     Report,
+    Solution,
     State,
     Template,
     Twin,
@@ -114,6 +116,7 @@ __all__ = [
     "Payout",
     "Receipt",
     "Report",
+    "Solution",
     "State",
     "Template",
     "Twin",
@@ -588,6 +591,10 @@ def _contract_approve(state: State, tx: t.Tx, twin: Twin, time: int) -> tuple[St
         )
     if twin.id not in _signers(c):
         raise _Refuse("unauthorized", f"twin {twin.id} is not a stakeholder of contract {c.id}")
+    sid = state.solution_of.get(c.id)
+    if sid is not None and c.proposal.version == 1:
+        raise _Refuse("state", f"contract {c.id} is a part of solution {sid}: approve "
+                      "the solution as a whole (solution.approve)")
     if twin.id in c.proposal.approvals:
         raise _Refuse("conflict", f"twin {twin.id} already approved contract {c.id} version "
                       f"{c.proposal.version}")
@@ -734,6 +741,83 @@ def _contract_report(state: State, tx: t.Tx, twin: Twin, time: int) -> tuple[Sta
 # ---- names -------------------------------------------------------------------------------
 
 
+# ---- solutions -----------------------------------------------------------------------------
+
+
+def _solution_create(state: State, tx: t.Tx, twin: Twin, time: int) -> tuple[State, Receipt]:
+    p: t.SolutionCreate = tx.payload
+    if len(set(p.contracts)) != len(p.contracts):
+        raise _Refuse("invalid", "a contract is listed twice in the solution")
+    parts = []
+    requirement: SignatureRequirement | None = None
+    for cid in p.contracts:
+        c = _contract(state, cid)
+        if c.owner != twin.id:
+            raise _Refuse("unauthorized", f"contract {cid} belongs to twin {c.owner}")
+        if c.state != CREATED or c.active is not None or c.proposal.version != 1:
+            raise _Refuse("state", f"contract {cid} is {c.state} (version "
+                          f"{c.proposal.version}): a solution groups new contracts only")
+        if c.proposal.approvals:
+            raise _Refuse("state", f"contract {cid} already has approvals: a solution is "
+                          "approved as a whole, so its contracts are created without any")
+        if cid in state.solution_of:
+            raise _Refuse("conflict", f"contract {cid} is already in solution "
+                          f"{state.solution_of[cid]}")
+        if requirement is None:
+            requirement = c.proposal.requirement
+        elif c.proposal.requirement != requirement:
+            # one quorum for all: the parts become approved in the same transaction
+            raise _Refuse("invalid", f"contract {cid} has another signature requirement than "
+                          f"contract {p.contracts[0]}: a solution's parts share one")
+        parts.append((cid, 1, c.node, c.proposal.deployment_hash))
+    assert requirement is not None
+    sid = state.last_solution + 1
+    sol = Solution(sid, twin.id, tuple(sorted(parts)), requirement, p.metadata, time)
+    of = state.solution_of
+    for cid in p.contracts:
+        of = of.set(cid, sid)
+    state = _replace(state, solutions=state.solutions.set(sid, sol), solution_of=of,
+                     solutions_by_owner=_index_add(state.solutions_by_owner, twin.id, sid),
+                     last_solution=sid)
+    return state, {"solution": sid, "owner": twin.id, "nodes": sorted({n for _, _, n, _ in
+                                                                       sol.parts})}
+
+
+def _solution_approve(state: State, tx: t.Tx, twin: Twin, time: int) -> tuple[State, Receipt]:
+    p: t.SolutionApprove = tx.payload
+    sol = state.solutions.get(p.solution)
+    if sol is None:
+        raise _Refuse("not_found", f"solution {p.solution} does not exist")
+    req = SignatureRequirement.from_dict(sol.requirement.to_dict(), owner=sol.owner)
+    if twin.id not in req.twins:
+        raise _Refuse("unauthorized", f"twin {twin.id} is not a stakeholder of solution {sol.id}")
+    if twin.id in sol.approvals:
+        raise _Refuse("conflict", f"twin {twin.id} already approved solution {sol.id}")
+    # every part still waiting: approving what is left of a broken solution would provision
+    # part of it
+    for cid, version, _node, h in sol.parts:
+        c = state.contracts[cid]
+        if c.state != CREATED or c.proposal.version != version \
+                or c.proposal.deployment_hash != h:
+            raise _Refuse("state", f"part contract {cid} of solution {sol.id} is {c.state}: "
+                          "the solution can no longer be approved as a whole")
+    digest = solution_digest(sol.id, list(sol.parts))
+    if not verify(Domain.SOLUTION_APPROVAL, twin.public_key, digest, bytes.fromhex(p.signature)):
+        raise _Refuse("bad_signature", f"signature of twin {twin.id} does not verify as an "
+                      f"approval of solution {sol.id} and its {len(sol.parts)} parts")
+    sol = _replace(sol, approvals=sol.approvals.set(twin.id, p.signature))
+    state = _replace(state, solutions=state.solutions.set(sol.id, sol))
+    parts = []
+    for cid, _version, node, _h in sol.parts:
+        c = state.contracts[cid]
+        proposal = _replace(c.proposal, approvals=c.proposal.approvals.set(twin.id, p.signature),
+                            solution=sol.id)
+        state = _settle(state, _replace(c, proposal=proposal, updated=time), time)
+        parts.append({"contract": cid, "node": node, "state": state.contracts[cid].state})
+    return state, {"solution": sol.id, "owner": sol.owner, "twin": twin.id,
+                   "nodes": sorted({x["node"] for x in parts}), "parts": parts}
+
+
 def _name_register(state: State, tx: t.Tx, twin: Twin, time: int) -> tuple[State, Receipt]:
     p: t.NameRegister = tx.payload
     existing = state.names.get(p.name)
@@ -784,6 +868,8 @@ _HANDLERS: dict[str, Any] = {
     "contract.update": _contract_update,
     "contract.cancel": _contract_cancel,
     "contract.report": _contract_report,
+    "solution.create": _solution_create,
+    "solution.approve": _solution_approve,
     "name.register": _name_register,
     "name.release": _name_release,
     "contract.consumption": contract_consumption,

@@ -309,6 +309,24 @@ class BalanceFaucet(_Model):
     amount: Amount
 
 
+MAX_SOLUTION_PARTS = 64
+
+
+class SolutionCreate(_Model):
+    """Group the sender's new contracts (created without approvals, one per node) into a
+    solution that stakeholders approve as one."""
+
+    contracts: Annotated[list[Id], Field(min_length=1, max_length=MAX_SOLUTION_PARTS)]
+    metadata: Text = ""
+
+
+class SolutionApprove(_Model):
+    """The sender's `solution-approval` signature over every part of the solution."""
+
+    solution: Id
+    signature: HexSignature
+
+
 class NameRegister(_Model):
     name: GatewayName
 
@@ -334,6 +352,8 @@ PAYLOADS: dict[str, type[_Model]] = {
     "farm.prices": FarmPrices,
     "balance.transfer": BalanceTransfer,
     "balance.faucet": BalanceFaucet,
+    "solution.create": SolutionCreate,
+    "solution.approve": SolutionApprove,
     "name.register": NameRegister,
     "name.release": NameRelease,
 }

@@ -368,7 +368,8 @@ class NodeAgent:
             view.deployment, view.error = running, local.message
             return view
         try:
-            dep = self._verify(cid, c, active, running)
+            parts = await self._solution_parts(active)
+            dep = self._verify(cid, c, active, running, parts)
         except Refused as exc:
             msg = str(exc)
             log.warning("event=contract_refused contract=%s version=%s reason=%r",
@@ -443,8 +444,24 @@ class NodeAgent:
         return ContractView(cid, version, owner_key, running, cancelled=True,
                             final=state != "cancelled", ledger_report=report)
 
+    async def _solution_parts(self, active: dict[str, Any]) -> list[tuple[int, int, int, str]]:
+        """The parts of the solution whose approvals `active` carries ([] for none). What
+        the ledger says is only an input: the signatures must cover exactly these parts."""
+        sid = int(active.get("solution") or 0)
+        if not sid:
+            return []
+        sol = await self.link.solution(sid)
+        if sol is None:
+            raise Refused(f"solution {sid} is not on the ledger")
+        try:
+            return [(int(p["contract"]), int(p["version"]), int(p["node"]),
+                     str(p["deployment_hash"])) for p in sol["parts"][:64]]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise Refused(f"solution {sid} is malformed: {exc}") from exc
+
     def _verify(self, cid: int, c: dict[str, Any], active: dict[str, Any],
-                previous: Deployment | None) -> Deployment:
+                previous: Deployment | None,
+                solution_parts: list[tuple[int, int, int, str]] | None = None) -> Deployment:
         """Trust no server: open, parse, hash, the owner's signature, every key against the
         pinned ones, approvals against the keys the deployment names, update rules,
         capacity."""
@@ -478,8 +495,17 @@ class NodeAgent:
         try:
             if previous is not None:
                 diff(previous, dep)
-            signed = dep.verify_signatures(approvals, keys, contract=cid,
-                                           version=int(active["version"]), node=self.node_id)
+            sid = int(active.get("solution") or 0)
+            if sid:
+                if previous is not None:
+                    raise Refused("a solution approves first versions only")
+                signed = dep.verify_solution_signatures(
+                    approvals, solution=sid, parts=solution_parts or [], contract=cid,
+                    version=int(active["version"]), node=self.node_id)
+            else:
+                signed = dep.verify_signatures(approvals, keys, contract=cid,
+                                               version=int(active["version"]),
+                                               node=self.node_id)
             if previous is not None:
                 why = previous.requirement().missing(signed)
                 if why is not None:

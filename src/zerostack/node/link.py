@@ -81,6 +81,9 @@ class LedgerLink:
     async def contract(self, cid: int) -> dict[str, Any] | None:
         return await self.client.contract(cid)
 
+    async def solution(self, sid: int) -> dict[str, Any] | None:
+        return await self.client.solution(sid)
+
     async def node_contracts(self, node: int) -> list[dict[str, Any]]:
         """Every contract the ledger lists for `node`, page after page."""
         out: list[dict[str, Any]] = []
@@ -102,5 +105,11 @@ class LedgerLink:
             int(e["receipt"]["contract"]) for e in data["events"]
             if "contract" in e.get("receipt", {})
             and e["type"] not in ("contract.report", "contract.consumption")
+        }
+        # a solution approval settles contracts on several nodes at once
+        contracts |= {
+            int(p["contract"]) for e in data["events"]
+            for p in (e.get("receipt", {}).get("parts") or ())
+            if isinstance(p, dict) and p.get("node") == node
         }
         return str(data["next"]), contracts

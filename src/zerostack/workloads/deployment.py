@@ -23,6 +23,7 @@ from zerostack.crypto import (
     delete_vote_digest,
     deployment_hash,
     hash_hex,
+    solution_digest,
     verify,
 )
 from zerostack.workloads.types import (
@@ -314,6 +315,45 @@ class Deployment(Spec):
                 )
             valid.add(twin)
         why = req.missing(valid)
+        if why is not None:
+            raise WorkloadError(f"approval quorum does not hold: {why}")
+        return valid
+
+    def verify_solution_signatures(
+        self,
+        signatures: Mapping[int, str],
+        *,
+        solution: int,
+        parts: list[tuple[int, int, int, str]],
+        contract: int,
+        version: int,
+        node: int,
+    ) -> set[int]:
+        """Check solution approvals: this deployment must be one of `parts` as `version` of
+        `contract` on `node`, and each signature a solution approval of exactly `parts` by
+        a key this deployment names. Raises WorkloadError as verify_signatures does."""
+        h = self.hash()
+        if (contract, version, node, h) not in parts:
+            raise WorkloadError(f"solution {solution} does not list deployment {h[:16]}… as "
+                                f"version {version} of contract {contract} on node {node}")
+        keys = self.keys()
+        digest = solution_digest(solution, parts)
+        valid: set[int] = set()
+        for twin, sig_hex in sorted(signatures.items()):
+            key = keys.get(twin)
+            if key is None:
+                raise WorkloadError(f"twin {twin} approved solution {solution} but this "
+                                    "deployment does not name it")
+            try:
+                sig = bytes.fromhex(sig_hex)
+            except ValueError as exc:
+                raise WorkloadError(f"signature of twin {twin} is not hex") from exc
+            if not verify(Domain.SOLUTION_APPROVAL, key, digest, sig):
+                raise WorkloadError(f"approval of twin {twin} does not verify for solution "
+                                    f"{solution} and its {len(parts)} parts: forged, or "
+                                    "signed for other parts")
+            valid.add(twin)
+        why = self.requirement().missing(valid)
         if why is not None:
             raise WorkloadError(f"approval quorum does not hold: {why}")
         return valid

@@ -1,0 +1,224 @@
+"""Templates: loading with positions, parameters, sandboxed expansion, placement."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from zerostack.contracts import (
+    NodeOffer,
+    PlacementError,
+    TemplateError,
+    expand,
+    load_text,
+    place,
+)
+from zerostack.contracts.sandbox import MAX_OUTPUT, Sandbox
+from zerostack.ledger.pricing import Prices
+from zerostack.workloads import Resources, ZdbWorkload
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "templates"
+GiB = 1 << 30
+
+
+def example(name: str) -> str:
+    return (EXAMPLES / f"{name}.yaml").read_text()
+
+
+def nodes(n: int, country: str = "BE", hdd: int = 1000 * GiB, farms: int = 3,
+          public: bool = False) -> list[NodeOffer]:
+    cap = Resources(8, 16 * GiB, 200 * GiB, hdd)
+    return [NodeOffer(i, 1 + i % farms, country, cap, cap, public) for i in range(1, n + 1)]
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in EXAMPLES.glob("*.yaml")))
+def test_every_example_lints_and_expands_with_defaults(name: str) -> None:
+    plan = expand(load_text(example(name)), {})
+    assert plan.parts
+
+
+def test_archive_spreads_shards_over_distinct_nodes() -> None:
+    plan = expand(load_text(example("archive")), {"size": "30G", "shards": "5",
+                                                  "country": "CH"})
+    assert len(plan.parts) == 5
+    assert all(isinstance(p.workloads[0], ZdbWorkload) for p in plan.parts)
+    assert sum(p.workloads[0].size for p in plan.parts) >= 30 * GiB  # type: ignore[union-attr]
+    placed = place(plan, nodes(6, "CH"))
+    assert len(set(placed.nodes.values())) == 5
+
+
+def test_placement_names_the_unmet_constraint() -> None:
+    plan = expand(load_text(example("archive")), {"size": "1200G", "country": "CH"})
+    with pytest.raises(PlacementError, match=r"no 3 nodes in CH with 400 GiB free HDD"):
+        place(plan, nodes(2, "CH") + nodes(5, "BE"))
+
+
+def test_placement_prefers_cheap_nodes_and_honours_max_cost() -> None:
+    plan = expand(load_text(example("archive")), {"size": "30G"})
+    offers = nodes(6)
+    cheap, dear = Prices(hru=1), Prices(hru=50)
+    prices = {n.id: (cheap if n.id in (2, 4, 6) else dear) for n in offers}
+    placed = place(plan, offers, prices)
+    assert sorted(placed.nodes.values()) == [2, 4, 6]
+    assert placed.per_month == 3 * 10 * 1 * 730
+
+
+def test_spread_over_farms_is_enforced() -> None:
+    text = example("archive").replace('nodes: "{{ shards }}"', 'nodes: "{{ shards }}"\n  farms: 3')
+    plan = expand(load_text(text), {})
+    with pytest.raises(PlacementError, match="at least 3 farms"):
+        place(plan, nodes(5, farms=2))
+    assert len({1 + n % 3 for n in place(plan, nodes(5, farms=3)).nodes.values()}) == 3
+
+
+@pytest.mark.parametrize(("params", "message"), [
+    ({"size": "1M"}, "below the minimum 3M"),
+    ({"shards": "many"}, "not an integer"),
+    ({"shards": "99"}, "above the maximum 16"),
+    ({"colour": "red"}, "unknown parameter 'colour'"),
+    ({"disk": "tape"}, "not one of hdd, ssd"),
+    ({"country": "ch"}, "does not match"),
+])
+def test_bad_parameters_are_refused_clearly(params: dict[str, str], message: str) -> None:
+    with pytest.raises(TemplateError, match=message):
+        expand(load_text(example("archive")), params)
+
+
+def test_missing_parameter_names_it_with_help() -> None:
+    text = example("archive").replace("    default: BE\n", "")
+    with pytest.raises(TemplateError, match=r"missing parameter 'country'.*two-letter"):
+        expand(load_text(text), {})
+
+
+def test_lint_errors_carry_line_and_column() -> None:
+    text = example("archive").replace("        mode: seq", "        mode: sideways")
+    with pytest.raises(TemplateError) as info:
+        expand(load_text(text), {})
+    line = next(i for i, s in enumerate(text.splitlines(), 1) if "sideways" in s)
+    assert info.value.line == line and info.value.column == 15
+    text = example("archive").replace("  shard_size:", "  shard_size: 1\n  shard_size:")
+    with pytest.raises(TemplateError, match="appears twice") as info:
+        load_text(text)
+    assert info.value.line is not None
+    text = example("archive").replace("parts:", "partz:")
+    with pytest.raises(TemplateError, match="unknown field 'partz'"):
+        load_text(text)
+    text = example("archive").replace("{{ index }}", "{{ index + }}")
+    with pytest.raises(TemplateError, match="expression syntax") as info:
+        load_text(text)
+    assert info.value.render("archive.yaml").startswith(f"archive.yaml:{info.value.line}:")
+
+
+@pytest.mark.parametrize(("expr", "message"), [
+    ("{{ ''.__class__ }}", "not allowed|unsafe|undefined"),
+    ("{{ size.__class__.__mro__ }}", "not allowed|unsafe|undefined"),
+    ("{{ 'x' * 100000000 }}", "repetition"),
+    ("{{ 2 ** 100000 }}", "exponent"),
+    ("{{ range(100000) | list }}", "range"),
+    ("{% for i in range(1000) %}{% for j in range(1000) %}x{% endfor %}{% endfor %}",
+     "looped more than|more than"),
+    ("{% macro f(n) %}{{ f(n) }}{% endmacro %}{{ f(1) }}", "macro"),
+    ("{% include 'x' %}", "include"),
+    ("{{ lipsum() }}", "only range"),
+    ("{{ 'a' | center(1000000000) }}", "No filter|filter"),
+    ("{{ nothing }}", "undefined"),
+    ("{{ 1 / 3 }}", "fraction"),
+    ("{{ '%0999999999d' % 1 }}", "formatting"),
+])
+def test_sandbox_refuses_escapes_and_unbounded_work(expr: str, message: str) -> None:
+    with pytest.raises(TemplateError, match=message):
+        Sandbox().evaluate(expr, {"size": 5})
+
+
+def test_sandbox_output_is_bounded() -> None:
+    sb = Sandbox()
+    big = "{% for i in range(1000) %}" + "y" * 2000 + "{% endfor %}"
+    with pytest.raises(TemplateError, match=str(MAX_OUTPUT)):
+        sb.evaluate([big] * 5, {})
+
+
+def test_sandbox_keeps_types_of_whole_expressions() -> None:
+    sb = Sandbox()
+    assert sb.evaluate("{{ n * 2 }}", {"n": 3}) == 6
+    assert sb.evaluate("{{ n > 2 }}", {"n": 3}) is True
+    assert sb.evaluate("n={{ n }}", {"n": 3}) == "n=3"
+    assert sb.evaluate("{{ size('2G') }}", {}) == 2 * GiB
+    assert sb.evaluate("{{ range(3) | list }}", {}) == [0, 1, 2]
+
+
+@settings(max_examples=60, deadline=None)
+@given(size_gib=st.integers(3, 5000), shards=st.integers(3, 16),
+       disk=st.sampled_from(["hdd", "ssd"]))
+def test_archive_expansion_properties(size_gib: int, shards: int, disk: str) -> None:
+    """Whatever the parameters: exactly `shards` copies, unique names, the whole size
+    covered with less than one byte per shard to spare, every copy's disk as asked, and
+    expanding twice gives the same plan."""
+    t = load_text(example("archive"))
+    params = {"size": f"{size_gib}G", "shards": str(shards), "disk": disk}
+    plan = expand(t, params)
+    zdbs = [p.workloads[0] for p in plan.parts]
+    assert len(zdbs) == shards
+    assert len({w.name for w in zdbs}) == shards
+    total = sum(w.size for w in zdbs)  # type: ignore[union-attr]
+    assert size_gib * GiB <= total < size_gib * GiB + shards
+    assert all(w.disk_type == disk for w in zdbs)  # type: ignore[union-attr]
+    assert expand(t, params) == plan
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.text(max_size=60))
+def test_arbitrary_parameter_text_never_escapes_the_error_type(value: str) -> None:
+    t = load_text(example("crm"))
+    for name in ("users", "country"):
+        try:
+            expand(t, {name: value})
+        except TemplateError:
+            pass
+
+
+offer_lists = st.lists(
+    st.builds(lambda i, farm, country, hdd, cru, public: (i, farm, country, hdd, cru, public),
+              st.integers(1, 10_000), st.integers(1, 4), st.sampled_from(["BE", "CH"]),
+              st.integers(0, 40), st.integers(0, 4), st.booleans()),
+    max_size=12, unique_by=lambda t: t[0])
+
+
+@settings(max_examples=150, deadline=None)
+@given(offers=offer_lists, shards=st.integers(3, 6), size_gib=st.integers(3, 60),
+       country=st.sampled_from(["BE", "CH"]))
+def test_placement_either_meets_every_rule_or_says_which_fails(
+        offers: list[tuple[int, int, str, int, int, bool]], shards: int, size_gib: int,
+        country: str) -> None:
+    plan = expand(load_text(example("archive")),
+                  {"size": f"{size_gib}G", "shards": str(shards), "country": country})
+    nodes = [NodeOffer(i, farm, c, Resources(cru, 0, 0, hdd * GiB),
+                       Resources(cru, 0, 0, hdd * GiB), public)
+             for i, farm, c, hdd, cru, public in offers]
+    try:
+        placed = place(plan, nodes)
+    except PlacementError as exc:
+        assert str(exc).startswith(("no ", "the template asks"))
+        return
+    by_id = {n.id: n for n in nodes}
+    assert set(placed.nodes) == {p.key for p in plan.parts}
+    assert len(set(placed.nodes.values())) == shards  # distinct copies
+    used: dict[int, int] = {}
+    for p in plan.parts:
+        node = by_id[placed.nodes[p.key]]
+        assert node.country == country and node.capacity.hru > 0
+        used[node.id] = used.get(node.id, 0) + p.resources.hru
+    assert all(used[n] <= by_id[n].free.hru for n in used)
+
+
+@pytest.mark.parametrize("expr", [
+    "{{ [['x' * 60000] * 1] * 60000 }}",
+    "{{ ([[1] * 60000] * 2) | string }}",
+    "{{ ('x' * 60000) | replace('x', 'yyyyyyyy') }}",
+    "{{ ['a' * 30000, 'b' * 30000, 'c' * 30000] }}",
+])
+def test_nested_and_multiplying_values_are_bounded_before_they_grow(expr: str) -> None:
+    with pytest.raises(TemplateError, match="more than"):
+        Sandbox().evaluate(expr, {})
