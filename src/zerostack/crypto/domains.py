@@ -37,6 +37,9 @@ class Domain(enum.StrEnum):
     LEDGER_CHECKPOINT = "ledger-checkpoint"
     """A ledger operator's statement that every signature of its log up to one block
     (height and hash) was checked, so a restart may skip checking them again."""
+    VALIDATOR_SET = "validator-set"
+    """A current validator's consent to replace the ledger's validator set with another
+    (the digest of the new set and its epoch)."""
 
 
 PREFIX = b"zerostack-sig/v1 "
