@@ -423,3 +423,14 @@ def events(
         if not follow and batch["next"] == str(batch["head"]):
             return
         cursor = batch["next"]
+
+
+def _register_cluster_commands() -> None:
+    from zerostack.cli.ledger_cluster import cluster_app
+    from zerostack.cli.ledger_cluster import status as cluster_status_command
+
+    app.add_typer(cluster_app, name="cluster")
+    app.command("status")(cluster_status_command)
+
+
+_register_cluster_commands()

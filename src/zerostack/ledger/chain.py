@@ -366,10 +366,13 @@ def _check_index(log: BlockLog, block: Block, receipts: list[Receipt]) -> None:
             raise BadBlock(block.height, f"transaction index row {i} does not match the block")
 
 
-def verify_log(log: BlockLog, operator_key: str | None = None) -> Replayed:
+def verify_log(log: BlockLog, operator_key: str | None = None, *,
+               start: State | None = None) -> Replayed:
     """Full check of a log: every hash, signature, transition and index row, every block
-    signed by `operator_key` (default: the key that signed block 1)."""
-    return replay(log, operator_key=operator_key, trust_checkpoint=False, check_index=True)
+    signed by `operator_key` (default: the key that signed block 1). `start`: the genesis
+    state (a cluster replica's file starts from the cluster's)."""
+    return replay(log, operator_key=operator_key, trust_checkpoint=False, check_index=True,
+                  start=start)
 
 
 def block_json(data: bytes, block_hash: str) -> dict[str, Any]:

@@ -133,6 +133,12 @@ class LedgerCluster:
     # ---- replicas ---------------------------------------------------------------------
 
     def start_replica(self, replica: Replica, timeout: float = 60.0) -> None:
+        """Start replica `replica` (again) and wait until it listens."""
+        self.spawn_replica(replica)
+        assert replica.proc is not None
+        _wait_port(replica.port, replica.proc, timeout)
+
+    def spawn_replica(self, replica: Replica) -> None:
         log = open(replica.dir / "replica.log", "ab")  # noqa: SIM115
         args = [sys.executable, "-m", "zerostack.cli.main", "ledger", "serve",
                 "--db", str(replica.db), "--listen", f"127.0.0.1:{replica.port}",
@@ -140,7 +146,6 @@ class LedgerCluster:
                 "--cluster", self.name]
         replica.proc = subprocess.Popen(args, stdout=log, stderr=log, start_new_session=True)
         log.close()
-        _wait_port(replica.port, replica.proc, timeout)
 
     def kill(self, proc: subprocess.Popen[bytes] | None) -> None:
         """kill -9 one process of the cluster (and its process group)."""
@@ -215,7 +220,10 @@ def start_cluster(directory: Path, *, replicas: int = 3, etcd_members: int = 3,
             cluster.replicas.append(Replica(i, rdir, port, ident.public_hex))
         init_genesis(cluster.etcd_urls, name, cluster.validators, timeout)
         for r in cluster.replicas:
-            cluster.start_replica(r, timeout)
+            cluster.spawn_replica(r)
+        for r in cluster.replicas:
+            assert r.proc is not None
+            _wait_port(r.port, r.proc, timeout)
         (directory / "cluster.json").write_text(json.dumps(cluster.describe(), indent=1))
     except BaseException:
         cluster.stop()

@@ -60,6 +60,13 @@ MAX_BLOCK_BYTES = 1 << 20
 1.5 MiB by default); the rest waits for the next block."""
 POLL = 0.25
 """Seconds between reads of the log when no watch event came."""
+FINAL_WAIT = 1.0
+"""Seconds a submission waits for its block to be final before it is answered as ordered
+only (`final: false`): while too few validators are up, the cluster keeps accepting."""
+AUDIT_EVERY = 2.0
+"""Seconds between checks of the signatures published for recent final blocks."""
+AUDIT_BLOCKS = 256
+"""How many of the last final blocks those checks cover."""
 MAX_UNFINAL = 4096
 """Blocks materialized but not final yet that a replica keeps in memory; past it, it
 stops proposing until signatures catch up."""
@@ -149,6 +156,10 @@ class ReplicaService(LedgerService):
         self._driver: asyncio.Task[None] | None = None
         self._watch_stop = threading.Event()
         self.stats = {"proposed": 0, "lost": 0, "followed": 0, "refused_on_rebase": 0}
+        self.disagree: dict[str, int] = {}
+        self._recent_hashes: dict[int, str] = {}
+        self._audited = 0.0
+        """Validators whose signature at some height is not over this replica's block."""
         self._check_against_etcd()
 
     @staticmethod
@@ -213,7 +224,7 @@ class ReplicaService(LedgerService):
         for height, entries in self._acks.items():  # ordered in etcd: durable, answer them
             for entry in entries:
                 if not entry.future.done():
-                    entry.future.set_result({"hash": entry.tx.hash_hex,
+                    entry.future.set_result({"hash": entry.tx.hash_hex, "final": False,
                                              "receipt": entry.receipt, "height": height})
         for entry in self._pending:
             if not entry.future.done():
@@ -302,6 +313,8 @@ class ReplicaService(LedgerService):
             try:
                 await self._follow()
                 await self._collect_signatures()
+                if _time.monotonic() - self._audited > AUDIT_EVERY:
+                    await self._audit()
                 if self._pending and len(self._unfinal) < MAX_UNFINAL:
                     await self._propose()
                 elif not self._pending and not self._closing and self._deadline_due():
@@ -370,11 +383,21 @@ class ReplicaService(LedgerService):
             # answered once final here (ordered in etcd and signed by a quorum), so the
             # client reads its own write from this replica's queries at once
             self._acks[block.height] = taken
+            loop = asyncio.get_running_loop()
+            loop.call_later(FINAL_WAIT, self._answer_ordered, block.height)
             await self._materialize(block, [e.receipt for e in taken], state)
             return
         self.stats["lost"] += 1
         await self._follow()
         self._rebase(taken)
+
+    def _answer_ordered(self, height: int) -> None:
+        """Block `height` is ordered in etcd (durable) but still not final after
+        FINAL_WAIT (validators are down): answer its submissions anyway, marked not final."""
+        for entry in self._acks.pop(height, ()):
+            if not entry.future.done():
+                entry.future.set_result({"hash": entry.tx.hash_hex, "receipt": entry.receipt,
+                                         "height": height, "final": False})
 
     def _rebase(self, lost: list[_Entry]) -> None:
         """Re-apply, on the materialized tip, the transactions of a lost proposal and
@@ -485,7 +508,39 @@ class ReplicaService(LedgerService):
                 ok = False
             if ok:
                 entry.signatures[key] = sig
+            else:
+                self._disagrees(key, int(h))
         self._advance_final()
+
+    def _disagrees(self, key: str, height: int) -> None:
+        """A validator signed another block at `height` than this replica's: its history
+        differs from the cluster's (a rewritten file, or a fork). Its signature is ignored
+        and it is reported (log, `GET /cluster`)."""
+        if key not in self.disagree:
+            self.disagree[key] = height
+            log.error("event=validator_disagrees key=%s height=%d", key, height)
+
+    async def _audit(self) -> None:
+        """Check the signatures published for the last final blocks too: a validator that
+        publishes signatures over a rewritten history after the fact is caught here."""
+        self._audited = _time.monotonic()
+        if not self._recent_hashes:
+            return
+        low, high = min(self._recent_hashes), max(self._recent_hashes)
+        rows = await asyncio.to_thread(self.etcd.range, "sig/" + height_key(low),
+                                       "sig/" + height_key(high + 1))
+        for name, value in rows:
+            _, h, key = name.split("/")
+            block_hash = self._recent_hashes.get(int(h))
+            if block_hash is None or key in self.disagree:
+                continue
+            sig = BlockSignature(key, value.decode(errors="replace"))
+            try:
+                ok = signed_by(block_hash, [sig], [key]) == 1
+            except ValueError:
+                ok = False
+            if not ok:
+                self._disagrees(key, int(h))
 
     async def _load_unfinal_tail(self) -> None:
         """At start: blocks of the file whose stored signatures are not a quorum wait for
@@ -531,6 +586,8 @@ class ReplicaService(LedgerService):
             del self._unfinal[block.height]
             self._states.pop(block.height - 1, None)
             self.final_height = block.height
+            self._recent_hashes[block.height] = block.hash
+            self._recent_hashes.pop(block.height - AUDIT_BLOCKS, None)
             self.chain.state = entry.state
             self.chain.height, self.chain.hash, self.chain.time = (block.height, block.hash,
                                                                    block.time)
@@ -540,7 +597,7 @@ class ReplicaService(LedgerService):
             for ack in self._acks.pop(block.height, ()):
                 if not ack.future.done():
                     ack.future.set_result({"hash": ack.tx.hash_hex, "receipt": ack.receipt,
-                                           "height": block.height})
+                                           "height": block.height, "final": True})
             advanced = True
         if advanced:
             event, self._new_block = self._new_block, asyncio.Event()
@@ -551,7 +608,8 @@ class ReplicaService(LedgerService):
         return {"key": self.identity.public_hex, "materialized": self.mat_height,
                 "final": self.final_height, "head_hash": self.chain.hash,
                 "pending": len(self._pending), "broken": self._broken,
-                "validators": list(self.chain.state.validators), **self.stats}
+                "validators": list(self.chain.state.validators), "disagree": self.disagree,
+                **self.stats}
 
 
 def _header_hash_of(data: bytes) -> str:

@@ -1,0 +1,290 @@
+"""The ledger as a cluster, with real etcd processes on 127.0.0.1: replicas agree block for
+block, survive kill -9 of an etcd member and of a replica under load without losing or
+doubling an acknowledged transaction, and a replica whose file was rewritten is refused
+by the cluster, by the other replicas and by consumers."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from tests.conftest import ProcessGroup, free_port, require_tool, wait_for_port, zerostack_cmd
+from zerostack.cli.ledger_cluster import cluster_status
+from zerostack.crypto import Identity, load_identity
+from zerostack.ledger import LedgerClient, LedgerError, SqliteLog
+from zerostack.ledger.block import GENESIS_HASH, Block, Checkpoint
+from zerostack.ledger.chain import verify_log
+from zerostack.ledger.cluster import LedgerCluster, start_cluster
+from zerostack.ledger.errors import Rejected
+from zerostack.ledger.etcd import EtcdLog, height_key
+from zerostack.ledger.pin import HeaderPin
+from zerostack.ledger.replica import Genesis
+from zerostack.ledger.state import apply_with_receipt, tick
+from zerostack.ledger.tx import parse_tx, sign_tx, tx_hash
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[LedgerCluster]:
+    require_tool("etcd")
+    c = start_cluster(tmp_path / "cluster", replicas=3, etcd_members=3,
+                      name=f"t{random.randrange(1 << 30)}")
+    try:
+        yield c
+    finally:
+        c.stop()
+
+
+def heads(urls: list[str]) -> list[dict[str, Any]]:
+    out = []
+    for u in urls:
+        with LedgerClient(u) as c:
+            out.append(c.head())
+    return out
+
+
+def wait_same_head(urls: list[str], height: int, timeout: float = 30.0) -> list[dict[str, Any]]:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            hs = heads(urls)
+            if all(h["height"] >= height for h in hs) and len({
+                    (h["height"], h["hash"]) for h in hs}) == 1:
+                return hs
+        except LedgerError:
+            pass
+        assert time.monotonic() < deadline, f"replicas did not converge on {height}"
+        time.sleep(0.1)
+
+
+def test_replicas_agree_on_every_block_and_serve_final_ones(cluster: LedgerCluster) -> None:
+    users = [Identity.generate() for _ in range(3)]
+    for i, user in enumerate(users):
+        with LedgerClient(cluster.urls[i]) as c:  # each user talks to another replica
+            c.register_twin(user)
+            c.register_name(user, f"n{i}")
+            # read-your-writes on the replica that answered: answered once final there
+            assert c.name(f"n{i}") is not None
+    top = max(h["height"] for h in heads(cluster.urls))
+    hs = wait_same_head(cluster.urls, top)
+    assert len(hs[0]["signatures"]) == 3  # 3 validators: final takes all three
+    # every block, on every replica: the same bytes of header, final by 3 signatures
+    for h in range(1, top + 1):
+        headers = []
+        for u in cluster.urls:
+            with LedgerClient(u) as c:
+                headers.append(c.header(h))
+        assert len({x["hash"] for x in headers}) == 1
+    with LedgerClient(cluster.urls[0]) as c:
+        vals = c.validators()
+    assert sorted(vals["validators"]) == sorted(cluster.validators) and vals["quorum"] == 3
+    status = cluster_status(cluster.urls)
+    assert status["problems"] == [] and {r["state"] for r in status["replicas"]} == {"ok"}
+    # a consumer pins the set and the head, over all three URLs
+    with LedgerClient(cluster.urls) as c:
+        pin = HeaderPin(cluster.dir / "pin.json")
+        pin.check(c)
+        assert pin.validators == sorted(cluster.validators) and pin.height == top
+
+
+def _sender(url_list: list[str], user: Identity, twin: int, count: int, acked: dict[str, int],
+            gaps: list[float], stop: threading.Event, lock: threading.Lock) -> None:
+    """Submit `count` name registrations, one at a time, each until acknowledged: the same
+    signed bytes are sent again after an error (never a new nonce for the same intent)."""
+    with LedgerClient(url_list, timeout=10) as c:
+        last = time.monotonic()
+        for n in range(count):
+            tx = sign_tx(user, "name.register", twin, n + 1, {"name": f"u{twin}-{n}"})
+            while True:
+                if stop.is_set():
+                    return
+                try:
+                    result = c.submit(tx)
+                    break
+                except LedgerError:
+                    time.sleep(0.05)
+            now = time.monotonic()
+            with lock:
+                acked[result["hash"]] = int(result["height"])
+                gaps.append(now - last)
+            last = now
+
+
+def test_kill9_of_an_etcd_member_and_a_replica_under_load(cluster: LedgerCluster) -> None:
+    users = [Identity.generate() for _ in range(6)]
+    twins = []
+    with LedgerClient(cluster.urls) as c:
+        for u in users:
+            twins.append(c.register_twin(u))
+    acked: dict[str, int] = {}
+    gaps: list[float] = []
+    lock, stop = threading.Lock(), threading.Event()
+    per_user = 30
+    threads = []
+    for i, (u, t) in enumerate(zip(users, twins, strict=True)):
+        urls = cluster.urls[i % 3:] + cluster.urls[:i % 3]  # spread the load
+        threads.append(threading.Thread(target=_sender, args=(
+            urls, u, t, per_user, acked, gaps, stop, lock), daemon=True))
+    for th in threads:
+        th.start()
+    rng = random.Random()
+    time.sleep(rng.uniform(0.5, 1.5))
+    member = rng.choice(cluster.members)
+    cluster.kill(member.proc)
+    time.sleep(rng.uniform(0.3, 1.5))
+    victim = rng.choice(cluster.replicas)
+    cluster.kill(victim.proc)
+    # while it is down, blocks are ordered but cannot be final (3 validators: all three
+    # must sign): submissions are answered as ordered after FINAL_WAIT; it comes back,
+    # over its own file, under load, and catches up
+    time.sleep(rng.uniform(1.0, 2.0))
+    cluster.start_replica(victim)
+    deadline = time.monotonic() + 120
+    for th in threads:
+        th.join(max(0.1, deadline - time.monotonic()))
+    stop.set()
+    assert len(acked) == per_user * len(users), f"only {len(acked)} acknowledged"
+    top = max(acked.values())
+    hs = wait_same_head(cluster.urls, top, timeout=60)
+    height = hs[0]["height"]
+    # every acknowledged transaction is on every replica, once, where it was acknowledged
+    for u in cluster.urls:
+        seen: dict[str, int] = {}
+        with LedgerClient(u) as c:
+            for h in range(1, height + 1):
+                block = c.block(h)
+                assert block is not None
+                for tx in block["txs"]:
+                    th = tx_hash(tx)
+                    assert th not in seen, f"{th} applied twice"
+                    seen[th] = h
+        for tx_h, at in acked.items():
+            assert seen.get(tx_h) == at, f"acknowledged {tx_h} at {at}, found {seen.get(tx_h)}"
+    longest = max(gaps)
+    print(f"longest pause between acknowledgements: {longest:.2f} s")
+    assert longest < 30
+
+
+def _rewrite(db: Path, rogue: Identity, genesis: Genesis, drop: str) -> int:
+    """What a dishonest operator does to its replica's file: drop transaction `drop`,
+    recompute every later block (hashes, index, checkpoint) and sign them all again with
+    its own key. Returns the height of the block it changed."""
+    old = SqliteLog(db)
+    blocks = [(s.height, s.data) for s in old.blocks(1)]
+    old.close()
+    db.unlink()
+    for suffix in ("-wal", "-shm"):
+        Path(str(db) + suffix).unlink(missing_ok=True)
+    new = SqliteLog(db)
+    state, prev, changed = genesis.state(), GENESIS_HASH, 0
+    for height, data in blocks:
+        wire = orjson.loads(data)
+        txs = [parse_tx(t) for t in wire["txs"]]
+        kept = [t for t in txs if t.hash_hex != drop]
+        if len(kept) != len(txs):
+            changed = height
+        state = tick(state, wire["header"]["time"])
+        receipts = []
+        for t in kept:
+            result = apply_with_receipt(state, t, time=wire["header"]["time"])
+            assert not isinstance(result, Rejected), result
+            state, receipt = result
+            receipts.append(receipt)
+        block = Block.build(height, prev, wire["header"]["time"], kept).signed(rogue)
+        new.append(block, receipts, Checkpoint.make(rogue, height, block.hash))
+        prev = block.hash
+    new.close()
+    return changed
+
+
+def test_a_replica_whose_history_was_rewritten_is_caught(
+        cluster: LedgerCluster, procs: ProcessGroup) -> None:
+    user = Identity.generate()
+    with LedgerClient(cluster.urls) as c:
+        c.register_twin(user)
+        c.register_name(user, "held")
+        release = c.send(user, "name.release", {"name": "held"})
+        c.register_twin(Identity.generate())  # one more block after it
+        assert c.name("held") is None
+    top = max(h["height"] for h in heads(cluster.urls))
+    wait_same_head(cluster.urls, top)
+    # a consumer saw the honest cluster
+    pin_file = cluster.dir / "node-pin.json"
+    with LedgerClient(cluster.urls) as c:
+        HeaderPin(pin_file).check(c)
+    rogue_replica = cluster.replicas[2]
+    rogue = load_identity(rogue_replica.key_file)
+    cluster.kill(rogue_replica.proc)
+    etcd = EtcdLog(cluster.etcd_urls, cluster.name)
+    genesis = Genesis.from_json(etcd.get("genesis") or b"")
+    changed = _rewrite(rogue_replica.db, rogue, genesis, release["hash"])
+    assert changed > 0
+    # 1. started again in the cluster, it refuses its own file
+    with pytest.raises(LedgerError):
+        cluster.start_replica(rogue_replica, timeout=30)
+    log = (rogue_replica.dir / "replica.log").read_text()
+    assert "differs from the one the cluster ordered" in log, log[-2000:]
+    # 2. its operator serves the rewritten file alone: the file checks out on its own
+    #    (every block signed by its key) and still holds the name...
+    port = free_port()
+    solo = procs.start([*zerostack_cmd(), "ledger", "serve", "--db", str(rogue_replica.db),
+                        "--key", str(rogue_replica.key_file), "--listen", f"127.0.0.1:{port}"])
+    wait_for_port(port, proc=solo)
+    rogue_url = f"http://127.0.0.1:{port}"
+    with LedgerClient(rogue_url) as c:
+        assert c.name("held") is not None
+    # ...but a node that saw the cluster refuses it: its blocks are not final
+    with LedgerClient(rogue_url) as c, pytest.raises(LedgerError) as info:
+        HeaderPin(pin_file).check(c)
+    assert info.value.code == "untrusted" and "not final" in str(info.value)
+    # and `ledger status` over the replicas' URLs reports the fork
+    status = cluster_status([*cluster.urls[:2], rogue_url])
+    assert any("disagree on block" in p for p in status["problems"]), status
+    # 3. the rewritten replica's signatures, published in etcd, are caught by the others
+    with LedgerClient(rogue_url) as c:
+        forged = c.header(changed)
+    assert forged is not None
+    sig = next(s for s in forged["signatures"] if s["key"] == rogue.public_hex)
+    etcd.put(f"sig/{height_key(changed)}/{rogue.public_hex}", sig["signature"].encode())
+    deadline = time.monotonic() + 15
+    while True:
+        infos = []
+        for u in cluster.urls[:2]:
+            with LedgerClient(u) as c:
+                infos.append(c._get("/cluster"))
+        if all(rogue.public_hex in i["disagree"] for i in infos):
+            break
+        assert time.monotonic() < deadline, infos
+        time.sleep(0.2)
+    # the two honest replicas (2 of 3: not a quorum) still hold the honest history
+    with LedgerClient(cluster.urls[0]) as c:
+        assert c.name("held") is None
+
+
+def test_each_replica_file_verifies_with_its_key_and_holds_the_quorum(
+        cluster: LedgerCluster) -> None:
+    """Each replica's file is a ledger file that passes the full check of `verify`, every
+    block signed by its replica's key, with the other validators' signatures beside it."""
+    user = Identity.generate()
+    with LedgerClient(cluster.urls) as c:
+        c.register_twin(user)
+        c.register_name(user, "x1")
+    top = max(h["height"] for h in heads(cluster.urls))
+    wait_same_head(cluster.urls, top)
+    for r in cluster.replicas:
+        log = SqliteLog(r.db)
+        try:
+            replayed = verify_log(log, operator_key=r.key, start=None)
+            assert replayed.height >= top
+            last = log.block(top)
+            assert last is not None
+            sigs = orjson.loads(last.data)["signatures"]
+            assert sorted(s["key"] for s in sigs) == sorted(cluster.validators)
+        finally:
+            log.close()
