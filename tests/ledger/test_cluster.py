@@ -91,6 +91,14 @@ def test_replicas_agree_on_every_block_and_serve_final_ones(cluster: LedgerClust
         pin = HeaderPin(cluster.dir / "pin.json")
         pin.check(c)
         assert pin.validators == sorted(cluster.validators) and pin.height == top
+        everything = c.events(0, timeout=0)["events"]
+        assert len(everything) == 6
+        # a follower at event 2 whose replica dies resumes from its cursor elsewhere
+        cursor = f"{everything[2]['height']}.{everything[2]['index']}"
+        cluster.kill(cluster.replicas[0].proc)
+        rest = c.events(cursor, timeout=0)["events"]
+        assert [e["hash"] for e in rest] == [e["hash"] for e in everything[3:]]
+        assert c.url != cluster.urls[0]
 
 
 def _sender(url_list: list[str], user: Identity, twin: int, count: int, acked: dict[str, int],

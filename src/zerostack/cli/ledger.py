@@ -28,7 +28,8 @@ def default_url() -> str:
     return os.environ.get("ZEROSTACK_LEDGER", f"http://{DEFAULT_LISTEN}")
 
 
-LedgerUrl = typer.Option(None, "--ledger", help="Ledger URL (default $ZEROSTACK_LEDGER or "
+LedgerUrl = typer.Option(None, "--ledger", help="Ledger URL, or a cluster's replica URLs "
+                         "comma-separated (default $ZEROSTACK_LEDGER or "
                          f"http://{DEFAULT_LISTEN}).")
 JsonOut = typer.Option(False, "--json", help="Print JSON.")
 
