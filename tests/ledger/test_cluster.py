@@ -149,7 +149,7 @@ def test_kill9_of_an_etcd_member_and_a_replica_under_load(cluster: LedgerCluster
     victim = rng.choice(cluster.replicas)
     cluster.kill(victim.proc)
     # while it is down, blocks are ordered but cannot be final (3 validators: all three
-    # must sign): submissions are answered as ordered after FINAL_WAIT; it comes back,
+    # must sign): submissions are answered as ordered after FINAL_WAIT (3 s); it comes back,
     # over its own file, under load, and catches up
     time.sleep(rng.uniform(1.0, 2.0))
     cluster.start_replica(victim)

@@ -113,12 +113,15 @@ class EtcdLog:
         key = self.prefix + name
         self._call(f"put {name}", lambda c: c.put(key, value))
 
-    def range(self, start: str, end: str, limit: int = 0) -> list[tuple[str, bytes]]:
-        """Keys `start` <= key < `end` (names under the prefix), in key order."""
+    def range(self, start: str, end: str, limit: int = 0, *,
+              serializable: bool = False) -> list[tuple[str, bytes]]:
+        """Keys `start` <= key < `end` (names under the prefix), in key order.
+        `serializable`: answered by the member from its own copy, without a round through
+        the leader (possibly a little behind: fine for what is read again anyway)."""
         first, last = self.prefix + start, self.prefix + end
         rows = self._call(f"range {start}", lambda c: c.get(
             first, metadata=True, range_end=last, limit=limit or None,
-            sort_order="ascend", sort_target="key"))
+            sort_order="ascend", sort_target="key", serializable=serializable or None))
         cut = len(self.prefix)
         return [(meta["key"].decode()[cut:], bytes(value)) for value, meta in rows]
 

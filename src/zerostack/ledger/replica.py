@@ -60,7 +60,7 @@ MAX_BLOCK_BYTES = 1 << 20
 1.5 MiB by default); the rest waits for the next block."""
 POLL = 0.25
 """Seconds between reads of the log when no watch event came."""
-FINAL_WAIT = 1.0
+FINAL_WAIT = 3.0
 """Seconds a submission waits for its block to be final before it is answered as ordered
 only (`final: false`): while too few validators are up, the cluster keeps accepting."""
 AUDIT_EVERY = 2.0
@@ -151,8 +151,10 @@ class ReplicaService(LedgerService):
         self._pending: list[_Entry] = []
         self._pend_time = 0
         self._pend_base: State | None = None
+        self._pend_on: tuple[int, str] = (-1, "")  # the tip the pending block builds on
         self._proposal: tuple[Block, list[_Entry]] | None = None
         self._acks: dict[int, list[_Entry]] = {}
+        self._publishing: set[asyncio.Task[None]] = set()
         self._driver: asyncio.Task[None] | None = None
         self._watch_stop = threading.Event()
         self.stats = {"proposed": 0, "lost": 0, "followed": 0, "refused_on_rebase": 0}
@@ -283,10 +285,15 @@ class ReplicaService(LedgerService):
         return self.mat_height, self.mat_hash, self.mat_time, self.mat_state
 
     def _open_state(self) -> State:
-        if self._pend_base is None:
-            _, _, tip_time, tip_state = self._tip()
+        """The state a new pending block starts from: the tip's, at the block's time. It
+        is recomputed whenever the tip moved since (a block followed from etcd while a
+        submission was being verified), so nothing is ever applied to a stale state."""
+        tip_height, tip_hash, tip_time, tip_state = self._tip()
+        if self._pend_base is None or (not self._pending
+                                       and self._pend_on != (tip_height, tip_hash)):
             self._pend_time = max(tip_time, int(self.clock()))
             self._pend_base = tick(tip_state, self._pend_time)
+            self._pend_on = (tip_height, tip_hash)
         return self._pend_base
 
     def _add(self, tx: Tx, *, verified: bool, future: asyncio.Future[dict[str, Any]] | None = None,
@@ -325,6 +332,9 @@ class ReplicaService(LedgerService):
             except LedgerError as exc:  # etcd unreachable: try again soon
                 log.warning("event=replica_etcd_error error=%r", str(exc)[:300])
                 await asyncio.sleep(0.2)
+            except Exception as exc:  # the driver must not die silently
+                log.exception("event=replica_driver_error error=%r", str(exc)[:300])
+                await asyncio.sleep(0.2)
             if self._closing and not self._pending:
                 return
 
@@ -344,6 +354,11 @@ class ReplicaService(LedgerService):
                 or (s.next_bill <= now and bool(s.billable)))
 
     async def _propose(self, *, empty: bool = False) -> None:
+        if self._pending and self._pend_on != (self.mat_height, self.mat_hash):
+            # built on another tip than the one the block goes on: apply it again first
+            pending, self._pending, self._pend_base = self._pending, [], None
+            self._rebase(pending)
+            return
         if empty:
             self._open_state()
         taken: list[_Entry] = []
@@ -363,6 +378,7 @@ class ReplicaService(LedgerService):
         # what stays pending builds on this proposal
         self._pending = self._pending[len(taken):]
         self._pend_base = state if self._pending else None
+        self._pend_on = (block.height, block.hash)
         name = "block/" + height_key(block.height)
         try:
             ours = await asyncio.to_thread(self.etcd.create, name, data)
@@ -385,7 +401,7 @@ class ReplicaService(LedgerService):
             self._acks[block.height] = taken
             loop = asyncio.get_running_loop()
             loop.call_later(FINAL_WAIT, self._answer_ordered, block.height)
-            await self._materialize(block, [e.receipt for e in taken], state)
+            await self._materialize(block, [e.receipt for e in taken], state, proposed=True)
             return
         self.stats["lost"] += 1
         await self._follow()
@@ -458,8 +474,11 @@ class ReplicaService(LedgerService):
             raise BadBlock(height, "the block in etcd is not signed by a validator")
         state = tick(self.mat_state, btime)
         keys = [sender_key(state, tx) for tx in txs]
-        verified = list(self._executor.map(
-            lambda i: _verify_chunk([txs[i]], [keys[i]])[0] is True, range(len(txs))))
+        n = max(1, self._threads)
+        size = max(64, (len(txs) + n - 1) // n)
+        parts = self._executor.map(lambda k: _verify_chunk(txs[k:k + size], keys[k:k + size]),
+                                   range(0, len(txs), size))
+        verified = [ok is True for part in parts for ok in part]
         receipts: list[Receipt] = []
         for i, tx in enumerate(txs):
             result = apply_with_receipt(state, tx, time=btime, verified=verified[i])
@@ -470,8 +489,10 @@ class ReplicaService(LedgerService):
             receipts.append(receipt)
         return replace(block, signatures=proposer), receipts, state
 
-    async def _materialize(self, block: Block, receipts: list[Receipt], state: State) -> None:
-        """Sign, write to SQLite, publish the signature; final blocks become visible."""
+    async def _materialize(self, block: Block, receipts: list[Receipt], state: State,
+                           *, proposed: bool = False) -> None:
+        """Sign, write to SQLite, publish the signature (a proposer's is in the block
+        already); final blocks become visible."""
         block = block.signed(self.identity)
         checkpoint = Checkpoint.make(self.identity, block.height, block.hash)
         await asyncio.to_thread(self.log.append, block, receipts, checkpoint)
@@ -480,12 +501,23 @@ class ReplicaService(LedgerService):
         self._states[block.height] = state
         self._unfinal[block.height] = _Unfinal(block, receipts, state,
                                                {s.key: s for s in block.signatures})
-        mine = next(s for s in block.signatures if s.key == self.identity.public_hex)
-        with contextlib.suppress(LedgerError):  # others read it later; it is in our block too
-            await asyncio.to_thread(
-                self.etcd.put, f"sig/{height_key(block.height)}/{mine.key}",
-                mine.signature.encode())
+        if not proposed:
+            mine = next(s for s in block.signatures if s.key == self.identity.public_hex)
+            # published in the background: the driver goes on with the next block
+            task = asyncio.create_task(self._publish_signature(block.height, mine))
+            self._publishing.add(task)
+            task.add_done_callback(self._publishing.discard)
         self._advance_final()
+
+    async def _publish_signature(self, height: int, sig: BlockSignature) -> None:
+        for _ in range(50):
+            try:
+                await asyncio.to_thread(self.etcd.put, f"sig/{height_key(height)}/{sig.key}",
+                                        sig.signature.encode())
+                return
+            except LedgerError:
+                await asyncio.sleep(0.2)
+        log.error("event=signature_not_published height=%d", height)
 
     async def _collect_signatures(self, *, initial: bool = False) -> None:
         """Read the validators' signatures of the blocks not final yet."""
@@ -495,7 +527,8 @@ class ReplicaService(LedgerService):
             return
         first = min(self._unfinal)
         rows = await asyncio.to_thread(self.etcd.range, "sig/" + height_key(first),
-                                       "sig/" + height_key(self.mat_height + 1))
+                                       "sig/" + height_key(self.mat_height + 1),
+                                       serializable=True)
         for name, value in rows:
             _, h, key = name.split("/")
             entry = self._unfinal.get(int(h))
@@ -528,7 +561,7 @@ class ReplicaService(LedgerService):
             return
         low, high = min(self._recent_hashes), max(self._recent_hashes)
         rows = await asyncio.to_thread(self.etcd.range, "sig/" + height_key(low),
-                                       "sig/" + height_key(high + 1))
+                                       "sig/" + height_key(high + 1), serializable=True)
         for name, value in rows:
             _, h, key = name.split("/")
             block_hash = self._recent_hashes.get(int(h))
