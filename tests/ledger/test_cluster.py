@@ -28,6 +28,7 @@ from zerostack.ledger.pin import HeaderPin
 from zerostack.ledger.replica import Genesis
 from zerostack.ledger.state import apply_with_receipt, tick
 from zerostack.ledger.tx import parse_tx, sign_tx, tx_hash
+from zerostack.ledger.validators import approve_set
 
 
 @pytest.fixture
@@ -296,3 +297,43 @@ def test_each_replica_file_verifies_with_its_key_and_holds_the_quorum(
             assert sorted(s["key"] for s in sigs) == sorted(cluster.validators)
         finally:
             log.close()
+
+
+def test_a_validator_is_added_by_the_quorum_and_then_carries_finality(
+        cluster: LedgerCluster) -> None:
+    """A fourth replica joins and follows; the three validators approve a set of four;
+    from then on blocks are final with three of the four signatures, so the cluster
+    keeps finalizing with one replica down; a consumer follows the change."""
+    pin_file = cluster.dir / "user-pin.json"
+    user = Identity.generate()
+    with LedgerClient(cluster.urls) as c:
+        c.register_twin(user)
+        HeaderPin(pin_file).check(c)
+    fourth = cluster.add_replica()
+    new_set = sorted([*cluster.validators])  # the three genesis keys and the new one
+    keys = [load_identity(r.key_file) for r in cluster.replicas[:3]]
+    # too few approvals: refused, nothing changes
+    with LedgerClient(cluster.urls[:3]) as c:
+        twin = c.twin_id(user)
+        few = {"validators": new_set, "epoch": 1,
+               "approvals": [approve_set(k, 1, new_set) for k in keys[:2]]}
+        with pytest.raises(LedgerError) as info:
+            c.send(user, "validator.set", few, sender=twin)
+        assert getattr(info.value, "code", "") == "unauthorized"
+        payload = {"validators": new_set, "epoch": 1,
+                   "approvals": [approve_set(k, 1, new_set) for k in keys]}
+        result = c.send(user, "validator.set", payload, sender=twin)
+        assert result["receipt"] == {"epoch": 1, "validators": new_set}
+        assert c.validators()["quorum"] == 3
+    # the new replica caught up and signs; then one of the genesis replicas dies
+    cluster.kill(cluster.replicas[0].proc)
+    live = [r.url for r in cluster.replicas[1:]]
+    with LedgerClient(live) as c:
+        c.register_name(user, "after-change")
+        result = c.send(user, "name.register", {"name": "still-final"})
+        assert result.get("final") is True, result
+        head = c.head()
+        assert fourth.key in {s["key"] for s in head["signatures"]}
+        pin = HeaderPin(pin_file)
+        pin.check(c)
+        assert pin.epoch == 1 and pin.validators == new_set

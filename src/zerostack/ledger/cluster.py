@@ -105,6 +105,7 @@ class LedgerCluster:
 
     @property
     def validators(self) -> list[str]:
+        """The replicas' keys (the genesis validator set, unless changed since)."""
         return [r.key for r in self.replicas]
 
     # ---- etcd -------------------------------------------------------------------------
@@ -146,6 +147,19 @@ class LedgerCluster:
                 "--cluster", self.name]
         replica.proc = subprocess.Popen(args, stdout=log, stderr=log, start_new_session=True)
         log.close()
+
+    def add_replica(self, port: int | None = None, timeout: float = 60.0) -> Replica:
+        """Start one more replica with a new key: it follows and catches up, and its
+        signature counts once a `validator.set` puts its key in the validator set."""
+        i = len(self.replicas)
+        rdir = self.dir / f"replica-{i}"
+        rdir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        ident = Identity.generate()
+        save_identity(ident, rdir / "validator.key", f"ledger-validator-{i}")
+        replica = Replica(i, rdir, port or free_port(), ident.public_hex)
+        self.replicas.append(replica)
+        self.start_replica(replica, timeout)
+        return replica
 
     def kill(self, proc: subprocess.Popen[bytes] | None) -> None:
         """kill -9 one process of the cluster (and its process group)."""

@@ -159,9 +159,9 @@ class ReplicaService(LedgerService):
         self._watch_stop = threading.Event()
         self.stats = {"proposed": 0, "lost": 0, "followed": 0, "refused_on_rebase": 0}
         self.disagree: dict[str, int] = {}
+        """Validators whose signature at some height is not over this replica's block."""
         self._recent_hashes: dict[int, str] = {}
         self._audited = 0.0
-        """Validators whose signature at some height is not over this replica's block."""
         self._check_against_etcd()
 
     @staticmethod
@@ -211,7 +211,10 @@ class ReplicaService(LedgerService):
 
         self.etcd.watch(woken, self._watch_stop)
         # signatures of the blocks this file holds that were not final when it stopped
-        await self._collect_signatures(initial=True)
+        try:
+            await self._collect_signatures(initial=True)
+        except LedgerError as exc:  # etcd not reachable yet: the driver tries again
+            log.warning("event=replica_etcd_error error=%r", str(exc)[:300])
         self._driver = asyncio.create_task(self._drive(), name="ledger-replica")
 
     async def stop(self) -> None:
@@ -243,6 +246,10 @@ class ReplicaService(LedgerService):
             why = self._broken or "it is shutting down"
             raise LedgerError(f"the ledger stopped accepting transactions: {why}",
                               code="unavailable", status=503)
+        if self.identity.public_hex not in self.mat_state.validators:
+            # only validators propose blocks: a client moves on to another replica
+            raise LedgerError("this replica follows the ledger but is not a validator: "
+                              "submit to another replica", code="unavailable", status=503)
         results: list[dict[str, Any]] = [{} for _ in raws]
         parsed: list[tuple[int, Tx]] = []
         for i, raw in enumerate(raws):
@@ -322,10 +329,19 @@ class ReplicaService(LedgerService):
                 await self._collect_signatures()
                 if _time.monotonic() - self._audited > AUDIT_EVERY:
                     await self._audit()
-                if self._pending and len(self._unfinal) < MAX_UNFINAL:
+                proposer = self.identity.public_hex in self.mat_state.validators
+                if self._pending and proposer and len(self._unfinal) < MAX_UNFINAL:
                     await self._propose()
-                elif not self._pending and not self._closing and self._deadline_due():
+                elif (proposer and not self._pending and not self._closing
+                      and self._deadline_due()):
                     await self._propose(empty=True)
+                elif self._pending and not proposer:  # removed from the set meanwhile
+                    pending, self._pending, self._pend_base = self._pending, [], None
+                    for entry in pending:
+                        if not entry.future.done():
+                            entry.future.set_exception(LedgerError(
+                                "this replica is no longer a validator: submit to another "
+                                "replica", code="unavailable", status=503))
             except BadBlock as exc:
                 self._fail(f"the cluster's log does not check out: {exc}")
                 return
