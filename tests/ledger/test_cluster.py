@@ -5,7 +5,10 @@ by the cluster, by the other replicas and by consumers."""
 
 from __future__ import annotations
 
+import os
 import random
+import signal
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -337,3 +340,37 @@ def test_a_validator_is_added_by_the_quorum_and_then_carries_finality(
         pin = HeaderPin(pin_file)
         pin.check(c)
         assert pin.epoch == 1 and pin.validators == new_set
+
+
+def test_cluster_up_and_status_from_the_cli(tmp_path: Path, procs: ProcessGroup) -> None:
+    """`zerostack ledger cluster up` runs etcd and replicas until SIGTERM, then stops
+    them all; `zerostack ledger status` reads every replica."""
+    require_tool("etcd")
+    proc = procs.start([*zerostack_cmd(), "ledger", "cluster", "up", "--dir",
+                        str(tmp_path / "c"), "--replicas", "2", "--etcd-members", "1",
+                        "--cluster", f"cli{random.randrange(1 << 30)}", "--json"],
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None
+    lines = []
+    while True:  # the JSON document ends with a closing brace on its own line
+        line = proc.stdout.readline()
+        assert line, proc.stderr.read().decode() if proc.stderr else "no output"
+        lines.append(line)
+        if line.rstrip() == b"}":
+            break
+    info = orjson.loads(b"".join(lines))
+    urls = [r["url"] for r in info["replicas"]]
+    pids = [r["pid"] for r in info["replicas"]] + [m["pid"] for m in info["etcd"]]
+    with LedgerClient(urls) as c:
+        c.register_twin(Identity.generate())
+    out = subprocess.run([*zerostack_cmd(), "ledger", "status", "--ledger", ",".join(urls),
+                          "--json"], capture_output=True, timeout=60)
+    assert out.returncode == 0, out.stderr.decode()
+    status = orjson.loads(out.stdout)
+    assert status["problems"] == [] and len(status["replicas"]) == 2
+    assert {r["final"] for r in status["replicas"]} == {1}
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0
+    for pid in pids:  # every etcd member and replica is gone
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
