@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import threading
 import time as _time
 from collections.abc import Callable
@@ -67,6 +68,8 @@ AUDIT_EVERY = 2.0
 """Seconds between checks of the signatures published for recent final blocks."""
 AUDIT_BLOCKS = 256
 """How many of the last final blocks those checks cover."""
+MAX_SIG_ROWS = 20000
+"""Most signature rows one read takes from etcd (the rest is read next time)."""
 MAX_UNFINAL = 4096
 """Blocks materialized but not final yet that a replica keeps in memory; past it, it
 stops proposing until signatures catch up."""
@@ -192,12 +195,19 @@ class ReplicaService(LedgerService):
             if not rows:
                 raise BadBlock(height, "the cluster's log in etcd has no block at this height")
             for name, data in rows:
-                h = int(name.split("/")[1])
+                h = _block_height(name)
+                if h is None:
+                    continue
+                if h != height:
+                    raise BadBlock(height, "the cluster's log in etcd has no block at this "
+                                   "height")
+                height += 1
                 stored = self.log.block(h)
                 if stored is None or _header_hash_of(data) != stored.hash:
                     raise BadBlock(h, "this file's block differs from the one the cluster "
                                    "ordered at this height (its history was rewritten)")
-            height = int(rows[-1][0].split("/")[1]) + 1
+            if not any(_block_height(n) for n, _ in rows):
+                raise BadBlock(height, "the cluster's log in etcd has no block at this height")
 
     # ---- lifecycle --------------------------------------------------------------------
 
@@ -452,7 +462,9 @@ class ReplicaService(LedgerService):
             if not rows:
                 break
             for name, data in rows:
-                height = int(name.split("/")[1])
+                height = _block_height(name)
+                if height is None:  # not a key of the protocol: ignored
+                    continue
                 if height != self.mat_height + 1:
                     raise BadBlock(self.mat_height + 1, f"etcd jumps to block {height}")
                 block, receipts, state = await asyncio.to_thread(self._check_block, data, height)
@@ -543,22 +555,23 @@ class ReplicaService(LedgerService):
             return
         first = min(self._unfinal)
         rows = await asyncio.to_thread(self.etcd.range, "sig/" + height_key(first),
-                                       "sig/" + height_key(self.mat_height + 1),
+                                       "sig/" + height_key(self.mat_height + 1), MAX_SIG_ROWS,
                                        serializable=True)
         for name, value in rows:
-            _, h, key = name.split("/")
-            entry = self._unfinal.get(int(h))
-            if entry is None or key in entry.signatures:
+            row = _sig_row(name, value)
+            if row is None:
                 continue
-            sig = BlockSignature(key, value.decode(errors="replace"))
-            try:
-                ok = signed_by(entry.block.hash, [sig], self._validators_for(int(h))) == 1
-            except ValueError:
-                ok = False
-            if ok:
-                entry.signatures[key] = sig
+            h, sig = row
+            entry = self._unfinal.get(h)
+            if entry is None or sig.key in entry.signatures:
+                continue
+            validators = self._validators_for(h)
+            if sig.key not in validators:  # a replica outside the set: it does not count
+                continue
+            if signed_by(entry.block.hash, [sig], validators) == 1:
+                entry.signatures[sig.key] = sig
             else:
-                self._disagrees(key, int(h))
+                self._disagrees(sig.key, h)
         self._advance_final()
 
     def _disagrees(self, key: str, height: int) -> None:
@@ -577,19 +590,18 @@ class ReplicaService(LedgerService):
             return
         low, high = min(self._recent_hashes), max(self._recent_hashes)
         rows = await asyncio.to_thread(self.etcd.range, "sig/" + height_key(low),
-                                       "sig/" + height_key(high + 1), serializable=True)
+                                       "sig/" + height_key(high + 1), MAX_SIG_ROWS,
+                                       serializable=True)
         for name, value in rows:
-            _, h, key = name.split("/")
-            block_hash = self._recent_hashes.get(int(h))
-            if block_hash is None or key in self.disagree:
+            row = _sig_row(name, value)
+            if row is None:
                 continue
-            sig = BlockSignature(key, value.decode(errors="replace"))
-            try:
-                ok = signed_by(block_hash, [sig], [key]) == 1
-            except ValueError:
-                ok = False
-            if not ok:
-                self._disagrees(key, int(h))
+            h, sig = row
+            block_hash = self._recent_hashes.get(h)
+            if block_hash is None or sig.key in self.disagree:
+                continue
+            if signed_by(block_hash, [sig], [sig.key]) != 1:
+                self._disagrees(sig.key, h)
 
     async def _load_unfinal_tail(self) -> None:
         """At start: blocks of the file whose stored signatures are not a quorum wait for
@@ -659,6 +671,24 @@ class ReplicaService(LedgerService):
                 "pending": len(self._pending), "broken": self._broken,
                 "validators": list(self.chain.state.validators), "disagree": self.disagree,
                 **self.stats}
+
+
+_BLOCK_KEY = re.compile(r"block/([0-9]{12})")
+_SIG_KEY = re.compile(r"sig/([0-9]{12})/([0-9a-f]{64})")
+_SIG_VALUE = re.compile(rb"[0-9a-f]{128}")
+
+
+def _block_height(name: str) -> int | None:
+    m = _BLOCK_KEY.fullmatch(name)
+    return int(m.group(1)) if m else None
+
+
+def _sig_row(name: str, value: bytes) -> tuple[int, BlockSignature] | None:
+    """(height, signature) of a `sig/<height>/<key>` row; None for anything else."""
+    m = _SIG_KEY.fullmatch(name)
+    if m is None or not _SIG_VALUE.fullmatch(value):
+        return None
+    return int(m.group(1)), BlockSignature(m.group(2), value.decode())
 
 
 def _header_hash_of(data: bytes) -> str:
