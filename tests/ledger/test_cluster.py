@@ -224,8 +224,28 @@ def test_a_replica_whose_history_was_rewritten_is_caught(
         release = c.send(user, "name.release", {"name": "held"})
         c.register_twin(Identity.generate())  # one more block after it
         assert c.name("held") is None
+    # a dry node agent follows the honest cluster and pins it
+    with LedgerClient(cluster.urls) as c:
+        farmer = Identity.generate()
+        c.register_twin(farmer)
+        farm = c.create_farm(farmer, f"rw{random.randrange(1 << 30)}")
+    node_dir = cluster.dir / "node"
+    node_args = ["--farm", str(farm), "--data", str(node_dir), "--zdb-port", str(free_port()),
+                 "--resync", "1", "--heartbeat", "3600", "--dry"]
+    node_log = cluster.dir / "node.log"
+    with open(node_log, "ab") as out:
+        node = procs.start([*zerostack_cmd(), "node", "run", "--ledger",
+                            ",".join(cluster.urls), *node_args], stdout=out, stderr=out)
+    pinned = node_dir / "ledger-head.json"
+    deadline = time.monotonic() + 40
+    while not (pinned.exists() and "validators" in pinned.read_text()):
+        assert node.poll() is None and time.monotonic() < deadline, node_log.read_text()
+        time.sleep(0.1)
     top = max(h["height"] for h in heads(cluster.urls))
     wait_same_head(cluster.urls, top)
+    time.sleep(1.5)  # a resync pass pins the last head
+    node.terminate()
+    node.wait(timeout=30)
     # a consumer saw the honest cluster
     pin_file = cluster.dir / "node-pin.json"
     with LedgerClient(cluster.urls) as c:
@@ -255,6 +275,18 @@ def test_a_replica_whose_history_was_rewritten_is_caught(
     with LedgerClient(rogue_url) as c, pytest.raises(LedgerError) as info:
         HeaderPin(pin_file).check(c)
     assert info.value.code == "untrusted" and "not final" in str(info.value)
+    # the node agent, pointed at the rogue ledger alone, refuses to act on it and keeps
+    # running
+    with open(node_log, "ab") as out:
+        node = procs.start([*zerostack_cmd(), "node", "run", "--ledger", rogue_url,
+                            *node_args], stdout=out, stderr=out)
+    deadline = time.monotonic() + 40
+    while "ledger_refused" not in node_log.read_text():
+        assert node.poll() is None and time.monotonic() < deadline, node_log.read_text()
+        time.sleep(0.2)
+    refusal = " ".join(node_log.read_text().split())
+    assert "not final" in refusal or "forked" in refusal, refusal[-2000:]
+    assert node.poll() is None
     # and `ledger status` over the replicas' URLs reports the fork
     status = cluster_status([*cluster.urls[:2], rogue_url])
     assert any("disagree on block" in p for p in status["problems"]), status
