@@ -287,6 +287,10 @@ def test_a_replica_whose_history_was_rewritten_is_caught(
     refusal = " ".join(node_log.read_text().split())
     assert "not final" in refusal or "forked" in refusal, refusal[-2000:]
     assert node.poll() is None
+    # given the rogue and an honest replica, a consumer reports the rogue and moves on
+    with LedgerClient([rogue_url, cluster.urls[0]]) as c:
+        HeaderPin(pin_file).check(c)
+        assert c.url == cluster.urls[0]
     # and `ledger status` over the replicas' URLs reports the fork
     status = cluster_status([*cluster.urls[:2], rogue_url])
     assert any("disagree on block" in p for p in status["problems"]), status

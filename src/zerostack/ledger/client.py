@@ -292,6 +292,10 @@ class LedgerClient(_Queries[Obj | None, list[Obj], Obj]):
         """The ledger URL in use (the next one is tried when it cannot be reached)."""
         return self.urls[self._k]
 
+    def next_url(self) -> None:
+        """Use the next URL from now on (the current replica failed a trust check)."""
+        self._k = (self._k + 1) % len(self.urls)
+
     def close(self) -> None:
         for http in self._https:
             http.close()
@@ -623,6 +627,10 @@ class AsyncLedgerClient(_Queries[Awaitable[Obj | None], Awaitable[list[Obj]],
     def url(self) -> str:
         """The ledger URL in use (the next one is tried when it cannot be reached)."""
         return self.urls[self._k]
+
+    def next_url(self) -> None:
+        """Use the next URL from now on (the current replica failed a trust check)."""
+        self._k = (self._k + 1) % len(self.urls)
 
     async def close(self) -> None:
         for http in self._https:

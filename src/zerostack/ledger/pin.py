@@ -180,18 +180,42 @@ class HeaderPin:
             self._write()
 
     def check(self, client: LedgerClient) -> None:
-        head = client.head()
-        if self._wants_validators(head):
-            self.learn_validators(client.validators(), head)
-        at = self.wanted(head)
-        self.accept(head, None if at is None else client.header(at))
+        """Check the ledger `client` talks to; with several URLs (a cluster's replicas),
+        a replica that fails the check is reported and the next one is tried, so the
+        client ends on one that passed (LedgerError `untrusted` when none does)."""
+        errors: list[str] = []
+        for _ in range(len(getattr(client, "urls", ())) or 1):
+            try:
+                head = client.head()
+                if self._wants_validators(head):
+                    self.learn_validators(client.validators(), head)
+                at = self.wanted(head)
+                self.accept(head, None if at is None else client.header(at))
+                return
+            except LedgerError as exc:
+                if exc.code != "untrusted" or len(getattr(client, "urls", ())) < 2:
+                    raise
+                errors.append(f"{client.url}: {exc}")
+                client.next_url()
+        raise untrusted("; ".join(errors))
 
     async def check_async(self, client: AsyncLedgerClient) -> None:
-        head = await client.head()
-        if self._wants_validators(head):
-            self.learn_validators(await client.validators(), head)
-        at = self.wanted(head)
-        self.accept(head, None if at is None else await client.header(at))
+        """`check` for the asyncio client."""
+        errors: list[str] = []
+        for _ in range(len(getattr(client, "urls", ())) or 1):
+            try:
+                head = await client.head()
+                if self._wants_validators(head):
+                    self.learn_validators(await client.validators(), head)
+                at = self.wanted(head)
+                self.accept(head, None if at is None else await client.header(at))
+                return
+            except LedgerError as exc:
+                if exc.code != "untrusted" or len(getattr(client, "urls", ())) < 2:
+                    raise
+                errors.append(f"{client.url}: {exc}")
+                client.next_url()
+        raise untrusted("; ".join(errors))
 
     # ---- a ledger cluster: blocks are final when > 2/3 of the validators signed ---------
 
