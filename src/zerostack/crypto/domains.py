@@ -32,14 +32,14 @@ class Domain(enum.StrEnum):
     """A node's signed report on the workloads it runs."""
     BLOCK_HEADER = "block-header"
     """A ledger operator's (or validator's) signature over a block header hash."""
+    VALIDATOR_SET = "validator-set"
+    """A current validator's consent to replace the ledger's validator set with another
+    (the digest of the new set and its epoch)."""
     KEY_CHANGE = "key-change"
     """A twin's old key authorising its new key."""
     LEDGER_CHECKPOINT = "ledger-checkpoint"
     """A ledger operator's statement that every signature of its log up to one block
     (height and hash) was checked, so a restart may skip checking them again."""
-    VALIDATOR_SET = "validator-set"
-    """A current validator's consent to replace the ledger's validator set with another
-    (the digest of the new set and its epoch)."""
 
 
 PREFIX = b"zerostack-sig/v1 "
