@@ -28,7 +28,8 @@ def default_url() -> str:
     return os.environ.get("ZEROSTACK_LEDGER", f"http://{DEFAULT_LISTEN}")
 
 
-LedgerUrl = typer.Option(None, "--ledger", help="Ledger URL (default $ZEROSTACK_LEDGER or "
+LedgerUrl = typer.Option(None, "--ledger", help="Ledger URL, or a cluster's replica URLs "
+                         "comma-separated (default $ZEROSTACK_LEDGER or "
                          f"http://{DEFAULT_LISTEN}).")
 JsonOut = typer.Option(False, "--json", help="Print JSON.")
 
@@ -86,6 +87,13 @@ def serve(
     policy_file: Path = typer.Option(None, "--policy", help="JSON pricing policy the grid "
                                      "starts with (see docs/billing.md); default with "
                                      "--dev-faucet: the development prices."),
+    etcd: str = typer.Option(None, "--etcd", help="Run as a replica of a ledger cluster "
+                             "ordered by this etcd cluster: http://HOST:PORT[,…] "
+                             "(docs/ledger-cluster.md)."),
+    validator_key: Path = typer.Option(None, "--validator-key", help="With --etcd: this "
+                                       "replica's validator key file (signs every block)."),
+    cluster: str = typer.Option("default", "--cluster", help="With --etcd: the cluster's "
+                                "name (its keys in etcd)."),
 ) -> None:
     """Run the ledger's HTTP API, after checking the whole file (as `verify` does)."""
     from zerostack.ledger import LedgerError
@@ -97,9 +105,25 @@ def serve(
         fail(f"--listen must be HOST:PORT, got {listen!r}")
     path = db or default_db()
     policy = _policy(policy_file, dev_faucet)
-    operator = operator_identity(key or path.parent / "ledger.key", path)
+    etcd_log = None
+    if etcd is not None:
+        from zerostack.crypto import CryptoError, load_identity
+        from zerostack.ledger.etcd import EtcdLog
+
+        if validator_key is None:
+            fail("--etcd needs --validator-key FILE")
+        if policy is not None:
+            fail("--policy and --dev-faucet are not supported with --etcd yet")
+        try:
+            operator = load_identity(validator_key)
+            etcd_log = EtcdLog(etcd, cluster)
+        except (CryptoError, OSError, LedgerError) as exc:
+            fail(escape(f"--etcd/--validator-key: {exc}"))
+    else:
+        operator = operator_identity(key or path.parent / "ledger.key", path)
     try:
-        application = create_app(path, operator, block_interval=block_interval, policy=policy)
+        application = create_app(path, operator, block_interval=block_interval, policy=policy,
+                                 etcd=etcd_log)
     except LedgerError as exc:
         # the reason may quote bytes of the file: no console markup from it
         fail(escape(f"refusing to serve {path}: {exc}"))
@@ -400,3 +424,14 @@ def events(
         if not follow and batch["next"] == str(batch["head"]):
             return
         cursor = batch["next"]
+
+
+def _register_cluster_commands() -> None:
+    from zerostack.cli.ledger_cluster import cluster_app
+    from zerostack.cli.ledger_cluster import status as cluster_status_command
+
+    app.add_typer(cluster_app, name="cluster")
+    app.command("status")(cluster_status_command)
+
+
+_register_cluster_commands()

@@ -31,7 +31,9 @@ def _size(text: str | None, option: str) -> int | None:
 @app.command("run")
 def run(
     ledger: str = typer.Option(..., "--ledger", envvar="ZEROSTACK_LEDGER",
-                               help="Ledger URL, e.g. http://127.0.0.1:7700."),
+                               help="Ledger URL, e.g. http://127.0.0.1:7700; or the "
+                                    "URLs of a ledger cluster's replicas, comma-separated "
+                                    "(tried in turn)."),
     farm: int = typer.Option(..., "--farm", help="Farm id this node belongs to."),
     data: Path = typer.Option(..., "--data", help="The node's state dir (identity, state, zdb)."),
     zdb_port: int = typer.Option(9900, "--zdb-port", help="Port of the node's Zero-DB."),

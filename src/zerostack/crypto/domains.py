@@ -32,6 +32,9 @@ class Domain(enum.StrEnum):
     """A node's signed report on the workloads it runs."""
     BLOCK_HEADER = "block-header"
     """A ledger operator's (or validator's) signature over a block header hash."""
+    VALIDATOR_SET = "validator-set"
+    """A current validator's consent to replace the ledger's validator set with another
+    (the digest of the new set and its epoch)."""
     KEY_CHANGE = "key-change"
     """A twin's old key authorising its new key."""
     SOLUTION_APPROVAL = "solution-approval"

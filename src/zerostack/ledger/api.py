@@ -30,6 +30,7 @@ from zerostack.ledger.service import MAX_BATCH_BYTES, LedgerService
 from zerostack.ledger.state import CONTRACT_STATES, billing_view, contract_prices
 from zerostack.ledger.store import BlockLog, SqliteLog
 from zerostack.ledger.tx import MAX_BATCH, MAX_TX_BYTES, SignedTxModel
+from zerostack.ledger.validators import validators_view
 
 
 class _SubmitFastPath:
@@ -142,14 +143,21 @@ def create_app(
     clock: Callable[[], float] = _time.time,
     block_interval: float = 0.0,
     policy: dict[str, Any] | None = None,
+    etcd: Any = None,
 ) -> FastAPI:
     """The ASGI app for a ledger whose log is the SQLite file `db` (or any BlockLog),
     operated with the key `operator`. Raises `LedgerError` (`BadBlock`) when the log
     fails its checks: a ledger never serves a file `zerostack ledger verify` refuses."""
     blocklog: BlockLog = SqliteLog(db) if isinstance(db, (str, Path)) else db
+    service: LedgerService
     try:
-        service = LedgerService(blocklog, operator, clock=clock, block_interval=block_interval,
-                                policy=policy)
+        if etcd is not None:  # a replica of a cluster ordered by etcd (ledger/replica.py)
+            from zerostack.ledger.replica import ReplicaService
+
+            service = ReplicaService(blocklog, operator, etcd, clock=clock)
+        else:
+            service = LedgerService(blocklog, operator, clock=clock,
+                                    block_interval=block_interval, policy=policy)
     except BaseException:
         blocklog.close()
         raise
@@ -241,6 +249,24 @@ def create_app(
         if stored is None:
             return _not_found(f"block {height}")
         return _json(block_json(stored.data, stored.hash))
+
+    @app.get("/validators", summary="The validator set, its epoch and quorum, and every "
+             "change of it with the approvals of the set before.")
+    async def get_validators() -> Response:
+        def height_of(tx_hash: str) -> int | None:
+            row = service.log.tx(tx_hash)
+            return None if row is None else row.height
+
+        return _json(validators_view(service.chain.state, height_of))
+
+    @app.get("/cluster", summary="This replica's view of its cluster: its key, the heights "
+             "it materialized and saw final, and its counters (a single ledger: mode single).")
+    async def get_cluster() -> Response:
+        status = getattr(service, "status", None)
+        if status is None:
+            return _json({"mode": "single", "key": operator.public_hex,
+                          "materialized": service.chain.height, "final": service.chain.height})
+        return _json({"mode": "replica", **status()})
 
     @app.get("/twins", summary="Twins, or the twin with public key `key`.")
     async def get_twins(key: str | None = None, limit: Limit = 100,

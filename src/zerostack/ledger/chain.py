@@ -54,14 +54,18 @@ class PendingBlock:
 class Chain:
     """The single writer of a ledger: accepts transactions, cuts blocks, commits them."""
 
-    def __init__(self, log: BlockLog, operator: Identity, clock: Clock = _time.time) -> None:
+    def __init__(self, log: BlockLog, operator: Identity, clock: Clock = _time.time,
+                 *, start: State | None = None) -> None:
         """Open `log`, refusing it (`BadBlock`) unless it passes the checks of `verify`
         (transaction signatures up to its checkpoint excepted, see `replay`) with every
-        block signed by `operator`, this ledger's key, which signs the blocks it adds."""
+        block signed by `operator`, this ledger's key, which signs the blocks it adds.
+        `start` is the genesis state (default: `operator` governs and validates alone;
+        a replica of a cluster starts from the cluster's genesis instead)."""
         self.log = log
         self.clock = clock
         self.operator = operator
-        replayed = replay(log, operator_key=operator.public_hex, trust_checkpoint=True)
+        replayed = replay(log, operator_key=operator.public_hex, trust_checkpoint=True,
+                          start=start)
         self.state: State = replayed.state
         self.height, self.hash, self.time = replayed.height, replayed.hash, replayed.time
         self.last: Block | None = replayed.last
@@ -170,7 +174,7 @@ HEADER_CHUNK = 256
 
 
 def replay(log: BlockLog, *, operator_key: str | None = None, trust_checkpoint: bool = False,
-           check_index: bool = True) -> Replayed:
+           check_index: bool = True, start: State | None = None) -> Replayed:
     """Rebuild the state from genesis, checking every block; raise `BadBlock` at the first bad one.
 
     Every block's bytes, hashes, header signature (by `operator_key`; without one, by the
@@ -189,7 +193,7 @@ def replay(log: BlockLog, *, operator_key: str | None = None, trust_checkpoint: 
                                          or not checkpoint.valid_for(operator_key))
     trusted = checkpoint.height if checkpoint is not None and trust_checkpoint and not forged \
         else 0
-    state = genesis(operator_key)
+    state = genesis(operator_key) if start is None else start
     prev_hash, prev_time, height, count = GENESIS_HASH, 0, 0, 0
     last: Block | None = None
     threads = max(1, min(4, os.cpu_count() or 1))
@@ -362,10 +366,13 @@ def _check_index(log: BlockLog, block: Block, receipts: list[Receipt]) -> None:
             raise BadBlock(block.height, f"transaction index row {i} does not match the block")
 
 
-def verify_log(log: BlockLog, operator_key: str | None = None) -> Replayed:
+def verify_log(log: BlockLog, operator_key: str | None = None, *,
+               start: State | None = None) -> Replayed:
     """Full check of a log: every hash, signature, transition and index row, every block
-    signed by `operator_key` (default: the key that signed block 1)."""
-    return replay(log, operator_key=operator_key, trust_checkpoint=False, check_index=True)
+    signed by `operator_key` (default: the key that signed block 1). `start`: the genesis
+    state (a cluster replica's file starts from the cluster's)."""
+    return replay(log, operator_key=operator_key, trust_checkpoint=False, check_index=True,
+                  start=start)
 
 
 def block_json(data: bytes, block_hash: str) -> dict[str, Any]:

@@ -20,7 +20,7 @@ import orjson
 
 from zerostack.crypto import Domain, Identity, solution_digest
 from zerostack.ledger.errors import LedgerError, LedgerRejected
-from zerostack.ledger.tx import sign_approval, sign_cancel_vote, sign_tx
+from zerostack.ledger.tx import sign_approval, sign_cancel_vote, sign_tx, tx_hash
 
 T = TypeVar("T")
 NONCE_RETRIES = 3
@@ -73,6 +73,27 @@ def _merge_batch(todo: list[int], batch: list[dict[str, Any]],
         if result.get("code") == "bad_nonce":
             retry.append(i)
     return retry
+
+
+MAX_URLS = 16
+
+
+def ledger_urls(url: str | list[str]) -> list[str]:
+    """One ledger URL, several separated by commas, or a list: the replicas of one ledger
+    cluster, tried in turn."""
+    items = url.split(",") if isinstance(url, str) else list(url)
+    urls = [u.strip().rstrip("/") for u in items if u.strip()]
+    if not urls or len(urls) > MAX_URLS:
+        raise LedgerError(f"give 1 to {MAX_URLS} ledger URLs")
+    return urls
+
+
+def _fail_over(exc: LedgerError, path: str) -> bool:
+    """Whether another replica may answer what this one could not: it is unavailable
+    (503, shutting down or cut off from etcd), or it has not reached an event cursor the
+    follower got from a replica further ahead."""
+    return exc.status in (502, 503, 504) or (exc.code == "bad_cursor" and path.startswith(
+        "/events"))
 
 
 # ---- payload builders shared by both clients -----------------------------------------------
@@ -185,6 +206,11 @@ class _Queries(Generic[MaybeT, ListT, OneT]):
         tx_count, signatures} ({height: 0, hash, time, signatures: []} when empty)."""
         return self._get("/head")
 
+    def validators(self) -> OneT:
+        """The validator set: {epoch, validators, quorum, changes: [{epoch, validators,
+        approvals, height, tx}]}."""
+        return self._get("/validators")
+
     def header(self, height: int) -> MaybeT:
         """The signed header of block `height` (no transactions)."""
         return self._get_or_none(f"/blocks/{height}/header")
@@ -266,14 +292,25 @@ class _Queries(Generic[MaybeT, ListT, OneT]):
 class LedgerClient(_Queries[Obj | None, list[Obj], Obj]):
     """Synchronous client (httpx)."""
 
-    def __init__(self, url: str, *, timeout: float = 30.0) -> None:
-        self.url = url.rstrip("/")
-        self._http = httpx.Client(base_url=self.url, timeout=timeout)
+    def __init__(self, url: str | list[str], *, timeout: float = 30.0) -> None:
+        self.urls = ledger_urls(url)
+        self._https = [httpx.Client(base_url=u, timeout=timeout) for u in self.urls]
+        self._k = 0
         self._nonces = _NonceBook()
         self._twin_ids: dict[str, int] = {}
 
+    @property
+    def url(self) -> str:
+        """The ledger URL in use (the next one is tried when it cannot be reached)."""
+        return self.urls[self._k]
+
+    def next_url(self) -> None:
+        """Use the next URL from now on (the current replica failed a trust check)."""
+        self._k = (self._k + 1) % len(self.urls)
+
     def close(self) -> None:
-        self._http.close()
+        for http in self._https:
+            http.close()
 
     def __enter__(self) -> LedgerClient:
         return self
@@ -289,17 +326,28 @@ class LedgerClient(_Queries[Obj | None, list[Obj], Obj]):
             kwargs["headers"] = {"content-type": "application/json"}
         if timeout is not None:
             kwargs["timeout"] = timeout
-        try:
-            with self._http.stream(method, path, params=params, **kwargs) as response:
-                content = bytearray()
-                for chunk in response.iter_bytes():
-                    content += chunk
-                    if len(content) > MAX_ANSWER:
-                        raise _too_large(self.url)
-        except httpx.HTTPError as exc:
-            raise LedgerError(f"cannot reach the ledger at {self.url}: {exc}",
-                              code="unreachable") from exc
-        return _decode(self.url, method, response.status_code, bytes(content))
+        for attempt in range(len(self.urls)):
+            k = self._k
+            try:
+                with self._https[k].stream(method, path, params=params, **kwargs) as response:
+                    content = bytearray()
+                    for chunk in response.iter_bytes():
+                        content += chunk
+                        if len(content) > MAX_ANSWER:
+                            raise _too_large(self.urls[k])
+                return _decode(self.urls[k], method, response.status_code, bytes(content))
+            except httpx.HTTPError as exc:
+                error = LedgerError(f"cannot reach the ledger at {self.urls[k]}: {exc}",
+                                    code="unreachable")
+                error.__cause__ = exc
+            except LedgerError as exc:
+                if not _fail_over(exc, path) or attempt == len(self.urls) - 1:
+                    raise
+                error = exc
+            if attempt == len(self.urls) - 1:
+                raise error
+            self._k = (k + 1) % len(self.urls)
+        raise AssertionError("unreachable")
 
     def _get(self, path: str) -> Obj:
         result: Obj = self._request("GET", path)
@@ -320,14 +368,32 @@ class LedgerClient(_Queries[Obj | None, list[Obj], Obj]):
     # ---- submission ------------------------------------------------------------------
 
     def submit(self, tx: dict[str, Any]) -> dict[str, Any]:
-        """Submit a signed transaction; returns {hash, height, receipt} or raises LedgerRejected."""
-        result: dict[str, Any] = self._request("POST", "/tx", body=tx)
+        """Submit a signed transaction; returns {hash, height, receipt} or raises LedgerRejected.
+        A transaction refused for its nonce that the ledger already holds (the same signed
+        bytes, sent again after a replica failed mid-answer) is answered as committed."""
+        try:
+            result: dict[str, Any] = self._request("POST", "/tx", body=tx)
+        except LedgerRejected as exc:
+            if exc.code not in ("bad_nonce", "conflict") or len(self.urls) == 1:
+                raise
+            found = self.tx(tx_hash(tx))
+            if found is None:
+                raise
+            return {"hash": found["hash"], "height": found["height"],
+                    "receipt": found["receipt"]}
         return result
 
     def submit_many(self, txs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Submit a batch; one result per transaction ({hash, height, receipt} or {error, code})."""
         data = self._request("POST", "/txs", body=txs)
         results: list[dict[str, Any]] = data["results"]
+        if len(self.urls) > 1:
+            for i, r in enumerate(results):
+                if r.get("code") in ("bad_nonce", "conflict"):
+                    found = self.tx(tx_hash(txs[i]))
+                    if found is not None:
+                        results[i] = {"hash": found["hash"], "height": found["height"],
+                                      "receipt": found["receipt"]}
         return results
 
     def twin_id(self, identity: Identity) -> int:
@@ -578,15 +644,26 @@ class AsyncLedgerClient(_Queries[Awaitable[Obj | None], Awaitable[list[Obj]],
                                    Awaitable[Obj]]):
     """Asyncio client (httpx.AsyncClient); the same methods as LedgerClient, awaitable."""
 
-    def __init__(self, url: str, *, timeout: float = 30.0) -> None:
-        self.url = url.rstrip("/")
-        self._http = httpx.AsyncClient(base_url=self.url, timeout=timeout)
+    def __init__(self, url: str | list[str], *, timeout: float = 30.0) -> None:
+        self.urls = ledger_urls(url)
+        self._https = [httpx.AsyncClient(base_url=u, timeout=timeout) for u in self.urls]
+        self._k = 0
         self._nonces = _NonceBook()
         self._twin_ids: dict[str, int] = {}
         self._send_lock = asyncio.Lock()
 
+    @property
+    def url(self) -> str:
+        """The ledger URL in use (the next one is tried when it cannot be reached)."""
+        return self.urls[self._k]
+
+    def next_url(self) -> None:
+        """Use the next URL from now on (the current replica failed a trust check)."""
+        self._k = (self._k + 1) % len(self.urls)
+
     async def close(self) -> None:
-        await self._http.aclose()
+        for http in self._https:
+            await http.aclose()
 
     async def __aenter__(self) -> AsyncLedgerClient:
         return self
@@ -602,17 +679,29 @@ class AsyncLedgerClient(_Queries[Awaitable[Obj | None], Awaitable[list[Obj]],
             kwargs["headers"] = {"content-type": "application/json"}
         if timeout is not None:
             kwargs["timeout"] = timeout
-        try:
-            async with self._http.stream(method, path, params=params, **kwargs) as response:
-                content = bytearray()
-                async for chunk in response.aiter_bytes():
-                    content += chunk
-                    if len(content) > MAX_ANSWER:
-                        raise _too_large(self.url)
-        except httpx.HTTPError as exc:
-            raise LedgerError(f"cannot reach the ledger at {self.url}: {exc}",
-                              code="unreachable") from exc
-        return _decode(self.url, method, response.status_code, bytes(content))
+        for attempt in range(len(self.urls)):
+            k = self._k
+            try:
+                async with self._https[k].stream(method, path, params=params,
+                                                 **kwargs) as response:
+                    content = bytearray()
+                    async for chunk in response.aiter_bytes():
+                        content += chunk
+                        if len(content) > MAX_ANSWER:
+                            raise _too_large(self.urls[k])
+                return _decode(self.urls[k], method, response.status_code, bytes(content))
+            except httpx.HTTPError as exc:
+                error = LedgerError(f"cannot reach the ledger at {self.urls[k]}: {exc}",
+                                    code="unreachable")
+                error.__cause__ = exc
+            except LedgerError as exc:
+                if not _fail_over(exc, path) or attempt == len(self.urls) - 1:
+                    raise
+                error = exc
+            if attempt == len(self.urls) - 1:
+                raise error
+            self._k = (k + 1) % len(self.urls)
+        raise AssertionError("unreachable")
 
     async def _get(self, path: str) -> Obj:
         result: Obj = await self._request("GET", path)
@@ -631,12 +720,28 @@ class AsyncLedgerClient(_Queries[Awaitable[Obj | None], Awaitable[list[Obj]],
         return result
 
     async def submit(self, tx: dict[str, Any]) -> dict[str, Any]:
-        result: dict[str, Any] = await self._request("POST", "/tx", body=tx)
+        try:
+            result: dict[str, Any] = await self._request("POST", "/tx", body=tx)
+        except LedgerRejected as exc:
+            if exc.code not in ("bad_nonce", "conflict") or len(self.urls) == 1:
+                raise
+            found = await self.tx(tx_hash(tx))
+            if found is None:
+                raise
+            return {"hash": found["hash"], "height": found["height"],
+                    "receipt": found["receipt"]}
         return result
 
     async def submit_many(self, txs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         data = await self._request("POST", "/txs", body=txs)
         results: list[dict[str, Any]] = data["results"]
+        if len(self.urls) > 1:
+            for i, r in enumerate(results):
+                if r.get("code") in ("bad_nonce", "conflict"):
+                    found = await self.tx(tx_hash(txs[i]))
+                    if found is not None:
+                        results[i] = {"hash": found["hash"], "height": found["height"],
+                                      "receipt": found["receipt"]}
         return results
 
     async def twin_id(self, identity: Identity) -> int:

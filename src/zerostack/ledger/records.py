@@ -461,12 +461,22 @@ class State:
     solution_of: Map[int, int] = field(default_factory=_empty)  # contract -> its solution
     solutions_by_owner: Map[int, Map[int, bool]] = field(default_factory=_empty)
     last_solution: int = 0
+    # ---- validators (ledger/validators.py): the keys whose signatures make a block final
+    validators: tuple[str, ...] = ()
+    validator_epoch: int = 0
+    # every change of the set: (epoch, new set, approvals (key, signature) of the previous
+    # set that authorised it, hash of the transaction that made it)
+    validator_changes: tuple[
+        tuple[int, tuple[str, ...], tuple[tuple[str, str], ...], str], ...] = ()
 
 
-def genesis(operator: str | None = None) -> State:
+def genesis(operator: str | None = None, validators: tuple[str, ...] | None = None) -> State:
     """The empty state every ledger starts from; `operator` is the key that signs the
-    ledger's blocks, which also governs the grid's pricing policy."""
-    return State(operator=operator)
+    ledger's blocks, which also governs the grid's pricing policy. `validators` is the
+    genesis validator set (default: the operator alone, a one-validator grid)."""
+    if validators is None:
+        validators = (operator,) if operator else ()
+    return State(operator=operator, validators=tuple(validators))
 
 
 def replace_record(obj: Any, **changes: Any) -> Any:

@@ -26,7 +26,7 @@ from zerostack.ledger.block import Block
 from zerostack.ledger.chain import Chain
 from zerostack.ledger.errors import HTTP_STATUS, LedgerError, LedgerRejected, Rejected
 from zerostack.ledger.query import NodeFilter, find_node_records, nodes_json
-from zerostack.ledger.state import Receipt, sender_key
+from zerostack.ledger.state import Receipt, State, sender_key
 from zerostack.ledger.store import BlockLog
 from zerostack.ledger.tx import MAX_BATCH, MAX_TX_BYTES, Tx, parse_tx, sign_tx
 
@@ -55,10 +55,11 @@ class LedgerService:
         block_interval: float = 0.0,
         verify_threads: int | None = None,
         policy: dict[str, Any] | None = None,
+        start: State | None = None,
     ) -> None:
         self.log = blocklog
         self.clock = clock
-        self.chain = Chain(blocklog, operator, clock)
+        self.chain = Chain(blocklog, operator, clock, start=start)
         if policy is not None:
             self._genesis_policy(operator, policy)
         self.block_interval = block_interval

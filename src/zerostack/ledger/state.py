@@ -85,6 +85,7 @@ from zerostack.ledger.records import get_contract as _contract
 from zerostack.ledger.records import index_add as _index_add
 from zerostack.ledger.records import index_remove as _index_remove
 from zerostack.ledger.records import replace_record as _replace
+from zerostack.ledger.validators import validator_set
 
 __all__ = [
     "APPROVED",
@@ -876,6 +877,7 @@ _HANDLERS: dict[str, Any] = {
     "farm.prices": farm_prices,
     "balance.transfer": balance_transfer,
     "balance.faucet": balance_faucet,
+    "validator.set": validator_set,
 }
 
 assert set(_HANDLERS) | {"twin.register", "grid.policy"} == t.TX_TYPES

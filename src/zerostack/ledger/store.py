@@ -60,6 +60,10 @@ class BlockLog(Protocol):
 
     def set_checkpoint(self, checkpoint: Checkpoint) -> None: ...
 
+    def set_block_signatures(self, height: int, block_hash: str, data: bytes) -> None:
+        """Store block `height` again with more signatures (same hash)."""
+        ...
+
     def block(self, height: int) -> StoredBlock | None: ...
 
     def blocks(self, start: int = 1) -> Iterator[StoredBlock]:
@@ -215,6 +219,19 @@ class SqliteLog:
                 (height,),
             ).fetchall()
         return [_stored_tx(r) for r in rows]
+
+    def set_block_signatures(self, height: int, block_hash: str, data: bytes) -> None:
+        """Replace the stored bytes of block `height` by `data`, the same block with more
+        signatures (a replica adds the validators' signatures it collects): only the
+        `signatures` part may differ, which the caller checked; the hash must be the same."""
+        with self._lock:
+            try:
+                cur = self._db.execute("UPDATE blocks SET data = ? WHERE height = ? AND hash = ?",
+                                       (data, height, block_hash))
+            except sqlite3.Error as exc:
+                raise LedgerError(f"cannot update block {height}: {exc}") from exc
+        if cur.rowcount != 1:
+            raise LedgerError(f"block {height} with hash {block_hash} is not in the log")
 
     def tx_count(self) -> int:
         with self._lock:

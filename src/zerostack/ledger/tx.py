@@ -335,6 +335,21 @@ class NameRelease(_Model):
     name: GatewayName
 
 
+class ValidatorApproval(_Model):
+    key: PublicKeyHex
+    signature: HexSignature
+
+
+class ValidatorSet(_Model):
+    """Replace the validator set by `validators` as epoch `epoch` (the current one + 1),
+    with the approvals (`validator-set` domain) of more than two thirds of the current set;
+    see ledger/validators.py. Any twin may carry it: the approvals authorise it."""
+
+    validators: list[PublicKeyHex] = Field(min_length=1, max_length=64)
+    epoch: Annotated[int, Field(ge=1, le=MAX_INT)]
+    approvals: list[ValidatorApproval] = Field(min_length=1, max_length=64)
+
+
 PAYLOADS: dict[str, type[_Model]] = {
     "twin.register": TwinRegister,
     "farm.create": FarmCreate,
@@ -356,6 +371,7 @@ PAYLOADS: dict[str, type[_Model]] = {
     "solution.approve": SolutionApprove,
     "name.register": NameRegister,
     "name.release": NameRelease,
+    "validator.set": ValidatorSet,
 }
 """Every transaction type and the model its payload must match."""
 
