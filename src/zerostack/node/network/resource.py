@@ -32,6 +32,7 @@ WG_SOCKETS = Path("/var/run/wireguard")
 TIMEOUT = 30.0
 EXIT_WAIT = 5.0
 WIREGUARD_MTU = 1420  # 1500 less WireGuard's IPv6 overhead: what wg-quick sets, wireguard-go too
+WIREGUARD_GO = "wireguard-go"  # the userspace daemon's command (a benchmark compares builds)
 
 
 def _run(args: list[str], stdin: str | None = None, check: bool = True) -> str:
@@ -142,7 +143,7 @@ def _start_wireguard(name: str) -> None:
         return
     _wireguard_socket(name).unlink(missing_ok=True)  # left by a process killed with -9
     try:
-        out = subprocess.run(["wireguard-go", name], capture_output=True, text=True,
+        out = subprocess.run([WIREGUARD_GO, name], capture_output=True, text=True,
                              timeout=TIMEOUT, check=False,
                              env={k: v for k, v in os.environ.items()
                                   if k not in ("WG_PROCESS_FOREGROUND", "LOG_LEVEL")})
