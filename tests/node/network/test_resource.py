@@ -22,7 +22,12 @@ import pytest
 from tests.conftest import require_root, require_tool
 from zerostack.grid.hosts import inside, listen_socket, pids_in
 from zerostack.node.network import resource
-from zerostack.node.network.plan import NetworkResource, plan
+from zerostack.node.network.plan import (
+    UPLINK_GATEWAY,
+    NetworkResource,
+    container_link_names,
+    plan,
+)
 from zerostack.node.provisioners import WorkloadID
 from zerostack.workloads import NetworkWorkload
 
@@ -272,6 +277,88 @@ def test_egress_is_masqueraded_and_nothing_enters_from_the_uplink(wan: Wan) -> N
     finally:
         inner.close()
     assert pings(b.rns, a.bridge_ip)  # through the tunnel it does
+
+
+def udp_arrives(src_ns: str, src_ip: str, dst_ns: str, dst_ip: str, port: int) -> bool:
+    """Whether a datagram sent from `src_ip` in `src_ns` reaches `dst_ip`:`port` in
+    `dst_ns` (three tries: the first may wait for a handshake)."""
+    with inside(dst_ns):
+        server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with inside(src_ns):
+        client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with server, client:
+        server.bind((dst_ip, port))
+        server.settimeout(1.5)
+        client.bind((src_ip, 0))
+        for _ in range(3):
+            client.sendto(b"probe", (dst_ip, port))
+            try:
+                return server.recvfrom(16)[0] == b"probe"
+            except TimeoutError:
+                continue
+    return False
+
+
+def refused(ns: str, host: str, port: int) -> bool:
+    try:
+        connect(ns, host, port, timeout=1.0).close()
+    except OSError:
+        return True
+    return False
+
+
+def test_a_container_reaches_neither_its_node_nor_other_networks_nor_poses_as_others(
+        wan: Wan) -> None:
+    a, b = wan.add("10.30.1.0/24"), wan.add("10.30.2.0/24")
+    a.peers, b.peers = [b], [a]
+    a.ensure()
+    # b takes from a what a relays too (10.30.9.0/24, a hidden node's): a container on a
+    # must still not send as one of those addresses
+    spec = NetworkWorkload.model_validate({
+        "name": "net", "ip_range": RANGE, "subnet": b.subnet,
+        "wireguard_private_key": b.key[0], "wireguard_listen_port": b.port,
+        "peers": [{"subnet": a.subnet, "wireguard_public_key": a.key[1],
+                   "allowed_ips": ["10.30.9.0/24"], "endpoint": f"{a.wan_ip}:{a.port}"}]})
+    with inside(b.ns):
+        resource.ensure(plan(b.node_key, WorkloadID(1, "net"), spec))
+    # another tenant's network on node a
+    other = Node(a.ns, a.wan_ip, "10.30.5.0/24", 51010)
+    res_a, res_o = a.resource(), other.resource()
+    ctr = container_link_names(a.node_key, WorkloadID(1, "web"))
+    try:
+        other.ensure()
+        resource.attach_container(res_a.names, res_a.bridge_address, ctr.namespace, ctr.outer,
+                                  ctr.inner, "10.30.1.2")
+        # the node's own namespace: nothing listening there is reachable from the container
+        host = listen_socket(a.ns, "0.0.0.0", 8090)
+        tenant = listen_socket(other.rns, "0.0.0.0", 8091)
+        wide = listen_socket(b.ns, b.wan_ip, 8092)
+        try:
+            for address in (UPLINK_GATEWAY, a.wan_ip):
+                assert refused(ctr.namespace, address, 8090), address
+            # nor the other tenant's resource, by its uplink or its bridge address
+            for address in (res_o.uplink_address, other.bridge_ip):
+                assert refused(ctr.namespace, address, 8091), address
+            # the WAN it does reach, seen as its node
+            client = connect(ctr.namespace, b.wan_ip, 8092)
+            conn, peer = wide.accept()
+            client.close()
+            conn.close()
+            assert peer[0] == a.wan_ip
+        finally:
+            for sock in (host, tenant, wide):
+                sock.close()
+        # through the tunnel: its own address passes, another's does not
+        assert udp_arrives(ctr.namespace, "10.30.1.2", b.rns, b.bridge_ip, 8093)
+        ip("-n", ctr.namespace, "addr", "add", "10.30.9.9/32", "dev", "eth0")
+        assert not udp_arrives(ctr.namespace, "10.30.9.9", b.rns, b.bridge_ip, 8094)
+        # nor may it send as the peer's own addresses back into the node's namespace
+        ip("-n", ctr.namespace, "addr", "add", f"{res_a.uplink_address}/32", "dev", "eth0")
+        assert not udp_arrives(ctr.namespace, res_a.uplink_address, a.ns, a.wan_ip, 8095)
+    finally:
+        resource.detach_container(ctr.namespace)
+        with inside(a.ns):
+            resource.remove(res_o.names)
 
 
 def test_kill9_mid_setup_converges_to_one_working_resource(wan: Wan) -> None:
