@@ -194,6 +194,17 @@ def test_two_resources_carry_ping_and_tcp_through_the_tunnel(wan: Wan) -> None:
         server.close()
     assert transferred(a) >= before + 100_000
     assert transferred(b) >= 100_000
+    # the kernel's WireGuard when it has one (this machine's kernel has none)
+    probe = f"zt{wan.tag}k"
+    kernel = subprocess.run(["ip", "-n", a.ns, "link", "add", probe, "type", "wireguard"],
+                            capture_output=True, check=False).returncode == 0
+    subprocess.run(["ip", "-n", a.ns, "link", "delete", probe], capture_output=True,
+                   check=False)
+    for node in (a, b):
+        assert resource.implementation(node.resource().names) == (
+            "kernel" if kernel else "wireguard-go")
+    if kernel:
+        return
     for node in (a, b):
         assert resource.exists(node.resource().names)
         assert len(wireguard_processes(node.resource().names.wireguard)) == 1
@@ -433,3 +444,31 @@ def from_json(text: str) -> NetworkResource:
     d["peers"] = tuple(PeerPlan(p["public_key"], p["endpoint"], tuple(p["allowed_ips"]))
                        for p in d["peers"])
     return NetworkResource(**d)
+
+
+@pytest.mark.parametrize("kernel", [True, False])
+def test_the_kernels_wireguard_is_taken_when_it_has_one(monkeypatch: pytest.MonkeyPatch,
+                                                        kernel: bool) -> None:
+    """Which WireGuard `_start_wireguard` makes, with the kernel's answers simulated (the
+    kernel here has no WireGuard module, so the kernel path runs nowhere else)."""
+    made: set[str] = set()
+    calls: list[list[str]] = []
+
+    def fake_ip(ns: str | None, *args: str, check: bool = True) -> str:
+        calls.append(["ip", *args])
+        if args[:2] == ("link", "add") and args[-2:] == ("type", "wireguard") and kernel:
+            made.add(args[2])
+        return ""
+
+    def fake_run(args: list[str], **kw: object) -> subprocess.CompletedProcess[str]:
+        calls.append(list(args))
+        made.add(args[1])  # the daemon made its tun
+        return subprocess.CompletedProcess(args, 0, "", "")
+
+    monkeypatch.setattr(resource, "_ip", fake_ip)
+    monkeypatch.setattr(resource, "_links", lambda ns: {n: {} for n in made})
+    monkeypatch.setattr(resource.subprocess, "run", fake_run)
+    resource._start_wireguard("zn0123456789w")
+    assert calls[0] == ["ip", "link", "add", "zn0123456789w", "type", "wireguard"]
+    daemons = [c for c in calls if c[0] == resource.WIREGUARD_GO]
+    assert daemons == ([] if kernel else [[resource.WIREGUARD_GO, "zn0123456789w"]])

@@ -245,6 +245,18 @@ def remove(names: ResourceNames) -> None:
         sock.unlink(missing_ok=True)
 
 
+def implementation(names: ResourceNames) -> str:
+    """Which WireGuard carries the resource: "kernel" (a wireguard link), "wireguard-go"
+    (a tun its daemon made), or "" when the interface is not there."""
+    out = _ip(names.namespace, "-j", "-d", "link", "show", "dev", names.wireguard,
+              check=False)
+    try:
+        kind = json.loads(out or "[]")[0].get("linkinfo", {}).get("info_kind", "")
+    except (ValueError, IndexError, AttributeError):
+        return ""
+    return {"wireguard": "kernel", "tun": "wireguard-go"}.get(str(kind), "")
+
+
 def transfer(names: ResourceNames) -> dict[str, tuple[int, int]]:
     """Bytes (received, sent) per peer public key, as `wg show transfer` reports them."""
     out = _run(_wg_args(names.namespace, "show", names.wireguard, "transfer"))
