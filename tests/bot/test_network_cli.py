@@ -185,6 +185,17 @@ def test_network_add_and_access_from_a_laptop(grid: LocalGrid) -> None:
             while Path(f"/run/netns/{n.namespace}").exists() and time.monotonic() < deadline:
                 time.sleep(0.5)
             assert not Path(f"/run/netns/{n.namespace}").exists()
+        # and on no host a link, a process, a route or a table of theirs
+        for n in names:
+            assert not wireguard_processes(n.wireguard)
+            assert not Path(f"/var/run/wireguard/{n.wireguard}.sock").exists()
+        for node in grid.nodes:
+            assert node.host is not None
+            for what in (["ip", "-o", "link"], ["ip", "route"], ["nft", "list", "tables"]):
+                out = subprocess.run(["ip", "netns", "exec", node.host.namespace, *what],
+                                     capture_output=True, text=True, check=True).stdout
+                assert not any(n.tag in out for n in names), (node.name, out)
+                assert "100.127." not in out, (node.name, out)
     finally:
         for pid in wireguard_processes(wg):
             os.kill(pid, signal.SIGKILL)
