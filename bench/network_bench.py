@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import secrets
+import shutil
 import socket
 import statistics
 import subprocess
@@ -139,8 +140,16 @@ def _wireguard_pids(binary: str, names: list[str]) -> list[int]:
 
 
 def _version(binary: str) -> str:
+    """What the build says of itself, and its Debian package version when it is the
+    package's (Debian's builds print an older version than the package's)."""
     out = subprocess.run([binary, "--version"], capture_output=True, text=True, check=False)
     first = (out.stdout.strip().splitlines() or ["?"])[0]
+    owner = subprocess.run(["dpkg", "-S", os.path.realpath(shutil.which(binary) or binary)],
+                           capture_output=True, text=True, check=False).stdout.split(":")[0]
+    if owner:
+        version = subprocess.run(["dpkg-query", "-W", "-f=${Version}", owner],
+                                 capture_output=True, text=True, check=False).stdout
+        first += f" (Debian {owner} {version})"
     return f"{binary}: {first}"
 
 
