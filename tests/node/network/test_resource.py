@@ -223,6 +223,8 @@ def test_ensure_again_changes_nothing(wan: Wan) -> None:
     assert {n: run(a.rns, "ip", "-o", *what).stdout
             for n, what in (("l", ("link",)), ("r", ("route",)), ("a", ("addr",)))} == before
     assert run(a.rns, "nft", "list", "ruleset").stdout == rules
+    # IPv4 only inside: no address (nor link-local churn) on any of its links
+    assert "inet6" not in before["a"]
     assert len(wireguard_processes(a.resource().names.wireguard)) == 1
     assert pings(a.rns, b.bridge_ip)
 

@@ -201,7 +201,10 @@ def ensure(res: NetworkResource) -> None:
     n = res.names
     _ensure_namespace(n.namespace)
     _ip(n.namespace, "link", "set", "lo", "up")
-    _in(n.namespace, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+    # user networks are IPv4: no IPv6 at all inside (no link-local addresses, no neighbour
+    # discovery) on any link there now or moved in later
+    _in(n.namespace, "sysctl", "-qw", "net.ipv4.ip_forward=1",
+        "net.ipv6.conf.default.disable_ipv6=1", "net.ipv6.conf.all.disable_ipv6=1")
     # the rules first: the namespace is closed before any of its links is up
     _in(n.namespace, "nft", "-f", "-", stdin=res.resource_rules())
     _ensure_bridge(res)
