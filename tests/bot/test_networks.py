@@ -11,7 +11,7 @@ from typing import Any, cast
 
 import pytest
 
-from zerostack.bot import BotError, ThreeBot
+from zerostack.bot import BotError, ThreeBot, networks
 from zerostack.bot.networks import create
 from zerostack.bot.spec import build_deployment
 from zerostack.crypto import Identity
@@ -49,9 +49,10 @@ class RecordingBot:
 NODES = {1: "198.18.0.10", 2: "", 3: "198.18.1.12"}
 
 
-def add(home: Path, name: str, ids: list[int], ip_range: str) -> tuple[RecordingBot, Any]:
+def add(home: Path, name: str, ids: list[int], ip_range: str,
+        port: int | None = None) -> tuple[RecordingBot, Any]:
     bot = RecordingBot(NODES)
-    return bot, create(cast(ThreeBot, bot), home, name, ids, ip_range)
+    return bot, create(cast(ThreeBot, bot), home, name, ids, ip_range, port)
 
 
 def test_a_network_gets_one_contract_per_node_and_a_record(tmp_path: Path) -> None:
@@ -94,3 +95,17 @@ def test_a_range_overlapping_another_network_is_refused(tmp_path: Path, ip_range
     # a distinct range is fine
     bot, _ = add(tmp_path, "second", [1, 3], "10.21.0.0/16")
     assert len(bot.deployed) == 2
+
+
+def test_each_network_gets_a_port_none_of_the_users_others_has(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(networks, "PORTS", range(20000, 20002))
+    ports = {add(tmp_path, name, [1, 3], f"10.{20 + i}.0.0/16")[1]["port"]
+             for i, name in enumerate(("a", "b"))}
+    assert ports == {20000, 20001}
+    for deployment in (d for _, d in add(tmp_path, "c", [1, 3], "10.30.0.0/16", 7)[0].deployed):
+        assert deployment.workloads[0].wireguard_listen_port == 7  # type: ignore[union-attr]
+    bot = RecordingBot(NODES)
+    with pytest.raises(BotError, match="give --port"):
+        create(cast(ThreeBot, bot), tmp_path, "d", [1, 3], "10.40.0.0/16")
+    assert bot.deployed == []

@@ -12,12 +12,12 @@ import ipaddress
 import json
 import os
 import re
+import secrets
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from zerostack.bot.mesh import (
-    DEFAULT_PORT,
     DEFAULT_RANGE,
     MeshError,
     MeshNode,
@@ -33,6 +33,9 @@ from zerostack.workloads import Deployment, NetworkWorkload, WorkloadError, open
 
 _NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 MAX_RECORD = 1 << 20
+# Where a new network's WireGuard port is picked: below Linux's ephemeral ports
+# (32768-60999), above the well-known ones.
+PORTS = range(20000, 30000)
 
 
 def _path(home: Path, name: str) -> Path:
@@ -94,15 +97,41 @@ def _check_range(home: Path, name: str, ip_range: str) -> None:
                            "give another --range")
 
 
+def _ports_in_use(home: Path, name: str) -> set[int]:
+    folder = home / "networks"
+    used = set()
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        if path.stem != name and _NAME.fullmatch(path.stem):
+            try:
+                used.add(int(load(home, path.stem).get("port", 0)))
+            except (TypeError, ValueError):
+                continue
+    return used
+
+
+def pick_port(home: Path, name: str) -> int:
+    """A WireGuard port for a new network: random in PORTS (so that two users' networks
+    on one node seldom want the same one; a node refuses the second clearly), and never
+    one of this user's other networks."""
+    used = _ports_in_use(home, name)
+    free = [p for p in PORTS if p not in used]
+    if not free:
+        raise BotError(f"every port of {PORTS.start}-{PORTS.stop - 1} is used by one of "
+                       "your networks: give --port")
+    return secrets.choice(free)
+
+
 def create(bot: ThreeBot, home: Path, name: str, node_ids: list[int],
-           ip_range: str = DEFAULT_RANGE, port: int = DEFAULT_PORT) -> dict[str, Any]:
+           ip_range: str = DEFAULT_RANGE, port: int | None = None) -> dict[str, Any]:
     """Deploy network `name` over `node_ids` (one contract per node); returns the record.
-    Everything is checked and every deployment built before the first contract exists."""
+    Everything is checked and every deployment built before the first contract exists.
+    Without `port`, one is picked (`pick_port`)."""
     if _path(home, name).exists():
         raise BotError(f"network {name!r} exists already")
     if not node_ids or len(set(node_ids)) != len(node_ids):
         raise BotError("give each node once: --nodes 1,3,5")
     _check_range(home, name, ip_range)
+    port = pick_port(home, name) if port is None else port
     try:
         subnets = assign_subnets(ip_range, [], len(node_ids))
         nodes = []

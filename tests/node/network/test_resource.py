@@ -28,7 +28,7 @@ from zerostack.node.network.plan import (
     container_link_names,
     plan,
 )
-from zerostack.node.provisioners import WorkloadID
+from zerostack.node.provisioners import ProvisionError, WorkloadID
 from zerostack.workloads import NetworkWorkload
 
 RANGE = "10.30.0.0/16"
@@ -372,6 +372,21 @@ def test_a_container_reaches_neither_its_node_nor_other_networks_nor_poses_as_ot
         resource.detach_container(ctr.namespace)
         with inside(a.ns):
             resource.remove(res_o.names)
+
+
+def test_a_port_taken_on_the_node_is_refused_clearly_and_the_other_network_stays(
+        wan: Wan) -> None:
+    a, b = pair(wan)
+    second = Node(a.ns, a.wan_ip, "10.30.6.0/24", a.port)
+    try:
+        with pytest.raises(ProvisionError, match=f"WireGuard port {a.port} is taken on this "
+                           "node"):
+            second.ensure()
+    finally:
+        with inside(a.ns):
+            resource.remove(second.resource().names)
+    assert resource.exists(a.resource().names)
+    assert pings(a.rns, b.bridge_ip) and pings(b.rns, a.bridge_ip)
 
 
 def test_kill9_mid_setup_converges_to_one_working_resource(wan: Wan) -> None:

@@ -181,7 +181,14 @@ def _ensure_wireguard(res: NetworkResource) -> None:
             time.sleep(0.02)
         _ip(None, "link", "set", wg, "netns", ns)
     # syncconf changes only what differs: peers kept stay up, their sessions untouched
-    _run(_wg_args(ns, "syncconf", wg, "/dev/stdin"), stdin=res.wireguard_config())
+    try:
+        _run(_wg_args(ns, "syncconf", wg, "/dev/stdin"), stdin=res.wireguard_config())
+    except ProvisionError as exc:
+        if "in use" in str(exc):
+            raise ProvisionError(f"WireGuard port {res.listen_port} is taken on this node "
+                                 "(by another network or service): give the network "
+                                 "another port") from None
+        raise
     _ip(ns, "link", "set", wg, "up")
     out = _ip(ns, "-j", "route", "show", "dev", wg, check=False)
     try:
