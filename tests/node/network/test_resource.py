@@ -361,6 +361,28 @@ def test_a_container_reaches_neither_its_node_nor_other_networks_nor_poses_as_ot
         finally:
             for sock in (host, tenant, wide):
                 sock.close()
+        # a host next to the node cannot reach the container by routing straight at the
+        # resource's uplink, not even with a datagram that matches a flow of the container
+        # (the node's connection tracking holds that flow: the forged one clashes with it)
+        with inside(ctr.namespace):
+            flow = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        with inside(b.ns):
+            far = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        with flow, far:
+            far.bind((b.wan_ip, 8096))
+            far.settimeout(3)
+            flow.bind(("10.30.1.2", 40404))
+            flow.settimeout(1.5)
+            flow.sendto(b"out", (b.wan_ip, 8096))
+            data, seen = far.recvfrom(16)
+            assert data == b"out" and seen[0] == a.wan_ip
+            far.sendto(b"reply", seen)  # the way back through the node's NAT works
+            assert flow.recvfrom(16) == (b"reply", (b.wan_ip, 8096))
+            ip("-n", b.ns, "route", "add", res_a.uplink_address, "via", a.wan_ip)
+            for _ in range(3):
+                far.sendto(b"forged", (res_a.uplink_address, 40404))
+            with pytest.raises(TimeoutError):
+                flow.recvfrom(16)
         # through the tunnel: its own address passes, another's does not
         assert udp_arrives(ctr.namespace, "10.30.1.2", b.rns, b.bridge_ip, 8093)
         ip("-n", ctr.namespace, "addr", "add", "10.30.9.9/32", "dev", "eth0")
