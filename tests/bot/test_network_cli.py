@@ -200,6 +200,7 @@ def test_network_add_and_access_from_a_laptop(grid: LocalGrid) -> None:
     finally:
         for pid in wireguard_processes(wg):
             os.kill(pid, signal.SIGKILL)
+        Path(f"/var/run/wireguard/{wg}.sock").unlink(missing_ok=True)  # left by kill -9
         subprocess.run(["ip", "netns", "delete", lap], capture_output=True, check=False)
         subprocess.run(["ip", "link", "delete", outer], capture_output=True, check=False)
         for n in names:
@@ -308,6 +309,7 @@ def test_containers_on_three_hosts_and_a_laptop_exchange_pages_over_the_network(
     finally:
         for pid in wireguard_processes(wg):
             os.kill(pid, signal.SIGKILL)
+        Path(f"/var/run/wireguard/{wg}.sock").unlink(missing_ok=True)  # left by kill -9
         subprocess.run(["ip", "netns", "delete", lap], capture_output=True, check=False)
         subprocess.run(["ip", "link", "delete", outer], capture_output=True, check=False)
         for n in names:
