@@ -3,6 +3,11 @@ nodes, WireGuard between them) against the same two nodes over their plain veth/
 link, in one run, as ratios; with the CPU the WireGuard daemons used. Needs root.
 
     python -m bench.network_bench [--megabytes 256] [--rounds 3] [--json]
+                                  [--wireguard-go PATH ...]
+
+Each `--wireguard-go` build gets its own network between the same two nodes (its own
+contract, range and port); the rounds take every network and the plain path in turn, so
+builds are compared within one run. Without the option: the `wireguard-go` on PATH.
 """
 
 from __future__ import annotations
@@ -11,13 +16,14 @@ import argparse
 import json
 import os
 import secrets
+import shutil
 import socket
 import statistics
 import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +44,7 @@ class Side:
     wan_ip: str
     subnet: str
     key: tuple[str, str]
-    res: NetworkResource | None = None
+    res: list[NetworkResource] = field(default_factory=list)
 
 
 def _ip(*args: str) -> None:
@@ -120,7 +126,7 @@ def _cpu_seconds(pids: list[int]) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
-def _wireguard_pids(names: list[str]) -> list[int]:
+def _wireguard_pids(binary: str, names: list[str]) -> list[int]:
     found = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -128,17 +134,32 @@ def _wireguard_pids(names: list[str]) -> list[int]:
                 argv = (entry / "cmdline").read_bytes().split(b"\0")
             except OSError:
                 continue
-            if len(argv) > 1 and argv[0] == b"wireguard-go" and argv[1].decode() in names:
+            if len(argv) > 1 and argv[0] == binary.encode() and argv[1].decode() in names:
                 found.append(int(entry.name))
     return found
 
 
-def run(megabytes: int, rounds: int) -> dict[str, Any]:
+def _version(binary: str) -> str:
+    """What the build says of itself, and its Debian package version when it is the
+    package's (Debian's builds print an older version than the package's)."""
+    out = subprocess.run([binary, "--version"], capture_output=True, text=True, check=False)
+    first = (out.stdout.strip().splitlines() or ["?"])[0]
+    owner = subprocess.run(["dpkg", "-S", os.path.realpath(shutil.which(binary) or binary)],
+                           capture_output=True, text=True, check=False).stdout.split(":")[0]
+    if owner:
+        version = subprocess.run(["dpkg-query", "-W", "-f=${Version}", owner],
+                                 capture_output=True, text=True, check=False).stdout
+        first += f" (Debian {owner} {version})"
+    return f"{binary}: {first}"
+
+
+def run(megabytes: int, rounds: int, binaries: list[str]) -> dict[str, Any]:
     tag = secrets.token_hex(3)
     wan = f"zb{tag}-wan"
-    sides = [Side(f"zb{tag}-n{i}", f"192.0.2.{i}", f"10.60.{i}.0/24", keypair())
-             for i in (1, 2)]
+    sides = [Side(f"zb{tag}-n{i}", f"198.18.250.{i}", "", keypair()) for i in (1, 2)]
     made: list[str] = [wan]
+    container = [[container_link_names(s.ns.ljust(64, "0"), WorkloadID(k + 1, "c"))
+                  for k in range(len(binaries))] for s in sides]
     try:
         _ip("netns", "add", wan)
         _ip("-n", wan, "link", "add", "name", "wanbr", "type", "bridge")
@@ -152,54 +173,71 @@ def run(megabytes: int, rounds: int) -> dict[str, Any]:
             _ip("-n", wan, "link", "set", f"zb{tag}w{i}", "master", "wanbr", "up")
             _ip("-n", s.ns, "addr", "add", f"{s.wan_ip}/24", "dev", f"zb{tag}e{i}")
             _ip("-n", s.ns, "link", "set", f"zb{tag}e{i}", "up")
-        for s, other in ((sides[0], sides[1]), (sides[1], sides[0])):
-            spec = NetworkWorkload.model_validate({
-                "name": "net", "ip_range": "10.60.0.0/16", "subnet": s.subnet,
-                "wireguard_private_key": s.key[0], "wireguard_listen_port": 51820,
-                "peers": [{"subnet": other.subnet, "wireguard_public_key": other.key[1],
-                           "endpoint": f"{other.wan_ip}:51820"}]})
-            s.res = plan(s.ns.ljust(64, "0"), WorkloadID(1, "net"), spec)
-            with inside(s.ns):
-                resource.ensure(s.res)
-            links = container_link_names(s.ns.ljust(64, "0"), WorkloadID(1, "c"))
-            made.append(links.namespace)
-            resource.attach_container(s.res.names, s.res.bridge_address, links.namespace,
-                                      links.outer, links.inner,
-                                      s.subnet.replace(".0/24", ".2"))
-        a, b = (container_link_names(s.ns.ljust(64, "0"), WorkloadID(1, "c")).namespace
-                for s in sides)
-        wg_names = [s.res.names.wireguard for s in sides if s.res]
-        pids = _wireguard_pids(wg_names)
-        size = megabytes << 20
-        throughput(a, b, "10.60.2.2", 8 << 20)  # the handshake and warm-up
-        results: dict[str, list[float]] = {k: [] for k in
-                                           ("overlay_bps", "plain_bps", "overlay_rtt",
-                                            "plain_rtt", "wg_cores")}
-        for _ in range(rounds):
-            cpu0, t0 = _cpu_seconds(pids), time.perf_counter()
-            results["overlay_bps"].append(throughput(a, b, "10.60.2.2", size))
-            results["wg_cores"].append((_cpu_seconds(pids) - cpu0) / (time.perf_counter() - t0))
-            results["plain_bps"].append(throughput(sides[0].ns, sides[1].ns, "192.0.2.2", size))
-            results["overlay_rtt"].append(rtt(a, b, "10.60.2.2"))
-            results["plain_rtt"].append(rtt(sides[0].ns, sides[1].ns, "192.0.2.2"))
-        med = {k: statistics.median(v) for k, v in results.items()}
-        return {
-            "wireguard": subprocess.run(["wireguard-go", "--version"], capture_output=True,
-                                        text=True).stdout.strip().splitlines()[0],
-            "megabytes": megabytes, "rounds": rounds,
-            "overlay_mbit_s": round(med["overlay_bps"] * 8 / 1e6, 1),
-            "plain_mbit_s": round(med["plain_bps"] * 8 / 1e6, 1),
-            "throughput_ratio": round(med["overlay_bps"] / med["plain_bps"], 3),
-            "overlay_rtt_us": round(med["overlay_rtt"] * 1e6, 1),
-            "plain_rtt_us": round(med["plain_rtt"] * 1e6, 1),
-            "rtt_ratio": round(med["overlay_rtt"] / med["plain_rtt"], 2),
-            "wireguard_cores_during_overlay_transfer": round(med["wg_cores"], 2),
-        }
-    finally:
-        for s in sides:
-            if s.res is not None:
+        for k, binary in enumerate(binaries):
+            resource.WIREGUARD_GO = binary
+            for j, (s, other) in enumerate(((sides[0], sides[1]), (sides[1], sides[0]))):
+                spec = NetworkWorkload.model_validate({
+                    "name": "net", "ip_range": f"10.{60 + k}.0.0/16",
+                    "subnet": f"10.{60 + k}.{j + 1}.0/24",
+                    "wireguard_private_key": s.key[0], "wireguard_listen_port": 51820 + k,
+                    "peers": [{"subnet": f"10.{60 + k}.{2 - j}.0/24",
+                               "wireguard_public_key": other.key[1],
+                               "endpoint": f"{other.wan_ip}:{51820 + k}"}]})
+                res = plan(s.ns.ljust(64, "0"), WorkloadID(k + 1, "net"), spec)
+                s.res.append(res)
                 with inside(s.ns):
-                    resource.remove(s.res.names)
+                    resource.ensure(res)
+                links = container[j][k]
+                made.append(links.namespace)
+                resource.attach_container(res.names, res.bridge_address, links.namespace,
+                                          links.outer, links.inner, f"10.{60 + k}.{j + 1}.2")
+        resource.WIREGUARD_GO = "wireguard-go"
+        pids = [_wireguard_pids(b, [s.res[k].names.wireguard for s in sides])
+                for k, b in enumerate(binaries)]
+        size = megabytes << 20
+        results: dict[str, list[float]] = {"plain_bps": [], "plain_rtt": []}
+        for k in range(len(binaries)):
+            # the handshake and warm-up
+            throughput(container[0][k].namespace, container[1][k].namespace,
+                       f"10.{60 + k}.2.2", 8 << 20)
+            for key in ("overlay_bps", "overlay_rtt", "wg_cores"):
+                results[f"{key}{k}"] = []
+        for _ in range(rounds):
+            for k in range(len(binaries)):
+                a, b = container[0][k].namespace, container[1][k].namespace
+                cpu0, t0 = _cpu_seconds(pids[k]), time.perf_counter()
+                results[f"overlay_bps{k}"].append(throughput(a, b, f"10.{60 + k}.2.2", size))
+                results[f"wg_cores{k}"].append(
+                    (_cpu_seconds(pids[k]) - cpu0) / (time.perf_counter() - t0))
+                results[f"overlay_rtt{k}"].append(rtt(a, b, f"10.{60 + k}.2.2"))
+            results["plain_bps"].append(throughput(sides[0].ns, sides[1].ns, sides[1].wan_ip,
+                                                   size))
+            results["plain_rtt"].append(rtt(sides[0].ns, sides[1].ns, sides[1].wan_ip))
+        med = {k: statistics.median(v) for k, v in results.items()}
+        out: dict[str, Any] = {
+            "megabytes": megabytes, "rounds": rounds, "mtu": resource.WIREGUARD_MTU,
+            "plain_mbit_s": round(med["plain_bps"] * 8 / 1e6, 1),
+            "plain_rtt_us": round(med["plain_rtt"] * 1e6, 1),
+            "wireguard": [],
+        }
+        for k, binary in enumerate(binaries):
+            out["wireguard"].append({
+                "implementation": _version(binary),
+                "overlay_mbit_s": round(med[f"overlay_bps{k}"] * 8 / 1e6, 1),
+                "throughput_ratio": round(med[f"overlay_bps{k}"] / med["plain_bps"], 3),
+                "overlay_rtt_us": round(med[f"overlay_rtt{k}"] * 1e6, 1),
+                "rtt_ratio": round(med[f"overlay_rtt{k}"] / med["plain_rtt"], 2),
+                "wireguard_cores_during_transfer": round(med[f"wg_cores{k}"], 2),
+                "wireguard_core_seconds_per_gbit": round(
+                    med[f"wg_cores{k}"] / (med[f"overlay_bps{k}"] * 8 / 1e9), 3),
+            })
+        return out
+    finally:
+        resource.WIREGUARD_GO = "wireguard-go"
+        for s in sides:
+            for res in s.res:
+                with inside(s.ns):
+                    resource.remove(res.names)
         for ns in reversed(made):
             subprocess.run(["ip", "netns", "delete", ns], capture_output=True, check=False)
 
@@ -209,15 +247,21 @@ def main() -> None:
     parser.add_argument("--megabytes", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--wireguard-go", action="append", metavar="PATH",
+                        help="a wireguard-go build to measure (repeat to compare builds)")
     args = parser.parse_args()
     if os.geteuid() != 0:
         sys.exit("network_bench needs root (it makes network namespaces)")
-    out = run(args.megabytes, args.rounds)
+    out = run(args.megabytes, args.rounds, args.wireguard_go or ["wireguard-go"])
     if args.json:
         print(json.dumps(out))
     else:
         for k, v in out.items():
-            print(f"{k:42} {v}")
+            if k != "wireguard":
+                print(f"{k:42} {v}")
+        for impl in out["wireguard"]:
+            for k, v in impl.items():
+                print(f"  {k:40} {v}")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
-"""`zerostack network add` and `network access` against a grid on hosts: three nodes on
-two sites, one behind NAT, get a network, and a namespace playing the user's laptop
-brings up the printed configuration with wireguard-go and reaches every node's network
-through node 1."""
+"""`zerostack network add | deploy | access | remove | extend` against a grid on hosts:
+three nodes on two sites, one behind NAT, get a network; containers on them exchange
+pages (busybox httpd and wget) through the tunnels; a namespace playing the user's
+laptop brings up the printed configuration with wireguard-go and reaches every node's
+network through node 1."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -21,12 +23,13 @@ from tests.flist.image import busybox_rootfs
 from tests.node.network.test_resource import wireguard_processes
 from zerostack.crypto import Identity, load_identity
 from zerostack.flist import Hub, ImageConfig, LocalStore, SignedFlist, build_dir, push_flist
-from zerostack.grid import LocalGrid
+from zerostack.grid import GridNode, LocalGrid
 from zerostack.grid.hosts import preexec
 from zerostack.grid.topology import Site
 from zerostack.node.network import resource
 from zerostack.node.network.plan import container_link_names, resource_names
 from zerostack.node.provisioners import WorkloadID
+from zerostack.node.runtime.logs import read_logs
 
 
 @pytest.fixture
@@ -49,7 +52,8 @@ def grid(tmp_path: Path) -> Iterator[LocalGrid]:
 
 @pytest.fixture
 def hub_grid(tmp_path: Path) -> Iterator[tuple[LocalGrid, str]]:
-    """node1 and node3 on two sites, with a hub serving a signed busybox image."""
+    """node1 and node3 on two sites, node2 behind NAT on site 0, with a hub serving a
+    signed busybox image."""
     require_root()
     for tool in ("nft", "wg", "wireguard-go", "busybox", "runc"):
         require_tool(tool)
@@ -65,9 +69,10 @@ def hub_grid(tmp_path: Path) -> Iterator[tuple[LocalGrid, str]]:
         hub = g.start_hub(free_port())
         with g.on_wan(), Hub(hub) as h:
             push_flist(flist, store, h)
-        for name, site in (("node1", 0), ("node3", 1)):
+        for name, site, hidden in (("node1", 0, False), ("node2", 0, True),
+                                   ("node3", 1, False)):
             g.start_node(client, name, "--hub", hub, "--flist-publisher",
-                         publisher.public_hex, site=site)
+                         publisher.public_hex, site=site, hidden=hidden)
         g.identity("alice")
         yield g, f"{hub}/{flist.hash_hex}"
     finally:
@@ -129,7 +134,8 @@ def test_network_add_and_access_from_a_laptop(grid: LocalGrid) -> None:
         out = cli(grid, "network", "access", "net")
         assert out.returncode == 0, out.stderr
         config = out.stdout
-        assert f"Endpoint = {n1.address}:51820" in config
+        assert f"Endpoint = {n1.address}:{record['port']}" in config
+        assert record["port"] in range(20000, 30000)  # picked: no --port given
         address = next(line.split(" = ")[1] for line in config.splitlines()
                        if line.startswith("Address"))
         assert address == "10.50.4.1/24"
@@ -180,37 +186,83 @@ def test_network_add_and_access_from_a_laptop(grid: LocalGrid) -> None:
             while Path(f"/run/netns/{n.namespace}").exists() and time.monotonic() < deadline:
                 time.sleep(0.5)
             assert not Path(f"/run/netns/{n.namespace}").exists()
+        # and on no host a link, a process, a route or a table of theirs
+        for n in names:
+            assert not wireguard_processes(n.wireguard)
+            assert not Path(f"/var/run/wireguard/{n.wireguard}.sock").exists()
+        for node in grid.nodes:
+            assert node.host is not None
+            for what in (["ip", "-o", "link"], ["ip", "route"], ["nft", "list", "tables"]):
+                out = subprocess.run(["ip", "netns", "exec", node.host.namespace, *what],
+                                     capture_output=True, text=True, check=True).stdout
+                assert not any(n.tag in out for n in names), (node.name, out)
+                assert "100.127." not in out, (node.name, out)
     finally:
         for pid in wireguard_processes(wg):
             os.kill(pid, signal.SIGKILL)
+        Path(f"/var/run/wireguard/{wg}.sock").unlink(missing_ok=True)  # left by kill -9
         subprocess.run(["ip", "netns", "delete", lap], capture_output=True, check=False)
         subprocess.run(["ip", "link", "delete", outer], capture_output=True, check=False)
         for n in names:
             resource.remove(n)
 
 
-def test_a_laptop_fetches_a_containers_page_over_the_network(
+def httpd(text: str) -> str:
+    return (f"mkdir -p /tmp/www && echo {text} > /tmp/www/index.html && "
+            "exec httpd -f -p 8080 -h /tmp/www")
+
+
+def container_logs(node: GridNode, contract: int, name: str) -> str:
+    key = load_identity(node.data / "identity.key").public_hex
+    try:
+        return "\n".join(read_logs(node.data / "containers", 50,
+                                   beneath=("containers", f"zs-{key[:10]}-c{contract}-{name}",
+                                            "logs")))
+    except FileNotFoundError:
+        return ""
+
+
+def test_containers_on_three_hosts_and_a_laptop_exchange_pages_over_the_network(
         hub_grid: tuple[LocalGrid, str], tmp_path: Path) -> None:
     grid, flist = hub_grid
-    n1, n3 = grid.nodes
+    n1, n2, n3 = grid.nodes
     assert grid.topology is not None
-    out = cli(grid, "network", "add", "web", "--nodes", f"{n1.node_id},{n3.node_id}", "--json")
+    out = cli(grid, "network", "add", "web", "--nodes", f"{n1.node_id},{n2.node_id},{n3.node_id}",
+              "--json")
     assert out.returncode == 0, out.stderr
     record = json.loads(out.stdout)
+    contract = {n.node_id: int(record["nodes"][str(n.node_id)]["contract"]) for n in grid.nodes}
     names = [resource_names(load_identity(n.data / "identity.key").public_hex,
-                            WorkloadID(int(record["nodes"][str(n.node_id)]["contract"]), "web"))
-             for n in (n1, n3)]
-    spec = tmp_path / "site.yaml"
-    spec.write_text(json.dumps({"workloads": [{
-        "type": "container", "name": "site", "flist": flist, "memory": "32M",
-        "network": {"network": "web"},
-        "args": ["mkdir -p /tmp/www && echo hello-laptop > /tmp/www/index.html && "
-                 "exec httpd -f -p 8080 -h /tmp/www"]}]}))
-    out = cli(grid, "network", "deploy", "web", str(spec), "--node", str(n3.node_id), "--json")
-    assert out.returncode == 0, out.stdout + out.stderr
-    report = json.loads(out.stdout)["report"]
-    site = next(w for w in report["workloads"] if w["name"] == "site")
-    assert site["data"]["ip"] == "10.20.2.2"
+                            WorkloadID(contract[n.node_id], "web")) for n in grid.nodes]
+
+    def deploy(node: GridNode, *workloads: tuple[str, str]) -> dict[str, Any]:
+        spec = tmp_path / f"{node.name}.yaml"
+        spec.write_text(json.dumps({"workloads": [{
+            "type": "container", "name": name, "flist": flist, "memory": "32M",
+            "network": {"network": "web"}, "args": [script]} for name, script in workloads]}))
+        out = cli(grid, "network", "deploy", "web", str(spec), "--node", str(node.node_id),
+                  "--json")
+        assert out.returncode == 0, out.stdout + out.stderr
+        return {w["name"]: w for w in json.loads(out.stdout)["report"]["workloads"]}
+
+    ctrs = [container_link_names(load_identity(n.data / "identity.key").public_hex,
+                                 WorkloadID(contract[n.node_id], c)).namespace
+            for n, c in ((n3, "site"), (n2, "hid"), (n1, "client"))]
+    # httpd on host 3 (second site) and on host 2 (behind NAT); wget from host 1
+    assert deploy(n3, ("site", httpd("hello-laptop")))["site"]["data"]["ip"] == "10.20.3.2"
+    assert deploy(n2, ("hid", httpd("hello-hidden")))["hid"]["data"]["ip"] == "10.20.2.2"
+    before = {n: sum(a + b for a, b in resource.transfer(n).values()) for n in names}
+    fetch = ("trap 'exit 0' TERM; while true; do for u in http://10.20.3.2:8080/ "
+             "http://10.20.2.2:8080/; do wget -q -O - $u 2>&1; done; sleep 0.5 & wait; done")
+    deploy(n1, ("client", fetch))
+    deadline = time.monotonic() + 60
+    while not {"hello-laptop", "hello-hidden"} <= set(
+            container_logs(n1, contract[n1.node_id], "client").split()):
+        assert time.monotonic() < deadline, container_logs(n1, contract[n1.node_id], "client")
+        time.sleep(0.5)
+    # the pages went through the tunnels: host 1's and both servers' counters moved
+    for n in names:
+        assert sum(a + b for a, b in resource.transfer(n).values()) > before[n] + 100, n
 
     tag = secrets.token_hex(3)
     lap, wg, outer = f"zt{tag}-lap", f"zt{tag}w", f"zt{tag}l"
@@ -241,7 +293,7 @@ def test_a_laptop_fetches_a_containers_page_over_the_network(
         deadline = time.monotonic() + 30
         while "hello-laptop" not in page and time.monotonic() < deadline:
             page = subprocess.run(["ip", "netns", "exec", lap, "busybox", "wget", "-q", "-O",
-                                   "-", "http://10.20.2.2:8080/"], capture_output=True,
+                                   "-", "http://10.20.3.2:8080/"], capture_output=True,
                                   text=True, timeout=30).stdout
         assert "hello-laptop" in page
         transfer = subprocess.run(["wg", "show", wg, "transfer"], capture_output=True,
@@ -249,9 +301,7 @@ def test_a_laptop_fetches_a_containers_page_over_the_network(
         assert int(transfer[1]) > 0 and int(transfer[2]) > 0
         # the grid stops with the contracts running: its teardown removes what the nodes
         # recorded (the resources and the container's namespace)
-        made = [n.namespace for n in names] + [container_link_names(
-            load_identity(n3.data / "identity.key").public_hex,
-            WorkloadID(int(record["nodes"][str(n3.node_id)]["contract"]), "site")).namespace]
+        made = [n.namespace for n in names] + ctrs
         assert all(Path(f"/run/netns/{ns}").exists() for ns in made)
         grid.stop()
         assert not any(Path(f"/run/netns/{ns}").exists() for ns in made)
@@ -259,10 +309,10 @@ def test_a_laptop_fetches_a_containers_page_over_the_network(
     finally:
         for pid in wireguard_processes(wg):
             os.kill(pid, signal.SIGKILL)
+        Path(f"/var/run/wireguard/{wg}.sock").unlink(missing_ok=True)  # left by kill -9
         subprocess.run(["ip", "netns", "delete", lap], capture_output=True, check=False)
         subprocess.run(["ip", "link", "delete", outer], capture_output=True, check=False)
         for n in names:
             resource.remove(n)
-        resource.detach_container(container_link_names(
-            load_identity(n3.data / "identity.key").public_hex,
-            WorkloadID(int(record["nodes"][str(n3.node_id)]["contract"]), "site")).namespace)
+        for ns in ctrs:
+            resource.detach_container(ns)

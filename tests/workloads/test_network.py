@@ -78,6 +78,16 @@ def test_a_network_with_peers_and_containers_parses() -> None:
          "is not ADDRESS:PORT"),
         ([network(peers=[peer("10.1.2.0/24", 2, endpoint="fd00::1:51820")])], "is not ADDRESS:PORT"),
         ([network(peers=[peer("10.1.2.0/24", 2, endpoint="0.0.0.0:51820")])], "not a unicast"),
+        # a peer endpoint aims the node's WireGuard socket: never at the node itself or
+        # at what only the node reaches
+        *[([network(peers=[peer("10.1.2.0/24", 2, endpoint=ep)])], "node-internal address")
+          for ep in ("127.0.0.1:6379", "127.9.9.9:1", "[::1]:51820", "169.254.169.254:80",
+                     "[fe80::1]:51820", "100.127.0.1:51820", "100.127.3.7:1",
+                     "[::ffff:127.0.0.1]:1", "[::ffff:100.127.0.1]:1", "[2002:7f00:1::]:1",
+                     "0.1.2.3:1", "240.0.0.1:1", "255.255.255.255:1", "[fec0::1]:1")],
+        ([network(ip_range="100.127.0.0/16", subnet="100.127.1.0/24")], "must be private"),
+        ([network(ip_range="198.18.0.0/16", subnet="198.18.1.0/24")], "must be private"),
+        ([network(ip_range="8.8.0.0/16", subnet="8.8.1.0/24")], "must be private"),
         ([network(), container("a", "10.1.2.5")], "outside the subnet 10.1.1.0/24"),
         ([network(), container("a", "10.1.1.1")], "is reserved"),
         ([network(), container("a", "10.1.1.255")], "is reserved"),
@@ -97,6 +107,16 @@ def test_bad_networks_are_refused_clearly(workloads: list[dict[str, Any]], needl
 def test_endpoints_parse() -> None:
     assert parse_endpoint("198.18.0.10:51820") == ("198.18.0.10", 51820)
     assert parse_endpoint("[fd00:5a::10]:1") == ("fd00:5a::10", 1)
+    # other machines on a LAN or the internet are peers
+    for ep in ("192.168.2.10:51820", "10.0.0.1:1", "100.64.0.1:51820", "[2001:db8::1]:5"):
+        assert parse_endpoint(ep)[1] > 0
+
+
+@pytest.mark.parametrize("ip_range", ["10.0.0.0/8", "172.16.0.0/12", "172.31.0.0/16",
+                                      "192.168.0.0/16"])
+def test_private_ranges_are_user_ranges(ip_range: str) -> None:
+    first = ipaddress.IPv4Network(ip_range).network_address
+    dep([network(ip_range=ip_range, subnet=f"{first + 256}/24")])
 
 
 @given(st.binary(min_size=32, max_size=32))

@@ -8,15 +8,16 @@ endpoint and contract, and the user's machines (their /24, public key, node).
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
+import secrets
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from zerostack.bot.mesh import (
-    DEFAULT_PORT,
     DEFAULT_RANGE,
     MeshError,
     MeshNode,
@@ -32,6 +33,9 @@ from zerostack.workloads import Deployment, NetworkWorkload, WorkloadError, open
 
 _NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 MAX_RECORD = 1 << 20
+# Where a new network's WireGuard port is picked: below Linux's ephemeral ports
+# (32768-60999), above the well-known ones.
+PORTS = range(20000, 30000)
 
 
 def _path(home: Path, name: str) -> Path:
@@ -70,13 +74,64 @@ def _users(record: dict[str, Any]) -> list[UserPeer]:
     return [UserPeer(u["subnet"], u["public_key"], int(u["via"])) for u in record["users"]]
 
 
+def _check_range(home: Path, name: str, ip_range: str) -> None:
+    """Refuse a range that is no IPv4 network, or that overlaps another network of this
+    user: a machine given access to both could not route to either."""
+    try:
+        rng = ipaddress.IPv4Network(ip_range)
+    except ValueError:
+        raise BotError(f"range {ip_range[:50]!r} is not an IPv4 network in CIDR form "
+                       "(host bits zero, like 10.20.0.0/16)") from None
+    folder = home / "networks"
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        other = path.stem
+        if other == name or not _NAME.fullmatch(other):
+            continue
+        theirs = str(load(home, other).get("range", ""))
+        try:
+            overlaps = rng.overlaps(ipaddress.IPv4Network(theirs))
+        except ValueError:
+            continue
+        if overlaps:
+            raise BotError(f"range {rng} overlaps {theirs} of your network {other!r}: "
+                           "give another --range")
+
+
+def _ports_in_use(home: Path, name: str) -> set[int]:
+    folder = home / "networks"
+    used = set()
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        if path.stem != name and _NAME.fullmatch(path.stem):
+            try:
+                used.add(int(load(home, path.stem).get("port", 0)))
+            except (TypeError, ValueError):
+                continue
+    return used
+
+
+def pick_port(home: Path, name: str) -> int:
+    """A WireGuard port for a new network: random in PORTS (so that two users' networks
+    on one node seldom want the same one; a node refuses the second clearly), and never
+    one of this user's other networks."""
+    used = _ports_in_use(home, name)
+    free = [p for p in PORTS if p not in used]
+    if not free:
+        raise BotError(f"every port of {PORTS.start}-{PORTS.stop - 1} is used by one of "
+                       "your networks: give --port")
+    return secrets.choice(free)
+
+
 def create(bot: ThreeBot, home: Path, name: str, node_ids: list[int],
-           ip_range: str = DEFAULT_RANGE, port: int = DEFAULT_PORT) -> dict[str, Any]:
-    """Deploy network `name` over `node_ids` (one contract per node); returns the record."""
+           ip_range: str = DEFAULT_RANGE, port: int | None = None) -> dict[str, Any]:
+    """Deploy network `name` over `node_ids` (one contract per node); returns the record.
+    Everything is checked and every deployment built before the first contract exists.
+    Without `port`, one is picked (`pick_port`)."""
     if _path(home, name).exists():
         raise BotError(f"network {name!r} exists already")
     if not node_ids or len(set(node_ids)) != len(node_ids):
         raise BotError("give each node once: --nodes 1,3,5")
+    _check_range(home, name, ip_range)
+    port = pick_port(home, name) if port is None else port
     try:
         subnets = assign_subnets(ip_range, [], len(node_ids))
         nodes = []
@@ -89,11 +144,11 @@ def create(bot: ThreeBot, home: Path, name: str, node_ids: list[int],
         wls = workloads(name, ip_range, nodes, keys, port)
     except MeshError as exc:
         raise BotError(str(exc)) from exc
+    deps = {n.node_id: bot.build({"workloads": [wls[n.node_id]]}, [], None) for n in nodes}
     record: dict[str, Any] = {"name": name, "range": ip_range, "port": port, "users": [],
                               "nodes": {}}
     for n in nodes:
-        dep = bot.build({"workloads": [wls[n.node_id]]}, [], None)
-        cid = bot.deploy(dep, n.node_id)
+        cid = bot.deploy(deps[n.node_id], n.node_id)
         record["nodes"][str(n.node_id)] = {"subnet": n.subnet, "endpoint": n.endpoint,
                                            "contract": cid}
         _save(home, name, record)  # each contract is recorded as soon as it exists

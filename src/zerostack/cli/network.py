@@ -46,8 +46,9 @@ def add(
     name: str = typer.Argument(..., help="The network's name (also its workload name)."),
     nodes: str = typer.Option(..., "--nodes", help="Node ids, comma-separated: 1,3,5."),
     ip_range: str = typer.Option("10.20.0.0/16", "--range", help="IPv4 range (a /24 each)."),
-    port: int = typer.Option(51820, "--port", min=1, max=65535,
-                             help="WireGuard port on every node."),
+    port: int | None = typer.Option(None, "--port", min=1, max=65535,
+                                    help="WireGuard port on every node (default: a random "
+                                    "one of 20000-29999 none of your networks uses)."),
     wait: float = typer.Option(120.0, "--wait", help="Seconds to wait for the nodes (0: none)."),
     ledger: str = LEDGER,
     identity: str = IDENTITY,

@@ -143,9 +143,24 @@ def check_wireguard_key(value: str, what: str) -> str:
     return value
 
 
+# Inside every node: the egress links between the node and its network resources
+# (100.127.0.1 the node's side, 100.127.X.Y a resource's). Nothing a deployment names may
+# point there.
+NODE_UPLINK_RANGE = "100.127.0.0/16"
+# What a user network's ip_range may be: the private IPv4 ranges, as on a LAN.
+USER_RANGES = tuple(ipaddress.IPv4Network(n) for n in ("10.0.0.0/8", "172.16.0.0/12",
+                                                      "192.168.0.0/16"))
+_NOT_PEERS = tuple(ipaddress.IPv4Network(n) for n in (
+    "0.0.0.0/8",  # "this network"
+    "127.0.0.0/8", "169.254.0.0/16", "224.0.0.0/4", "240.0.0.0/4", NODE_UPLINK_RANGE))
+
+
 def parse_endpoint(value: str) -> tuple[str, int]:
     """`1.2.3.4:51820` or `[fd00::1]:51820` as (address, port); ValueError otherwise.
-    Names are refused: a node resolves nothing a deployment gives it."""
+    Names are refused: a node resolves nothing a deployment gives it. So are addresses
+    that are never another machine on the WAN (loopback, link-local, multicast, reserved,
+    the node's internal uplink range): a peer endpoint must not aim the node's WireGuard
+    socket at the node itself or at what only the node can reach."""
     m = _ENDPOINT.fullmatch(value)
     port = int(m.group("port")) if m else 0
     if m is None or not 1 <= port <= 65535:
@@ -157,6 +172,14 @@ def parse_endpoint(value: str) -> tuple[str, int]:
         raise ValueError(f"endpoint {value[:80]!r}: {exc}") from exc
     if addr.is_multicast or addr.is_unspecified:
         raise ValueError(f"endpoint {value[:80]!r} is not a unicast address")
+    v4 = addr if isinstance(addr, ipaddress.IPv4Address) else (addr.ipv4_mapped
+                                                               or addr.sixtofour)
+    if (v4 is not None and any(v4 in n for n in _NOT_PEERS)) or (
+            isinstance(addr, ipaddress.IPv6Address)
+            and (addr.is_loopback or addr.is_link_local or addr.is_site_local
+                 or addr.is_reserved)):
+        raise ValueError(f"endpoint {value[:80]!r} is a loopback, link-local, reserved or "
+                         "node-internal address, not a peer on the network")
     return str(addr), port
 
 
@@ -244,6 +267,9 @@ class NetworkWorkload(_WorkloadBase):
         own = ipaddress.IPv4Network(self.subnet)
         if not 8 <= rng.prefixlen <= 24:
             raise ValueError(f"ip_range {self.ip_range} must be a /8 to a /24")
+        if not any(rng.subnet_of(n) for n in USER_RANGES):
+            raise ValueError(f"ip_range {self.ip_range} must be private: inside 10.0.0.0/8, "
+                             "172.16.0.0/12 or 192.168.0.0/16")
         if own.prefixlen != 24:
             raise ValueError(f"subnet {self.subnet} must be a /24 (each node gets one /24)")
         if not own.subnet_of(rng):

@@ -137,6 +137,9 @@ def test_containers_on_two_hosts_talk_through_the_network(setup: Setup) -> None:
             reports[cid] = {w["name"]: w for w in c["report"]["workloads"]}
         r1 = reports[c1]
         assert r1["net"]["data"]["wireguard_public_key"] == k1[1]
+        # which WireGuard carries it, as the interface's kind shows it in its namespace
+        assert r1["net"]["data"]["wireguard_implementation"] == resource.implementation(
+            resource_names(node_key(n1), WorkloadID(c1, "net"))) != ""
         assert r1["web"]["data"]["ip"] == "10.40.1.10"
         assert r1["probe"]["data"]["ip"] == "10.40.1.2"  # allocated: the lowest free
         assert reports[c3]["client"]["data"]["ip"] == "10.40.3.2"

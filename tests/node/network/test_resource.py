@@ -22,8 +22,13 @@ import pytest
 from tests.conftest import require_root, require_tool
 from zerostack.grid.hosts import inside, listen_socket, pids_in
 from zerostack.node.network import resource
-from zerostack.node.network.plan import NetworkResource, plan
-from zerostack.node.provisioners import WorkloadID
+from zerostack.node.network.plan import (
+    UPLINK_GATEWAY,
+    NetworkResource,
+    container_link_names,
+    plan,
+)
+from zerostack.node.provisioners import ProvisionError, WorkloadID
 from zerostack.workloads import NetworkWorkload
 
 RANGE = "10.30.0.0/16"
@@ -189,6 +194,17 @@ def test_two_resources_carry_ping_and_tcp_through_the_tunnel(wan: Wan) -> None:
         server.close()
     assert transferred(a) >= before + 100_000
     assert transferred(b) >= 100_000
+    # the kernel's WireGuard when it has one (this machine's kernel has none)
+    probe = f"zt{wan.tag}k"
+    kernel = subprocess.run(["ip", "-n", a.ns, "link", "add", probe, "type", "wireguard"],
+                            capture_output=True, check=False).returncode == 0
+    subprocess.run(["ip", "-n", a.ns, "link", "delete", probe], capture_output=True,
+                   check=False)
+    for node in (a, b):
+        assert resource.implementation(node.resource().names) == (
+            "kernel" if kernel else "wireguard-go")
+    if kernel:
+        return
     for node in (a, b):
         assert resource.exists(node.resource().names)
         assert len(wireguard_processes(node.resource().names.wireguard)) == 1
@@ -207,6 +223,8 @@ def test_ensure_again_changes_nothing(wan: Wan) -> None:
     assert {n: run(a.rns, "ip", "-o", *what).stdout
             for n, what in (("l", ("link",)), ("r", ("route",)), ("a", ("addr",)))} == before
     assert run(a.rns, "nft", "list", "ruleset").stdout == rules
+    # IPv4 only inside: no address (nor link-local churn) on any of its links
+    assert "inet6" not in before["a"]
     assert len(wireguard_processes(a.resource().names.wireguard)) == 1
     assert pings(a.rns, b.bridge_ip)
 
@@ -272,6 +290,125 @@ def test_egress_is_masqueraded_and_nothing_enters_from_the_uplink(wan: Wan) -> N
     finally:
         inner.close()
     assert pings(b.rns, a.bridge_ip)  # through the tunnel it does
+
+
+def udp_arrives(src_ns: str, src_ip: str, dst_ns: str, dst_ip: str, port: int) -> bool:
+    """Whether a datagram sent from `src_ip` in `src_ns` reaches `dst_ip`:`port` in
+    `dst_ns` (three tries: the first may wait for a handshake)."""
+    with inside(dst_ns):
+        server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with inside(src_ns):
+        client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with server, client:
+        server.bind((dst_ip, port))
+        server.settimeout(1.5)
+        client.bind((src_ip, 0))
+        for _ in range(3):
+            client.sendto(b"probe", (dst_ip, port))
+            try:
+                return server.recvfrom(16)[0] == b"probe"
+            except TimeoutError:
+                continue
+    return False
+
+
+def refused(ns: str, host: str, port: int) -> bool:
+    try:
+        connect(ns, host, port, timeout=1.0).close()
+    except OSError:
+        return True
+    return False
+
+
+def test_a_container_reaches_neither_its_node_nor_other_networks_nor_poses_as_others(
+        wan: Wan) -> None:
+    a, b = wan.add("10.30.1.0/24"), wan.add("10.30.2.0/24")
+    a.peers, b.peers = [b], [a]
+    a.ensure()
+    # b takes from a what a relays too (10.30.9.0/24, a hidden node's): a container on a
+    # must still not send as one of those addresses
+    spec = NetworkWorkload.model_validate({
+        "name": "net", "ip_range": RANGE, "subnet": b.subnet,
+        "wireguard_private_key": b.key[0], "wireguard_listen_port": b.port,
+        "peers": [{"subnet": a.subnet, "wireguard_public_key": a.key[1],
+                   "allowed_ips": ["10.30.9.0/24"], "endpoint": f"{a.wan_ip}:{a.port}"}]})
+    with inside(b.ns):
+        resource.ensure(plan(b.node_key, WorkloadID(1, "net"), spec))
+    # another tenant's network on node a
+    other = Node(a.ns, a.wan_ip, "10.30.5.0/24", 51010)
+    res_a, res_o = a.resource(), other.resource()
+    ctr = container_link_names(a.node_key, WorkloadID(1, "web"))
+    try:
+        other.ensure()
+        resource.attach_container(res_a.names, res_a.bridge_address, ctr.namespace, ctr.outer,
+                                  ctr.inner, "10.30.1.2")
+        # the node's own namespace: nothing listening there is reachable from the container
+        host = listen_socket(a.ns, "0.0.0.0", 8090)
+        tenant = listen_socket(other.rns, "0.0.0.0", 8091)
+        wide = listen_socket(b.ns, b.wan_ip, 8092)
+        try:
+            for address in (UPLINK_GATEWAY, a.wan_ip):
+                assert refused(ctr.namespace, address, 8090), address
+            # nor the other tenant's resource, by its uplink or its bridge address
+            for address in (res_o.uplink_address, other.bridge_ip):
+                assert refused(ctr.namespace, address, 8091), address
+            # the WAN it does reach, seen as its node
+            client = connect(ctr.namespace, b.wan_ip, 8092)
+            conn, peer = wide.accept()
+            client.close()
+            conn.close()
+            assert peer[0] == a.wan_ip
+        finally:
+            for sock in (host, tenant, wide):
+                sock.close()
+        # a host next to the node cannot reach the container by routing straight at the
+        # resource's uplink, not even with a datagram that matches a flow of the container
+        # (the node's connection tracking holds that flow: the forged one clashes with it)
+        with inside(ctr.namespace):
+            flow = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        with inside(b.ns):
+            far = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        with flow, far:
+            far.bind((b.wan_ip, 8096))
+            far.settimeout(3)
+            flow.bind(("10.30.1.2", 40404))
+            flow.settimeout(1.5)
+            flow.sendto(b"out", (b.wan_ip, 8096))
+            data, seen = far.recvfrom(16)
+            assert data == b"out" and seen[0] == a.wan_ip
+            far.sendto(b"reply", seen)  # the way back through the node's NAT works
+            assert flow.recvfrom(16) == (b"reply", (b.wan_ip, 8096))
+            ip("-n", b.ns, "route", "add", res_a.uplink_address, "via", a.wan_ip)
+            for _ in range(3):
+                far.sendto(b"forged", (res_a.uplink_address, 40404))
+            with pytest.raises(TimeoutError):
+                flow.recvfrom(16)
+        # through the tunnel: its own address passes, another's does not
+        assert udp_arrives(ctr.namespace, "10.30.1.2", b.rns, b.bridge_ip, 8093)
+        ip("-n", ctr.namespace, "addr", "add", "10.30.9.9/32", "dev", "eth0")
+        assert not udp_arrives(ctr.namespace, "10.30.9.9", b.rns, b.bridge_ip, 8094)
+        # nor may it send as the peer's own addresses back into the node's namespace
+        ip("-n", ctr.namespace, "addr", "add", f"{res_a.uplink_address}/32", "dev", "eth0")
+        assert not udp_arrives(ctr.namespace, res_a.uplink_address, a.ns, a.wan_ip, 8095)
+    finally:
+        resource.detach_container(ctr.namespace)
+        with inside(a.ns):
+            resource.remove(res_o.names)
+
+
+def test_a_port_taken_on_the_node_is_refused_clearly_and_the_other_network_stays(
+        wan: Wan) -> None:
+    a, b = pair(wan)
+    second = Node(a.ns, a.wan_ip, "10.30.6.0/24", a.port)
+    try:
+        with pytest.raises(ProvisionError, match=f"WireGuard port {a.port} is taken on this "
+                           "node"):
+            second.ensure()
+    finally:
+        with inside(a.ns):
+            resource.remove(second.resource().names)
+    assert resource.exists(a.resource().names)
+    assert pings(a.rns, b.bridge_ip) and pings(b.rns, a.bridge_ip)
 
 
 def test_kill9_mid_setup_converges_to_one_working_resource(wan: Wan) -> None:
@@ -346,3 +483,31 @@ def from_json(text: str) -> NetworkResource:
     d["peers"] = tuple(PeerPlan(p["public_key"], p["endpoint"], tuple(p["allowed_ips"]))
                        for p in d["peers"])
     return NetworkResource(**d)
+
+
+@pytest.mark.parametrize("kernel", [True, False])
+def test_the_kernels_wireguard_is_taken_when_it_has_one(monkeypatch: pytest.MonkeyPatch,
+                                                        kernel: bool) -> None:
+    """Which WireGuard `_start_wireguard` makes, with the kernel's answers simulated (the
+    kernel here has no WireGuard module, so the kernel path runs nowhere else)."""
+    made: set[str] = set()
+    calls: list[list[str]] = []
+
+    def fake_ip(ns: str | None, *args: str, check: bool = True) -> str:
+        calls.append(["ip", *args])
+        if args[:2] == ("link", "add") and args[-2:] == ("type", "wireguard") and kernel:
+            made.add(args[2])
+        return ""
+
+    def fake_run(args: list[str], **kw: object) -> subprocess.CompletedProcess[str]:
+        calls.append(list(args))
+        made.add(args[1])  # the daemon made its tun
+        return subprocess.CompletedProcess(args, 0, "", "")
+
+    monkeypatch.setattr(resource, "_ip", fake_ip)
+    monkeypatch.setattr(resource, "_links", lambda ns: {n: {} for n in made})
+    monkeypatch.setattr(resource.subprocess, "run", fake_run)
+    resource._start_wireguard("zn0123456789w")
+    assert calls[0] == ["ip", "link", "add", "zn0123456789w", "type", "wireguard"]
+    daemons = [c for c in calls if c[0] == resource.WIREGUARD_GO]
+    assert daemons == ([] if kernel else [[resource.WIREGUARD_GO, "zn0123456789w"]])

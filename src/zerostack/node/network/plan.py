@@ -14,7 +14,10 @@ A network resource of contract C, workload W on node K is:
   onto its side and the node masquerades that address onto its uplink.
 
 Nothing enters the resource's namespace from its uplink but replies to what left it:
-peers come in only through WireGuard.
+peers come in only through WireGuard. What leaves the bridge carries a source address of
+the node's /24 (a container cannot pose as a peer's or another network's address). From
+its uplink a resource reaches the node's WAN and beyond, never the node itself (its
+host namespace: the node's own services, whatever listens there) nor another resource.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from zerostack.workloads.types import (
     BRIDGE_HOST,
     FIRST_CONTAINER_HOST,
     LAST_HOST,
+    NODE_UPLINK_RANGE,
     NetworkWorkload,
     check_wireguard_key,
 )
@@ -37,7 +41,7 @@ CONTAINER_PREFIX = "zc"
 HASH_LEN = 10
 IFNAMSIZ = 15
 UPLINK_GATEWAY = "100.127.0.1"
-UPLINK_NET = ipaddress.IPv4Network("100.127.0.0/16")
+UPLINK_NET = ipaddress.IPv4Network(NODE_UPLINK_RANGE)
 KEEPALIVE = 25  # seconds: keeps a NAT mapping open towards peers with an endpoint
 NFT_TABLE = "zerostack"
 
@@ -153,8 +157,10 @@ class NetworkResource:
 
     def resource_rules(self) -> str:
         """The nftables ruleset of the resource's namespace (replaces its own table).
-        Containers may go anywhere; peers (through WireGuard) reach containers and other
-        peers this node forwards for; from the uplink only replies come in."""
+        Containers may go anywhere, with their own /24 as source; peers (through
+        WireGuard, which admits a peer's packets only from the addresses it carries)
+        reach containers and other peers this node forwards for; from the uplink only
+        replies come in."""
         n = self.names
         return f"""table inet {NFT_TABLE}
 delete table inet {NFT_TABLE}
@@ -170,7 +176,7 @@ table inet {NFT_TABLE} {{
     type filter hook forward priority 0; policy drop;
     ct state established,related accept
     ct state invalid drop
-    iifname "{n.bridge}" accept
+    iifname "{n.bridge}" ip saddr {self.subnet} accept
     iifname "{n.wireguard}" oifname {{ "{n.bridge}", "{n.wireguard}" }} accept
   }}
   chain postrouting {{
@@ -182,14 +188,21 @@ table inet {NFT_TABLE} {{
 
     def node_rules(self) -> str:
         """This resource's table in the node's namespace: what leaves the resource is
-        masqueraded onto the node's uplink; nothing else is touched."""
+        masqueraded onto the node's uplink; it never enters the node's own namespace nor
+        goes to another resource's uplink; nothing else is touched."""
         t = self.names.node_table
+        up = self.names.uplink_outer
         return f"""table ip {t}
 delete table ip {t}
 table ip {t} {{
+  chain input {{
+    type filter hook input priority 0; policy accept;
+    iifname "{up}" drop
+  }}
   chain forward {{
     type filter hook forward priority 0; policy accept;
-    iifname "{self.names.uplink_outer}" ip saddr != {self.uplink_address} drop
+    iifname "{up}" ip saddr != {self.uplink_address} drop
+    iifname "{up}" ip daddr {UPLINK_NET} drop
   }}
   chain postrouting {{
     type nat hook postrouting priority 100; policy accept;

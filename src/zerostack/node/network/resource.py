@@ -32,6 +32,7 @@ WG_SOCKETS = Path("/var/run/wireguard")
 TIMEOUT = 30.0
 EXIT_WAIT = 5.0
 WIREGUARD_MTU = 1420  # 1500 less WireGuard's IPv6 overhead: what wg-quick sets, wireguard-go too
+WIREGUARD_GO = "wireguard-go"  # the userspace daemon's command (a benchmark compares builds)
 
 
 def _run(args: list[str], stdin: str | None = None, check: bool = True) -> str:
@@ -142,7 +143,7 @@ def _start_wireguard(name: str) -> None:
         return
     _wireguard_socket(name).unlink(missing_ok=True)  # left by a process killed with -9
     try:
-        out = subprocess.run(["wireguard-go", name], capture_output=True, text=True,
+        out = subprocess.run([WIREGUARD_GO, name], capture_output=True, text=True,
                              timeout=TIMEOUT, check=False,
                              env={k: v for k, v in os.environ.items()
                                   if k not in ("WG_PROCESS_FOREGROUND", "LOG_LEVEL")})
@@ -180,7 +181,14 @@ def _ensure_wireguard(res: NetworkResource) -> None:
             time.sleep(0.02)
         _ip(None, "link", "set", wg, "netns", ns)
     # syncconf changes only what differs: peers kept stay up, their sessions untouched
-    _run(_wg_args(ns, "syncconf", wg, "/dev/stdin"), stdin=res.wireguard_config())
+    try:
+        _run(_wg_args(ns, "syncconf", wg, "/dev/stdin"), stdin=res.wireguard_config())
+    except ProvisionError as exc:
+        if "in use" in str(exc):
+            raise ProvisionError(f"WireGuard port {res.listen_port} is taken on this node "
+                                 "(by another network or service): give the network "
+                                 "another port") from None
+        raise
     _ip(ns, "link", "set", wg, "up")
     out = _ip(ns, "-j", "route", "show", "dev", wg, check=False)
     try:
@@ -200,7 +208,10 @@ def ensure(res: NetworkResource) -> None:
     n = res.names
     _ensure_namespace(n.namespace)
     _ip(n.namespace, "link", "set", "lo", "up")
-    _in(n.namespace, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+    # user networks are IPv4: no IPv6 at all inside (no link-local addresses, no neighbour
+    # discovery) on any link there now or moved in later
+    _in(n.namespace, "sysctl", "-qw", "net.ipv4.ip_forward=1",
+        "net.ipv6.conf.default.disable_ipv6=1", "net.ipv6.conf.all.disable_ipv6=1")
     # the rules first: the namespace is closed before any of its links is up
     _in(n.namespace, "nft", "-f", "-", stdin=res.resource_rules())
     _ensure_bridge(res)
@@ -242,6 +253,18 @@ def remove(names: ResourceNames) -> None:
         time.sleep(0.05)
     if sock.exists():  # its daemon was killed with -9 before it could clean up
         sock.unlink(missing_ok=True)
+
+
+def implementation(names: ResourceNames) -> str:
+    """Which WireGuard carries the resource: "kernel" (a wireguard link), "wireguard-go"
+    (a tun its daemon made), or "" when the interface is not there."""
+    out = _ip(names.namespace, "-j", "-d", "link", "show", "dev", names.wireguard,
+              check=False)
+    try:
+        kind = json.loads(out or "[]")[0].get("linkinfo", {}).get("info_kind", "")
+    except (ValueError, IndexError, AttributeError):
+        return ""
+    return {"wireguard": "kernel", "tun": "wireguard-go"}.get(str(kind), "")
 
 
 def transfer(names: ResourceNames) -> dict[str, tuple[int, int]]:

@@ -131,6 +131,7 @@ class NetworkProvisioner(Provisioner):
             "namespace": res.names.namespace, "subnet": res.subnet,
             "gateway": res.bridge_address.split("/")[0],
             "wireguard_interface": res.names.wireguard,
+            "wireguard_implementation": resource.implementation(res.names),
             "wireguard_public_key": _wg("pubkey", stdin=res.private_key),
             "wireguard_listen_port": spec.wireguard_listen_port,
             "peers": len(res.peers)})
