@@ -156,9 +156,9 @@ def create(bot: ThreeBot, home: Path, name: str, node_ids: list[int],
 
 
 def adopt(home: Path, name: str, ip_range: str,
-          nodes: Mapping[int, tuple[str, str, int]], port: int = DEFAULT_PORT) -> bool:
+          nodes: Mapping[int, tuple[str, str, int]], port: int) -> bool:
     """Record a network a solution made (node -> (its /24, its public address, the
-    contract holding the network)), so `network access`, `extend` and `remove` work on
+    contract holding the network); `port` its WireGuard port), so `network access`, `extend` and `remove` work on
     it; False when this user already has a network of that name (left as it is)."""
     if _path(home, name).exists():
         return False

@@ -15,6 +15,7 @@ from typing import Any
 
 from zerostack.bot.mesh import MeshError, MeshNode, assign_subnets, keypair
 from zerostack.bot.mesh import workloads as mesh_workloads
+from zerostack.bot.networks import PORTS as NETWORK_PORTS
 from zerostack.bot.spec import BotError
 from zerostack.bot.threebot import ThreeBot, _as_bot_error
 from zerostack.contracts import (
@@ -56,6 +57,8 @@ class Draft:
     names: list[str] = field(default_factory=list)
     networks: dict[str, tuple[str, dict[int, tuple[str, str]]]] = field(default_factory=dict)
     """Each user network: its range and, by node, (its /24, its public address or "")."""
+    ports: dict[str, int] = field(default_factory=dict)
+    """Each user network's WireGuard listen port (random, as `zerostack network add`)."""
 
     def summary(self) -> dict[str, Any]:
         nodes = []
@@ -209,6 +212,7 @@ def draft(bot: ThreeBot, template: Template, params: Mapping[str, Any],
         endpoints[int(v["id"])] = str(v.get("endpoint") or "")
     addresses: dict[str, dict[str, str]] = {}
     layouts: dict[str, tuple[str, dict[int, tuple[str, str]]]] = {}
+    ports: dict[str, int] = {}
     for net in plan.networks:
         members = sorted({nid for key, nid in placed.nodes.items()
                           if _joins(by_key[key], net.parts)})
@@ -217,7 +221,8 @@ def draft(bot: ThreeBot, template: Template, params: Mapping[str, Any],
             mesh = [MeshNode(nid, s, _host(endpoints.get(nid, ""))) for nid, s in
                     zip(members, subnets, strict=True)]
             keys = {nid: keypair()[0] for nid in members}
-            wls = mesh_workloads(net.name, net.ip_range, mesh, keys)
+            ports[net.name] = secrets.choice(NETWORK_PORTS)
+            wls = mesh_workloads(net.name, net.ip_range, mesh, keys, port=ports[net.name])
         except MeshError as exc:
             raise BotError(f"network {net.name}: {exc}") from exc
         for nid in members:
@@ -253,7 +258,7 @@ def draft(bot: ThreeBot, template: Template, params: Mapping[str, Any],
             built[nid] = Deployment.parse(data)
         except WorkloadError as exc:
             raise BotError(f"node {nid}: {exc}") from exc
-    return Draft(template, template_hash, plan, placed, built, parts_on, names, layouts)
+    return Draft(template, template_hash, plan, placed, built, parts_on, names, layouts, ports)
 
 
 def _host(endpoint: str) -> str:

@@ -255,7 +255,7 @@ def _adopt_networks(d: Draft, st: dict[str, Any], quiet: bool) -> None:
     for name, (ip_range, layout) in d.networks.items():
         nodes = {nid: (subnet, endpoint, contract_on[nid])
                  for nid, (subnet, endpoint) in layout.items()}
-        if networks.adopt(zerostack_home(), name, ip_range, nodes):
+        if networks.adopt(zerostack_home(), name, ip_range, nodes, d.ports[name]):
             if not quiet:
                 console.print(f"network {name}: `zerostack network access {name}` adds this "
                               "machine and prints its WireGuard configuration",
