@@ -27,6 +27,7 @@ from zerostack.crypto import (
 )
 from zerostack.workloads.types import (
     FIRST_CONTAINER_HOST,
+    GATEWAY_TYPES,
     LAST_HOST,
     ContainerWorkload,
     NetworkWorkload,
@@ -128,6 +129,10 @@ class Deployment(Spec):
         # A container may only mount volumes and join networks of its own deployment.
         kinds = {w.name: w.type for w in self.workloads}
         for w in self.workloads:
+            via = getattr(w, "network", None)
+            if w.type in GATEWAY_TYPES and via is not None and kinds.get(via) != "network":
+                raise ValueError(f"{w.type} {w.name!r} reaches its backends through {via!r}, "
+                                 "not a network here")
             if not isinstance(w, ContainerWorkload):
                 continue
             for m in w.mounts:

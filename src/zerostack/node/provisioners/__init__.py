@@ -29,6 +29,7 @@ INSTALL_ORDER: tuple[str, ...] = (
     "container",
     "gateway_name_proxy",
     "gateway_fqdn_proxy",
+    "port_forward",
 )
 
 PROVISIONERS: dict[str, type[Provisioner]] = {
