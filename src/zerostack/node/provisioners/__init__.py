@@ -16,6 +16,7 @@ from zerostack.node.provisioners.base import (
 )
 from zerostack.node.provisioners.container import ContainerProvisioner
 from zerostack.node.provisioners.dry import DryProvisioner
+from zerostack.node.provisioners.gateway import FqdnProxyProvisioner, NameProxyProvisioner
 from zerostack.node.provisioners.network import NetworkProvisioner
 from zerostack.node.provisioners.volume import VolumeProvisioner
 from zerostack.node.provisioners.zdb import ZdbProvisioner
@@ -37,6 +38,8 @@ PROVISIONERS: dict[str, type[Provisioner]] = {
     "zdb": ZdbProvisioner,
     "network": NetworkProvisioner,
     "container": ContainerProvisioner,
+    "gateway_name_proxy": NameProxyProvisioner,
+    "gateway_fqdn_proxy": FqdnProxyProvisioner,
 }
 
 
