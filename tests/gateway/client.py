@@ -24,8 +24,9 @@ def fetch(namespace: str, url: str, address: str, cafile: Path | None = None,
     """GET `url` from `namespace`, connecting to `address` (what a resolver would give
     for the url's host). Raises OSError (ssl.SSLError included) when it cannot."""
     scheme, rest = url.split("://", 1)
-    host, _, path = rest.partition("/")
-    port = 443 if scheme == "https" else 80
+    authority, _, path = rest.partition("/")
+    host, _, given = authority.partition(":")
+    port = int(given) if given else 443 if scheme == "https" else 80
     family = socket.AF_INET6 if ":" in address else socket.AF_INET
     with inside(namespace):
         sock = socket.socket(family, socket.SOCK_STREAM)

@@ -143,7 +143,9 @@ def test_name_proxy_through_a_user_network(setup: Setup) -> None:
             setup.container("web2", httpd("hello-from-web2"), "10.41.2.11")]}, [], None)
         proxy = {"type": "gateway_name_proxy", "name": "site", "domain_name": "shop",
                  "backends": backends, "network": "net", "health_interval": 1}
-        d_gw = a.build({"workloads": [nets[gw.node_id], proxy]}, [], None)
+        forward = {"type": "port_forward", "name": "fwd", "port": 8081, "network": "net",
+                   "target": "10.41.2.11:8080"}
+        d_gw = a.build({"workloads": [nets[gw.node_id], proxy, forward]}, [], None)
         c_web = a.deploy(d_web, web.node_id)
         setup.made.append((web, c_web, ["web1", "web2"]))
         c_gw = a.deploy(d_gw, gw.node_id)
@@ -187,6 +189,20 @@ def test_name_proxy_through_a_user_network(setup: Setup) -> None:
         why = {w["name"]: w for w in c["report"]["workloads"]}["site"]["message"]
         assert "belongs to twin" in why, why
         assert setup.get(f"https://{HOST}/", v4, gw).status == 200  # alice untouched
+
+        # a port of the gateway's public address forwarded to web2; not twice
+        fwd = setup.get(f"http://{v4}:8081/", v4, gw)
+        assert fwd.status == 200 and fwd.body.strip() == b"hello-from-web2", fwd
+        bob_net = {"type": "network", "name": "net", "ip_range": "10.42.0.0/16",
+                   "subnet": "10.42.1.0/24"}
+        c_bob2 = b.deploy(b.build({"workloads": [bob_net, {
+            **forward, "target": "10.42.1.5:80"}]}, [], None), gw.node_id)
+        setup.made.append((gw, c_bob2, []))
+        c = b.wait(c_bob2, lambda c: c["state"] in ("deployed", "error")
+                   and bool(c.get("report")), timeout=60)
+        why = {w["name"]: w for w in c["report"]["workloads"]}["fwd"]["message"]
+        assert c["state"] == "error" and "already forwarded" in why, c["report"]
+        assert setup.get(f"http://{v4}:8081/", v4, gw).status == 200
 
         # one backend cut off: every request still answered, by the other
         web1_ns = container_link_names(node_key(web), WorkloadID(c_web, "web1")).namespace
@@ -234,6 +250,10 @@ def test_name_proxy_through_a_user_network(setup: Setup) -> None:
         assert "10.41." not in routes
         r = answers(setup, gw, f"https://{HOST}/", v4)
         assert r is None or r.status != 200
+        tables = subprocess.run(["ip", "netns", "exec", gw.host.namespace, "nft", "list",
+                                 "tables"], capture_output=True, text=True, check=True).stdout
+        assert "zgf" not in tables, tables
+        assert answers(setup, gw, f"http://{v4}:8081/", v4) is None
 
 
 def _joined_in(node: GridNode, names: Any) -> bool:

@@ -233,6 +233,9 @@ def test_a_type_without_provisioner_is_refused_and_its_cancel_finishes(
     _, zport, data, node = grid.ready_node("nnode", "--status-port", str(status_port))
     owner, twin = grid.user()
     public_ip = {"type": "public_ip", "name": "ip"}
+    # the ledger gives the contract an address of the farm's pool: the farm needs one
+    grid.client.send(grid.farmer, "farm.public_ips", {"farm": grid.farm, "add": [
+        {"ip": "198.18.0.200/24", "gateway": "198.18.0.1"}]})
     cid, _ = grid.deploy(owner, twin, [zdb_wl("db"), public_ip], node)
     c = grid.wait_contract(cid, {"error", "deployed"})
     assert c["state"] == "error", c
@@ -246,6 +249,7 @@ def test_a_type_without_provisioner_is_refused_and_its_cancel_finishes(
     grid.client.cancel(owner, cid)
     grid.wait_contract(cid, {"deleted"})
     assert not any(grid.client.node(node)["reserved"].values())
+    assert grid.client.contract(cid)["public_ips"] == []  # back in the pool
 
 
 def test_kill9_mid_provisioning_converges(procs: ProcessGroup, tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ from zerostack.node.provisioners.container import ContainerProvisioner
 from zerostack.node.provisioners.dry import DryProvisioner
 from zerostack.node.provisioners.gateway import FqdnProxyProvisioner, NameProxyProvisioner
 from zerostack.node.provisioners.network import NetworkProvisioner
+from zerostack.node.provisioners.port_forward import PortForwardProvisioner
 from zerostack.node.provisioners.volume import VolumeProvisioner
 from zerostack.node.provisioners.zdb import ZdbProvisioner
 
@@ -40,6 +41,7 @@ PROVISIONERS: dict[str, type[Provisioner]] = {
     "container": ContainerProvisioner,
     "gateway_name_proxy": NameProxyProvisioner,
     "gateway_fqdn_proxy": FqdnProxyProvisioner,
+    "port_forward": PortForwardProvisioner,
 }
 
 

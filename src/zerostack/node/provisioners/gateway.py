@@ -64,6 +64,7 @@ class GatewayService:
                            acme_email=str(node.extra.get("gateway_acme_email", "")),
                            binary=str(node.extra.get("caddy", "caddy")))
         self.routes: dict[str, Route] = {}
+        self.joined: dict[str, str] = {}  # port forward (its table) -> network tag
         self.lock = threading.RLock()
 
     @classmethod
@@ -128,8 +129,10 @@ class GatewayService:
                 return False
             return self.caddy.has_route(route_id)
 
-    def uses_network(self, tag: str, but: str) -> bool:
-        return any(r.network == tag and r.id != but for r in self.routes.values())
+    def uses_network(self, tag: str) -> bool:
+        """Whether a route or a port forward still reaches its backends through `tag`."""
+        return (any(r.network == tag for r in self.routes.values())
+                or tag in self.joined.values())
 
     # ---- backends ---------------------------------------------------------------------
 
@@ -178,13 +181,16 @@ class GatewayService:
                                      "deployment's network (name it in `network`) or public")
         return tuple(Upstream(s, a, p) for s, a, p in parsed), tag
 
-    def leave_unused(self, wid: WorkloadID, spec: ProxySpec) -> None:
-        if spec.network is None:
+    def leave_unused(self, wid: WorkloadID, network: str | None) -> None:
+        """Leave the network `network` of `wid`'s deployment unless something still
+        uses the join (the network workload's removal takes it anyway)."""
+        if network is None:
             return
         names = resource_names(self.node.identity.public_hex,
-                               WorkloadID(wid.contract, spec.network))
-        if not self.uses_network(names.tag, but=""):
-            join.leave(names)
+                               WorkloadID(wid.contract, network))
+        with self.lock:
+            if not self.uses_network(names.tag):
+                join.leave(names)
 
     def close(self) -> None:
         self.caddy.stop()
@@ -226,14 +232,14 @@ class _ProxyProvisioner(Provisioner):
         done = self.provision(wid, new, deployment)
         assert isinstance(old, GatewayNameProxyWorkload | GatewayFqdnProxyWorkload)
         if old.network is not None and old.network != getattr(new, "network", None):
-            self.service.leave_unused(wid, old)
+            self.service.leave_unused(wid, old.network)
         return done
 
     def deprovision(self, wid: WorkloadID, spec: Workload) -> None:
         assert isinstance(spec, GatewayNameProxyWorkload | GatewayFqdnProxyWorkload)
         with self.service.lock:
             self.service.drop(wid.key)
-            self.service.leave_unused(wid, spec)
+            self.service.leave_unused(wid, spec.network)
 
     def exists(self, wid: WorkloadID, spec: Workload) -> bool:
         with self.service.lock:
