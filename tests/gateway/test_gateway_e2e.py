@@ -145,11 +145,17 @@ def test_name_proxy_through_a_user_network(setup: Setup) -> None:
                  "backends": backends, "network": "net", "health_interval": 1}
         forward = {"type": "port_forward", "name": "fwd", "port": 8081, "network": "net",
                    "target": "10.41.2.11:8080"}
-        d_gw = a.build({"workloads": [nets[gw.node_id], proxy, forward]}, [], None)
+        # the farm's pool: one address on the gateway's site
+        ledger.send(farmer, "farm.public_ips", {"farm": g.farm, "add": [
+            {"ip": "198.18.0.200/24", "gateway": "198.18.0.1"}]})
+        pub = setup.container("pub", httpd("hello-from-pub"), "10.41.1.20")
+        pub["network"]["public_ip"] = "ip"
+        d_gw = a.build({"workloads": [nets[gw.node_id], proxy, forward, pub,
+                                      {"type": "public_ip", "name": "ip"}]}, [], None)
         c_web = a.deploy(d_web, web.node_id)
         setup.made.append((web, c_web, ["web1", "web2"]))
         c_gw = a.deploy(d_gw, gw.node_id)
-        setup.made.append((gw, c_gw, []))
+        setup.made.append((gw, c_gw, ["pub"]))
         for cid in (c_web, c_gw):
             c = a.wait(cid, lambda c: c["state"] in ("deployed", "error")
                        and bool(c.get("report")), timeout=180)
@@ -204,6 +210,11 @@ def test_name_proxy_through_a_user_network(setup: Setup) -> None:
         assert c["state"] == "error" and "already forwarded" in why, c["report"]
         assert setup.get(f"http://{v4}:8081/", v4, gw).status == 200
 
+        # the container with a public address: reached directly from the WAN
+        assert a.contract(c_gw)["public_ips"] == ["198.18.0.200/24"]
+        direct = setup.get("http://198.18.0.200:8080/", "198.18.0.200", gw)
+        assert direct.body.strip() == b"hello-from-pub", direct
+
         # one backend cut off: every request still answered, by the other
         web1_ns = container_link_names(node_key(web), WorkloadID(c_web, "web1")).namespace
         subprocess.run(["ip", "-n", web1_ns, "link", "set", "eth0", "down"], check=True)
@@ -254,6 +265,10 @@ def test_name_proxy_through_a_user_network(setup: Setup) -> None:
                                  "tables"], capture_output=True, text=True, check=True).stdout
         assert "zgf" not in tables, tables
         assert answers(setup, gw, f"http://{v4}:8081/", v4) is None
+        assert "zgp" not in tables
+        assert "198.18.0.200" not in links
+        assert answers(setup, gw, "http://198.18.0.200:8080/", "198.18.0.200") is None
+        assert a.contract(c_gw)["public_ips"] == []
 
 
 def _joined_in(node: GridNode, names: Any) -> bool:

@@ -307,6 +307,9 @@ class NodeAgent:
                     if view is None:
                         continue
                     await self._name_owners(view)
+                    if contract is not None:  # the pool addresses the ledger gave it
+                        self.context.extra.setdefault("contract_ips", {})[cid] = [
+                            str(a) for a in contract.get("public_ips") or []][:64]
                     await asyncio.to_thread(self._converge, view)
                     report = self._report(view)
                 except LedgerError:

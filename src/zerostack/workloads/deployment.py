@@ -142,6 +142,10 @@ class Deployment(Spec):
                 raise ValueError(
                     f"container {w.name!r} joins {w.network.network!r}, not a network here"
                 )
+            if w.network is not None and w.network.public_ip is not None \
+                    and kinds.get(w.network.public_ip) != "public_ip":
+                raise ValueError(f"container {w.name!r} asks for public address "
+                                 f"{w.network.public_ip!r}, not a public_ip here")
         return self
 
     @model_validator(mode="after")

@@ -19,6 +19,7 @@ from zerostack.node.provisioners.dry import DryProvisioner
 from zerostack.node.provisioners.gateway import FqdnProxyProvisioner, NameProxyProvisioner
 from zerostack.node.provisioners.network import NetworkProvisioner
 from zerostack.node.provisioners.port_forward import PortForwardProvisioner
+from zerostack.node.provisioners.public_ip import PublicIpProvisioner
 from zerostack.node.provisioners.volume import VolumeProvisioner
 from zerostack.node.provisioners.zdb import ZdbProvisioner
 
@@ -42,6 +43,7 @@ PROVISIONERS: dict[str, type[Provisioner]] = {
     "gateway_name_proxy": NameProxyProvisioner,
     "gateway_fqdn_proxy": FqdnProxyProvisioner,
     "port_forward": PortForwardProvisioner,
+    "public_ip": PublicIpProvisioner,
 }
 
 
