@@ -36,12 +36,14 @@ def test_proxy_route_and_redirect() -> None:
     assert [u["dial"] for u in proxy["upstreams"]] == ["10.20.1.10:8080", "[fd00:5a::20]:80"]
     assert proxy["health_checks"]["active"] == {"uri": "/health", "interval": "3s",
                                                 "timeout": "3s"}
-    (http,) = servers["http"]["routes"]
+    health, http = servers["http"]["routes"]
+    assert health["match"] == [{"host": ["shop.gw1.grid.test"],
+                                "path": ["/.well-known/zerostack-gateway"]}]
     assert http["handle"][0]["status_code"] == 308
     assert http["handle"][0]["headers"]["Location"] == [
         "https://shop.gw1.grid.test{http.request.uri}"]
     plain = render([route(https_redirect=False)], "/s", "/d")
-    assert plain["apps"]["http"]["servers"]["http"]["routes"][0]["handle"][0]["handler"] == \
+    assert plain["apps"]["http"]["servers"]["http"]["routes"][1]["handle"][0]["handler"] == \
         "reverse_proxy"
 
 

@@ -16,6 +16,9 @@ from typing import Any
 HTTP_PORT = 80
 HTTPS_PORT = 443
 DIAL_TIMEOUT = "2s"
+HEALTH_PATH = "/.well-known/zerostack-gateway"
+"""Answered 200 on plain HTTP for every host a gateway serves: how the other gateways of
+the farm check it is alive and serves that host (see `dns`)."""
 TRY_DURATION = "4s"
 """How long a request keeps trying the other backends when one fails to connect."""
 
@@ -83,8 +86,13 @@ def render(routes: list[Route], admin_socket: str, storage: str,
     """The whole configuration for `routes` (sorted by host: one config per route set)."""
     ordered = sorted(routes, key=lambda r: (r.host, r.id))
     https = [_route(r, _proxy(r)) for r in ordered]
-    http = [{**_route(r, _redirect(r) if r.https_redirect else _proxy(r)),
-             "@id": f"{r.id}-http"} for r in ordered]
+    http: list[dict[str, Any]] = []
+    for r in ordered:
+        http.append({"match": [{"host": [r.host], "path": [HEALTH_PATH]}],
+                     "handle": [{"handler": "static_response", "status_code": 200,
+                                 "body": r.host}], "terminal": True})
+        http.append({**_route(r, _redirect(r) if r.https_redirect else _proxy(r)),
+                     "@id": f"{r.id}-http"})
     issuer: dict[str, Any] = ({"module": "acme", "email": acme_email} if acme_email
                               else {"module": "internal"})
     config: dict[str, Any] = {

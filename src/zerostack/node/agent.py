@@ -334,7 +334,13 @@ class NodeAgent:
         if self.cfg.dry or self.node_id == 0:
             return
         node = await self.link.client.node(self.node_id)
-        self.context.extra["gateway"] = (node or {}).get("gateway")
+        gateway = (node or {}).get("gateway")
+        self.context.extra["gateway"] = gateway
+        if gateway:  # the farm's other gateways: what the grid DNS checks and answers
+            farm = await self.link.client.nodes(farm=self.cfg.farm, limit=1000)
+            self.context.extra["gateway_peers"] = [
+                {"node": n["id"], **n["gateway"]} for n in farm
+                if n.get("gateway") and n["id"] != self.node_id][:16]
 
     async def _name_owners(self, view: ContractView) -> None:
         """Who owns each gateway name the contract proxies, asked at every pass: a name

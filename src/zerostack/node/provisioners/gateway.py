@@ -18,6 +18,7 @@ import threading
 from typing import Any
 
 from zerostack.gateway import Caddy, GatewayError, Route, Upstream
+from zerostack.gateway.dns import Dnsmasq, HealthWatch, Peer
 from zerostack.node.network import join
 from zerostack.node.network.plan import ResourceNames, resource_names
 from zerostack.node.provisioners.base import (
@@ -66,6 +67,21 @@ class GatewayService:
         self.routes: dict[str, Route] = {}
         self.joined: dict[str, str] = {}  # port forward (its table) -> network tag
         self.lock = threading.RLock()
+        self.watch = HealthWatch(Dnsmasq(node.data_dir / "gateway",
+                                         binary=str(node.extra.get("dnsmasq", "dnsmasq"))),
+                                 self._dns_state)
+
+    def _dns_state(self) -> tuple[list[str], Peer, list[Peer]]:
+        """For the grid DNS: the hosts served, this gateway and the farm's other ones."""
+        with self.lock:
+            hosts = [r.host for r in self.routes.values()]
+        gw = self.node.extra.get("gateway") or {}
+        own = Peer(0, str(gw.get("ipv4") or "").split("/")[0],
+                   str(gw.get("ipv6") or "").split("/")[0])
+        peers = [Peer(int(p["node"]), str(p.get("ipv4") or "").split("/")[0],
+                      str(p.get("ipv6") or "").split("/")[0])
+                 for p in self.node.extra.get("gateway_peers") or []]
+        return hosts, own, peers
 
     @classmethod
     def of(cls, node: NodeContext) -> GatewayService:
@@ -103,6 +119,7 @@ class GatewayService:
                 return
             previous = self.routes.get(route.id)
             self.routes[route.id] = route
+            self.watch.start()
             try:
                 self._load()
             except ProvisionError:
@@ -127,6 +144,7 @@ class GatewayService:
                 self.caddy.ensure_running(list(self.routes.values()))
             except GatewayError:
                 return False
+            self.watch.start()
             return self.caddy.has_route(route_id)
 
     def uses_network(self, tag: str) -> bool:
@@ -193,6 +211,7 @@ class GatewayService:
                 join.leave(names)
 
     def close(self) -> None:
+        self.watch.stop()
         self.caddy.stop()
 
 
