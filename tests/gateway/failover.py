@@ -191,8 +191,15 @@ class TwoGateways:
         and DNS from the contracts)."""
         gw = self.gateways[i]
         assert gw.host is not None
-        subprocess.run(["ip", "-n", gw.host.namespace, "link", "set", gw.host.uplink, "up"],
-                       check=True)
+        ns, site = gw.host.namespace, gw.host.site
+        subprocess.run(["ip", "-n", ns, "link", "set", gw.host.uplink, "up"], check=True)
+        # a link that went down lost its routes (and its IPv6 address): put them back
+        for args in (["addr", "replace", f"{gw.host.address}/24", "dev", gw.host.uplink],
+                     ["addr", "replace", f"{gw.host.address6}/64", "dev", gw.host.uplink,
+                      "nodad"],
+                     ["route", "replace", "default", "via", site.router_v4],
+                     ["-6", "route", "replace", "default", "via", site.router_v6]):
+            subprocess.run(["ip", "-n", ns, *args], check=True)
         log = open(self.grid.root / f"{gw.name}-again.log", "ab")  # noqa: SIM115
         gw.proc = subprocess.Popen(list(gw.proc.args), stdout=log, stderr=log,  # type: ignore[arg-type]
                                    start_new_session=True,
