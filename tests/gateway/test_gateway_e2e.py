@@ -245,6 +245,17 @@ def test_name_proxy_through_a_user_network(setup: Setup) -> None:
             timeout=60)
         assert int((gw.data / "gateway" / "caddy.pid").read_text()) != pid
 
+        # the name changes hands: the old owner's route goes at the gateway's next pass
+        a.ledger.send(alice, "name.release", {"name": "shop"})
+        b.ledger.register_name(bob, "shop")
+        until("the route of a name alice no longer owns to go", lambda: (
+            (r := answers(setup, gw, f"https://{HOST}/", v4)) is None or r.status != 200),
+            timeout=60)
+        c = a.wait(c_gw, lambda c: c["state"] == "error", timeout=60)
+        why = {w["name"]: w for w in c["report"]["workloads"]}["site"]["message"]
+        assert f"belongs to twin {b.twin_id()}" in why, why
+        assert setup.get(f"http://{v4}:8081/", v4, gw).status == 200  # the rest runs on
+
         # cancel: the route, the join of the network and its address go
         names = resource_names(node_key(gw), WorkloadID(c_gw, "net"))
         assert join.joined(names) or _joined_in(gw, names)
