@@ -1,7 +1,8 @@
 """No single point of failure: two gateways of one farm on two sites serve the same
 fqdn; the grid DNS on both answers with the live ones. One gateway host is cut (link
 down, its processes killed) while a client asks for the URL ten times a second: the
-URL answers again within 5 s, and no request hangs."""
+URL answers again within 5 s, and no request hangs. Then the host comes back and its
+agent, started again, serves the URL again from the contracts alone."""
 
 from __future__ import annotations
 
@@ -46,3 +47,7 @@ def test_the_url_survives_the_loss_of_a_gateway_host(gateways: TwoGateways) -> N
     assert late and all(s.ok for s in late), [(s.start - cut, s.ok) for s in late]
     survivor = gateways.gateways[1].host
     assert survivor is not None and {s.via for s in late} == {survivor.address}
+    # the host comes back: its new agent rebuilds Caddy's routes and the DNS from the
+    # contracts alone, and both gateways answer again
+    gateways.restore(0)
+    gateways.wait_both()
