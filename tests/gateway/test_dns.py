@@ -51,6 +51,13 @@ def test_dnsmasq_answers_from_its_table_only(tmp_path: Path) -> None:
             # the first server is dead: the next one answers
             assert resolve("shop.farm.test", ["198.18.9.99", "198.18.9.10"],
                            timeout=0.3) == ["198.18.1.11"]
+            # a new agent finds the old one's dnsmasq still holding port 53: it replaces it
+            old = dns._proc
+            again = Dnsmasq(tmp_path / "gw")
+            again.ensure_running(("198.18.9.10",))
+            assert old is not None and old.wait(5) is not None
+            assert resolve("shop.farm.test", ["198.18.9.10"]) == ["198.18.1.11"]
+            again.stop()
     finally:
         dns.stop()
         subprocess.run(["ip", "netns", "delete", ns], check=False)

@@ -112,6 +112,7 @@ class Dnsmasq:
             return
         self.stop()
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._stop_stale()
         if not self.hosts.exists():
             self.hosts.write_text("")
         args = [self.binary, "--keep-in-foreground", "--conf-file=/dev/null", "--no-resolv",
@@ -126,6 +127,7 @@ class Dnsmasq:
             except OSError as exc:
                 raise GatewayError(f"cannot start dnsmasq: {exc}") from None
         self._listen = listen
+        (self.root / "dnsmasq.pid").write_text(f"{self._proc.pid}\n")
         deadline = time.monotonic() + 5
         # ready once it answers (even "refused"): a SIGHUP before that would end it
         while not _any_reply(listen[0]):
@@ -134,6 +136,24 @@ class Dnsmasq:
             if time.monotonic() > deadline:
                 raise GatewayError("dnsmasq did not answer in 5s")
         log.info("event=dns_started pid=%s listen=%s", self._proc.pid, ",".join(listen))
+
+    def _stop_stale(self) -> None:
+        """A dnsmasq left by an agent killed alone still holds port 53: stop it, if the
+        pid file names a process that really is it (its command line names our table)."""
+        try:
+            pid = int((self.root / "dnsmasq.pid").read_text()[:20].strip())
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            return
+        if f"--addn-hosts={self.hosts}".encode() not in cmdline:
+            return
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + 5
+        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
 
     def publish(self, table: Mapping[str, list[str]]) -> bool:
         """Serve `table` from now on; True when it changed."""
