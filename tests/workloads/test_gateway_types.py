@@ -64,3 +64,23 @@ def test_port_forward() -> None:
                 {"target": "web:22"}):
         with pytest.raises(ValidationError):
             W.validate_python({**pf, **bad})
+
+
+def test_a_container_cannot_take_the_gateways_address_on_its_network() -> None:
+    from zerostack.bot.spec import build_deployment
+    from zerostack.crypto import Identity
+
+    key = Identity.generate().public_hex
+    net = {"type": "network", "name": "net", "ip_range": "10.20.0.0/16",
+           "subnet": "10.20.1.0/24"}
+
+    def dep(ip: str) -> Any:
+        return build_deployment({"workloads": [
+            net, {"type": "container", "name": "c", "flist": "hub/x",
+                  "network": {"network": "net", "ip": ip}},
+            proxy(network="net", backends=["http://10.20.1.10:80"])]}, 1, [], None,
+            key_of=lambda t: key)
+
+    assert dep("10.20.1.253").workloads
+    with pytest.raises(Exception, match="node's own address"):
+        dep("10.20.1.254")

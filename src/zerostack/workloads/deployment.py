@@ -146,7 +146,28 @@ class Deployment(Spec):
                     and kinds.get(w.network.public_ip) != "public_ip":
                 raise ValueError(f"container {w.name!r} asks for public address "
                                  f"{w.network.public_ip!r}, not a public_ip here")
+        self._gateway_address_free()
         return self
+
+    def _gateway_address_free(self) -> None:
+        """A node that reaches a network for a gateway workload (or a public address)
+        joins it at the last host of its /24 (.254): no container may ask for that one."""
+        joined = {getattr(w, "network", None) for w in self.workloads
+                  if w.type in GATEWAY_TYPES}
+        joined |= {w.network.network for w in self.workloads
+                   if isinstance(w, ContainerWorkload) and w.network is not None
+                   and w.network.public_ip is not None}
+        for w in self.workloads:
+            if not (isinstance(w, ContainerWorkload) and w.network is not None
+                    and w.network.ip and w.network.network in joined):
+                continue
+            net = self.workload(w.network.network)
+            if isinstance(net, NetworkWorkload):
+                gateway = ipaddress.IPv4Network(net.subnet).network_address + LAST_HOST
+                if w.network.ip == str(gateway):
+                    raise ValueError(f"container {w.name!r}: {gateway} is the node's own "
+                                     f"address on network {net.name!r} (its gateway "
+                                     "workloads reach the network from there)")
 
     @model_validator(mode="after")
     def _addresses(self) -> Deployment:
