@@ -70,3 +70,22 @@ def test_fqdn_under_the_gateway_domain_is_refused(tmp_path: Path) -> None:
                       "backends": ["http://198.18.1.50:8080"]})
         with pytest.raises(ProvisionError, match="gateway's own domain"):
             prov.provision(WorkloadID(1, "web"), dep.workloads[0], dep)
+
+
+def test_backends_on_the_network_are_checked_before_the_node_joins_it(
+        tmp_path: Path) -> None:
+    from zerostack.bot.mesh import keypair
+    from zerostack.node.provisioners.network import NetworkProvisioner
+
+    ctx = context(tmp_path)
+    NetworkProvisioner(ctx)  # what the node's registry makes: the network side
+    prov = NameProxyProvisioner(ctx)
+    net = {"type": "network", "name": "net", "ip_range": "10.20.0.0/16",
+           "subnet": "10.20.1.0/24", "wireguard_private_key": keypair()[0]}
+    for backend, words in (("http://10.20.1.1:80", "itself"),
+                           ("http://10.20.1.254:80", "itself"),
+                           ("http://10.30.0.5:80", "outside network 'net'")):
+        dep = deploy(net, proxy(network="net", backends=[backend]))
+        with pytest.raises(ProvisionError, match=words):
+            prov.provision(WorkloadID(1, "web"), dep.workloads[1], dep)
+    assert GatewayService.of(ctx).routes == {}

@@ -20,7 +20,7 @@ from typing import Any
 from zerostack.gateway import Caddy, GatewayError, Route, Upstream
 from zerostack.gateway.dns import Dnsmasq, HealthWatch, Peer
 from zerostack.node.network import join
-from zerostack.node.network.plan import ResourceNames, resource_names
+from zerostack.node.network.plan import NetworkResource, resource_names
 from zerostack.node.provisioners.base import (
     NodeContext,
     Provisioned,
@@ -154,11 +154,9 @@ class GatewayService:
 
     # ---- backends ---------------------------------------------------------------------
 
-    def _network(self, wid: WorkloadID, spec: ProxySpec,
-                 deployment: Deployment) -> tuple[ResourceNames, ipaddress.IPv4Network,
-                                                  set[str]]:
-        """Join the deployment's network `spec.network`; its names, its range and the
-        node's own addresses on it."""
+    def _resource(self, wid: WorkloadID, spec: ProxySpec,
+                  deployment: Deployment) -> tuple[NetworkResource, NetworkWorkload]:
+        """The network resource of the deployment's network `spec.network` (unchanged)."""
         assert spec.network is not None
         net = deployment.workload(spec.network)
         if not isinstance(net, NetworkWorkload):
@@ -166,38 +164,38 @@ class GatewayService:
         netprov = self.node.extra.get("container_network")
         if netprov is None:
             raise ProvisionError("this node runs no user networks")
-        net_wid = WorkloadID(wid.contract, net.name)
-        res = netprov._plan(net_wid, net)
-        address = join.ensure_join(res)
-        return res.names, ipaddress.IPv4Network(net.ip_range), {
-            address, res.bridge_address.split("/")[0]}
+        return netprov._plan(WorkloadID(wid.contract, net.name), net), net
 
     def upstreams(self, wid: WorkloadID, spec: ProxySpec,
                   deployment: Deployment) -> tuple[tuple[Upstream, ...], str]:
-        """The backends, checked: never this node itself (its public, namespace or
-        network addresses); on `spec.network` when they are in its range. Returns them
-        and the tag of the network joined ('' for none)."""
+        """The backends, checked before anything is made: never this node itself (its
+        public, namespace or network addresses); on `spec.network` when they are in its
+        range, else public. Then joins the network. Returns the backends and the tag of
+        the network joined ('' for none)."""
         parsed = [parse_backend(b) for b in spec.backends]
         if len({s for s, _, _ in parsed}) > 1:
             raise ProvisionError("backends mix http and https: use one scheme for all")
         own = set(self.public_addresses().values()) | _node_addresses()
-        tag = ""
+        res: NetworkResource | None = None
         rng: ipaddress.IPv4Network | None = None
         if spec.network is not None:
-            names, rng, mine = self._network(wid, spec, deployment)
-            own |= mine
-            tag = names.tag
+            res, net = self._resource(wid, spec, deployment)
+            rng = ipaddress.IPv4Network(net.ip_range)
+            own |= {join.join_address(res.subnet), res.bridge_address.split("/")[0]}
         for backend, (_, address, _) in zip(spec.backends, parsed, strict=True):
             if address in own:
                 raise ProvisionError(f"backend {backend} is this gateway node itself")
             ip = ipaddress.ip_address(address)
             if rng is not None and ip in rng:
                 continue
-            if any(ip in net for net in PRIVATE):
+            if any(ip in n for n in PRIVATE):
                 where = f"outside network {spec.network!r} ({rng})" if rng else "private"
                 raise ProvisionError(f"backend {backend} is {where}: a backend is on the "
                                      "deployment's network (name it in `network`) or public")
-        return tuple(Upstream(s, a, p) for s, a, p in parsed), tag
+        if res is not None:
+            join.ensure_join(res)
+        return (tuple(Upstream(s, a, p) for s, a, p in parsed),
+                res.names.tag if res is not None else "")
 
     def leave_unused(self, wid: WorkloadID, network: str | None) -> None:
         """Leave the network `network` of `wid`'s deployment unless something still

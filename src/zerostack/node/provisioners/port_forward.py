@@ -115,9 +115,9 @@ class PortForwardProvisioner(Provisioner):
             if netprov is None:
                 raise ProvisionError("this node runs no user networks")
             res = netprov._plan(WorkloadID(wid.contract, net.name), net)
-            join.ensure_join(res)
             if target in (join.join_address(res.subnet), res.bridge_address.split("/")[0]):
                 raise ProvisionError(f"target {spec.target} is this gateway node itself")
+            join.ensure_join(res)
             _nft("-f", "-", stdin=ruleset(table, public, spec, join.join_names(res.names).inner))
             self._ports[key] = table
             with self.service.lock:
