@@ -14,11 +14,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 import redis
 
-from tests.conftest import ProcessGroup, free_port, require_root, require_tool
+from tests.conftest import ProcessGroup, require_root, require_tool
 from tests.node.harness import Grid
 from zerostack.crypto import (
     Domain,
@@ -226,27 +225,28 @@ def test_bad_contracts_are_refused_and_others_keep_running(procs: ProcessGroup,
     ns.close()
 
 
-def test_a_type_without_provisioner_is_refused_and_its_cancel_finishes(
+def test_a_public_ip_the_node_cannot_hold_is_an_error_and_its_cancel_frees_it(
         procs: ProcessGroup, tmp_path: Path) -> None:
+    """The ledger gives the contract an address of the farm's pool; a node with no link
+    on its subnet reports the workload `error` (touching nothing), and the cancel gives
+    the address back."""
     grid = Grid(procs, tmp_path)
-    status_port = free_port()
-    _, zport, data, node = grid.ready_node("nnode", "--status-port", str(status_port))
+    _, _, _, node = grid.ready_node("nnode")
     owner, twin = grid.user()
     public_ip = {"type": "public_ip", "name": "ip"}
+    grid.client.send(grid.farmer, "farm.public_ips", {"farm": grid.farm, "add": [
+        {"ip": "198.18.250.200/24", "gateway": "198.18.250.1"}]})
     cid, _ = grid.deploy(owner, twin, [zdb_wl("db"), public_ip], node)
     c = grid.wait_contract(cid, {"error", "deployed"})
     assert c["state"] == "error", c
-    assert c["report"]["error"] == f"node {node} has no provisioner for workload type public_ip"
-    # refused before anything happened: no namespace, no local workload, no capacity held
-    assert namespaces(zport, data) == set()
-    snap = httpx.get(f"http://127.0.0.1:{status_port}/", timeout=5).json()
-    assert snap["workloads"] == []
-    assert [(x["id"], x["status"]) for x in snap["contracts"]] == [(cid, "refused")]
-    assert not any(snap["used"].values()), snap["used"]
+    assert c["public_ips"] == ["198.18.250.200/24"]
+    ws = {w["name"]: w for w in c["report"]["workloads"]}
+    assert "is not on a link of this node" in ws["ip"]["message"], ws
+    assert ws["db"]["state"] == "ok"
     grid.client.cancel(owner, cid)
     grid.wait_contract(cid, {"deleted"})
     assert not any(grid.client.node(node)["reserved"].values())
-
+    assert grid.client.contract(cid)["public_ips"] == []  # back in the pool
 
 def test_kill9_mid_provisioning_converges(procs: ProcessGroup, tmp_path: Path) -> None:
     grid = Grid(procs, tmp_path)

@@ -26,6 +26,7 @@ from zerostack.ledger.pin import HeaderPin
 from zerostack.ledger.pricing import Offer, rank_nodes
 from zerostack.workloads import (
     Deployment,
+    PublicIPWorkload,
     WorkloadError,
     open_instructions,
     priced_units,
@@ -233,6 +234,8 @@ class ThreeBot:
             metadata=deployment.metadata[:1024],
             ipv4=units["ipv4"],
             names=units["names"],
+            ipv6=sum(1 for w in deployment.workloads
+                     if isinstance(w, PublicIPWorkload) and w.v6),
         )
 
     def _seal(self, deployment: Deployment, node: int, also: list[str] | None = None) -> str:

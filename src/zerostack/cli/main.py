@@ -32,6 +32,7 @@ _ENTRIES: dict[str, tuple[str, str, str]] = {
     "price": ("billing", "price", "command"),
     "payouts": ("billing", "payouts", "command"),
     "network": ("network", "app", "app"),
+    "gateway": ("gateway", "app", "app"),
     "demo": ("demo", "demo", "command"),
     "template": ("templates", "template_app", "app"),
     "solution": ("templates", "solution_app", "app"),

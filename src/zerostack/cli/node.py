@@ -63,6 +63,10 @@ def run(
     flist_publisher: list[str] = typer.Option(
         [], "--flist-publisher",
         help="Publisher key trusted for flists when a workload names none (repeatable)."),
+    gateway_acme_email: str | None = typer.Option(
+        None, "--gateway-acme-email",
+        help="On a gateway node: get certificates from ACME (Let's Encrypt) with this "
+             "account email; default: Caddy's internal CA (test grids)."),
     ledger_key: str | None = typer.Option(
         None, "--ledger-key", envvar="ZEROSTACK_LEDGER_KEY",
         help="The ledger operator's public key (hex); default: learnt on first contact, "
@@ -84,7 +88,8 @@ def run(
         pools=pools, cpu=cpu, memory=_size(memory, "--memory"), country=country, city=city,
         endpoint=endpoint, status_port=status_port, status_listen=status_listen,
         heartbeat=heartbeat, resync=resync, dry=dry,
-        extra={k: v for k, v in (("hub", hub), ("flist_publishers", flist_publisher)) if v},
+        extra={k: v for k, v in (("hub", hub), ("flist_publishers", flist_publisher),
+                                 ("gateway_acme_email", gateway_acme_email)) if v},
         ledger_key=ledger_key,
     )
     logging.basicConfig(stream=sys.stderr, level=logging.INFO,

@@ -138,11 +138,13 @@ def contract_payload(
     template: str | None = None,
     ipv4: int = 0,
     names: int = 0,
+    ipv6: int = 0,
 ) -> dict[str, Any]:
     return _drop_none({
         "template": template,
         "ipv4": ipv4 or None,  # left out when zero: the payload stays what it was
         "names": names or None,
+        "ipv6": ipv6 or None,
         "node": node,
         "deployment_hash": deployment_hash,
         "body_hash": body_hash,

@@ -129,6 +129,26 @@ class Farm(_PlainRecord):
 
 
 @dataclass(frozen=True, slots=True)
+class Gateway(_PlainRecord):
+    """What makes a node a gateway: its domain and its public addresses on the WAN."""
+
+    domain: str
+    ipv4: str
+    ipv6: str
+    updated: int
+
+
+@dataclass(frozen=True, slots=True)
+class PoolIp(_PlainRecord):
+    """An address of a farm's public pool and the contract holding it (0: free)."""
+
+    ip: str
+    farm: int
+    gateway: str
+    contract: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class Node:
     id: int
     twin: int
@@ -145,6 +165,7 @@ class Node:
     reserved: Capacity = ZERO  # summed holds of its contracts (see `holds`)
     last_heartbeat: int = 0
     uptime: int = 0
+    gateway: Gateway | None = None  # set by the farmer with node.gateway
     # derived once per version of the record: queries read them for thousands of nodes
     free: Capacity = field(init=False, compare=False)
     _view: dict[str, Any] | None = field(init=False, compare=False, repr=False)
@@ -182,6 +203,7 @@ class Node:
                 "updated": self.updated,
                 "last_heartbeat": self.last_heartbeat,
                 "uptime": self.uptime,
+                "gateway": self.gateway.to_dict() if self.gateway else None,
             })
         assert self._view is not None
         return self._view
@@ -341,6 +363,7 @@ class Contract:
     cancel_votes: Map[int, str] = field(default_factory=Map)  # twin -> delete-vote signature
     report: Report | None = None
     billing: Billing | None = None  # None: created before the grid had a pricing policy
+    public_ips: tuple[str, ...] = ()  # addresses of the farm's pool it holds while it lives
 
     @property
     def pending(self) -> bool:
@@ -371,6 +394,7 @@ class Contract:
             "report": self.report.to_dict() if self.report else None,
             "billing": self.billing.to_dict() if self.billing else None,
             "metadata": self.metadata,
+            "public_ips": list(self.public_ips),
             "created": self.created,
             "updated": self.updated,
         }
@@ -434,6 +458,8 @@ class State:
     lapses: Map[int, int] = field(default_factory=_empty)
     pending_by_owner: Map[int, int] = field(default_factory=_empty)  # twin -> len(deadlines)
     names: Map[str, Name] = field(default_factory=_empty)
+    gateway_domains: Map[str, int] = field(default_factory=_empty)  # domain -> node
+    public_ips: Map[str, PoolIp] = field(default_factory=_empty)  # address/prefix -> entry
     balances: Map[int, int] = field(default_factory=_empty)
     next_deadline: int = NEVER  # earliest value in `deadlines`, so tick() is O(1) mostly
     next_lapse: int = NEVER  # earliest value in `lapses`

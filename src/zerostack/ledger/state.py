@@ -8,6 +8,7 @@ ordering and HTTP live in other modules.
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Any
 
 from immutables import Map
@@ -66,9 +67,11 @@ from zerostack.ledger.records import (
     Contract,
     Farm,
     FarmPricing,
+    Gateway,
     Name,
     Node,
     Payout,
+    PoolIp,
     Receipt,
     Report,
     Solution,
@@ -200,6 +203,8 @@ def _expire(state: State, time: int) -> State:
         lapses = lapses.delete(cid) if live else lapses
         before = holds(c, live)
         if c.active is None:
+            pool, c = _release_ips(state.public_ips, c)
+            state = _replace(state, public_ips=pool)
             c = _replace(c, state=EXPIRED, updated=time)
         else:
             c = _replace(c, proposal=c.active, updated=time)
@@ -559,10 +564,12 @@ def _contract_create(state: State, tx: t.Tx, twin: Twin, time: int) -> tuple[Sta
         approvals,
         _deadline(p.deadline, time),
     )
+    pool, held = _allocate_ips(state, state.nodes[p.node].farm, cid, p.ipv4, p.ipv6)
     c = Contract(cid, twin.id, p.node, CREATED, version, None, delete_req, p.metadata, time, time,
-                 billing=new_billing(state, p, time))
+                 billing=new_billing(state, p, time), public_ips=held)
     state = _replace(
         state,
+        public_ips=pool,
         contracts_by_node=_index_add(state.contracts_by_node, p.node, cid),
         contracts_by_owner=_index_add(state.contracts_by_owner, twin.id, cid),
         last_contract=cid,
@@ -656,6 +663,10 @@ def _finish(state: State, c: Contract, final: str, time: int) -> State:
         deadlines = deadlines.delete(c.id)
         pending = _count(pending, c.owner, -1)
     lapses = lapses.delete(c.id) if c.id in lapses else lapses
+    if final in FINAL_STATES:
+        # a cancelled contract's node still has its addresses until it reports them gone
+        pool, c = _release_ips(state.public_ips, c)
+        state = _replace(state, public_ips=pool)
     if final not in FINAL_STATES and c.pending and c.active is not None:
         # a cancelled contract's pending version will never run: hold only the active one
         c = _replace(c, proposal=c.active)
@@ -839,6 +850,134 @@ def _name_release(state: State, tx: t.Tx, twin: Twin, time: int) -> tuple[State,
     return _replace(state, names=state.names.delete(p.name)), {"name": p.name}
 
 
+# ---- gateways and public addresses -----------------------------------------------------
+
+
+def _interface(value: str, version: int, what: str) -> str:
+    """`value` (ADDRESS/PREFIX) in its one normal spelling, if it is a unicast address of
+    IP version `version`."""
+    try:
+        iface = ipaddress.ip_interface(value)
+    except ValueError as exc:
+        raise _Refuse("invalid", f"{what} {value!r} is not an address with its prefix "
+                      f"length: {exc}") from None
+    if iface.version != version:
+        raise _Refuse("invalid", f"{what} {value!r} is not an IPv{version} address")
+    ip = iface.ip
+    if ip.is_multicast or ip.is_unspecified or ip.is_loopback or ip.is_link_local:
+        raise _Refuse("invalid", f"{what} {value!r} is not a unicast address a WAN reaches")
+    return str(iface)
+
+
+def _farmer(state: State, farm_id: int, twin: Twin, what: str) -> None:
+    farm = state.farms.get(farm_id)
+    if farm is None:
+        raise _Refuse("not_found", f"farm {farm_id} does not exist")
+    if farm.owner != twin.id:
+        raise _Refuse("unauthorized", f"only farm {farm_id}'s farmer (twin {farm.owner}) "
+                      f"sends {what}")
+
+
+def _node_gateway(state: State, tx: t.Tx, twin: Twin, time: int) -> tuple[State, Receipt]:
+    p: t.NodeGateway = tx.payload
+    node = state.nodes.get(p.node)
+    if node is None:
+        raise _Refuse("not_found", f"node {p.node} does not exist")
+    _farmer(state, node.farm, twin, f"node.gateway for node {node.id}")
+    domains = state.gateway_domains
+    if node.gateway is not None:
+        domains = domains.delete(node.gateway.domain)
+    if not p.domain:
+        gateway = None
+    else:
+        holder = domains.get(p.domain)
+        if holder is not None:
+            raise _Refuse("conflict", f"domain {p.domain!r} is the domain of gateway node "
+                          f"{holder}")
+        if not p.ipv4 and not p.ipv6:
+            raise _Refuse("invalid", "a gateway needs a public IPv4 or IPv6 address")
+        v4 = _interface(p.ipv4, 4, "ipv4") if p.ipv4 else ""
+        v6 = _interface(p.ipv6, 6, "ipv6") if p.ipv6 else ""
+        for addr in (v4, v6):
+            if addr and addr.split("/")[0] in state.public_ips:
+                raise _Refuse("conflict", f"{addr} is an address of a farm's public pool")
+        gateway = Gateway(p.domain, v4, v6, time)
+        domains = domains.set(p.domain, node.id)
+    node = _replace(node, gateway=gateway, updated=time)
+    return _replace(state, nodes=state.nodes.set(node.id, node),
+                    gateway_domains=domains), {"node": node.id}
+
+
+def _farm_public_ips(state: State, tx: t.Tx, twin: Twin, time: int) -> tuple[State, Receipt]:
+    p: t.FarmPublicIps = tx.payload
+    _farmer(state, p.farm, twin, f"farm.public_ips for farm {p.farm}")
+    pool = state.public_ips
+    for entry in p.add:
+        version = 6 if ":" in entry.ip else 4
+        ip = _interface(entry.ip, version, "pool address")
+        try:
+            gw = ipaddress.ip_address(entry.gateway)
+        except ValueError:
+            raise _Refuse("invalid", f"gateway {entry.gateway!r} of {ip} is not an IP "
+                          "address") from None
+        if gw.version != version or gw not in ipaddress.ip_interface(ip).network:
+            raise _Refuse("invalid", f"gateway {entry.gateway} is not in {ip}'s network")
+        key = ip.split("/")[0]
+        held = pool.get(key)
+        if held is not None:
+            raise _Refuse("conflict", f"{key} is already in the pool of farm {held.farm}")
+        for gw_node in state.gateway_domains.values():
+            g = state.nodes[gw_node].gateway
+            if g is not None and key in (g.ipv4.split("/")[0], g.ipv6.split("/")[0]):
+                raise _Refuse("conflict", f"{key} is gateway node {gw_node}'s own address")
+        pool = pool.set(key, PoolIp(ip, p.farm, str(gw)))
+    for value in p.remove:
+        key = value.split("/")[0]
+        held = pool.get(key)
+        if held is None or held.farm != p.farm:
+            raise _Refuse("not_found", f"{key} is not in the pool of farm {p.farm}")
+        if held.contract:
+            raise _Refuse("state", f"{key} is held by contract {held.contract}: it leaves the "
+                          "pool once that contract ends")
+        pool = pool.delete(key)
+    return _replace(state, public_ips=pool), {"farm": p.farm}
+
+
+def _allocate_ips(state: State, farm: int, cid: int, v4: int,
+                  v6: int) -> tuple[Map[str, PoolIp], tuple[str, ...]]:
+    """Take `v4` free IPv4 and `v6` free IPv6 addresses of `farm`'s pool for contract
+    `cid` (lowest first). Transactions apply one at a time, so two contracts racing for
+    the last address get it once: the second is refused."""
+    pool = state.public_ips
+    if not v4 and not v6:
+        return pool, ()
+    free = sorted((ipaddress.ip_address(k) for k, e in pool.items()
+                   if e.farm == farm and not e.contract), key=lambda a: (a.version, a))
+    held: list[str] = []
+    for version, want in ((4, v4), (6, v6)):
+        mine = [a for a in free if a.version == version][:want]
+        if len(mine) < want:
+            raise _Refuse("state", f"farm {farm}'s public IPv{version} pool is exhausted: "
+                          f"{want} asked, {len(mine)} free")
+        for a in mine:
+            entry = pool[str(a)]
+            pool = pool.set(str(a), _replace(entry, contract=cid))
+            held.append(entry.ip)
+    return pool, tuple(held)
+
+
+def _release_ips(pool: Map[str, PoolIp], c: Contract) -> tuple[Map[str, PoolIp], Contract]:
+    """Give the addresses `c` holds back to its farm's pool."""
+    if not c.public_ips:
+        return pool, c
+    for ip in c.public_ips:
+        key = ip.split("/")[0]
+        entry = pool.get(key)
+        if entry is not None and entry.contract == c.id:
+            pool = pool.set(key, _replace(entry, contract=0))
+    return pool, _replace(c, public_ips=())
+
+
 # ---- the end of a grace period -----------------------------------------------------------
 
 
@@ -873,6 +1012,8 @@ _HANDLERS: dict[str, Any] = {
     "solution.approve": _solution_approve,
     "name.register": _name_register,
     "name.release": _name_release,
+    "node.gateway": _node_gateway,
+    "farm.public_ips": _farm_public_ips,
     "contract.consumption": contract_consumption,
     "farm.prices": farm_prices,
     "balance.transfer": balance_transfer,

@@ -81,6 +81,13 @@ Endpoint = Annotated[str, Field(pattern=r"^[!-~]{0,256}$")]
 """An address (host:port, URL): printable ASCII without spaces."""
 PublicIp = Annotated[str, Field(pattern=r"^[0-9A-Fa-f.:/]{1,64}$")]
 GatewayName = Annotated[str, Field(pattern=r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")]
+Fqdn = Annotated[str, Field(max_length=253,
+                            pattern=r"^(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}$")]
+"""A fully qualified domain name: lowercase ASCII labels of 1-63 characters (no leading or
+trailing hyphen) separated by dots, ending in a top-level label of letters."""
+CidrAddress = Annotated[str, Field(max_length=64, pattern=r"^[0-9A-Fa-f.:]{2,45}/[0-9]{1,3}$")]
+"""An interface address with its prefix length (198.18.0.200/24, fd00:5a::200/64)."""
+Address = Annotated[str, Field(max_length=45, pattern=r"^[0-9A-Fa-f.:]{2,45}$")]
 IpList = Annotated[list[PublicIp], Field(max_length=64)]
 
 
@@ -186,6 +193,10 @@ class ContractCreate(_Model):
     template: HexHash | None = None
     ipv4: Count = 0
     names: Count = 0
+    ipv6: Count = 0
+    """Public IPv6 addresses to take from the node's farm pool (IPv4: `ipv4`, which is
+    also what the contract is billed for): allocated by this transaction, one contract
+    per address, released when the contract ends."""
 
 
 class ContractApprove(_Model):
@@ -350,6 +361,34 @@ class ValidatorSet(_Model):
     approvals: list[ValidatorApproval] = Field(min_length=1, max_length=64)
 
 
+class NodeGateway(_Model):
+    """Sent by the farmer (the owner of the node's farm): the node becomes a gateway
+    serving `NAME.<domain>`, on its public addresses `ipv4` and/or `ipv6` (with prefix
+    length) of the WAN. An empty `domain` makes it an ordinary node again."""
+
+    node: Id
+    domain: Fqdn | Literal[""]
+    ipv4: CidrAddress | Literal[""] = ""
+    ipv6: CidrAddress | Literal[""] = ""
+
+
+class PoolAddress(_Model):
+    """One public address of a farm: the address with its prefix length, and the
+    gateway (router) its users route through."""
+
+    ip: CidrAddress
+    gateway: Address
+
+
+class FarmPublicIps(_Model):
+    """Sent by the farmer: add addresses to the farm's public pool, or remove free ones
+    (an address a contract holds is removed only once the contract ends)."""
+
+    farm: Id
+    add: Annotated[list[PoolAddress], Field(max_length=256)] = []
+    remove: Annotated[list[CidrAddress], Field(max_length=256)] = []
+
+
 PAYLOADS: dict[str, type[_Model]] = {
     "twin.register": TwinRegister,
     "farm.create": FarmCreate,
@@ -372,6 +411,8 @@ PAYLOADS: dict[str, type[_Model]] = {
     "name.register": NameRegister,
     "name.release": NameRelease,
     "validator.set": ValidatorSet,
+    "node.gateway": NodeGateway,
+    "farm.public_ips": FarmPublicIps,
 }
 """Every transaction type and the model its payload must match."""
 

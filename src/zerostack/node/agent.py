@@ -46,6 +46,7 @@ from zerostack.node.status import StatusServer
 from zerostack.node.zdbd import ZdbServer, connect_address
 from zerostack.workloads import (
     Deployment,
+    GatewayNameProxyWorkload,
     Resources,
     WorkloadError,
     diff,
@@ -297,6 +298,7 @@ class NodeAgent:
         async with self._lock:
             # nothing is done for a ledger that rolled back or forked since the last pass
             await self.link.check_ledger()
+            await self._gateway_facts()
             # Listed under the lock: a pass must never act on a view older than the last one.
             listed: dict[int, dict[str, Any]] = {}
             if everything:
@@ -312,6 +314,10 @@ class NodeAgent:
                     view = await self._view(cid, contract)
                     if view is None:
                         continue
+                    await self._name_owners(view)
+                    if contract is not None:  # the pool addresses the ledger gave it
+                        self.context.extra.setdefault("contract_ips", {})[cid] = [
+                            str(a) for a in contract.get("public_ips") or []][:64]
                     await asyncio.to_thread(self._converge, view)
                     report = self._report(view)
                 except LedgerError:
@@ -332,6 +338,30 @@ class NodeAgent:
                         self.state.set_reported(cid, hash_hex(r))
             if everything:
                 await self._consumption(listed)
+
+    async def _gateway_facts(self) -> None:
+        """The node's gateway record (its farmer's node.gateway), for gateway workloads."""
+        if self.cfg.dry or self.node_id == 0:
+            return
+        node = await self.link.client.node(self.node_id)
+        gateway = (node or {}).get("gateway")
+        self.context.extra["gateway"] = gateway
+        if gateway:  # the farm's other gateways: what the grid DNS checks and answers
+            farm = await self.link.client.nodes(farm=self.cfg.farm, limit=1000)
+            self.context.extra["gateway_peers"] = [
+                {"node": n["id"], **n["gateway"]} for n in farm
+                if n.get("gateway") and n["id"] != self.node_id][:16]
+
+    async def _name_owners(self, view: ContractView) -> None:
+        """Who owns each gateway name the contract proxies, asked at every pass: a name
+        that changed hands loses its route."""
+        if view.deployment is None or self.cfg.dry:
+            return
+        owners: dict[str, int | None] = self.context.extra.setdefault("name_owners", {})
+        for w in view.deployment.workloads:
+            if isinstance(w, GatewayNameProxyWorkload):
+                entry = await self.link.client.name(w.domain_name)
+                owners[w.domain_name] = int(entry["owner"]) if entry else None
 
     async def _view(self, cid: int, c: dict[str, Any] | None) -> ContractView | None:
         local = self.state.contract(cid)

@@ -28,6 +28,7 @@ from zerostack.crypto import (
 )
 from zerostack.workloads.types import (
     FIRST_CONTAINER_HOST,
+    GATEWAY_TYPES,
     LAST_HOST,
     ContainerWorkload,
     NetworkWorkload,
@@ -129,6 +130,10 @@ class Deployment(Spec):
         # A container may only mount volumes and join networks of its own deployment.
         kinds = {w.name: w.type for w in self.workloads}
         for w in self.workloads:
+            via = getattr(w, "network", None)
+            if w.type in GATEWAY_TYPES and via is not None and kinds.get(via) != "network":
+                raise ValueError(f"{w.type} {w.name!r} reaches its backends through {via!r}, "
+                                 "not a network here")
             if not isinstance(w, ContainerWorkload):
                 continue
             for m in w.mounts:
@@ -138,7 +143,32 @@ class Deployment(Spec):
                 raise ValueError(
                     f"container {w.name!r} joins {w.network.network!r}, not a network here"
                 )
+            if w.network is not None and w.network.public_ip is not None \
+                    and kinds.get(w.network.public_ip) != "public_ip":
+                raise ValueError(f"container {w.name!r} asks for public address "
+                                 f"{w.network.public_ip!r}, not a public_ip here")
+        self._gateway_address_free()
         return self
+
+    def _gateway_address_free(self) -> None:
+        """A node that reaches a network for a gateway workload (or a public address)
+        joins it at the last host of its /24 (.254): no container may ask for that one."""
+        joined = {getattr(w, "network", None) for w in self.workloads
+                  if w.type in GATEWAY_TYPES}
+        joined |= {w.network.network for w in self.workloads
+                   if isinstance(w, ContainerWorkload) and w.network is not None
+                   and w.network.public_ip is not None}
+        for w in self.workloads:
+            if not (isinstance(w, ContainerWorkload) and w.network is not None
+                    and w.network.ip and w.network.network in joined):
+                continue
+            net = self.workload(w.network.network)
+            if isinstance(net, NetworkWorkload):
+                gateway = ipaddress.IPv4Network(net.subnet).network_address + LAST_HOST
+                if w.network.ip == str(gateway):
+                    raise ValueError(f"container {w.name!r}: {gateway} is the node's own "
+                                     f"address on network {net.name!r} (its gateway "
+                                     "workloads reach the network from there)")
 
     @model_validator(mode="after")
     def _addresses(self) -> Deployment:

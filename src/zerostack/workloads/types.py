@@ -297,22 +297,76 @@ class NetworkWorkload(_WorkloadBase):
         return self
 
 
-class GatewayNameProxyWorkload(_WorkloadBase):
-    """An HTTP(S) proxy for a name registered on the ledger, under the gateway's domain."""
+MAX_BACKENDS = 16
+_BACKEND = re.compile(r"(?P<scheme>https?)://(?:(?P<v4>[0-9.]{7,15})|\[(?P<v6>[0-9a-fA-F:.]{2,45})\])"
+                      r"(?::(?P<port>[0-9]{1,5}))?/?")
+FQDN_PATTERN = r"^([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}$"
+GATEWAY_NAME_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
+
+
+def parse_backend(value: str) -> tuple[str, str, int]:
+    """`http://10.20.1.10:8080` or `https://[fd00::5]` as (scheme, address, port);
+    ValueError otherwise. Names are refused (a gateway resolves nothing a deployment gives
+    it), and so are loopback, link-local, multicast and unspecified addresses: a backend
+    is a service on the owner's network or on the public network, never the gateway."""
+    m = _BACKEND.fullmatch(value)
+    port = 0
+    if m is not None:
+        port = int(m.group("port") or (443 if m.group("scheme") == "https" else 80))
+    if m is None or not 1 <= port <= 65535:
+        raise ValueError(f"backend {value[:80]!r} is not a URL like http://10.20.1.10:8080 or "
+                         "https://[fd00::5]:443 (scheme http or https, an IP address, a port; "
+                         "no path)")
+    try:
+        addr = ipaddress.ip_address(m.group("v4") or m.group("v6"))
+    except ValueError as exc:
+        raise ValueError(f"backend {value[:80]!r}: {exc}") from exc
+    if addr.is_loopback or addr.is_unspecified or addr.is_multicast or addr.is_link_local:
+        raise ValueError(f"backend {value[:80]!r} points at a loopback, link-local, "
+                         "multicast or unspecified address: not a service a gateway proxies to")
+    return m.group("scheme"), str(addr), port
+
+
+class _ProxyBase(_WorkloadBase):
+    """What name and fqdn proxies share: the backends and how traffic reaches them."""
+
+    backends: list[str] = Field(min_length=1, max_length=MAX_BACKENDS)
+    """URLs of the backends (`http://IP:PORT`): addresses on the owner's user network
+    (`network`) or public addresses. Several: requests go to healthy ones only."""
+    network: WorkloadName | None = None
+    """The network workload of this deployment (the gateway node's share of the owner's
+    user network) through which the backends are reached; none: public backends."""
+    tls_passthrough: bool = False
+    """Forward TLS untouched to the backends by SNI (not done yet: refused by nodes)."""
+    https_redirect: bool = True
+    """Plain HTTP requests are redirected to HTTPS; false: HTTP is proxied as well."""
+    health_path: str = Field(default="/", max_length=256, pattern=r"^/[!-~]*$")
+    health_interval: int = Field(default=2, ge=1, le=300)
+    """Seconds between active health checks of every backend."""
+
+    @field_validator("backends")
+    @classmethod
+    def _backends(cls, v: list[str]) -> list[str]:
+        for b in v:
+            parse_backend(b)
+        if len(set(v)) != len(v):
+            raise ValueError("a backend is listed twice")
+        return v
+
+
+class GatewayNameProxyWorkload(_ProxyBase):
+    """An HTTP(S) proxy for `NAME.<gateway domain>`: `name` registered on the ledger to
+    the deployment's owner (`name.register`) first."""
 
     type: Literal["gateway_name_proxy"] = "gateway_name_proxy"
-    domain_name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")
-    backends: list[str] = Field(min_length=1)
-    tls_passthrough: bool = False
+    domain_name: str = Field(pattern=GATEWAY_NAME_PATTERN)
 
 
-class GatewayFqdnProxyWorkload(_WorkloadBase):
+class GatewayFqdnProxyWorkload(_ProxyBase):
     """An HTTP(S) proxy for a fully qualified domain name the owner points at the gateway."""
 
     type: Literal["gateway_fqdn_proxy"] = "gateway_fqdn_proxy"
-    fqdn: str = Field(pattern=r"^([a-z0-9-]{1,63}\.)+[a-z]{2,63}$")
-    backends: list[str] = Field(min_length=1)
-    tls_passthrough: bool = False
+    fqdn: str = Field(max_length=253, pattern=FQDN_PATTERN)
 
 
 class PublicIPWorkload(_WorkloadBase):
@@ -323,6 +377,26 @@ class PublicIPWorkload(_WorkloadBase):
     v6: bool = False
 
 
+class PortForwardWorkload(_WorkloadBase):
+    """A TCP or UDP port of the gateway's public address(es) forwarded to `target`
+    (`IP:PORT`) on the owner's user network `network` (a network workload of this
+    deployment: the gateway node's share of it)."""
+
+    type: Literal["port_forward"] = "port_forward"
+    protocol: Literal["tcp", "udp"] = "tcp"
+    port: int = Field(ge=1, le=65535)
+    network: WorkloadName
+    target: str
+
+    @field_validator("target")
+    @classmethod
+    def _target(cls, v: str) -> str:
+        addr, _ = parse_endpoint(v)
+        if ipaddress.ip_address(addr).version != 4:
+            raise ValueError(f"target {v!r} is not an IPv4 address: user networks are IPv4")
+        return v
+
+
 Workload = Annotated[
     ContainerWorkload
     | VolumeWorkload
@@ -330,9 +404,13 @@ Workload = Annotated[
     | NetworkWorkload
     | GatewayNameProxyWorkload
     | GatewayFqdnProxyWorkload
-    | PublicIPWorkload,
+    | PublicIPWorkload
+    | PortForwardWorkload,
     Field(discriminator="type"),
 ]
+
+GATEWAY_TYPES = frozenset({"gateway_name_proxy", "gateway_fqdn_proxy", "port_forward"})
+"""Workloads that expose something through a gateway node (and may name a `network`)."""
 
 WORKLOAD_TYPES: tuple[str, ...] = (
     "container",
@@ -342,4 +420,5 @@ WORKLOAD_TYPES: tuple[str, ...] = (
     "gateway_name_proxy",
     "gateway_fqdn_proxy",
     "public_ip",
+    "port_forward",
 )

@@ -16,7 +16,10 @@ from zerostack.node.provisioners.base import (
 )
 from zerostack.node.provisioners.container import ContainerProvisioner
 from zerostack.node.provisioners.dry import DryProvisioner
+from zerostack.node.provisioners.gateway import FqdnProxyProvisioner, NameProxyProvisioner
 from zerostack.node.provisioners.network import NetworkProvisioner
+from zerostack.node.provisioners.port_forward import PortForwardProvisioner
+from zerostack.node.provisioners.public_ip import PublicIpProvisioner
 from zerostack.node.provisioners.volume import VolumeProvisioner
 from zerostack.node.provisioners.zdb import ZdbProvisioner
 
@@ -29,6 +32,7 @@ INSTALL_ORDER: tuple[str, ...] = (
     "container",
     "gateway_name_proxy",
     "gateway_fqdn_proxy",
+    "port_forward",
 )
 
 PROVISIONERS: dict[str, type[Provisioner]] = {
@@ -36,6 +40,10 @@ PROVISIONERS: dict[str, type[Provisioner]] = {
     "zdb": ZdbProvisioner,
     "network": NetworkProvisioner,
     "container": ContainerProvisioner,
+    "gateway_name_proxy": NameProxyProvisioner,
+    "gateway_fqdn_proxy": FqdnProxyProvisioner,
+    "port_forward": PortForwardProvisioner,
+    "public_ip": PublicIpProvisioner,
 }
 
 

@@ -1,0 +1,174 @@
+"""Zero-GW: requests/s and p50/p99 latency of small HTTP responses through a gateway's
+Caddy (plain HTTP and TLS) against the same backend straight, in one run, as ratios; then
+the failover interruption of a URL served by two gateways on two sites over N cuts of a
+whole gateway host. Needs root, caddy, wrk and dnsmasq.
+
+    python -m bench.gateway_bench [--duration 5] [--connections 16] [--cuts 10] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from tests.gateway.failover import TwoGateways, interruption
+
+from zerostack.gateway import Caddy, Route, Upstream
+from zerostack.grid import LocalGrid, inside
+
+HOST = "bench.gw1.grid.test"
+BACKEND_PORT = 8080
+_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
+
+
+def _ms(text: str) -> float:
+    m = re.fullmatch(r"([0-9.]+)(us|ms|s)", text)
+    if m is None:
+        raise ValueError(f"not a wrk duration: {text!r}")
+    return float(m.group(1)) * _UNITS[m.group(2)]
+
+
+def wrk(ns: str, url: str, duration: int, connections: int) -> dict[str, float]:
+    out = subprocess.run(["ip", "netns", "exec", ns, "wrk", "-t1", f"-c{connections}",
+                          f"-d{duration}s", "--latency", url],
+                         capture_output=True, text=True, check=True).stdout
+    rps = float(re.search(r"Requests/sec:\s+([0-9.]+)", out).group(1))  # type: ignore[union-attr]
+    lat = dict(re.findall(r"^\s+(50|99)%\s+(\S+)$", out, re.M))
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return {"rps": rps, "p50_ms": _ms(lat["50"]), "p99_ms": _ms(lat["99"]),
+            "non_2xx": float(errors.group(1)) if errors else 0.0}
+
+
+def throughput(root: Path, duration: int, connections: int) -> dict[str, Any]:
+    grid = LocalGrid(root / "grid", netns=True, ledger_port=0)
+    grid.root.mkdir(parents=True)
+    grid._make_wan()
+    gw = grid._add_host("gw", 0, False)
+    backend = grid._add_host("backend", 0, False)
+    client = grid._add_host("client", 0, False)
+    hosts_dir = Path("/etc/netns") / client.namespace
+    backend_cfg = root / "backend.json"
+    backend_cfg.write_text(json.dumps({"admin": {"disabled": True}, "apps": {"http": {
+        "servers": {"b": {"listen": [f":{BACKEND_PORT}"], "routes": [{"handle": [
+            {"handler": "static_response", "body": "hello\n"}]}]}}}}}))
+    proc = subprocess.Popen(["ip", "netns", "exec", backend.namespace, "caddy", "run",
+                             "--config", str(backend_cfg)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    caddy = Caddy(root / "gateway")
+    try:
+        # the client resolves the gateway's name from its own hosts file (ip netns exec
+        # mounts /etc/netns/NS/hosts over /etc/hosts), as wrk sends SNI from the URL
+        hosts_dir.mkdir(parents=True, exist_ok=True)
+        (hosts_dir / "hosts").write_text(f"127.0.0.1 localhost\n{gw.address} {HOST}\n")
+        route = Route("bench", HOST, (Upstream("http", backend.address, BACKEND_PORT),),
+                      https_redirect=False)
+        with inside(gw.namespace):
+            caddy.load([route])
+        deadline = time.monotonic() + 30
+        while True:  # the internal CA issues the certificate once the route is loaded
+            probe = subprocess.run(["ip", "netns", "exec", client.namespace, "wrk", "-t1",
+                                    "-c1", "-d1s", f"https://{HOST}/"],
+                                   capture_output=True, text=True)
+            if "Requests/sec" in probe.stdout and "Socket errors" not in probe.stdout:
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no TLS answer from the gateway: {probe.stdout}")
+            time.sleep(0.5)
+        runs = {
+            "direct": wrk(client.namespace, f"http://{backend.address}:{BACKEND_PORT}/",
+                          duration, connections),
+            "gateway_plain": wrk(client.namespace, f"http://{HOST}/", duration, connections),
+            "gateway_tls": wrk(client.namespace, f"https://{HOST}/", duration, connections),
+        }
+    finally:
+        caddy.stop()
+        proc.terminate()
+        proc.wait()
+        (hosts_dir / "hosts").unlink(missing_ok=True)
+        if hosts_dir.exists():
+            hosts_dir.rmdir()
+        grid.stop()
+    direct = runs["direct"]
+    for name in ("gateway_plain", "gateway_tls"):
+        runs[name]["rps_ratio"] = round(runs[name]["rps"] / direct["rps"], 3)
+        runs[name]["p50_ratio"] = round(runs[name]["p50_ms"] / direct["p50_ms"], 2)
+    return runs
+
+
+def failover(root: Path, cuts: int) -> dict[str, Any]:
+    two = TwoGateways(root / "failover")
+    gaps: list[float] = []
+    longest = 0.0
+    try:
+        two.start()
+        for n in range(cuts):
+            i = n % 2
+            loop = two.loop()
+            loop.start()
+            try:
+                time.sleep(1.5)
+                cut = time.monotonic()
+                two.cut(i)
+                time.sleep(6)
+            finally:
+                loop.stop()
+            gaps.append(interruption(loop.samples, cut))
+            longest = max(longest, max(s.end - s.start for s in loop.samples))
+            print(f"cut {n + 1}: gateway {i + 1}, interruption {gaps[-1]:.2f} s",
+                  file=sys.stderr)
+            two.restore(i)
+            two.wait_both()
+    finally:
+        two.stop()
+    ordered = sorted(gaps)
+    return {"cuts": len(gaps), "interruption_s": [round(g, 2) for g in gaps],
+            "p50_s": round(statistics.median(ordered), 2),
+            "p99_s": round(ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))], 2),
+            "max_request_s": round(longest, 2)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--duration", type=int, default=5)
+    ap.add_argument("--connections", type=int, default=16)
+    ap.add_argument("--cuts", type=int, default=10)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        sys.exit("gateway_bench: needs root (network namespaces)")
+    with tempfile.TemporaryDirectory(prefix="zs-gw-bench-") as tmp:
+        result: dict[str, Any] = {
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "machine": f"{platform.machine()} {os.cpu_count()} cpu",
+            "load_before": os.getloadavg()[0],
+            "throughput": throughput(Path(tmp), args.duration, args.connections),
+        }
+        if args.cuts:
+            result["failover"] = failover(Path(tmp), args.cuts)
+        result["load_after"] = os.getloadavg()[0]
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return
+    print(f"{result['date']}  {result['machine']}  load {result['load_before']:.2f}")
+    for name, r in result["throughput"].items():
+        ratio = f"  x{r['rps_ratio']:.2f} of direct" if "rps_ratio" in r else ""
+        print(f"{name:14} {r['rps']:9.0f} req/s  p50 {r['p50_ms']:6.2f} ms  "
+              f"p99 {r['p99_ms']:6.2f} ms{ratio}")
+    if "failover" in result:
+        f = result["failover"]
+        print(f"failover over {f['cuts']} cuts: p50 {f['p50_s']} s, p99 {f['p99_s']} s, "
+              f"longest request {f['max_request_s']} s; each: {f['interruption_s']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,9 @@
+"""Zero-GW: HTTP(S) name and fqdn proxies run by Caddy, configured through its admin API
+on a unix socket. `config` renders Caddy's configuration from routes (pure); `caddy`
+runs and talks to the process."""
+
+from zerostack.gateway.caddy import Caddy
+from zerostack.gateway.config import Route, Upstream, render
+from zerostack.gateway.errors import GatewayError
+
+__all__ = ["Caddy", "GatewayError", "Route", "Upstream", "render"]

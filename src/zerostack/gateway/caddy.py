@@ -1,0 +1,203 @@
+"""One Caddy process per gateway node, run in the node's own network namespace, and its
+admin API, reached on a unix socket only (mode 0600 in a 0700 folder): never a network
+address. The whole configuration is pushed at once (`POST /load`) from the routes the
+node serves, so a new Caddy after a crash holds exactly what the contracts say."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from zerostack.gateway.config import Route, render
+from zerostack.gateway.errors import GatewayError
+
+log = logging.getLogger("zerostack.gateway")
+
+START_TIMEOUT = 15.0
+ADMIN_TIMEOUT = 10.0
+MAX_ANSWER = 1 << 20
+
+
+class Caddy:
+    """The node's Caddy under `root` (`<node data>/gateway`): started on demand, started
+    again when found dead, stopped with the agent."""
+
+    def __init__(self, root: Path, acme_email: str = "", binary: str = "caddy") -> None:
+        self.root = root
+        self.acme_email = acme_email
+        self.binary = binary
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._lock = threading.RLock()
+
+    # ---- paths ------------------------------------------------------------------------
+
+    @property
+    def admin_socket(self) -> Path:
+        return self.root / "caddy-admin.sock"
+
+    @property
+    def storage(self) -> Path:
+        """Certificates, keys and the internal CA."""
+        return self.root / "caddy"
+
+    @property
+    def root_certificate(self) -> Path:
+        """The internal CA's root: what clients of a test grid trust."""
+        return self.storage / "pki" / "authorities" / "local" / "root.crt"
+
+    @property
+    def _pidfile(self) -> Path:
+        return self.root / "caddy.pid"
+
+    @property
+    def _bootstrap(self) -> Path:
+        return self.root / "caddy.json"
+
+    # ---- process ----------------------------------------------------------------------
+
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def _stop_stale(self) -> None:
+        """A Caddy left by an agent killed with -9 still holds the ports: stop it, if the
+        pid file names a process that really is that Caddy (its command line names this
+        node's configuration file)."""
+        try:
+            pid = int(self._pidfile.read_text()[:20].strip())
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            return
+        if str(self._bootstrap).encode() not in cmdline:
+            return
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + 5
+        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+    def ensure_running(self, routes: list[Route]) -> bool:
+        """Start Caddy with `routes` unless it runs; True when it was (re)started."""
+        with self._lock:
+            if self.running():
+                return False
+            if self._proc is not None:
+                log.warning("event=caddy_died code=%s", self._proc.returncode)
+                self._proc = None
+            self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.chmod(self.root, 0o700)
+            self.storage.mkdir(mode=0o700, exist_ok=True)
+            self._stop_stale()
+            self.admin_socket.unlink(missing_ok=True)
+            self._bootstrap.write_text(json.dumps(self.render(routes)))
+            os.chmod(self._bootstrap, 0o600)
+            env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+                   "HOME": str(self.root), "XDG_DATA_HOME": str(self.storage),
+                   "XDG_CONFIG_HOME": str(self.root / "config")}
+            with open(self.root / "caddy.log", "ab") as out:
+                os.chmod(self.root / "caddy.log", 0o600)
+                try:
+                    self._proc = subprocess.Popen(
+                        [self.binary, "run", "--config", str(self._bootstrap)],
+                        stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=env,
+                        cwd=self.root)
+                except OSError as exc:
+                    raise GatewayError(f"cannot start caddy: {exc}") from None
+            self._pidfile.write_text(f"{self._proc.pid}\n")
+            deadline = time.monotonic() + START_TIMEOUT
+            while not self._answers():
+                if self._proc.poll() is not None:
+                    raise GatewayError(f"caddy exited with {self._proc.returncode}: "
+                                       f"{self.log_tail()}")
+                if time.monotonic() > deadline:
+                    raise GatewayError(f"caddy's admin socket did not answer in "
+                                       f"{START_TIMEOUT:.0f}s: {self.log_tail()}")
+                time.sleep(0.05)
+            os.chmod(self.admin_socket, 0o600)
+            log.info("event=caddy_started pid=%s routes=%d", self._proc.pid, len(routes))
+            return True
+
+    def stop(self) -> None:
+        with self._lock:
+            if self._proc is not None and self._proc.poll() is None:
+                self._proc.terminate()
+                try:
+                    self._proc.wait(5)
+                except subprocess.TimeoutExpired:
+                    self._proc.kill()
+                    self._proc.wait()
+            self._proc = None
+
+    def log_tail(self, size: int = 600) -> str:
+        try:
+            with open(self.root / "caddy.log", "rb") as f:
+                f.seek(0, os.SEEK_END)
+                f.seek(max(0, f.tell() - size))
+                return f.read().decode(errors="replace")
+        except OSError:
+            return ""
+
+    # ---- admin API --------------------------------------------------------------------
+
+    def render(self, routes: list[Route]) -> dict[str, Any]:
+        return render(routes, str(self.admin_socket), str(self.storage), self.acme_email)
+
+    def _client(self) -> httpx.Client:
+        return httpx.Client(transport=httpx.HTTPTransport(uds=str(self.admin_socket)),
+                            base_url="http://localhost", timeout=ADMIN_TIMEOUT)
+
+    def _answers(self) -> bool:
+        if not self.admin_socket.exists():
+            return False
+        try:
+            with self._client() as c:
+                return c.get("/config/").status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def load(self, routes: list[Route]) -> None:
+        """Make Caddy serve exactly `routes` (starting it first if it is not running)."""
+        with self._lock:
+            if self.ensure_running(routes):
+                return
+            try:
+                with self._client() as c:
+                    r = c.post("/load", json=self.render(routes))
+            except httpx.HTTPError as exc:
+                raise GatewayError(f"caddy's admin API: {exc}") from None
+            if r.status_code != 200:
+                raise GatewayError(f"caddy refused the configuration: "
+                                   f"{r.text[:400]}")
+
+    def has_route(self, route_id: str) -> bool:
+        """Whether the running Caddy serves the route `route_id`."""
+        with self._lock:
+            if not self.running():
+                return False
+            try:
+                with self._client() as c:
+                    return c.get(f"/id/{route_id}").status_code == 200
+            except httpx.HTTPError:
+                return False
+
+    def config(self) -> dict[str, Any]:
+        """The running configuration (for tests and `node status`)."""
+        try:
+            with self._client() as c:
+                r = c.get("/config/")
+        except httpx.HTTPError as exc:
+            raise GatewayError(f"caddy's admin API: {exc}") from None
+        if len(r.content) > MAX_ANSWER:
+            raise GatewayError("caddy's configuration is too large to read")
+        data = r.json()
+        return data if isinstance(data, dict) else {}

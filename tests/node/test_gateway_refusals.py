@@ -1,0 +1,91 @@
+"""Gateway proxies refuse bad input before anything changes (no Caddy is started): a
+name owned by another twin or by nobody, a node that is no gateway, an fqdn under the
+gateway's domain, a backend that is the node itself or private without a network,
+mixed schemes, tls_passthrough."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from zerostack.bot.spec import build_deployment
+from zerostack.crypto import Identity
+from zerostack.node.provisioners import NodeContext, ProvisionError, WorkloadID
+from zerostack.node.provisioners.gateway import (
+    FqdnProxyProvisioner,
+    GatewayService,
+    NameProxyProvisioner,
+)
+
+OWNER = 7
+GATEWAY = {"domain": "gw1.grid.test", "ipv4": "198.18.0.10/24", "ipv6": "fd00:5a::10/64"}
+
+
+def context(tmp_path: Path, **extra: Any) -> NodeContext:
+    base: dict[str, Any] = {"gateway": GATEWAY, "name_owners": {"shop": OWNER, "free": None}}
+    return NodeContext(tmp_path, Identity.generate(), extra={**base, **extra})
+
+
+def deploy(*workloads: dict[str, Any]) -> Any:
+    key = Identity.generate().public_hex
+    return build_deployment({"workloads": list(workloads)}, OWNER, [], None,
+                            key_of=lambda t: key)
+
+
+def proxy(**kw: Any) -> dict[str, Any]:
+    return {"type": "gateway_name_proxy", "name": "web", "domain_name": "shop",
+            "backends": ["http://198.18.1.50:8080"], **kw}
+
+
+@pytest.mark.parametrize("change,extra,words", [
+    ({"domain_name": "other"}, {}, "cannot check who owns"),
+    ({"domain_name": "free"}, {}, "not registered"),
+    ({}, {"name_owners": {"shop": 9}}, "belongs to twin 9"),
+    ({}, {"gateway": None}, "not a gateway"),
+    ({"tls_passthrough": True}, {}, "caddy-l4"),
+    ({"backends": ["http://198.18.0.10:8080"]}, {}, "this gateway node itself"),
+    ({"backends": ["http://[fd00:5a::10]:80"]}, {}, "this gateway node itself"),
+    ({"backends": ["http://10.20.1.10:8080"]}, {}, "private"),
+    ({"backends": ["http://192.168.1.2:80"]}, {}, "private"),
+    ({"backends": ["http://198.18.1.50:80", "https://198.18.1.51:443"]}, {}, "mix"),
+])
+def test_name_proxy_refusals(tmp_path: Path, change: dict[str, Any], extra: dict[str, Any],
+                             words: str) -> None:
+    ctx = context(tmp_path, **extra)
+    prov = NameProxyProvisioner(ctx)
+    dep = deploy(proxy(**change))
+    with pytest.raises(ProvisionError, match=words):
+        prov.provision(WorkloadID(1, "web"), dep.workloads[0], dep)
+    service = GatewayService.of(ctx)
+    assert service.routes == {} and not service.caddy.running()
+    assert not (tmp_path / "gateway" / "caddy.pid").exists()
+
+
+def test_fqdn_under_the_gateway_domain_is_refused(tmp_path: Path) -> None:
+    prov = FqdnProxyProvisioner(context(tmp_path))
+    for fqdn in ("gw1.grid.test", "shop.gw1.grid.test"):
+        dep = deploy({"type": "gateway_fqdn_proxy", "name": "web", "fqdn": fqdn,
+                      "backends": ["http://198.18.1.50:8080"]})
+        with pytest.raises(ProvisionError, match="gateway's own domain"):
+            prov.provision(WorkloadID(1, "web"), dep.workloads[0], dep)
+
+
+def test_backends_on_the_network_are_checked_before_the_node_joins_it(
+        tmp_path: Path) -> None:
+    from zerostack.bot.mesh import keypair
+    from zerostack.node.provisioners.network import NetworkProvisioner
+
+    ctx = context(tmp_path)
+    NetworkProvisioner(ctx)  # what the node's registry makes: the network side
+    prov = NameProxyProvisioner(ctx)
+    net = {"type": "network", "name": "net", "ip_range": "10.20.0.0/16",
+           "subnet": "10.20.1.0/24", "wireguard_private_key": keypair()[0]}
+    for backend, words in (("http://10.20.1.1:80", "itself"),
+                           ("http://10.20.1.254:80", "itself"),
+                           ("http://10.30.0.5:80", "outside network 'net'")):
+        dep = deploy(net, proxy(network="net", backends=[backend]))
+        with pytest.raises(ProvisionError, match=words):
+            prov.provision(WorkloadID(1, "web"), dep.workloads[1], dep)
+    assert GatewayService.of(ctx).routes == {}
