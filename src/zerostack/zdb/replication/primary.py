@@ -11,6 +11,7 @@ import asyncio
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from zerostack.zdb.engine import Engine, Namespace
@@ -46,6 +47,7 @@ class Follower:
     ns_ids: dict[str, int] = field(default_factory=dict)
     lag_bytes: int = 0
     lag_seconds: float = 0.0
+    ignored_acks: int = 0
 
 
 @dataclass(eq=False)
@@ -69,6 +71,10 @@ class Primary:
         self._samples: deque[tuple[float, Positions]] = deque(maxlen=SAMPLES)
         self._ticker: asyncio.Task[None] | None = None
         self._ship_timer: asyncio.TimerHandle | None = None
+        self.term = 0  # set by the role: the term this primary ships in
+        self.fenced = False
+        # Set by the role: a replica told us about a newer term (term, who said so).
+        self.on_higher_term: Callable[[int, str], None] = lambda term, source: None
 
     # -- replicas ------------------------------------------------------------------------
 
@@ -89,6 +95,30 @@ class Primary:
         asyncio.get_running_loop().call_soon(self.pump, f)
         return f
 
+    def fence(self) -> None:
+        """A newer term exists: confirm nothing more, answer waiting writes now (they were
+        not confirmed) and drop every replica (they go and find the new primary)."""
+        self.fenced = True
+        for w in self._waiters:
+            if not w.future.done():
+                w.future.set_result(0)
+        self.detach_all()
+
+    def detach_all(self) -> None:
+        for f in list(self.followers):
+            self.drop(f, "this server is no longer the primary")
+
+    def drop(self, f: Follower, reason: str) -> None:
+        """Disconnect one replica (its error or lie affects nobody else)."""
+        if f in self.followers:
+            self.followers.remove(f)
+        log.warning("event=zdb.replication.replica.dropped replica=%s peer=%s reason=\"%s\"",
+                    f.name, f.peer, reason.replace('"', "'")[:300])
+        if not f.transport.is_closing():
+            f.transport.write(b"-" + reason.replace("\r", " ").replace("\n", " ").encode()
+                              + b"\r\n")
+            f.transport.close()
+
     def detach(self, session: object) -> None:
         for f in [f for f in self.followers if f.session is session]:
             self.followers.remove(f)
@@ -97,12 +127,29 @@ class Primary:
     def is_follower(self, session: object) -> bool:
         return any(f.session is session for f in self.followers)
 
-    def ack(self, session: object, positions: Positions) -> None:
-        """A replica wrote these positions out: wake the writes waiting for it."""
-        for f in self.followers:
-            if f.session is session:
-                f.acked.update(positions)
-                f.last_ack = time.time()
+    def ack(self, session: object, term: int, positions: Positions) -> None:
+        """A replica wrote these positions out: wake the writes waiting for it.
+
+        Only positions this primary shipped to that replica count; an acknowledgement in
+        another term disconnects the replica (a newer term also fences this primary)."""
+        for f in list(self.followers):
+            if f.session is not session:
+                continue
+            if term != self.term:
+                if term > self.term:
+                    self.on_higher_term(term, f"replica {f.name}")
+                self.drop(f, f"acknowledged in term {term}, this primary's term is {self.term}")
+                return
+            for name, pos in positions.items():
+                # Beyond what was shipped (a lie, or an acknowledgement crossing a RESET or
+                # DROP on the way): not counted.
+                if name in f.sent and pos <= f.sent[name]:
+                    f.acked[name] = pos
+                else:
+                    f.ignored_acks += 1
+            f.last_ack = time.time()
+        if self.fenced:
+            return
         if self._waiters:
             for w in list(self._waiters):
                 if not w.future.done():
@@ -136,10 +183,19 @@ class Primary:
         if self._ship_timer is not None:
             self._ship_timer.cancel()
             self._ship_timer = None
-        for f in self.followers:
+        for f in list(self.followers):
             self.pump(f)
 
     def pump(self, f: Follower) -> None:
+        """Ship what `f` has not got yet; a failure drops that replica only."""
+        if f not in self.followers:
+            return
+        try:
+            self._pump(f)
+        except Exception as exc:
+            self.drop(f, f"shipping failed: {type(exc).__name__}: {exc}")
+
+    def _pump(self, f: Follower) -> None:
         t = f.transport
         if t.is_closing() or t.get_write_buffer_size() > HIGH_WATER:
             return
@@ -266,6 +322,8 @@ class Primary:
         return all(acked.get(name, START) >= pos for name, pos in target.items())
 
     def count_acked(self, target: Positions) -> int:
+        if self.fenced:
+            return 0
         return sum(1 for f in self.followers if self._covers(f.acked, target))
 
     async def wait_acked(self, count: int, timeout: float, target: Positions | None = None) -> int:

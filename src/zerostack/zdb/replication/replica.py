@@ -28,6 +28,7 @@ from zerostack.zdb.engine.raw import (
 )
 from zerostack.zdb.protocol import encode_request
 from zerostack.zdb.replication import frames
+from zerostack.zdb.replication.terms import Terms
 
 log = logging.getLogger("zerostack.zdb")
 
@@ -46,8 +47,10 @@ class Replica:
     """Follows a primary; runs as a task of the replica server's event loop."""
 
     def __init__(self, engine: Engine, host: str, port: int, password: str | None,
-                 name: str) -> None:
+                 name: str, terms: Terms | None = None) -> None:
         self.engine = engine
+        self.terms = terms if terms is not None else Terms(engine.config.index_dir)
+        self.link_term = 0  # the term of the primary this link follows
         self.host = host
         self.port = port
         self.password = password
@@ -60,6 +63,7 @@ class Replica:
         self.applied_bytes = 0
         self.truncations = 0
         self._task: asyncio.Task[None] | None = None
+        self._restarts: set[asyncio.Task[None]] = set()
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._parser = hiredis.Reader()
@@ -67,7 +71,20 @@ class Replica:
         self.on_namespace_removed: Callable[[str], None] = lambda name: None
 
     def start(self) -> None:
+        self.state = "connecting"
         self._task = asyncio.get_running_loop().create_task(self._run())
+
+    def retarget(self, host: str, port: int) -> None:
+        """Follow another primary from now on (the link starts over)."""
+        self.host, self.port = host, port
+
+        async def restart() -> None:
+            await self.stop()
+            self.start()
+
+        self._restarts.add(asyncio.get_running_loop().create_task(restart()))
+        for t in [t for t in self._restarts if t.done()]:
+            self._restarts.discard(t)
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -153,18 +170,25 @@ class Replica:
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if self.password:
-            await self._call(b"AUTH", self.password)
-        info = await self._call(b"REPLINFO")
-        if not isinstance(info, list) or len(info) < 2:
-            raise ReplicationError(f"unexpected REPLINFO reply {info!r}")
+            await self._call(b"REPLAUTH", self.password)
+        info = await self._call(b"REPLINFO", self.terms.term)
+        if not isinstance(info, list) or len(info) < 3:
+            raise ReplicationError(f"unexpected REPLINFO reply {info!r:.200}")
         datasize, mode = int(info[0]), Mode(bytes(info[1]).decode())
+        term = int(info[2])
+        if term < self.terms.term:
+            raise ReplicationError(f"the primary's term {term} is older than this node's "
+                                   f"term {self.terms.term}: it was replaced; not following it")
+        self.link_term = term
+        self.terms.see(term)
         adopt_layout(self.engine, datasize, mode)
         self.state = "checking"
         positions: dict[str, Position] = {}
         for name in list(self.engine.namespaces):
             positions[name] = await self._agree(name)
+        self.terms.follow(term)  # our files are a prefix of this primary's log now
         self.state = "syncing"
-        args: list[bytes | str | int] = [b"REPLSYNC", self.name]
+        args: list[bytes | str | int] = [b"REPLSYNC", self.name, term]
         for name, (fid, off) in positions.items():
             args += [name.encode("utf-8", "surrogateescape"), fid, off]
         writer.write(encode_request(*args))
@@ -242,12 +266,19 @@ class Replica:
                     break
                 if isinstance(message, hiredis.ReplyError):
                     raise ReplicationError(f"primary refused: {message}")
+                if self.terms.term != self.link_term:
+                    break  # answered below: nothing more is applied for an older term
                 if isinstance(message, bytes):  # a status line: nothing to apply
                     continue
                 self._apply(message, changed)
+            if self.terms.term != self.link_term:
+                # We voted in a newer term: confirm nothing more for this primary; tell it.
+                self._writer.write(encode_request(b"REPLACK", self.terms.term))
+                raise ReplicationError(f"this node has seen term {self.terms.term}, newer than "
+                                       f"the primary's term {self.link_term}")
             if changed:
                 self.engine.flush_all()
-                args: list[bytes | str | int] = [b"REPLACK"]
+                args: list[bytes | str | int] = [b"REPLACK", self.link_term]
                 for name in changed:
                     ns = self.engine.namespaces.get(name)
                     fid, off = ns.position() if ns is not None else START
