@@ -42,6 +42,8 @@ def refuse_on_replica(s: Session, args: list[bytes]) -> bytes:
     role = role_of(s.state)
     if role is not None and role.fenced:
         return error(f"Fenced: {role.fenced}")
+    if role is not None and role.replaced:
+        return error(f"Replica is read-only: {role.replaced}")
     return REPLICA_READ_ONLY
 
 

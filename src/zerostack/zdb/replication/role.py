@@ -64,6 +64,7 @@ class ReplicationRole:
         self.primary = Primary(engine, self.busy, min_replicas, min_replicas_timeout)
         self.replica: Replica | None = None
         self.fenced = ""  # why this server refuses writes although it is not a replica
+        self.replaced = ""  # set when a fenced primary turned into a replica: why
         self.repl_sessions: set[object] = set()
         if replica_of is not None:
             self.replica = self._new_replica(replica_of[0], replica_of[1])
@@ -164,6 +165,8 @@ class ReplicationRole:
         if not self.fenced:
             return
         self.replica = self._new_replica(host, port)
+        self.replaced = (f"this server was replaced as primary in term {self.terms.term}; "
+                         f"write to the primary at {host}:{port}")
         self.fenced = ""
         self.primary.detach_all()
         self.on_role_change()
@@ -284,7 +287,7 @@ class ReplicationRole:
             self.terms.become_primary(term, floors)
             self.primary.term = term
             self.replica = None
-            self.fenced = ""
+            self.fenced = self.replaced = ""
             self.promoted_at = time.time()
             self.on_role_change()
             positions = " ".join(f"{n}@{ns.position()[0]}:{ns.position()[1]}"
