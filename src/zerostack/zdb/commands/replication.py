@@ -14,7 +14,7 @@ from zerostack.zdb.commands import namespace, system
 from zerostack.zdb.commands.deferred import defer
 from zerostack.zdb.commands.rules import atoll
 from zerostack.zdb.commands.session import Session
-from zerostack.zdb.engine import ZdbError
+from zerostack.zdb.engine import Mode, ZdbError
 from zerostack.zdb.engine.raw import entry_head, position_problem
 from zerostack.zdb.protocol import NIL, OK, bulk, error
 from zerostack.zdb.replication.role import ReplicationRole, role_of
@@ -61,6 +61,19 @@ def _repl(s: Session) -> bytes | None:
         return None
     s.state.commands_unauthorized += 1
     return error("Permission denied")
+
+
+def seq_refusal(s: Session) -> bytes | None:
+    """For SET with an empty key: refuse a new sequential key while this primary runs too
+    far ahead of its replicas (see Primary.seq_refusal); None when it may go on."""
+    ns = s.ns
+    if ns.mode is not Mode.SEQ:
+        return None
+    role = role_of(s.state)
+    if role is None or not role.primary.seq_k:
+        return None
+    why = role.primary.seq_refusal(ns)
+    return None if why is None else error(why)
 
 
 def cmd_replauth(s: Session, args: list[bytes]) -> bytes:

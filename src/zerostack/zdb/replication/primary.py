@@ -27,6 +27,9 @@ TICK = 0.1                   # seconds between passes without writes (catch-up, 
 LAG_EVERY = 10               # ticks between LAG reports to replicas
 SAMPLES = 3000               # position samples (one per tick) to measure lag in seconds
 SHIP_DELAY = 0.004           # gather this long before shipping, unless a write waits on it
+SEQ_WINDOW = 2048            # sequential keys a primary may hand out past what enough
+                             # replicas confirmed (see role.SEQ_GAP, which must be larger)
+SEQ_SAMPLES = 20000          # (position, next key) samples kept per sequential namespace
 
 Positions = dict[str, Position]
 
@@ -72,6 +75,10 @@ class Primary:
         self._ticker: asyncio.Task[None] | None = None
         self._ship_timer: asyncio.TimerHandle | None = None
         self.term = 0  # set by the role: the term this primary ships in
+        # Replicas that must have confirmed a sequential key before this primary hands out
+        # keys more than SEQ_WINDOW past it (0: no limit; set by the role from --peers).
+        self.seq_k = 0
+        self._seq_samples: dict[str, deque[tuple[Position, int]]] = {}
         self.fenced = False
         # Set by the role: a replica told us about a newer term (term, who said so).
         self.on_higher_term: Callable[[int, str], None] = lambda term, source: None
@@ -157,8 +164,42 @@ class Primary:
                     if n >= w.count:
                         w.future.set_result(n)
 
+    def seq_refusal(self, ns: Namespace) -> str | None:
+        """Why sequential namespace `ns` may not hand out its next key now (None: it may).
+
+        A key is handed out only while it is less than SEQ_WINDOW past the newest key that
+        `seq_k` replicas confirmed: whichever replica a majority promotes holds at least
+        that much, and skips SEQ_GAP > SEQ_WINDOW keys, so no key is handed out twice."""
+        if self.seq_k <= 0:
+            return None
+        samples = self._seq_samples.get(ns.name)
+        if samples is None:
+            samples = self._seq_samples[ns.name] = deque(maxlen=SEQ_SAMPLES)
+        pos, nxt = ns.position(), ns.next_internal_id()
+        if not samples or samples[-1][0] != pos:
+            samples.append((pos, nxt))
+        confirmed: list[int] = []
+        for f in self.followers:
+            acked = f.acked.get(ns.name)
+            if acked is None:
+                continue
+            best = 0
+            for p, n in reversed(samples):
+                if p <= acked:
+                    best = n
+                    break
+            confirmed.append(best)
+        confirmed.sort(reverse=True)
+        floor = confirmed[self.seq_k - 1] if len(confirmed) >= self.seq_k else 0
+        if nxt < floor + SEQ_WINDOW:
+            return None
+        return (f"Sequential namespace {ns.name} is {nxt - floor} keys ahead of what "
+                f"{self.seq_k} replica(s) confirmed (at most {SEQ_WINDOW}); retry when they "
+                "catch up")
+
     def reset(self, name: str) -> None:
         """Namespace `name` was flushed or rewritten (compaction): replicas start it over."""
+        self._seq_samples.pop(name, None)
         for f in self.followers:
             f.sent[name] = START
             f.acked[name] = START

@@ -63,7 +63,6 @@ class Replica:
         self.applied_bytes = 0
         self.truncations = 0
         self._task: asyncio.Task[None] | None = None
-        self._restarts: set[asyncio.Task[None]] = set()
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._parser = hiredis.Reader()
@@ -71,20 +70,20 @@ class Replica:
         self.on_namespace_removed: Callable[[str], None] = lambda name: None
 
     def start(self) -> None:
+        if self._task is not None and not self._task.done():
+            return
         self.state = "connecting"
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     def retarget(self, host: str, port: int) -> None:
-        """Follow another primary from now on (the link starts over)."""
+        """Follow another primary from now on: the current link ends, a new one starts
+        once it has (never two at once)."""
         self.host, self.port = host, port
-
-        async def restart() -> None:
-            await self.stop()
-            self.start()
-
-        self._restarts.add(asyncio.get_running_loop().create_task(restart()))
-        for t in [t for t in self._restarts if t.done()]:
-            self._restarts.discard(t)
+        old = self._task
+        if old is not None:
+            old.cancel()
+        self.state = "connecting"
+        self._task = asyncio.get_running_loop().create_task(self._run(after=old))
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -105,7 +104,9 @@ class Replica:
             self._writer.close()
             self._writer = None
 
-    async def _run(self) -> None:
+    async def _run(self, after: asyncio.Task[None] | None = None) -> None:
+        if after is not None:
+            await asyncio.wait([after])  # the previous link closes its connection first
         delay = RETRY_MIN
         while True:
             started = time.monotonic()

@@ -76,6 +76,8 @@ class ReplicationRole:
                            "PROMOTE it")
         self.primary.term = self.terms.term
         self.primary.on_higher_term = self.learn_term
+        nodes = len(self.options.peers) + 1
+        self.primary.seq_k = nodes - 1 - nodes // 2 if self.options.peers else 0
         self.promoted_at = 0.0
         self._promoting = False
         self._announcer: asyncio.Task[None] | None = None
@@ -286,6 +288,7 @@ class ReplicationRole:
             floors = self._skip_sequential()
             self.terms.become_primary(term, floors)
             self.primary.term = term
+            self.primary.fenced = False
             self.replica = None
             self.fenced = self.replaced = ""
             self.promoted_at = time.time()
