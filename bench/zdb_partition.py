@@ -35,7 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 ZEROSTACK = [str(Path(sys.executable).parent / "zerostack")]
@@ -271,12 +271,17 @@ def wait(check: object, timeout: float, what: str) -> None:
 def writer(nodes: list[str], seconds: float, out: Path, prefix: str, stop: Path) -> None:
     """Write unique user keys and sequential values without pause to whichever node takes
     them, until `stop` exists (or `seconds` passed); append every acknowledged write to
-    `out` as JSON lines."""
+    `out` as JSON lines. While `stop`.pause exists, hold (and touch `stop`.held)."""
     import redis
 
     deadline = time.monotonic() + seconds
+    pause, held = stop.with_suffix(".pause"), stop.with_suffix(f".held-{prefix}")
 
     def going() -> bool:
+        while pause.exists() and time.monotonic() < deadline and not stop.exists():
+            held.touch()
+            time.sleep(0.05)
+        held.unlink(missing_ok=True)
         return time.monotonic() < deadline and not stop.exists()
 
     current = 0
@@ -313,12 +318,23 @@ class Writers:
         self.cluster = cluster
         self.files = [root / f"writer{i}.jsonl" for i in range(count)]
         self.stop_file = root / "writers.stop"
+        self.lost_before = 0       # figures of the checks so far (they are cumulative)
+        self.conflicts_before = 0
         self.procs: list[subprocess.Popen[bytes]] = []
 
     def written(self) -> int:
         return sum(len(p.read_bytes().splitlines()) for p in self.files if p.exists())
 
-    def start(self, seconds: float = 120) -> None:
+    def pause(self) -> None:
+        """Hold every writer between two writes (their acknowledged writes are recorded)."""
+        self.stop_file.with_suffix(".pause").touch()
+        wait(lambda: len(list(self.stop_file.parent.glob("writers.held-*"))) == len(self.procs),
+             30, "writers held")
+
+    def resume(self) -> None:
+        self.stop_file.with_suffix(".pause").unlink(missing_ok=True)
+
+    def start(self, seconds: float = 600) -> None:
         self.stop_file.unlink(missing_ok=True)
         nodes = ",".join(f"{n.address}:{PORT}" for n in self.cluster.nodes)
         env = dict(os.environ)
@@ -371,7 +387,7 @@ class Result:
     lost: int = 0
     conflicting_keys: int = 0
     converge_seconds: float = 0.0
-    notes: list[str] = field(default_factory=list)
+    token: str = ""  # in the names of this run's network namespaces
 
     @property
     def ok(self) -> bool:
@@ -382,15 +398,14 @@ def scenario(cluster: Cluster, writers: Writers, name: str, load: float) -> None
     net = cluster.net
     old = cluster.primary()
     replicas = [n for n in cluster.nodes if n is not old]
-    writers.start()
-    time.sleep(load / 2)
+    writers.resume()
+    progress(writers)
     if name == "replica-isolated":
         victim = random.choice(replicas)
         net.isolate(victim.index)
         time.sleep(load)
         net.heal()
-        time.sleep(load / 2)
-        writers.join()
+        progress(writers)
         return
     rounds = 2 if name == "double-failover" else 1
     for _ in range(rounds):
@@ -405,13 +420,21 @@ def scenario(cluster: Cluster, writers: Writers, name: str, load: float) -> None
         time.sleep(load / 2)
         net.heal()
         cluster.converged(identical=False)  # writes go on: files are compared at the end
-        wait(lambda n=writers.written(): writers.written() > n + 20, 60, "writes go on")
-    writers.join()
+        progress(writers)
 
 
-def check(cluster: Cluster, writers: Writers, result: Result) -> None:
+def progress(writers: Writers) -> None:
+    """Wait until the writers got some more writes acknowledged."""
+    n = writers.written()
+    wait(lambda: writers.written() > n + 20, 60, "writes go on")
+
+
+def check(cluster: Cluster, writers: Writers, result: Result,
+          before: list[dict[str, str]]) -> None:
+    """Every acknowledged write so far against the primary; the scenario's figures are
+    what changed since `before` (the check before it)."""
     acked = writers.acked()
-    result.acked = len(acked)
+    result.acked = len(acked) - len(before)
     seen: dict[tuple[str, str], str] = {}
     for w in acked:
         k = (w["ns"], w["key"])
@@ -435,7 +458,9 @@ def check(cluster: Cluster, writers: Writers, result: Result) -> None:
                 if got != v:
                     lost += 1
             lost += max(0, len(batch) - len(out))
-    result.lost = lost
+    result.lost, writers.lost_before = lost - writers.lost_before, lost
+    result.conflicting_keys, writers.conflicts_before = (
+        result.conflicting_keys - writers.conflicts_before, result.conflicting_keys)
 
 
 def _escaped(hexkey: str) -> str:
@@ -455,14 +480,15 @@ def run_schedule(modes: list[str], scenarios: list[str], rounds: int = 1, load: 
             cluster.start()
             cluster.call(cluster.nodes[0], "NSNEW", "seq")
             cluster.call(cluster.nodes[0], "NSSET", "seq", "mode", "seq")
+            writers.start()
             for _ in range(rounds):
                 for name in scenarios:
-                    result = Result(mode, name)
-                    for f in writers.files:
-                        f.unlink(missing_ok=True)
+                    result = Result(mode, name, token=net.token)
+                    before = writers.acked()
                     scenario(cluster, writers, name, load)
+                    writers.pause()
                     result.converge_seconds = round(cluster.converged(), 2)
-                    check(cluster, writers, result)
+                    check(cluster, writers, result, before)
                     results.append(result)
         finally:
             writers.stop()

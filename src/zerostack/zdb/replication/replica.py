@@ -35,6 +35,7 @@ log = logging.getLogger("zerostack.zdb")
 READ_SIZE = 1 << 20
 SILENCE = 15.0           # seconds without a frame before the link counts as dead
 RETRY_MIN, RETRY_MAX = 0.2, 2.0
+STOP_WAIT = 5.0          # seconds a stopped link gets to end before the next one starts
 PROBE = 4096             # newest local entries compared with the primary when they diverge
 PROBE_BATCH = 256
 
@@ -63,6 +64,7 @@ class Replica:
         self.applied_bytes = 0
         self.truncations = 0
         self._task: asyncio.Task[None] | None = None
+        self._gen = 0  # bumped whenever the running link must end
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._parser = hiredis.Reader()
@@ -73,29 +75,35 @@ class Replica:
         if self._task is not None and not self._task.done():
             return
         self.state = "connecting"
-        self._task = asyncio.get_running_loop().create_task(self._run())
+        self._task = asyncio.get_running_loop().create_task(self._run(self._gen))
 
     def retarget(self, host: str, port: int) -> None:
         """Follow another primary from now on: the current link ends, a new one starts
         once it has (never two at once)."""
         self.host, self.port = host, port
-        old = self._task
+        old = self._end_link()
+        self.state = "connecting"
+        self._task = asyncio.get_running_loop().create_task(self._run(self._gen, after=old))
+
+    def _end_link(self) -> asyncio.Task[None] | None:
+        """Make the running link task end: a new generation, its connection closed (a
+        cancellation alone can be lost while a read completes), and cancelled."""
+        self._gen += 1
+        if self._writer is not None:
+            self._writer.close()
+        old, self._task = self._task, None
         if old is not None:
             old.cancel()
-        self.state = "connecting"
-        self._task = asyncio.get_running_loop().create_task(self._run(after=old))
+        return old
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            except Exception as exc:  # the follower already died: stopping must still work
+        task = self._end_link()
+        if task is not None:
+            await asyncio.wait([task], timeout=STOP_WAIT)
+            if task.done() and not task.cancelled() and task.exception() is not None:
+                exc = task.exception()  # the follower already died: stopping still works
                 log.error("event=zdb.replication.follower.failed error=%s detail=\"%s\"",
                           type(exc).__name__, str(exc)[:200].replace('"', "'"))
-            self._task = None
         self._close()
         self.state = "stopped"
 
@@ -104,11 +112,11 @@ class Replica:
             self._writer.close()
             self._writer = None
 
-    async def _run(self, after: asyncio.Task[None] | None = None) -> None:
-        if after is not None:
-            await asyncio.wait([after])  # the previous link closes its connection first
+    async def _run(self, gen: int, after: asyncio.Task[None] | None = None) -> None:
+        if after is not None:  # the previous link closes its connection first
+            await asyncio.wait([after], timeout=STOP_WAIT)
         delay = RETRY_MIN
-        while True:
+        while gen == self._gen:
             started = time.monotonic()
             try:
                 await self._follow()
@@ -128,9 +136,10 @@ class Replica:
                 log.exception("event=zdb.replication.link.failed primary=%s:%d state=%s",
                               self.host, self.port, self.state)
             finally:
-                self._close()
-                if self.state != "stopped":
-                    self.state = "connecting"
+                if gen == self._gen:
+                    self._close()
+                    if self.state != "stopped":
+                        self.state = "connecting"
             if time.monotonic() - started > 5:
                 delay = RETRY_MIN
             await asyncio.sleep(delay)
@@ -254,8 +263,11 @@ class Replica:
         assert self._reader is not None and self._writer is not None
         parser = self._parser
         self.state = "online"
+        gen = self._gen
         while True:
             data = await asyncio.wait_for(self._reader.read(READ_SIZE), SILENCE)
+            if gen != self._gen:
+                raise ReplicationError("this replica follows another primary now")
             if not data:
                 raise EOFError("primary closed the connection")
             self.last_contact = time.time()

@@ -223,12 +223,14 @@ class ReplicationRole:
             if not self.accepts_writes:
                 continue
             following = {f.name for f in self.primary.followers}
+            term = self.terms.term
             for host, port in self.options.peers:
                 if f"{host}:{port}" in following:
                     continue
+                if not self.accepts_writes or self.terms.term != term:
+                    break  # replaced meanwhile: announce nothing more
                 try:
-                    theirs = await peer_calls.announce(host, port, self.auth, self.terms.term,
-                                                       self.name)
+                    theirs = await peer_calls.announce(host, port, self.auth, term, self.name)
                 except (OSError, TimeoutError, EOFError, peer_calls.PeerError):
                     continue
                 if theirs > self.terms.term:
@@ -260,26 +262,11 @@ class ReplicationRole:
             replica = self.replica
             if replica is not None:
                 await replica.stop()
-            votes, reasons = 1, []
+            votes = 1
             nodes = len(peers) + 1
             need = nodes // 2 + 1
             if not force:
-                mine = self.positions()
-                results = await asyncio.gather(
-                    *(peer_calls.request_vote(h, p, self.auth, term, self.name,
-                                              self.terms.state.log_term, mine)
-                      for h, p in peers), return_exceptions=True)
-                for (h, p), res in zip(peers, results, strict=True):
-                    if isinstance(res, BaseException):
-                        reasons.append(f"{h}:{p}: {type(res).__name__} {res}".strip())
-                        continue
-                    granted, their_term, why = res
-                    if granted:
-                        votes += 1
-                    else:
-                        reasons.append(f"{h}:{p}: {why}")
-                        if their_term > term:
-                            self.terms.see(their_term)
+                votes, reasons = await self._ask_votes(term, need)
                 if votes < need:
                     if replica is not None:
                         replica.start()
@@ -302,6 +289,39 @@ class ReplicationRole:
             return None
         finally:
             self._promoting = False
+
+    async def _ask_votes(self, term: int, need: int) -> tuple[int, list[str]]:
+        """Ask every peer at once; stop waiting as soon as `need` votes (ours included)
+        are in, or enough refusals made that impossible."""
+        peers = self.options.peers
+        mine = self.positions()
+        votes, refused, reasons = 1, 0, []
+
+        async def ask(h: str, p: int) -> tuple[str, bool, int, str]:
+            try:
+                granted, their_term, why = await peer_calls.request_vote(
+                    h, p, self.auth, term, self.name, self.terms.state.log_term, mine)
+            except (OSError, TimeoutError, EOFError, peer_calls.PeerError) as exc:
+                return f"{h}:{p}", False, 0, f"{type(exc).__name__} {exc}".strip()
+            return f"{h}:{p}", granted, their_term, why
+
+        pending = {asyncio.ensure_future(ask(h, p)) for h, p in peers}
+        try:
+            while pending and votes < need and len(peers) + 1 - refused >= need:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    who, granted, their_term, why = task.result()
+                    if granted:
+                        votes += 1
+                    else:
+                        refused += 1
+                        reasons.append(f"{who}: {why}")
+                        if their_term > term:
+                            self.terms.see(their_term)
+        finally:
+            for task in pending:
+                task.cancel()
+        return votes, reasons
 
     def _skip_sequential(self) -> dict[str, int]:
         """Move every sequential namespace past any key the old primary may have handed
