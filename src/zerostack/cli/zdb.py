@@ -254,6 +254,9 @@ def replication_status(info: dict[str, dict[str, str]]) -> dict[str, Any]:
                 "acked": fields.get("acked", ""),
             })
     status["min_replicas"] = int(rep.get("min_replicas", "0"))
+    status["term"] = int(rep.get("term", "0"))
+    if "fenced" in rep:
+        status["fenced"] = rep["fenced"]
     return status
 
 
@@ -277,7 +280,11 @@ def status(
         if st.get("link_error"):
             console.print(f"last link error: {st['link_error']}", highlight=False)
         return
-    print_table(f"Zero-DB {host}:{port}: primary, {len(st['replicas'])} replica(s)"
+    if st.get("fenced"):
+        console.print(f"fenced (refuses writes): {st['fenced']}", highlight=False,
+                      markup=False)
+    print_table(f"Zero-DB {host}:{port}: primary of term {st['term']}, "
+                f"{len(st['replicas'])} replica(s)"
                 f"{', min-replicas ' + str(st['min_replicas']) if st['min_replicas'] else ''}",
                 ["replica", "peer", "lag bytes", "lag seconds", "last ack (s ago)"],
                 [[x["name"], x["peer"], x["lag_bytes"], f"{x['lag_seconds']:.3f}",

@@ -82,6 +82,7 @@ def test_replica_follows_load_and_restart_and_ends_identical(
     assert out.exit_code == 0, out.output
     status = json.loads(out.stdout)
     assert status["role"] == "primary" and status["replicas"][0]["lag_bytes"] == 0
+    assert status["term"] == 1 and "fenced" not in status
     out = CliRunner().invoke(app, ["status", "--port", str(replica.port)])
     assert out.exit_code == 0 and "replica of" in out.stdout
 

@@ -19,7 +19,7 @@ from zerostack.zdb.engine.raw import START, Position
 from zerostack.zdb.replication import peers as peer_calls
 from zerostack.zdb.replication.primary import Primary
 from zerostack.zdb.replication.replica import Replica
-from zerostack.zdb.replication.terms import Terms
+from zerostack.zdb.replication.terms import MAX_TERM, Terms
 
 log = logging.getLogger("zerostack.zdb")
 
@@ -252,6 +252,8 @@ class ReplicationRole:
         if not force and not peers:
             return ("No replica set is configured (--peers): a safe promotion cannot count "
                     "votes; use PROMOTE FORCE (may lose writes)")
+        if self.terms.term >= MAX_TERM:
+            return f"The term cannot grow past {MAX_TERM}"
         self._promoting = True
         try:
             term = self.terms.term + 1
