@@ -227,10 +227,12 @@ class Replica:
                 common = await self._search(name, last_entries(ns, PROBE))
         if common != here:
             dropped = truncate_to(self.engine, name, common)
-            self.truncations += 1
-            log.warning("event=zdb.replication.diverged namespace=%s local_end=%d:%d "
-                        "common=%d:%d entries_dropped=%d", name, here[0], here[1],
-                        common[0], common[1], dropped)
+            if dropped:  # not only an empty file started before a crash
+                self.truncations += 1
+            log.log(logging.WARNING if dropped else logging.INFO,
+                    "event=zdb.replication.diverged namespace=%s local_end=%d:%d "
+                    "common=%d:%d entries_dropped=%d", name, here[0], here[1],
+                    common[0], common[1], dropped)
         return self.engine.namespace(name).position()
 
     async def _search(self, name: str, entries: list[tuple[Position, bytes, Position]]
