@@ -1,7 +1,8 @@
 """Zero-DB failover under real network partitions: a harness anyone can run longer.
 
 usage (root): .venv/bin/python -m bench.zdb_partition [--modes async,min1,majority]
-        [--scenarios primary-cut,primary-isolated,replica-isolated,double-failover]
+        [--scenarios primary-cut,primary-cut-one,primary-isolated,replica-isolated,
+        double-failover]
         [--rounds N] [--load-seconds S] [--nodes 3] [--json]
 
 Each mode gets a replica set of real `zerostack zdb` processes, each in its own network
@@ -14,7 +15,9 @@ The operator's part (PROMOTE) is done by the harness, without FORCE.
 Scenarios (each ends healed, with every node's data and index files byte-identical):
   primary-cut       the primary is cut from every replica (clients still reach it);
                     a replica is promoted; the old primary heals into the new term
-  primary-isolated  the primary is cut from everything (link down); same
+  primary-cut-one   the primary is cut from one of its replicas only: it keeps a majority,
+                    nobody is promoted
+  primary-isolated  the primary is cut from everything (link down); same as primary-cut
   replica-isolated  one replica is cut off under load, then heals
   double-failover   primary-cut twice in a row (two terms)
 
@@ -44,7 +47,8 @@ if not Path(ZEROSTACK[0]).exists():
 PORT = 9900
 PASSWORD = "partition-harness"
 MODES = {"async": [], "min1": ["--min-replicas", "1"], "majority": ["--min-replicas", "majority"]}
-SCENARIOS = ("primary-cut", "primary-isolated", "replica-isolated", "double-failover")
+SCENARIOS = ("primary-cut", "primary-cut-one", "primary-isolated", "replica-isolated",
+             "double-failover")
 GUARANTEED = {"min1", "majority"}
 TERM_FILE = "replication-term"
 
@@ -400,9 +404,12 @@ def scenario(cluster: Cluster, writers: Writers, name: str, load: float) -> None
     replicas = [n for n in cluster.nodes if n is not old]
     writers.resume()
     progress(writers)
-    if name == "replica-isolated":
+    if name in ("replica-isolated", "primary-cut-one"):
         victim = random.choice(replicas)
-        net.isolate(victim.index)
+        if name == "primary-cut-one":  # the primary keeps a majority: no failover
+            net.cut(old.index, [victim.index])
+        else:
+            net.isolate(victim.index)
         time.sleep(load)
         net.heal()
         progress(writers)
