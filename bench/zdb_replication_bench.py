@@ -110,8 +110,9 @@ def one_round(work: Path, requests: int) -> Round:
         r.alone = set_rate(port, requests)
     finally:
         stop(proc)
-    primary, pport = start_server(work / "primary")
-    replica, _rport = start_server(work / "replica", "--replica-of", f"127.0.0.1:{pport}")
+    auth = ("--replication-password", "bench")
+    primary, pport = start_server(work / "primary", *auth)
+    replica, _rport = start_server(work / "replica", "--replica-of", f"127.0.0.1:{pport}", *auth)
     try:
         client = redis.Redis(port=pport, socket_timeout=30)
         client.response_callbacks.clear()

@@ -45,7 +45,7 @@ INFO_REFERENCE = {
     "network_rx_mb", "network_tx_bytes", "network_tx_mb",
 }
 INFO_ZEROSTACK = {"native_build", "clients_connected", "namespaces", "role",
-                  "connected_replicas", "min_replicas"}
+                  "connected_replicas", "min_replicas", "term", "log_term"}
 
 # What the reference's in-memory index spends per key besides the key (64-bit build).
 ENTRY_SIZE = 64

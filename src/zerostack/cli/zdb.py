@@ -62,8 +62,22 @@ def serve(
     primary_auth: str | None = typer.Option(
         None, "--primary-auth", envvar="ZEROSTACK_ZDB_PRIMARY_AUTH", show_envvar=True,
         help="The primary's admin password (with --replica-of)."),
-    min_replicas: int = typer.Option(
-        0, "--min-replicas", help="Acknowledge writes only once N replicas hold them."),
+    replication_password: str | None = typer.Option(
+        None, "--replication-password", envvar="ZEROSTACK_ZDB_REPLICATION_PASSWORD",
+        show_envvar=True,
+        help="Password replicas and peers authenticate with (besides --admin); also used "
+             "to reach the primary when --primary-auth is not given."),
+    peers: str | None = typer.Option(
+        None, "--peers",
+        help="The other nodes of the replica set, HOST:PORT[,HOST:PORT...]: PROMOTE needs "
+             "a majority of them and this node."),
+    advertise: str | None = typer.Option(
+        None, "--advertise",
+        help="HOST:PORT the other nodes reach this one at (default: --listen:--port)."),
+    min_replicas: str = typer.Option(
+        "0", "--min-replicas",
+        help="Acknowledge writes only once N replicas hold them; 'majority': half the "
+             "replica set (--peers), rounded down."),
     min_replicas_timeout: float = typer.Option(
         10.0, "--min-replicas-timeout",
         help="Seconds to wait for --min-replicas before answering a write with an error."),
@@ -79,6 +93,7 @@ def serve(
     if ctx.invoked_subcommand is not None:
         return
     from zerostack.zdb.engine import EngineConfig, Mode
+    from zerostack.zdb.replication import ReplicationConfig
     from zerostack.zdb.server import ServerConfig
 
     modes = {"user": Mode.USER, "seq": Mode.SEQ, "mix": Mode.MIXED, "mixed": Mode.MIXED}
@@ -92,8 +107,21 @@ def serve(
         fail("--protect needs --admin: the default namespace is guarded by the admin password")
     if not 0 <= port <= 65535:
         fail(f"--port {port} is not a TCP port")
-    if min_replicas < 0 or min_replicas_timeout <= 0:
+    majority = min_replicas.strip().lower() == "majority"
+    if not majority and not min_replicas.strip().isdigit():
+        fail(f"--min-replicas: expected a number or 'majority', got {min_replicas!r}")
+    replicas_needed = 0 if majority else int(min_replicas)
+    if min_replicas_timeout <= 0:
         fail("--min-replicas must be >= 0 and --min-replicas-timeout > 0")
+    peer_list = [_host_port(p.strip(), "--peers") for p in (peers or "").split(",") if p.strip()]
+    if len(peer_list) > 64:
+        fail("--peers: at most 64 nodes")
+    if majority and not peer_list:
+        fail("--min-replicas majority needs --peers (the replica set)")
+    if advertise:
+        _host_port(advertise, "--advertise")
+    elif socket_path is None:
+        advertise = f"{listen if listen not in ('0.0.0.0', '::') else '127.0.0.1'}:{port}"
     output_pause = parse_size(client_output_pause, "--client-output-pause")
     output_limit = parse_size(client_output_limit, "--client-output-limit")
     if output_pause <= 0:
@@ -108,9 +136,12 @@ def serve(
         datasize=parse_size(datasize, "--datasize"), sync=sync, synctime=synctime,
         maxsize=parse_size(maxsize, "--maxsize") if maxsize else 0,
     )
+    replication = ReplicationConfig(password=replication_password or None, peers=peer_list,
+                                    advertise=advertise or "", majority=majority)
     config = ServerConfig(engine=engine, listen=listen, port=port, socket_path=socket_path,
                           admin_password=admin or None, protect=protect, replica_of=primary,
-                          primary_auth=primary_auth or None, min_replicas=min_replicas,
+                          primary_auth=primary_auth or None, min_replicas=replicas_needed,
+                          replication=replication,
                           min_replicas_timeout=min_replicas_timeout,
                           output_pause=output_pause, output_limit=output_limit)
     _run(config, verbose)
@@ -223,6 +254,9 @@ def replication_status(info: dict[str, dict[str, str]]) -> dict[str, Any]:
                 "acked": fields.get("acked", ""),
             })
     status["min_replicas"] = int(rep.get("min_replicas", "0"))
+    status["term"] = int(rep.get("term", "0"))
+    if "fenced" in rep:
+        status["fenced"] = rep["fenced"]
     return status
 
 
@@ -246,7 +280,11 @@ def status(
         if st.get("link_error"):
             console.print(f"last link error: {st['link_error']}", highlight=False)
         return
-    print_table(f"Zero-DB {host}:{port}: primary, {len(st['replicas'])} replica(s)"
+    if st.get("fenced"):
+        console.print(f"fenced (refuses writes): {st['fenced']}", highlight=False,
+                      markup=False)
+    print_table(f"Zero-DB {host}:{port}: primary of term {st['term']}, "
+                f"{len(st['replicas'])} replica(s)"
                 f"{', min-replicas ' + str(st['min_replicas']) if st['min_replicas'] else ''}",
                 ["replica", "peer", "lag bytes", "lag seconds", "last ack (s ago)"],
                 [[x["name"], x["peer"], x["lag_bytes"], f"{x['lag_seconds']:.3f}",
@@ -254,13 +292,21 @@ def status(
 
 
 @app.command()
-def promote(host: str = HOST, port: int = PORT, password: str | None = PASSWORD) -> None:
-    """Turn a replica into a primary: it stops following and accepts writes."""
+def promote(
+    host: str = HOST, port: int = PORT, password: str | None = PASSWORD,
+    force: bool = typer.Option(
+        False, "--force", help="Promote without a majority of the replica set: writes "
+        "acknowledged by the old primary may be lost."),
+) -> None:
+    """Turn a replica into the primary of a new term, once a majority of the replica set
+    (--peers) agrees; it stops following and accepts writes."""
     import redis
 
-    r = _client(host, port, password)
+    r = _client(host, port, None)
     try:
-        r.execute_command("PROMOTE")
+        if password:  # the admin or the replication password
+            r.execute_command("REPLAUTH", password)
+        r.execute_command("PROMOTE", *(["FORCE"] if force else []))
     except redis.RedisError as exc:
         fail(f"{host}:{port} was not promoted: {exc}")
     console.print(f"{host}:{port} is now a primary", highlight=False)
@@ -347,6 +393,8 @@ def check(
         print_json({"ok": report.ok, "namespaces": report.namespaces,
                     "data_entries": report.data_entries, "index_entries": report.index_entries,
                     "index_rebuilt": report.index_rebuilt,
+                    "repaired": sum(f.repaired for f in report.findings),
+                    "harmless": sum(f.harmless and not f.repaired for f in report.findings),
                     "findings": [{"namespace": f.namespace, "file": f.file, "offset": f.offset,
                                   "problem": f.problem, "repaired": f.repaired}
                                  for f in report.findings]})
@@ -356,13 +404,27 @@ def check(
                       highlight=False)
         for finding in report.findings:
             console.print(f"  {finding}", highlight=False, markup=False, soft_wrap=True)
-        if report.ok:
-            console.print("everything is consistent" if not report.findings
-                          else "every problem was repaired", highlight=False)
+        console.print(check_summary(report, repair), highlight=False)
     if not report.ok:
         if not as_json:
             fail("problems remain" + ("" if repair else "; run again with --repair to fix them"))
         raise typer.Exit(1)
+
+
+def check_summary(report: Any, repair: bool) -> str:
+    """One line saying exactly what `check` found and what it changed."""
+    found = report.findings
+    if not found:
+        return "everything is consistent"
+    repaired = sum(1 for f in found if f.repaired)
+    harmless = sum(1 for f in found if f.harmless and not f.repaired)
+    broken = len(found) - repaired - harmless
+    parts = [f"{len(found)} finding(s): {repaired} repaired, {harmless} harmless (left as "
+             f"they are), {broken} not repaired"]
+    if not repaired:
+        parts.append("no file was changed" + ("" if repair else " (without --repair "
+                                                                "nothing is)"))
+    return "; ".join(parts)
 
 
 def _human(n: int) -> str:

@@ -37,7 +37,7 @@ from zerostack.zdb.commands.system import note_failure, note_flush_failure
 from zerostack.zdb.commands.write import cmd_set
 from zerostack.zdb.engine import Engine, EngineConfig, ZdbError
 from zerostack.zdb.protocol import ProtocolViolation, RequestParser, error
-from zerostack.zdb.replication import ReplicationRole
+from zerostack.zdb.replication import ReplicationConfig, ReplicationRole
 
 log: Final = logging.getLogger("zerostack.zdb")
 
@@ -86,6 +86,8 @@ class ServerConfig:
     primary_auth: str | None = field(default=None, repr=False)
     min_replicas: int = 0          # acknowledge writes once this many replicas hold them
     min_replicas_timeout: float = 10.0
+    # Replication password, replica set (--peers), advertised address, majority.
+    replication: ReplicationConfig = field(default_factory=ReplicationConfig)
     # Stop executing a client's requests while more reply bytes than this wait to be sent
     # to it; resume as its socket drains.
     output_pause: int = 1024 * 1024
@@ -453,16 +455,17 @@ class ZdbServer:
         self.connections: set[Connection] = set()
         self.role = ReplicationRole(
             self.engine, config.replica_of, config.primary_auth, config.min_replicas,
-            config.min_replicas_timeout, name=f"{socket.gethostname()}:{config.port}")
+            config.min_replicas_timeout, name=f"{socket.gethostname()}:{config.port}",
+            options=config.replication)
         self.role.register(self.state)
         self.role.on_role_change = self._role_changed
         self.role.connection_of = self._connection_of
         self.role.on_namespace_free = self._namespace_free
-        if self.role.replica is not None:
-            self.role.replica.on_namespace_removed = self._namespace_removed
+        self.role.on_namespace_removed = self._namespace_removed
+        # A replica, or a primary fenced by a newer term, refuses client writes.
         self.handlers: dict[bytes, Handler] = (
-            READ_ONLY_HANDLERS if self.role.is_replica else HANDLERS)
-        self.writes_here = not self.role.is_replica  # a replica refuses client writes
+            HANDLERS if self.role.accepts_writes else READ_ONLY_HANDLERS)
+        self.writes_here = self.role.accepts_writes
         # namespace name -> connections held while compaction rewrites its files
         self.held: dict[str, list[Connection]] = {}
         # namespace name -> connections blocked in WAIT on it
@@ -647,9 +650,10 @@ class ZdbServer:
             conn.wake(None)
 
     def _role_changed(self) -> None:
-        self.handlers = READ_ONLY_HANDLERS if self.role.is_replica else HANDLERS
-        self.writes_here = not self.role.is_replica
-        log_event("zdb.role", role="replica" if self.role.is_replica else "primary")
+        self.handlers = HANDLERS if self.role.accepts_writes else READ_ONLY_HANDLERS
+        self.writes_here = self.role.accepts_writes
+        log_event("zdb.role", role="replica" if self.role.is_replica else
+                  "fenced" if self.role.fenced else "primary")
 
     def _connection_of(self, session: object) -> tuple[asyncio.Transport, str] | None:
         for conn in self.connections:

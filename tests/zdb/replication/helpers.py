@@ -10,6 +10,11 @@ import redis
 
 from tests.zdb.conftest import ZdbProcess
 
+REPL_AUTH = ("--replication-password", "repl-secret")
+"""Replication needs a password: the same on every node of these tests."""
+TERM_FILE = "index/replication-term"
+"""Each node's own term state: not part of the files replication makes identical."""
+
 
 def files(server: ZdbProcess) -> dict[str, bytes]:
     """Every file under the server's data/ and index/ directories, by relative path.
@@ -21,8 +26,9 @@ def files(server: ZdbProcess) -> dict[str, bytes]:
     for kind, root in (("data", server.data), ("index", server.index)):
         for p in sorted(root.rglob("*")):
             try:
-                if p.is_file():
-                    out[f"{kind}/{p.relative_to(root)}"] = p.read_bytes()
+                name = f"{kind}/{p.relative_to(root)}"
+                if p.is_file() and name != TERM_FILE:
+                    out[name] = p.read_bytes()
             except FileNotFoundError:
                 continue
     return out

@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from zerostack.cli.zdb import app
 from zerostack.zdb.engine import Engine, EngineConfig
+from zerostack.zdb.engine.raw import DENT, DHEAD
 
 
 def make_files(root: Path) -> tuple[Path, Path]:
@@ -70,3 +71,24 @@ def test_check_finds_a_torn_tail_and_repair_cuts_it(tmp_path: Path) -> None:
     assert report["ok"] and report["findings"] and all(f["repaired"] for f in report["findings"])
     out = runner.invoke(app, ["check", "--data", str(data), "--index", str(index)])
     assert out.exit_code == 0 and "consistent" in out.stdout
+
+
+def test_check_says_what_it_found_and_that_it_changed_nothing(tmp_path: Path) -> None:
+    data, index = make_files(tmp_path)
+    path = data / "logs" / "d0"
+    raw = bytearray(path.read_bytes())
+    second = DHEAD + DENT + raw[DHEAD] + int.from_bytes(raw[DHEAD + 1:DHEAD + 5], "little")
+    raw[second + 5:second + 9] = (12345).to_bytes(4, "little")  # its previous-entry link
+    path.write_bytes(bytes(raw))
+    before = path.read_bytes()
+    runner = CliRunner()
+    out = runner.invoke(app, ["check", "--data", str(data), "--index", str(index)])
+    said = " ".join(out.stdout.split())
+    assert out.exit_code == 0, out.output
+    assert "previous-entry link is 12345" in said and "[harmless]" in said
+    assert "1 finding(s): 0 repaired, 1 harmless (left as they are), 0 not repaired" in said
+    assert "no file was changed" in said and "every problem was repaired" not in said
+    assert path.read_bytes() == before
+    out = runner.invoke(app, ["check", "--data", str(data), "--index", str(index), "--json"])
+    report = json.loads(out.stdout)
+    assert report["repaired"] == 0 and report["harmless"] == 1

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from tests.conftest import ProcessGroup
 from tests.zdb.conftest import ZdbProcess, ZdbStarter, start_zdb
-from tests.zdb.replication.helpers import Writers, info, wait_identical, wait_until
+from tests.zdb.replication.helpers import REPL_AUTH, Writers, info, wait_identical, wait_until
 from zerostack.cli.zdb import app
 
 
@@ -27,8 +27,8 @@ def data_bytes(server: ZdbProcess) -> int:
 
 def test_replica_follows_load_and_restart_and_ends_identical(
         zdb_start: ZdbStarter, procs: ProcessGroup) -> None:
-    primary = zdb_start("--datasize", "1M")
-    follow = ("--replica-of", f"127.0.0.1:{primary.port}")
+    primary = zdb_start("--datasize", "1M", *REPL_AUTH)
+    follow = ("--replica-of", f"127.0.0.1:{primary.port}", *REPL_AUTH)
     replica = zdb_start(*follow)
     p = primary.client()
     for cmd in (("NSNEW", "photos"), ("NSSET", "photos", "password", "secret"),
@@ -82,13 +82,14 @@ def test_replica_follows_load_and_restart_and_ends_identical(
     assert out.exit_code == 0, out.output
     status = json.loads(out.stdout)
     assert status["role"] == "primary" and status["replicas"][0]["lag_bytes"] == 0
+    assert status["term"] == 1 and "fenced" not in status
     out = CliRunner().invoke(app, ["status", "--port", str(replica.port)])
     assert out.exit_code == 0 and "replica of" in out.stdout
 
 
 def test_online_compaction_reaches_the_replica(zdb_start: ZdbStarter) -> None:
-    primary = zdb_start("--datasize", "64K")
-    replica = zdb_start("--replica-of", f"127.0.0.1:{primary.port}")
+    primary = zdb_start("--datasize", "64K", *REPL_AUTH)
+    replica = zdb_start("--replica-of", f"127.0.0.1:{primary.port}", *REPL_AUTH)
     p = primary.client()
     assert p.execute_command("NSNEW", "logs") == b"OK"
     assert p.execute_command("SELECT", "logs") == b"OK"
@@ -108,7 +109,7 @@ def test_online_compaction_reaches_the_replica(zdb_start: ZdbStarter) -> None:
     assert p.execute_command("GET", "key1") == b"round4-" + b"x" * 100
     assert p.execute_command("SET", "after", "compaction") == b"after"
     wait_identical(primary, replica)
-    late = zdb_start("--replica-of", f"127.0.0.1:{primary.port}")  # a full copy from scratch
+    late = zdb_start("--replica-of", f"127.0.0.1:{primary.port}", *REPL_AUTH)  # a full copy from scratch
     wait_identical(primary, late)
     r = replica.client()
     r.execute_command("SELECT", "logs")

@@ -10,7 +10,7 @@ import redis
 
 from tests.conftest import ProcessGroup, zerostack_cmd
 from tests.zdb.conftest import ZdbProcess, ZdbStarter, start_zdb
-from tests.zdb.replication.helpers import Writers, info, wait_identical, wait_until
+from tests.zdb.replication.helpers import REPL_AUTH, Writers, info, wait_identical, wait_until
 
 
 def hello_role(server: ZdbProcess) -> bytes | None:
@@ -24,7 +24,7 @@ def test_acknowledged_writes_survive_failover_and_old_primary_rejoins(
         zdb_start: ZdbStarter, procs: ProcessGroup) -> None:
     primary = zdb_start("--min-replicas", "1", "--admin", "pw", "--datasize", "1M")
     replica = zdb_start("--replica-of", f"127.0.0.1:{primary.port}", "--primary-auth", "pw",
-                        "--admin", "pw")
+                        "--admin", "pw", "--peers", f"127.0.0.1:{primary.port}")
     wait_until(lambda: info(primary).get("connected_replicas") == "1", 20, "replica attached")
     assert hello_role(primary) == b"master" and hello_role(replica) == b"replica"
     writers = Writers(primary.port, 60_000, batch=200).start()
@@ -37,8 +37,14 @@ def test_acknowledged_writes_survive_failover_and_old_primary_rejoins(
     # a replica refuses PROMOTE from a non-admin client, then the CLI promotes it
     with pytest.raises(redis.ResponseError, match="Permission denied"):
         replica.client().execute_command("PROMOTE")
-    done = subprocess.run([*zerostack_cmd(), "zdb", "promote", "--port", str(replica.port),
-                           "--password", "pw"], capture_output=True, text=True, timeout=60)
+    promote = [*zerostack_cmd(), "zdb", "promote", "--port", str(replica.port), "--password",
+               "pw"]
+    # two nodes, one of them dead: no majority, so only --force promotes
+    done = subprocess.run(promote, capture_output=True, text=True, timeout=60)
+    said = " ".join(done.stderr.split())
+    assert done.returncode != 0 and "1 of 2 nodes agreed to term 2, 2 needed" in said, said
+    assert info(replica)["role"] == "replica"
+    done = subprocess.run([*promote, "--force"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr + replica.log.read_text()[-3000:]
     assert "now a primary" in done.stdout
     r = replica.client()
@@ -49,6 +55,7 @@ def test_acknowledged_writes_survive_failover_and_old_primary_rejoins(
     missing = [k for (k, v), value in zip(writers.acked, got, strict=True) if value != v]
     assert not missing, f"{len(missing)} acknowledged writes lost, e.g. {missing[:5]}"
     assert info(replica)["role"] == "primary" and hello_role(replica) == b"master"
+    assert info(replica)["term"] == "3"  # the refused promotion used term 2
     for i in range(100):
         assert r.execute_command("SET", f"new{i}", "after-failover") == f"new{i}".encode()
 
@@ -69,8 +76,8 @@ def test_acknowledged_writes_survive_failover_and_old_primary_rejoins(
 
 def test_old_primary_with_a_diverged_tail_cuts_it_and_follows(
         zdb_start: ZdbStarter, procs: ProcessGroup) -> None:
-    a = zdb_start()
-    b = zdb_start("--replica-of", f"127.0.0.1:{a.port}")
+    a = zdb_start(*REPL_AUTH)
+    b = zdb_start("--replica-of", f"127.0.0.1:{a.port}", *REPL_AUTH)
     ca = a.client()
     for i in range(300):
         ca.execute_command("SET", f"common{i}", f"v{i}")
@@ -81,11 +88,17 @@ def test_old_primary_with_a_diverged_tail_cuts_it_and_follows(
         ca.execute_command("SET", f"common{i}", f"only-on-a{i}")
     a.proc.kill()
     a.proc.wait()
-    b = start_zdb(procs, b.data.parent, port=b.port, data=b.data, index=b.index)  # now primary
+    b = start_zdb(procs, b.data.parent, *REPL_AUTH, port=b.port, data=b.data, index=b.index)
     cb = b.client()
+    # it was a replica: without --replica-of it refuses writes until promoted
+    with pytest.raises(redis.ResponseError, match="Fenced: this server was not the primary"):
+        cb.execute_command("SET", "x", "y")
+    assert cb.execute_command("REPLAUTH", "repl-secret") == b"OK"
+    assert cb.execute_command("PROMOTE", "FORCE") == b"OK"
     for i in range(25):
         cb.execute_command("SET", f"on-b{i}", "b")
-    a = start_zdb(procs, a.data.parent, "--replica-of", f"127.0.0.1:{b.port}", port=a.port,
+    a = start_zdb(procs, a.data.parent, "--replica-of", f"127.0.0.1:{b.port}", *REPL_AUTH,
+                  port=a.port,
                   data=a.data, index=a.index)
     wait_identical(b, a)
     assert a.client().execute_command("GET", "common3") == b"v3"

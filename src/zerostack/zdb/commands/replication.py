@@ -1,5 +1,9 @@
-"""Replication commands: the link a replica opens (REPLINFO, REPLHEAD, REPLSYNC, REPLACK),
-durable writes (REPLWAIT), PROMOTE, and INFO with its `# replication` section.
+"""Replication commands: the link a replica opens (REPLAUTH, REPLINFO, REPLHEAD, REPLSYNC,
+REPLACK), durable writes (REPLWAIT), terms between nodes (REPLVOTE, REPLLEADER), PROMOTE,
+and INFO with its `# replication` section.
+
+Every replication command needs the replication password (`--replication-password`, given
+with REPLAUTH) or the admin password (AUTH or REPLAUTH); a server with neither refuses them.
 
 WAIT already means "wait for a command" in 0-db, so waiting for replicas is REPLWAIT.
 """
@@ -10,14 +14,17 @@ from zerostack.zdb.commands import namespace, system
 from zerostack.zdb.commands.deferred import defer
 from zerostack.zdb.commands.rules import atoll
 from zerostack.zdb.commands.session import Session
-from zerostack.zdb.engine import ZdbError
-from zerostack.zdb.engine.raw import entry_head
+from zerostack.zdb.engine import Mode, ZdbError
+from zerostack.zdb.engine.raw import entry_head, position_problem
 from zerostack.zdb.protocol import NIL, OK, bulk, error
 from zerostack.zdb.replication.role import ReplicationRole, role_of
 
 REPLICA_READ_ONLY = error("Replica is read-only")
 NOT_A_PRIMARY = error("This server is a replica: replicas follow its primary")
 MAX_WAIT_MS = 30 * 60 * 1000
+MAX_TERM = 1 << 62
+REPLICATION_DISABLED = error("Replication is disabled: start this server with --admin or "
+                             "--replication-password")
 
 WRITE_COMMANDS = frozenset({b"SET", b"SETX", b"DEL", b"NSNEW", b"NSDEL", b"NSSET", b"FLUSH",
                             b"NSJUMP", b"COMPACT"})
@@ -31,31 +38,92 @@ def _role(s: Session) -> ReplicationRole:
     return role
 
 
-def _admin(s: Session) -> bytes | None:
-    if s.admin:
+def refuse_on_replica(s: Session, args: list[bytes]) -> bytes:
+    role = role_of(s.state)
+    if role is not None and role.fenced:
+        return error(f"Fenced: {role.fenced}")
+    if role is not None and role.replaced:
+        return error(f"Replica is read-only: {role.replaced}")
+    return REPLICA_READ_ONLY
+
+
+def _repl(s: Session) -> bytes | None:
+    """None when this session may use replication commands, else the refusal."""
+    role = role_of(s.state)
+    if role is None:
+        return error("Replication is not available on this server")
+    if s in role.repl_sessions:
+        return None
+    if s.state.admin_password is None and role.options.password is None:
+        s.state.commands_unauthorized += 1
+        return REPLICATION_DISABLED
+    if s.state.admin_password is not None and s.admin:
         return None
     s.state.commands_unauthorized += 1
     return error("Permission denied")
 
 
-def refuse_on_replica(s: Session, args: list[bytes]) -> bytes:
-    return REPLICA_READ_ONLY
+def seq_refusal(s: Session) -> bytes | None:
+    """For SET with an empty key: refuse a new sequential key while this primary runs too
+    far ahead of its replicas (see Primary.seq_refusal); None when it may go on."""
+    ns = s.ns
+    if ns.mode is not Mode.SEQ:
+        return None
+    role = role_of(s.state)
+    if role is None or not role.primary.seq_k:
+        return None
+    why = role.primary.seq_refusal(ns)
+    return None if why is None else error(why)
+
+
+def cmd_replauth(s: Session, args: list[bytes]) -> bytes:
+    """REPLAUTH password: allow replication commands on this connection (the replication
+    password or the admin password)."""
+    role = _role(s)
+    if len(args) != 2:
+        return error("Invalid arguments")
+    if s.state.admin_password is None and role.options.password is None:
+        s.state.commands_unauthorized += 1
+        return REPLICATION_DISABLED
+    if len(args[1]) > 128 or not role.check_password(args[1], s.state.admin_password):
+        s.state.commands_unauthorized += 1
+        return namespace.ACCESS_DENIED
+    live = s.state.sessions
+    role.repl_sessions.intersection_update(live)  # forget closed connections
+    role.repl_sessions.add(s)
+    return OK
+
+
+def _term(arg: bytes) -> int | None:
+    if len(arg) > 20:
+        return None
+    term = atoll(arg)
+    return term if 0 <= term <= MAX_TERM else None
 
 
 def cmd_replinfo(s: Session, args: list[bytes]) -> bytes:
-    """REPLINFO: [datasize, mode] a replica must use to write the same files."""
-    bad = _admin(s)
+    """REPLINFO term: [datasize, mode, term]: how a replica must write the same files, and
+    this primary's term. A replica of a newer term fences this primary."""
+    bad = _repl(s)
     if bad is not None:
         return bad
+    if len(args) != 2 or (term := _term(args[1])) is None:
+        return error("Invalid arguments")
+    role = _role(s)
+    role.learn_term(term, "a replica connecting")
+    if role.is_replica:
+        return NOT_A_PRIMARY
+    if role.fenced:
+        return error(f"Fenced: {role.fenced}")
     cfg = s.state.engine.config
     mode = cfg.mode.value.encode()
-    return b"*2\r\n:%d\r\n%b" % (cfg.datasize, bulk(mode))
+    return b"*3\r\n:%d\r\n%b:%d\r\n" % (cfg.datasize, bulk(mode), role.terms.term)
 
 
 def cmd_replhead(s: Session, args: list[bytes]) -> bytes:
     """REPLHEAD ns fileid offset [fileid offset ...]: header+key of the data entries there
     (nil where there is none); a replica compares them with its own to find where it agrees."""
-    bad = _admin(s)
+    bad = _repl(s)
     if bad is not None:
         return bad
     if len(args) < 4 or len(args) % 2:
@@ -74,25 +142,54 @@ def cmd_replhead(s: Session, args: list[bytes]) -> bytes:
     return b"".join(out)
 
 
+MAX_NAMESPACES = 100_000
+
+
 def _positions(args: list[bytes]) -> dict[str, tuple[int, int]] | None:
-    if len(args) % 3:
+    if len(args) % 3 or len(args) > 3 * MAX_NAMESPACES:
         return None
-    return {args[i].decode("utf-8", "surrogateescape"): (atoll(args[i + 1]), atoll(args[i + 2]))
-            for i in range(0, len(args), 3)}
+    out: dict[str, tuple[int, int]] = {}
+    for i in range(0, len(args), 3):
+        if len(args[i + 1]) > 20 or len(args[i + 2]) > 20:
+            return None
+        out[args[i].decode("utf-8", "surrogateescape")] = (atoll(args[i + 1]),
+                                                            atoll(args[i + 2]))
+    return out
 
 
 def cmd_replsync(s: Session, args: list[bytes]) -> bytes:
-    """REPLSYNC replica-name [ns fileid offset ...]: turn this connection into a replication
-    link shipping from those positions (other namespaces from their start)."""
-    bad = _admin(s)
+    """REPLSYNC replica-name term [ns fileid offset ...]: turn this connection into a
+    replication link shipping from those positions (other namespaces from their start).
+
+    Every position must be where the replica can stand: the start or end of a data file
+    of this primary, or the start of one of its entries."""
+    bad = _repl(s)
     if bad is not None:
         return bad
     role = _role(s)
+    if len(args) < 3 or (term := _term(args[2])) is None:
+        return error("Invalid arguments")
+    role.learn_term(term, "a replica connecting")
     if role.is_replica:
         return NOT_A_PRIMARY
-    positions = _positions(args[2:]) if len(args) >= 2 else None
+    if role.fenced:
+        return error(f"Fenced: {role.fenced}")
+    if term != role.terms.term:
+        return error(f"Replica term {term} differs from this primary's term "
+                     f"{role.terms.term}: connect again")
+    positions = _positions(args[3:])
     if positions is None:
         return error("Invalid arguments")
+    engine = s.state.engine
+    for name, pos in positions.items():
+        ns = engine.namespaces.get(name)
+        if ns is None or name in role.busy:
+            continue  # deleted (the replica gets DROP) or compacted (RESET follows)
+        problem = position_problem(ns, pos)
+        if problem is not None:
+            shown = name.encode("utf-8", "backslashreplace")[:64].decode("ascii", "replace")
+            return error(f"Invalid replication position {pos[0]}:{pos[1]} for namespace "
+                         f"{shown!r}: {problem}")
     conn = role.connection_of(s)
     if conn is None:
         return error("Replication needs a TCP or unix socket connection")
@@ -102,13 +199,16 @@ def cmd_replsync(s: Session, args: list[bytes]) -> bytes:
 
 
 def cmd_replack(s: Session, args: list[bytes]) -> bytes:
-    """REPLACK ns fileid offset ...: a replica wrote these positions out (no reply)."""
+    """REPLACK term [ns fileid offset ...]: a replica of that term wrote these positions
+    out (no reply)."""
     role = role_of(s.state)
     if role is None or not role.primary.is_follower(s):
         return error("REPLACK is only sent by replicas on a replication link")
-    positions = _positions(args[1:])
-    if positions:
-        role.primary.ack(s, positions)
+    term = _term(args[1]) if len(args) >= 2 else None
+    positions = _positions(args[2:])
+    if term is None or positions is None:
+        return error("Invalid arguments")
+    role.primary.ack(s, term, positions)
     return b""
 
 
@@ -123,6 +223,8 @@ def cmd_replwait(s: Session, args: list[bytes]) -> bytes | None:
     role = _role(s)
     if role.is_replica:
         return NOT_A_PRIMARY
+    if role.fenced:
+        return error(f"Fenced: {role.fenced}")
     primary = role.primary
     target = primary.snapshot()
     done = primary.count_acked(target)
@@ -137,19 +239,62 @@ def cmd_replwait(s: Session, args: list[bytes]) -> bytes | None:
 
 
 def cmd_promote(s: Session, args: list[bytes]) -> bytes | None:
-    """PROMOTE: stop following the primary and accept writes (admin)."""
-    bad = _admin(s)
+    """PROMOTE [FORCE]: start a new term with this server as its primary. Without FORCE a
+    majority of the replica set (--peers) must agree; FORCE may lose acknowledged writes."""
+    bad = _repl(s)
     if bad is not None:
         return bad
     role = _role(s)
-    if not role.is_replica:
+    if len(args) > 2 or (len(args) == 2 and args[1].upper() != b"FORCE"):
+        return error("Invalid arguments (PROMOTE [FORCE])")
+    if role.accepts_writes:
         return error("This server is already a primary")
+    force = len(args) == 2
 
     async def job() -> bytes:
-        return OK if await role.promote() else error("This server is already a primary")
+        refused = await role.promote(force)
+        return OK if refused is None else error(refused)
 
     defer(s, job)
     return None
+
+
+def _text(arg: bytes, limit: int = 300) -> str | None:
+    if len(arg) > limit:
+        return None
+    text = arg.decode("utf-8", "replace")
+    return text if text.isprintable() else None
+
+
+def cmd_replvote(s: Session, args: list[bytes]) -> bytes:
+    """REPLVOTE term candidate log-term [ns fileid offset ...]: [granted 0/1, our term,
+    reason]. A node votes once per term, for a candidate whose log is at least as advanced
+    as its own; a newer term fences a primary and makes a replica follow the candidate."""
+    bad = _repl(s)
+    if bad is not None:
+        return bad
+    if len(args) < 4:
+        return error("Invalid arguments")
+    term, candidate, log_term = _term(args[1]), _text(args[2]), _term(args[3])
+    positions = _positions(args[4:])
+    if term is None or candidate is None or log_term is None or positions is None:
+        return error("Invalid arguments")
+    role = _role(s)
+    granted, reason = role.vote(term, candidate, log_term, positions)
+    return b"*3\r\n:%d\r\n:%d\r\n%b" % (int(granted), role.terms.term, bulk(reason.encode()))
+
+
+def cmd_replleader(s: Session, args: list[bytes]) -> bytes:
+    """REPLLEADER term address: the primary of `term` is at address; replies our term."""
+    bad = _repl(s)
+    if bad is not None:
+        return bad
+    if len(args) != 3:
+        return error("Invalid arguments")
+    term, leader = _term(args[1]), _text(args[2])
+    if term is None or leader is None:
+        return error("Invalid arguments")
+    return b":%d\r\n" % _role(s).announced(term, leader)
 
 
 def cmd_info(s: Session, args: list[bytes]) -> bytes:
@@ -172,6 +317,9 @@ def cmd_flush(s: Session, args: list[bytes]) -> bytes:
 
 
 HANDLERS = {
+    b"REPLAUTH": cmd_replauth,
+    b"REPLVOTE": cmd_replvote,
+    b"REPLLEADER": cmd_replleader,
     b"REPLINFO": cmd_replinfo,
     b"REPLHEAD": cmd_replhead,
     b"REPLSYNC": cmd_replsync,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Final
 
+from zerostack.zdb.commands.replication import seq_refusal
 from zerostack.zdb.commands.rules import (
     INVALID_ARGUMENT,
     INVALID_KEY,
@@ -38,6 +39,10 @@ def cmd_set(s: Session, args: list[bytes]) -> bytes:
         return KEY_TOO_LARGE
     if not s.writable:
         return READ_ONLY
+    if not args[1]:  # a new sequential key: not past what enough replicas confirmed
+        refused = seq_refusal(s)
+        if refused is not None:
+            return refused
     # The engine refuses the rest (frozen, locked, empty user key, worm, maxsize).
     try:
         stored = s.ns.set(args[1], args[2], timestamp)

@@ -20,6 +20,8 @@ from zerostack.zdb.engine.files import iter_data_entries
 from zerostack.zdb.engine.format import (
     DATA_ENTRY,
     DATA_HEADER,
+    FLAG_DELETED,
+    crc32,
     data_name,
     index_name,
 )
@@ -72,6 +74,42 @@ def entry_head(ns: Namespace, fid: int, off: int) -> bytes | None:
     if off + DENT + kl + ln > ns._data_size(fid):
         return None
     return head + ns._read_data(fid, off + DENT, kl)
+
+
+def position_problem(ns: Namespace, pos: Position) -> str | None:
+    """Why `pos` is not a place a replica can hold namespace `ns` up to (None: it is).
+
+    A valid position is the start of a data file, its end, or the start of a data entry:
+    one whose previous-entry link points at an entry of the same file that ends exactly
+    there and whose payload matches its CRC (a position inside an entry fails that)."""
+    fid, off = pos
+    last = ns.position()[0]
+    if fid < 0 or off < 0:
+        return "negative file id or offset"
+    if fid > last:
+        return f"data file {fid} does not exist (the newest is {last})"
+    size = ns._data_size(fid)
+    if off < DHEAD:
+        return f"offset {off} is inside the file header ({DHEAD} bytes)"
+    if off > size:
+        return f"offset {off} is past the end of data file {fid} ({size} bytes)"
+    if off in (DHEAD, size):
+        return None
+    found = ns._read_data_entry(fid, off)
+    if found is None:
+        return f"offset {off} of data file {fid} is not the start of an entry"
+    fields, _key, payload = found
+    kl, ln, prev, crc, flags = fields[0], fields[1], fields[2], fields[3], fields[4]
+    entry_ok = (crc == 0 and ln == 0) if flags & FLAG_DELETED else crc32(payload) == crc
+    if not entry_ok or kl == 0 or not DHEAD <= prev < off:
+        return f"offset {off} of data file {fid} is not the start of an entry"
+    before = ns._read_data(fid, prev, DENT)
+    if len(before) < DENT:
+        return f"offset {off} of data file {fid} is not the start of an entry"
+    pkl, pln = _LENGTHS(before, 0)
+    if prev + DENT + pkl + pln != off:
+        return f"offset {off} of data file {fid} is not the start of an entry"
+    return None
 
 
 def last_entries(ns: Namespace, count: int) -> list[tuple[Position, bytes, Position]]:
@@ -232,5 +270,5 @@ def file_names(root: Path) -> list[str]:
 
 
 __all__ = ["START", "Position", "adopt_layout", "apply_entries", "apply_settings", "data_size",
-           "distance", "entry_head", "file_names", "last_entries", "read_entries", "settings",
+           "distance", "entry_head", "file_names", "last_entries", "position_problem", "read_entries", "settings",
            "truncate_to"]

@@ -3,6 +3,7 @@ become byte-identical to its primary's (see docs/zdb-replication.md)."""
 
 from zerostack.zdb.replication.primary import Follower, Primary
 from zerostack.zdb.replication.replica import Replica, ReplicationError
-from zerostack.zdb.replication.role import ReplicationRole, role_of
+from zerostack.zdb.replication.role import ReplicationConfig, ReplicationRole, role_of
 
-__all__ = ["Follower", "Primary", "Replica", "ReplicationError", "ReplicationRole", "role_of"]
+__all__ = ["Follower", "Primary", "Replica", "ReplicationConfig", "ReplicationError",
+           "ReplicationRole", "role_of"]

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from zerostack.zdb.engine import Engine, Namespace
@@ -26,6 +27,9 @@ TICK = 0.1                   # seconds between passes without writes (catch-up, 
 LAG_EVERY = 10               # ticks between LAG reports to replicas
 SAMPLES = 3000               # position samples (one per tick) to measure lag in seconds
 SHIP_DELAY = 0.004           # gather this long before shipping, unless a write waits on it
+SEQ_WINDOW = 2048            # sequential keys a primary may hand out past what enough
+                             # replicas confirmed (see role.SEQ_GAP, which must be larger)
+SEQ_SAMPLES = 20000          # (position, next key) samples kept per sequential namespace
 
 Positions = dict[str, Position]
 
@@ -46,6 +50,7 @@ class Follower:
     ns_ids: dict[str, int] = field(default_factory=dict)
     lag_bytes: int = 0
     lag_seconds: float = 0.0
+    ignored_acks: int = 0
 
 
 @dataclass(eq=False)
@@ -69,6 +74,14 @@ class Primary:
         self._samples: deque[tuple[float, Positions]] = deque(maxlen=SAMPLES)
         self._ticker: asyncio.Task[None] | None = None
         self._ship_timer: asyncio.TimerHandle | None = None
+        self.term = 0  # set by the role: the term this primary ships in
+        # Replicas that must have confirmed a sequential key before this primary hands out
+        # keys more than SEQ_WINDOW past it (0: no limit; set by the role from --peers).
+        self.seq_k = 0
+        self._seq_samples: dict[str, deque[tuple[Position, int]]] = {}
+        self.fenced = False
+        # Set by the role: a replica told us about a newer term (term, who said so).
+        self.on_higher_term: Callable[[int, str], None] = lambda term, source: None
 
     # -- replicas ------------------------------------------------------------------------
 
@@ -89,6 +102,30 @@ class Primary:
         asyncio.get_running_loop().call_soon(self.pump, f)
         return f
 
+    def fence(self) -> None:
+        """A newer term exists: confirm nothing more, answer waiting writes now (they were
+        not confirmed) and drop every replica (they go and find the new primary)."""
+        self.fenced = True
+        for w in self._waiters:
+            if not w.future.done():
+                w.future.set_result(0)
+        self.detach_all()
+
+    def detach_all(self) -> None:
+        for f in list(self.followers):
+            self.drop(f, "this server is no longer the primary")
+
+    def drop(self, f: Follower, reason: str) -> None:
+        """Disconnect one replica (its error or lie affects nobody else)."""
+        if f in self.followers:
+            self.followers.remove(f)
+        log.warning("event=zdb.replication.replica.dropped replica=%s peer=%s reason=\"%s\"",
+                    f.name, f.peer, reason.replace('"', "'")[:300])
+        if not f.transport.is_closing():
+            f.transport.write(b"-" + reason.replace("\r", " ").replace("\n", " ").encode()
+                              + b"\r\n")
+            f.transport.close()
+
     def detach(self, session: object) -> None:
         for f in [f for f in self.followers if f.session is session]:
             self.followers.remove(f)
@@ -97,12 +134,29 @@ class Primary:
     def is_follower(self, session: object) -> bool:
         return any(f.session is session for f in self.followers)
 
-    def ack(self, session: object, positions: Positions) -> None:
-        """A replica wrote these positions out: wake the writes waiting for it."""
-        for f in self.followers:
-            if f.session is session:
-                f.acked.update(positions)
-                f.last_ack = time.time()
+    def ack(self, session: object, term: int, positions: Positions) -> None:
+        """A replica wrote these positions out: wake the writes waiting for it.
+
+        Only positions this primary shipped to that replica count; an acknowledgement in
+        another term disconnects the replica (a newer term also fences this primary)."""
+        for f in list(self.followers):
+            if f.session is not session:
+                continue
+            if term != self.term:
+                if term > self.term:
+                    self.on_higher_term(term, f"replica {f.name}")
+                self.drop(f, f"acknowledged in term {term}, this primary's term is {self.term}")
+                return
+            for name, pos in positions.items():
+                # Beyond what was shipped (a lie, or an acknowledgement crossing a RESET or
+                # DROP on the way): not counted.
+                if name in f.sent and pos <= f.sent[name]:
+                    f.acked[name] = pos
+                else:
+                    f.ignored_acks += 1
+            f.last_ack = time.time()
+        if self.fenced:
+            return
         if self._waiters:
             for w in list(self._waiters):
                 if not w.future.done():
@@ -110,8 +164,42 @@ class Primary:
                     if n >= w.count:
                         w.future.set_result(n)
 
+    def seq_refusal(self, ns: Namespace) -> str | None:
+        """Why sequential namespace `ns` may not hand out its next key now (None: it may).
+
+        A key is handed out only while it is less than SEQ_WINDOW past the newest key that
+        `seq_k` replicas confirmed: whichever replica a majority promotes holds at least
+        that much, and skips SEQ_GAP > SEQ_WINDOW keys, so no key is handed out twice."""
+        if self.seq_k <= 0:
+            return None
+        samples = self._seq_samples.get(ns.name)
+        if samples is None:
+            samples = self._seq_samples[ns.name] = deque(maxlen=SEQ_SAMPLES)
+        pos, nxt = ns.position(), ns.next_internal_id()
+        if not samples or samples[-1][0] != pos:
+            samples.append((pos, nxt))
+        confirmed: list[int] = []
+        for f in self.followers:
+            acked = f.acked.get(ns.name)
+            if acked is None:
+                continue
+            best = 0
+            for p, n in reversed(samples):
+                if p <= acked:
+                    best = n
+                    break
+            confirmed.append(best)
+        confirmed.sort(reverse=True)
+        floor = confirmed[self.seq_k - 1] if len(confirmed) >= self.seq_k else 0
+        if nxt < floor + SEQ_WINDOW:
+            return None
+        return (f"Sequential namespace {ns.name} is {nxt - floor} keys ahead of what "
+                f"{self.seq_k} replica(s) confirmed (at most {SEQ_WINDOW}); retry when they "
+                "catch up")
+
     def reset(self, name: str) -> None:
         """Namespace `name` was flushed or rewritten (compaction): replicas start it over."""
+        self._seq_samples.pop(name, None)
         for f in self.followers:
             f.sent[name] = START
             f.acked[name] = START
@@ -136,10 +224,19 @@ class Primary:
         if self._ship_timer is not None:
             self._ship_timer.cancel()
             self._ship_timer = None
-        for f in self.followers:
+        for f in list(self.followers):
             self.pump(f)
 
     def pump(self, f: Follower) -> None:
+        """Ship what `f` has not got yet; a failure drops that replica only."""
+        if f not in self.followers:
+            return
+        try:
+            self._pump(f)
+        except Exception as exc:
+            self.drop(f, f"shipping failed: {type(exc).__name__}: {exc}")
+
+    def _pump(self, f: Follower) -> None:
         t = f.transport
         if t.is_closing() or t.get_write_buffer_size() > HIGH_WATER:
             return
@@ -266,6 +363,8 @@ class Primary:
         return all(acked.get(name, START) >= pos for name, pos in target.items())
 
     def count_acked(self, target: Positions) -> int:
+        if self.fenced:
+            return 0
         return sum(1 for f in self.followers if self._covers(f.acked, target))
 
     async def wait_acked(self, count: int, timeout: float, target: Positions | None = None) -> int:

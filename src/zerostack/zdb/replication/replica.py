@@ -28,12 +28,14 @@ from zerostack.zdb.engine.raw import (
 )
 from zerostack.zdb.protocol import encode_request
 from zerostack.zdb.replication import frames
+from zerostack.zdb.replication.terms import Terms
 
 log = logging.getLogger("zerostack.zdb")
 
 READ_SIZE = 1 << 20
 SILENCE = 15.0           # seconds without a frame before the link counts as dead
 RETRY_MIN, RETRY_MAX = 0.2, 2.0
+STOP_WAIT = 5.0          # seconds a stopped link gets to end before the next one starts
 PROBE = 4096             # newest local entries compared with the primary when they diverge
 PROBE_BATCH = 256
 
@@ -46,8 +48,10 @@ class Replica:
     """Follows a primary; runs as a task of the replica server's event loop."""
 
     def __init__(self, engine: Engine, host: str, port: int, password: str | None,
-                 name: str) -> None:
+                 name: str, terms: Terms | None = None) -> None:
         self.engine = engine
+        self.terms = terms if terms is not None else Terms(engine.config.index_dir)
+        self.link_term = 0  # the term of the primary this link follows
         self.host = host
         self.port = port
         self.password = password
@@ -60,6 +64,7 @@ class Replica:
         self.applied_bytes = 0
         self.truncations = 0
         self._task: asyncio.Task[None] | None = None
+        self._gen = 0  # bumped whenever the running link must end
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._parser = hiredis.Reader()
@@ -67,19 +72,38 @@ class Replica:
         self.on_namespace_removed: Callable[[str], None] = lambda name: None
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run())
+        if self._task is not None and not self._task.done():
+            return
+        self.state = "connecting"
+        self._task = asyncio.get_running_loop().create_task(self._run(self._gen))
+
+    def retarget(self, host: str, port: int) -> None:
+        """Follow another primary from now on: the current link ends, a new one starts
+        once it has (never two at once)."""
+        self.host, self.port = host, port
+        old = self._end_link()
+        self.state = "connecting"
+        self._task = asyncio.get_running_loop().create_task(self._run(self._gen, after=old))
+
+    def _end_link(self) -> asyncio.Task[None] | None:
+        """Make the running link task end: a new generation, its connection closed (a
+        cancellation alone can be lost while a read completes), and cancelled."""
+        self._gen += 1
+        if self._writer is not None:
+            self._writer.close()
+        old, self._task = self._task, None
+        if old is not None:
+            old.cancel()
+        return old
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            except Exception as exc:  # the follower already died: stopping must still work
+        task = self._end_link()
+        if task is not None:
+            await asyncio.wait([task], timeout=STOP_WAIT)
+            if task.done() and not task.cancelled() and task.exception() is not None:
+                exc = task.exception()  # the follower already died: stopping still works
                 log.error("event=zdb.replication.follower.failed error=%s detail=\"%s\"",
                           type(exc).__name__, str(exc)[:200].replace('"', "'"))
-            self._task = None
         self._close()
         self.state = "stopped"
 
@@ -88,9 +112,11 @@ class Replica:
             self._writer.close()
             self._writer = None
 
-    async def _run(self) -> None:
+    async def _run(self, gen: int, after: asyncio.Task[None] | None = None) -> None:
+        if after is not None:  # the previous link closes its connection first
+            await asyncio.wait([after], timeout=STOP_WAIT)
         delay = RETRY_MIN
-        while True:
+        while gen == self._gen:
             started = time.monotonic()
             try:
                 await self._follow()
@@ -110,9 +136,10 @@ class Replica:
                 log.exception("event=zdb.replication.link.failed primary=%s:%d state=%s",
                               self.host, self.port, self.state)
             finally:
-                self._close()
-                if self.state != "stopped":
-                    self.state = "connecting"
+                if gen == self._gen:
+                    self._close()
+                    if self.state != "stopped":
+                        self.state = "connecting"
             if time.monotonic() - started > 5:
                 delay = RETRY_MIN
             await asyncio.sleep(delay)
@@ -153,18 +180,25 @@ class Replica:
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if self.password:
-            await self._call(b"AUTH", self.password)
-        info = await self._call(b"REPLINFO")
-        if not isinstance(info, list) or len(info) < 2:
-            raise ReplicationError(f"unexpected REPLINFO reply {info!r}")
+            await self._call(b"REPLAUTH", self.password)
+        info = await self._call(b"REPLINFO", self.terms.term)
+        if not isinstance(info, list) or len(info) < 3:
+            raise ReplicationError(f"unexpected REPLINFO reply {info!r:.200}")
         datasize, mode = int(info[0]), Mode(bytes(info[1]).decode())
+        term = int(info[2])
+        if term < self.terms.term:
+            raise ReplicationError(f"the primary's term {term} is older than this node's "
+                                   f"term {self.terms.term}: it was replaced; not following it")
+        self.link_term = term
+        self.terms.see(term)
         adopt_layout(self.engine, datasize, mode)
         self.state = "checking"
         positions: dict[str, Position] = {}
         for name in list(self.engine.namespaces):
             positions[name] = await self._agree(name)
+        self.terms.follow(term)  # our files are a prefix of this primary's log now
         self.state = "syncing"
-        args: list[bytes | str | int] = [b"REPLSYNC", self.name]
+        args: list[bytes | str | int] = [b"REPLSYNC", self.name, term]
         for name, (fid, off) in positions.items():
             args += [name.encode("utf-8", "surrogateescape"), fid, off]
         writer.write(encode_request(*args))
@@ -193,10 +227,12 @@ class Replica:
                 common = await self._search(name, last_entries(ns, PROBE))
         if common != here:
             dropped = truncate_to(self.engine, name, common)
-            self.truncations += 1
-            log.warning("event=zdb.replication.diverged namespace=%s local_end=%d:%d "
-                        "common=%d:%d entries_dropped=%d", name, here[0], here[1],
-                        common[0], common[1], dropped)
+            if dropped:  # not only an empty file started before a crash
+                self.truncations += 1
+            log.log(logging.WARNING if dropped else logging.INFO,
+                    "event=zdb.replication.diverged namespace=%s local_end=%d:%d "
+                    "common=%d:%d entries_dropped=%d", name, here[0], here[1],
+                    common[0], common[1], dropped)
         return self.engine.namespace(name).position()
 
     async def _search(self, name: str, entries: list[tuple[Position, bytes, Position]]
@@ -229,8 +265,11 @@ class Replica:
         assert self._reader is not None and self._writer is not None
         parser = self._parser
         self.state = "online"
+        gen = self._gen
         while True:
             data = await asyncio.wait_for(self._reader.read(READ_SIZE), SILENCE)
+            if gen != self._gen:
+                raise ReplicationError("this replica follows another primary now")
             if not data:
                 raise EOFError("primary closed the connection")
             self.last_contact = time.time()
@@ -242,12 +281,19 @@ class Replica:
                     break
                 if isinstance(message, hiredis.ReplyError):
                     raise ReplicationError(f"primary refused: {message}")
+                if self.terms.term != self.link_term:
+                    break  # answered below: nothing more is applied for an older term
                 if isinstance(message, bytes):  # a status line: nothing to apply
                     continue
                 self._apply(message, changed)
+            if self.terms.term != self.link_term:
+                # We voted in a newer term: confirm nothing more for this primary; tell it.
+                self._writer.write(encode_request(b"REPLACK", self.terms.term))
+                raise ReplicationError(f"this node has seen term {self.terms.term}, newer than "
+                                       f"the primary's term {self.link_term}")
             if changed:
                 self.engine.flush_all()
-                args: list[bytes | str | int] = [b"REPLACK"]
+                args: list[bytes | str | int] = [b"REPLACK", self.link_term]
                 for name in changed:
                     ns = self.engine.namespaces.get(name)
                     fid, off = ns.position() if ns is not None else START

@@ -1,0 +1,68 @@
+"""Calls one Zero-DB node makes to another of its replica set: ask for a vote in a new
+term (REPLVOTE) and announce the primary of a term (REPLLEADER). Short-lived connections,
+authenticated with REPLAUTH, every reply bounded."""
+
+from __future__ import annotations
+
+import asyncio
+
+import hiredis
+
+from zerostack.zdb.engine.raw import Position
+from zerostack.zdb.protocol import encode_request
+
+CALL_TIMEOUT = 2.0
+MAX_REPLY = 64 * 1024
+
+
+class PeerError(Exception):
+    """A peer refused a call or answered something unexpected."""
+
+
+async def _call(host: str, port: int, password: str | None,
+                *args: bytes | str | int) -> object:
+    reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), CALL_TIMEOUT)
+    try:
+        parser = hiredis.Reader()
+        requests = [args]
+        if password:
+            requests.insert(0, (b"REPLAUTH", password))
+        writer.write(b"".join(encode_request(*r) for r in requests))
+        replies: list[object] = []
+        received = 0
+        while len(replies) < len(requests):
+            data = await asyncio.wait_for(reader.read(MAX_REPLY), CALL_TIMEOUT)
+            if not data:
+                raise EOFError(f"{host}:{port} closed the connection")
+            received += len(data)
+            if received > MAX_REPLY:
+                raise PeerError(f"{host}:{port} answered more than {MAX_REPLY} bytes")
+            parser.feed(data)
+            while (reply := parser.gets()) is not False:
+                if isinstance(reply, hiredis.ReplyError):
+                    raise PeerError(str(reply))
+                replies.append(reply)
+        return replies[-1]
+    finally:
+        writer.close()
+
+
+async def request_vote(host: str, port: int, password: str | None, term: int, candidate: str,
+                       log_term: int, positions: dict[str, Position]
+                       ) -> tuple[bool, int, str]:
+    """(granted, the peer's term, its reason)."""
+    args: list[bytes | str | int] = [b"REPLVOTE", term, candidate, log_term]
+    for name, (fid, off) in positions.items():
+        args += [name.encode("utf-8", "surrogateescape"), fid, off]
+    reply = await _call(host, port, password, *args)
+    if not isinstance(reply, list) or len(reply) != 3:
+        raise PeerError(f"unexpected REPLVOTE reply {reply!r:.100}")
+    return reply[0] == 1, int(reply[1]), bytes(reply[2]).decode("utf-8", "replace")[:200]
+
+
+async def announce(host: str, port: int, password: str | None, term: int, leader: str) -> int:
+    """Tell a peer the primary of `term` is `leader`; returns the peer's term."""
+    reply = await _call(host, port, password, b"REPLLEADER", term, leader)
+    if not isinstance(reply, int):
+        raise PeerError(f"unexpected REPLLEADER reply {reply!r:.100}")
+    return reply
