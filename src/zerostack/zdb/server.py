@@ -31,8 +31,8 @@ from zerostack.zdb.commands import (
     deferred,
     lookup,
 )
-from zerostack.zdb.commands.read import cmd_get, reply_get
-from zerostack.zdb.commands.rules import refusal
+from zerostack.zdb.commands.read import GET_RUN, cmd_get, reply_get, reply_get_run
+from zerostack.zdb.commands.rules import MAX_KEY_LENGTH, refusal
 from zerostack.zdb.commands.system import note_failure, note_flush_failure
 from zerostack.zdb.commands.write import cmd_set
 from zerostack.zdb.engine import Engine, EngineConfig, ZdbError
@@ -267,7 +267,11 @@ class Connection(asyncio.Protocol):
         owed = self.unsent + transport.get_write_buffer_size()
         pause = self.output_pause
         executed = 0
-        for index, request in enumerate(requests):
+        count = len(requests)
+        index = -1
+        while index + 1 < count:
+            index += 1
+            request = requests[index]
             if owed + len(out) > pause:
                 # Replies are made only as fast as the client takes them: hold the rest.
                 self._throttle(requests[index:], violation)
@@ -282,9 +286,31 @@ class Connection(asyncio.Protocol):
                 self._hold(session.ns.name, requests[index:], violation)
                 violation = None
                 break
-            executed += 1
             name = request[0]
             if name == b"GET" or name == b"get":
+                # A run of GETs (the usual pipeline) is served together, see reply_get_run.
+                keys: list[bytes] = []
+                at = index
+                while at < count and len(keys) < GET_RUN:
+                    nxt = requests[at]
+                    if len(nxt) != 2 or not (nxt[0] == b"GET" or nxt[0] == b"get") \
+                            or not 0 < len(nxt[1]) <= MAX_KEY_LENGTH:
+                        break
+                    keys.append(nxt[1])
+                    at += 1
+                if len(keys) > 1:
+                    try:
+                        done = reply_get_run(session, keys, out, pause - owed - len(out))
+                    except Exception:
+                        done = 0  # served one at a time below, each with its own error
+                    if done:
+                        executed += done
+                        index += done - 1
+                        if waiters:
+                            for _ in range(done):
+                                server.notify_waiters(self, name)
+                        continue
+                executed += 1
                 try:
                     reply_get(session, request, out)
                 except Exception as exc:  # a bug or an I/O failure must not kill it
@@ -292,6 +318,7 @@ class Connection(asyncio.Protocol):
                 if waiters:
                     server.notify_waiters(self, name)
                 continue
+            executed += 1
             handler: Handler
             if writes_here and (name == b"SET" or name == b"set"):
                 handler = cmd_set

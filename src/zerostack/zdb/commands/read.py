@@ -66,6 +66,32 @@ def reply_get(s: Session, args: list[bytes], out: bytearray) -> None:
     out += CRLF
 
 
+GET_RUN: Final = 16
+"""Consecutive pipelined GETs served together (see reply_get_run)."""
+
+
+def reply_get_run(s: Session, keys: list[bytes], out: bytearray, budget: int) -> int:
+    """GET of each of `keys` (each 1 to MAX_KEY_LENGTH bytes), the replies appended to
+    `out`; returns how many were answered, fewer than asked once the replies passed
+    `budget` bytes (the caller holds the rest). Their key lookups are made together."""
+    try:
+        values = s.ns.get_many(keys, budget)
+    except ZdbError as exc:
+        reply = refusal(exc)
+        for _ in keys:
+            out += reply
+        return len(keys)
+    for value in values:
+        if value is None:
+            out += NIL
+            continue
+        n = len(value)
+        out += BULK_HEADS[n] if n < 1024 else b"$%d\r\n" % n
+        out += value
+        out += CRLF
+    return len(values)
+
+
 def cmd_mget(s: Session, args: list[bytes]) -> bytes:
     if len(args) < 2:
         return MISSING_ARGUMENTS
