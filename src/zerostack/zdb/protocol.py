@@ -122,7 +122,8 @@ class RequestParser:
     number of times however the stream is cut.
     """
 
-    __slots__ = ("_args", "_count", "_hiredis", "_large", "_large_size", "_need", "_pending")
+    __slots__ = ("_args", "_count", "_hiredis", "_large", "_large_fill", "_large_size", "_need",
+                 "_pending")
 
     def __init__(self, typed: bool | None = None) -> None:
         # Typed code parses in the native build; interpreted, hiredis is faster (None:
@@ -136,10 +137,11 @@ class RequestParser:
         # header is not read yet).
         self._args: list[bytes] = []
         self._count = -1
-        # A large argument cut by a read: its payload so far (CRLF included once here), and
-        # its declared size. Its bytes go there directly, not through `_pending`.
+        # A large argument cut by a read: a buffer for its payload and CRLF, its declared
+        # size and how much of it arrived. Its bytes go there directly, not via `_pending`.
         self._large: bytearray | None = None
         self._large_size = 0
+        self._large_fill = 0
 
     def feed(self, data: bytes) -> list[list[bytes]]:
         if self._hiredis is not None:
@@ -148,11 +150,13 @@ class RequestParser:
         large = self._large
         if large is not None:
             size = self._large_size
-            take = size + 2 - len(large)
+            fill = self._large_fill
+            take = size + 2 - fill
             if len(data) < take:
-                large += data
+                large[fill:fill + len(data)] = data
+                self._large_fill = fill + len(data)
                 return []
-            large += memoryview(data)[:take]
+            large[fill:] = memoryview(data)[:take]
             if large[size] != 13 or large[size + 1] != 10:
                 raise ProtocolViolation(MALFORMED_ARG, [])
             del large[size:]
@@ -202,9 +206,13 @@ class RequestParser:
                 stop = start + size
                 if stop + 2 > end:
                     if size >= LARGE_ARG:
-                        # Gathered apart from here on: no copy of the whole stream tail.
-                        self._large = bytearray(memoryview(buf)[start:end])
+                        # Gathered apart from here on, in a buffer of its final size: no
+                        # copy of the whole stream tail, no copy as it grows.
+                        large = bytearray(size + 2)
+                        large[:end - start] = memoryview(buf)[start:end]
+                        self._large = large
                         self._large_size = size
+                        self._large_fill = end - start
                         pos = end
                         need = -1
                         break
