@@ -6,6 +6,8 @@ durability (every write handed to the OS before the reply, no fsync), redis-serv
 with persistence off (`--save "" --appendonly no`). Besides the 64-byte table: the same
 load on a server whose data spans many files (`--datasize 1M`), SET/GET of 4 KiB and 1 MiB
 values, and sequential 1 MiB appends against `dd` writing the same blocks to the same disk.
+Every figure is the median of the rounds, the servers' order alternating between rounds
+(the machine is shared: a best round says more about the load than about the server).
 """
 
 from __future__ import annotations
@@ -16,8 +18,10 @@ import io
 import os
 import platform
 import re
+import resource
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -54,6 +58,7 @@ class Result:
     redis_cpu: float  # lowest of the rounds
     pure: float       # the same sources without the native build (setup.py)
     many: float       # ours with --datasize 1M: the data spans many files
+    many_cpu: float   # its CPU time per request (the 1 file server's is zdb_cpu)
 
     @property
     def ratio(self) -> float:
@@ -70,7 +75,7 @@ class Result:
 
 @dataclass
 class Large:
-    """SET or GET of large values, ours and redis-server's best round."""
+    """SET or GET of large values, ours and redis-server's median round."""
 
     size: int
     pipeline: int
@@ -90,6 +95,8 @@ class Append:
     policy: str        # "os" (handed to the OS, no fsync) or "sync" (durable before the reply)
     zdb: float         # bytes per second
     dd: float
+    zdb_cpu: float     # CPU seconds per GiB written: the server's, and dd's own
+    dd_cpu: float
 
     @property
     def ratio(self) -> float:
@@ -166,28 +173,32 @@ def measure(requests: int, work: Path, rounds: int) -> list[Result]:
     results: list[Result] = []
     try:
         for pipeline in (1, 16):
-            # Alternate the servers so all see the same machine load as far as possible,
-            # and keep each one's best round: the machine is shared and noisy.
-            best: dict[tuple[int, str], float] = {}
+            # Alternate the servers' order between rounds so all see the same machine load
+            # as far as possible, and keep each one's median: the machine is shared.
+            runs: dict[tuple[int, str], list[float]] = {}
             cpu: dict[int, list[float]] = {port: [] for port, _ in servers}
-            for _ in range(rounds):
-                for port, pid in servers:
+            for i in range(rounds):
+                for port, pid in (servers if i % 2 == 0 else servers[::-1]):
                     ops, used = run_benchmark(port, pid, pipeline, requests)
                     cpu[port].append(used)
                     for test, value in ops.items():
-                        best[port, test] = max(best.get((port, test), 0.0), value)
+                        runs.setdefault((port, test), []).append(value)
+            med = {key: statistics.median(values) for key, values in runs.items()}
             for test in ("SET", "GET"):
-                result = Result(pipeline, test, best[zport, test], best[rport, test],
-                                min(cpu[zport]), min(cpu[rport]), best[pport, test],
-                                best[mport, test])
+                result = Result(pipeline, test, med[zport, test], med[rport, test],
+                                statistics.median(cpu[zport]), statistics.median(cpu[rport]),
+                                med[pport, test], med[mport, test],
+                                statistics.median(cpu[mport]))
                 results.append(result)
                 print(f"-P {pipeline:<2} {test}: zdb {result.zdb:>10,.0f} ops/s   "
                       f"redis {result.redis:>10,.0f} ops/s   "
                       f"pure-Python zdb {result.pure:>10,.0f} ops/s   "
                       f"--datasize {MANY_FILES_DATASIZE} {result.many:>10,.0f} ops/s", flush=True)
-            print(f"-P {pipeline:<2} server CPU per request: zdb {min(cpu[zport]):.1f} µs, "
-                  f"redis {min(cpu[rport]):.1f} µs, pure-Python zdb {min(cpu[pport]):.1f} µs",
-                  flush=True)
+            print(f"-P {pipeline:<2} server CPU per request: zdb "
+                  f"{statistics.median(cpu[zport]):.2f} µs, redis "
+                  f"{statistics.median(cpu[rport]):.2f} µs, pure-Python zdb "
+                  f"{statistics.median(cpu[pport]):.2f} µs, --datasize "
+                  f"{MANY_FILES_DATASIZE} {statistics.median(cpu[mport]):.2f} µs", flush=True)
         files = len(list((work / "many-data" / "default").glob("d*")))
         print(f"--datasize {MANY_FILES_DATASIZE}: the data spans {files} files", flush=True)
     finally:
@@ -214,16 +225,17 @@ def measure_large(work: Path, rounds: int) -> list[Large]:
                 redis_benchmark(port, *common, "-n", str(5 * keys), "-r", str(keys),
                                 "-t", "set", "-P", "16")
             for pipeline in (1, 16):
-                best: dict[tuple[int, str], float] = {}
-                for _ in range(rounds):
-                    for port in (rport, zport):
+                runs: dict[tuple[int, str], list[float]] = {}
+                for i in range(rounds):
+                    for port in ((rport, zport) if i % 2 == 0 else (zport, rport)):
                         for test, keyspace in (("set", 10**9), ("get", keys)):
                             ops = redis_benchmark(port, *common, "-n", str(requests), "-r",
                                                   str(keyspace), "-t", test, "-P", str(pipeline))
                             for name, value in ops.items():
-                                best[port, name] = max(best.get((port, name), 0.0), value)
+                                runs.setdefault((port, name), []).append(value)
+                med = {key: statistics.median(values) for key, values in runs.items()}
                 for test in ("SET", "GET"):
-                    item = Large(size, pipeline, test, best[zport, test], best[rport, test])
+                    item = Large(size, pipeline, test, med[zport, test], med[rport, test])
                     out.append(item)
                     print(f"{size_name(size)} -P {pipeline:<2} {test}: zdb {item.zdb:>9,.0f} "
                           f"ops/s   redis {item.redis:>9,.0f} ops/s   {item.ratio:.2f}x",
@@ -234,17 +246,28 @@ def measure_large(work: Path, rounds: int) -> list[Large]:
     return out
 
 
-def dd_rate(path: Path, blocks: int, sync: bool) -> float:
-    """Bytes per second of dd writing `blocks` 1 MiB blocks to a new file at `path`."""
+def dd_command(path: Path, blocks: int, sync: bool) -> list[str]:
+    """dd writing `blocks` 1 MiB blocks to a new file at `path`: the same write size as a
+    1 MiB SET (one write of the entry per value), no fsync unless `sync`, then one per
+    block (`oflag=dsync`), as `--sync` makes each write durable before its reply."""
     args = ["dd", "if=/dev/zero", f"of={path}", "bs=1M", f"count={blocks}"]
     if sync:
-        args.append("oflag=dsync")  # each block durable before the next, like --sync
-    err = subprocess.run(args, capture_output=True, text=True, timeout=900, check=True).stderr
+        args.append("oflag=dsync")
+    return args
+
+
+def dd_rate(path: Path, blocks: int, sync: bool) -> tuple[float, float]:
+    """(bytes per second, CPU seconds used) of dd_command()."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    err = subprocess.run(dd_command(path, blocks, sync), capture_output=True, text=True,
+                         timeout=900, check=True).stderr
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     path.unlink()
     match = re.search(r"(\d+) bytes .* copied, ([\d.]+) s", err)
     if match is None:
         raise RuntimeError(f"unexpected dd output: {err!r}")
-    return int(match.group(1)) / float(match.group(2))
+    used = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    return int(match.group(1)) / float(match.group(2)), used
 
 
 def append_rate(port: int, blocks: int, size: int = MIB, depth: int = 16) -> float:
@@ -295,27 +318,40 @@ def append_rate(port: int, blocks: int, size: int = MIB, depth: int = 16) -> flo
 
 def measure_append(work: Path, rounds: int) -> list[Append]:
     """One client appending 1 MiB values (new keys, 16 in flight) against dd's rate for
-    the same 1 MiB blocks in the same directory, under each sync policy. Each run starts
-    from an empty directory after os.sync(), so neither pays for the other's dirty pages."""
+    the same 1 MiB blocks in the same directory, under each sync policy, dd and ours
+    taking turns to go first. Each run starts from an empty directory after os.sync(), so
+    neither pays for the other's dirty pages."""
     out: list[Append] = []
     for policy, blocks in APPENDS.items():
         extra = ("--sync",) if policy == "sync" else ()
-        best_zdb = best_dd = 0.0
-        for _ in range(rounds):
-            os.sync()
-            best_dd = max(best_dd, dd_rate(work / "dd.out", blocks, policy == "sync"))
-            os.sync()
-            port, zdb = start_zdb(work, "append", *extra)
-            try:
-                best_zdb = max(best_zdb, append_rate(port, blocks))
-            finally:
-                stop(zdb)
-                shutil.rmtree(work / "append-data", ignore_errors=True)
-                shutil.rmtree(work / "append-index", ignore_errors=True)
-        item = Append(policy, best_zdb, best_dd)
+        rates: dict[str, list[float]] = {"zdb": [], "dd": []}
+        cpus: dict[str, list[float]] = {"zdb": [], "dd": []}
+        gib = blocks / 1024
+        for i in range(rounds):
+            for side in (("dd", "zdb") if i % 2 == 0 else ("zdb", "dd")):
+                os.sync()
+                if side == "dd":
+                    rate, used = dd_rate(work / "dd.out", blocks, policy == "sync")
+                else:
+                    port, zdb = start_zdb(work, "append", *extra)
+                    try:
+                        before = cpu_seconds(zdb.pid)
+                        rate = append_rate(port, blocks)
+                        used = cpu_seconds(zdb.pid) - before
+                    finally:
+                        stop(zdb)
+                        shutil.rmtree(work / "append-data", ignore_errors=True)
+                        shutil.rmtree(work / "append-index", ignore_errors=True)
+                rates[side].append(rate)
+                cpus[side].append(used / gib)
+        item = Append(policy, statistics.median(rates["zdb"]), statistics.median(rates["dd"]),
+                      statistics.median(cpus["zdb"]), statistics.median(cpus["dd"]))
         out.append(item)
         print(f"1 MiB appends ({policy}): zdb {item.zdb / MIB:,.0f} MiB/s   "
-              f"dd {item.dd / MIB:,.0f} MiB/s   {item.ratio:.2f}x", flush=True)
+              f"dd {item.dd / MIB:,.0f} MiB/s   {item.ratio:.2f}x   CPU s/GiB zdb "
+              f"{item.zdb_cpu:.2f} dd {item.dd_cpu:.2f}   (zdb runs "
+              f"{[round(r / MIB) for r in rates['zdb']]}, dd runs "
+              f"{[round(r / MIB) for r in rates['dd']]} MiB/s)", flush=True)
     return out
 
 
@@ -334,22 +370,23 @@ def table(results: list[Result]) -> str:
     for r in results:
         verdict = "meets" if r.ratio >= r.target else "misses"
         lines.append(f"| -P {r.pipeline} | {r.test} | {r.zdb:,.0f} | {r.redis:,.0f} | "
-                     f"{r.ratio:.2f}x | {r.target:.2f}x | {verdict} | {r.zdb_cpu:.1f} | "
-                     f"{r.redis_cpu:.1f} | {r.pure:,.0f} | {r.zdb / r.pure:.2f}x |")
+                     f"{r.ratio:.2f}x | {r.target:.2f}x | {verdict} | {r.zdb_cpu:.2f} | "
+                     f"{r.redis_cpu:.2f} | {r.pure:,.0f} | {r.zdb / r.pure:.2f}x |")
     return "\n".join(lines)
 
 
 def many_table(results: list[Result]) -> str:
     lines = ["| pipeline | test | 1 file: ratio to redis | "
              f"--datasize {MANY_FILES_DATASIZE} ops/s | its ratio to redis | many / one file "
-             "| target | |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+             "| target | | CPU µs/req, 1 file / many (SET and GET) |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: |"]
     for r in results:
         rel = r.many_ratio / r.ratio if r.ratio else 0.0
         mark = verdict(rel, MANY_FILES_TARGET) if r.test == "GET" else ""
         target = f"{MANY_FILES_TARGET:.2f}x" if r.test == "GET" else ""
         lines.append(f"| -P {r.pipeline} | {r.test} | {r.ratio:.2f}x | {r.many:,.0f} | "
-                     f"{r.many_ratio:.2f}x | {rel:.2f}x | {target} | {mark} |")
+                     f"{r.many_ratio:.2f}x | {rel:.2f}x | {target} | {mark} | "
+                     f"{r.zdb_cpu:.2f} / {r.many_cpu:.2f} |")
     return "\n".join(lines)
 
 
@@ -366,12 +403,14 @@ def large_table(items: list[Large]) -> str:
 
 
 def append_table(items: list[Append]) -> str:
-    lines = ["| sync policy | zerostack zdb MiB/s | dd MiB/s | ratio | target | |",
-             "| --- | ---: | ---: | ---: | ---: | --- |"]
+    lines = ["| sync policy | zerostack zdb MiB/s | dd MiB/s | ratio | target | | "
+             "CPU s/GiB: zdb server / dd |",
+             "| --- | ---: | ---: | ---: | ---: | --- | ---: |"]
     names = {"os": "default (to the OS, no fsync) / dd", "sync": "--sync / dd oflag=dsync"}
     for a in items:
         lines.append(f"| {names[a.policy]} | {a.zdb / MIB:,.0f} | {a.dd / MIB:,.0f} | "
-                     f"{a.ratio:.2f}x | {APPEND_TARGET:.2f}x | {verdict(a.ratio, APPEND_TARGET)} |")
+                     f"{a.ratio:.2f}x | {APPEND_TARGET:.2f}x | {verdict(a.ratio, APPEND_TARGET)} | "
+                     f"{a.zdb_cpu:.2f} / {a.dd_cpu:.2f} |")
     return "\n".join(lines)
 
 
@@ -385,7 +424,9 @@ def write_docs(results: list[Result], large: list[Large], appends: list[Append],
         "`zerostack zdb` (fresh data directory, default durability: writes reach the OS before",
         "the reply, no fsync), against `redis-server --save \"\" --appendonly no`, and against",
         "the same zerostack sources without the native build (pure-Python), in the same run,",
-        f"alternating the servers; each figure is the best of {rounds} rounds.",
+        "alternating their order from one round to the next; each figure is the median of",
+        f"{rounds} rounds, and so is each CPU figure (the server process's user + system time",
+        "over the SET and GET runs, per request, from /proc).",
         "",
         f"Machine: {MACHINE} ({platform.python_implementation()} "
         f"{platform.python_version()}), shared with other test runs (load average "
@@ -396,11 +437,12 @@ def write_docs(results: list[Result], large: list[Large], appends: list[Append],
         "",
         f"The same load, in the same run, on a server started with `--datasize "
         f"{MANY_FILES_DATASIZE}`, so its data spans many files (target: GET ratio to redis",
-        f"at least {MANY_FILES_TARGET}x the single-file server's):",
+        f"at least {MANY_FILES_TARGET}x the single-file server's), with both servers' CPU time",
+        "per request, which the load of the machine moves far less than their ops/s:",
         "",
         many_table(results),
         "",
-        "Large values, against a fresh redis-server in the same run (best of "
+        "Large values, against a fresh redis-server in the same run (median of "
         f"{rounds} rounds): `redis-benchmark -c C -n N -d SIZE -t set|get -P {{1,16}} -r R`",
         f"with C = {LARGE_LOAD[KIB4][2]}, N = {LARGE_LOAD[KIB4][0]:,} for 4 KiB and "
         f"C = {LARGE_LOAD[MIB][2]}, N = {LARGE_LOAD[MIB][0]:,} for 1 MiB. SET runs draw keys",
@@ -413,47 +455,53 @@ def write_docs(results: list[Result], large: list[Large], appends: list[Append],
         "",
         "Sequential appends: one client (`bench/zdb_bench.py`'s own, 16 requests in flight,",
         "sent from one buffer: redis-benchmark itself tops out at a few hundred MiB/s with",
-        "values this large) SETs new 1 MiB values, against",
-        "`dd if=/dev/zero bs=1M` writing the same number of blocks into the same directory",
-        f"({APPENDS['os']:,} blocks; with `--sync`, {APPENDS['sync']} blocks and "
-        "`oflag=dsync`), best of",
-        f"{rounds} rounds each, each run from an empty directory after `sync`:",
+        "values this large) SETs new 1 MiB values into a fresh server, against",
+        f"`{' '.join(dd_command(Path('FILE'), APPENDS['os'], False))}` writing a new file in",
+        "the same directory: the same write size (the server hands each 1 MiB entry to the",
+        "OS in one `pwritev`, header and value together) and the same sync policy (neither",
+        "fsyncs; with `--sync` the server makes each write durable before its reply, and dd",
+        f"runs `{' '.join(dd_command(Path('FILE'), APPENDS['sync'], True))}`, each block",
+        f"durable before the next). {APPENDS['os']:,} blocks ({APPENDS['sync']} with",
+        f"`--sync`); median of {rounds} rounds, dd and the server taking turns to go first,",
+        "each run from an empty directory after `sync`. CPU: the server's (or dd's) user +",
+        "system time per GiB written.",
         "",
         append_table(appends),
         "",
-        "Reading these: with many files, GET reads an older file's entries through maps made",
-        "once per file (index at load, data on first read), so its cost does not depend on",
-        "the number of files; before that, each such GET looked up a cached descriptor by",
-        "path and made a pread (173-215k against 613-657k ops/s with one file, -P 16). A 1 MiB",
-        "append costs the server a receive, the parse, a copy into the write buffer, the CRC",
-        "and the write to the page cache; dd only the last. Under `--sync` the writes that",
-        "arrived together share one fsync of data and index before their replies (group",
-        "commit), where `dd oflag=dsync` makes each 1 MiB block durable on its own. The 1 MiB",
-        "rows of the large-value table are limited by redis-benchmark itself (redis-server",
-        "reaches only a few hundred MiB/s under it too).",
+        "Where the time goes (perf on this VM, Mon Nov 30 2026):",
         "",
-        "How `-P 1` reaches its target (measured on this VM on 2026-11-25 with perf and",
-        "/proc CPU counters): without pipelining, each request costs a server one read and",
-        "one write on a loopback TCP socket, 5-6.5 µs of kernel time per request in",
-        "redis-server and in ours alike. redis-server adds about 2.5 µs of user time; the",
-        "redis-benchmark client needs about 10 µs per request, so on two cores the client is",
-        "what limits redis-server (about 100k ops/s). With its request path interpreted, our",
-        "server spent about 9 µs of user time per request (15-17 µs in all: 0.58-0.66x),",
-        "half of its CPU in the interpreter. That path (parser, connection, GET and SET,",
-        "engine) is now compiled with mypyc from the same typed sources (see",
-        "[zdb.md](zdb.md#native-build)); it parses RESP in typed code and calls GET and SET",
-        "directly. Its user time is 5-6 µs per request, and the interpreter's share of the",
-        "server's CPU fell from 48% to about 25% (perf). Replies still leave once per",
-        "event-loop pass, after the engine flush: writing each one as soon as it was ready",
-        "woke the client once per reply, which cost 1.7x more CPU per GET in the pure-Python",
-        "build and lowered the native build's ratios too. The CPU columns are each server's",
-        "CPU time per request over",
-        "the SET and GET runs (lowest round); the pure-Python columns are the same sources",
-        "without the native build, run alongside.",
-        "With `-P 16` the system calls are shared by 16 requests, replies of a batch go out",
-        "in one write, and all connections served in one event-loop pass share one engine",
-        "flush; there the engine's SET path (CRC, two packed entries, the key index) is the",
-        "largest cost.",
+        "- `-P 16` GET: about half of the server's CPU is the GET itself, and most of that",
+        "  is waiting for memory: the key's slot in the key dictionary (22% of the server's",
+        "  samples), the index entry it points to (9%) and the value in the data map (9%) are",
+        "  three random reads over 100,000 keys. On this VM a random lookup in a",
+        "  100,000-key Python dict costs about 300 ns, against 90 ns in key order;",
+        "  redis-server's hash table pays the same kind of misses, in fewer, smaller objects.",
+        "  Replies of a batch are appended to one buffer (GET writes its reply straight",
+        "  into it) and leave in one write per connection and event-loop pass.",
+        "- Many files: GET reads an older file's entries through maps made once per file",
+        "  (index at load, data on first read), so its CPU time per request is that of the",
+        "  single-file server (see the CPU column); the ops/s ratio moves with the load of",
+        "  the machine between the two runs.",
+        "- 1 MiB appends: copying the data into the page cache is about half of the server's",
+        "  CPU, the same work dd does for the same bytes. On top, the server receives the",
+        "  value from a socket, checks its CRC and copies it once into a request argument",
+        "  (a value left unfinished by a read is gathered on its own, not re-copied with the",
+        "  whole stream tail), then writes header and value in one `pwritev` without copying",
+        "  it into the write buffer. The server keeps freed buffers of up to 16 MiB for",
+        "  reuse (glibc `mallopt`): without that, every 1 MiB buffer was mapped and unmapped",
+        "  again, about 1,000 page faults per 1 MiB SET + GET (15% of the CPU on appends).",
+        "  Under `--sync` the writes that arrived together share one fsync of data and index",
+        "  before their replies (group commit), where `dd oflag=dsync` makes each 1 MiB",
+        "  block durable on its own. The 1 MiB rows of the large-value table are limited by",
+        "  redis-benchmark itself (redis-server reaches only a few hundred MiB/s under it",
+        "  too).",
+        "- `-P 1`: each request costs a server one read and one write on a loopback TCP",
+        "  socket, 5-6.5 µs of kernel time in redis-server and in ours alike (measured on",
+        "  2026-11-25), and the redis-benchmark client about 10 µs, so on two cores the",
+        "  client limits both servers. The request path (parser, connection, GET and SET,",
+        "  engine) is compiled with mypyc from the same typed sources (see",
+        "  [zdb.md](zdb.md#native-build)); the pure-Python columns are the same sources",
+        "  without the native build, run alongside.",
         END,
     ])
     text = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
@@ -471,7 +519,7 @@ def write_docs(results: list[Result], large: list[Large], appends: list[Append],
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=200_000, help="redis-benchmark -n")
-    parser.add_argument("--rounds", type=int, default=2, help="runs per server, best kept")
+    parser.add_argument("--rounds", type=int, default=3, help="runs per server, median kept")
     parser.add_argument("--no-docs", action="store_true", help="do not update docs/benchmarks.md")
     args = parser.parse_args()
     for tool in ("redis-benchmark", "redis-server"):

@@ -178,3 +178,27 @@ def test_output_settings_are_checked(zdb_start: ZdbStarter, tmp_path: Path) -> N
     # a well-formed pair starts
     z = zdb_start("--client-output-pause", "128K", "--client-output-limit", "0")
     assert redis.Redis(port=z.port).ping()
+
+
+def minor_faults(pid: int) -> int:
+    """Minor page faults of a process so far (/proc/PID/stat, field 10)."""
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[7])
+
+
+def test_large_values_reuse_the_servers_buffers(zdb_start: ZdbStarter) -> None:
+    # Each 1 MiB value passes through buffers of its size (reads, the request, the reply).
+    # Fresh pages for each one cost 256+ page faults per MiB; reused buffers cost none.
+    z = zdb_start()
+    client = z.client()
+    for i in range(10):  # warm-up: the buffers exist once
+        assert client.execute_command("SET", b"w%d" % i, VALUE) == b"w%d" % i
+        assert client.execute_command("GET", b"w%d" % i) == VALUE
+    before = minor_faults(z.proc.pid)
+    rounds = 40
+    for i in range(rounds):
+        assert client.execute_command("SET", b"k%d" % i, VALUE) == b"k%d" % i
+        assert client.execute_command("GET", b"k%d" % i) == VALUE
+    faults = minor_faults(z.proc.pid) - before
+    # Measured: about 1,000 per SET+GET when the allocator handed each buffer back to the
+    # OS, 6 with the buffers reused (mapping the new values' pages for the GETs).
+    assert faults < rounds * 64, f"{faults} page faults for {rounds} SET+GET of 1 MiB"

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from zerostack.zdb.protocol import (
+    LARGE_ARG,
     MALFORMED,
     MALFORMED_ARG,
     MAX_ARG_SIZE,
@@ -233,6 +234,39 @@ def test_leading_zeros_are_refused(frame: bytes) -> None:
 def test_a_payload_must_end_with_crlf() -> None:
     for chunks in ([b"*1\r\n$1\r\naXY"], [b"*1\r\n$1\r\na\r", b"Y"], [b"*1\r\n$1\r\na", b"X\n"]):
         assert violation(chunks).message == MALFORMED_ARG
+
+
+def test_a_large_argument_cut_anywhere_gives_the_same_requests() -> None:
+    # A large argument left unfinished by a read is gathered on its own: cut before, in
+    # and after its header, inside its payload and inside its CRLF, with requests after it
+    # in the same read.
+    value = bytes(range(256)) * (LARGE_ARG // 256 + 3)
+    data = encode_request("SET", "k", value) + encode_request("GET", "k") * 2
+    head = data.index(value)
+    end = head + len(value)
+    cuts = [1, head - 3, head, head + 1, head + 4096, end - 1, end, end + 1, end + 2, end + 5]
+    want = [[b"SET", b"k", value], [b"GET", b"k"], [b"GET", b"k"]]
+    for cut in cuts:
+        assert feed_all([data[:cut], data[cut:]]) == want, cut
+    for a in cuts:
+        for b in cuts:
+            if a < b:
+                assert feed_all([data[:a], data[a:b], data[b:]]) == want, (a, b)
+    assert feed_all([data[i : i + 1000] for i in range(0, len(data), 1000)]) == want
+
+
+def test_a_large_argument_must_end_with_crlf() -> None:
+    value = b"v" * LARGE_ARG
+    frame = encode_request("SET", "k", value)
+    for bad in (frame[:-2] + b"XY", frame[:-1] + b"X", frame[:-2] + b"\n\r"):
+        for cut in (30, len(bad) - 2, len(bad) - 1):
+            assert violation([bad[:cut], bad[cut:]]).message == MALFORMED_ARG
+    # the request before the bad argument in the same read is still parsed
+    parser = new_parser()
+    assert parser.feed(encode_request("GET", "a") + frame[:100]) == [[b"GET", b"a"]]
+    with pytest.raises(ProtocolViolation) as info:
+        parser.feed(frame[100:-2] + b"XY")
+    assert info.value.message == MALFORMED_ARG
 
 
 def test_a_request_fed_in_small_pieces_is_parsed_in_linear_time() -> None:

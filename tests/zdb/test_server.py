@@ -15,6 +15,7 @@ import redis
 
 from tests.conftest import require_tool
 from tests.zdb.conftest import ZdbProcess, ZdbStarter
+from zerostack.zdb.protocol import encode_request
 
 
 def err(r: redis.Redis, *args: object) -> str:
@@ -482,3 +483,49 @@ def test_server_wide_modes(zdb_start: ZdbStarter) -> None:
     user = zdb_start("--mode", "user").client()
     assert user.execute_command("SET", "mykey", "v") == b"mykey"
     assert err(user, "SET", "", "v") == "Invalid argument, key needed"
+
+
+def test_pipelined_get_runs_answer_as_single_requests_do(zdb_start: ZdbStarter) -> None:
+    # Runs of GETs in a pipeline are served together (their key lookups made at once):
+    # every reply must still be the one the request gets on its own, in order, across
+    # runs cut by other commands, malformed GETs and the run length.
+    rnd = random.Random(7)
+    setup = [encode_request("SET", b"k%d" % i, b"v" * rnd.randint(0, 3000)) for i in range(40)]
+    one, pipelined = zdb_start(), zdb_start()  # the same state in both to begin with
+    raw(one.port, b"".join(setup))
+    raw(pipelined.port, b"".join(setup))
+    requests: list[bytes] = []
+    for _ in range(300):
+        pick = rnd.random()
+        if pick < 0.7:
+            requests.append(encode_request(rnd.choice(["GET", "get"]), b"k%d" % rnd.randrange(60)))
+        elif pick < 0.75:
+            requests.append(encode_request("GET", b""))
+        elif pick < 0.8:
+            requests.append(encode_request("GET", b"x" * 256))
+        elif pick < 0.85:
+            requests.append(encode_request("GET", "a", "b"))
+        elif pick < 0.9:
+            requests.append(encode_request("GeT", b"k1"))
+        else:
+            requests.append(encode_request("SET", b"k%d" % rnd.randrange(60), b"n" * rnd.randint(1, 99)))
+    alone = []
+    with socket.create_connection(("127.0.0.1", one.port), timeout=10) as s:
+        reader = s.makefile("rb")
+        for request in requests:
+            s.sendall(request)
+            alone.append(read_reply(reader))
+    with socket.create_connection(("127.0.0.1", pipelined.port), timeout=10) as s:
+        s.sendall(b"".join(requests))
+        reader = s.makefile("rb")
+        together = [read_reply(reader) for _ in requests]
+    assert together == alone
+    assert sum(r.startswith(b"$") and r != b"$-1\r\n" for r in together) > 100
+
+
+def read_reply(reader: object) -> bytes:
+    """One RESP2 reply (status, error, integer or bulk) as its raw bytes."""
+    line: bytes = reader.readline()  # type: ignore[attr-defined]
+    if line[:1] == b"$" and line[1:3] != b"-1":
+        return line + reader.read(int(line[1:-2]) + 2)  # type: ignore[attr-defined]
+    return line

@@ -27,6 +27,10 @@ PAYLOAD_TOO_BIG: Final = "Payload too big"
 # A header line (`*N` / `$N`) longer than this without its CRLF is not RESP.
 _MAX_HEADER: Final = 32
 
+# An argument at least this large that a read leaves unfinished is gathered on its own
+# (see RequestParser.feed), so its bytes are copied once on their way to a request.
+LARGE_ARG: Final = 64 * 1024
+
 OK: Final = b"+OK\r\n"
 PONG: Final = b"+PONG\r\n"
 NIL: Final = b"$-1\r\n"
@@ -61,14 +65,16 @@ def integer(value: int) -> bytes:
     return b":%d\r\n" % value
 
 
+CRLF: Final = b"\r\n"
+
 # `$N\r\n` for the sizes most replies have: concatenating beats formatting each time.
-_BULK_HEADS: Final = [b"$%d\r\n" % n for n in range(1024)]
+BULK_HEADS: Final = [b"$%d\r\n" % n for n in range(1024)]
 
 
 def bulk(value: bytes) -> bytes:
     n = len(value)
     if n < 1024:
-        return _BULK_HEADS[n] + value + b"\r\n"
+        return BULK_HEADS[n] + value + b"\r\n"
     return b"$%d\r\n%b\r\n" % (n, value)
 
 
@@ -116,7 +122,8 @@ class RequestParser:
     number of times however the stream is cut.
     """
 
-    __slots__ = ("_args", "_count", "_hiredis", "_need", "_pending")
+    __slots__ = ("_args", "_count", "_hiredis", "_large", "_large_fill", "_large_size", "_need",
+                 "_pending")
 
     def __init__(self, typed: bool | None = None) -> None:
         # Typed code parses in the native build; interpreted, hiredis is faster (None:
@@ -130,10 +137,32 @@ class RequestParser:
         # header is not read yet).
         self._args: list[bytes] = []
         self._count = -1
+        # A large argument cut by a read: a buffer for its payload and CRLF, its declared
+        # size and how much of it arrived. Its bytes go there directly, not via `_pending`.
+        self._large: bytearray | None = None
+        self._large_size = 0
+        self._large_fill = 0
 
     def feed(self, data: bytes) -> list[list[bytes]]:
         if self._hiredis is not None:
             return self._hiredis.feed(data)
+        pos = 0
+        large = self._large
+        if large is not None:
+            size = self._large_size
+            fill = self._large_fill
+            take = size + 2 - fill
+            if len(data) < take:
+                large[fill:fill + len(data)] = data
+                self._large_fill = fill + len(data)
+                return []
+            large[fill:] = memoryview(data)[:take]
+            if large[size] != 13 or large[size + 1] != 10:
+                raise ProtocolViolation(MALFORMED_ARG, [])
+            del large[size:]
+            self._args.append(bytes(large))
+            self._large = None
+            pos = take
         pending = self._pending
         if pending is not None:
             pending += data
@@ -143,7 +172,6 @@ class RequestParser:
         else:
             buf = data
         requests: list[list[bytes]] = []
-        pos = 0
         end = len(buf)
         args = self._args
         count = self._count
@@ -177,6 +205,17 @@ class RequestParser:
                     raise ProtocolViolation(PAYLOAD_TOO_BIG, requests)
                 stop = start + size
                 if stop + 2 > end:
+                    if size >= LARGE_ARG:
+                        # Gathered apart from here on, in a buffer of its final size: no
+                        # copy of the whole stream tail, no copy as it grows.
+                        large = bytearray(size + 2)
+                        large[:end - start] = memoryview(buf)[start:end]
+                        self._large = large
+                        self._large_size = size
+                        self._large_fill = end - start
+                        pos = end
+                        need = -1
+                        break
                     need = stop + 2
                     break
                 if buf[stop] != 13 or buf[stop + 1] != 10:
@@ -189,7 +228,7 @@ class RequestParser:
                 count = -1
         self._args = args
         self._count = count
-        if need == 0:
+        if need <= 0:
             self._pending = None
         else:
             self._pending = bytearray(memoryview(buf)[pos:])

@@ -14,7 +14,7 @@ from zerostack.zdb.commands.rules import (
 )
 from zerostack.zdb.commands.session import Session
 from zerostack.zdb.engine import ZdbError
-from zerostack.zdb.protocol import NIL, ONE, ZERO, bulk
+from zerostack.zdb.protocol import BULK_HEADS, CRLF, NIL, ONE, ZERO, bulk
 
 MISSING_ARGUMENTS: Final = b"-Missing arguments\r\n"
 REPLY_TOO_LARGE: Final = b"-Reply too large: ask for fewer keys at once\r\n"
@@ -44,6 +44,52 @@ def cmd_get(s: Session, args: list[bytes]) -> bytes:
     if value is None:
         return NIL
     return bulk(value)
+
+
+def reply_get(s: Session, args: list[bytes], out: bytearray) -> None:
+    """cmd_get with its reply appended to `out`, the batch's reply buffer: a pipelined
+    GET makes no reply object of its own (the server's batch loop calls this)."""
+    if len(args) != 2 or not 0 < len(args[1]) <= MAX_KEY_LENGTH:
+        out += _key(s, args) or INVALID_ARGUMENT
+        return
+    try:
+        value = s.ns.get(args[1])
+    except ZdbError as exc:
+        out += refusal(exc)
+        return
+    if value is None:
+        out += NIL
+        return
+    n = len(value)
+    out += BULK_HEADS[n] if n < 1024 else b"$%d\r\n" % n
+    out += value
+    out += CRLF
+
+
+GET_RUN: Final = 16
+"""Consecutive pipelined GETs served together (see reply_get_run)."""
+
+
+def reply_get_run(s: Session, keys: list[bytes], out: bytearray, budget: int) -> int:
+    """GET of each of `keys` (each 1 to MAX_KEY_LENGTH bytes), the replies appended to
+    `out`; returns how many were answered, fewer than asked once the replies passed
+    `budget` bytes (the caller holds the rest). Their key lookups are made together."""
+    try:
+        values = s.ns.get_many(keys, budget)
+    except ZdbError as exc:
+        reply = refusal(exc)
+        for _ in keys:
+            out += reply
+        return len(keys)
+    for value in values:
+        if value is None:
+            out += NIL
+            continue
+        n = len(value)
+        out += BULK_HEADS[n] if n < 1024 else b"$%d\r\n" % n
+        out += value
+        out += CRLF
+    return len(values)
 
 
 def cmd_mget(s: Session, args: list[bytes]) -> bytes:

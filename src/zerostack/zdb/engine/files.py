@@ -115,6 +115,36 @@ class AppendFile:
             self.disk_size += done
             del buf[:done]
 
+    def write_out_with(self, tail: bytes) -> None:
+        """write_out() with `tail` appended after the buffered bytes, in one system call:
+        a large value reaches the OS without being copied into the buffer first.
+
+        If the OS takes only part of it and then fails, what it did not take stays
+        buffered, as with write_out(), so the file never holds a torn entry in its middle.
+        """
+        buf = self.buf
+        head = len(buf)
+        total = head + len(tail)
+        done = 0
+        view = memoryview(buf)
+        rest = memoryview(tail)
+        try:
+            while done < total:
+                # (the slices live only for the call: the buffer is resized below)
+                done += os.pwritev(self.fd, [view[done:], rest] if done < head
+                                   else [rest[done - head:]], self.disk_size + done)
+        finally:
+            view.release()
+            self.disk_size += done
+            if done < head:
+                del buf[:done]
+                buf += tail
+            else:
+                buf.clear()
+                if done < total:
+                    buf += rest[done - head:]
+            rest.release()
+
     def fsync(self) -> None:
         os.fsync(self.fd)
 

@@ -40,6 +40,9 @@ _now: Final = time.time
 # entry header + key in one pack() call, one struct per key length
 _IDX_WITH_KEY: Final = [struct.Struct(f"<BIIIBIIIII{n}s").pack for n in range(MAX_KEY + 1)]
 _DAT_WITH_KEY: Final = [struct.Struct(f"<BIIIBI{n}s").pack for n in range(MAX_KEY + 1)]
+# A value at least this large goes to the OS at once, behind what is buffered, in one
+# pwritev: copying it into the data tail would cost more than the system call.
+DIRECT_WRITE: Final = 128 * 1024
 
 
 class NamespaceWrites(NamespaceReads):
@@ -96,8 +99,12 @@ class NamespaceWrites(NamespaceReads):
             dbuf = d.buf
             doff = d.disk_size + len(dbuf)
         dbuf += _DAT_WITH_KEY[kl](kl, vl, self._data_prev, crc, 0, ts, key)
-        dbuf += value
         self._data_prev = doff
+        if vl >= DIRECT_WRITE:
+            # Data reaches the OS before its index entry, as in write_out().
+            d.write_out_with(value)
+        else:
+            dbuf += value
         ix = self._index
         ibuf = ix.buf
         fid = ix.fileid
