@@ -116,3 +116,41 @@ def test_a_refused_part_is_reported_with_the_nodes_reason_and_moved(
         assert moved["node"] == big
         assert grid.wait_contract(moved["contract"], {"deployed"})["state"] == "deployed"
         assert grid.wait_contract(part["contract"], {"deleted"})["state"] == "deleted"
+
+
+def test_the_budget_stakeholder_signs_only_within_its_monthly_cap(
+        procs: ProcessGroup, tmp_path: Path) -> None:
+    from zerostack.ledger import LedgerError
+
+    grid = Grid(procs, tmp_path, "--dev-faucet")
+    for i in range(3):
+        grid.ready_node(f"n{i}", "--dry")
+    expert, _ = grid.user()
+    user, _ = grid.user()
+    legal, legal_twin = grid.user()
+    budget, budget_twin = grid.user()
+    grid.client.faucet(user, 10**12)
+    text = (EXAMPLES / "archive.yaml").read_text() + STAKEHOLDERS
+    with grid.bot(expert) as bot:
+        thash = sol.publish(bot, load_text(text))
+    with grid.bot(user) as bot:
+        template, _ = sol.load_template(bot, "archive")
+        d = sol.draft(bot, template, {"size": "3M"},
+                      {"legal": legal_twin, "budget": budget_twin}, thash)
+        sid = sol.create(bot, d)
+    with ThreeBot(grid.url, budget) as bb:
+        r = sol.review(bb, sid)
+        assert r.per_month > 0
+        with pytest.raises(BotError, match="over your --max-cost"):
+            sol.approve(bb, sid, max_cost=r.per_month - 1)
+        # the ledger holds the cap itself: an approval naming a lower one is refused
+        with pytest.raises(LedgerError, match="per month, over the"):
+            bb.ledger.approve_solution(budget, sid, r.parts, max_cost=r.per_month - 1)
+        assert grid.client.solution(sid)["approvals"].keys() == {str(r.owner)}
+        sol.approve(bb, sid, max_cost=r.per_month)
+    with ThreeBot(grid.url, legal) as lb:
+        sol.approve(lb, sid)
+    found = grid.client.solution(sid)
+    assert found["max_cost"] == {str(budget_twin): r.per_month}
+    assert {grid.client.contract(p["contract"])["state"] for p in found["parts"]} <= {
+        "approved", "deployed"}

@@ -144,7 +144,9 @@ def seed(ledger: Ledger) -> SmallGrid:
             body_hash=ids2["body_hash"], capacity={"cru": 4, "mru": 8 * GiB},
             metadata="shared database <b>not bold</b>")
         client.publish_template(g.ids["carol"], "wordpress", {
-            "parameters": {"domain": {"type": "string"}, "memory": {"type": "integer"}},
+            "parameters": {"domain": {"type": "string"}, "memory": {"type": "integer"},
+                           "theme": {"type": "string", "default": "plain"}},
+            "stakeholders": [{"role": "legal", "required": True}, {"role": "design"}],
             "workloads": []}, version="1.0", description="A blog with its database")
     return g
 

@@ -250,10 +250,13 @@ def test_templates_tab_lists_the_catalogue(world: tuple[Ledger, SmallGrid, Any],
     ledger, g, _ = world
     open_page(page, ledger.url, "templates", "#templates tbody tr")
     assert page.is_visible("#tab-templates")
-    name, version, description, params, author = rows(page, "#templates")[0][:5]
+    name, version, description, params, author, _, _, line = rows(page, "#templates")[0][:8]
     assert (name, version, description, params, author) == (
-        "wordpress", "1.0", "A blog with its database", "domain, memory",
+        "wordpress", "1.0", "A blog with its database", "domain, memory, theme",
         f"twin {g.twins['carol']}")
+    # the line that deploys it: the parameters without a default and the required roles
+    assert line == ("zerostack deploy wordpress -p domain=STRING -p memory=INTEGER "
+                    "--stakeholder legal=TWIN")
 
 
 def test_a_new_contract_appears_without_a_reload(world: tuple[Ledger, SmallGrid, Any],

@@ -96,3 +96,42 @@ def test_a_cancelled_part_blocks_the_rest() -> None:
     w.ok(owner, "contract.cancel", cancel_vote(w, owner, cids[1]))
     assert "can no longer be approved" in reason(w.send(owner, "solution.approve", {
         "solution": sid, "signature": sign(w, owner, sid)}), "state")
+
+
+def test_a_budget_cap_on_the_approval_bounds_the_solution_and_its_later_versions() -> None:
+    from tests.ledger.test_billing import policy
+    from tests.ledger.test_state import update
+    from zerostack.ledger.pricing import monthly
+    from zerostack.ledger.state import solution_price
+
+    w, owner, legal, budget, _nodes, req = world(0)
+    assert w.govern(policy()) is not None and w.state.policy is not None
+    farm = w.farm(owner, "priced")
+    nodes = [w.node(farm)[0] for _ in range(2)]
+    cids = [create(w, owner, n, req, n=i, approve=False, capacity={"cru": 1, "mru": 1 << 30})
+            for i, n in enumerate(nodes)]
+    sid = int(w.ok(owner, "solution.create", {"contracts": cids})["solution"])
+    price = solution_price(w.state, w.state.solutions[sid])
+    c = w.state.contracts[cids[0]]
+    assert c.billing is not None
+    assert price == 2 * monthly(c.billing.prices, {"cru": 1, "mru": 1 << 30}) > 0
+    # a cap under the price: refused, nothing recorded
+    before = w.state.solutions
+    assert f"costs {price} per month, over the {price - 1}" in reason(w.send(
+        budget, "solution.approve", {"solution": sid, "signature": sign(w, budget, sid),
+                                     "max_cost": price - 1}), "invalid")
+    assert w.state.solutions == before
+    # the exact price is within the cap: the approval names it
+    for twin, cap in ((owner, None), (legal, None), (budget, price)):
+        payload = {"solution": sid, "signature": sign(w, twin, sid)}
+        if cap is not None:
+            payload["max_cost"] = cap
+        receipt = w.ok(twin, "solution.approve", payload)
+    assert {p["state"] for p in receipt["parts"]} == {APPROVED}
+    assert w.state.solutions[sid].to_dict()["max_cost"] == {str(budget): price}
+    # a later version of a part that costs more is refused; one that costs the same is not
+    assert f"over the {price} twin {budget} approved" in reason(w.send(
+        owner, "contract.update", update(w, owner, cids[0], 5, capacity={
+            "cru": 2, "mru": 1 << 30})), "invalid")
+    w.ok(owner, "contract.update", update(w, owner, cids[0], 6, capacity={
+        "cru": 1, "mru": 1 << 30}))

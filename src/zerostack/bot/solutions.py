@@ -29,7 +29,7 @@ from zerostack.contracts import (
     place,
 )
 from zerostack.crypto import SignatureRequirement, hash_hex
-from zerostack.ledger.pricing import Prices
+from zerostack.ledger.pricing import Prices, monthly
 from zerostack.workloads import (
     ContainerWorkload,
     Deployment,
@@ -317,6 +317,9 @@ class SolutionReview:
     parts: list[tuple[int, int, int, str]]
     deployments: dict[int, Deployment]
     signed: frozenset[int]
+    per_month: int = 0
+    """What the solution costs per month: each part's capacity at the prices its contract
+    was created with (what the ledger holds a budget cap against)."""
 
 
 @_as_bot_error
@@ -331,9 +334,14 @@ def review(bot: ThreeBot, sid: int) -> SolutionReview:
     if me not in req.keys().values() and int(sol["owner"]) != bot.twin_id(register=False):
         raise BotError(f"you are not a stakeholder of solution {sid}")
     parts, deps = [], {}
+    per_month = 0
     for p in sol["parts"]:
         cid = int(p["contract"])
         c = bot.contract(cid)
+        billing = c.get("billing")
+        if billing:
+            per_month += monthly(billing["prices"], c["capacity"], int(billing["ipv4"]),
+                                 int(billing["names"]))
         try:
             dep = open_instructions(bot.identity, c["instructions"]).deployment
         except WorkloadError as exc:
@@ -348,13 +356,20 @@ def review(bot: ThreeBot, sid: int) -> SolutionReview:
         parts.append((cid, int(p["version"]), int(p["node"]), h))
         deps[cid] = dep
     return SolutionReview(sid, int(sol["owner"]), parts, deps,
-                          frozenset(int(t) for t in sol.get("approvals") or {}))
+                          frozenset(int(t) for t in sol.get("approvals") or {}), per_month)
 
 
 @_as_bot_error
-def approve(bot: ThreeBot, sid: int) -> dict[str, Any]:
+def approve(bot: ThreeBot, sid: int, max_cost: int | None = None) -> dict[str, Any]:
+    """Review solution `sid` and sign it. With `max_cost` (per month, base units): refuse
+    to sign when it costs more, and name the cap in the approval, so the ledger refuses
+    it too and refuses a later version of a part that would take the solution over it."""
     r = review(bot, sid)
-    return dict(bot.ledger.approve_solution(bot.identity, sid, r.parts)["receipt"])
+    if max_cost is not None and r.per_month > max_cost:
+        raise BotError(f"solution {sid} costs {r.per_month} per month, over your "
+                       f"--max-cost {max_cost}: not signed")
+    return dict(bot.ledger.approve_solution(bot.identity, sid, r.parts,
+                                            max_cost=max_cost)["receipt"])
 
 
 @_as_bot_error

@@ -38,6 +38,12 @@ def _record(directory: Path) -> dict[str, Any]:
     return data
 
 
+def _holds_grid(directory: Path) -> bool:
+    """Whether `directory` holds what `zerostack up` made (a record, or a ledger)."""
+    return any((directory / name).exists()
+               for name in (RECORD, "ledger.db", "ledger-cluster", "grid.pids"))
+
+
 def bring_up(grid: LocalGrid, nodes: int,
              hub_port: int) -> tuple[str, str, Identity, dict[str, int]]:
     """Start the ledger, the hub with the example image and `nodes` nodes on `grid`;
@@ -65,9 +71,14 @@ def up(
     ledger_port: int = typer.Option(7700, "--ledger-port", help="The ledger's HTTP port."),
     zdb_port: int = typer.Option(9901, "--zdb-port", help="First node's Zero-DB port."),
     hub_port: int = typer.Option(9890, "--hub-port", help="The hub's Zero-DB port."),
-    netns: bool = typer.Option(os.geteuid() == 0, "--netns/--loopback",
-                               help="Each node on a host of its own (network namespaces; "
-                                    "root; the default as root) or all on loopback."),
+    netns: bool | None = typer.Option(None, "--netns/--loopback",
+                                      help="Each node on a host of its own (network "
+                                           "namespaces; root; the default as root without "
+                                           "--ledger-replicas) or all on loopback."),
+    ledger_replicas: int = typer.Option(0, "--ledger-replicas", min=0, max=16,
+                                        help="Run the ledger as a cluster: an etcd cluster "
+                                             "and N replicas on --ledger-port and the next "
+                                             "ports (on loopback; 0: one ledger process)."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Start a local grid and leave it running: ledger, hub, nodes, demo identities."""
@@ -79,13 +90,16 @@ def up(
         fail("gateway nodes come with the Zero-GW work: run `zerostack up` with --gateways 0")
     if directory.is_symlink():
         fail(f"{directory} is a symbolic link; give the folder itself as --dir")
-    if directory.exists() and any(directory.iterdir()) and \
-            not (directory / "ledger.db").exists():
+    if directory.exists() and any(directory.iterdir()) and not _holds_grid(directory):
         fail(f"{directory} is not empty and holds no grid; pick another --dir")
+    if netns is None:
+        netns = os.geteuid() == 0 and not ledger_replicas
     if netns and os.geteuid() != 0:
         fail("--netns makes network namespaces: run as root, or pass --loopback")
+    if netns and ledger_replicas:
+        fail("--ledger-replicas runs the replicas on 127.0.0.1: pass --loopback as well")
     grid = LocalGrid(directory.resolve(), ledger_port=ledger_port, zdb_base_port=zdb_port,
-                     netns=netns)
+                     netns=netns, ledger_replicas=ledger_replicas)
     try:
         grid.reset()
         hub, image, publisher, twins = bring_up(grid, nodes, hub_port)
@@ -96,6 +110,8 @@ def up(
             pass
         fail(str(exc))
     record = {"url": grid.url, "home": str(grid.home), "netns": netns, "hub": hub,
+              "ledger_replicas": ledger_replicas,
+              "etcd": grid.cluster.etcd_urls if grid.cluster else [],
               "image": image, "publisher": publisher.public_hex, "twins": twins,
               "nodes": [{"name": n.name, "node": n.node_id, "address": n.address,
                          "zdb_port": n.zdb_port,
@@ -107,7 +123,9 @@ def up(
     if json_out:
         print_json(record)
         return
-    console.print(styled(("grid up", "bold"), f": ledger {grid.url}, {nodes} nodes "
+    ledger = (f"ledger cluster of {ledger_replicas} replicas {grid.url}" if ledger_replicas
+              else f"ledger {grid.url}")
+    console.print(styled(("grid up", "bold"), f": {ledger}, {nodes} nodes "
                          f"({', '.join(COUNTRIES[:min(nodes, 2)])}), hub {hub}"),
                   highlight=False)
     console.print(f"example image: {image}\nidentities: "
@@ -118,6 +136,8 @@ def up(
                   f"--stakeholder budget={twins['budget']} -i alice\n"
                   f"  zerostack grid status --dir {directory}    zerostack down --dir "
                   f"{directory}", highlight=False)
+    if ledger_replicas:
+        console.print(f"  zerostack ledger status --ledger {grid.url}", highlight=False)
 
 
 def down(directory: Path = DIR) -> None:
@@ -125,7 +145,7 @@ def down(directory: Path = DIR) -> None:
     namespaces and links) and delete the folder."""
     from zerostack.grid import GridError, LocalGrid
 
-    if not (directory / RECORD).exists() and not (directory / "ledger.db").exists():
+    if not _holds_grid(directory):
         fail(f"no grid in {directory}")
     try:
         LocalGrid(directory.resolve()).reset()

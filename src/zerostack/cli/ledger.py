@@ -112,8 +112,6 @@ def serve(
 
         if validator_key is None:
             fail("--etcd needs --validator-key FILE")
-        if policy is not None:
-            fail("--policy and --dev-faucet are not supported with --etcd yet")
         try:
             operator = load_identity(validator_key)
             etcd_log = EtcdLog(etcd, cluster)

@@ -24,15 +24,22 @@ def up(
     replicas: int = typer.Option(3, "--replicas", min=1, max=16, help="Ledger replicas."),
     etcd_members: int = typer.Option(3, "--etcd-members", min=1, max=7, help="etcd members."),
     name: str = typer.Option("default", "--cluster", help="The cluster's name in etcd."),
+    dev_faucet: bool = typer.Option(False, "--dev-faucet", help="A development grid: anyone "
+                                    "may mint money with `zerostack faucet` (fixed by the "
+                                    "cluster's first pricing policy)."),
+    policy_file: Path = typer.Option(None, "--policy", help="JSON pricing policy the cluster "
+                                     "starts with (docs/billing.md); with --dev-faucet "
+                                     "alone: the development prices."),
     json_out: bool = typer.Option(False, "--json", help="Print the cluster as JSON."),
 ) -> None:
     """Start an etcd cluster and ledger replicas on 127.0.0.1; stop them on Ctrl-C/SIGTERM."""
+    from zerostack.cli.ledger import _policy
     from zerostack.ledger.cluster import start_cluster
     from zerostack.ledger.errors import LedgerError
 
     try:
         cluster = start_cluster(directory, replicas=replicas, etcd_members=etcd_members,
-                                name=name)
+                                name=name, policy=_policy(policy_file, dev_faucet))
     except (LedgerError, OSError) as exc:
         fail(escape(f"cannot start the ledger cluster: {exc}"))
     stopping = False

@@ -332,6 +332,11 @@ def status(solution: int = typer.Argument(..., help="Solution id."),
 @solution_app.command("approve")
 def approve(solution: int = typer.Argument(..., help="Solution id."),
             yes: bool = typer.Option(False, "--yes", "-y", help="Sign without asking."),
+            max_cost: int | None = typer.Option(None, "--max-cost", min=1, help="The most "
+                                                "the solution may cost per month, in base "
+                                                "units: over it, nothing is signed; the "
+                                                "approval names it, so the ledger refuses a "
+                                                "later version of a part costing more."),
             ledger: str = LEDGER, identity: str = IDENTITY, json_out: bool = JSON,
             ledger_key: str | None = LEDGER_KEY) -> None:
     """Read every part sealed to you, recompute its hash, and sign them all at once."""
@@ -347,12 +352,17 @@ def approve(solution: int = typer.Argument(..., help="Solution id."),
                 console.print(f"part contract {cid} on node {node}: "
                               + ", ".join(f"{w['type']} {w['name']}" for w in s["workloads"]),
                               highlight=False)
+            cap = "" if max_cost is None else f" (your cap: {max_cost})"
+            console.print(f"price: {r.per_month} per month{cap}", highlight=False)
+        if max_cost is not None and r.per_month > max_cost:
+            fail(f"solution {solution} costs {r.per_month} per month, over --max-cost "
+                 f"{max_cost}: not signed")
         if not yes and not sys.stdin.isatty():
             fail("no terminal to confirm on: read the parts above and pass --yes to sign")
         if not yes and not typer.confirm(f"approve all {len(r.parts)} parts of solution "
                                          f"{solution}?"):
             fail("not approved")
-        receipt = solutions.approve(bot, solution)
+        receipt = solutions.approve(bot, solution, max_cost)
     if json_out:
         print_json(receipt)
     else:

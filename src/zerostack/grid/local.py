@@ -27,7 +27,8 @@ from zerostack.grid import hosts
 from zerostack.grid.errors import GridError
 from zerostack.grid.teardown import release, remove_tree
 from zerostack.grid.topology import Host, Topology, new_grid_id
-from zerostack.ledger import LedgerClient
+from zerostack.ledger import LedgerClient, LedgerError
+from zerostack.ledger.cluster import MAX_REPLICAS, LedgerCluster, start_cluster
 
 PIDS = "grid.pids"
 STOP_WAIT = 10.0
@@ -120,9 +121,17 @@ class LocalGrid:
     _procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     _logs: list[IO[bytes]] = field(default_factory=list)
     farm: int = 0
+    ledger_replicas: int = 0
+    """0: one ledger process; N: an etcd cluster and N ledger replicas (`start_cluster`),
+    on ports `ledger_port` to `ledger_port + N - 1` (loopback only)."""
+    cluster: LedgerCluster | None = None
 
     @property
     def url(self) -> str:
+        """The ledger's URL; with replicas, every replica's URL, comma-separated."""
+        if self.ledger_replicas:
+            return ",".join(f"http://127.0.0.1:{self.ledger_port + i}"
+                            for i in range(self.ledger_replicas))
         return f"http://127.0.0.1:{self.ledger_port}"
 
     @property
@@ -136,6 +145,12 @@ class LocalGrid:
     def home(self) -> Path:
         return self.root / "home"
 
+    def _track(self, name: str, proc: subprocess.Popen[bytes]) -> None:
+        """Stop `proc` with the grid, and list it in grid.pids for a later reclaim()."""
+        self._procs.append(proc)
+        with open(self.root / PIDS, "a") as f:
+            f.write(f"{proc.pid} {_start_time(proc.pid)} {name}\n")
+
     def _start(self, name: str, args: list[str], netns: str | None = None,
                pass_fds: tuple[int, ...] = ()) -> subprocess.Popen[bytes]:
         log = open(self.root / f"{name}.log", "ab")  # noqa: SIM115 - closed in stop()
@@ -143,9 +158,7 @@ class LocalGrid:
         proc = subprocess.Popen([*_cli(), *args], stdout=log, stderr=log,
                                 start_new_session=True, pass_fds=pass_fds,
                                 preexec_fn=hosts.preexec(netns) if netns else None)
-        self._procs.append(proc)
-        with open(self.root / PIDS, "a") as f:
-            f.write(f"{proc.pid} {_start_time(proc.pid)} {name}\n")
+        self._track(name, proc)
         return proc
 
     def log_tail(self, name: str) -> str:
@@ -208,9 +221,45 @@ class LocalGrid:
 
     def start_ledger(self) -> LedgerClient:
         self.reclaim()
-        if _port_open(self.ledger_port):
-            raise GridError(f"port {self.ledger_port} is taken: is another grid running?")
+        for port in range(self.ledger_port, self.ledger_port + max(1, self.ledger_replicas)):
+            if _port_open(port):
+                raise GridError(f"port {port} is taken: is another grid running?")
         self.root.mkdir(parents=True, exist_ok=True)
+        if self.ledger_replicas:
+            self._start_cluster()
+        else:
+            self._start_single()
+        client = LedgerClient(self.url)
+        farmer = self.identity("farmer")
+        client.register_twin(farmer)
+        self.farm = client.create_farm(farmer, "demo-farm")
+        return client
+
+    def _start_cluster(self) -> None:
+        """An etcd cluster (3 members, 1 for fewer than 3 replicas) and the replicas, in
+        `<root>/ledger-cluster`; their processes stop with the grid like the others."""
+        if self.netns:
+            raise GridError("a grid with ledger replicas runs its nodes on loopback: the "
+                            "replicas listen on 127.0.0.1 only")
+        if not 1 <= self.ledger_replicas <= MAX_REPLICAS:
+            raise GridError(f"1 to {MAX_REPLICAS} ledger replicas")
+        try:
+            cluster = start_cluster(
+                self.root / "ledger-cluster", replicas=self.ledger_replicas,
+                etcd_members=3 if self.ledger_replicas >= 3 else 1,
+                ports=[self.ledger_port + i for i in range(self.ledger_replicas)])
+        except LedgerError as exc:
+            raise GridError(f"the ledger cluster did not start: {exc}") from exc
+        self.cluster = cluster
+        # etcd first in the list: stop() signals in reverse, so the replicas stop first
+        for m in cluster.members:
+            assert m.proc is not None
+            self._track(f"ledger-{m.name}", m.proc)
+        for r in cluster.replicas:
+            assert r.proc is not None
+            self._track(f"ledger-replica-{r.index}", r.proc)
+
+    def _start_single(self) -> None:
         args = ["ledger", "serve", "--db", str(self.root / "ledger.db"),
                 "--listen", f"127.0.0.1:{self.ledger_port}"]
         wan: list[socket.socket] = []
@@ -223,11 +272,6 @@ class LocalGrid:
             for s in wan:
                 s.close()  # the ledger holds its own copies
         self._wait("the ledger", "ledger", proc, lambda: _port_open(self.ledger_port))
-        client = LedgerClient(self.url)
-        farmer = self.identity("farmer")
-        client.register_twin(farmer)
-        self.farm = client.create_farm(farmer, "demo-farm")
-        return client
 
     def on_wan(self) -> contextlib.AbstractContextManager[None]:
         """A block whose new sockets are on the grid's WAN (in the router's namespace),
@@ -336,6 +380,7 @@ class LocalGrid:
             raise GridError("the grid stopped, but these stay: " + "; ".join(problems))
         (self.root / PIDS).unlink(missing_ok=True)
         self.topology = None
+        self.cluster = None
 
     def __enter__(self) -> LocalGrid:
         return self

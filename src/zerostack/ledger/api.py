@@ -154,7 +154,7 @@ def create_app(
         if etcd is not None:  # a replica of a cluster ordered by etcd (ledger/replica.py)
             from zerostack.ledger.replica import ReplicaService
 
-            service = ReplicaService(blocklog, operator, etcd, clock=clock)
+            service = ReplicaService(blocklog, operator, etcd, clock=clock, policy=policy)
         else:
             service = LedgerService(blocklog, operator, clock=clock,
                                     block_interval=block_interval, policy=policy)

@@ -513,11 +513,15 @@ class LedgerClient(_Queries[Obj | None, list[Obj], Obj]):
         return int(self.send(identity, "solution.create", payload)["receipt"]["solution"])
 
     def approve_solution(self, identity: Identity, solution: int,
-                         parts: list[tuple[int, int, int, str]]) -> dict[str, Any]:
+                         parts: list[tuple[int, int, int, str]],
+                         max_cost: int | None = None) -> dict[str, Any]:
         """Approve every part of `solution` at once; `parts` is what this side checked
-        (contract, version, node, deployment hash): the signature covers exactly them."""
+        (contract, version, node, deployment hash): the signature covers exactly them.
+        `max_cost`: the most the solution may cost per month (the ledger refuses the
+        approval over it, and later versions of its parts that would go over it)."""
         sig = identity.sign(Domain.SOLUTION_APPROVAL, solution_digest(solution, parts)).hex()
-        return self.send(identity, "solution.approve", {"solution": solution, "signature": sig})
+        return self.send(identity, "solution.approve", _drop_none(
+            {"solution": solution, "signature": sig, "max_cost": max_cost}))
 
     def approve(self, identity: Identity, contract: int, deployment_hash: str, *,
                 version: int | None = None, node: int | None = None) -> dict[str, Any]:

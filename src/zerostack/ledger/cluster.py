@@ -93,6 +93,8 @@ class LedgerCluster:
     name: str
     members: list[EtcdMember] = field(default_factory=list)
     replicas: list[Replica] = field(default_factory=list)
+    policy_file: Path | None = None
+    """The first pricing policy, given to the governing key's replica (replica 0)."""
 
     @property
     def etcd_urls(self) -> list[str]:
@@ -145,6 +147,8 @@ class LedgerCluster:
                 "--db", str(replica.db), "--listen", f"127.0.0.1:{replica.port}",
                 "--etcd", ",".join(self.etcd_urls), "--validator-key", str(replica.key_file),
                 "--cluster", self.name]
+        if self.policy_file is not None and replica.index == 0:
+            args += ["--policy", str(self.policy_file)]
         replica.proc = subprocess.Popen(args, stdout=log, stderr=log, start_new_session=True)
         log.close()
 
@@ -202,15 +206,25 @@ def _terminate(proc: subprocess.Popen[bytes] | None) -> None:
 
 def start_cluster(directory: Path, *, replicas: int = 3, etcd_members: int = 3,
                   name: str = "default", ports: Sequence[int] | None = None,
-                  timeout: float = 60.0) -> LedgerCluster:
+                  timeout: float = 60.0, policy: dict[str, Any] | None = None,
+                  ) -> LedgerCluster:
     """Start `etcd_members` etcd processes and `replicas` ledger replicas on 127.0.0.1,
     with their state under `directory`; write the cluster's genesis (the replicas' keys
     are the validators) unless etcd has one. `ports`: the replicas' HTTP ports (default:
-    free ones). On any failure everything started is stopped. Call `.stop()` when done."""
+    free ones). `policy`: the cluster's first pricing policy (with `"dev_faucet": true`
+    for a development grid), which replica 0, the governing key's, submits through etcd
+    once it runs; a cluster that has one keeps it. On any failure everything started is
+    stopped. Call `.stop()` when done."""
     if not 1 <= replicas <= MAX_REPLICAS or not 1 <= etcd_members <= 7:
         raise LedgerError(f"1 to {MAX_REPLICAS} replicas and 1 to 7 etcd members")
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     cluster = LedgerCluster(directory, name)
+    if policy is not None:
+        cluster.policy_file = directory / "policy.json"
+        fd = os.open(cluster.policy_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW,
+                     0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(policy, f)
     try:
         for i in range(etcd_members):
             cluster.members.append(EtcdMember(f"etcd-{i}", directory / f"etcd-{i}",

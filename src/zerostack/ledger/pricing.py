@@ -143,6 +143,14 @@ def cost(prices: Prices | Mapping[str, int], reserved: Mapping[str, int],
     return min(MAX_INT, sum(amounts(p, usage(units_of(reserved), hours * HOUR), 0).values()))
 
 
+def monthly(prices: Prices | Mapping[str, int], capacity: Mapping[str, int], ipv4: int = 0,
+            names: int = 0) -> int:
+    """What a contract reserving `capacity` ({cru, mru, sru, hru}) with `ipv4` public
+    addresses and `names` gateway names costs per month (730 h) at `prices`: the figure a
+    budget cap (`solution approve --max-cost`) is held against."""
+    return cost(prices, {**capacity, "ipv4": ipv4, "names": names}, HOURS_PER_MONTH)
+
+
 @dataclass(frozen=True, slots=True)
 class Offer:
     """One node that can take a deployment, and what the deployment would cost there."""

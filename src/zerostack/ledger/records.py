@@ -412,9 +412,11 @@ class Solution:
     metadata: str
     created: int
     approvals: Map[int, str] = field(default_factory=Map)  # twin -> solution approval
+    caps: Map[int, int] = field(default_factory=Map)  # twin -> the max_cost it approved with
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            "max_cost": {str(k): v for k, v in sorted(self.caps.items())},
             "id": self.id,
             "owner": self.owner,
             "parts": [{"contract": c, "version": v, "node": n, "deployment_hash": h}

@@ -51,7 +51,7 @@ from zerostack.ledger.records import genesis
 from zerostack.ledger.service import LedgerService, _encodable, _verify_chunk
 from zerostack.ledger.state import Receipt, State, apply_with_receipt, sender_key, tick
 from zerostack.ledger.store import BlockLog
-from zerostack.ledger.tx import Tx, parse_tx
+from zerostack.ledger.tx import Tx, parse_tx, sign_tx
 from zerostack.ledger.validators import is_final, quorum, signed_by
 
 log = logging.getLogger("zerostack.ledger.replica")
@@ -134,10 +134,21 @@ class ReplicaService(LedgerService):
 
     def __init__(self, blocklog: BlockLog, identity: Identity, etcd: EtcdLog,
                  *, clock: Callable[[], float] = _time.time, verify_threads: int | None = None,
-                 wait_genesis: float = 30.0) -> None:
+                 wait_genesis: float = 30.0, policy: dict[str, Any] | None = None) -> None:
         self.etcd = etcd
         self.identity = identity
         self.genesis = self._read_genesis(etcd, wait_genesis)
+        if policy is not None:
+            if identity.public_hex != self.genesis.governor:
+                raise LedgerError(
+                    "--policy/--dev-faucet: only the replica of the governing key (the "
+                    f"cluster's first validator, {self.genesis.governor[:16]}…) submits the "
+                    "first pricing policy; change it later with `zerostack ledger policy`",
+                    code="invalid")
+            # checked now, so that a malformed policy stops the replica at its start
+            parse_tx(sign_tx(identity, "grid.policy", identity.public_hex, 0, policy))
+        self._policy = policy
+        self._policy_task: asyncio.Task[None] | None = None
         start = self.genesis.state()
         super().__init__(blocklog, identity, clock=clock, verify_threads=verify_threads,
                          start=start)
@@ -226,10 +237,46 @@ class ReplicaService(LedgerService):
         except LedgerError as exc:  # etcd not reachable yet: the driver tries again
             log.warning("event=replica_etcd_error error=%r", str(exc)[:300])
         self._driver = asyncio.create_task(self._drive(), name="ledger-replica")
+        if self._policy is not None:
+            self._policy_task = asyncio.create_task(self._submit_policy(self._policy),
+                                                    name="ledger-policy")
+
+    async def _submit_policy(self, policy: dict[str, Any]) -> None:
+        """Give a cluster without a pricing policy its first one: a `grid.policy`
+        transaction signed with this replica's key (the governing key), ordered through
+        etcd like any other, so every replica applies it. A cluster that has one keeps it
+        (dev_faucet must agree: it is fixed by the first policy)."""
+        while not self._closing and not self._broken:
+            state = self._pending[-1].state if self._pending else self._open_state()
+            if state.policy is not None:
+                if bool(policy.get("dev_faucet")) != state.policy.dev_faucet:
+                    log.error("event=policy_refused reason=%r", "the cluster has "
+                              f"dev_faucet={state.policy.dev_faucet}, fixed by its first policy")
+                return
+            raw = sign_tx(self.identity, "grid.policy", self.identity.public_hex,
+                          state.governor_nonce, policy)
+            try:
+                (result,) = await self.submit([raw])
+            except LedgerError as exc:  # etcd or quorum not there yet: try again
+                log.warning("event=policy_retry error=%r", str(exc)[:300])
+                await asyncio.sleep(1.0)
+                continue
+            if "code" in result and result["code"] != "conflict":
+                log.error("event=policy_refused reason=%r", str(result.get("error"))[:300])
+                return
+            if "code" not in result:
+                log.info("event=policy_submitted height=%s final=%s", result.get("height"),
+                         result.get("final"))
+                return
+            await asyncio.sleep(0.5)  # a nonce taken meanwhile: read the state again
 
     async def stop(self) -> None:
         self._closing = True
         self._wake.set()
+        if self._policy_task is not None and not self._policy_task.done():
+            self._policy_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, LedgerError):
+                await self._policy_task
         if self._driver is not None:
             try:
                 await asyncio.wait_for(self._driver, timeout=15)

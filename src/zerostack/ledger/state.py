@@ -42,6 +42,7 @@ from zerostack.ledger.billing import (
     stop_billing,
 )
 from zerostack.ledger.errors import Rejected
+from zerostack.ledger.pricing import monthly
 from zerostack.ledger.records import (
     APPROVED,
     BILLED_STATES,
@@ -635,6 +636,7 @@ def _contract_update(state: State, tx: t.Tx, twin: Twin, time: int) -> tuple[Sta
     if p.capacity is not None:
         capacity = Capacity.of(p.capacity)
         _fits(state.nodes[c.node], capacity)
+    _within_caps(state, c, capacity)
     proposal = Version(
         c.proposal.version + 1,
         p.deployment_hash,
@@ -795,6 +797,35 @@ def _solution_create(state: State, tx: t.Tx, twin: Twin, time: int) -> tuple[Sta
                                                                        sol.parts})}
 
 
+def solution_price(state: State, sol: Solution, moved: tuple[int, Capacity] | None = None,
+                   ) -> int:
+    """What `sol` costs per month: each part's latest version's capacity at the prices its
+    contract was created with (a part created before the grid was priced costs 0).
+    `moved`: (contract, capacity) to count instead of that part's current capacity."""
+    total = 0
+    for cid, _version, _node, _h in sol.parts:
+        c = state.contracts.get(cid)
+        if c is None or c.billing is None:
+            continue
+        capacity = moved[1] if moved is not None and moved[0] == cid else c.proposal.capacity
+        total += monthly(c.billing.prices, capacity.to_dict(), c.billing.ipv4, c.billing.names)
+    return min(total, MAX_INT)
+
+
+def _within_caps(state: State, c: Contract, capacity: Capacity) -> None:
+    """A new version of a solution's part must keep the solution within every monthly
+    cap its stakeholders approved it with (`solution.approve` with `max_cost`)."""
+    sid = state.solution_of.get(c.id)
+    sol = state.solutions.get(sid) if sid is not None else None
+    if sol is None or not sol.caps:
+        return
+    price = solution_price(state, sol, (c.id, capacity))
+    twin, cap = min(sol.caps.items(), key=lambda kv: (kv[1], kv[0]))
+    if price > cap:
+        raise _Refuse("invalid", f"with this version solution {sol.id} would cost {price} per "
+                      f"month, over the {cap} twin {twin} approved it with")
+
+
 def _solution_approve(state: State, tx: t.Tx, twin: Twin, time: int) -> tuple[State, Receipt]:
     p: t.SolutionApprove = tx.payload
     sol = state.solutions.get(p.solution)
@@ -817,7 +848,14 @@ def _solution_approve(state: State, tx: t.Tx, twin: Twin, time: int) -> tuple[St
     if not verify(Domain.SOLUTION_APPROVAL, twin.public_key, digest, bytes.fromhex(p.signature)):
         raise _Refuse("bad_signature", f"signature of twin {twin.id} does not verify as an "
                       f"approval of solution {sol.id} and its {len(sol.parts)} parts")
-    sol = _replace(sol, approvals=sol.approvals.set(twin.id, p.signature))
+    caps = sol.caps
+    if p.max_cost is not None:
+        price = solution_price(state, sol)
+        if price > p.max_cost:
+            raise _Refuse("invalid", f"solution {sol.id} costs {price} per month, over the "
+                          f"{p.max_cost} twin {twin.id} approves")
+        caps = caps.set(twin.id, p.max_cost)
+    sol = _replace(sol, approvals=sol.approvals.set(twin.id, p.signature), caps=caps)
     state = _replace(state, solutions=state.solutions.set(sol.id, sol))
     parts = []
     for cid, _version, node, _h in sol.parts:

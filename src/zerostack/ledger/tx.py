@@ -332,10 +332,13 @@ class SolutionCreate(_Model):
 
 
 class SolutionApprove(_Model):
-    """The sender's `solution-approval` signature over every part of the solution."""
+    """The sender's `solution-approval` signature over every part of the solution; with
+    `max_cost`, the most the sender agrees the solution costs per month (730 h, base
+    units): refused when its price is over it, and kept as a cap on later versions."""
 
     solution: Id
     signature: HexSignature
+    max_cost: Amount | None = None
 
 
 class NameRegister(_Model):

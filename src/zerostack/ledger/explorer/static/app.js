@@ -727,18 +727,53 @@ async function loadTemplates() {
     setPage('Templates', failure(err));
     return;
   }
+  // a name deploys its latest version; an older one is deployed by its hash
+  const latest = new Map();
+  for (const t of list) {
+    const seen = latest.get(t.name);
+    if (!seen || (t.created ?? 0) >= (seen.created ?? 0)) latest.set(t.name, t);
+  }
   const rows = list.map((t) => {
     const params = t.body && typeof t.body.parameters === 'object' && t.body.parameters !== null
       ? Object.keys(t.body.parameters).join(', ') : '—';
+    const line = deployLine(t, latest.get(t.name) === t ? t.name : t.hash);
     return el('tr', {},
       el('td', {}, t.name), el('td', {}, t.version || '—'), el('td', {}, t.description || ''),
       el('td', {}, params), el('td', {}, `twin ${t.author}`),
       el('td', {}, `${(t.author_share ?? 0) / 100}%`),
-      el('td', {}, code(short(t.hash, 16), t.hash)));
+      el('td', {}, code(short(t.hash, 16), t.hash)),
+      el('td', { class: 'deploy' }, el('code', {}, line)));
   });
   setPage('Templates',
-    el('p', {}, `${list.length} templates published. Show one with: `, el('code', {}, 'zerostack ledger templates --json')),
-    el('div', { class: 'scroll' }, table('Template catalogue', ['Name', 'Version', 'Description', 'Parameters', 'Author', 'Author share', 'Hash'], rows, { id: 'templates' })));
+    el('p', {}, `${list.length} templates published. Show one with: `, el('code', {}, 'zerostack template show NAME'),
+      '. Deploy one with the line in its row: parameters without a default and the stakeholder roles that must approve need a value (',
+      el('code', {}, '--dry-run'), ' shows the plan and its price first).'),
+    el('div', { class: 'scroll' }, table('Template catalogue', ['Name', 'Version', 'Description', 'Parameters', 'Author', 'Author share', 'Hash', 'Deploy with'], rows, { id: 'templates' })));
+}
+
+function shellWord(text) {
+  // the line is for a shell: anything but plain characters is quoted
+  const s = String(text);
+  return /^[A-Za-z0-9_.,:=@%+\/-]+$/.test(s) ? s : `'${s.replace(/'/g, `'\\''`)}'`;
+}
+
+function deployLine(t, ref) {
+  // `zerostack deploy REF -p KEY=VALUE …`: the parameters without a default (a
+  // placeholder naming the type) and the required stakeholder roles (ROLE=TWIN)
+  const words = ['zerostack', 'deploy', shellWord(ref)];
+  const body = t.body && typeof t.body === 'object' ? t.body : {};
+  const params = body.parameters && typeof body.parameters === 'object' ? body.parameters : {};
+  for (const [key, spec] of Object.entries(params)) {
+    if (spec && typeof spec === 'object' && 'default' in spec) continue;
+    const type = spec && typeof spec.type === 'string' ? spec.type.toUpperCase() : 'VALUE';
+    words.push('-p', shellWord(`${key}=${type}`));
+  }
+  for (const role of Array.isArray(body.stakeholders) ? body.stakeholders : []) {
+    if (role && typeof role === 'object' && role.required && typeof role.role === 'string') {
+      words.push('--stakeholder', shellWord(`${role.role}=TWIN`));
+    }
+  }
+  return words.join(' ');
 }
 
 // ---- routing and live updates ----------------------------------------------------------
