@@ -745,7 +745,7 @@ async function loadTemplates() {
       el('td', { class: 'deploy' }, el('code', {}, line)));
   });
   setPage('Templates',
-    el('p', {}, `${list.length} templates published. Show one with: `, el('code', {}, 'zerostack template show NAME'),
+    el('p', {}, `${list.length} template${list.length === 1 ? "" : "s"} published. Show one with: `, el('code', {}, 'zerostack template show NAME'),
       '. Deploy one with the line in its row: parameters without a default and the stakeholder roles that must approve need a value (',
       el('code', {}, '--dry-run'), ' shows the plan and its price first).'),
     el('div', { class: 'scroll' }, table('Template catalogue', ['Name', 'Version', 'Description', 'Parameters', 'Author', 'Author share', 'Hash', 'Deploy with'], rows, { id: 'templates' })));
