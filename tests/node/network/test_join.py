@@ -70,6 +70,11 @@ def test_a_public_address_reaches_its_container_through_the_join(wan: Wan) -> No
             for ctr in (pub, other):
                 for address in (joined, a.wan_ip, PUBLIC):
                     assert refused(ctr.namespace, address, 8090), (ctr.namespace, address)
+        # nor over IPv6: the join link has none
+        inner = join.join_names(res.names).inner
+        assert "inet6" not in run(a.ns, "ip", "-6", "-o", "addr", "show", "dev", inner).stdout
+        assert f'iifname "{inner}" drop' in run(a.ns, "nft", "list", "table", "inet",
+                                                res.names.join_table).stdout
         # while the node itself (a gateway's proxy) reaches a container through its join
         backend = listen_socket(other.namespace, "0.0.0.0", 8081)
         with backend:

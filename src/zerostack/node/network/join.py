@@ -6,11 +6,14 @@ its WireGuard peers, without the resource's firewall opening anything else.
 
 Links: `zgHo` on the bridge (resource side), `zgHi` in the node's namespace, H the
 resource's tag. The join is a way for the node into the network, never one for the
-network into the node: the nftables table `zgjH` of the node's namespace lets in from
-`zgHi` only replies to what the node started, and nothing from `zgHi` goes on to another
-network the node joined. A container's public address (`public_ip`) is routed to it
-through the resource (`route_to`), so that the resource sees both ways of its traffic. Two networks whose ranges overlap cannot both be joined on one node: the
-node would not know where to send a packet for an address in both (refused)."""
+network into the node: `zgHi` has no IPv6, and the nftables table `inet zgjH` of the
+node's namespace lets in from `zgHi` only replies to what the node started, and nothing
+from `zgHi` goes on to another network the node joined. A container's public address
+(`public_ip`) is routed to it through the resource (`route_to`), so that the resource
+sees both ways of its traffic.
+
+Two networks whose ranges overlap cannot both be joined on one node: the node would not
+know where to send a packet for an address in both (refused)."""
 
 from __future__ import annotations
 
@@ -39,9 +42,9 @@ def join_names(names: ResourceNames) -> JoinNames:
 def join_rules(names: ResourceNames) -> str:
     """The node-side filter of the join (pure)."""
     t, inner = names.join_table, join_names(names).inner
-    return f"""table ip {t}
-delete table ip {t}
-table ip {t} {{
+    return f"""table inet {t}
+delete table inet {t}
+table inet {t} {{
   chain input {{
     type filter hook input priority 0; policy accept;
     iifname "{inner}" ct state established,related accept
@@ -107,6 +110,8 @@ def ensure_join(res: NetworkResource) -> str:
     resource._ip(ns, "link", "set", j.outer, "mtu", str(MTU), "master", names.bridge, "up")
     address = join_address(res.subnet)
     prefix = res.bridge_address.split("/")[1]
+    # IPv4 only, like the network: no link-local IPv6 address a container could reach
+    resource._run(["sysctl", "-qw", f"net.ipv6.conf.{j.inner}.disable_ipv6=1"])
     resource._ip(None, "link", "set", j.inner, "mtu", str(MTU), "up")
     resource._ip(None, "addr", "replace", f"{address}/{prefix}", "dev", j.inner)
     bridge = res.bridge_address.split("/")[0]
@@ -133,7 +138,7 @@ def unroute(names: ResourceNames, address: str) -> None:
 def leave(names: ResourceNames) -> None:
     """Undo `ensure_join` (deleting one end of a veth deletes both, and its routes)."""
     j = join_names(names)
-    resource._run(["nft", "delete", "table", "ip", names.join_table], check=False)
+    resource._run(["nft", "delete", "table", "inet", names.join_table], check=False)
     if j.inner in resource._links(None):
         resource._ip(None, "link", "delete", j.inner, check=False)
     if resource.namespace_exists(names.namespace) and j.outer in resource._links(

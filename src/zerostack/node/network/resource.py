@@ -251,7 +251,7 @@ def remove(names: ResourceNames) -> None:
         if link in _links(None):
             _ip(None, "link", "delete", link, check=False)
     _run(["nft", "delete", "table", "ip", names.node_table], check=False)
-    _run(["nft", "delete", "table", "ip", names.join_table], check=False)
+    _run(["nft", "delete", "table", "inet", names.join_table], check=False)
     sock = _wireguard_socket(names.wireguard)
     deadline = time.monotonic() + EXIT_WAIT
     while sock.exists() and time.monotonic() < deadline:
