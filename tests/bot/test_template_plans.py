@@ -1,6 +1,6 @@
 """Plans the user's side builds from the webapp and batch-job templates over nodes
 registered on a real ledger (no agents: nothing is created): networks, container
-addresses, gateway proxies on distinct public nodes, prices, and the dry run."""
+addresses, gateway proxies on distinct gateway nodes, prices, and the dry run."""
 
 from __future__ import annotations
 
@@ -30,8 +30,12 @@ def register(grid: Grid, n: int, country: str = "BE", public: bool = False) -> l
         grid.client.register_twin(ident)
         extra = {"public_ips": [f"198.18.7.{10 + len(out) + i}"]} if public else {}
         endpoint = f"198.18.{7 if public else 8}.{100 + i}:7000"
-        out.append(grid.client.register_node(ident, grid.farm, CAP, country,
-                                             endpoint=endpoint, **extra))
+        nid = grid.client.register_node(ident, grid.farm, CAP, country,
+                                        endpoint=endpoint, **extra)
+        if public:  # the farmer makes it a gateway too
+            grid.client.send(grid.farmer, "node.gateway", {
+                "node": nid, "domain": f"gw{nid}.grid.test", "ipv4": f"198.18.7.{100 + i}/24"})
+        out.append(nid)
     return out
 
 
@@ -42,7 +46,7 @@ def test_webapp_plan_has_its_network_and_two_gateways(procs: ProcessGroup,
     user, _ = grid.user()
     with grid.bot(user) as bot:
         t = load_text((TEMPLATES / "webapp.yaml").read_text())
-        with pytest.raises(BotError, match="no 2 nodes with a public IP"):
+        with pytest.raises(BotError, match="no 2 nodes with a gateway"):
             sol.draft(bot, t, {"name": "shop"})
         public = register(grid, 2, public=True)
         d = sol.draft(bot, t, {"name": "shop", "image": "hub/abc"})
@@ -55,7 +59,8 @@ def test_webapp_plan_has_its_network_and_two_gateways(procs: ProcessGroup,
     web = d.deployments[app_node].workload("shop-web")
     assert web is not None and web.network is not None  # type: ignore[union-attr]
     ip = web.network.ip  # type: ignore[union-attr]
-    assert all(w.backends == [f"http://{ip}:8080"] for w in proxies.values())
+    assert all(w.backends == [f"http://{ip}:8080"] and w.network == "shop-net"
+               for w in proxies.values())
     # every node of the solution is on the network, gateways included
     for nid in {app_node, *public}:
         nets = [w for w in d.deployments[nid].workloads if isinstance(w, NetworkWorkload)]

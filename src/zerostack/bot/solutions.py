@@ -245,8 +245,12 @@ def draft(bot: ThreeBot, template: Template, params: Mapping[str, Any],
         if not backends:
             raise BotError(f"gateway {gw.name}: part {gw.part!r} has no container on a network "
                            "of the template to proxy to")
-        deps[nid]["workloads"].append({"type": "gateway_name_proxy", "name": f"gw-{gw.name}"[:63],
-                                       "domain_name": gw.name, "backends": backends})
+        proxy = {"type": "gateway_name_proxy", "name": f"gw-{gw.name}"[:63],
+                 "domain_name": gw.name, "backends": backends}
+        via = [net.name for net in plan.networks if gw.part in net.parts]
+        if via:  # the backends are on the user network the gateway node joins
+            proxy["network"] = via[0]
+        deps[nid]["workloads"].append(proxy)
         if gw.name not in names:
             names.append(gw.name)
     built = {}

@@ -1,6 +1,7 @@
 """`zerostack up`, `zerostack down`, `zerostack grid status`: a standing local grid for
 trying templates: a ledger, a hub with the example image, nodes on two sites (pretend
-countries BE and CH) and demo identities (an expert, a user, a legal and a budget
+countries BE and CH), gateway nodes if asked (gw1.grid.test, …, with a client host on
+the WAN to try them from) and demo identities (an expert, a user, a legal and a budget
 officer). The grid keeps running after `up` returns; `down` removes everything it made."""
 
 from __future__ import annotations
@@ -17,11 +18,14 @@ from zerostack.cli.output import console, fail, print_json, print_table, styled
 if TYPE_CHECKING:
     from zerostack.crypto import Identity
     from zerostack.grid import LocalGrid
+    from zerostack.ledger import LedgerClient
 
 app = typer.Typer(help="The local grid `zerostack up` started.", no_args_is_help=True,
                   rich_markup_mode=None)
 
 RECORD = "up.json"
+GATEWAY_ZONE = "grid.test"
+CLIENT_HOST = "client"
 COUNTRIES = ("BE", "CH")
 IDENTITIES = ("expert", "alice", "legal", "budget")
 DIR = typer.Option(Path("./var/grid"), "--dir", help="Where the grid keeps its state.")
@@ -44,10 +48,11 @@ def _holds_grid(directory: Path) -> bool:
                for name in (RECORD, "ledger.db", "ledger-cluster", "grid.pids"))
 
 
-def bring_up(grid: LocalGrid, nodes: int,
-             hub_port: int) -> tuple[str, str, Identity, dict[str, int]]:
-    """Start the ledger, the hub with the example image and `nodes` nodes on `grid`;
-    register the demo identities. Returns (hub, image reference, publisher, twins)."""
+def bring_up(grid: LocalGrid, nodes: int, hub_port: int,
+             gateways: int = 0) -> tuple[str, str, Identity, dict[str, int]]:
+    """Start the ledger, the hub with the example image and `nodes` nodes on `grid`, then
+    `gateways` gateway nodes (`make_gateways`); register the demo identities. Returns
+    (hub, image reference, publisher, twins)."""
     from zerostack.grid.images import publish_example
 
     client = grid.start_ledger()
@@ -59,15 +64,39 @@ def bring_up(grid: LocalGrid, nodes: int,
         site = i % 2
         grid.start_node(client, f"node{i + 1}", "--hub", hub, "--flist-publisher",
                         publisher.public_hex, "--country", COUNTRIES[site], site=site)
+    if gateways:
+        make_gateways(grid, client, gateways, hub, publisher)
     twins = {name: client.register_twin(grid.identity(name)) for name in IDENTITIES}
     return hub, image, publisher, twins
+
+
+def gateway_domain(index: int) -> str:
+    return f"gw{index + 1}.{GATEWAY_ZONE}"
+
+
+def make_gateways(grid: LocalGrid, client: LedgerClient, count: int, hub: str,
+                  publisher: Identity) -> None:
+    """`count` more nodes, each on a host of its own, that the farmer makes gateways
+    (`node.gateway`: domain gwK.grid.test on the host's WAN addresses), and a `client`
+    host on the WAN to try them from (what a browser out there would be)."""
+    farmer = grid.identity("farmer")
+    for j in range(count):
+        site = j % 2
+        node = grid.start_node(client, f"gw{j + 1}", "--hub", hub, "--flist-publisher",
+                               publisher.public_hex, "--country", COUNTRIES[site], site=site)
+        assert node.host is not None  # gateways are refused on loopback
+        client.send(farmer, "node.gateway", {
+            "node": node.node_id, "domain": gateway_domain(j),
+            "ipv4": f"{node.host.address}/24",
+            **({"ipv6": f"{node.host.address6}/64"} if node.host.address6 else {})})
+    grid._add_host(CLIENT_HOST, 1, False)
 
 
 def up(
     directory: Path = DIR,
     nodes: int = typer.Option(3, "--nodes", min=1, max=16, help="How many node agents."),
     gateways: int = typer.Option(0, "--gateways", min=0, max=4,
-                                 help="Gateway nodes (not available yet: 0)."),
+                                 help="Gateway nodes (gw1.grid.test, …; needs --netns)."),
     ledger_port: int = typer.Option(7700, "--ledger-port", help="The ledger's HTTP port."),
     zdb_port: int = typer.Option(9901, "--zdb-port", help="First node's Zero-DB port."),
     hub_port: int = typer.Option(9890, "--hub-port", help="The hub's Zero-DB port."),
@@ -86,8 +115,6 @@ def up(
     from zerostack.grid import GridError, LocalGrid
     from zerostack.ledger import LedgerError
 
-    if gateways:
-        fail("gateway nodes come with the Zero-GW work: run `zerostack up` with --gateways 0")
     if directory.is_symlink():
         fail(f"{directory} is a symbolic link; give the folder itself as --dir")
     if directory.exists() and any(directory.iterdir()) and not _holds_grid(directory):
@@ -98,17 +125,21 @@ def up(
         fail("--netns makes network namespaces: run as root, or pass --loopback")
     if netns and ledger_replicas:
         fail("--ledger-replicas runs the replicas on 127.0.0.1: pass --loopback as well")
+    if gateways and not netns:
+        fail("gateway nodes serve ports 80, 443 and 53 on hosts of their own: run "
+             "`zerostack up` with --netns (as root) or with --gateways 0")
     grid = LocalGrid(directory.resolve(), ledger_port=ledger_port, zdb_base_port=zdb_port,
                      netns=netns, ledger_replicas=ledger_replicas)
     try:
         grid.reset()
-        hub, image, publisher, twins = bring_up(grid, nodes, hub_port)
+        hub, image, publisher, twins = bring_up(grid, nodes, hub_port, gateways)
     except (GridError, FlistError, LedgerError, OSError) as exc:
         try:
             grid.stop()
         except GridError:
             pass
         fail(str(exc))
+    gws = _gateways(grid)
     record = {"url": grid.url, "home": str(grid.home), "netns": netns, "hub": hub,
               "ledger_replicas": ledger_replicas,
               "etcd": grid.cluster.etcd_urls if grid.cluster else [],
@@ -116,7 +147,8 @@ def up(
               "nodes": [{"name": n.name, "node": n.node_id, "address": n.address,
                          "zdb_port": n.zdb_port,
                          "namespace": n.host.namespace if n.host else None}
-                        for n in grid.nodes]}
+                        for n in grid.nodes],
+              "gateways": gws}
     path = grid.root / RECORD
     path.write_text(json.dumps(record, indent=2))
     path.chmod(0o600)
@@ -138,6 +170,25 @@ def up(
                   f"{directory}", highlight=False)
     if ledger_replicas:
         console.print(f"  zerostack ledger status --ledger {grid.url}", highlight=False)
+    for gw in gws:
+        console.print(f"gateway {gw['name']}: NAME.{gw['domain']} at {gw['ipv4']} (node "
+                      f"{gw['node']}; its CA: {gw['caddy_root']})", highlight=False)
+
+
+def _gateways(grid: LocalGrid) -> list[dict[str, Any]]:
+    """The gateway nodes `up` made, and the WAN client host to try them from."""
+    from zerostack.gateway import Caddy
+
+    out: list[dict[str, Any]] = []
+    client = next((h for h in (grid.topology.hosts if grid.topology else [])
+                   if h.name == CLIENT_HOST), None)
+    for j, n in enumerate(n for n in grid.nodes if n.name.startswith("gw")):
+        assert n.host is not None
+        out.append({"name": n.name, "node": n.node_id, "domain": gateway_domain(j),
+                    "ipv4": n.host.address, "ipv6": n.host.address6,
+                    "caddy_root": str(Caddy(n.data / "gateway").root_certificate),
+                    "client_namespace": client.namespace if client else None})
+    return out
 
 
 def down(directory: Path = DIR) -> None:

@@ -5,8 +5,9 @@
 resources, price); (3) the solution is registered on the ledger and capacity is
 reserved; (4) the legal and budget officers each read what they sign and approve the
 solution once (nothing runs before the last one); (5) the nodes verify everything
-themselves and run it; a summary is printed. The grid then keeps running for the CLI
-(`--once` stops it after the summary).
+themselves and run it; on a grid of hosts, the user also deploys `webapp` behind the
+grid's gateway and its page is fetched through it from a host on the WAN; a summary is
+printed. The grid then keeps running for the CLI (`--once` stops it after the summary).
 """
 
 from __future__ import annotations
@@ -15,12 +16,18 @@ import os
 import signal
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
 from zerostack.cli.output import console, fail, print_table, styled
 
+if TYPE_CHECKING:
+    from zerostack.grid import LocalGrid
+
 CRM = Path(__file__).resolve().parents[3] / "examples" / "templates" / "crm.yaml"
+WEBAPP = CRM.parent / "webapp.yaml"
+WEB_NAME = "hello"
 
 
 def _step(n: int | str, *parts: object | tuple[object, str]) -> None:
@@ -44,7 +51,7 @@ def _tell(grid_dir: Path, nodes: int, netns: bool, ledger_port: int, zdb_port: i
     try:
         _step("grid", f"starting a ledger, a hub and {nodes} nodes in BE and CH"
               + (" (each on a host of its own)" if netns else ""))
-        _, image, _, twins = bring_up(grid, nodes, hub_port)
+        _, image, _, twins = bring_up(grid, nodes, hub_port, 1 if netns else 0)
         _step("grid", f"up: ledger {grid.url}; identities "
               + ", ".join(f"{n}={t}" for n, t in twins.items()))
         text = CRM.read_text()
@@ -103,11 +110,18 @@ def _tell(grid_dir: Path, nodes: int, netns: bool, ledger_port: int, zdb_port: i
             if not ok:
                 console.print(styled(("a node reported an error", "bold red")))
                 return 1
+        fetched = ""
+        if netns:
+            got = _web_through_gateway(grid, image)
+            if got is None:
+                return 1
+            fetched = f" The webapp's page was fetched through gateway {got}."
         console.print(styled(("summary:", "bold"), f" template {template.name} published by "
                              f"twin {twins['expert']}, deployed by twin {twins['alice']} as "
                              f"solution {sid} on {len(st['parts'])} node(s), approved by "
                              f"legal (twin {twins['legal']}) and budget (twin "
-                             f"{twins['budget']}), verified and running."), highlight=False)
+                             f"{twins['budget']}), verified and running.{fetched}"),
+                      highlight=False)
         if once:
             return 0
         console.print(f"\nThe grid keeps running. From another shell:\n"
@@ -123,6 +137,57 @@ def _tell(grid_dir: Path, nodes: int, netns: bool, ledger_port: int, zdb_port: i
             signal.signal(sig, signal.SIG_IGN)
         _step("grid", "stopping: its processes, containers and mounts")
         grid.stop()
+
+
+def _web_through_gateway(grid: LocalGrid, image: str) -> str | None:
+    """`webapp` published by the expert and deployed by alice behind the grid's gateway
+    gw1, then its page fetched over HTTPS from the grid's client host on the WAN, the
+    name resolved to the gateway's address. Returns the gateway's domain, None when it
+    failed (said on the terminal)."""
+    from zerostack.bot import ThreeBot
+    from zerostack.bot import solutions as sol
+    from zerostack.cli.grid import CLIENT_HOST, gateway_domain
+    from zerostack.contracts import load_text
+    from zerostack.gateway import Caddy
+    from zerostack.grid.hosts import https_get
+
+    with ThreeBot(grid.url, grid.identity("expert")) as expert:
+        sol.publish(expert, load_text(WEBAPP.read_text()))
+    with ThreeBot(grid.url, grid.identity("alice")) as alice:
+        found, thash = sol.load_template(alice, "webapp")
+        d = sol.draft(alice, found, {"name": WEB_NAME, "image": image, "gateways": "1"},
+                      None, thash)
+        sid = sol.create(alice, d)
+        deadline = time.monotonic() + 120
+        while True:
+            st = sol.status(alice, sid)
+            if all(p["state"] in ("deployed", "error") for p in st["parts"]) \
+                    or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+    if not all(p["state"] == "deployed" for p in st["parts"]):
+        _step(5, ("webapp: a node did not run its part", "bold red"))
+        return None
+    gw = next(n for n in grid.nodes if n.name == "gw1")
+    assert gw.host is not None and grid.topology is not None
+    domain = gateway_domain(0)
+    host = f"{WEB_NAME}.{domain}"
+    client = grid.topology.host(CLIENT_HOST).namespace
+    page, status = b"", 0
+    deadline = time.monotonic() + 60
+    while status != 200 and time.monotonic() < deadline:
+        try:
+            status, page = https_get(client, host, gw.host.address,
+                                     Caddy(gw.data / "gateway").root_certificate)
+        except OSError:
+            time.sleep(0.5)
+    if status != 200:
+        _step(5, (f"webapp: https://{host}/ did not answer through {domain}", "bold red"))
+        return None
+    _step(5, f"alice also deployed webapp (solution {sid}); a browser on the WAN asked "
+          f"https://{host}/ of gateway {domain} ({gw.host.address}) and got: ",
+          (page.decode(errors="replace").strip()[:200], "bold"))
+    return domain
 
 
 def story(

@@ -30,6 +30,7 @@ class NodeOffer:
     capacity: Resources
     public: bool
     up: bool = True
+    gateway: bool = False  # its farmer made it a gateway (node.gateway with a domain)
 
     @classmethod
     def of(cls, view: Mapping[str, Any]) -> NodeOffer:
@@ -38,7 +39,8 @@ class NodeOffer:
                    str((view.get("location") or {}).get("country", "")),
                    Resources(**{u: int(free.get(u, 0)) for u in ("cru", "mru", "sru", "hru")}),
                    Resources(**{u: int(cap.get(u, 0)) for u in ("cru", "mru", "sru", "hru")}),
-                   bool(view.get("public_ips")), view.get("status", "up") == "up")
+                   bool(view.get("public_ips")), view.get("status", "up") == "up",
+                   bool((view.get("gateway") or {}).get("domain")))
 
 
 @dataclass(frozen=True)
@@ -83,7 +85,9 @@ def _need_text(part: PartPlan, copies: int) -> str:
         bits.append(f"{_gib(r.mru)} free memory")
     if r.cru:
         bits.append(f"{r.cru} free core{'s' if r.cru > 1 else ''}")
-    if w.public_ip:
+    if part.gateway is not None:
+        bits.append("a gateway")
+    elif w.public_ip:
         bits.append("a public IP")
     if w.disk_type and not (r.hru or r.sru):
         bits.append(f"{w.disk_type.upper()} disks")
@@ -100,7 +104,10 @@ def _eligible(part: PartPlan, node: NodeOffer) -> bool:
         return False
     if w.farm is not None and node.farm != w.farm:
         return False
-    if w.public_ip and not node.public:
+    if part.gateway is not None:
+        if not node.gateway:  # a gateway copy runs on a gateway node, public by making
+            return False
+    elif w.public_ip and not node.public:
         return False
     if w.disk_type == "hdd" and node.capacity.hru == 0:
         return False

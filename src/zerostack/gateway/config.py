@@ -5,7 +5,8 @@ unit-tested without a Caddy.
 One HTTPS server on :443 holds a route per host; one HTTP server on :80 answers each
 host with a redirect to HTTPS or, when its workload says so, with the same proxy.
 Certificates come from Caddy's internal CA unless an ACME email is set; Caddy never
-installs its root into the system's trust store.
+installs its root into the system's trust store. A paused route (its contract is in
+grace) answers 503 with a static response on both servers.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ class Route:
     health_interval: int = 2
     owner: int = 0  # the twin the route was checked for (names: the name's owner)
     network: str = ""  # the network key through which the upstreams are reached
+    paused: bool = False  # its contract is in grace: the host answers 503, no proxying
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
 
@@ -71,6 +73,21 @@ def _proxy(route: Route) -> dict[str, Any]:
     return handler
 
 
+PAUSED_BODY = "503: this site is paused (its contract is in its grace period)\n"
+
+
+def _paused() -> dict[str, Any]:
+    """What a paused host answers, on HTTPS and plain HTTP alike: nothing reaches its
+    backends until the contract is resumed."""
+    return {"handler": "static_response", "status_code": 503, "body": PAUSED_BODY,
+            "headers": {"Content-Type": ["text/plain; charset=utf-8"],
+                        "Retry-After": ["3600"]}}
+
+
+def _serve(route: Route) -> dict[str, Any]:
+    return _paused() if route.paused else _proxy(route)
+
+
 def _route(route: Route, handle: dict[str, Any]) -> dict[str, Any]:
     return {"@id": route.id, "match": [{"host": [route.host]}], "handle": [handle],
             "terminal": True}
@@ -85,13 +102,14 @@ def render(routes: list[Route], admin_socket: str, storage: str,
            acme_email: str = "") -> dict[str, Any]:
     """The whole configuration for `routes` (sorted by host: one config per route set)."""
     ordered = sorted(routes, key=lambda r: (r.host, r.id))
-    https = [_route(r, _proxy(r)) for r in ordered]
+    https = [_route(r, _serve(r)) for r in ordered]
     http: list[dict[str, Any]] = []
     for r in ordered:
         http.append({"match": [{"host": [r.host], "path": [HEALTH_PATH]}],
                      "handle": [{"handler": "static_response", "status_code": 200,
                                  "body": r.host}], "terminal": True})
-        http.append({**_route(r, _redirect(r) if r.https_redirect else _proxy(r)),
+        plain = _paused() if r.paused else _redirect(r) if r.https_redirect else _proxy(r)
+        http.append({**_route(r, plain),
                      "@id": f"{r.id}-http"})
     issuer: dict[str, Any] = ({"module": "acme", "email": acme_email} if acme_email
                               else {"module": "internal"})

@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -93,6 +94,40 @@ def listen_socket(ns: str, address: str, port: int) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+MAX_PAGE = 1 << 20
+
+
+def https_get(ns: str, host: str, address: str, cafile: Path, path: str = "/",
+              timeout: float = 5.0) -> tuple[int, bytes]:
+    """GET https://`host``path` from namespace `ns`, connecting to `address` (what a
+    resolver would give for `host`) and checking the certificate against `cafile` (a
+    gateway's internal CA). Returns (status, body: at most MAX_PAGE bytes); OSError when
+    nothing sensible answers."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    with inside(ns):
+        sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    data = b""
+    try:
+        sock.connect((address, 443))
+        conn = ssl.create_default_context(cafile=str(cafile)).wrap_socket(
+            sock, server_hostname=host)
+        conn.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n"
+                     "User-Agent: zerostack\r\n\r\n".encode())
+        while len(data) < MAX_PAGE:
+            chunk = conn.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    finally:
+        sock.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    status = head.split(b"\r\n", 1)[0].split()
+    if len(status) < 2 or not status[1].isdigit():
+        raise OSError(f"no HTTP answer from {address}")
+    return int(status[1]), body[:MAX_PAGE]
 
 
 def run_in(ns: str | None, args: list[str], stdin: str | None = None,

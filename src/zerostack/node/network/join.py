@@ -5,8 +5,15 @@ port forwards) uses to reach backends on the owner's network, on this node or th
 its WireGuard peers, without the resource's firewall opening anything else.
 
 Links: `zgHo` on the bridge (resource side), `zgHi` in the node's namespace, H the
-resource's tag. Two networks whose ranges overlap cannot both be joined on one node: the
-node would not know where to send a packet for an address in both (refused)."""
+resource's tag. The join is a way for the node into the network, never one for the
+network into the node: `zgHi` has no IPv6, and the nftables table `inet zgjH` of the
+node's namespace lets in from `zgHi` only replies to what the node started, and nothing
+from `zgHi` goes on to another network the node joined. A container's public address
+(`public_ip`) is routed to it through the resource (`route_to`), so that the resource
+sees both ways of its traffic.
+
+Two networks whose ranges overlap cannot both be joined on one node: the node would not
+know where to send a packet for an address in both (refused)."""
 
 from __future__ import annotations
 
@@ -30,6 +37,25 @@ class JoinNames:
 
 def join_names(names: ResourceNames) -> JoinNames:
     return JoinNames(f"zg{names.tag}o", f"zg{names.tag}i")
+
+
+def join_rules(names: ResourceNames) -> str:
+    """The node-side filter of the join (pure)."""
+    t, inner = names.join_table, join_names(names).inner
+    return f"""table inet {t}
+delete table inet {t}
+table inet {t} {{
+  chain input {{
+    type filter hook input priority 0; policy accept;
+    iifname "{inner}" ct state established,related accept
+    iifname "{inner}" drop
+  }}
+  chain forward {{
+    type filter hook forward priority 0; policy accept;
+    iifname "{inner}" oifname "zg*" drop
+  }}
+}}
+"""
 
 
 def join_address(subnet: str) -> str:
@@ -71,6 +97,7 @@ def ensure_join(res: NetworkResource) -> str:
     if clash is not None:
         raise ProvisionError(f"network range {res.ip_range} overlaps {clash}, already routed "
                              "on this gateway: use a range of its own for this network")
+    resource._run(["nft", "-f", "-"], stdin=join_rules(names))  # before the link exists
     inner_ok = j.inner in resource._links(None)
     outer_ok = j.outer in resource._links(ns)
     if not (inner_ok and outer_ok):
@@ -83,6 +110,8 @@ def ensure_join(res: NetworkResource) -> str:
     resource._ip(ns, "link", "set", j.outer, "mtu", str(MTU), "master", names.bridge, "up")
     address = join_address(res.subnet)
     prefix = res.bridge_address.split("/")[1]
+    # IPv4 only, like the network: no link-local IPv6 address a container could reach
+    resource._run(["sysctl", "-qw", f"net.ipv6.conf.{j.inner}.disable_ipv6=1"])
     resource._ip(None, "link", "set", j.inner, "mtu", str(MTU), "up")
     resource._ip(None, "addr", "replace", f"{address}/{prefix}", "dev", j.inner)
     bridge = res.bridge_address.split("/")[0]
@@ -91,9 +120,25 @@ def ensure_join(res: NetworkResource) -> str:
     return address
 
 
+def route_to(res: NetworkResource, address: str) -> None:
+    """Send what the node forwards to container `address` through the resource's bridge
+    address rather than straight onto the bridge: the resource's connection tracking
+    then sees the flow's first packet, so the container's replies (routed by the
+    resource) are known to it."""
+    resource._ip(None, "route", "replace", f"{address}/32", "via",
+                 res.bridge_address.split("/")[0], "dev", join_names(res.names).inner)
+
+
+def unroute(names: ResourceNames, address: str) -> None:
+    j = join_names(names)
+    if j.inner in resource._links(None):
+        resource._ip(None, "route", "delete", f"{address}/32", "dev", j.inner, check=False)
+
+
 def leave(names: ResourceNames) -> None:
     """Undo `ensure_join` (deleting one end of a veth deletes both, and its routes)."""
     j = join_names(names)
+    resource._run(["nft", "delete", "table", "inet", names.join_table], check=False)
     if j.inner in resource._links(None):
         resource._ip(None, "link", "delete", j.inner, check=False)
     if resource.namespace_exists(names.namespace) and j.outer in resource._links(

@@ -85,6 +85,11 @@ class ResourceNames:
         """This resource's nftables table in the node's namespace."""
         return f"{PREFIX}{self.tag}"
 
+    @property
+    def join_table(self) -> str:
+        """The node-side filter of the node's join of this network (`join`)."""
+        return f"zgj{self.tag}"
+
     def links(self) -> tuple[str, ...]:
         return (self.bridge, self.wireguard, self.uplink_outer, self.uplink_inner)
 
@@ -138,6 +143,12 @@ class NetworkResource:
     peers: tuple[PeerPlan, ...]
 
     @property
+    def join_address(self) -> str:
+        """The node's own address on the network when it joins it (`join`): the last
+        host of its /24."""
+        return str(ipaddress.IPv4Network(self.subnet).network_address + LAST_HOST)
+
+    @property
     def routes(self) -> tuple[str, ...]:
         """Networks routed through the WireGuard interface: what every peer carries."""
         return tuple(a for p in self.peers for a in p.allowed_ips)
@@ -160,8 +171,15 @@ class NetworkResource:
         Containers may go anywhere, with their own /24 as source; peers (through
         WireGuard, which admits a peer's packets only from the addresses it carries)
         reach containers and other peers this node forwards for; from the uplink only
-        replies come in."""
+        replies come in. What the bridge carries back onto itself towards a container
+        passes whatever its source: the node's join of the network (`join`) sends the
+        public address's traffic (DNAT) that way, and containers on one bridge reach
+        each other anyway; the node's own join address is not among those containers.
+        Where the kernel passes bridged frames through this chain too (br_netfilter),
+        the same rule admits what the join port sends to a container."""
         n = self.names
+        hairpin = (f'iifname "{n.bridge}" oifname "{n.bridge}" ip daddr {self.subnet} '
+                   f'ip daddr != {self.join_address}')
         return f"""table inet {NFT_TABLE}
 delete table inet {NFT_TABLE}
 table inet {NFT_TABLE} {{
@@ -176,6 +194,7 @@ table inet {NFT_TABLE} {{
     type filter hook forward priority 0; policy drop;
     ct state established,related accept
     ct state invalid drop
+    {hairpin} accept
     iifname "{n.bridge}" ip saddr {self.subnet} accept
     iifname "{n.wireguard}" oifname {{ "{n.bridge}", "{n.wireguard}" }} accept
   }}

@@ -210,11 +210,15 @@ def ensure(res: NetworkResource) -> None:
     _ip(n.namespace, "link", "set", "lo", "up")
     # user networks are IPv4: no IPv6 at all inside (no link-local addresses, no neighbour
     # discovery) on any link there now or moved in later
+    # the resource routes some traffic back onto its bridge (a public address's, through
+    # the node's join): no ICMP redirects, which would send it around the resource
     _in(n.namespace, "sysctl", "-qw", "net.ipv4.ip_forward=1",
-        "net.ipv6.conf.default.disable_ipv6=1", "net.ipv6.conf.all.disable_ipv6=1")
+        "net.ipv6.conf.default.disable_ipv6=1", "net.ipv6.conf.all.disable_ipv6=1",
+        "net.ipv4.conf.all.send_redirects=0", "net.ipv4.conf.default.send_redirects=0")
     # the rules first: the namespace is closed before any of its links is up
     _in(n.namespace, "nft", "-f", "-", stdin=res.resource_rules())
     _ensure_bridge(res)
+    _in(n.namespace, "sysctl", "-qw", f"net.ipv4.conf.{n.bridge}.send_redirects=0")
     _run(["sysctl", "-qw", "net.ipv4.ip_forward=1"])
     _run(["nft", "-f", "-"], stdin=res.node_rules())
     _ensure_uplink(res)
@@ -247,6 +251,7 @@ def remove(names: ResourceNames) -> None:
         if link in _links(None):
             _ip(None, "link", "delete", link, check=False)
     _run(["nft", "delete", "table", "ip", names.node_table], check=False)
+    _run(["nft", "delete", "table", "inet", names.join_table], check=False)
     sock = _wireguard_socket(names.wireguard)
     deadline = time.monotonic() + EXIT_WAIT
     while sock.exists() and time.monotonic() < deadline:

@@ -147,8 +147,7 @@ class Provisioner(ABC):
         or None when this type has nothing to pause (a volume: the container using it is
         frozen; a network: it carries no one's service by itself). Idempotent.
 
-        Gateway names (built separately) implement this by answering 503 for the name
-        until `resume`."""
+        Gateway names implement this by answering 503 for the name until `resume`."""
         return None
 
     def resume(self, wid: WorkloadID, spec: Workload) -> None:  # noqa: B027 - optional hook

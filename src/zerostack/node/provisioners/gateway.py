@@ -15,6 +15,7 @@ import ipaddress
 import json
 import subprocess
 import threading
+from dataclasses import replace
 from typing import Any
 
 from zerostack.gateway import Caddy, GatewayError, Route, Upstream
@@ -66,6 +67,7 @@ class GatewayService:
                            binary=str(node.extra.get("caddy", "caddy")))
         self.routes: dict[str, Route] = {}
         self.joined: dict[str, str] = {}  # port forward (its table) -> network tag
+        self.paused: set[str] = set()  # routes whose contract is in grace: they answer 503
         self.lock = threading.RLock()
         self.watch = HealthWatch(Dnsmasq(node.data_dir / "gateway",
                                          binary=str(node.extra.get("dnsmasq", "dnsmasq"))),
@@ -111,6 +113,7 @@ class GatewayService:
 
     def put(self, route: Route) -> None:
         with self.lock:
+            route = replace(route, paused=route.id in self.paused)
             for other in self.routes.values():
                 if other.host == route.host and other.id != route.id:
                     raise ProvisionError(f"{route.host} is already proxied on this gateway "
@@ -131,8 +134,24 @@ class GatewayService:
 
     def drop(self, route_id: str) -> None:
         with self.lock:
+            self.paused.discard(route_id)
             if self.routes.pop(route_id, None) is not None:
                 self._load()
+
+    def set_paused(self, route_id: str, paused: bool) -> None:
+        """Make `route_id` answer 503 (paused) or proxy again; remembered for a route
+        provisioned later (after Caddy was rebuilt) until resumed."""
+        with self.lock:
+            (self.paused.add if paused else self.paused.discard)(route_id)
+            route = self.routes.get(route_id)
+            if route is None or route.paused == paused:
+                return
+            self.routes[route_id] = replace(route, paused=paused)
+            try:
+                self._load()
+            except ProvisionError:
+                self.routes[route_id] = route
+                raise
 
     def present(self, route_id: str) -> bool:
         """Whether Caddy serves `route_id`: a dead Caddy is started again (with the
@@ -274,6 +293,15 @@ class _ProxyProvisioner(Provisioner):
                     self.node.identity.public_hex, WorkloadID(wid.contract, network))):
                 return False
             return self.service.present(wid.key)
+
+    def pause(self, wid: WorkloadID, spec: Workload) -> str | None:
+        """The host answers 503 (Caddy's static response): nothing reaches the backends
+        while the contract is in grace."""
+        self.service.set_paused(wid.key, True)
+        return "paused: the name answers 503 while the contract is in grace"
+
+    def resume(self, wid: WorkloadID, spec: Workload) -> None:
+        self.service.set_paused(wid.key, False)
 
     def close(self) -> None:
         self.service.close()

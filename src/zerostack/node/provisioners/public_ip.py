@@ -4,7 +4,8 @@ the container that names it (`network.public_ip`): what the WAN sends to the add
 reaches the container (DNAT), and what the container sends out leaves from the address
 (SNAT), through the node's join of the container's network (policy routing in the
 network's namespace sends the container's traffic for anywhere but its own network to
-the node).
+the node; the node routes the address's traffic to the container through the resource,
+so the resource's connection tracking sees both ways).
 
 Made in the node's namespace: the address (/32 on the link that carries its subnet) and
 one nftables table `zgpH`; in the network's namespace: two rules and one routing table,
@@ -22,7 +23,7 @@ from pathlib import Path
 
 from zerostack.node.hostfs import create_private, private_dir
 from zerostack.node.network import join, resource
-from zerostack.node.network.plan import ResourceNames
+from zerostack.node.network.plan import PREFIX, ResourceNames
 from zerostack.node.provisioners.base import (
     Provisioned,
     Provisioner,
@@ -69,6 +70,29 @@ table ip {table} {{
   }}
 }}
 """
+
+
+def route_out(names: ResourceNames, table: str, private: str, via: str) -> None:
+    """In the network's namespace: the container's traffic for anything its own network
+    does not route goes to the node (which SNATs it to the public address)."""
+    ns = names.namespace
+    drop_rules(ns, table, private)
+    resource._ip(ns, "route", "replace", "default", "via", via, "dev", names.bridge,
+                 "table", table)
+    resource._ip(ns, "rule", "add", "from", private, "lookup", "main",
+                 "suppress_prefixlength", "0", "priority", "100")
+    resource._ip(ns, "rule", "add", "from", private, "lookup", table, "priority", "101")
+
+
+def drop_rules(ns: str, table: str, private: str) -> None:
+    for priority in ("100", "101"):
+        for _ in range(8):  # one per call; a crash may have left a duplicate
+            out = subprocess.run(["ip", "-n", ns, "rule", "delete", "from", private,
+                                  "priority", priority], capture_output=True,
+                                 timeout=TIMEOUT, check=False)
+            if out.returncode != 0:
+                break
+    resource._ip(ns, "route", "flush", "table", table, check=False)
 
 
 def _nft(*args: str, stdin: str | None = None, check: bool = True) -> str:
@@ -182,7 +206,9 @@ class PublicIpProvisioner(Provisioner):
                         container=container.name)
             self._write(wid, made)  # before anything is made: a removal finds it all
             join.ensure_join(res)
-            self._route_out(wid, res.names, private, join.join_address(res.subnet))
+            route_out(res.names, str(route_table(self._key(), wid)), private,
+                      join.join_address(res.subnet))
+            join.route_to(res, private)
             _nft("-f", "-", stdin=ruleset(table_name(self._key(), wid), str(address.ip),
                                           private, join.join_names(res.names).inner))
         else:
@@ -190,29 +216,6 @@ class PublicIpProvisioner(Provisioner):
         resource._ip(None, "addr", "replace", f"{address.ip}/32", "dev", link)
         return Provisioned(data={"ipv4": str(address), **(
             {"container": made["container"]} if "container" in made else {})})
-
-    def _route_out(self, wid: WorkloadID, names: ResourceNames, private: str,
-                   via: str) -> None:
-        """In the network's namespace: the container's traffic for anything its own
-        network does not route goes to the node (which SNATs it to the public address)."""
-        ns, table = names.namespace, str(route_table(self._key(), wid))
-        self._drop_rules(ns, table, private)
-        resource._ip(ns, "route", "replace", "default", "via", via, "dev", names.bridge,
-                     "table", table)
-        resource._ip(ns, "rule", "add", "from", private, "lookup", "main",
-                     "suppress_prefixlength", "0", "priority", "100")
-        resource._ip(ns, "rule", "add", "from", private, "lookup", table, "priority", "101")
-
-    @staticmethod
-    def _drop_rules(ns: str, table: str, private: str) -> None:
-        for priority in ("100", "101"):
-            for _ in range(8):  # one per call; a crash may have left a duplicate
-                out = subprocess.run(["ip", "-n", ns, "rule", "delete", "from", private,
-                                      "priority", priority], capture_output=True,
-                                     timeout=TIMEOUT, check=False)
-                if out.returncode != 0:
-                    break
-        resource._ip(ns, "route", "flush", "table", table, check=False)
 
     def deprovision(self, wid: WorkloadID, spec: Workload) -> None:
         made = self._read(wid)
@@ -222,7 +225,9 @@ class PublicIpProvisioner(Provisioner):
                          made["link"], check=False)
         ns = made.get("namespace", "")
         if ns and made.get("private") and resource.namespace_exists(ns):
-            self._drop_rules(ns, str(route_table(self._key(), wid)), made["private"])
+            drop_rules(ns, str(route_table(self._key(), wid)), made["private"])
+        if ns.startswith(f"{PREFIX}-") and made.get("private"):
+            join.unroute(ResourceNames(ns[len(PREFIX) + 1:]), made["private"])
         self._record(wid).unlink(missing_ok=True)
 
     def exists(self, wid: WorkloadID, spec: Workload) -> bool:
