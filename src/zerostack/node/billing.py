@@ -71,8 +71,9 @@ def check_notice(notice: Any, operator_key: str | None, contract: int, node: int
 
 class TrafficMeter:
     """Bytes in and out counted per contract since its last accepted consumption report,
-    from the kernel's interface counters (which restart from 0 when an interface is made
-    again: a counter lower than the last one read counts from 0). Kept in a 0600 JSON file
+    from the kernel's interface counters and the public addresses' nftables counters (which
+    restart from 0 when an interface or table is made again: a counter lower than the last
+    one read counts from 0). Kept in a 0600 JSON file
     in the node's data dir so a restart of the agent loses nothing."""
 
     def __init__(self, path: Path) -> None:

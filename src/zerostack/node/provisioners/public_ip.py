@@ -8,7 +8,8 @@ the node; the node routes the address's traffic to the container through the res
 so the resource's connection tracking sees both ways).
 
 Made in the node's namespace: the address (/32 on the link that carries its subnet) and
-one nftables table `zgpH`; in the network's namespace: two rules and one routing table,
+one nftables table `zgpH` (the NAT and two byte counters, `in` and `out`, which the node
+bills as the contract's traffic); in the network's namespace: two rules and one routing table,
 all named from the workload, all removed on cancel. IPv4 only: user networks are IPv4.
 """
 
@@ -56,10 +57,23 @@ def route_table(node_key: str, wid: WorkloadID) -> int:
 
 
 def ruleset(table: str, public: str, private: str, join_link: str) -> str:
-    """One to one NAT between `public` and the container's `private` address (pure)."""
+    """One to one NAT between `public` and the container's `private` address, and two
+    named counters of the bytes it carries (pure): `in` what the node forwards to the
+    container, `out` what it forwards from it, of connections the table NATs (its DNAT
+    in or its SNAT out). The NAT chains see only a connection's first packet, so the
+    counting is in the forward chain, where the addresses are the container's."""
     return f"""table ip {table}
 delete table ip {table}
 table ip {table} {{
+  counter in {{
+  }}
+  counter out {{
+  }}
+  chain forward {{
+    type filter hook forward priority 0; policy accept;
+    ip daddr {private} ct status dnat,snat counter name "in"
+    ip saddr {private} ct status dnat,snat counter name "out"
+  }}
   chain prerouting {{
     type nat hook prerouting priority -100; policy accept;
     ip daddr {public} dnat to {private}
@@ -70,6 +84,29 @@ table ip {table} {{
   }}
 }}
 """
+
+
+def read_counters(table: str) -> tuple[int, int] | None:
+    """Bytes (in, out) the table's counters hold (they restart from 0 when the table is
+    made again); None when the table is not there."""
+    out = _nft("-j", "list", "counters", "table", "ip", table, check=False)
+    if not out:
+        return None
+    try:
+        items = json.loads(out[:1 << 20]).get("nftables", [])
+    except (ValueError, AttributeError):
+        raise ProvisionError(f"nft listed the counters of {table} unreadably") from None
+    got: dict[str, int] = {}
+    for item in items if isinstance(items, list) else []:
+        counter = item.get("counter") if isinstance(item, dict) else None
+        if isinstance(counter, dict) and counter.get("name") in ("in", "out"):
+            value = counter.get("bytes")
+            if type(value) is int and value >= 0:
+                got[str(counter["name"])] = value
+    if set(got) != {"in", "out"}:
+        raise ProvisionError(f"table {table} lacks its byte counters (made by an older "
+                             "version: it gets them when the workload is provisioned again)")
+    return got["in"], got["out"]
 
 
 def route_out(names: ResourceNames, table: str, private: str, via: str) -> None:
@@ -229,6 +266,14 @@ class PublicIpProvisioner(Provisioner):
         if ns.startswith(f"{PREFIX}-") and made.get("private"):
             join.unroute(ResourceNames(ns[len(PREFIX) + 1:]), made["private"])
         self._record(wid).unlink(missing_ok=True)
+
+    def traffic(self, wid: WorkloadID, spec: Workload) -> dict[str, tuple[int, int]] | None:
+        """Bytes (in, out) to and from the container through the public address, from
+        the table's counters; nothing while no container uses the address."""
+        if not self._read(wid).get("private"):
+            return {}
+        got = read_counters(table_name(self._key(), wid))
+        return {"nat": got} if got is not None else {}
 
     def exists(self, wid: WorkloadID, spec: Workload) -> bool:
         made = self._read(wid)
