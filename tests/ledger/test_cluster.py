@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import etcd3gw
 import orjson
 import pytest
 
@@ -53,7 +54,30 @@ def heads(urls: list[str]) -> list[dict[str, Any]]:
     return out
 
 
-def wait_same_head(urls: list[str], height: int, timeout: float = 30.0) -> list[dict[str, Any]]:
+def describe_replicas(urls: list[str], cluster: LedgerCluster | None = None) -> str:
+    """What each replica serves (head, materialized and final heights, counters) and the
+    tail of its log: printed when replicas do not converge."""
+    lines = []
+    for i, u in enumerate(urls):
+        try:
+            with LedgerClient(u, timeout=5) as c:
+                head = c.head()
+                info = c._get("/cluster")
+            sigs = sorted(s["key"][:8] for s in head.get("signatures", []))
+            lines.append(f"{u}: head={head['height']} {str(head['hash'])[:12]} sigs={sigs} "
+                         f"status={ {k: v for k, v in info.items() if k != 'validators'} }")
+        except LedgerError as exc:
+            lines.append(f"{u}: unreachable: {exc}")
+        if cluster is not None and i < len(cluster.replicas):
+            logf = cluster.replicas[i].dir / "replica.log"
+            if logf.exists():
+                tail = logf.read_text(errors="replace").splitlines()[-25:]
+                lines += [f"  | {t[:300]}" for t in tail]
+    return "\n".join(lines)
+
+
+def wait_same_head(urls: list[str], height: int, timeout: float = 30.0,
+                   cluster: LedgerCluster | None = None) -> list[dict[str, Any]]:
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -63,7 +87,9 @@ def wait_same_head(urls: list[str], height: int, timeout: float = 30.0) -> list[
                 return hs
         except LedgerError:
             pass
-        assert time.monotonic() < deadline, f"replicas did not converge on {height}"
+        if time.monotonic() >= deadline:
+            pytest.fail(f"replicas did not converge on {height} within {timeout:.0f} s:\n"
+                        + describe_replicas(urls, cluster))
         time.sleep(0.1)
 
 
@@ -163,7 +189,7 @@ def test_kill9_of_an_etcd_member_and_a_replica_under_load(cluster: LedgerCluster
     stop.set()
     assert len(acked) == per_user * len(users), f"only {len(acked)} acknowledged"
     top = max(acked.values())
-    hs = wait_same_head(cluster.urls, top, timeout=60)
+    hs = wait_same_head(cluster.urls, top, timeout=60, cluster=cluster)
     height = hs[0]["height"]
     # every acknowledged transaction is on every replica, once, where it was acknowledged
     for u in cluster.urls:
@@ -181,6 +207,73 @@ def test_kill9_of_an_etcd_member_and_a_replica_under_load(cluster: LedgerCluster
     longest = max(gaps)
     print(f"longest pause between acknowledgements: {longest:.2f} s")
     assert longest < 30
+
+
+def _replica_info(url: str) -> dict[str, Any]:
+    with LedgerClient(url) as c:
+        info: dict[str, Any] = c._get("/cluster")
+        return info
+
+
+def _wait_info(url: str, what: str, height: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if _replica_info(url)[what] >= height:
+                return
+        except LedgerError:
+            pass
+        assert time.monotonic() < deadline, f"{url}: {what} never reached {height}"
+        time.sleep(0.1)
+
+
+def test_a_signature_lost_to_a_kill9_is_published_again_at_restart(
+        cluster: LedgerCluster) -> None:
+    """A replica killed after writing a block to its file but before its signature reached
+    etcd: the block is final in its own file (it collected the others' signatures), never
+    on the others without its signature. Started again, it publishes it and the cluster
+    converges."""
+    a, b, c = cluster.replicas
+    user = Identity.generate()
+    with LedgerClient(a.url) as client:
+        client.register_twin(user)
+    wait_same_head(cluster.urls, max(h["height"] for h in heads(cluster.urls)), cluster=cluster)
+    cluster.kill(b.proc)
+    cluster.kill(c.proc)
+    with LedgerClient(a.url, timeout=30) as client:  # ordered, not final (B and C are down)
+        result = client.send(user, "name.register", {"name": "lost-sig"})
+    height = int(result["height"])
+    assert result["final"] is False
+    etcd = EtcdLog(cluster.etcd_urls, cluster.name)
+    # B follows the block and publishes its signature, then stops
+    cluster.start_replica(b)
+    _wait_info(b.url, "materialized", height)
+    deadline = time.monotonic() + 30
+    while etcd.get(f"sig/{height_key(height)}/{b.key}") is None:
+        assert time.monotonic() < deadline, "B never published its signature"
+        time.sleep(0.1)
+    cluster.kill(b.proc)
+    # C follows it, collects A's and B's signatures: final in C's file; killed, its own
+    # publication is lost (what a kill -9 between the write and the put leaves)
+    cluster.start_replica(c)
+    _wait_info(c.url, "final", height)
+    cluster.kill(c.proc)
+    host, port = cluster.etcd_urls[0].removeprefix("http://").split(":")
+    raw = etcd3gw.Etcd3Client(host=host, port=int(port), api_path="/v3/")
+    assert raw.delete(f"{etcd.prefix}sig/{height_key(height)}/{c.key}")
+    # B holds the block without C's signature; C must publish it again
+    cluster.start_replica(b)
+    cluster.start_replica(c)
+    # (a restarted replica serves the head of its file at once: its final height tells)
+    for r in cluster.replicas:
+        try:
+            _wait_info(r.url, "final", height)
+        except AssertionError:
+            pytest.fail(f"{r.url}: block {height} never final:\n"
+                        + describe_replicas(cluster.urls, cluster))
+    hs = wait_same_head(cluster.urls, height, timeout=30, cluster=cluster)
+    assert hs[0]["height"] == height and len(hs[0]["signatures"]) == 3
+    assert etcd.get(f"sig/{height_key(height)}/{c.key}") is not None
 
 
 def _rewrite(db: Path, rogue: Identity, genesis: Genesis, drop: str) -> int:

@@ -66,10 +66,15 @@ class Block:
         header = _header(height, prev_hash, time, root, len(txs))
         return cls(height, prev_hash, time, root, tuple(txs), hash_hex(header))
 
+    @staticmethod
+    def signed_hash(operator: Identity, block_hash: str) -> BlockSignature:
+        """The operator's header signature over a block hash."""
+        return BlockSignature(operator.public_hex,
+                              operator.sign(Domain.BLOCK_HEADER, bytes.fromhex(block_hash)).hex())
+
     def signed(self, operator: Identity) -> Block:
         """This block with the operator's header signature (replacing any of its own)."""
-        sig = BlockSignature(operator.public_hex,
-                             operator.sign(Domain.BLOCK_HEADER, bytes.fromhex(self.hash)).hex())
+        sig = Block.signed_hash(operator, self.hash)
         others = tuple(s for s in self.signatures if s.key != operator.public_hex)
         return replace(self, signatures=(*others, sig))
 

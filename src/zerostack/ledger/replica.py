@@ -73,6 +73,11 @@ MAX_SIG_ROWS = 20000
 MAX_UNFINAL = 4096
 """Blocks materialized but not final yet that a replica keeps in memory; past it, it
 stops proposing until signatures catch up."""
+REPUBLISH_BLOCKS = AUDIT_BLOCKS
+"""At start, how many of the last blocks of its file a replica checks for its own
+signature in etcd (publishing it again where it is missing): a replica killed between
+writing a block to its file and publishing its signature would otherwise leave that block
+short of a quorum on every other replica, for ever."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,6 +174,7 @@ class ReplicaService(LedgerService):
         self._proposal: tuple[Block, list[_Entry]] | None = None
         self._acks: dict[int, list[_Entry]] = {}
         self._publishing: set[asyncio.Task[None]] = set()
+        self._republish: asyncio.Task[None] | None = None
         self._driver: asyncio.Task[None] | None = None
         self._watch_stop = threading.Event()
         self.stats = {"proposed": 0, "lost": 0, "followed": 0, "refused_on_rebase": 0}
@@ -232,8 +238,15 @@ class ReplicaService(LedgerService):
 
         self.etcd.watch(woken, self._watch_stop)
         # signatures of the blocks this file holds that were not final when it stopped
+        await self._load_unfinal_tail()
+        if self.mat_height > 0:
+            # and its own signatures of the last blocks, in case it stopped before
+            # publishing some (in the background: following must not wait for it)
+            low = max(1, min(self.final_height + 1, self.mat_height) - REPUBLISH_BLOCKS + 1)
+            self._republish = asyncio.create_task(
+                self._republish_own(low, self.mat_height), name="ledger-republish")
         try:
-            await self._collect_signatures(initial=True)
+            await self._collect_signatures()
         except LedgerError as exc:  # etcd not reachable yet: the driver tries again
             log.warning("event=replica_etcd_error error=%r", str(exc)[:300])
         self._driver = asyncio.create_task(self._drive(), name="ledger-replica")
@@ -282,6 +295,13 @@ class ReplicaService(LedgerService):
                 await asyncio.wait_for(self._driver, timeout=15)
             except (TimeoutError, asyncio.CancelledError):
                 log.error("event=replica_stuck_at_shutdown")
+        # signatures still being published: given a moment (those left are published
+        # again at the next start)
+        background = [*self._publishing, *([self._republish] if self._republish else [])]
+        if background:
+            await asyncio.wait(background, timeout=5)
+            for task in background:
+                task.cancel()
         self.etcd.stop_watch()
         for height, entries in self._acks.items():  # ordered in etcd: durable, answer them
             for entry in entries:
@@ -585,19 +605,69 @@ class ReplicaService(LedgerService):
         self._advance_final()
 
     async def _publish_signature(self, height: int, sig: BlockSignature) -> None:
-        for _ in range(50):
+        """Put this replica's signature of block `height` in etcd, trying again until it
+        is there: the other replicas need it for the block to be final."""
+        delay = 0.2
+        while True:
             try:
                 await asyncio.to_thread(self.etcd.put, f"sig/{height_key(height)}/{sig.key}",
                                         sig.signature.encode())
                 return
-            except LedgerError:
-                await asyncio.sleep(0.2)
-        log.error("event=signature_not_published height=%d", height)
+            except LedgerError as exc:
+                if self._closing:  # published again at the next start
+                    log.warning("event=signature_not_published height=%d error=%r", height,
+                                str(exc)[:300])
+                    return
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
 
-    async def _collect_signatures(self, *, initial: bool = False) -> None:
+    async def _republish_own(self, low: int, high: int) -> None:
+        """Publish this replica's signature of blocks `low`..`high` of its file where etcd
+        does not hold it (a kill -9 between writing a block and publishing its signature
+        leaves it unpublished, and the block would never be final on the other replicas).
+        Tried again until etcd answers."""
+        me = self.identity.public_hex
+        have: set[int] = set()
+        while not self._closing:
+            try:
+                start = low
+                while start <= high:
+                    rows = await asyncio.to_thread(
+                        self.etcd.range, "sig/" + height_key(start),
+                        "sig/" + height_key(high + 1), MAX_SIG_ROWS)
+                    last = start
+                    for name, value in rows:
+                        row = _sig_row(name, value)
+                        if row is not None:
+                            last = max(last, row[0])
+                            if row[1].key == me:
+                                have.add(row[0])
+                    if len(rows) < MAX_SIG_ROWS:
+                        break
+                    start = last if last > start else start + 1
+                missing = 0
+                for height in range(low, high + 1):
+                    entry = self._unfinal.get(height)
+                    if height in have or (entry is not None and set(entry.signatures) == {me}):
+                        continue  # published, or proposed here (signed inside the block)
+                    stored = self.log.block(height)
+                    if stored is None:
+                        continue
+                    sig = Block.signed_hash(self.identity, stored.hash)
+                    await asyncio.to_thread(self.etcd.put, f"sig/{height_key(height)}/{me}",
+                                            sig.signature.encode())
+                    have.add(height)
+                    missing += 1
+                if missing:
+                    log.info("event=signatures_republished count=%d from=%d to=%d", missing,
+                             low, high)
+                return
+            except LedgerError as exc:
+                log.warning("event=replica_etcd_error error=%r", str(exc)[:300])
+                await asyncio.sleep(0.5)
+
+    async def _collect_signatures(self) -> None:
         """Read the validators' signatures of the blocks not final yet."""
-        if initial:
-            await self._load_unfinal_tail()
         if not self._unfinal:
             return
         first = min(self._unfinal)
