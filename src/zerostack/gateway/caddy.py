@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import subprocess
 import threading
 import time
@@ -19,6 +18,7 @@ import httpx
 
 from zerostack.gateway.config import Route, render
 from zerostack.gateway.errors import GatewayError
+from zerostack.gateway.stale import stop_stale
 
 log = logging.getLogger("zerostack.gateway")
 
@@ -68,23 +68,8 @@ class Caddy:
         return self._proc is not None and self._proc.poll() is None
 
     def _stop_stale(self) -> None:
-        """A Caddy left by an agent killed with -9 still holds the ports: stop it, if the
-        pid file names a process that really is that Caddy (its command line names this
-        node's configuration file)."""
-        try:
-            pid = int(self._pidfile.read_text()[:20].strip())
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except (OSError, ValueError):
-            return
-        if str(self._bootstrap).encode() not in cmdline:
-            return
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            return
-        deadline = time.monotonic() + 5
-        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
-            time.sleep(0.02)
+        """A Caddy left by an agent killed with -9 still holds its ports: stop it."""
+        stop_stale(self._pidfile, str(self._bootstrap))
 
     def ensure_running(self, routes: list[Route]) -> bool:
         """Start Caddy with `routes` unless it runs; True when it was (re)started."""

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from zerostack.gateway.config import HEALTH_PATH
 from zerostack.gateway.errors import GatewayError
+from zerostack.gateway.stale import stop_stale
 
 log = logging.getLogger("zerostack.gateway.dns")
 
@@ -138,22 +139,8 @@ class Dnsmasq:
         log.info("event=dns_started pid=%s listen=%s", self._proc.pid, ",".join(listen))
 
     def _stop_stale(self) -> None:
-        """A dnsmasq left by an agent killed alone still holds port 53: stop it, if the
-        pid file names a process that really is it (its command line names our table)."""
-        try:
-            pid = int((self.root / "dnsmasq.pid").read_text()[:20].strip())
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except (OSError, ValueError):
-            return
-        if f"--addn-hosts={self.hosts}".encode() not in cmdline:
-            return
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            return
-        deadline = time.monotonic() + 5
-        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
-            time.sleep(0.02)
+        """A dnsmasq left by an agent killed with -9 still holds its ports: stop it."""
+        stop_stale(self.root / "dnsmasq.pid", f"--addn-hosts={self.hosts}")
 
     def publish(self, table: Mapping[str, list[str]]) -> bool:
         """Serve `table` from now on; True when it changed."""
