@@ -18,6 +18,7 @@ from zerostack.node.provisioners.gateway import (
     GatewayService,
     NameProxyProvisioner,
 )
+from zerostack.node.provisioners.port_forward import PortForwardProvisioner
 
 OWNER = 7
 GATEWAY = {"domain": "gw1.grid.test", "ipv4": "198.18.0.10/24", "ipv6": "fd00:5a::10/64"}
@@ -61,6 +62,21 @@ def test_name_proxy_refusals(tmp_path: Path, change: dict[str, Any], extra: dict
     service = GatewayService.of(ctx)
     assert service.routes == {} and not service.caddy.running()
     assert not (tmp_path / "gateway" / "caddy.pid").exists()
+
+
+@pytest.mark.parametrize("protocol,port,words", [
+    ("tcp", 80, "HTTP\\(S\\) proxy"), ("tcp", 443, "HTTP\\(S\\) proxy"),
+    ("udp", 53, "grid DNS"), ("tcp", 53, "grid DNS"),
+])
+def test_the_gateways_own_ports_are_never_forwarded(tmp_path: Path, protocol: str, port: int,
+                                                   words: str) -> None:
+    prov = PortForwardProvisioner(context(tmp_path))
+    dep = deploy({"type": "network", "name": "net", "ip_range": "10.20.0.0/16",
+                  "subnet": "10.20.1.0/24"},
+                 {"type": "port_forward", "name": "fwd", "protocol": protocol, "port": port,
+                  "network": "net", "target": "10.20.1.10:8080"})
+    with pytest.raises(ProvisionError, match=words):
+        prov.provision(WorkloadID(1, "fwd"), dep.workloads[1], dep)
 
 
 def test_fqdn_under_the_gateway_domain_is_refused(tmp_path: Path) -> None:

@@ -23,6 +23,8 @@ def test_a_name_proxy_with_its_defaults() -> None:
     assert (w.https_redirect, w.tls_passthrough, w.network, w.health_path) == (
         True, False, None, "/")
     assert parse_backend("https://[fd00:5a::20]:443") == ("https", "fd00:5a::20", 443)
+    # checked (against this node's and private addresses too) as the IPv4 it is dialled as
+    assert parse_backend("http://[::ffff:10.20.1.10]:80") == ("http", "10.20.1.10", 80)
 
 
 @pytest.mark.parametrize("backend,words", [
@@ -33,6 +35,7 @@ def test_a_name_proxy_with_its_defaults() -> None:
     ("http://10.20.1.10:99999", "not a URL"),
     ("http://127.0.0.1:2019", "loopback"),
     ("http://[::1]:80", "loopback"),
+    ("https://[::ffff:127.0.0.1]:2019", "loopback"),  # IPv4 in IPv6 form is dialled as IPv4
     ("http://0.0.0.0:80", "unspecified"),
     ("http://169.254.1.1:80", "link-local"),
     ("unix//run/caddy/admin.sock", "not a URL"),

@@ -321,6 +321,8 @@ def parse_backend(value: str) -> tuple[str, str, int]:
         addr = ipaddress.ip_address(m.group("v4") or m.group("v6"))
     except ValueError as exc:
         raise ValueError(f"backend {value[:80]!r}: {exc}") from exc
+    # an IPv4 address written as IPv6 (::ffff:a.b.c.d) is dialled as IPv4: check it as one
+    addr = getattr(addr, "ipv4_mapped", None) or addr
     if addr.is_loopback or addr.is_unspecified or addr.is_multicast or addr.is_link_local:
         raise ValueError(f"backend {value[:80]!r} points at a loopback, link-local, "
                          "multicast or unspecified address: not a service a gateway proxies to")

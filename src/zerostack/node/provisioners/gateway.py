@@ -51,8 +51,9 @@ def _node_addresses() -> set[str]:
         out = subprocess.run(["ip", "-j", "addr", "show"], capture_output=True, text=True,
                              timeout=10, check=False).stdout
         links = json.loads(out or "[]")
-    except (OSError, ValueError, subprocess.TimeoutExpired):
-        return set()
+    except (OSError, ValueError, subprocess.TimeoutExpired) as exc:
+        # an empty set would let a backend name this node: refuse rather than guess
+        raise ProvisionError(f"cannot list this node's addresses: {exc}") from None
     return {str(a.get("local")) for link in links for a in link.get("addr_info", [])}
 
 

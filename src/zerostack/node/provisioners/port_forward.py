@@ -29,6 +29,7 @@ from zerostack.node.provisioners.gateway import GatewayService
 from zerostack.workloads import Deployment, NetworkWorkload, PortForwardWorkload, Workload
 from zerostack.workloads.types import parse_endpoint
 
+DNS_PORT = 53
 TIMEOUT = 15.0
 
 
@@ -101,6 +102,9 @@ class PortForwardProvisioner(Provisioner):
                                      "on this gateway")
             if spec.protocol == "tcp" and spec.port in (HTTP_PORT, HTTPS_PORT):
                 raise ProvisionError(f"tcp port {spec.port} is the gateway's HTTP(S) proxy")
+            if spec.port == DNS_PORT:
+                # the grid DNS starts only with the first proxy route: reserved before then
+                raise ProvisionError(f"{spec.protocol} port 53 is the gateway's grid DNS")
             if holder is None and _listening(spec.protocol, spec.port):
                 raise ProvisionError(f"{spec.protocol} port {spec.port} is in use by the "
                                      "gateway node itself")
