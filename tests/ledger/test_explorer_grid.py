@@ -54,6 +54,7 @@ def test_filters_search_and_pages() -> None:
     assert (n["b"], n["farm-south"]) == (2, 2)
     assert find(q="2") == [n["b"], n["c"], n["d"]]
     assert find(q="nothing") == []
+    assert find(q="²") == []  # a digit that is no decimal number: a search, not an error
     view = grid_view(w.state, GridQuery(offset=1, limit=2), w.time)
     assert ids(view) == [n["b"], n["c"]] and view["matched"] == 4
     # the summary counts the whole grid whatever the filter

@@ -8,8 +8,9 @@ The rules (also in docs/templates.md):
 - Names are the parameters, the derived values, and inside a part `index` and `count`.
 - No attribute access (`x.y` reads key `y` of a mapping only); no method calls; use filters.
 - `range(n)` gives at most MAX_RANGE numbers, and all loops of one expansion together at
-  most MAX_STEPS iterations; `{% for %}` loops only over `range(...)` or a list value.
-- No `macro`, `call`, `include`, `import`, `extends`, `block` or recursive loops.
+  most MAX_STEPS iterations; `{% for %}` loops only over `range(...)`.
+- No `macro`, `call`, `include`, `import`, `extends`, `block`, `set`, `with` or recursive
+  loops.
 - Every string or list an expression makes is at most MAX_VALUE long; every integer fits
   in 53 bits; the whole expansion produces at most MAX_OUTPUT characters.
 """
@@ -37,8 +38,11 @@ MAX_EXPRESSION = 4096
 
 _WHOLE = re.compile(r"^\s*\{\{(.*)\}\}\s*$", re.DOTALL)
 
+# Assignments are refused too: `{% set a = a ~ a %}` repeated doubles a value per step
+# before any bound on values could see it (derived values are the way to name things).
 _FORBIDDEN = (nodes.Macro, nodes.CallBlock, nodes.Include, nodes.Import, nodes.FromImport,
-              nodes.Extends, nodes.Block, nodes.Scope, nodes.EvalContextModifier)
+              nodes.Extends, nodes.Block, nodes.Scope, nodes.EvalContextModifier,
+              nodes.Assign, nodes.AssignBlock, nodes.With)
 
 _FILTERS = ("abs", "capitalize", "default", "first", "int", "join", "last", "length",
             "list", "lower", "upper", "max", "min", "replace", "round", "sort", "string",

@@ -51,7 +51,7 @@ def _matches(node: Node, q: GridQuery, up: bool, farm_name: str, text: str) -> b
         return False
     if not text:
         return True
-    if text.isdigit():
+    if text.isdecimal():
         return node.id == int(text) or node.farm == int(text)
     return (text in node.city.casefold() or text == node.country.casefold()
             or text in farm_name)

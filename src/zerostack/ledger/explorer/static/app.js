@@ -560,10 +560,11 @@ async function loadApprove(id) {
   const checks = await checkApprovals(c, proposal);
   const running = await runningQuorum(c);
   let template = null;
-  if (c.billing && c.billing.template) template = await api(`/templates/${c.billing.template}`).catch(() => null);
+  if (c.billing && c.billing.template) template = await api(`/templates/${encodeURIComponent(c.billing.template)}`).catch(() => null);
   if (route().name !== 'approve') return;
   const digest = toHex(approvalDigest(c.id, c.version, c.node, c.deployment_hash));
-  const cli = `zerostack approve ${c.id} --hash ${c.deployment_hash} --ledger ${ledgerUrl()} -i NAME`;
+  // from the server: quoted for the shell like every other word of a line the page offers
+  const cli = `zerostack approve ${shellWord(c.id)} --hash ${shellWord(c.deployment_hash)} --ledger ${shellWord(ledgerUrl())} -i NAME`;
   const copy = el('button', { type: 'button', id: 'copy-cli', onclick: async () => {
     try {
       await navigator.clipboard.writeText(cli);
