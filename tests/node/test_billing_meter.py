@@ -31,6 +31,17 @@ def test_meter_counts_increases_survives_resets_and_restarts(tmp_path: Path) -> 
     assert TrafficMeter(path).pending(7) == (0, 0)
 
 
+def test_a_damaged_count_file_is_kept_aside_not_overwritten(tmp_path: Path) -> None:
+    path = tmp_path / "traffic.json"
+    path.write_text('{"7": {"pending": [5')  # cut short, e.g. by a full disk
+    m = TrafficMeter(path)
+    assert m.pending(7) == (0, 0) and not path.exists()
+    assert (tmp_path / "traffic.json.corrupt").read_text() == '{"7": {"pending": [5'
+    m.sample(7, {"net/wireguard": (1, 1)})
+    assert (tmp_path / "traffic.json.corrupt").read_text() == '{"7": {"pending": [5'
+    assert TrafficMeter(path).pending(7) == (0, 0)
+
+
 def _notice(op: Identity, **over: object) -> dict[str, object]:
     n: dict[str, object] = {"contract": 3, "node": 2, "owner": 5, "state": "grace",
                             "standing": "grace", "due": 10, "grace_until": 99,

@@ -15,21 +15,21 @@ gives back what the owner already had.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 from pathlib import Path
 from typing import Any
 
 from zerostack.crypto import Domain, billing_notice_digest, verify
-from zerostack.ledger.errors import LedgerError
+from zerostack.ledger.pin import untrusted
 from zerostack.node.hostfs import create_private
 
+log = logging.getLogger(__name__)
+
 MAX_NOTICE_FIELDS = 32
+MAX_TRAFFIC_FILE = 1 << 22
 STANDINGS = ("unbilled", "paying", "grace", "ended", "closed")
-
-
-def untrusted(message: str) -> LedgerError:
-    return LedgerError(message, code="untrusted", status=0)
 
 
 def check_notice(notice: Any, operator_key: str | None, contract: int, node: int,
@@ -83,11 +83,26 @@ class TrafficMeter:
         self._data: dict[str, dict[str, Any]] = {}
         try:
             with open(path, "rb") as f:
-                loaded = json.loads(f.read(1 << 22))
-            if isinstance(loaded, dict):
-                self._data = {str(k): v for k, v in loaded.items() if isinstance(v, dict)}
-        except (OSError, ValueError):
-            pass
+                raw = f.read(MAX_TRAFFIC_FILE + 1)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise OSError(f"{path}: unreadable traffic counts: {exc}") from exc
+        try:
+            if len(raw) > MAX_TRAFFIC_FILE:
+                raise ValueError(f"over {MAX_TRAFFIC_FILE} bytes")
+            loaded = json.loads(raw)
+            if not isinstance(loaded, dict):
+                raise ValueError("not an object")
+        except ValueError as exc:
+            # unreported traffic is the farmer's revenue: keep the file aside for an
+            # operator rather than overwrite it with an empty meter
+            aside = path.with_name(path.name + ".corrupt")
+            os.replace(path, aside)
+            log.error("event=traffic_file_corrupt path=%s moved_to=%s error=%r", path, aside,
+                      str(exc)[:200])
+            return
+        self._data = {str(k): v for k, v in loaded.items() if isinstance(v, dict)}
 
     def sample(self, contract: int, counters: dict[str, tuple[int, int]]) -> None:
         """Add what `counters` grew by since the last sample of `contract`."""
@@ -116,7 +131,7 @@ class TrafficMeter:
             entry = self._data.get(str(contract))
             if entry is None:
                 return
-            p = entry["pending"]
+            p = entry.get("pending", [0, 0])
             entry["pending"] = [max(0, p[0] - traffic_in), max(0, p[1] - traffic_out)]
             self._save()
 
@@ -130,4 +145,6 @@ class TrafficMeter:
         tmp.unlink(missing_ok=True)
         with os.fdopen(create_private(tmp, os.O_WRONLY | os.O_TRUNC), "w") as f:
             json.dump(self._data, f)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, self.path)
