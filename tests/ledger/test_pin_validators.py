@@ -107,6 +107,10 @@ def test_the_set_moves_only_by_approved_changes(tmp_path: Path) -> None:
     unapproved = [{"epoch": 1, "validators": new, "height": 3, "tx": "0" * 64,
                    "approvals": [approve_set(v, 1, new) for v in (VALS[0], VALS[4])]}]
     refused(HeaderPin(path), Cluster(blocks, unapproved, new), "approved by 1 of the 4")
+    # the approved set served with a key twice: it would need more signers than exist
+    doubled = [{"epoch": 1, "validators": [*new, new[0]], "height": 3, "tx": "0" * 64,
+                "approvals": [approve_set(v, 1, new) for v in VALS[:3]]}]
+    refused(HeaderPin(path), Cluster(blocks, doubled, new), "malformed validator change")
     approved = [{"epoch": 1, "validators": new, "height": 3, "tx": "0" * 64,
                  "approvals": [approve_set(v, 1, new) for v in VALS[:3]]}]
     pin = HeaderPin(path)

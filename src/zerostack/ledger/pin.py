@@ -35,6 +35,14 @@ def untrusted(message: str) -> LedgerError:
     return LedgerError(message, code="untrusted", status=0)
 
 
+def _a_validator_set(keys: Any) -> bool:
+    """Whether `keys` is a validator set a consumer may pin: 1 to 64 distinct public keys
+    (a key listed twice would raise the quorum past what the distinct signers can reach)."""
+    return (isinstance(keys, list) and 0 < len(keys) <= 64
+            and all(isinstance(v, str) and _HEX64.fullmatch(v) for v in keys)
+            and len(set(keys)) == len(keys))
+
+
 def check_header(header: Any, operator_key: str | None) -> tuple[int, str, str | None]:
     """(height, hash, signer) of a served signed header, once its hash is recomputed and
     its signature by `operator_key` checked (by its first signer when no key is known).
@@ -241,9 +249,8 @@ class HeaderPin:
         if not isinstance(view, dict) or not isinstance(view.get("changes"), list):
             raise untrusted("the ledger served a malformed validator set")
         if self.validators is None:
-            vals = view.get("validators")
-            if not (isinstance(vals, list) and 0 < len(vals) <= 64 and all(
-                    isinstance(v, str) and _HEX64.fullmatch(v) for v in vals)):
+            vals: Any = view.get("validators")
+            if not _a_validator_set(vals):
                 raise untrusted("the ledger served a malformed validator set")
             self.validators, self.epoch = sorted(vals), int(view.get("epoch") or 0)
             return
@@ -257,7 +264,7 @@ class HeaderPin:
                 continue
             if epoch != self.epoch + 1:
                 raise untrusted(f"the ledger skips validator epoch {self.epoch + 1}")
-            if not all(isinstance(v, str) and _HEX64.fullmatch(v) for v in new):
+            if not _a_validator_set(new):
                 raise untrusted("the ledger served a malformed validator change")
             got = approved_by(self.validators, epoch, new, approvals)
             if got < quorum(len(self.validators)):
