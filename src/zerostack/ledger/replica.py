@@ -71,6 +71,9 @@ AUDIT_BLOCKS = 256
 MAX_SIG_ROWS = 20000
 """Most signature rows one read takes from etcd (the rest is read next time)."""
 MAX_UNFINAL = 4096
+MAX_PENDING = 20_000
+"""Transactions waiting for a block on one replica: beyond, submissions get 503 (while
+no block can be ordered or made final, nothing else would bound them)."""
 """Blocks materialized but not final yet that a replica keeps in memory; past it, it
 stops proposing until signatures catch up."""
 REPUBLISH_BLOCKS = AUDIT_BLOCKS
@@ -123,6 +126,7 @@ class _Entry:
     state: State  # the pending state after this transaction
     size: int
     future: asyncio.Future[dict[str, Any]]
+    key: str | None  # the key its signature was checked against
 
 
 @dataclass
@@ -327,6 +331,10 @@ class ReplicaService(LedgerService):
             # only validators propose blocks: a client moves on to another replica
             raise LedgerError("this replica follows the ledger but is not a validator: "
                               "submit to another replica", code="unavailable", status=503)
+        if len(self._pending) >= MAX_PENDING:
+            raise LedgerError(f"{len(self._pending)} transactions wait for a block here: "
+                              "try again shortly or submit to another replica",
+                              code="unavailable", status=503)
         results: list[dict[str, Any]] = [{} for _ in raws]
         parsed: list[tuple[int, Tx]] = []
         for i, raw in enumerate(raws):
@@ -348,8 +356,8 @@ class ReplicaService(LedgerService):
             raise LedgerError("the ledger stopped accepting transactions", code="unavailable",
                               status=503)
         waiting: list[tuple[int, asyncio.Future[dict[str, Any]]]] = []
-        for (i, tx), ok in zip(parsed, checks, strict=True):
-            result = self._add(tx, verified=ok is True)
+        for (i, tx), ok, key in zip(parsed, checks, keys, strict=True):
+            result = self._add(tx, verified=ok is True, key=key)
             if isinstance(result, Rejected):
                 results[i] = {"hash": tx.hash_hex, **result.to_dict()}
             else:
@@ -380,9 +388,13 @@ class ReplicaService(LedgerService):
             self._pend_on = (tip_height, tip_hash)
         return self._pend_base
 
-    def _add(self, tx: Tx, *, verified: bool, future: asyncio.Future[dict[str, Any]] | None = None,
+    def _add(self, tx: Tx, *, verified: bool, key: str | None,
+             future: asyncio.Future[dict[str, Any]] | None = None,
              ) -> asyncio.Future[dict[str, Any]] | Rejected:
         base = self._pending[-1].state if self._pending else self._open_state()
+        # the signature was checked against `key`, read from an earlier state: it counts
+        # only while the sender still has that key here (a rebase may move twin ids)
+        verified = verified and key is not None and sender_key(base, tx) == key
         result = apply_with_receipt(base, tx, time=self._pend_time, verified=verified)
         if isinstance(result, Rejected):
             return result
@@ -390,7 +402,7 @@ class ReplicaService(LedgerService):
         if future is None:
             future = asyncio.get_running_loop().create_future()
         size = len(orjson.dumps(tx.to_wire()))
-        self._pending.append(_Entry(tx, receipt, state, size, future))
+        self._pending.append(_Entry(tx, receipt, state, size, future, key))
         return future
 
     # ---- the driver: follow, propose, collect signatures --------------------------------
@@ -514,7 +526,7 @@ class ReplicaService(LedgerService):
         entries = lost + self._pending
         self._pending, self._pend_base = [], None
         for entry in entries:
-            result = self._add(entry.tx, verified=True, future=entry.future)
+            result = self._add(entry.tx, verified=True, key=entry.key, future=entry.future)
             if isinstance(result, Rejected):
                 self.stats["refused_on_rebase"] += 1
                 if not entry.future.done():
@@ -680,8 +692,8 @@ class ReplicaService(LedgerService):
                 continue
             h, sig = row
             entry = self._unfinal.get(h)
-            if entry is None or sig.key in entry.signatures:
-                continue
+            if entry is None or sig.key in entry.signatures or self.disagree.get(sig.key) == h:
+                continue  # counted already, or found not to sign this block: not again
             validators = self._validators_for(h)
             if sig.key not in validators:  # a replica outside the set: it does not count
                 continue
