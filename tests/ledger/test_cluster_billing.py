@@ -9,6 +9,8 @@ import subprocess
 import time
 from pathlib import Path
 
+import httpx
+
 from tests.conftest import require_tool, zerostack_cmd
 from zerostack.crypto import Identity, load_identity
 from zerostack.ledger import LedgerClient, LedgerError
@@ -48,6 +50,10 @@ def test_a_cluster_starts_priced_with_the_faucet_and_replicates_it(tmp_path: Pat
             assert c.faucet(user, 5000)["final"] is True
         with LedgerClient(cluster.urls[2]) as c:
             assert c.account(twin)["balance"] == 5000
+        # only the governing key's replica signs billing notices; the others send a node on
+        codes = [httpx.get(f"{u}/contracts/1/notice", timeout=10).status_code
+                 for u in cluster.urls]
+        assert codes == [404, 503, 503]  # (no contract 1 exists on this grid)
 
         # another replica's key is not the governing key: its --policy is refused at start
         out = subprocess.run(

@@ -334,6 +334,11 @@ def create_app(
              "payments as of the head block, signed by the grid's governing key.")
     async def get_notice(contract_id: int) -> Response:
         chain = service.chain
+        if chain.state.operator != operator.public_hex:
+            # only the grid's governing key speaks for billing; another replica of a
+            # cluster would sign on its own word: send the client to another replica
+            return _error("billing notices are signed by the grid's governing key, which "
+                          "this replica does not hold: ask another", "unavailable", 503)
         notice = billing_notice(chain.state, contract_id, chain.height, chain.hash, chain.time)
         if notice is None:
             return _not_found(f"contract {contract_id}")

@@ -261,7 +261,7 @@ class _Queries(Generic[MaybeT, ListT, OneT]):
 
     def billing_notice(self, contract_id: int) -> MaybeT:
         """Where a contract stands with its payments, signed by the governing key (the
-        caller checks the signature: `zerostack.ledger.notice.check_notice`)."""
+        caller checks the signature: `zerostack.node.billing.check_notice`)."""
         return self._get_or_none(f"/contracts/{contract_id}/notice")
 
     def contract(self, contract_id: int) -> MaybeT:
