@@ -19,6 +19,7 @@ import httpx
 from zerostack.gateway.config import Route, render
 from zerostack.gateway.errors import GatewayError
 from zerostack.gateway.stale import stop_stale
+from zerostack.node.hostfs import create_private, private_dir
 
 log = logging.getLogger("zerostack.gateway")
 
@@ -79,18 +80,16 @@ class Caddy:
             if self._proc is not None:
                 log.warning("event=caddy_died code=%s", self._proc.returncode)
                 self._proc = None
-            self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
-            os.chmod(self.root, 0o700)
-            self.storage.mkdir(mode=0o700, exist_ok=True)
+            private_dir(self.root)
+            private_dir(self.storage)  # TLS keys and the internal CA
             self._stop_stale()
             self.admin_socket.unlink(missing_ok=True)
-            self._bootstrap.write_text(json.dumps(self.render(routes)))
-            os.chmod(self._bootstrap, 0o600)
+            with os.fdopen(create_private(self._bootstrap, os.O_WRONLY | os.O_TRUNC), "w") as f:
+                f.write(json.dumps(self.render(routes)))
             env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"),
                    "HOME": str(self.root), "XDG_DATA_HOME": str(self.storage),
                    "XDG_CONFIG_HOME": str(self.root / "config")}
-            with open(self.root / "caddy.log", "ab") as out:
-                os.chmod(self.root / "caddy.log", 0o600)
+            with os.fdopen(create_private(self.root / "caddy.log"), "ab") as out:
                 try:
                     self._proc = subprocess.Popen(
                         [self.binary, "run", "--config", str(self._bootstrap)],
@@ -98,7 +97,8 @@ class Caddy:
                         cwd=self.root)
                 except OSError as exc:
                     raise GatewayError(f"cannot start caddy: {exc}") from None
-            self._pidfile.write_text(f"{self._proc.pid}\n")
+            with os.fdopen(create_private(self._pidfile, os.O_WRONLY | os.O_TRUNC), "w") as f:
+                f.write(f"{self._proc.pid}\n")
             deadline = time.monotonic() + START_TIMEOUT
             while not self._answers():
                 if self._proc.poll() is not None:

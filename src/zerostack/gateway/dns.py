@@ -26,6 +26,7 @@ from pathlib import Path
 from zerostack.gateway.config import HEALTH_PATH
 from zerostack.gateway.errors import GatewayError
 from zerostack.gateway.stale import stop_stale
+from zerostack.node.hostfs import private_dir
 
 log = logging.getLogger("zerostack.gateway.dns")
 
@@ -112,7 +113,7 @@ class Dnsmasq:
         if self.running() and listen == self._listen:
             return
         self.stop()
-        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        private_dir(self.root)
         self._stop_stale()
         if not self.hosts.exists():
             self.hosts.write_text("")
@@ -136,6 +137,7 @@ class Dnsmasq:
                 raise GatewayError(f"dnsmasq exited with {self._proc.returncode}")
             if time.monotonic() > deadline:
                 raise GatewayError("dnsmasq did not answer in 5s")
+            time.sleep(0.05)
         log.info("event=dns_started pid=%s listen=%s", self._proc.pid, ",".join(listen))
 
     def _stop_stale(self) -> None:
@@ -150,7 +152,7 @@ class Dnsmasq:
                 return False
         except OSError:
             pass
-        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        private_dir(self.root)
         tmp = self.hosts.with_name(".dns-hosts.tmp")
         tmp.write_text(text)
         os.replace(tmp, self.hosts)
