@@ -1,34 +1,44 @@
 """Zero-DB failover under real network partitions: a harness anyone can run longer.
 
-usage (root): .venv/bin/python -m bench.zdb_partition [--modes async,min1,majority]
+usage (root): .venv/bin/python -m bench.zdb_partition
+        [--modes async,min1,majority,lease,lease-async]
         [--scenarios primary-cut,primary-cut-one,primary-isolated,replica-isolated,
-        double-failover]
+        double-failover,etcd-cut]
         [--rounds N] [--load-seconds S] [--nodes 3] [--json]
 
 Each mode gets a replica set of real `zerostack zdb` processes, each in its own network
 namespace on a bridge (namespaces, links and 10.x addresses are made for the run and
 removed at the end, whatever happens). Writer processes in a client namespace write
-without pause, go to whichever node accepts writes, and record every acknowledged write.
-Partitions are real: nftables drops between namespaces, or a node's link taken down.
-The operator's part (PROMOTE) is done by the harness, without FORCE.
+without pause, go to whichever node accepts writes, and record every acknowledged write
+with the times it was sent and acknowledged. Partitions are real: nftables drops between
+namespaces, or a node's link taken down. In modes async, min1 and majority the operator's
+part (PROMOTE) is done by the harness, without FORCE. In the lease modes (`lease`: with
+--min-replicas majority, `lease-async`: without) etcd runs in a namespace of its own and
+the nodes fail over by themselves (--failover-etcd); nobody calls PROMOTE.
 
 Scenarios (each ends healed, with every node's data and index files byte-identical):
-  primary-cut       the primary is cut from every replica (clients still reach it);
-                    a replica is promoted; the old primary heals into the new term
+  primary-cut       the primary is cut from every replica (clients still reach it; in the
+                    lease modes from etcd too); a replica is promoted; the old primary
+                    heals into the new term
   primary-cut-one   the primary is cut from one of its replicas only: it keeps a majority,
                     nobody is promoted
   primary-isolated  the primary is cut from everything (link down); same as primary-cut
   replica-isolated  one replica is cut off under load, then heals
   double-failover   primary-cut twice in a row (two terms)
+  etcd-cut          (lease modes) the primary is cut from etcd only: it stops taking
+                    writes, a replica takes over, the old primary follows it
 
-Checks: no acknowledged write lost (modes min1 and majority; async reports its losses),
-no key ever acknowledged with two different values (sequential keys included), files
-identical after healing, one primary of the newest term.
+Checks: no acknowledged write lost (modes min1, majority and lease; async and lease-async
+report their losses), no key ever acknowledged with two different values (sequential keys
+included), files identical after healing, one primary of the newest term; in the lease
+modes also that no two nodes acknowledged writes in overlapping periods (each node's last
+acknowledgement came before the next node's first write was sent).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import random
@@ -46,11 +56,40 @@ if not Path(ZEROSTACK[0]).exists():
     ZEROSTACK = [sys.executable, "-m", "zerostack.cli.main"]
 PORT = 9900
 PASSWORD = "partition-harness"
-MODES = {"async": [], "min1": ["--min-replicas", "1"], "majority": ["--min-replicas", "majority"]}
+MODES = {"async": [], "min1": ["--min-replicas", "1"], "majority": ["--min-replicas", "majority"],
+         "lease": ["--min-replicas", "majority", "--failover-ttl", "2",
+                   "--failover-margin", "0.5"],
+         "lease-async": ["--failover-ttl", "2", "--failover-margin", "0.5"]}
 SCENARIOS = ("primary-cut", "primary-cut-one", "primary-isolated", "replica-isolated",
              "double-failover")
-GUARANTEED = {"min1", "majority"}
+LEASE_ONLY = ("etcd-cut",)
+"""Scenarios of the lease modes only (they need etcd)."""
+GUARANTEED = {"min1", "majority", "lease"}
+ETCD_PORT = 2379
 TERM_FILE = "replication-term"
+
+
+def etcd_command(data_dir: Path, host: str, client_port: int, peer_port: int) -> list[str]:
+    """A one-member etcd (Debian's etcd-server) for a replica set's failover key."""
+    client, peer = f"http://{host}:{client_port}", f"http://{host}:{peer_port}"
+    return [shutil.which("etcd") or "/usr/bin/etcd", "--name", "zdb", "--data-dir",
+            str(data_dir), "--listen-client-urls", client, "--advertise-client-urls", client,
+            "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+            "--initial-cluster", f"zdb={peer}", "--initial-cluster-state", "new",
+            "--heartbeat-interval", "100", "--election-timeout", "1000",
+            "--logger", "zap", "--log-level", "warn"]
+
+
+def etcd_ready(url: str) -> bool:
+    """True once etcd at `url` answers a read (it has a leader)."""
+    import urllib.request
+    try:
+        with urllib.request.urlopen(urllib.request.Request(
+                f"{url}/v3/kv/range", data=b'{"key": "eg=="}', method="POST"),
+                timeout=1) as reply:
+            return bool(reply.status == 200)
+    except OSError:
+        return False
 
 
 def run(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -61,16 +100,20 @@ class Net:
     """A hub namespace with a bridge, one namespace per node plus one for clients; every
     name carries a token unique to this run."""
 
-    def __init__(self, nodes: int) -> None:
+    def __init__(self, nodes: int, etcd: bool = False) -> None:
         self.token = f"{os.getpid() % 100000:05d}{secrets.token_hex(2)}"
         self.hub = f"zdbp{self.token}h"
         self.subnet = f"10.{random.randint(64, 127)}.{random.randint(0, 255)}"
         self.names = [f"zdbp{self.token}n{i}" for i in range(nodes)] + [f"zdbp{self.token}c"]
+        self.client_index = nodes
+        self.etcd_index = nodes + 1 if etcd else -1
+        if etcd:
+            self.names.append(f"zdbp{self.token}e")
         self.created: list[str] = []
 
     @property
     def client(self) -> str:
-        return self.names[-1]
+        return self.names[self.client_index]
 
     def address(self, i: int) -> str:
         return f"{self.subnet}.{i + 1}"
@@ -144,19 +187,46 @@ class Cluster:
 
     def __init__(self, net: Net, root: Path, count: int, mode: str) -> None:
         self.net = net
+        self.mode = mode
+        self.root = root
         self.nodes: list[Node] = []
+        self.etcd: subprocess.Popen[bytes] | None = None
+        lease = []
+        if mode.startswith("lease"):
+            lease = ["--failover-etcd", self.etcd_url, "--failover-name", f"h{net.token}"]
         for i in range(count):
             peers = ",".join(f"{net.address(j)}:{PORT}" for j in range(count) if j != i)
             args = ["--listen", net.address(i), "--port", str(PORT), "--data",
                     str(root / f"n{i}" / "data"), "--index", str(root / f"n{i}" / "index"),
                     "--replication-password", PASSWORD, "--peers", peers, "--advertise",
                     f"{net.address(i)}:{PORT}", "--min-replicas-timeout", "2",
-                    "--datasize", "256K", *MODES[mode]]
+                    "--datasize", "256K", *MODES[mode], *lease]
             if i:
                 args += ["--replica-of", f"{net.address(0)}:{PORT}"]
             self.nodes.append(Node(i, net.address(i), root / f"n{i}", args))
 
+    @property
+    def etcd_url(self) -> str:
+        return f"http://{self.net.address(self.net.etcd_index)}:{ETCD_PORT}"
+
+    def start_etcd(self) -> None:
+        """etcd in its own namespace, for the lease mode."""
+        net = self.net
+        data = self.root / "etcd"
+        data.mkdir(parents=True, mode=0o700, exist_ok=True)
+        host = net.address(net.etcd_index)
+        with open(self.root / "etcd.log", "ab") as out:
+            self.etcd = subprocess.Popen(
+                ["ip", "netns", "exec", net.names[net.etcd_index],
+                 *etcd_command(data, host, ETCD_PORT, ETCD_PORT + 1)],
+                stdout=out, stderr=out, start_new_session=True)
+        wait(lambda: run("ip", "netns", "exec", net.client, "etcdctl", "--endpoints",
+                         self.etcd_url, "--command-timeout=1s", "endpoint", "health",
+                         check=False).returncode == 0, 30, "etcd up")
+
     def start(self) -> None:
+        if self.mode.startswith("lease"):
+            self.start_etcd()
         for node in self.nodes:
             node.root.mkdir(parents=True, exist_ok=True)
             with open(node.log, "ab") as out:
@@ -167,12 +237,30 @@ class Cluster:
             wait(lambda n=node: self.call(n, "PING") == "PONG", 30, f"node {node.index} up")
         wait(lambda: self.info(self.nodes[0]).get("connected_replicas") ==
              str(len(self.nodes) - 1), 30, "replicas attached")
+        if self.mode.startswith("lease"):
+            wait(lambda: self.info(self.nodes[0]).get("etcd_holding") == "yes", 30,
+                 "the primary holds the etcd key")
 
     def stop(self) -> None:
-        for node in self.nodes:
-            if node.proc is not None and node.proc.poll() is None:
-                node.proc.kill()
-                node.proc.wait(10)
+        for proc in [n.proc for n in self.nodes] + [self.etcd]:
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+
+    def await_failover(self, old: Node, term: int, timeout: float = 30) -> Node:
+        """Lease mode: wait until another node than `old` is the primary of a term newer
+        than `term` and takes writes (nobody calls PROMOTE)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for node in self.nodes:
+                if node is old:
+                    continue
+                info = self.info(node)
+                if info.get("role") == "primary" and "fenced" not in info and \
+                        "writes_held" not in info and int(info.get("term", "0")) > term:
+                    return node
+            time.sleep(0.1)
+        raise AssertionError(f"no node took over from node {old.index} in {timeout}s")
 
     def call(self, node: Node, *args: str, timeout: float = 5) -> str:
         out = subprocess.run(
@@ -277,7 +365,12 @@ def writer(nodes: list[str], seconds: float, out: Path, prefix: str, stop: Path)
     them, until `stop` exists (or `seconds` passed); append every acknowledged write to
     `out` as JSON lines. While `stop`.pause exists, hold (and touch `stop`.held)."""
     import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
 
+    # no retries inside redis-py (newer versions retry a timeout 3 times with backoff): a
+    # node that does not answer is left for the next one at once
+    once = Retry(NoBackoff(), 0)
     deadline = time.monotonic() + seconds
     pause, held = stop.with_suffix(".pause"), stop.with_suffix(f".held-{prefix}")
 
@@ -295,22 +388,26 @@ def writer(nodes: list[str], seconds: float, out: Path, prefix: str, stop: Path)
             host, port = nodes[current].rsplit(":", 1)
             try:
                 r = redis.Redis(host=host, port=int(port), socket_timeout=3,
-                                socket_connect_timeout=1)
+                                socket_connect_timeout=1, retry=once)
                 r.response_callbacks.clear()
                 seq = redis.Redis(host=host, port=int(port), socket_timeout=3,
-                                  socket_connect_timeout=1)
+                                  socket_connect_timeout=1, retry=once)
                 seq.response_callbacks.clear()
                 seq.execute_command("SELECT", "seq")
                 while going():
                     counter += 1
-                    key, value = f"{prefix}-{counter}", f"{prefix}-v{counter}-{time.time():.3f}"
+                    t0 = time.time()
+                    key, value = f"{prefix}-{counter}", f"{prefix}-v{counter}-{t0:.3f}"
                     if r.execute_command("SET", key, value) == key.encode():
                         log.write(json.dumps({"ns": "default", "key": key, "value": value,
-                                              "node": nodes[current]}) + "\n")
+                                              "node": nodes[current], "t0": t0,
+                                              "t1": time.time()}) + "\n")
                     sval = f"{prefix}-s{counter}"
+                    t0 = time.time()
                     skey = seq.execute_command("SET", "", sval)
                     log.write(json.dumps({"ns": "seq", "key": bytes(skey).hex(),
-                                          "value": sval, "node": nodes[current]}) + "\n")
+                                          "value": sval, "node": nodes[current], "t0": t0,
+                                          "t1": time.time()}) + "\n")
                     log.flush()
             except (redis.RedisError, OSError):
                 current = (current + 1) % len(nodes)
@@ -392,14 +489,21 @@ class Result:
     conflicting_keys: int = 0
     converge_seconds: float = 0.0
     token: str = ""  # in the names of this run's network namespaces
+    # lease mode: writes acknowledged by two nodes in overlapping periods (must be 0), and
+    # seconds from each cut to the first write the next primary acknowledged
+    overlaps: int = 0
+    failover_seconds: tuple[float, ...] = ()
 
     @property
     def ok(self) -> bool:
-        return self.conflicting_keys == 0 and (self.lost == 0 or self.mode not in GUARANTEED)
+        return self.conflicting_keys == 0 and self.overlaps == 0 and (
+            self.lost == 0 or self.mode not in GUARANTEED)
 
 
-def scenario(cluster: Cluster, writers: Writers, name: str, load: float) -> None:
+def scenario(cluster: Cluster, writers: Writers, name: str, load: float) -> list[float]:
+    """Run one scenario; returns the times of its cuts (time.time())."""
     net = cluster.net
+    cuts: list[float] = []
     old = cluster.primary()
     replicas = [n for n in cluster.nodes if n is not old]
     writers.resume()
@@ -413,21 +517,58 @@ def scenario(cluster: Cluster, writers: Writers, name: str, load: float) -> None
         time.sleep(load)
         net.heal()
         progress(writers)
-        return
+        return cuts
     rounds = 2 if name == "double-failover" else 1
     for _ in range(rounds):
         old = cluster.primary()
         replicas = [n for n in cluster.nodes if n is not old]
+        _role, term = cluster.role(old)
+        cuts.append(time.time())
         if name == "primary-isolated":
             net.isolate(old.index)
+        elif name == "etcd-cut":  # lease mode: the primary loses etcd, not its replicas
+            net.cut(old.index, [net.etcd_index])
+        elif cluster.mode.startswith("lease"):  # cut from its replicas and from etcd
+            net.cut(old.index, [n.index for n in replicas] + [net.etcd_index])
         else:
             net.cut(old.index, [n.index for n in replicas])
-        time.sleep(load / 2)
-        cluster.promote(replicas)
+        if cluster.mode.startswith("lease"):  # nobody promotes: the etcd lease decides
+            cluster.await_failover(old, term)
+            progress(writers)
+        else:
+            time.sleep(load / 2)
+            cluster.promote(replicas)
         time.sleep(load / 2)
         net.heal()
         cluster.converged(identical=False)  # writes go on: files are compared at the end
         progress(writers)
+    return cuts
+
+
+def handovers(writes: list[dict[str, str]], cuts: list[float]) -> tuple[int, list[float]]:
+    """Lease mode: acknowledged writes sorted by acknowledgement, in runs per node. Each
+    run must end (its last acknowledgement) before the next run's first write was sent:
+    otherwise two nodes took writes at once (counted). Also the seconds from each cut to
+    the first acknowledgement by a node other than the one acknowledging at the cut."""
+    timed = sorted((float(w["t1"]), float(w["t0"]), w["node"]) for w in writes if "t1" in w)
+    overlaps = 0
+    runs: list[tuple[str, float, float, float]] = []  # node, first t0, last t1, first t1
+    for t1, t0, node in timed:
+        if runs and runs[-1][0] == node:
+            n, first, _last, ack = runs[-1]
+            runs[-1] = (n, min(first, t0), t1, ack)
+        else:
+            runs.append((node, t0, t1, t1))
+    for a, b in itertools.pairwise(runs):
+        if a[2] >= b[1]:
+            overlaps += 1
+    seconds = []
+    for cut in cuts:
+        before = [r for r in runs if r[3] <= cut]
+        after = [r for r in runs if r[3] > cut and (not before or r[0] != before[-1][0])]
+        if after:
+            seconds.append(round(after[0][3] - cut, 3))
+    return overlaps, seconds
 
 
 def progress(writers: Writers) -> None:
@@ -478,7 +619,7 @@ def run_schedule(modes: list[str], scenarios: list[str], rounds: int = 1, load: 
                  nodes: int = 3, keep: bool = False) -> list[Result]:
     results: list[Result] = []
     for mode in modes:
-        net = Net(nodes)
+        net = Net(nodes, etcd=mode.startswith("lease"))
         root = Path(tempfile.mkdtemp(prefix=f"zdbpart-{mode}-"))
         cluster = Cluster(net, root, nodes, mode)
         writers = Writers(cluster, root)
@@ -490,12 +631,18 @@ def run_schedule(modes: list[str], scenarios: list[str], rounds: int = 1, load: 
             writers.start()
             for _ in range(rounds):
                 for name in scenarios:
+                    if name in LEASE_ONLY and not mode.startswith("lease"):
+                        continue
                     result = Result(mode, name, token=net.token)
                     before = writers.acked()
-                    scenario(cluster, writers, name, load)
+                    cuts = scenario(cluster, writers, name, load)
                     writers.pause()
                     result.converge_seconds = round(cluster.converged(), 2)
                     check(cluster, writers, result, before)
+                    if mode.startswith("lease"):
+                        result.overlaps, seconds = handovers(writers.acked()[len(before):],
+                                                             cuts)
+                        result.failover_seconds = tuple(seconds)
                     results.append(result)
         finally:
             writers.stop()
@@ -516,7 +663,7 @@ def main() -> int:
     w.add_argument("--prefix", required=True)
     w.add_argument("--stop", type=Path, required=True)
     parser.add_argument("--modes", default=",".join(MODES))
-    parser.add_argument("--scenarios", default=",".join(SCENARIOS))
+    parser.add_argument("--scenarios", default=",".join(SCENARIOS + LEASE_ONLY))
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--load-seconds", type=float, default=1.0)
     parser.add_argument("--nodes", type=int, default=3)
@@ -534,6 +681,7 @@ def main() -> int:
                            args.load_seconds, args.nodes, args.keep)
     rows = [{"mode": r.mode, "scenario": r.scenario, "acked": r.acked, "lost": r.lost,
              "conflicting_keys": r.conflicting_keys, "converge_seconds": r.converge_seconds,
+             "overlaps": r.overlaps, "failover_seconds": list(r.failover_seconds),
              "ok": r.ok} for r in results]
     if args.json:
         print(json.dumps({"results": rows, "seconds": round(time.time() - started, 1),

@@ -81,6 +81,19 @@ def serve(
     min_replicas_timeout: float = typer.Option(
         10.0, "--min-replicas-timeout",
         help="Seconds to wait for --min-replicas before answering a write with an error."),
+    failover_etcd: str | None = typer.Option(
+        None, "--failover-etcd",
+        help="Automatic failover: etcd URLs http://HOST:PORT[,...]. The primary holds an "
+             "etcd lease and takes writes only while it holds it; when it expires, the most "
+             "advanced live node takes over by vote. Needs --peers."),
+    failover_ttl: int = typer.Option(
+        2, "--failover-ttl", help="Seconds of the etcd lease (2 to 300)."),
+    failover_margin: float = typer.Option(
+        0.5, "--failover-margin",
+        help="Seconds before its lease could end that the primary stops taking writes."),
+    failover_name: str = typer.Option(
+        "default", "--failover-name",
+        help="Name of the replica set in etcd (the same on each of its nodes)."),
     client_output_pause: str = typer.Option(
         "1M", "--client-output-pause",
         help="Stop running a client's requests while this many reply bytes wait to be sent "
@@ -136,8 +149,27 @@ def serve(
         datasize=parse_size(datasize, "--datasize"), sync=sync, synctime=synctime,
         maxsize=parse_size(maxsize, "--maxsize") if maxsize else 0,
     )
+    failover = None
+    if failover_etcd:
+        from zerostack.zdb.replication.failover import (
+            FailoverConfig,
+            FailoverError,
+            parse_urls,
+        )
+        try:
+            failover = FailoverConfig(urls=parse_urls(failover_etcd), ttl=failover_ttl,
+                                      margin=failover_margin, name=failover_name)
+            failover.check()
+        except FailoverError as exc:
+            fail(str(exc))
+        if not peer_list:
+            fail("--failover-etcd needs --peers: the new primary is elected by a majority "
+                 "of the replica set")
+        if socket_path is not None:
+            fail("--failover-etcd needs a TCP address (--listen/--port) the peers reach")
     replication = ReplicationConfig(password=replication_password or None, peers=peer_list,
-                                    advertise=advertise or "", majority=majority)
+                                    advertise=advertise or "", majority=majority,
+                                    failover=failover)
     config = ServerConfig(engine=engine, listen=listen, port=port, socket_path=socket_path,
                           admin_password=admin or None, protect=protect, replica_of=primary,
                           primary_auth=primary_auth or None, min_replicas=replicas_needed,

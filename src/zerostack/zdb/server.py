@@ -16,6 +16,7 @@ import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from time import CLOCK_BOOTTIME, clock_gettime
 from typing import Any, Final, cast
 
 from zerostack.zdb import native
@@ -201,6 +202,9 @@ class Connection(asyncio.Protocol):
             transport = self.transport
             if request and not session.removed and transport is not None:
                 server = self.server
+                role = server.role
+                if role.write_deadline and clock_gettime(CLOCK_BOOTTIME) >= role.write_deadline:
+                    role.lease_check()  # --failover-etcd: the lease may end, stop writing
                 name = request[0]
                 # The two commands that carry the load are called directly.
                 handler: Handler | None = None
@@ -256,6 +260,9 @@ class Connection(asyncio.Protocol):
         # one write; GET, the bulk of pipelined loads, writes its reply straight into it.
         out = bytearray()
         server = self.server
+        role = server.role
+        if role.write_deadline and clock_gettime(CLOCK_BOOTTIME) >= role.write_deadline:
+            role.lease_check()  # --failover-etcd: the lease may end, stop writing
         handlers = server.handlers
         waiters = server.waiters
         busy = self.busy

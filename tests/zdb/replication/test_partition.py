@@ -9,7 +9,7 @@ import subprocess
 import pytest
 from bench import zdb_partition
 
-from tests.conftest import require_root
+from tests.conftest import require_root, require_tool
 
 
 def namespaces() -> set[str]:
@@ -30,4 +30,24 @@ def test_partition_schedule(mode: str) -> None:
             assert r.lost == 0, f"acknowledged writes lost under --min-replicas: {r}"
     if mode == "async":  # the old primary's writes while cut off are lost: documented
         assert sum(r.lost for r in results) > 0
+    assert not any(results[0].token in n for n in namespaces()), "namespaces left behind"
+
+
+LEASE_CI = ["primary-cut", "etcd-cut"]
+
+
+def test_partition_schedule_etcd_lease() -> None:
+    """--failover-etcd with --min-replicas majority: nobody calls PROMOTE; the primary cut
+    from its replicas and etcd, then from etcd alone, is replaced by itself; no write lost,
+    and no two nodes acknowledged writes in overlapping periods."""
+    require_root()
+    require_tool("etcd")
+    results = zdb_partition.run_schedule(["lease"], LEASE_CI, load=0.4)
+    assert [r.scenario for r in results] == LEASE_CI
+    for r in results:
+        assert r.acked > 0, r
+        assert r.conflicting_keys == 0, f"a key was acknowledged with two values: {r}"
+        assert r.lost == 0, f"acknowledged writes lost: {r}"
+        assert r.overlaps == 0, f"two nodes took writes at once: {r}"
+        assert len(r.failover_seconds) == 1 and r.failover_seconds[0] < 8, r
     assert not any(results[0].token in n for n in namespaces()), "namespaces left behind"

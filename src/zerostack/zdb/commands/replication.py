@@ -44,6 +44,8 @@ def refuse_on_replica(s: Session, args: list[bytes]) -> bytes:
         return error(f"Fenced: {role.fenced}")
     if role is not None and role.replaced:
         return error(f"Replica is read-only: {role.replaced}")
+    if role is not None and role.lease_hold and role.replica is None:
+        return error(f"Writes held: {role.lease_hold}")
     return REPLICA_READ_ONLY
 
 

@@ -17,6 +17,7 @@ from zerostack.zdb.engine import Engine, Mode
 from zerostack.zdb.engine.format import FLAG_DELETED, SEQ_KEY
 from zerostack.zdb.engine.raw import START, Position
 from zerostack.zdb.replication import peers as peer_calls
+from zerostack.zdb.replication.failover import EtcdFailover, FailoverConfig, clock
 from zerostack.zdb.replication.primary import Primary
 from zerostack.zdb.replication.replica import Replica
 from zerostack.zdb.replication.terms import MAX_TERM, Terms
@@ -43,6 +44,8 @@ class ReplicationConfig:
     advertise: str = ""
     # --min-replicas majority: computed from the replica set's size.
     majority: bool = False
+    # --failover-etcd: automatic failover on an etcd lease (see failover.py).
+    failover: FailoverConfig | None = None
 
 
 class ReplicationRole:
@@ -66,6 +69,14 @@ class ReplicationRole:
         self.fenced = ""  # why this server refuses writes although it is not a replica
         self.replaced = ""  # set when a fenced primary turned into a replica: why
         self.repl_sessions: set[object] = set()
+        # Lease mode: why this primary takes no writes now (not holding the etcd key, or
+        # its lease may be about to end), and until when it may (CLOCK_BOOTTIME; 0: none).
+        self.lease_hold = ""
+        self.write_deadline = 0.0
+        self.failover: EtcdFailover | None = None
+        if self.options.failover is not None:
+            self.failover = EtcdFailover(self, self.options.failover)
+            self.lease_hold = "this node does not hold the etcd key of its replica set yet"
         if replica_of is not None:
             self.replica = self._new_replica(replica_of[0], replica_of[1])
         elif self.terms.fresh:
@@ -102,7 +113,24 @@ class ReplicationRole:
 
     @property
     def accepts_writes(self) -> bool:
-        return self.replica is None and not self.fenced
+        return self.replica is None and not self.fenced and not self.lease_hold
+
+    def set_lease_gate(self, deadline: float, hold: str) -> None:
+        """Lease mode: accept writes until `deadline` (hold empty), or not (hold: why)."""
+        before = self.accepts_writes
+        self.write_deadline = deadline if not hold else 0.0
+        self.lease_hold = hold
+        if self.accepts_writes != before:
+            log.warning("event=zdb.failover.writes state=%s reason=\"%s\"",
+                        "open" if self.accepts_writes else "held",
+                        (hold or "holds the etcd key").replace('"', "'")[:200])
+            self.on_role_change()
+
+    def lease_check(self) -> None:
+        """Called by the server before a batch of requests once `write_deadline` passed:
+        stop taking writes at once."""
+        if self.failover is not None and self.write_deadline and clock() >= self.write_deadline:
+            self.failover.gate()
 
     def register(self, state: object) -> None:
         _ROLES[id(state)] = self
@@ -113,10 +141,14 @@ class ReplicationRole:
     def start(self) -> None:
         if self.replica is not None:
             self.replica.start()
+        if self.failover is not None:
+            self.failover.start()
         if self.options.peers:
             self._announcer = asyncio.get_running_loop().create_task(self._announce())
 
     async def stop(self) -> None:
+        if self.failover is not None:
+            await self.failover.stop()
         if self._announcer is not None:
             self._announcer.cancel()
             try:
@@ -351,6 +383,10 @@ class ReplicationRole:
                  f"log_term: {self.terms.state.log_term}"]
         if self.fenced:
             lines.append(f"fenced: {self.fenced}")
+        if self.lease_hold and self.replica is None and not self.fenced:
+            lines.append(f"writes_held: {self.lease_hold}")
+        if self.failover is not None:
+            lines += self.failover.info_lines()
         if self.promoted_at:
             lines.append(f"promoted_at: {int(self.promoted_at)}")
         if self.replica is not None:
