@@ -229,8 +229,11 @@ def etcd_main(cuts: int, docs: bool) -> None:
     load_avg = os.getloadavg()
     date = subprocess.run(["date", "-u"], capture_output=True, text=True).stdout.strip()
     with tempfile.TemporaryDirectory(prefix="zdb-failover-etcd-") as tmp:
-        times = failover_etcd(Path(tmp), cuts)
+        times = failover_etcd(Path(tmp) / "etcd", cuts)
+        # the reference, same run: the same cuts with PROMOTE sent at once (no detection)
+        manual = failover(Path(tmp) / "manual", cuts)
     p50, p99 = pct(times, 50), pct(times, 99)
+    m50, m99 = pct(manual, 50), pct(manual, 99)
     text = f"""### Automatic failover on etcd
 
 Command: `.venv/bin/python -m bench.zdb_failover_bench --etcd --cuts {cuts}`. 3 nodes
@@ -248,8 +251,13 @@ average {load_avg[0]:.2f} {load_avg[1]:.2f} {load_avg[2]:.2f} when the run start
 | --- | ---: | ---: | --- |
 | failover (etcd lease, TTL {TTL} s), p50 / p99 over {len(times)} cuts | {p50:.3f} / {p99:.3f} s | p99 {FAILOVER_TARGET:.0f} s | {"meets" if p99 <= FAILOVER_TARGET else "misses"} |
 | fastest / slowest cut | {min(times):.3f} / {max(times):.3f} s | | |
+| reference: `PROMOTE` sent at the stop, p50 / p99 | {m50:.3f} / {m99:.3f} s | | |
+| etcd lease / reference, p50 | {p50 / m50:.1f}x | | |
+| p50 over the TTL | {p50 / TTL:.2f}x | | |
 
-Each cut: {", ".join(f"{t:.2f}" for t in times)} s.
+Each cut: {", ".join(f"{t:.2f}" for t in times)} s. The reference is the same cuts in the same
+run with an operator's `PROMOTE` (by vote) sent the moment the primary stops: it is the
+promotion alone, so the difference is the time to notice that the primary is gone.
 
 Where the time goes: the lease runs out up to {TTL} s after the last keepalive etcd
 received (keepalives every {TTL / 5:.1f} s, so {TTL - TTL / 5:.1f} to {TTL} s after the stop),

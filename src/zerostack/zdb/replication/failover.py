@@ -38,7 +38,6 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -55,9 +54,11 @@ DEFAULT_MARGIN = 0.5
 GATHER = 0.25      # seconds a candidate waits for the others' candidacies
 POLL = 0.5         # seconds between reads of the key when the watch says nothing
 TICK = 0.05        # seconds between steps of the keeper
+WATCH_IDLE = 10.0  # seconds without a watch message before the stream is opened again
 KEY_CHECK = 1.0    # seconds between a holder's checks that the key is still its own
 MAX_VALUE = 4096   # bytes of a key's value this module reads
 NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+ADDRESS = re.compile(r"^[A-Za-z0-9.:\[\]_-]{1,300}$")
 
 
 class FailoverError(Exception):
@@ -138,7 +139,7 @@ def _holder(raw: bytes) -> Holder | None:
         address, term = str(data["address"])[:300], int(data["term"])
     except (ValueError, KeyError, TypeError):
         return None
-    if not address.isprintable() or term < 0:
+    if not ADDRESS.match(address) or term < 0:
         return None
     return Holder(address, term)
 
@@ -211,7 +212,7 @@ class EtcdFailover:
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._watch_stop = threading.Event()
-        self._watch_cancel: Callable[[], None] | None = None
+        self._watch_reply: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
     # -- running --------------------------------------------------------------------------
@@ -222,10 +223,14 @@ class EtcdFailover:
         threading.Thread(target=self._watch, name="zdb-etcd-watch", daemon=True).start()
 
     async def stop(self) -> None:
+        # no write from here on, then give the key back (below) for a quick takeover
+        self.role.set_lease_gate(0.0, "this server is stopping")
+        self.holding = ""
         self._watch_stop.set()
-        if self._watch_cancel is not None:
+        reply = self._watch_reply
+        if reply is not None:
             with contextlib.suppress(Exception):
-                self._watch_cancel()
+                reply.close()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -330,28 +335,34 @@ class EtcdFailover:
     # -- the key --------------------------------------------------------------------------
 
     def _watch(self) -> None:
-        """Wake the main task whenever the primary key changes (a thread: etcd3gw's watch
-        blocks). Missing an event costs only latency: the key is also read every POLL."""
+        """Wake the main task whenever the primary key changes: a thread following etcd's
+        watch stream (through etcd3gw's HTTP session), opened again after a failure or
+        WATCH_IDLE seconds without a message. Missing an event costs only latency: the
+        key is also read every POLL seconds."""
         import etcd3gw
 
         k = 0
+        body = {"create_request": {"key": _b64(self.key)}}
         while not self._watch_stop.is_set():
             url = urlsplit(self.config.urls[k % len(self.config.urls)])
             k += 1
             try:
                 client = etcd3gw.Etcd3Client(host=url.hostname or "", port=url.port or 2379,
-                                             timeout=2, api_path="/v3/")
-                events, cancel = client.watch(self.key)
-                self._watch_cancel = cancel
-                for _event in events:
-                    if self._watch_stop.is_set():
-                        break
-                    loop = self._loop
-                    if loop is not None and not loop.is_closed():
-                        loop.call_soon_threadsafe(self._wake.set)
-            except Exception:  # any failure of the stream: start another one
+                                             api_path="/v3/")
+                with client.session.post(client.get_url("/watch"), json=body, stream=True,
+                                         timeout=(1.0, WATCH_IDLE)) as reply:
+                    self._watch_reply = reply
+                    for line in reply.iter_content(chunk_size=None):
+                        if self._watch_stop.is_set():
+                            break
+                        if b'"events"' in line[:MAX_VALUE * 4]:
+                            loop = self._loop
+                            if loop is not None and not loop.is_closed():
+                                loop.call_soon_threadsafe(self._wake.set)
+            except Exception:  # any failure of the stream: open another one
                 pass
-            self._watch_stop.wait(0.5)
+            self._watch_reply = None
+            self._watch_stop.wait(0.2)
 
     async def _read(self) -> tuple[Holder | None, int]:
         """The holder of the primary key (None: nobody) and the store's revision."""
