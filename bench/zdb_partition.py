@@ -493,6 +493,9 @@ class Result:
     # seconds from each cut to the first write the next primary acknowledged
     overlaps: int = 0
     failover_seconds: tuple[float, ...] = ()
+    # lease mode: writes the cut primary still acknowledged after its cut (what the
+    # overlap check had to tell apart from the next primary's)
+    acked_after_cut: int = 0
 
     @property
     def ok(self) -> bool:
@@ -545,11 +548,13 @@ def scenario(cluster: Cluster, writers: Writers, name: str, load: float) -> list
     return cuts
 
 
-def handovers(writes: list[dict[str, str]], cuts: list[float]) -> tuple[int, list[float]]:
+def handovers(writes: list[dict[str, str]], cuts: list[float]
+              ) -> tuple[int, list[float], int]:
     """Lease mode: acknowledged writes sorted by acknowledgement, in runs per node. Each
     run must end (its last acknowledgement) before the next run's first write was sent:
     otherwise two nodes took writes at once (counted). Also the seconds from each cut to
-    the first acknowledgement by a node other than the one acknowledging at the cut."""
+    the first acknowledgement by a node other than the one acknowledging at the cut, and
+    how many writes that node still acknowledged after the cut."""
     timed = sorted((float(w["t1"]), float(w["t0"]), w["node"]) for w in writes if "t1" in w)
     overlaps = 0
     runs: list[tuple[str, float, float, float]] = []  # node, first t0, last t1, first t1
@@ -563,12 +568,17 @@ def handovers(writes: list[dict[str, str]], cuts: list[float]) -> tuple[int, lis
         if a[2] >= b[1]:
             overlaps += 1
     seconds = []
+    late = 0
     for cut in cuts:
         before = [r for r in runs if r[3] <= cut]
         after = [r for r in runs if r[3] > cut and (not before or r[0] != before[-1][0])]
         if after:
             seconds.append(round(after[0][3] - cut, 3))
-    return overlaps, seconds
+        if before:
+            late += sum(1 for t1, _t0, node in timed
+                        if node == before[-1][0] and cut < t1 and (
+                            not after or t1 < after[0][3]))
+    return overlaps, seconds, late
 
 
 def progress(writers: Writers) -> None:
@@ -640,8 +650,8 @@ def run_schedule(modes: list[str], scenarios: list[str], rounds: int = 1, load: 
                     result.converge_seconds = round(cluster.converged(), 2)
                     check(cluster, writers, result, before)
                     if mode.startswith("lease"):
-                        result.overlaps, seconds = handovers(writers.acked()[len(before):],
-                                                             cuts)
+                        result.overlaps, seconds, result.acked_after_cut = handovers(
+                            writers.acked()[len(before):], cuts)
                         result.failover_seconds = tuple(seconds)
                     results.append(result)
         finally:
@@ -682,6 +692,7 @@ def main() -> int:
     rows = [{"mode": r.mode, "scenario": r.scenario, "acked": r.acked, "lost": r.lost,
              "conflicting_keys": r.conflicting_keys, "converge_seconds": r.converge_seconds,
              "overlaps": r.overlaps, "failover_seconds": list(r.failover_seconds),
+             "acked_after_cut": r.acked_after_cut,
              "ok": r.ok} for r in results]
     if args.json:
         print(json.dumps({"results": rows, "seconds": round(time.time() - started, 1),

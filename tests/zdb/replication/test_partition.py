@@ -37,17 +37,21 @@ LEASE_CI = ["primary-cut", "etcd-cut"]
 
 
 def test_partition_schedule_etcd_lease() -> None:
-    """--failover-etcd with --min-replicas majority: nobody calls PROMOTE; the primary cut
-    from its replicas and etcd, then from etcd alone, is replaced by itself; no write lost,
-    and no two nodes acknowledged writes in overlapping periods."""
+    """--failover-etcd, async replication: nobody calls PROMOTE. The primary cut from its
+    replicas and etcd (clients still reach it) goes on acknowledging writes until its
+    lease could end, then stops; the primary cut from etcd alone stops likewise; each time
+    a replica takes over by itself, and no two nodes ever acknowledged writes in
+    overlapping periods. (With --min-replicas majority the kill -9 test checks that
+    nothing acknowledged is lost.)"""
     require_root()
     require_tool("etcd")
-    results = zdb_partition.run_schedule(["lease"], LEASE_CI, load=0.4)
+    results = zdb_partition.run_schedule(["lease-async"], LEASE_CI, load=0.4)
     assert [r.scenario for r in results] == LEASE_CI
     for r in results:
         assert r.acked > 0, r
         assert r.conflicting_keys == 0, f"a key was acknowledged with two values: {r}"
-        assert r.lost == 0, f"acknowledged writes lost: {r}"
         assert r.overlaps == 0, f"two nodes took writes at once: {r}"
         assert len(r.failover_seconds) == 1 and r.failover_seconds[0] < 8, r
+    # the cut primary did take writes after the cut: the check above had something to see
+    assert results[0].acked_after_cut > 0, results[0]
     assert not any(results[0].token in n for n in namespaces()), "namespaces left behind"
