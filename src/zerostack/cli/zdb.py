@@ -289,6 +289,12 @@ def replication_status(info: dict[str, dict[str, str]]) -> dict[str, Any]:
     status["term"] = int(rep.get("term", "0"))
     if "fenced" in rep:
         status["fenced"] = rep["fenced"]
+    if "writes_held" in rep:
+        status["writes_held"] = rep["writes_held"]
+    if "failover" in rep:  # --failover-etcd
+        status["etcd"] = {"key_holder": rep.get("etcd_key_holder", "-"),
+                          "holding": rep.get("etcd_holding") == "yes",
+                          "failovers": int(rep.get("failovers", "0") or 0)}
     return status
 
 
@@ -314,6 +320,11 @@ def status(
         return
     if st.get("fenced"):
         console.print(f"fenced (refuses writes): {st['fenced']}", highlight=False,
+                      markup=False)
+    if st.get("writes_held"):
+        console.print(f"writes held: {st['writes_held']}", highlight=False, markup=False)
+    if st.get("etcd"):
+        console.print(f"etcd key held by {st['etcd']['key_holder']}", highlight=False,
                       markup=False)
     print_table(f"Zero-DB {host}:{port}: primary of term {st['term']}, "
                 f"{len(st['replicas'])} replica(s)"

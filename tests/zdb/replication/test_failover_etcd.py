@@ -4,6 +4,7 @@ a replica; a primary that cannot reach etcd stops taking writes before its lease
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -109,6 +110,14 @@ def test_kill9_primary_is_replaced_and_rejoins_as_replica(
     state = info(new)
     assert state["role"] == "primary" and state["term"] == "2", state
     assert state["etcd_holding"] == "yes" and state["failovers"] == "1"
+    shown = subprocess.run([*zerostack_cmd(), "zdb", "status", "--port", str(new.port),
+                            "--json"],
+                           capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0, shown.stderr
+    said = json.loads(shown.stdout)
+    assert said["etcd"] == {"key_holder": f"127.0.0.1:{new.port} term 2", "holding": True,
+                            "failovers": 1}, said
+    assert "writes_held" not in said
     # --min-replicas majority: every acknowledged write is on the new primary
     r = new.client()
     keys = [k for k, _v in writers.acked]
