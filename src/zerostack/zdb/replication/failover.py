@@ -343,12 +343,15 @@ class EtcdFailover:
 
         k = 0
         body = {"create_request": {"key": _b64(self.key)}}
+        clients = []
+        for u in self.config.urls:
+            url = urlsplit(u)
+            clients.append(etcd3gw.Etcd3Client(host=url.hostname or "", port=url.port or 2379,
+                                               api_path="/v3/"))
         while not self._watch_stop.is_set():
-            url = urlsplit(self.config.urls[k % len(self.config.urls)])
+            client = clients[k % len(clients)]
             k += 1
             try:
-                client = etcd3gw.Etcd3Client(host=url.hostname or "", port=url.port or 2379,
-                                             api_path="/v3/")
                 with client.session.post(client.get_url("/watch"), json=body, stream=True,
                                          timeout=(1.0, WATCH_IDLE)) as reply:
                     self._watch_reply = reply
