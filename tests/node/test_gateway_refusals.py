@@ -45,7 +45,7 @@ def proxy(**kw: Any) -> dict[str, Any]:
     ({"domain_name": "free"}, {}, "not registered"),
     ({}, {"name_owners": {"shop": 9}}, "belongs to twin 9"),
     ({}, {"gateway": None}, "not a gateway"),
-    ({"tls_passthrough": True}, {}, "caddy-l4"),
+    ({"tls_passthrough": True}, {}, "every backend is https"),
     ({"backends": ["http://198.18.0.10:8080"]}, {}, "this gateway node itself"),
     ({"backends": ["http://[fd00:5a::10]:80"]}, {}, "this gateway node itself"),
     ({"backends": ["http://10.20.1.10:8080"]}, {}, "private"),

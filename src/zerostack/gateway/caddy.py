@@ -16,7 +16,7 @@ from typing import Any
 
 import httpx
 
-from zerostack.gateway.config import Route, render
+from zerostack.gateway.config import PUBLIC_HTTPS, Route, render
 from zerostack.gateway.errors import GatewayError
 from zerostack.gateway.stale import stop_stale
 from zerostack.node.hostfs import create_private, private_dir
@@ -38,6 +38,8 @@ class Caddy:
         self.binary = binary
         self._proc: subprocess.Popen[bytes] | None = None
         self._lock = threading.RLock()
+        self.https_listen: tuple[str, ...] = PUBLIC_HTTPS
+        """Where the HTTPS server listens (the last `load` says; a restart keeps it)."""
 
     # ---- paths ------------------------------------------------------------------------
 
@@ -135,7 +137,8 @@ class Caddy:
     # ---- admin API --------------------------------------------------------------------
 
     def render(self, routes: list[Route]) -> dict[str, Any]:
-        return render(routes, str(self.admin_socket), str(self.storage), self.acme_email)
+        return render(routes, str(self.admin_socket), str(self.storage), self.acme_email,
+                      self.https_listen)
 
     def _client(self) -> httpx.Client:
         return httpx.Client(transport=httpx.HTTPTransport(uds=str(self.admin_socket)),
@@ -150,9 +153,12 @@ class Caddy:
         except httpx.HTTPError:
             return False
 
-    def load(self, routes: list[Route]) -> None:
-        """Make Caddy serve exactly `routes` (starting it first if it is not running)."""
+    def load(self, routes: list[Route], https_listen: tuple[str, ...] | None = None) -> None:
+        """Make Caddy serve exactly `routes` (starting it first if it is not running), its
+        HTTPS server on `https_listen` (unchanged when None)."""
         with self._lock:
+            if https_listen is not None:
+                self.https_listen = https_listen
             if self.ensure_running(routes):
                 return
             try:

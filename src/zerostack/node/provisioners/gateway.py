@@ -1,6 +1,7 @@
 """Gateway workloads: `gateway_name_proxy` (NAME.<gateway domain>, the name owned on the
 ledger by the deployment's owner) and `gateway_fqdn_proxy` (the owner's own domain), both
-served by the node's one Caddy. Backends on the owner's user network are reached through
+served by the node's one Caddy, or with `tls_passthrough` by the node's TLS front
+(HAProxy, `gateway.front`), which forwards their TLS untouched by SNI. Backends on the owner's user network are reached through
 the node's join of that network (`node.network.join`).
 
 The routes live in memory and in Caddy only: after an agent restart the engine finds
@@ -13,13 +14,16 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import logging
 import subprocess
 import threading
 from dataclasses import replace
 from typing import Any
 
 from zerostack.gateway import Caddy, GatewayError, Route, Upstream
+from zerostack.gateway.config import BEHIND_FRONT, PUBLIC_HTTPS
 from zerostack.gateway.dns import Dnsmasq, HealthWatch, Peer
+from zerostack.gateway.front import Front
 from zerostack.node.network import join
 from zerostack.node.network.plan import NetworkResource, resource_names
 from zerostack.node.provisioners.base import (
@@ -37,6 +41,8 @@ from zerostack.workloads import (
     Workload,
 )
 from zerostack.workloads.types import parse_backend
+
+log = logging.getLogger("zerostack.gateway")
 
 ProxySpec = GatewayNameProxyWorkload | GatewayFqdnProxyWorkload
 PRIVATE = tuple(ipaddress.ip_network(n) for n in (
@@ -66,6 +72,8 @@ class GatewayService:
         self.caddy = Caddy(node.data_dir / "gateway",
                            acme_email=str(node.extra.get("gateway_acme_email", "")),
                            binary=str(node.extra.get("caddy", "caddy")))
+        self.front = Front(node.data_dir / "gateway" / "front",
+                           binary=str(node.extra.get("haproxy", "haproxy")))
         self.routes: dict[str, Route] = {}
         self.joined: dict[str, str] = {}  # port forward (its table) -> network tag
         self.paused: set[str] = set()  # routes whose contract is in grace: they answer 503
@@ -107,10 +115,31 @@ class GatewayService:
                 if gw.get(k)}
 
     def _load(self) -> None:
+        """Make Caddy and the TLS front serve `routes`. The front runs only while a
+        passthrough route needs it; Caddy's HTTPS server moves to loopback behind it. Both
+        bind :443 with SO_REUSEPORT, so while one takes over from the other Caddy listens
+        on both addresses and no client meets a closed port."""
+        routes = list(self.routes.values())
+        both = (*PUBLIC_HTTPS, BEHIND_FRONT)
         try:
-            self.caddy.load(list(self.routes.values()))
+            if any(r.passthrough for r in routes):
+                if not self.front.running():
+                    self.caddy.load(routes, both)
+                self.front.load(routes)
+                self.caddy.load(routes, (BEHIND_FRONT,))
+            else:
+                if self.front.running():
+                    self.caddy.load(routes, both)
+                self.front.stop()  # also one an agent killed with -9 left running
+                self.caddy.load(routes, PUBLIC_HTTPS)
         except GatewayError as exc:
             raise ProvisionError(f"gateway: {exc}") from None
+
+    def _serves(self, route: Route) -> bool:
+        """Whether Caddy (and for a passthrough route the front) serves `route`."""
+        if route.passthrough:
+            return self.caddy.has_route(f"{route.id}-http") and self.front.serves(route)
+        return self.caddy.has_route(route.id)
 
     def put(self, route: Route) -> None:
         with self.lock:
@@ -119,7 +148,7 @@ class GatewayService:
                 if other.host == route.host and other.id != route.id:
                     raise ProvisionError(f"{route.host} is already proxied on this gateway "
                                          f"(by workload {other.id})")
-            if self.routes.get(route.id) == route and self.caddy.has_route(route.id):
+            if self.routes.get(route.id) == route and self._serves(route):
                 return
             previous = self.routes.get(route.id)
             self.routes[route.id] = route
@@ -162,10 +191,14 @@ class GatewayService:
                 return False
             try:
                 self.caddy.ensure_running(list(self.routes.values()))
-            except GatewayError:
+                if (any(r.passthrough for r in self.routes.values())
+                        and not self.front.running()):
+                    log.warning("event=front_died")
+                    self._load()  # Caddy alone behind a dead front: nothing reaches it
+            except (GatewayError, ProvisionError):
                 return False
             self.watch.start()
-            return self.caddy.has_route(route_id)
+            return self._serves(self.routes[route_id])
 
     def uses_network(self, tag: str) -> bool:
         """Whether a route or a port forward still reaches its backends through `tag`."""
@@ -230,6 +263,7 @@ class GatewayService:
 
     def close(self) -> None:
         self.watch.stop()
+        self.front.stop()
         self.caddy.stop()
 
 
@@ -245,10 +279,9 @@ class _ProxyProvisioner(Provisioner):
     def provision(self, wid: WorkloadID, spec: Workload, deployment: Deployment) -> Provisioned:
         if not isinstance(spec, GatewayNameProxyWorkload | GatewayFqdnProxyWorkload):
             raise ProvisionError(f"{wid}: not a gateway proxy workload")
-        if spec.tls_passthrough:
-            raise ProvisionError("tls_passthrough needs a layer-4 proxy (Caddy's caddy-l4 "
-                                 "plugin, which Debian's Caddy does not have): not supported "
-                                 "by this gateway")
+        if spec.tls_passthrough and any(not b.startswith("https://") for b in spec.backends):
+            raise ProvisionError("tls_passthrough forwards TLS untouched: every backend is "
+                                 "https://IP:PORT, a server holding the name's certificate")
         with self.service.lock:
             try:
                 host, owner = self.host(spec, deployment)
@@ -257,7 +290,8 @@ class _ProxyProvisioner(Provisioner):
                 raise
             upstreams, tag = self.service.upstreams(wid, spec, deployment)
             route = Route(wid.key, host, upstreams, spec.https_redirect, spec.health_path,
-                          spec.health_interval, owner=owner, network=tag)
+                          spec.health_interval, owner=owner, network=tag,
+                          passthrough=spec.tls_passthrough)
             self.service.put(route)
         addresses = self.service.public_addresses()
         return Provisioned(data={
