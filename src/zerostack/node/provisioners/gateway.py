@@ -22,7 +22,7 @@ from typing import Any
 
 from zerostack.gateway import Caddy, GatewayError, Route, Upstream
 from zerostack.gateway.config import BEHIND_FRONT, PUBLIC_HTTPS
-from zerostack.gateway.dns import Dnsmasq, HealthWatch, Peer
+from zerostack.gateway.dns import Dnsmasq, HealthWatch, Peer, lookup_txt, system_resolvers
 from zerostack.gateway.front import Front
 from zerostack.node.network import join
 from zerostack.node.network.plan import NetworkResource, resource_names
@@ -49,6 +49,11 @@ PRIVATE = tuple(ipaddress.ip_network(n) for n in (
     "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10"))
 """Private ranges: user networks (other tenants' too, on a node that joined them), NAT
 LANs and the nodes' uplinks. A backend there is reached only through `network`."""
+TEST_TLDS = frozenset({"test", "example", "invalid", "localhost"})
+"""Top-level domains reserved for tests (RFC 2606, 6761): no public CA certifies a name
+under them and nobody owns one, so any tenant may proxy one with the internal CA."""
+PROOF_LABEL = "_zerostack"
+"""An fqdn's owner proves it by a TXT record `zerostack-twin=N` at `_zerostack.<fqdn>`."""
 
 
 def _node_addresses() -> set[str]:
@@ -363,14 +368,58 @@ class NameProxyProvisioner(_ProxyProvisioner):
         return f"{name}.{gw['domain']}", int(owner)
 
 
+def _resolvers(node: NodeContext) -> list[tuple[str, int]]:
+    """The name servers the gateway asks for ownership proofs: `gateway_resolvers`
+    (`IP` or `IP#PORT`) if set, else the node's resolv.conf."""
+    given = node.extra.get("gateway_resolvers")
+    out: list[tuple[str, int]] = []
+    for entry in (given if isinstance(given, list) else system_resolvers())[:3]:
+        address, _, port = str(entry).partition("#")
+        out.append((address, int(port) if port.isdigit() else 53))
+    return out
+
+
 class FqdnProxyProvisioner(_ProxyProvisioner):
-    """`gateway_fqdn_proxy`: the owner's own domain (first come on this gateway)."""
+    """`gateway_fqdn_proxy`: the owner's own domain. A name under a test TLD is first come
+    on this gateway; any other name needs its DNS to say which twin may proxy it (a TXT
+    record `zerostack-twin=N` at `_zerostack.<fqdn>`), and, unless its TLS passes through
+    untouched, a gateway that gets certificates from ACME: the internal CA certifies test
+    names only."""
 
     def host(self, spec: ProxySpec, deployment: Deployment) -> tuple[str, int]:
         assert isinstance(spec, GatewayFqdnProxyWorkload)
         domain = str(self.service.record()["domain"])
-        if spec.fqdn == domain or spec.fqdn.endswith("." + domain):
-            raise ProvisionError(f"{spec.fqdn} is under the gateway's own domain {domain}: "
+        fqdn, twin = spec.fqdn, deployment.twin_id
+        if fqdn == domain or fqdn.endswith("." + domain):
+            raise ProvisionError(f"{fqdn} is under the gateway's own domain {domain}: "
                                  "those names are registered on the ledger "
                                  "(gateway_name_proxy)")
-        return spec.fqdn, deployment.twin_id
+        if fqdn.rsplit(".", 1)[-1] in TEST_TLDS:
+            return fqdn, twin
+        if not spec.tls_passthrough and not self.service.caddy.acme_email:
+            raise ProvisionError(
+                f"{fqdn} is a real domain and this gateway certifies names with its internal "
+                "CA, which it does for test names only (.test, .example, .invalid, "
+                ".localhost): use a gateway run with --gateway-acme-email, or "
+                "tls_passthrough with the domain's own certificate on the backends")
+        proof = f"{PROOF_LABEL}.{fqdn}"
+        if len(proof) > 253:
+            raise ProvisionError(f"{fqdn} is too long to carry an ownership proof ({proof})")
+        wanted = f"zerostack-twin={twin}"
+        servers = _resolvers(self.node)
+        if not servers:
+            raise ProvisionError(f"cannot check who owns {fqdn}: the node has no name server")
+        records: list[str] = []
+        for address, port in servers:
+            try:
+                records = lookup_txt(proof, [address], port=port)
+                break
+            except GatewayError as exc:
+                error = str(exc)
+        else:
+            raise ProvisionError(f"cannot check who owns {fqdn}: {error}")
+        if wanted not in records:
+            raise ProvisionError(
+                f"{fqdn} is not proven to be twin {twin}'s: its DNS needs a TXT record "
+                f'{proof} "{wanted}" (found {len(records)} TXT record(s) there)')
+        return fqdn, twin
