@@ -1,7 +1,9 @@
 """Zero-GW: requests/s and p50/p99 latency of small HTTP responses through a gateway's
-Caddy (plain HTTP and TLS) against the same backend straight, in one run, as ratios; then
-the failover interruption of a URL served by two gateways on two sites over N cuts of a
-whole gateway host. Needs root, caddy, wrk and dnsmasq.
+Caddy (plain HTTP and TLS) against the same backend straight, in one run, as ratios; the
+same TLS name again while the gateway's TLS front (HAProxy) runs for a passthrough name,
+and that passthrough name against its TLS backend straight; then the failover
+interruption of a URL served by two gateways on two sites over N cuts of a whole gateway
+host. Needs root, caddy, haproxy, wrk and dnsmasq.
 
     python -m bench.gateway_bench [--duration 5] [--connections 16] [--cuts 10] [--json]
 """
@@ -24,10 +26,14 @@ from typing import Any
 from tests.gateway.failover import TwoGateways, interruption
 
 from zerostack.gateway import Caddy, Route, Upstream
+from zerostack.gateway.front import Front, serve
 from zerostack.grid import LocalGrid, inside
 
 HOST = "bench.gw1.grid.test"
+PASSTHROUGH = "pt.gw1.grid.test"
+STRAIGHT = "pt-straight.gw1.grid.test"  # the same TLS backend, its name on the backend
 BACKEND_PORT = 8080
+BACKEND_TLS_PORT = 8443
 _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
 
 
@@ -58,39 +64,62 @@ def throughput(root: Path, duration: int, connections: int) -> dict[str, Any]:
     client = grid._add_host("client", 0, False)
     hosts_dir = Path("/etc/netns") / client.namespace
     backend_cfg = root / "backend.json"
-    backend_cfg.write_text(json.dumps({"admin": {"disabled": True}, "apps": {"http": {
-        "servers": {"b": {"listen": [f":{BACKEND_PORT}"], "routes": [{"handle": [
-            {"handler": "static_response", "body": "hello\n"}]}]}}}}}))
+    hello = [{"handle": [{"handler": "static_response", "body": "hello\n"}]}]
+    # the backend: plain HTTP, and TLS with its own certificates (its own internal CA)
+    backend_cfg.write_text(json.dumps({
+        "admin": {"disabled": True},
+        "storage": {"module": "file_system", "root": str(root / "backend-caddy")},
+        "apps": {
+            "http": {"servers": {
+                "b": {"listen": [f":{BACKEND_PORT}"], "routes": hello},
+                "t": {"listen": [f":{BACKEND_TLS_PORT}"], "tls_connection_policies": [{}],
+                      "automatic_https": {"disable_redirects": True},
+                      "routes": [{"match": [{"host": [PASSTHROUGH, STRAIGHT]}],
+                                  "handle": hello[0]["handle"]}]}}},
+            "pki": {"certificate_authorities": {"local": {"install_trust": False}}},
+            "tls": {"automation": {"policies": [{"issuers": [{"module": "internal"}]}]}}}}))
     proc = subprocess.Popen(["ip", "netns", "exec", backend.namespace, "caddy", "run",
                              "--config", str(backend_cfg)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     caddy = Caddy(root / "gateway")
+    front = Front(root / "gateway" / "front")
     try:
         # the client resolves the gateway's name from its own hosts file (ip netns exec
         # mounts /etc/netns/NS/hosts over /etc/hosts), as wrk sends SNI from the URL
         hosts_dir.mkdir(parents=True, exist_ok=True)
-        (hosts_dir / "hosts").write_text(f"127.0.0.1 localhost\n{gw.address} {HOST}\n")
+        (hosts_dir / "hosts").write_text(f"127.0.0.1 localhost\n{gw.address} {HOST}\n"
+                                         f"{gw.address} {PASSTHROUGH}\n"
+                                         f"{backend.address} {STRAIGHT}\n")
         route = Route("bench", HOST, (Upstream("http", backend.address, BACKEND_PORT),),
                       https_redirect=False)
         with inside(gw.namespace):
             caddy.load([route])
-        deadline = time.monotonic() + 30
-        while True:  # the internal CA issues the certificate once the route is loaded
-            probe = subprocess.run(["ip", "netns", "exec", client.namespace, "wrk", "-t1",
-                                    "-c1", "-d1s", f"https://{HOST}/"],
-                                   capture_output=True, text=True)
-            if "Requests/sec" in probe.stdout and "Socket errors" not in probe.stdout:
-                break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"no TLS answer from the gateway: {probe.stdout}")
-            time.sleep(0.5)
+        _answers(client.namespace, f"https://{HOST}/")
         runs = {
             "direct": wrk(client.namespace, f"http://{backend.address}:{BACKEND_PORT}/",
                           duration, connections),
             "gateway_plain": wrk(client.namespace, f"http://{HOST}/", duration, connections),
             "gateway_tls": wrk(client.namespace, f"https://{HOST}/", duration, connections),
         }
+        # a passthrough name on the gateway: the TLS front takes :443, Caddy moves behind
+        passthrough = Route("pt", PASSTHROUGH,
+                            (Upstream("https", backend.address, BACKEND_TLS_PORT),),
+                            passthrough=True)
+        with inside(gw.namespace):
+            serve(caddy, front, [route, passthrough])
+        _answers(client.namespace, f"https://{HOST}/")
+        _answers(client.namespace, f"https://{STRAIGHT}:{BACKEND_TLS_PORT}/")
+        _answers(client.namespace, f"https://{PASSTHROUGH}/")
+        runs |= {
+            "gateway_tls_front": wrk(client.namespace, f"https://{HOST}/", duration,
+                                     connections),
+            "straight_tls": wrk(client.namespace, f"https://{STRAIGHT}:{BACKEND_TLS_PORT}/",
+                                duration, connections),
+            "passthrough": wrk(client.namespace, f"https://{PASSTHROUGH}/", duration,
+                               connections),
+        }
     finally:
+        front.stop()
         caddy.stop()
         proc.terminate()
         proc.wait()
@@ -98,11 +127,26 @@ def throughput(root: Path, duration: int, connections: int) -> dict[str, Any]:
         if hosts_dir.exists():
             hosts_dir.rmdir()
         grid.stop()
-    direct = runs["direct"]
-    for name in ("gateway_plain", "gateway_tls"):
-        runs[name]["rps_ratio"] = round(runs[name]["rps"] / direct["rps"], 3)
-        runs[name]["p50_ratio"] = round(runs[name]["p50_ms"] / direct["p50_ms"], 2)
+    for name, ref in (("gateway_plain", "direct"), ("gateway_tls", "direct"),
+                      ("gateway_tls_front", "direct"), ("passthrough", "straight_tls")):
+        runs[name]["rps_ratio"] = round(runs[name]["rps"] / runs[ref]["rps"], 3)
+        runs[name]["p50_ratio"] = round(runs[name]["p50_ms"] / runs[ref]["p50_ms"], 2)
+        runs[name]["reference"] = ref  # type: ignore[assignment]
     return runs
+
+
+def _answers(ns: str, url: str) -> None:
+    """Wait until `url` answers over TLS from `ns` (certificates are issued once a route
+    is loaded)."""
+    deadline = time.monotonic() + 30
+    while True:
+        probe = subprocess.run(["ip", "netns", "exec", ns, "wrk", "-t1", "-c1", "-d1s", url],
+                               capture_output=True, text=True)
+        if "Requests/sec" in probe.stdout and "Socket errors" not in probe.stdout:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no TLS answer from {url}: {probe.stdout}")
+        time.sleep(0.5)
 
 
 def failover(root: Path, cuts: int) -> dict[str, Any]:
@@ -161,8 +205,8 @@ def main() -> None:
         return
     print(f"{result['date']}  {result['machine']}  load {result['load_before']:.2f}")
     for name, r in result["throughput"].items():
-        ratio = f"  x{r['rps_ratio']:.2f} of direct" if "rps_ratio" in r else ""
-        print(f"{name:14} {r['rps']:9.0f} req/s  p50 {r['p50_ms']:6.2f} ms  "
+        ratio = f"  x{r['rps_ratio']:.2f} of {r['reference']}" if "rps_ratio" in r else ""
+        print(f"{name:17} {r['rps']:9.0f} req/s  p50 {r['p50_ms']:6.2f} ms  "
               f"p99 {r['p99_ms']:6.2f} ms{ratio}")
     if "failover" in result:
         f = result["failover"]

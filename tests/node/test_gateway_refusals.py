@@ -131,14 +131,15 @@ def proofs(tmp_path: Path) -> Iterator[str]:
          "--txt-record=_zerostack.other.example.org,something else"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + 15
         while True:
             try:
                 lookup_txt("_zerostack.shop.example.org", ["127.0.0.1"], timeout=0.2,
                            port=port)
                 break
             except GatewayError:
-                assert time.monotonic() < deadline and proc.poll() is None, "no dnsmasq"
+                assert proc.poll() is None, f"dnsmasq exited with {proc.returncode}"
+                assert time.monotonic() < deadline, "dnsmasq did not answer in 15 s"
         yield f"127.0.0.1#{port}"
     finally:
         proc.terminate()

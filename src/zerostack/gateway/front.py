@@ -28,7 +28,8 @@ import threading
 import time
 from pathlib import Path
 
-from zerostack.gateway.config import BEHIND_FRONT, HTTPS_PORT, Route
+from zerostack.gateway.caddy import Caddy
+from zerostack.gateway.config import BEHIND_FRONT, HTTPS_PORT, PUBLIC_HTTPS, Route
 from zerostack.gateway.errors import GatewayError
 from zerostack.gateway.stale import stop_stale
 from zerostack.node.hostfs import create_private, private_dir
@@ -272,3 +273,21 @@ class Front:
                 return f.read().decode(errors="replace")
         except OSError:
             return ""
+
+
+def serve(caddy: Caddy, front: Front, routes: list[Route]) -> None:
+    """Make Caddy and the TLS front serve `routes`. The front runs only while a
+    passthrough route needs it, Caddy's HTTPS server then on loopback behind it. Both bind
+    :443 with SO_REUSEPORT, so while one takes over from the other Caddy listens on both
+    addresses and no client meets a closed port. GatewayError when either refuses."""
+    both = (*PUBLIC_HTTPS, BEHIND_FRONT)
+    if any(r.passthrough for r in routes):
+        if not front.running():
+            caddy.load(routes, both)
+        front.load(routes)
+        caddy.load(routes, (BEHIND_FRONT,))
+    else:
+        if front.running():
+            caddy.load(routes, both)
+        front.stop()  # also one an agent killed with -9 left running
+        caddy.load(routes, PUBLIC_HTTPS)

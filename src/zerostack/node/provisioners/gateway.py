@@ -20,8 +20,7 @@ import threading
 from dataclasses import replace
 from typing import Any
 
-from zerostack.gateway import Caddy, GatewayError, Route, Upstream
-from zerostack.gateway.config import BEHIND_FRONT, PUBLIC_HTTPS
+from zerostack.gateway import Caddy, GatewayError, Route, Upstream, front
 from zerostack.gateway.dns import Dnsmasq, HealthWatch, Peer, lookup_txt, system_resolvers
 from zerostack.gateway.front import Front
 from zerostack.node.network import join
@@ -120,23 +119,8 @@ class GatewayService:
                 if gw.get(k)}
 
     def _load(self) -> None:
-        """Make Caddy and the TLS front serve `routes`. The front runs only while a
-        passthrough route needs it; Caddy's HTTPS server moves to loopback behind it. Both
-        bind :443 with SO_REUSEPORT, so while one takes over from the other Caddy listens
-        on both addresses and no client meets a closed port."""
-        routes = list(self.routes.values())
-        both = (*PUBLIC_HTTPS, BEHIND_FRONT)
         try:
-            if any(r.passthrough for r in routes):
-                if not self.front.running():
-                    self.caddy.load(routes, both)
-                self.front.load(routes)
-                self.caddy.load(routes, (BEHIND_FRONT,))
-            else:
-                if self.front.running():
-                    self.caddy.load(routes, both)
-                self.front.stop()  # also one an agent killed with -9 left running
-                self.caddy.load(routes, PUBLIC_HTTPS)
+            front.serve(self.caddy, self.front, list(self.routes.values()))
         except GatewayError as exc:
             raise ProvisionError(f"gateway: {exc}") from None
 
