@@ -104,6 +104,7 @@ class Env:
     ctx: NodeContext
     cert: Path
     root: Path
+    restarted: NodeContext | None = None  # the context of an agent started again
 
     def connect(self, sni: str | None, cafile: Path | None = None) -> ssl.SSLSocket:
         """A TLS connection from the client to the gateway's :443 (handshake done)."""
@@ -165,6 +166,7 @@ def env(tmp_path: Path) -> Iterator[Env]:
     grid.root.mkdir(parents=True)
     backend_server: TlsBackend | None = None
     service: GatewayService | None = None
+    e: Env | None = None
     try:
         for s in grid._make_wan():
             s.close()
@@ -178,13 +180,22 @@ def env(tmp_path: Path) -> Iterator[Env]:
             "gateway": {"domain": DOMAIN, "ipv4": f"{gw.address}/24"},
             "name_owners": {"secure": OWNER, "shop": OWNER, "vault": OWNER}})
         service = GatewayService.of(ctx)
-        yield Env(gw, backend, client, ctx, cert, tmp_path)
+        e = Env(gw, backend, client, ctx, cert, tmp_path)
+        yield e
     finally:
         if service is not None:
             service.close()
+        if e is not None and e.restarted is not None:
+            GatewayService.of(e.restarted).close()
         if backend_server is not None:
             backend_server.stop()
         grid.stop()
+
+
+def provision_with(prov: NameProxyProvisioner, wid: WorkloadID, spec: Any) -> None:
+    dep = build_deployment({"workloads": [spec.model_dump()]}, OWNER, [], None,
+                           key_of=lambda t: Identity.generate().public_hex)
+    prov.provision(wid, dep.workloads[0], dep)
 
 
 def provision(env: Env, wid: WorkloadID, **kw: Any) -> None:
@@ -276,10 +287,32 @@ def test_tls_passthrough(env: Env) -> None:
     until("the passthrough name after a restart of the front", lambda: env.connect(
         f"secure.{DOMAIN}", env.cert).getpeercert(binary_form=True) == own)
 
-    # cancel: the route goes; with the last passthrough name the front stops and Caddy
-    # takes :443 back
+    # the agent killed with -9 and started again: a new agent finds nothing in memory,
+    # the old front and Caddy still running; it provisions from the contracts, stopping
+    # the old processes first, and serves the same routes
+    old_front, old_caddy = front._proc, service.caddy._proc
+    assert old_front is not None and old_caddy is not None
+    restarted = NodeContext(env.ctx.data_dir, env.ctx.identity, extra={
+        k: v for k, v in env.ctx.extra.items() if k != "gateway_service"})
+    env.restarted = restarted
+    prov = NameProxyProvisioner(restarted)
     spec = deploy(name="secure", domain_name="secure", backends=[backend],
                   tls_passthrough=True).workloads[0]
+    shop_spec = deploy(name="shop", domain_name="shop", backends=[backend],
+                       health_interval=1).workloads[0]
+    with inside(env.gw.namespace):
+        assert not prov.exists(secure, spec)
+        provision_with(prov, secure, spec)
+        provision_with(prov, shop, shop_spec)
+        assert prov.exists(secure, spec) and prov.exists(shop, shop_spec)
+    assert old_front.wait(10) is not None and old_caddy.wait(10) is not None
+    front = GatewayService.of(restarted).front
+    assert front.running()
+    until("the passthrough name after an agent restart", lambda: env.connect(
+        f"secure.{DOMAIN}", env.cert).getpeercert(binary_form=True) == own)
+
+    # cancel: the route goes; with the last passthrough name the front stops and Caddy
+    # takes :443 back
     with inside(env.gw.namespace):
         prov.deprovision(secure, spec)
     assert not front.running()
