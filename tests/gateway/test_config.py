@@ -62,3 +62,35 @@ def test_one_route_per_host_whatever_the_order(hosts: list[str]) -> None:
         served = [r["match"][0]["host"][0] for r in a["apps"]["http"]["servers"]["https"]
                   ["routes"]]
         assert served == sorted(hosts)
+
+
+def test_passthrough_hosts_leave_caddy_https_to_the_front() -> None:
+    from zerostack.gateway.config import BEHIND_FRONT
+    from zerostack.gateway.front import backend_name
+    from zerostack.gateway.front import render as front
+
+    tls = (Upstream("https", "10.20.1.10", 8443), Upstream("https", "fd00:5a::20", 443))
+    pt = Route("c2-vault", "vault.gw1.grid.test", tls, passthrough=True, health_interval=3)
+    paused = Route("c3-old", "old.gw1.grid.test", tls, passthrough=True, paused=True)
+    cfg = render([route(), pt, paused], "/s", "/d", https_listen=(BEHIND_FRONT,))
+    servers = cfg["apps"]["http"]["servers"]
+    assert servers["https"]["listen"] == ["127.0.0.1:44300"]
+    assert servers["https"]["tls_connection_policies"] == [{}]
+    assert [r["@id"] for r in servers["https"]["routes"]] == ["c1-web"]
+    # plain HTTP of a passthrough host redirects (and answers the grid's health probe)
+    http = {r.get("@id"): r for r in servers["http"]["routes"]}
+    assert http["c2-vault-http"]["handle"][0]["status_code"] == 308
+    assert http["c3-old-http"]["handle"][0]["status_code"] == 503
+
+    text = front([route(), pt, paused], "/n/gateway/front/haproxy.sock")
+    assert "bind :::443 v4v6" in text
+    assert "stats socket /n/gateway/front/haproxy.sock mode 600 level admin" in text
+    assert "reject unless { req.ssl_hello_type 1 }" in text
+    assert "reject unless { req.ssl_sni -m found }" in text
+    assert f"use_backend {backend_name(pt)} if {{ req.ssl_sni -i vault.gw1.grid.test }}" in text
+    assert "reject if { req.ssl_sni -i old.gw1.grid.test }" in text  # paused: closed
+    assert "shop.gw1.grid.test" not in text  # Caddy's names go to the default backend
+    assert "server caddy 127.0.0.1:44300" in text
+    assert "server s0 10.20.1.10:8443 check inter 3s" in text
+    assert "server s1 [fd00:5a::20]:443 check inter 3s" in text
+    assert text.count("\nbackend pt_") == 1  # none for the paused host

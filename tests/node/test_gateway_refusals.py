@@ -1,17 +1,25 @@
 """Gateway proxies refuse bad input before anything changes (no Caddy is started): a
 name owned by another twin or by nobody, a node that is no gateway, an fqdn under the
 gateway's domain, a backend that is the node itself or private without a network,
-mixed schemes, tls_passthrough."""
+mixed schemes, tls_passthrough with plain backends; an fqdn that is not a test name
+without ACME, or whose DNS (a real dnsmasq here) does not name the deployment's owner."""
 
 from __future__ import annotations
 
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.conftest import require_tool
 from zerostack.bot.spec import build_deployment
 from zerostack.crypto import Identity
+from zerostack.gateway import GatewayError
+from zerostack.gateway.dns import lookup_txt
 from zerostack.node.provisioners import NodeContext, ProvisionError, WorkloadID
 from zerostack.node.provisioners.gateway import (
     FqdnProxyProvisioner,
@@ -45,7 +53,7 @@ def proxy(**kw: Any) -> dict[str, Any]:
     ({"domain_name": "free"}, {}, "not registered"),
     ({}, {"name_owners": {"shop": 9}}, "belongs to twin 9"),
     ({}, {"gateway": None}, "not a gateway"),
-    ({"tls_passthrough": True}, {}, "caddy-l4"),
+    ({"tls_passthrough": True}, {}, "every backend is https"),
     ({"backends": ["http://198.18.0.10:8080"]}, {}, "this gateway node itself"),
     ({"backends": ["http://[fd00:5a::10]:80"]}, {}, "this gateway node itself"),
     ({"backends": ["http://10.20.1.10:8080"]}, {}, "private"),
@@ -105,3 +113,75 @@ def test_backends_on_the_network_are_checked_before_the_node_joins_it(
         with pytest.raises(ProvisionError, match=words):
             prov.provision(WorkloadID(1, "web"), dep.workloads[1], dep)
     assert GatewayService.of(ctx).routes == {}
+
+
+@pytest.fixture
+def proofs(tmp_path: Path) -> Iterator[str]:
+    """A real name server (dnsmasq, loopback only) holding ownership proofs: twin 7's
+    for shop.example.org, twin 9's for other.example.org; `IP#PORT`."""
+    require_tool("dnsmasq")
+    port = free_udp_port()
+    proc = subprocess.Popen(
+        ["dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null", "--no-resolv",
+         "--no-hosts", "--bind-interfaces", "--listen-address=127.0.0.1", f"--port={port}",
+         "--user=root", "--pid-file=", "--log-facility=-",
+         "--local=/example.org/",  # its own zone: other names there do not exist
+         f"--txt-record=_zerostack.shop.example.org,zerostack-twin={OWNER}",
+         "--txt-record=_zerostack.other.example.org,zerostack-twin=9",
+         "--txt-record=_zerostack.other.example.org,something else"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                lookup_txt("_zerostack.shop.example.org", ["127.0.0.1"], timeout=0.2,
+                           port=port)
+                break
+            except GatewayError:
+                assert proc.poll() is None, f"dnsmasq exited with {proc.returncode}"
+                assert time.monotonic() < deadline, "dnsmasq did not answer in 15 s"
+        yield f"127.0.0.1#{port}"
+    finally:
+        proc.terminate()
+        proc.wait(5)
+
+
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.parametrize("fqdn,acme,passthrough,words", [
+    ("shop.farm.test", False, False, None),  # a test name: internal CA, first come
+    ("shop.example.org", False, False, "internal CA"),  # a real domain needs ACME
+    ("shop.example.org", True, False, None),  # ... and its owner's proof
+    ("shop.example.org", False, True, None),  # passthrough: no certificate from us
+    ("other.example.org", True, False, "not proven to be twin 7's"),  # twin 9's proof
+    ("none.example.org", True, True, "found 0 TXT"),  # no proof at all
+])
+def test_an_fqdn_is_proxied_for_its_proven_owner_only(
+        tmp_path: Path, proofs: str, fqdn: str, acme: bool, passthrough: bool,
+        words: str | None) -> None:
+    ctx = context(tmp_path, gateway_resolvers=[proofs],
+                  **({"gateway_acme_email": "ops@example.org"} if acme else {}))
+    prov = FqdnProxyProvisioner(ctx)
+    dep = deploy({"type": "gateway_fqdn_proxy", "name": "web", "fqdn": fqdn,
+                  "tls_passthrough": passthrough, "backends": ["https://198.18.1.50:8443"]})
+    if words is None:
+        assert prov.host(dep.workloads[0], dep) == (fqdn, OWNER)
+        return
+    with pytest.raises(ProvisionError, match=words):
+        prov.provision(WorkloadID(1, "web"), dep.workloads[0], dep)
+    service = GatewayService.of(ctx)
+    assert service.routes == {} and not service.caddy.running()
+
+
+def test_an_fqdn_whose_owner_cannot_be_checked_is_refused(tmp_path: Path) -> None:
+    port = free_udp_port()  # nobody answers there
+    ctx = context(tmp_path, gateway_resolvers=[f"127.0.0.1#{port}"],
+                  gateway_acme_email="ops@example.org")
+    dep = deploy({"type": "gateway_fqdn_proxy", "name": "web", "fqdn": "shop.example.org",
+                  "backends": ["http://198.18.1.50:8080"]})
+    with pytest.raises(ProvisionError, match=r"cannot check who owns shop\.example\.org"):
+        FqdnProxyProvisioner(ctx).provision(WorkloadID(1, "web"), dep.workloads[0], dep)

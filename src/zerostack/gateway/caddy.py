@@ -16,7 +16,7 @@ from typing import Any
 
 import httpx
 
-from zerostack.gateway.config import Route, render
+from zerostack.gateway.config import PUBLIC_HTTPS, Route, render
 from zerostack.gateway.errors import GatewayError
 from zerostack.gateway.stale import stop_stale
 from zerostack.node.hostfs import create_private, private_dir
@@ -26,6 +26,9 @@ log = logging.getLogger("zerostack.gateway")
 START_TIMEOUT = 15.0
 ADMIN_TIMEOUT = 10.0
 MAX_ANSWER = 1 << 20
+GOGC = "400"
+"""Go's collector target for Caddy (default 100): collect when the heap has grown 4x past
+what was live, not 1x. Measured in docs/benchmarks.md (Zero-GW gateways)."""
 
 
 class Caddy:
@@ -38,6 +41,8 @@ class Caddy:
         self.binary = binary
         self._proc: subprocess.Popen[bytes] | None = None
         self._lock = threading.RLock()
+        self.https_listen: tuple[str, ...] = PUBLIC_HTTPS
+        """Where the HTTPS server listens (the last `load` says; a restart keeps it)."""
 
     # ---- paths ------------------------------------------------------------------------
 
@@ -88,7 +93,10 @@ class Caddy:
                 f.write(json.dumps(self.render(routes)))
             env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"),
                    "HOME": str(self.root), "XDG_DATA_HOME": str(self.storage),
-                   "XDG_CONFIG_HOME": str(self.root / "config")}
+                   "XDG_CONFIG_HOME": str(self.root / "config"),
+                   # a proxy's live heap is small and its garbage per request large: fewer
+                   # collections cost about a tenth of Caddy's CPU per request less
+                   "GOGC": GOGC}
             with os.fdopen(create_private(self.root / "caddy.log"), "ab") as out:
                 try:
                     self._proc = subprocess.Popen(
@@ -135,7 +143,8 @@ class Caddy:
     # ---- admin API --------------------------------------------------------------------
 
     def render(self, routes: list[Route]) -> dict[str, Any]:
-        return render(routes, str(self.admin_socket), str(self.storage), self.acme_email)
+        return render(routes, str(self.admin_socket), str(self.storage), self.acme_email,
+                      self.https_listen)
 
     def _client(self) -> httpx.Client:
         return httpx.Client(transport=httpx.HTTPTransport(uds=str(self.admin_socket)),
@@ -150,9 +159,12 @@ class Caddy:
         except httpx.HTTPError:
             return False
 
-    def load(self, routes: list[Route]) -> None:
-        """Make Caddy serve exactly `routes` (starting it first if it is not running)."""
+    def load(self, routes: list[Route], https_listen: tuple[str, ...] | None = None) -> None:
+        """Make Caddy serve exactly `routes` (starting it first if it is not running), its
+        HTTPS server on `https_listen` (unchanged when None)."""
         with self._lock:
+            if https_listen is not None:
+                self.https_listen = https_listen
             if self.ensure_running(routes):
                 return
             try:

@@ -3,7 +3,10 @@ a dict out, so every rule (redirects, health checks, TLS issuer, admin socket) i
 unit-tested without a Caddy.
 
 One HTTPS server on :443 holds a route per host; one HTTP server on :80 answers each
-host with a redirect to HTTPS or, when its workload says so, with the same proxy.
+host with a redirect to HTTPS or, when its workload says so, with the same proxy. While
+the gateway's TLS front (`front`) runs, the HTTPS server listens on `BEHIND_FRONT`
+(loopback) instead, and a TLS-passthrough host has no HTTPS route at all: its TLS never
+reaches Caddy, only its plain HTTP redirect and health answer do.
 Certificates come from Caddy's internal CA unless an ACME email is set; Caddy never
 installs its root into the system's trust store. A paused route (its contract is in
 grace) answers 503 with a static response on both servers.
@@ -20,6 +23,10 @@ DIAL_TIMEOUT = "2s"
 HEALTH_PATH = "/.well-known/zerostack-gateway"
 """Answered 200 on plain HTTP for every host a gateway serves: how the other gateways of
 the farm check it is alive and serves that host (see `dns`)."""
+BEHIND_FRONT = "127.0.0.1:44300"
+"""Where Caddy's HTTPS server listens while the TLS front holds :443 (loopback of the
+node's namespace: nothing outside it reaches the port)."""
+PUBLIC_HTTPS = (f":{HTTPS_PORT}",)
 TRY_DURATION = "4s"
 """How long a request keeps trying the other backends when one fails to connect."""
 
@@ -51,6 +58,7 @@ class Route:
     owner: int = 0  # the twin the route was checked for (names: the name's owner)
     network: str = ""  # the network key through which the upstreams are reached
     paused: bool = False  # its contract is in grace: the host answers 503, no proxying
+    passthrough: bool = False  # TLS forwarded untouched by SNI (the front), not by Caddy
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
 
@@ -99,16 +107,20 @@ def _redirect(route: Route) -> dict[str, Any]:
 
 
 def render(routes: list[Route], admin_socket: str, storage: str,
-           acme_email: str = "") -> dict[str, Any]:
-    """The whole configuration for `routes` (sorted by host: one config per route set)."""
+           acme_email: str = "", https_listen: tuple[str, ...] = PUBLIC_HTTPS
+           ) -> dict[str, Any]:
+    """The whole configuration for `routes` (sorted by host: one config per route set);
+    the HTTPS server listens on `https_listen` (`BEHIND_FRONT` behind the TLS front)."""
     ordered = sorted(routes, key=lambda r: (r.host, r.id))
-    https = [_route(r, _serve(r)) for r in ordered]
+    https = [_route(r, _serve(r)) for r in ordered if not r.passthrough]
     http: list[dict[str, Any]] = []
     for r in ordered:
         http.append({"match": [{"host": [r.host], "path": [HEALTH_PATH]}],
                      "handle": [{"handler": "static_response", "status_code": 200,
                                  "body": r.host}], "terminal": True})
-        plain = _paused() if r.paused else _redirect(r) if r.https_redirect else _proxy(r)
+        # a passthrough host's backends speak TLS only: its plain HTTP always redirects
+        plain = (_paused() if r.paused else _redirect(r)
+                 if r.https_redirect or r.passthrough else _proxy(r))
         http.append({**_route(r, plain),
                      "@id": f"{r.id}-http"})
     issuer: dict[str, Any] = ({"module": "acme", "email": acme_email} if acme_email
@@ -123,7 +135,9 @@ def render(routes: list[Route], admin_socket: str, storage: str,
                 "http_port": HTTP_PORT,
                 "https_port": HTTPS_PORT,
                 "servers": {
-                    "https": {"listen": [f":{HTTPS_PORT}"], "routes": https,
+                    "https": {"listen": list(https_listen), "routes": https,
+                              # TLS on every listener, the loopback one behind the front too
+                              "tls_connection_policies": [{}],
                               "automatic_https": {"disable_redirects": True}},
                     "http": {"listen": [f":{HTTP_PORT}"], "routes": http,
                              "automatic_https": {"disable": True}},

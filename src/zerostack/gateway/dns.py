@@ -247,9 +247,9 @@ def _skip_name(data: bytes, i: int) -> int:
     raise ValueError("truncated name")
 
 
-def parse_answer(data: bytes, qid: int) -> list[str]:
-    """The A and AAAA addresses of a DNS answer to query `qid`; ValueError if it is not
-    one."""
+def _records(data: bytes, qid: int) -> list[tuple[int, bytes]]:
+    """The (type, data) of each answer record of DNS answer `data` to query `qid`;
+    ValueError if it is not one."""
     if len(data) < 12 or int.from_bytes(data[:2], "big") != qid or not data[2] & 0x80:
         raise ValueError("not an answer to this query")
     if data[3] & 0x0F:
@@ -258,7 +258,7 @@ def parse_answer(data: bytes, qid: int) -> list[str]:
     i = 12
     for _ in range(qd):
         i = _skip_name(data, i) + 4
-    out: list[str] = []
+    out: list[tuple[int, bytes]] = []
     for _ in range(an):
         i = _skip_name(data, i)
         rtype, length = int.from_bytes(data[i:i + 2], "big"), int.from_bytes(data[i + 8:i + 10],
@@ -266,12 +266,85 @@ def parse_answer(data: bytes, qid: int) -> list[str]:
         rdata = data[i + 10:i + 10 + length]
         if len(rdata) != length:
             raise ValueError("truncated answer")
-        if rtype == 1 and length == 4:
-            out.append(socket.inet_ntop(socket.AF_INET, rdata))
-        elif rtype == 28 and length == 16:
-            out.append(socket.inet_ntop(socket.AF_INET6, rdata))
+        out.append((rtype, rdata))
         i += 10 + length
     return out
+
+
+def parse_answer(data: bytes, qid: int) -> list[str]:
+    """The A and AAAA addresses of a DNS answer to query `qid`; ValueError if it is not
+    one."""
+    out: list[str] = []
+    for rtype, rdata in _records(data, qid):
+        if rtype == 1 and len(rdata) == 4:
+            out.append(socket.inet_ntop(socket.AF_INET, rdata))
+        elif rtype == 28 and len(rdata) == 16:
+            out.append(socket.inet_ntop(socket.AF_INET6, rdata))
+    return out
+
+
+TXT = 16
+
+
+def parse_txt(data: bytes, qid: int) -> list[str]:
+    """The TXT records of a DNS answer to query `qid` (each record's strings joined),
+    as text (undecodable bytes replaced); ValueError if it is not one."""
+    out: list[str] = []
+    for rtype, rdata in _records(data, qid):
+        if rtype != TXT:
+            continue
+        parts, i = [], 0
+        while i < len(rdata):
+            n = rdata[i]
+            parts.append(rdata[i + 1:i + 1 + n])
+            i += 1 + n
+        out.append(b"".join(parts).decode("utf-8", errors="replace"))
+    return out
+
+
+def system_resolvers(path: Path = Path("/etc/resolv.conf"), limit: int = 3) -> list[str]:
+    """The name servers of the node's resolv.conf (at most `limit`, as a resolver uses)."""
+    try:
+        lines = path.read_text()[:65536].splitlines()
+    except OSError:
+        return []
+    out: list[str] = []
+    for line in lines:
+        words = line.split()
+        if len(words) >= 2 and words[0] == "nameserver" and len(out) < limit:
+            out.append(words[1].split("%")[0])
+    return out
+
+
+def lookup_txt(name: str, servers: Iterable[str], timeout: float = 2.0,
+               port: int = 53) -> list[str]:
+    """The TXT records of `name` from the first of `servers` that answers (recursion
+    asked: these are the node's own resolvers). GatewayError when none does."""
+    servers = list(servers)
+    for server in servers:
+        family = socket.AF_INET6 if ":" in server else socket.AF_INET
+        qid = int.from_bytes(os.urandom(2), "big")
+        packet = bytearray(query_packet(name, qid, TXT))
+        packet[2] |= 0x01  # recursion desired
+        try:
+            with socket.socket(family, socket.SOCK_DGRAM) as s:
+                s.settimeout(timeout)
+                s.sendto(bytes(packet), (server, port))
+                deadline = time.monotonic() + timeout
+                while time.monotonic() < deadline:
+                    data, _ = s.recvfrom(MAX_TXT_ANSWER)
+                    try:
+                        return parse_txt(data, qid)
+                    except ValueError as exc:
+                        if "error code 3" in str(exc):  # NXDOMAIN: no such name
+                            return []
+                        continue
+        except OSError:
+            continue
+    raise GatewayError(f"no name server of {servers[:3]} answered for {name}")
+
+
+MAX_TXT_ANSWER = 4096
 
 
 def resolve(name: str, servers: Iterable[str], timeout: float = 0.5,

@@ -339,7 +339,8 @@ class _ProxyBase(_WorkloadBase):
     """The network workload of this deployment (the gateway node's share of the owner's
     user network) through which the backends are reached; none: public backends."""
     tls_passthrough: bool = False
-    """Forward TLS untouched to the backends by SNI (not done yet: refused by nodes)."""
+    """Forward TLS untouched to the backends by SNI (the gateway never holds their key):
+    every backend is `https://IP:PORT`; plain HTTP to the host redirects to HTTPS."""
     https_redirect: bool = True
     """Plain HTTP requests are redirected to HTTPS; false: HTTP is proxied as well."""
     health_path: str = Field(default="/", max_length=256, pattern=r"^/[!-~]*$")

@@ -1,6 +1,7 @@
 """Gateway workloads: `gateway_name_proxy` (NAME.<gateway domain>, the name owned on the
 ledger by the deployment's owner) and `gateway_fqdn_proxy` (the owner's own domain), both
-served by the node's one Caddy. Backends on the owner's user network are reached through
+served by the node's one Caddy, or with `tls_passthrough` by the node's TLS front
+(HAProxy, `gateway.front`), which forwards their TLS untouched by SNI. Backends on the owner's user network are reached through
 the node's join of that network (`node.network.join`).
 
 The routes live in memory and in Caddy only: after an agent restart the engine finds
@@ -13,13 +14,15 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import logging
 import subprocess
 import threading
 from dataclasses import replace
 from typing import Any
 
-from zerostack.gateway import Caddy, GatewayError, Route, Upstream
-from zerostack.gateway.dns import Dnsmasq, HealthWatch, Peer
+from zerostack.gateway import Caddy, GatewayError, Route, Upstream, front
+from zerostack.gateway.dns import Dnsmasq, HealthWatch, Peer, lookup_txt, system_resolvers
+from zerostack.gateway.front import Front
 from zerostack.node.network import join
 from zerostack.node.network.plan import NetworkResource, resource_names
 from zerostack.node.provisioners.base import (
@@ -38,11 +41,18 @@ from zerostack.workloads import (
 )
 from zerostack.workloads.types import parse_backend
 
+log = logging.getLogger("zerostack.gateway")
+
 ProxySpec = GatewayNameProxyWorkload | GatewayFqdnProxyWorkload
 PRIVATE = tuple(ipaddress.ip_network(n) for n in (
     "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10"))
 """Private ranges: user networks (other tenants' too, on a node that joined them), NAT
 LANs and the nodes' uplinks. A backend there is reached only through `network`."""
+TEST_TLDS = frozenset({"test", "example", "invalid", "localhost"})
+"""Top-level domains reserved for tests (RFC 2606, 6761): no public CA certifies a name
+under them and nobody owns one, so any tenant may proxy one with the internal CA."""
+PROOF_LABEL = "_zerostack"
+"""An fqdn's owner proves it by a TXT record `zerostack-twin=N` at `_zerostack.<fqdn>`."""
 
 
 def _node_addresses() -> set[str]:
@@ -66,6 +76,8 @@ class GatewayService:
         self.caddy = Caddy(node.data_dir / "gateway",
                            acme_email=str(node.extra.get("gateway_acme_email", "")),
                            binary=str(node.extra.get("caddy", "caddy")))
+        self.front = Front(node.data_dir / "gateway" / "front",
+                           binary=str(node.extra.get("haproxy", "haproxy")))
         self.routes: dict[str, Route] = {}
         self.joined: dict[str, str] = {}  # port forward (its table) -> network tag
         self.paused: set[str] = set()  # routes whose contract is in grace: they answer 503
@@ -108,9 +120,15 @@ class GatewayService:
 
     def _load(self) -> None:
         try:
-            self.caddy.load(list(self.routes.values()))
+            front.serve(self.caddy, self.front, list(self.routes.values()))
         except GatewayError as exc:
             raise ProvisionError(f"gateway: {exc}") from None
+
+    def _serves(self, route: Route) -> bool:
+        """Whether Caddy (and for a passthrough route the front) serves `route`."""
+        if route.passthrough:
+            return self.caddy.has_route(f"{route.id}-http") and self.front.serves(route)
+        return self.caddy.has_route(route.id)
 
     def put(self, route: Route) -> None:
         with self.lock:
@@ -119,7 +137,7 @@ class GatewayService:
                 if other.host == route.host and other.id != route.id:
                     raise ProvisionError(f"{route.host} is already proxied on this gateway "
                                          f"(by workload {other.id})")
-            if self.routes.get(route.id) == route and self.caddy.has_route(route.id):
+            if self.routes.get(route.id) == route and self._serves(route):
                 return
             previous = self.routes.get(route.id)
             self.routes[route.id] = route
@@ -162,10 +180,14 @@ class GatewayService:
                 return False
             try:
                 self.caddy.ensure_running(list(self.routes.values()))
-            except GatewayError:
+                if (any(r.passthrough for r in self.routes.values())
+                        and not self.front.running()):
+                    log.warning("event=front_died")
+                    self._load()  # Caddy alone behind a dead front: nothing reaches it
+            except (GatewayError, ProvisionError):
                 return False
             self.watch.start()
-            return self.caddy.has_route(route_id)
+            return self._serves(self.routes[route_id])
 
     def uses_network(self, tag: str) -> bool:
         """Whether a route or a port forward still reaches its backends through `tag`."""
@@ -230,6 +252,7 @@ class GatewayService:
 
     def close(self) -> None:
         self.watch.stop()
+        self.front.stop()
         self.caddy.stop()
 
 
@@ -245,10 +268,9 @@ class _ProxyProvisioner(Provisioner):
     def provision(self, wid: WorkloadID, spec: Workload, deployment: Deployment) -> Provisioned:
         if not isinstance(spec, GatewayNameProxyWorkload | GatewayFqdnProxyWorkload):
             raise ProvisionError(f"{wid}: not a gateway proxy workload")
-        if spec.tls_passthrough:
-            raise ProvisionError("tls_passthrough needs a layer-4 proxy (Caddy's caddy-l4 "
-                                 "plugin, which Debian's Caddy does not have): not supported "
-                                 "by this gateway")
+        if spec.tls_passthrough and any(not b.startswith("https://") for b in spec.backends):
+            raise ProvisionError("tls_passthrough forwards TLS untouched: every backend is "
+                                 "https://IP:PORT, a server holding the name's certificate")
         with self.service.lock:
             try:
                 host, owner = self.host(spec, deployment)
@@ -257,7 +279,8 @@ class _ProxyProvisioner(Provisioner):
                 raise
             upstreams, tag = self.service.upstreams(wid, spec, deployment)
             route = Route(wid.key, host, upstreams, spec.https_redirect, spec.health_path,
-                          spec.health_interval, owner=owner, network=tag)
+                          spec.health_interval, owner=owner, network=tag,
+                          passthrough=spec.tls_passthrough)
             self.service.put(route)
         addresses = self.service.public_addresses()
         return Provisioned(data={
@@ -329,14 +352,58 @@ class NameProxyProvisioner(_ProxyProvisioner):
         return f"{name}.{gw['domain']}", int(owner)
 
 
+def _resolvers(node: NodeContext) -> list[tuple[str, int]]:
+    """The name servers the gateway asks for ownership proofs: `gateway_resolvers`
+    (`IP` or `IP#PORT`) if set, else the node's resolv.conf."""
+    given = node.extra.get("gateway_resolvers")
+    out: list[tuple[str, int]] = []
+    for entry in (given if isinstance(given, list) else system_resolvers())[:3]:
+        address, _, port = str(entry).partition("#")
+        out.append((address, int(port) if port.isdigit() else 53))
+    return out
+
+
 class FqdnProxyProvisioner(_ProxyProvisioner):
-    """`gateway_fqdn_proxy`: the owner's own domain (first come on this gateway)."""
+    """`gateway_fqdn_proxy`: the owner's own domain. A name under a test TLD is first come
+    on this gateway; any other name needs its DNS to say which twin may proxy it (a TXT
+    record `zerostack-twin=N` at `_zerostack.<fqdn>`), and, unless its TLS passes through
+    untouched, a gateway that gets certificates from ACME: the internal CA certifies test
+    names only."""
 
     def host(self, spec: ProxySpec, deployment: Deployment) -> tuple[str, int]:
         assert isinstance(spec, GatewayFqdnProxyWorkload)
         domain = str(self.service.record()["domain"])
-        if spec.fqdn == domain or spec.fqdn.endswith("." + domain):
-            raise ProvisionError(f"{spec.fqdn} is under the gateway's own domain {domain}: "
+        fqdn, twin = spec.fqdn, deployment.twin_id
+        if fqdn == domain or fqdn.endswith("." + domain):
+            raise ProvisionError(f"{fqdn} is under the gateway's own domain {domain}: "
                                  "those names are registered on the ledger "
                                  "(gateway_name_proxy)")
-        return spec.fqdn, deployment.twin_id
+        if fqdn.rsplit(".", 1)[-1] in TEST_TLDS:
+            return fqdn, twin
+        if not spec.tls_passthrough and not self.service.caddy.acme_email:
+            raise ProvisionError(
+                f"{fqdn} is a real domain and this gateway certifies names with its internal "
+                "CA, which it does for test names only (.test, .example, .invalid, "
+                ".localhost): use a gateway run with --gateway-acme-email, or "
+                "tls_passthrough with the domain's own certificate on the backends")
+        proof = f"{PROOF_LABEL}.{fqdn}"
+        if len(proof) > 253:
+            raise ProvisionError(f"{fqdn} is too long to carry an ownership proof ({proof})")
+        wanted = f"zerostack-twin={twin}"
+        servers = _resolvers(self.node)
+        if not servers:
+            raise ProvisionError(f"cannot check who owns {fqdn}: the node has no name server")
+        records: list[str] = []
+        for address, port in servers:
+            try:
+                records = lookup_txt(proof, [address], port=port)
+                break
+            except GatewayError as exc:
+                error = str(exc)
+        else:
+            raise ProvisionError(f"cannot check who owns {fqdn}: {error}")
+        if wanted not in records:
+            raise ProvisionError(
+                f"{fqdn} is not proven to be twin {twin}'s: its DNS needs a TXT record "
+                f'{proof} "{wanted}" (found {len(records)} TXT record(s) there)')
+        return fqdn, twin
