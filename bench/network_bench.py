@@ -3,11 +3,17 @@ nodes, WireGuard between them) against the same two nodes over their plain veth/
 link, in one run, as ratios; with the CPU the WireGuard daemons used. Needs root.
 
     python -m bench.network_bench [--megabytes 256] [--rounds 3] [--json]
-                                  [--wireguard-go PATH ...]
+                                  [--wireguard-go PATH ...] [--pin-daemons]
 
 Each `--wireguard-go` build gets its own network between the same two nodes (its own
 contract, range and port); the rounds take every network and the plain path in turn, so
 builds are compared within one run. Without the option: the `wireguard-go` on PATH.
+
+The CPU of each path is what the sender and the receiver (this process) and, across the
+overlay, both WireGuard daemons used during its transfers, in core-seconds per gigabit;
+the kernel's work for a packet counts to the process it ran in. `--pin-daemons` (a study
+of scheduling, not something a node does) binds node 1's daemons to CPU 0 and node 2's to
+CPU 1 for the whole run.
 """
 
 from __future__ import annotations
@@ -126,6 +132,28 @@ def _cpu_seconds(pids: list[int]) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
+def _own_cpu_seconds() -> float:
+    """This process's CPU (all threads: the sender and the receiver)."""
+    t = os.times()
+    return t.user + t.system
+
+
+def _peak_rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def _pin(pid: int, cpu: int) -> None:
+    """Bind every thread of process `pid` to `cpu` (the Go runtime's threads included)."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            os.sched_setaffinity(int(task.name), {cpu})
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
 def _wireguard_pids(binary: str, names: list[str]) -> list[int]:
     found = []
     for entry in Path("/proc").iterdir():
@@ -153,7 +181,7 @@ def _version(binary: str) -> str:
     return f"{binary}: {first}"
 
 
-def run(megabytes: int, rounds: int, binaries: list[str]) -> dict[str, Any]:
+def run(megabytes: int, rounds: int, binaries: list[str], pin: bool = False) -> dict[str, Any]:
     tag = secrets.token_hex(3)
     wan = f"zb{tag}-wan"
     sides = [Side(f"zb{tag}-n{i}", f"198.18.250.{i}", "", keypair()) for i in (1, 2)]
@@ -194,30 +222,46 @@ def run(megabytes: int, rounds: int, binaries: list[str]) -> dict[str, Any]:
         resource.WIREGUARD_GO = "wireguard-go"
         pids = [_wireguard_pids(b, [s.res[k].names.wireguard for s in sides])
                 for k, b in enumerate(binaries)]
+        if pin:
+            for k in range(len(binaries)):
+                for cpu, s in enumerate(sides):
+                    for pid in _wireguard_pids(binaries[k], [s.res[k].names.wireguard]):
+                        _pin(pid, cpu % (os.cpu_count() or 1))
         size = megabytes << 20
-        results: dict[str, list[float]] = {"plain_bps": [], "plain_rtt": []}
+        gbit = size * 8 / 1e9
+        load_before = os.getloadavg()
+        results: dict[str, list[float]] = {"plain_bps": [], "plain_rtt": [], "plain_cpu": []}
         for k in range(len(binaries)):
             # the handshake and warm-up
             throughput(container[0][k].namespace, container[1][k].namespace,
                        f"10.{60 + k}.2.2", 8 << 20)
-            for key in ("overlay_bps", "overlay_rtt", "wg_cores"):
+            for key in ("overlay_bps", "overlay_rtt", "wg_cores", "wg_cpu", "overlay_cpu"):
                 results[f"{key}{k}"] = []
         for _ in range(rounds):
             for k in range(len(binaries)):
                 a, b = container[0][k].namespace, container[1][k].namespace
-                cpu0, t0 = _cpu_seconds(pids[k]), time.perf_counter()
+                cpu0, own0, t0 = _cpu_seconds(pids[k]), _own_cpu_seconds(), time.perf_counter()
                 results[f"overlay_bps{k}"].append(throughput(a, b, f"10.{60 + k}.2.2", size))
-                results[f"wg_cores{k}"].append(
-                    (_cpu_seconds(pids[k]) - cpu0) / (time.perf_counter() - t0))
+                wg = _cpu_seconds(pids[k]) - cpu0
+                results[f"wg_cores{k}"].append(wg / (time.perf_counter() - t0))
+                results[f"wg_cpu{k}"].append(wg / gbit)
+                results[f"overlay_cpu{k}"].append((wg + _own_cpu_seconds() - own0) / gbit)
                 results[f"overlay_rtt{k}"].append(rtt(a, b, f"10.{60 + k}.2.2"))
+            own0 = _own_cpu_seconds()
             results["plain_bps"].append(throughput(sides[0].ns, sides[1].ns, sides[1].wan_ip,
                                                    size))
+            results["plain_cpu"].append((_own_cpu_seconds() - own0) / gbit)
             results["plain_rtt"].append(rtt(sides[0].ns, sides[1].ns, sides[1].wan_ip))
         med = {k: statistics.median(v) for k, v in results.items()}
         out: dict[str, Any] = {
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "load_average_before_after": [round(load_before[0], 1),
+                                          round(os.getloadavg()[0], 1)],
+            "cpus": os.cpu_count(), "daemons_pinned": pin,
             "megabytes": megabytes, "rounds": rounds, "mtu": resource.WIREGUARD_MTU,
             "plain_mbit_s": round(med["plain_bps"] * 8 / 1e6, 1),
             "plain_rtt_us": round(med["plain_rtt"] * 1e6, 1),
+            "plain_core_seconds_per_gbit": round(med["plain_cpu"], 3),
             "wireguard": [],
         }
         for k, binary in enumerate(binaries):
@@ -228,8 +272,12 @@ def run(megabytes: int, rounds: int, binaries: list[str]) -> dict[str, Any]:
                 "overlay_rtt_us": round(med[f"overlay_rtt{k}"] * 1e6, 1),
                 "rtt_ratio": round(med[f"overlay_rtt{k}"] / med["plain_rtt"], 2),
                 "wireguard_cores_during_transfer": round(med[f"wg_cores{k}"], 2),
-                "wireguard_core_seconds_per_gbit": round(
-                    med[f"wg_cores{k}"] / (med[f"overlay_bps{k}"] * 8 / 1e9), 3),
+                "wireguard_core_seconds_per_gbit": round(med[f"wg_cpu{k}"], 3),
+                "overlay_core_seconds_per_gbit": round(med[f"overlay_cpu{k}"], 3),
+                # what the plain path needs per bit over what the overlay needs: the
+                # throughput ratio where the CPU, all of it for the transfer, is the limit
+                "cpu_cost_ratio": round(med["plain_cpu"] / med[f"overlay_cpu{k}"], 3),
+                "wireguard_peak_rss_mib": round(max(_peak_rss_mib(p) for p in pids[k]), 1),
             })
         return out
     finally:
@@ -247,12 +295,15 @@ def main() -> None:
     parser.add_argument("--megabytes", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--pin-daemons", action="store_true",
+                        help="bind node 1's WireGuard daemons to CPU 0, node 2's to CPU 1")
     parser.add_argument("--wireguard-go", action="append", metavar="PATH",
                         help="a wireguard-go build to measure (repeat to compare builds)")
     args = parser.parse_args()
     if os.geteuid() != 0:
         sys.exit("network_bench needs root (it makes network namespaces)")
-    out = run(args.megabytes, args.rounds, args.wireguard_go or ["wireguard-go"])
+    out = run(args.megabytes, args.rounds, args.wireguard_go or ["wireguard-go"],
+              args.pin_daemons)
     if args.json:
         print(json.dumps(out))
     else:

@@ -175,7 +175,10 @@ def pair(wan: Wan) -> tuple[Node, Node]:
     return a, b
 
 
-def test_two_resources_carry_ping_and_tcp_through_the_tunnel(wan: Wan) -> None:
+def test_two_resources_carry_ping_and_tcp_through_the_tunnel(
+        wan: Wan, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GOMEMLIMIT", "1GiB")  # the node's own: not the daemon's
+    monkeypatch.setenv("GOGC", "off")
     a, b = pair(wan)
     assert pings(a.rns, b.bridge_ip) and pings(b.rns, a.bridge_ip)
     before = transferred(a)
@@ -207,7 +210,11 @@ def test_two_resources_carry_ping_and_tcp_through_the_tunnel(wan: Wan) -> None:
         return
     for node in (a, b):
         assert resource.exists(node.resource().names)
-        assert len(wireguard_processes(node.resource().names.wireguard)) == 1
+        [pid] = wireguard_processes(node.resource().names.wireguard)
+        # the daemon runs with its heap's soft limit, whatever the node's environment says
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        assert f"GOMEMLIMIT={resource.WIREGUARD_GO_MEMORY_LIMIT}".encode() in environ
+        assert not any(v.startswith(b"GOGC=") for v in environ)
         # the WireGuard socket is on the node's uplink, not inside the resource
         assert f":{node.port}" in run(node.ns, "ss", "-uln").stdout
         assert f":{node.port}" not in run(node.rns, "ss", "-uln").stdout

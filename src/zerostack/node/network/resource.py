@@ -33,6 +33,10 @@ TIMEOUT = 30.0
 EXIT_WAIT = 5.0
 WIREGUARD_MTU = 1420  # 1500 less WireGuard's IPv6 overhead: what wg-quick sets, wireguard-go too
 WIREGUARD_GO = "wireguard-go"  # the userspace daemon's command (a benchmark compares builds)
+# the Go heap's soft limit of each wireguard-go daemon: unlimited, its heap grows with the
+# traffic (past 330 MiB measured after a few GiB); below about 128 MiB its garbage
+# collector costs throughput (docs/benchmarks.md)
+WIREGUARD_GO_MEMORY_LIMIT = "192MiB"
 
 
 def _run(args: list[str], stdin: str | None = None, check: bool = True) -> str:
@@ -134,6 +138,15 @@ def _wireguard_socket(name: str) -> Path:
     return WG_SOCKETS / f"{name}.sock"
 
 
+def _wireguard_go_environment() -> dict[str, str]:
+    """The daemon's environment: the node's, less what would keep it in the foreground or
+    make it log, and with its heap's soft limit set (also over one the node was given)."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("WG_PROCESS_FOREGROUND", "LOG_LEVEL", "GOGC", "GOMEMLIMIT")}
+    env["GOMEMLIMIT"] = WIREGUARD_GO_MEMORY_LIMIT
+    return env
+
+
 def _start_wireguard(name: str) -> None:
     """Create interface `name` in the node's namespace: kernel WireGuard if the kernel has
     it, otherwise a `wireguard-go` daemon (which exits when its interface is deleted)."""
@@ -144,9 +157,7 @@ def _start_wireguard(name: str) -> None:
     _wireguard_socket(name).unlink(missing_ok=True)  # left by a process killed with -9
     try:
         out = subprocess.run([WIREGUARD_GO, name], capture_output=True, text=True,
-                             timeout=TIMEOUT, check=False,
-                             env={k: v for k, v in os.environ.items()
-                                  if k not in ("WG_PROCESS_FOREGROUND", "LOG_LEVEL")})
+                             timeout=TIMEOUT, check=False, env=_wireguard_go_environment())
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise ProvisionError(f"wireguard-go {name}: {exc}") from None
     if out.returncode != 0 or name not in _links(None):
