@@ -236,14 +236,15 @@ class Replica:
         copy = self.copies.get(name)
         if copy is not None:
             here = copy.ns.position()
-            if copy.primary == (self.host, self.port, self.link_term):
-                return here  # the same primary's log: go on copying
             newest = last_entries(copy.ns, 1)
-            if newest:
+            if not newest:
+                if copy.primary == (self.host, self.port, self.link_term):
+                    return here  # nothing copied yet from the same primary: start it
+            else:
                 heads = await self._heads(name, [newest[0][0]])
                 if heads is not None and heads[0] == newest[0][1]:
                     copy.primary = (self.host, self.port, self.link_term)
-                    return here  # a later primary of the same log: go on copying
+                    return here  # the primary's log goes on from the copy: go on copying
             self.drop_copy(name)  # this primary's log is another one: compare the old files
         ns = self.engine.namespace(name)
         here = ns.position()
@@ -371,8 +372,10 @@ class Replica:
             apply_entries(ns, pos, message[4])
             self.applied_bytes += len(message[4])
             changed.add(name)
-            if copy is not None and ns.position() >= copy.end:
-                self._install(name, copy)
+            if copy is not None:
+                ns.write_out()  # (a copy is not the engine's: nothing else writes it out)
+                if ns.position() >= copy.end:
+                    self._install(name, copy)
         elif kind == frames.NS:
             found = engine.namespaces.get(name)
             if found is None:
