@@ -47,8 +47,15 @@ def test_old_primary_rejoins_byte_identical_and_check_is_clean(
     wait_until(lambda: info(p).get("connected_replicas") == "1", 20, "replica attached")
     cp = p.client()
     cp.execute_command("NSNEW", "big")
-    # The common part ends with an overwrite in default and in the middle of a data file
-    # in big (its tails cross into further files).
+    cp.execute_command("NSNEW", "seq")
+    cp.execute_command("NSSET", "seq", "mode", "seq")
+    cs = p.client()
+    cs.execute_command("SELECT", "seq")
+    for i in range(10):
+        cs.execute_command("SET", "", f"s{i}")
+    cs.execute_command("DEL", (3).to_bytes(8, "little"))
+    # The common part ends with an overwrite in default, in the middle of a data file in
+    # big (its tails cross into further files), and with a delete in seq.
     for i in range(20):
         cp.execute_command("SET", f"k{i}", f"v{i}")
     cp.execute_command("DEL", "k3")
@@ -57,7 +64,7 @@ def test_old_primary_rejoins_byte_identical_and_check_is_clean(
     for i in range(45):
         cp.execute_command("SET", f"b{i}", b"%d" % i * 700)
     wait_identical(p, r)
-    cut = {ns: position(r, ns) for ns in ("default", "big")}
+    cut = {ns: position(r, ns) for ns in ("default", "big", "seq")}
     r.proc.kill()
     r.proc.wait(10)
     # The old primary goes on alone: these entries are past the cut.
@@ -68,6 +75,9 @@ def test_old_primary_rejoins_byte_identical_and_check_is_clean(
     cp.execute_command("SELECT", "big")
     for i in range(30):
         cp.execute_command("SET", f"b{i}", b"old" * 600)
+    cp.execute_command("SELECT", "seq")
+    for i in range(5):
+        cp.execute_command("SET", "", f"old{i}")
     os.kill(p.proc.pid, signal.SIGSTOP)
     try:
         r = restart(procs, r)
@@ -78,6 +88,9 @@ def test_old_primary_rejoins_byte_identical_and_check_is_clean(
         cr.execute_command("SELECT", "big")
         for i in range(12):
             cr.execute_command("SET", f"n{i}", b"new" * 500)
+        cr.execute_command("SELECT", "seq")  # (the promotion skipped sequential keys)
+        for i in range(3):
+            cr.execute_command("SET", "", f"new{i}")
     finally:
         os.kill(p.proc.pid, signal.SIGCONT)
     # The new primary announces its term: the old one is fenced, cuts its tail, follows.
