@@ -494,8 +494,10 @@ class Primary:
             self._expiry = None
         for group in groups:
             callbacks += group.callbacks
-        for cb in callbacks:
-            cb(False)
+        if callbacks:
+            # Answered once the caller (fencing) is done: the server has switched to
+            # refusing writes by then, so what these clients sent next is refused.
+            asyncio.get_running_loop().call_soon(_answer_all, callbacks, False)
 
     # -- durability ----------------------------------------------------------------------
 
@@ -542,6 +544,11 @@ class Primary:
                          f"lag_seconds={f.lag_seconds:.3f} "
                          f"last_ack_age={time.time() - f.last_ack:.3f} acked={acked}")
         return lines
+
+
+def _answer_all(callbacks: list[Callable[[bool], None]], ok: bool) -> None:
+    for cb in callbacks:
+        cb(ok)
 
 
 def _settings_args(current: tuple[object, ...]) -> list[bytes | str | int]:
