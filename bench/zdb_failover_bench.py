@@ -3,10 +3,14 @@
 repeated cuts; writes its section of docs/benchmarks.md.
 
 usage: .venv/bin/python -m bench.zdb_failover_bench [--requests N] [--rounds N] [--cuts N]
-       [--no-docs]
+       [--before SRC] [--no-docs]
        .venv/bin/python -m bench.zdb_failover_bench --etcd [--cuts N] [--no-docs]
 Throughput: `redis-benchmark -c 50 -n N -d 64 -r 100000 -t set -P 16 --csv` against the
 primary, the three settings alternating per round (fresh servers on 127.0.0.1 each time).
+`--before SRC` adds async and majority rounds of another source tree (SRC/src on the
+servers' PYTHONPATH, e.g. an export of an older commit with its built extensions), run in
+the same rounds, to compare a change before and after under the same load. `--cuts 0`
+skips the failover part.
 Failover: a 3-node set with --min-replicas majority; the primary is stopped (SIGSTOP: it
 hangs, connections stay open), PROMOTE is sent to a replica at once, and the time runs
 from the stop to the first SET the new primary accepts. The old primary is then resumed,
@@ -49,14 +53,17 @@ FAILOVER_TARGET = 5.0     # seconds, p99
 
 
 class Node:
-    def __init__(self, root: Path, port: int, args: list[str]) -> None:
+    def __init__(self, root: Path, port: int, args: list[str], src: Path | None = None) -> None:
         root.mkdir(parents=True, exist_ok=True)
         self.port = port
         self.log = open(root / "zdb.log", "ab")  # noqa: SIM115 - lives with the process
+        env = dict(os.environ)
+        if src is not None:  # run that tree's zerostack instead of this one
+            env["PYTHONPATH"] = str(src / "src")
         self.proc = subprocess.Popen(
             [*ZEROSTACK, "zdb", "--listen", "127.0.0.1", "--port", str(port), "--data",
              str(root / "data"), "--index", str(root / "index"), *args],
-            stdout=self.log, stderr=self.log)
+            stdout=self.log, stderr=self.log, env=env)
         wait_port(port, self.proc)
 
     def client(self) -> redis.Redis:
@@ -69,7 +76,7 @@ class Node:
         return dict(line.split(": ", 1) for line in text.splitlines() if ": " in line)
 
 
-def cluster(work: Path, count: int, extra: list[str]) -> list[Node]:
+def cluster(work: Path, count: int, extra: list[str], src: Path | None = None) -> list[Node]:
     ports = [free_port() for _ in range(count)]
     nodes = []
     for i, port in enumerate(ports):
@@ -78,7 +85,7 @@ def cluster(work: Path, count: int, extra: list[str]) -> list[Node]:
             args += ["--peers", ",".join(f"127.0.0.1:{p}" for p in ports if p != port)]
         if i:
             args += ["--replica-of", f"127.0.0.1:{ports[0]}"]
-        nodes.append(Node(work / f"n{i}", port, args))
+        nodes.append(Node(work / f"n{i}", port, args, src))
     deadline = time.monotonic() + 30
     while count > 1 and nodes[0].info().get("connected_replicas") != str(count - 1):
         if time.monotonic() > deadline:
@@ -98,13 +105,18 @@ def load(port: int, requests: int) -> tuple[float, float]:
     raise RuntimeError(f"no SET figure in redis-benchmark output:\n{out}")
 
 
-def throughput(work: Path, requests: int, rounds: int) -> dict[str, list[tuple[float, float]]]:
-    settings = {"none": (1, []), "async": (3, []),
-                "majority": (3, ["--min-replicas", "majority"])}
+def throughput(work: Path, requests: int, rounds: int, before: Path | None = None
+               ) -> dict[str, list[tuple[float, float]]]:
+    majority = ["--min-replicas", "majority"]
+    settings: dict[str, tuple[int, list[str], Path | None]] = {
+        "none": (1, [], None), "async": (3, [], None), "majority": (3, majority, None)}
+    if before is not None:
+        settings["async-before"] = (3, [], before)
+        settings["majority-before"] = (3, majority, before)
     out: dict[str, list[tuple[float, float]]] = {k: [] for k in settings}
     for r in range(rounds):
-        for name, (count, extra) in settings.items():
-            nodes = cluster(work / f"t{r}-{name}", count, extra)
+        for name, (count, extra, src) in settings.items():
+            nodes = cluster(work / f"t{r}-{name}", count, extra, src)
             try:
                 out[name].append(load(nodes[0].port, requests))
             finally:
@@ -307,11 +319,18 @@ def write_doc(text: str) -> None:
     DOC.write_text(doc)
 
 
+def ratios(rates: dict[str, list[tuple[float, float]]], a: str, b: str) -> list[float]:
+    """a/b per round (the settings of one round ran back to back, under similar load)."""
+    return [x[0] / y[0] for x, y in zip(rates[a], rates[b], strict=True)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=100_000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--cuts", type=int, default=20)
+    parser.add_argument("--before", type=Path, default=None,
+                        help="another source tree to compare with (its src/ is used)")
     parser.add_argument("--no-docs", action="store_true")
     parser.add_argument("--etcd", action="store_true",
                         help="measure automatic failover on an etcd lease only")
@@ -319,49 +338,79 @@ def main() -> None:
     if args.etcd:
         etcd_main(args.cuts, not args.no_docs)
         return
-    load_avg = os.getloadavg()
+    load_start = os.getloadavg()
     date = subprocess.run(["date", "-u"], capture_output=True, text=True).stdout.strip()
     with tempfile.TemporaryDirectory(prefix="zdb-failover-bench-") as tmp:
-        rates = throughput(Path(tmp), args.requests, args.rounds)
-        times = failover(Path(tmp), args.cuts)
+        rates = throughput(Path(tmp), args.requests, args.rounds, args.before)
+        times = failover(Path(tmp), args.cuts) if args.cuts > 0 else []
+    load_end = os.getloadavg()
     best = {k: max(v, key=lambda x: x[0]) for k, v in rates.items()}
     med99 = {k: statistics.median(p for _r, p in v) for k, v in rates.items()}
-    ratio = best["majority"][0] / best["async"][0]
-    p50, p99 = pct(times, 50), pct(times, 99)
-    text = f"""Command: `.venv/bin/python -m bench.zdb_failover_bench --requests {args.requests}
---rounds {args.rounds} --cuts {args.cuts}` ({args.rounds} rounds of `redis-benchmark -c 50
--n {args.requests} -d 64 -r 100000 -t set -P 16` against a fresh primary: alone, with two
-async replicas, with two replicas and `--min-replicas majority`, alternating; best round
-of each, p99 is the median of the rounds' p99). Failover: 3 nodes with `--min-replicas
-majority` on 127.0.0.1; the primary is stopped (SIGSTOP), `PROMOTE` (by vote, no FORCE) is
-sent to a replica at once; time from the stop to the first SET the new primary accepts;
-the old primary then resumes, turns into a replica, and the next cut stops the new one.
-
+    per_round = ratios(rates, "majority", "async")
+    ratio = statistics.median(per_round)
+    command = (f"`.venv/bin/python -m bench.zdb_failover_bench --requests {args.requests} "
+               f"--rounds {args.rounds} --cuts {args.cuts}"
+               + (" --before SRC" if args.before else "") + "`")
+    rows = [
+        f"| SET/s, no replication | {best['none'][0]:,.0f} (p99 {med99['none']:.2f} ms) | | |",
+        f"| SET/s, 2 async replicas | {best['async'][0]:,.0f} (p99 {med99['async']:.2f} ms) | | |",
+        f"| SET/s, 2 replicas, `--min-replicas majority` | {best['majority'][0]:,.0f} "
+        f"(p99 {med99['majority']:.2f} ms) | | |",
+        f"| majority / async throughput, median of the rounds' ratios | {ratio:.2f}x "
+        f"(rounds: {', '.join(f'{r:.2f}' for r in per_round)}) | {THROUGHPUT_TARGET:.2f}x | "
+        f"{'meets' if ratio >= THROUGHPUT_TARGET else 'misses'} |",
+        f"| majority / async throughput, best rounds | "
+        f"{best['majority'][0] / best['async'][0]:.2f}x | | |",
+        f"| async / none throughput, median of the rounds' ratios | "
+        f"{statistics.median(ratios(rates, 'async', 'none')):.2f}x | | |",
+    ]
+    if args.before is not None:
+        before = ratios(rates, "majority-before", "async-before")
+        rows += [
+            f"| before: SET/s, 2 async replicas | {best['async-before'][0]:,.0f} "
+            f"(p99 {med99['async-before']:.2f} ms) | | |",
+            f"| before: SET/s, `--min-replicas majority` | {best['majority-before'][0]:,.0f} "
+            f"(p99 {med99['majority-before']:.2f} ms) | | |",
+            f"| before: majority / async, median of the rounds' ratios | "
+            f"{statistics.median(before):.2f}x (rounds: "
+            f"{', '.join(f'{r:.2f}' for r in before)}) | | |",
+            f"| majority after / majority before, median of the rounds' ratios | "
+            f"{statistics.median(ratios(rates, 'majority', 'majority-before')):.2f}x | | |",
+        ]
+    if times:
+        p50, p99 = pct(times, 50), pct(times, 99)
+        rows.append(f"| failover (PROMOTE by vote), p50 / p99 over {len(times)} cuts | "
+                    f"{p50:.3f} / {p99:.3f} s | p99 {FAILOVER_TARGET:.0f} s | "
+                    f"{'meets' if p99 <= FAILOVER_TARGET else 'misses'} |")
+    per = " / ".join(rates)
+    listing = ", ".join(" / ".join(f"{rates[k][i][0]:,.0f}" for k in rates)
+                        for i in range(args.rounds))
+    failover_text = ("" if not times else """
+Failover: 3 nodes with `--min-replicas majority` on 127.0.0.1; the primary is stopped
+(SIGSTOP), `PROMOTE` (by vote, no FORCE) is sent to a replica at once; time from the stop
+to the first SET the new primary accepts; the old primary then resumes, turns into a
+replica, and the next cut stops the new one.
+""")
+    before_text = ("" if args.before is None else """
+`before` rows: the same rounds run the servers of another source tree (`--before SRC`,
+named below), alternating with the current one, so both see the same load.
+""")
+    text = f"""Command: {command} ({args.rounds} rounds of `redis-benchmark -c 50 -n
+{args.requests} -d 64 -r 100000 -t set -P 16` against a fresh primary: alone, with two
+async replicas, with two replicas and `--min-replicas majority`, one after the other in
+each round; ratios are taken within a round, the reported ratio is their median; SET/s
+is the best round, p99 the median of the rounds' p99).
+{before_text}{failover_text}
 Machine: {MACHINE} (CPython {platform.python_version()}), shared with other work (load
-average {load_avg[0]:.2f} {load_avg[1]:.2f} {load_avg[2]:.2f} when the run started); all
-nodes and redis-benchmark share the 2 cores. Date: {date}
+average {load_start[0]:.2f} {load_start[1]:.2f} {load_start[2]:.2f} when the run started,
+{load_end[0]:.2f} {load_end[1]:.2f} {load_end[2]:.2f} when it ended); all nodes and
+redis-benchmark share the 2 cores. Date: {date}
 
 | figure | value | target | |
 | --- | ---: | ---: | --- |
-| SET/s, no replication | {best['none'][0]:,.0f} (p99 {med99['none']:.2f} ms) | | |
-| SET/s, 2 async replicas | {best['async'][0]:,.0f} (p99 {med99['async']:.2f} ms) | | |
-| SET/s, 2 replicas, `--min-replicas majority` | {best['majority'][0]:,.0f} (p99 {med99['majority']:.2f} ms) | | |
-| majority / async throughput | {ratio:.2f}x | {THROUGHPUT_TARGET:.2f}x | {"meets" if ratio >= THROUGHPUT_TARGET else "misses"} |
-| async / none throughput | {best['async'][0] / best['none'][0]:.2f}x | | |
-| failover (PROMOTE by vote), p50 / p99 over {len(times)} cuts | {p50:.3f} / {p99:.3f} s | p99 {FAILOVER_TARGET:.0f} s | {"meets" if p99 <= FAILOVER_TARGET else "misses"} |
+{chr(10).join(rows)}
 
-Per round (SET/s none / async / majority): {", ".join(f"{rates['none'][i][0]:,.0f} / {rates['async'][i][0]:,.0f} / {rates['majority'][i][0]:,.0f}" for i in range(args.rounds))}.
-
-Rounds vary by up to 3x on this shared machine (one async round beat the unreplicated
-one), so only the ratios of the best rounds are meaningful, and roughly. Majority writes
-wait, per batch, for a replica to confirm over a round trip through two busy processes:
-that is the cost the target asks to keep under 2x and it is not met here.
-
-The failover time here is the promotion itself (votes, the sequential-key skip, the first
-write) once someone calls `PROMOTE`; detecting the failure is left to the operator or a
-supervisor, or to the etcd lease mode (measured below). With a primary cut off by the
-network rather than stopped, the vote request to it waits at most 2 s, but the promotion
-does not wait for it once the other replica agreed.
+Per round (SET/s {per}): {listing}.
 """
     print(text)
     if not args.no_docs:

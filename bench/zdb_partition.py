@@ -3,7 +3,7 @@
 usage (root): .venv/bin/python -m bench.zdb_partition
         [--modes async,min1,majority,lease,lease-async]
         [--scenarios primary-cut,primary-cut-one,primary-isolated,replica-isolated,
-        double-failover,etcd-cut]
+        double-failover,compact-failover,etcd-cut]
         [--rounds N] [--load-seconds S] [--nodes 3] [--json]
 
 Each mode gets a replica set of real `zerostack zdb` processes, each in its own network
@@ -25,6 +25,11 @@ Scenarios (each ends healed, with every node's data and index files byte-identic
   primary-isolated  the primary is cut from everything (link down); same as primary-cut
   replica-isolated  one replica is cut off under load, then heals
   double-failover   primary-cut twice in a row (two terms)
+  compact-failover  the primary compacts the writers' namespace online (grown by 8 MB of
+                    overwritten values first; its link limited to 16 Mbit/s from then on)
+                    and is cut from every replica the moment COMPACT returns, while the
+                    replicas copy the rewritten namespace; a replica is promoted; the old
+                    primary heals into the new term
   etcd-cut          (lease modes) the primary is cut from etcd only: it stops taking
                     writes, a replica takes over, the old primary follows it
 
@@ -61,9 +66,12 @@ MODES = {"async": [], "min1": ["--min-replicas", "1"], "majority": ["--min-repli
                    "--failover-margin", "0.5"],
          "lease-async": ["--failover-ttl", "2", "--failover-margin", "0.5"]}
 SCENARIOS = ("primary-cut", "primary-cut-one", "primary-isolated", "replica-isolated",
-             "double-failover")
+             "double-failover", "compact-failover")
 LEASE_ONLY = ("etcd-cut",)
 """Scenarios of the lease modes only (they need etcd)."""
+ADMIN = "partition-admin"
+FILLER = (80, 100_000)  # compact-failover: values written twice before compacting
+COPY_RATE = "16mbit"    # compact-failover: what the primary sends from COMPACT to the cut
 GUARANTEED = {"min1", "majority", "lease"}
 ETCD_PORT = 2379
 TERM_FILE = "replication-term"
@@ -151,12 +159,19 @@ class Net:
                     f"add rule inet zdbpart input ip saddr {peer} drop; "
                     f"add rule inet zdbpart output ip daddr {peer} drop")
 
+    def slow(self, i: int, rate: str) -> None:
+        """Limit what node i sends to `rate` (tc tbf on its link), until heal()."""
+        run("ip", "netns", "exec", self.names[i], "tc", "qdisc", "replace", "dev", "eth0",
+            "root", "tbf", "rate", rate, "burst", "32kbit", "latency", "400ms")
+
     def isolate(self, i: int) -> None:
         run("ip", "-n", self.hub, "link", "set", f"v{i}", "down")
 
     def heal(self) -> None:
         for i, ns in enumerate(self.names):
             run("ip", "-n", self.hub, "link", "set", f"v{i}", "up")
+            run("ip", "netns", "exec", ns, "tc", "qdisc", "del", "dev", "eth0", "root",
+                check=False)
             run("ip", "netns", "exec", ns, "nft", "flush chain inet zdbpart input; "
                 "flush chain inet zdbpart output")
 
@@ -198,7 +213,8 @@ class Cluster:
             peers = ",".join(f"{net.address(j)}:{PORT}" for j in range(count) if j != i)
             args = ["--listen", net.address(i), "--port", str(PORT), "--data",
                     str(root / f"n{i}" / "data"), "--index", str(root / f"n{i}" / "index"),
-                    "--replication-password", PASSWORD, "--peers", peers, "--advertise",
+                    "--replication-password", PASSWORD, "--admin", ADMIN, "--peers", peers,
+                    "--advertise",
                     f"{net.address(i)}:{PORT}", "--min-replicas-timeout", "2",
                     "--datasize", "256K", *MODES[mode], *lease]
             if i:
@@ -268,6 +284,22 @@ class Cluster:
              str(PORT), *args],
             capture_output=True, text=True, timeout=timeout + 5)
         return out.stdout.strip()
+
+    def script(self, node: Node, lines: list[str], timeout: float = 60) -> list[str]:
+        """Commands for redis-cli on its standard input (one per line); its output lines."""
+        out = subprocess.run(
+            ["ip", "netns", "exec", self.net.client, "redis-cli", "-h", node.address, "-p",
+             str(PORT)], input="\n".join(lines) + "\n", capture_output=True, text=True,
+            timeout=timeout)
+        return out.stdout.splitlines()
+
+    def fill(self, node: Node, count: int, size: int) -> None:
+        """Write `count` values of `size` bytes into namespace default, then overwrite
+        them (filler keys the writers never use; compaction drops the first values)."""
+        said = self.script(node, [f"SET filler-{i} {letter * size}" for letter in "fg"
+                                  for i in range(count)], timeout=120)
+        if said.count("filler-0") != 2:
+            raise AssertionError(f"filler not written: {said[:3]}")
 
     def info(self, node: Node) -> dict[str, str]:
         text = self.call(node, "INFO")
@@ -525,6 +557,20 @@ def scenario(cluster: Cluster, writers: Writers, name: str, load: float) -> list
     for _ in range(rounds):
         old = cluster.primary()
         replicas = [n for n in cluster.nodes if n is not old]
+        if name == "compact-failover":
+            # A namespace big enough that copying it again takes a while; every replica
+            # holds it before the compaction starts.
+            cluster.fill(old, *FILLER)
+            said = cluster.script(old, [f"REPLAUTH {PASSWORD}",
+                                        f"REPLWAIT {len(replicas)} 30000"])
+            if said[-1:] != [str(len(replicas))]:
+                raise AssertionError(f"replicas did not confirm the filler: {said}")
+            # Copying the rewritten namespace again takes seconds, not milliseconds: the
+            # cut lands while the replicas copy it.
+            net.slow(old.index, COPY_RATE)
+            said = cluster.script(old, [f"AUTH {ADMIN}", "COMPACT default 0"], timeout=120)
+            if not any(line.startswith("reclaimed_bytes") for line in said):
+                raise AssertionError(f"COMPACT failed: {said}")
         _role, term = cluster.role(old)
         cuts.append(time.time())
         if name == "primary-isolated":
@@ -636,8 +682,8 @@ def run_schedule(modes: list[str], scenarios: list[str], rounds: int = 1, load: 
         try:
             net.up()
             cluster.start()
-            cluster.call(cluster.nodes[0], "NSNEW", "seq")
-            cluster.call(cluster.nodes[0], "NSSET", "seq", "mode", "seq")
+            cluster.script(cluster.nodes[0], [f"AUTH {ADMIN}", "NSNEW seq",
+                                              "NSSET seq mode seq"])
             writers.start()
             for _ in range(rounds):
                 for name in scenarios:

@@ -46,6 +46,9 @@ TIMEOUT: Final = error("Timeout")
 NAMESPACE_GONE: Final = error("Your active namespace is not available anymore (probably removed).")
 NOT_CONFIRMED: Final = error("Write stored on the primary but not confirmed by enough replicas")
 WRITE_NAMES: Final = frozenset({b"SET", b"SETX", b"DEL"})
+# Commands whose reply can come later (a job or WAIT): with --min-replicas they run only
+# after the writes before them were confirmed, so no reply overtakes a write's.
+LATER_NAMES: Final = frozenset({b"WAIT", b"REPLWAIT", b"PROMOTE", b"COMPACT"})
 
 
 def log_event(event: str, level: int = logging.INFO, **fields: object) -> None:
@@ -170,8 +173,8 @@ class Connection(asyncio.Protocol):
 
     def drain(self) -> None:
         """Go on with the requests held while replies were waiting to be sent."""
-        if not self.draining or self.write_paused:
-            return
+        if not self.draining or self.write_paused or self.waiting:
+            return  # (a reply still waits: wake() goes on, then the next pass drains)
         self.draining = False
         self.server.draining.discard(self)
         transport = self.transport
@@ -268,8 +271,10 @@ class Connection(asyncio.Protocol):
         busy = self.busy
         durable = self.durable
         writes_here = server.writes_here
-        # With --min-replicas: where each write's reply starts and ends in `out`.
+        # With --min-replicas: where each write's reply starts and ends in `out`, and the
+        # namespaces written.
         writes: list[int] = []
+        written: set[str] = set()
         failed = 0
         # Reply bytes this connection already owed before this batch: queued for the end
         # of this event-loop pass, and buffered by the transport.
@@ -327,6 +332,11 @@ class Connection(asyncio.Protocol):
                 if waiters:
                     server.notify_waiters(self, name)
                 continue
+            if writes and name.upper() in LATER_NAMES:
+                # Its reply would come later, and the writes' replies wait for replicas:
+                # it runs once they are answered.
+                self.pending = requests[index:]
+                break
             executed += 1
             handler: Handler
             if writes_here and (name == b"SET" or name == b"set"):
@@ -356,13 +366,14 @@ class Connection(asyncio.Protocol):
                 writes.append(len(out))
                 out += reply
                 writes.append(len(out))
+                written.add(session.ns.name)
             else:
                 out += reply
         state = self.state
         state.commands_executed += executed - failed
         state.commands_failed += failed
         if writes and not self.waiting:
-            self._confirm(out, writes, violation)
+            self._confirm(out, writes, written, violation)
             return
         if out:
             server.send(self, out)
@@ -434,30 +445,32 @@ class Connection(asyncio.Protocol):
         self._pause()
         self.server.held.setdefault(name, []).append(self)
 
-    def _confirm(self, out: bytearray, writes: list[int], violation: str | None) -> None:
-        """--min-replicas: answer this batch once enough replicas hold its writes."""
+    def _confirm(self, out: bytearray, writes: list[int], written: set[str],
+                 violation: str | None) -> None:
+        """--min-replicas: answer this batch once enough replicas hold its writes.
+
+        The batch joins the group of this event-loop pass (group commit, see
+        replication/primary.py): no task or timer of its own."""
         primary = self.server.role.primary
         self.pending_violation = violation
         self._pause()
-        target = primary.snapshot()
-        self.server.kick()  # flush and ship now rather than at the next tick
 
-        async def job() -> bytes:
-            done = await primary.wait_acked(primary.min_replicas,
-                                            primary.min_replicas_timeout, target)
-            if done < primary.min_replicas:
-                # Each write's reply (writes: its start and end in `out`) becomes the refusal.
-                parts: list[bytes] = []
-                at = 0
-                for i in range(0, len(writes), 2):
-                    parts.append(bytes(out[at:writes[i]]))
-                    parts.append(NOT_CONFIRMED)
-                    at = writes[i + 1]
-                parts.append(bytes(out[at:]))
-                return b"".join(parts)
-            return bytes(out)
+        def confirmed(ok: bool) -> None:
+            if ok:
+                self.wake(out)
+                return
+            # Each write's reply (writes: its start and end in `out`) becomes the refusal.
+            parts: list[bytes] = []
+            at = 0
+            for i in range(0, len(writes), 2):
+                parts.append(bytes(out[at:writes[i]]))
+                parts.append(NOT_CONFIRMED)
+                at = writes[i + 1]
+            parts.append(bytes(out[at:]))
+            self.wake(b"".join(parts))
 
-        self._start_job(job)
+        primary.hold(confirmed, written)
+        self.server.kick()  # flush, seal the group and ship at the end of this pass
 
     # -- WAIT --------------------------------------------------------------------------
 
@@ -479,7 +492,7 @@ class Connection(asyncio.Protocol):
             if not group:
                 del self.server.waiters[self.session.ns.name]
 
-    def wake(self, reply: bytes | None) -> None:
+    def wake(self, reply: bytes | bytearray | None) -> None:
         """End a WAIT with `reply` (None: nothing to send), then serve what arrived meanwhile."""
         if not self.waiting:
             return
@@ -519,6 +532,7 @@ class ZdbServer:
             options=config.replication)
         self.role.register(self.state)
         self.role.on_role_change = self._role_changed
+        self.role.primary.ship_due = self.kick
         self.role.connection_of = self._connection_of
         self.role.on_namespace_free = self._namespace_free
         self.role.on_namespace_removed = self._namespace_removed
@@ -597,9 +611,14 @@ class ZdbServer:
     def _send_outbox(self) -> None:
         self._outbox_scheduled = False
         primary = self.role.primary
-        ship = bool(primary.followers) and (bool(self.engine._dirty) or self.engine.config.sync)
+        # With writes waiting for replicas, a replica that confirmed its batch gets the
+        # next one now (primary.notify ships only to those), even if nothing new was written.
+        ship = bool(primary.followers) and (bool(self.engine._dirty) or self.engine.config.sync
+                                            or primary.durable)
         try:
             self.engine.flush_all()
+            # --min-replicas: the writes held in this pass wait for the positions now.
+            primary.seal()
         except OSError as exc:
             # Nothing buffered may be acknowledged: drop the connections waiting on it.
             log_event("zdb.flush.failed", logging.ERROR, error=str(exc))

@@ -264,11 +264,46 @@ def truncate_to(engine: Engine, name: str, pos: Position) -> int:
     return dropped
 
 
+def start_copy(engine: Engine, name: str) -> Namespace:
+    """An empty namespace built next to namespace `name` (in its `compact/` folders) while
+    `name` itself stays as it is: a replica copies a rewritten namespace into it and swaps
+    it in with install_copy() once complete. A crash before that leaves the old files (the
+    unfinished build is discarded when the namespace opens)."""
+    ns = engine.namespace(name)
+    iwork, dwork = swap.start_build(ns.index_root, ns.data_root)
+    return Namespace(name, iwork, dwork, engine.config, _noop, create_mode=ns.mode)
+
+
+def drop_copy(engine: Engine, name: str, copy: Namespace) -> None:
+    """Give up a copy made by start_copy(): its files go, namespace `name` stays."""
+    copy.close()
+    ns = engine.namespaces.get(name)
+    if ns is not None:
+        swap.recover(ns.index_root, ns.data_root)
+
+
+def install_copy(engine: Engine, name: str, copy: Namespace) -> None:
+    """Swap a complete copy (see start_copy) in for namespace `name`, atomically."""
+    ns = engine.namespace(name)
+    copy.password, copy.maxsize, copy.public, copy.worm = (ns.password, ns.maxsize, ns.public,
+                                                           ns.worm)
+    copy._save_descriptor()
+    copy.fsync()
+    copy.close()
+    ns.close()
+    engine._dirty.discard(ns)
+    try:
+        swap.install(ns.index_root, ns.data_root, _names(ns.index_root, index_name),
+                     _names(ns.data_root, data_name))
+    finally:
+        ns.reopen()
+
+
 def file_names(root: Path) -> list[str]:
     """Names of the files directly under `root`, sorted (used to compare replicas)."""
     return sorted(p.name for p in root.iterdir() if p.is_file()) if root.exists() else []
 
 
 __all__ = ["START", "Position", "adopt_layout", "apply_entries", "apply_settings", "data_size",
-           "distance", "entry_head", "file_names", "last_entries", "position_problem", "read_entries", "settings",
-           "truncate_to"]
+           "distance", "drop_copy", "entry_head", "file_names", "install_copy", "last_entries",
+           "position_problem", "read_entries", "settings", "start_copy", "truncate_to"]

@@ -2,7 +2,8 @@
 
 NS name mode password maxsize public worm locked frozen   settings (creates the namespace)
 DROP name                                                  the namespace was deleted
-RESET name                                                 flushed or compacted: start over
+RESET name fileid offset                                   flushed or compacted: start over;
+                                                           the rewritten files end there
 JUMP name fileid                                           the primary started file pair N
 DATA name fileid offset entries                            raw data entries from that position
 LAG bytes milliseconds                                     how far behind the primary sees it

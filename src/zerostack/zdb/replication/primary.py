@@ -3,6 +3,11 @@ connected replicas, track the positions they acknowledge, and answer durability 
 
 Shipping reads the primary's own data files from each replica's position (log shipping), so
 a replica that was away resumes where it stopped, and nothing is kept in memory per write.
+
+With --min-replicas, replies wait by group commit: the batches of writes of one event-loop
+pass form one group (sealed after the engine flush, with the positions reached then), the
+data is shipped at once, and a replica's confirmation releases every group it covers, in
+order. One timer (for the oldest group) answers the groups nobody confirmed in time.
 """
 
 from __future__ import annotations
@@ -51,6 +56,18 @@ class Follower:
     lag_bytes: int = 0
     lag_seconds: float = 0.0
     ignored_acks: int = 0
+    # Data was shipped and this replica has not answered since: with writes waiting for
+    # replicas, what is written meanwhile goes in the next send, once it answers.
+    in_flight: bool = False
+
+
+@dataclass(eq=False)
+class _Group:
+    """Batches of writes flushed in one event-loop pass, released together."""
+
+    target: list[tuple[str, Namespace, Position]]  # where each written namespace stood
+    deadline: float                                # loop time: answer "not confirmed"
+    callbacks: list[Callable[[bool], None]]
 
 
 @dataclass(eq=False)
@@ -71,6 +88,12 @@ class Primary:
         self.min_replicas_timeout = min_replicas_timeout
         self.followers: list[Follower] = []
         self._waiters: list[_Waiter] = []
+        # --min-replicas: batches held in this pass (not sealed yet), and the sealed
+        # groups in the order they were flushed; one timer for the oldest one.
+        self._open: list[Callable[[bool], None]] = []
+        self._open_names: set[str] = set()
+        self._groups: deque[_Group] = deque()
+        self._expiry: asyncio.TimerHandle | None = None
         self._samples: deque[tuple[float, Positions]] = deque(maxlen=SAMPLES)
         self._ticker: asyncio.Task[None] | None = None
         self._ship_timer: asyncio.TimerHandle | None = None
@@ -82,6 +105,8 @@ class Primary:
         self.fenced = False
         # Set by the role: a replica told us about a newer term (term, who said so).
         self.on_higher_term: Callable[[int, str], None] = lambda term, source: None
+        # Set by the server: flush, seal and call notify() at the end of this pass.
+        self.ship_due: Callable[[], None] = self._ship_soon
 
     # -- replicas ------------------------------------------------------------------------
 
@@ -109,6 +134,7 @@ class Primary:
         for w in self._waiters:
             if not w.future.done():
                 w.future.set_result(0)
+        self._fail_all()
         self.detach_all()
 
     def detach_all(self) -> None:
@@ -155,8 +181,16 @@ class Primary:
                 else:
                     f.ignored_acks += 1
             f.last_ack = time.time()
+            if f.in_flight:
+                # It answered what it read: what was written meanwhile is the next batch,
+                # shipped at the end of this event-loop pass with the writes made in it.
+                f.in_flight = False
+                if self.durable:
+                    self.ship_due()
         if self.fenced:
             return
+        if self._groups:
+            self._release()
         if self._waiters:
             for w in list(self._waiters):
                 if not w.future.done():
@@ -200,25 +234,49 @@ class Primary:
     def reset(self, name: str) -> None:
         """Namespace `name` was flushed or rewritten (compaction): replicas start it over."""
         self._seq_samples.pop(name, None)
+        ns = self.engine.namespaces.get(name)
+        if ns is not None:
+            # Writes held before the rewrite are in the new files: a replica holds them
+            # once it copied the namespace again up to where it ends now.
+            end = ns.position()
+            for g in self._groups:
+                g.target = [(n, o, end if n == name else p) for n, o, p in g.target]
         for f in self.followers:
             f.sent[name] = START
             f.acked[name] = START
             f.shipped.pop(name, None)
             if not f.transport.is_closing():
-                f.transport.write(frames.frame(frames.RESET, name))
+                fid, off = ns.position() if ns is not None else START
+                f.transport.write(frames.frame(frames.RESET, name, fid, off))
         self._ship_now()
 
     # -- shipping ------------------------------------------------------------------------
+
+    @property
+    def durable(self) -> bool:
+        """Someone waits for replicas to confirm: ship at once (see notify)."""
+        return bool(self.min_replicas or self._waiters)
 
     def notify(self) -> None:
         """New entries may be there (called after the engine flushed a batch).
 
         Under load many small batches are gathered into one send per SHIP_DELAY: fewer,
-        larger socket writes cost the primary less. Writes someone waits for go at once."""
-        if self.min_replicas or self._waiters:
-            self._ship_now()
+        larger socket writes cost the primary less. Writes someone waits for go at once
+        to every replica that confirmed everything shipped to it; to the others as soon
+        as they confirm (group commit: one batch in flight per replica, and whatever is
+        written meanwhile joins the next one)."""
+        if self.durable:
+            if self._ship_timer is not None:
+                self._ship_timer.cancel()
+                self._ship_timer = None
+            for f in list(self.followers):
+                if not f.in_flight:
+                    self.pump(f)
         elif self._ship_timer is None:
             self._ship_timer = asyncio.get_running_loop().call_later(SHIP_DELAY, self._ship_now)
+
+    def _ship_soon(self) -> None:
+        asyncio.get_running_loop().call_soon(self.notify)
 
     def _ship_now(self) -> None:
         if self._ship_timer is not None:
@@ -281,6 +339,8 @@ class Primary:
             out.extend(frames.data_frame(bname, pos[0], pos[1], chunk))
             pos = (pos[0], pos[1] + len(chunk))
             budget -= len(chunk)
+        if pos != f.sent.get(name):
+            f.in_flight = True
         f.sent[name] = pos
         return budget
 
@@ -298,6 +358,9 @@ class Primary:
     async def stop(self) -> None:
         if self._ship_timer is not None:
             self._ship_timer.cancel()
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
         if self._ticker is not None:
             self._ticker.cancel()
             try:
@@ -351,6 +414,91 @@ class Primary:
         # Behind everything remembered (5 minutes): the oldest sample's age is a lower bound.
         f.lag_seconds = now - self._samples[0][0] if self._samples else 0.0
 
+    # -- durability: group commit for --min-replicas --------------------------------------
+
+    def hold(self, callback: Callable[[bool], None], names: set[str]) -> None:
+        """A batch of writes to namespaces `names` was made in this pass: call
+        `callback(True)` once min_replicas replicas hold it, `callback(False)` when they
+        did not within min_replicas_timeout seconds (or this primary was fenced). The
+        server calls seal() after its engine flush, which ships the data."""
+        self._open.append(callback)
+        self._open_names |= names
+
+    def seal(self) -> None:
+        """The engine flushed: the batches held in this pass form one group, confirmed
+        when replicas hold the positions their namespaces reached now."""
+        if not self._open:
+            return
+        callbacks, self._open = self._open, []
+        names, self._open_names = self._open_names, set()
+        if self.fenced:
+            for cb in callbacks:
+                cb(False)
+            return
+        namespaces = self.engine.namespaces
+        target = [(n, ns, ns.position()) for n in names if (ns := namespaces.get(n)) is not None]
+        loop = asyncio.get_running_loop()
+        group = _Group(target, loop.time() + self.min_replicas_timeout, callbacks)
+        if not self._groups and self._held_by(group) >= self.min_replicas:
+            for cb in callbacks:
+                cb(True)
+            return
+        self._groups.append(group)
+        if self._expiry is None:
+            self._expiry = loop.call_at(group.deadline, self._expire)
+
+    def _held_by(self, group: _Group) -> int:
+        """How many replicas hold every write of `group` (a namespace deleted or created
+        anew since then no longer holds those writes anywhere: it counts as held)."""
+        namespaces = self.engine.namespaces
+        live = [(n, p) for n, ns, p in group.target if namespaces.get(n) is ns]
+        count = 0
+        for f in self.followers:
+            acked = f.acked
+            for n, p in live:
+                if acked.get(n, START) < p:
+                    break
+            else:
+                count += 1
+        return count
+
+    def _release(self) -> None:
+        """Answer the groups, oldest first, that enough replicas hold now. Groups are
+        sealed in flush order, so a group that is not held yet stops the walk: the ones
+        after it reach further."""
+        groups, need = self._groups, self.min_replicas
+        while groups and self._held_by(groups[0]) >= need:
+            for cb in groups.popleft().callbacks:
+                cb(True)
+
+    def _expire(self) -> None:
+        self._expiry = None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        groups = self._groups
+        while groups and groups[0].deadline <= now:
+            group = groups.popleft()
+            ok = not self.fenced and self._held_by(group) >= self.min_replicas
+            for cb in group.callbacks:
+                cb(ok)
+        self._release()  # groups held behind the expired ones
+        if groups:
+            self._expiry = loop.call_at(groups[0].deadline, self._expire)
+
+    def _fail_all(self) -> None:
+        groups, self._groups = list(self._groups), deque()
+        callbacks, self._open = self._open, []
+        self._open_names = set()
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
+        for group in groups:
+            callbacks += group.callbacks
+        if callbacks:
+            # Answered once the caller (fencing) is done: the server has switched to
+            # refusing writes by then, so what these clients sent next is refused.
+            asyncio.get_running_loop().call_soon(_answer_all, callbacks, False)
+
     # -- durability ----------------------------------------------------------------------
 
     def snapshot(self) -> Positions:
@@ -396,6 +544,11 @@ class Primary:
                          f"lag_seconds={f.lag_seconds:.3f} "
                          f"last_ack_age={time.time() - f.last_ack:.3f} acked={acked}")
         return lines
+
+
+def _answer_all(callbacks: list[Callable[[bool], None]], ok: bool) -> None:
+    for cb in callbacks:
+        cb(ok)
 
 
 def _settings_args(current: tuple[object, ...]) -> list[bytes | str | int]:

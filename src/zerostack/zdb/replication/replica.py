@@ -4,6 +4,12 @@ stop agreeing with it, then apply the shipped settings and data entries as they 
 A replica restarted or cut off resumes from its own files' end position (per namespace); if
 its files went further than the primary's (an old primary re-joining), the diverging tail is
 cut back to the last entry both hold, and the logs say so.
+
+A namespace the primary rewrote (compaction) is copied again next to the old files, which
+stay in place until the copy reaches the end the rewritten files had; then the copy is
+swapped in. Meanwhile the replica confirms nothing of that namespace and counts as holding
+none of it in votes: a failover in that window finds the old files on every replica, or
+the new ones complete.
 """
 
 from __future__ import annotations
@@ -13,17 +19,21 @@ import logging
 import socket
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import hiredis
 
-from zerostack.zdb.engine import Engine, Mode, ZdbError
+from zerostack.zdb.engine import Engine, Mode, Namespace, ZdbError
 from zerostack.zdb.engine.raw import (
     START,
     Position,
     adopt_layout,
     apply_entries,
     apply_settings,
+    drop_copy,
+    install_copy,
     last_entries,
+    start_copy,
     truncate_to,
 )
 from zerostack.zdb.protocol import encode_request
@@ -42,6 +52,15 @@ PROBE_BATCH = 256
 
 class ReplicationError(Exception):
     """The replication link cannot go on (refused by the primary, diverged files...)."""
+
+
+@dataclass(eq=False)
+class Copy:
+    """A rewritten namespace being copied next to the old files (see the module doc)."""
+
+    ns: Namespace
+    end: Position        # where the rewritten files ended: complete once copied up to it
+    primary: tuple[str, int, int]  # host, port and term of the primary that rewrote it
 
 
 class Replica:
@@ -68,6 +87,10 @@ class Replica:
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._parser = hiredis.Reader()
+        self._silent = False
+        self._watchdog: asyncio.TimerHandle | None = None
+        # Namespaces rewritten by the primary, copied aside until complete.
+        self.copies: dict[str, Copy] = {}
         # Set by the server: sessions still using a namespace the primary deleted.
         self.on_namespace_removed: Callable[[str], None] = lambda name: None
 
@@ -210,6 +233,19 @@ class Replica:
     async def _agree(self, name: str) -> Position:
         """The position up to which namespace `name` holds the same entries as the primary;
         the local tail past it is cut."""
+        copy = self.copies.get(name)
+        if copy is not None:
+            here = copy.ns.position()
+            newest = last_entries(copy.ns, 1)
+            if not newest:
+                if copy.primary == (self.host, self.port, self.link_term):
+                    return here  # nothing copied yet from the same primary: start it
+            else:
+                heads = await self._heads(name, [newest[0][0]])
+                if heads is not None and heads[0] == newest[0][1]:
+                    copy.primary = (self.host, self.port, self.link_term)
+                    return here  # the primary's log goes on from the copy: go on copying
+            self.drop_copy(name)  # this primary's log is another one: compare the old files
         ns = self.engine.namespace(name)
         here = ns.position()
         if here == START:
@@ -263,11 +299,34 @@ class Replica:
 
     async def _stream(self) -> None:
         assert self._reader is not None and self._writer is not None
-        parser = self._parser
         self.state = "online"
         gen = self._gen
+        # One timer watches for silence (not one per read: reads are the hot path).
+        self._silent = False
+        self.last_contact = time.time()
+        self._watchdog = asyncio.get_running_loop().call_later(SILENCE, self._watch,
+                                                               self._writer)
+        try:
+            await self._receive(gen)
+        finally:
+            self._watchdog.cancel()
+
+    def _watch(self, writer: asyncio.StreamWriter) -> None:
+        quiet = time.time() - self.last_contact
+        if quiet < SILENCE:
+            self._watchdog = asyncio.get_running_loop().call_later(SILENCE - quiet,
+                                                                   self._watch, writer)
+            return
+        self._silent = True
+        writer.close()  # the pending read ends
+
+    async def _receive(self, gen: int) -> None:
+        assert self._reader is not None and self._writer is not None
+        parser = self._parser
         while True:
-            data = await asyncio.wait_for(self._reader.read(READ_SIZE), SILENCE)
+            data = await self._reader.read(READ_SIZE)
+            if self._silent:
+                raise TimeoutError(f"nothing from the primary for {SILENCE:.0f} s")
             if gen != self._gen:
                 raise ReplicationError("this replica follows another primary now")
             if not data:
@@ -295,6 +354,8 @@ class Replica:
                 self.engine.flush_all()
                 args: list[bytes | str | int] = [b"REPLACK", self.link_term]
                 for name in changed:
+                    if name in self.copies:
+                        continue  # holds none of the rewritten namespace yet
                     ns = self.engine.namespaces.get(name)
                     fid, off = ns.position() if ns is not None else START
                     args += [name.encode("utf-8", "surrogateescape"), fid, off]
@@ -305,11 +366,16 @@ class Replica:
         name = message[1].decode("utf-8", "surrogateescape") if len(message) > 1 else ""
         engine = self.engine
         if kind == frames.DATA:
-            ns = engine.namespace(name)
+            copy = self.copies.get(name)
+            ns = engine.namespace(name) if copy is None else copy.ns
             pos = (int(message[2]), int(message[3]))
             apply_entries(ns, pos, message[4])
             self.applied_bytes += len(message[4])
             changed.add(name)
+            if copy is not None:
+                ns.write_out()  # (a copy is not the engine's: nothing else writes it out)
+                if ns.position() >= copy.end:
+                    self._install(name, copy)
         elif kind == frames.NS:
             found = engine.namespaces.get(name)
             if found is None:
@@ -320,18 +386,31 @@ class Replica:
                            message[6] == b"1", message[7] == b"1", message[8] == b"1")
             changed.add(name)
         elif kind == frames.JUMP:
-            ns = engine.namespace(name)
+            copy = self.copies.get(name)
+            ns = engine.namespace(name) if copy is None else copy.ns
             while ns.position()[0] < int(message[2]):
                 ns.jump()
             changed.add(name)
+            if copy is not None and ns.position() >= copy.end:
+                self._install(name, copy)
         elif kind == frames.DROP:
+            self.drop_copy(name)
             if name in engine.namespaces:
                 engine.delete_namespace(name)
                 self.on_namespace_removed(name)
                 log.info("event=zdb.replication.namespace.delete namespace=%s", name)
         elif kind == frames.RESET:
-            if name in engine.namespaces:
-                engine.namespace(name).flush()
+            self.drop_copy(name)
+            end = (int(message[2]), int(message[3])) if len(message) >= 4 else START
+            found = engine.namespaces.get(name)
+            if found is not None and end > START and found.position() > START:
+                # Keep the old files until the rewritten namespace is copied completely.
+                self.copies[name] = Copy(start_copy(engine, name), end,
+                                         (self.host, self.port, self.link_term))
+                log.info("event=zdb.replication.namespace.recopy namespace=%s end=%d:%d",
+                         name, end[0], end[1])
+            elif found is not None:
+                found.flush()  # flushed (or rewritten empty): nothing to keep
                 log.info("event=zdb.replication.namespace.reset namespace=%s", name)
             changed.add(name)
         elif kind == frames.LAG:
@@ -340,6 +419,25 @@ class Replica:
             changed.update(engine.namespaces)  # answer with every position: a heartbeat
         else:
             raise ReplicationError(f"unknown replication frame {kind!r}")
+
+    def _install(self, name: str, copy: Copy) -> None:
+        del self.copies[name]
+        install_copy(self.engine, name, copy.ns)
+        fid, off = self.engine.namespace(name).position()
+        log.info("event=zdb.replication.namespace.recopied namespace=%s position=%d:%d",
+                 name, fid, off)
+
+    def drop_copy(self, name: str) -> None:
+        copy = self.copies.pop(name, None)
+        if copy is not None:
+            drop_copy(self.engine, name, copy.ns)
+            log.info("event=zdb.replication.namespace.recopy_dropped namespace=%s", name)
+
+    def drop_copies(self) -> None:
+        """Keep the old files of every namespace being copied again (this node is
+        promoted, or stops)."""
+        for name in list(self.copies):
+            self.drop_copy(name)
 
     # -- INFO ----------------------------------------------------------------------------
 
@@ -357,4 +455,7 @@ class Replica:
         for name, ns in self.engine.namespaces.items():
             fid, off = ns.position()
             lines.append(f"position_{name}: {fid}:{off}")
+        for name, copy in self.copies.items():
+            (fid, off), (efid, eoff) = copy.ns.position(), copy.end
+            lines.append(f"recopy_{name}: {fid}:{off} of {efid}:{eoff}")
         return lines

@@ -157,6 +157,7 @@ class ReplicationRole:
                 pass
         if self.replica is not None:
             await self.replica.stop()
+            self.replica.drop_copies()
         await self.primary.stop()
 
     # -- authentication of replication links ------------------------------------------
@@ -209,7 +210,11 @@ class ReplicationRole:
                     self.terms.term)
 
     def positions(self) -> dict[str, Position]:
-        return {n: ns.position() for n, ns in self.engine.namespaces.items()}
+        """Where each namespace's log stands, for votes; a namespace whose rewrite by the
+        primary is still being copied counts as holding nothing of the rewritten log."""
+        copying = self.replica.copies if self.replica is not None else {}
+        return {n: START if n in copying else ns.position()
+                for n, ns in self.engine.namespaces.items()}
 
     def vote(self, term: int, candidate: str, log_term: int,
              positions: dict[str, Position]) -> tuple[bool, str]:
@@ -306,6 +311,8 @@ class ReplicationRole:
                         replica.start()
                     return (f"Promotion refused: {votes} of {nodes} nodes agreed to term "
                             f"{term}, {need} needed ({'; '.join(reasons)[:400]})")
+            if replica is not None:
+                replica.drop_copies()  # its old files are the namespaces' log now
             floors = self._skip_sequential()
             self.terms.become_primary(term, floors)
             self.primary.term = term
