@@ -1,6 +1,7 @@
 """Zero-DB server vs redis-server under redis-benchmark, in the same run; writes docs/benchmarks.md.
 
 usage: .venv/bin/python -m bench.zdb_bench [--requests N] [--rounds N] [--no-docs]
+                                           [--only appends]
 Both servers run on 127.0.0.1 with a fresh data directory; ours keeps its default
 durability (every write handed to the OS before the reply, no fsync), redis-server runs
 with persistence off (`--save "" --appendonly no`). Besides the 64-byte table: the same
@@ -97,6 +98,7 @@ class Append:
     dd: float
     zdb_cpu: float     # CPU seconds per GiB written: the server's, and dd's own
     dd_cpu: float
+    client_cpu: float  # the sending client's (this process), per GiB
 
     @property
     def ratio(self) -> float:
@@ -325,7 +327,7 @@ def measure_append(work: Path, rounds: int) -> list[Append]:
     for policy, blocks in APPENDS.items():
         extra = ("--sync",) if policy == "sync" else ()
         rates: dict[str, list[float]] = {"zdb": [], "dd": []}
-        cpus: dict[str, list[float]] = {"zdb": [], "dd": []}
+        cpus: dict[str, list[float]] = {"zdb": [], "dd": [], "client": []}
         gib = blocks / 1024
         for i in range(rounds):
             for side in (("dd", "zdb") if i % 2 == 0 else ("zdb", "dd")):
@@ -336,7 +338,9 @@ def measure_append(work: Path, rounds: int) -> list[Append]:
                     port, zdb = start_zdb(work, "append", *extra)
                     try:
                         before = cpu_seconds(zdb.pid)
+                        mine = time.process_time()
                         rate = append_rate(port, blocks)
+                        cpus["client"].append((time.process_time() - mine) / gib)
                         used = cpu_seconds(zdb.pid) - before
                     finally:
                         stop(zdb)
@@ -345,11 +349,12 @@ def measure_append(work: Path, rounds: int) -> list[Append]:
                 rates[side].append(rate)
                 cpus[side].append(used / gib)
         item = Append(policy, statistics.median(rates["zdb"]), statistics.median(rates["dd"]),
-                      statistics.median(cpus["zdb"]), statistics.median(cpus["dd"]))
+                      statistics.median(cpus["zdb"]), statistics.median(cpus["dd"]),
+                      statistics.median(cpus["client"]))
         out.append(item)
         print(f"1 MiB appends ({policy}): zdb {item.zdb / MIB:,.0f} MiB/s   "
               f"dd {item.dd / MIB:,.0f} MiB/s   {item.ratio:.2f}x   CPU s/GiB zdb "
-              f"{item.zdb_cpu:.2f} dd {item.dd_cpu:.2f}   (zdb runs "
+              f"{item.zdb_cpu:.2f} dd {item.dd_cpu:.2f} client {item.client_cpu:.2f}   (zdb runs "
               f"{[round(r / MIB) for r in rates['zdb']]}, dd runs "
               f"{[round(r / MIB) for r in rates['dd']]} MiB/s)", flush=True)
     return out
@@ -404,13 +409,13 @@ def large_table(items: list[Large]) -> str:
 
 def append_table(items: list[Append]) -> str:
     lines = ["| sync policy | zerostack zdb MiB/s | dd MiB/s | ratio | target | | "
-             "CPU s/GiB: zdb server / dd |",
-             "| --- | ---: | ---: | ---: | ---: | --- | ---: |"]
+             "CPU s/GiB: zdb server / dd | the client's |",
+             "| --- | ---: | ---: | ---: | ---: | --- | ---: | ---: |"]
     names = {"os": "default (to the OS, no fsync) / dd", "sync": "--sync / dd oflag=dsync"}
     for a in items:
         lines.append(f"| {names[a.policy]} | {a.zdb / MIB:,.0f} | {a.dd / MIB:,.0f} | "
                      f"{a.ratio:.2f}x | {APPEND_TARGET:.2f}x | {verdict(a.ratio, APPEND_TARGET)} | "
-                     f"{a.zdb_cpu:.2f} / {a.dd_cpu:.2f} |")
+                     f"{a.zdb_cpu:.2f} / {a.dd_cpu:.2f} | {a.client_cpu:.2f} |")
     return "\n".join(lines)
 
 
@@ -521,7 +526,20 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=200_000, help="redis-benchmark -n")
     parser.add_argument("--rounds", type=int, default=3, help="runs per server, median kept")
     parser.add_argument("--no-docs", action="store_true", help="do not update docs/benchmarks.md")
+    parser.add_argument("--only", choices=["appends"],
+                        help="run only these rows and print them (docs/benchmarks.md is "
+                             "left alone: its block is written from a full run)")
     args = parser.parse_args()
+    if args.only == "appends":
+        load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
+        print(f"{time.strftime('%a %b %d %H:%M:%S UTC %Y', time.gmtime())}, load {load}",
+              flush=True)
+        with tempfile.TemporaryDirectory(prefix="zdb-bench-") as tmp:
+            appends = measure_append(Path(tmp), args.rounds)
+        after = " ".join(Path("/proc/loadavg").read_text().split()[:3])
+        print(f"\nload {load} when the run started, {after} when it ended\n")
+        print(append_table(appends))
+        return
     for tool in ("redis-benchmark", "redis-server"):
         if shutil.which(tool) is None:
             raise SystemExit(f"{tool} is missing: run scripts/install-system-deps")

@@ -45,6 +45,9 @@ TIMEOUT: Final = error("Timeout")
 NAMESPACE_GONE: Final = error("Your active namespace is not available anymore (probably removed).")
 NOT_CONFIRMED: Final = error("Write stored on the primary but not confirmed by enough replicas")
 WRITE_NAMES: Final = frozenset({b"SET", b"SETX", b"DEL"})
+# Bytes one read of a client's socket takes at most, unless it goes straight into a large
+# argument's buffer (see Connection.get_buffer).
+READ_BUFFER: Final = 64 * 1024
 
 
 def log_event(event: str, level: int = logging.INFO, **fields: object) -> None:
@@ -97,13 +100,21 @@ class ServerConfig:
     output_limit: int = 64 * 1024 * 1024
 
 
-class Connection(asyncio.Protocol):
-    """One client: parse what arrives, run each request, answer the whole batch at once."""
+class Connection(asyncio.BufferedProtocol):
+    """One client: parse what arrives, run each request, answer the whole batch at once.
+
+    The socket is read into buffers the connection chooses (get_buffer): the server's
+    shared read buffer, or, while a large argument is unfinished, the rest of that
+    argument's own buffer, so a large value is received where the request will use it.
+    """
 
     def __init__(self, server: ZdbServer) -> None:
         self.server = server
         self.state = server.state
-        self.parser = RequestParser()
+        self.parser = RequestParser(keep_values=True)
+        # The last get_buffer() handed out the unfinished argument's buffer, not the
+        # server's read buffer.
+        self.into_argument = False
         self.session = Session(server.state)
         self.transport: asyncio.Transport | None = None
         self.peer = "-"
@@ -182,6 +193,24 @@ class Connection(asyncio.Protocol):
             self.process(requests, violation)
         if not self.draining and not self.waiting and not self.closing:
             transport.resume_reading()
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        view = self.parser.buffer()
+        if view is None:
+            self.into_argument = False
+            return self.server.read_buffer
+        self.into_argument = True
+        return view
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if not self.into_argument:
+            # (copied out at once: the read buffer is the next connection's too)
+            self.data_received(bytes(self.server.read_buffer[:nbytes]))
+            return
+        if self.closing:
+            return
+        self.state.network_rx += nbytes
+        self.parser.filled(nbytes)
 
     def data_received(self, data: bytes) -> None:
         if self.closing:
@@ -524,6 +553,9 @@ class ZdbServer:
         # namespace name -> connections blocked in WAIT on it
         self.waiters: dict[str, set[Connection]] = {}
         self._servers: list[asyncio.AbstractServer] = []
+        # Every connection reads into this buffer and copies out what arrived before the
+        # next read (get_buffer / buffer_updated run back to back, one connection at a time).
+        self.read_buffer = memoryview(bytearray(READ_BUFFER))
         # Replies waiting for the engine flush at the end of this event-loop pass (None: close).
         self._outbox: list[tuple[Connection, bytes | bytearray | None]] = []
         # Connections holding requests until their replies are sent (see Connection.drain).
