@@ -151,6 +151,10 @@ class RequestParser:
         # The value of a SET gathered as a large argument stays the bytearray it arrived in.
         self._keep = keep_values
 
+    def receiving(self) -> bool:
+        """A large argument is unfinished: its bytes can be received with buffer()."""
+        return self._large is not None
+
     def buffer(self) -> memoryview | None:
         """Where the next bytes of the stream go when a large argument is unfinished: a view
         of the part of its buffer still to fill, so a socket can receive straight into it
