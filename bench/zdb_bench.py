@@ -48,6 +48,7 @@ LARGE_TARGETS = {KIB4: 0.8}
 LARGE_LOAD = {KIB4: (100_000, 10_000, 50), MIB: (1_000, 50, 10)}
 APPEND_TARGET = 0.5       # 1 MiB appends / dd's rate, same block size and sync policy
 APPENDS = {"os": 1_000, "sync": 200}  # 1 MiB appends per run, per sync policy
+POLICY_NAMES = {"os": "default (to the OS, no fsync) / dd", "sync": "--sync / dd oflag=dsync"}
 
 
 @dataclass
@@ -100,6 +101,8 @@ class Append:
     zdb_cpu: float     # CPU seconds per GiB written: the server's, and dd's own
     dd_cpu: float
     client_cpu: float  # the sending client's (this process), per GiB
+    zdb_runs: list[float]  # every round's rate, bytes per second
+    dd_runs: list[float]
 
     @property
     def ratio(self) -> float:
@@ -351,7 +354,7 @@ def measure_append(work: Path, rounds: int) -> list[Append]:
                 cpus[side].append(used / gib)
         item = Append(policy, statistics.median(rates["zdb"]), statistics.median(rates["dd"]),
                       statistics.median(cpus["zdb"]), statistics.median(cpus["dd"]),
-                      statistics.median(cpus["client"]))
+                      statistics.median(cpus["client"]), rates["zdb"], rates["dd"])
         out.append(item)
         print(f"1 MiB appends ({policy}): zdb {item.zdb / MIB:,.0f} MiB/s   "
               f"dd {item.dd / MIB:,.0f} MiB/s   {item.ratio:.2f}x   CPU s/GiB zdb "
@@ -412,9 +415,8 @@ def append_table(items: list[Append]) -> str:
     lines = ["| sync policy | zerostack zdb MiB/s | dd MiB/s | ratio | target | | "
              "CPU s/GiB: zdb server / dd | the client's |",
              "| --- | ---: | ---: | ---: | ---: | --- | ---: | ---: |"]
-    names = {"os": "default (to the OS, no fsync) / dd", "sync": "--sync / dd oflag=dsync"}
     for a in items:
-        lines.append(f"| {names[a.policy]} | {a.zdb / MIB:,.0f} | {a.dd / MIB:,.0f} | "
+        lines.append(f"| {POLICY_NAMES[a.policy]} | {a.zdb / MIB:,.0f} | {a.dd / MIB:,.0f} | "
                      f"{a.ratio:.2f}x | {APPEND_TARGET:.2f}x | {verdict(a.ratio, APPEND_TARGET)} | "
                      f"{a.zdb_cpu:.2f} / {a.dd_cpu:.2f} | {a.client_cpu:.2f} |")
     return "\n".join(lines)
@@ -442,26 +444,38 @@ def append_section(appends: list[Append], rounds: int, date: str, load: str) -> 
         "",
         append_table(appends),
         "",
-        "Where the time of a 1 MiB append goes (perf and strace of the native build during",
-        "this load, Mon Nov 30 2026):",
+        "Every round, MiB/s (the spread shows how much the load of the VM moved them): "
+        + "; ".join(f"{POLICY_NAMES[a.policy].split(' / ')[0]}: zdb "
+                    f"{', '.join(f'{r / MIB:,.0f}' for r in a.zdb_runs)}, dd "
+                    f"{', '.join(f'{r / MIB:,.0f}' for r in a.dd_runs)}" for a in appends)
+        + ".",
+        "",
+        "Where the time of a 1 MiB append goes (perf and strace of the native build, Mon",
+        "Nov 30 2026, while other test runs loaded the VM):",
         "",
         "- The server reads the socket straight into a buffer of the value's declared size",
         "  (two reads per value: the value, then its CRLF with the next request's header),",
         "  checks the CRC-32C (hardware instruction) and hands that same buffer to one",
-        "  `pwritev` with the entry header. Its CPU per GiB: about half in `pwritev` (the",
-        "  copy into the page cache and ext4's block reservation: dd's own work for the",
-        "  same bytes), a quarter in the socket reads (the copy out of the socket and the",
-        "  TCP acknowledgements), 10% CRC, 4% zero-filling the new buffer, under 10% in the",
-        "  interpreter and the event loop. Before (2026-11-30, commit 1331944) the value",
-        "  went through three more copies in the server's own code (uvloop's bytes object",
-        "  per read, the argument buffer, the request's bytes): 0.87-0.97 s of server CPU",
-        "  per GiB against 0.50-0.55 s now, under the same load. Freed buffers of up to",
-        "  16 MiB are kept for reuse (glibc `mallopt`): without that, each 1 MiB buffer was",
-        "  mapped and unmapped again, about 1,000 page faults per 1 MiB SET + GET.",
-        "- What is left is kernel work a single server thread does one after the other:",
-        "  receiving and writing each byte costs it about twice dd's time per byte, so the",
-        "  ratio to dd sits near 0.5x on an idle machine and below it when other processes",
-        "  share the two cores (the client needs one too: its CPU per GiB is in the table).",
+        "  `pwritev` with the entry header. Its CPU: about half in `pwritev` (the copy into",
+        "  the page cache and ext4's block reservation, dd's own work for the same bytes),",
+        "  a fifth to a quarter in the socket reads (the copy out of the socket and the TCP",
+        "  acknowledgements), 8-10% CRC, 4-5% zero-filling the new buffer, under 10% in",
+        "  the interpreter and the event loop.",
+        "- Before (commit 1331944) each value went through three more copies in the",
+        "  server's own code: uvloop's bytes object per read, the argument buffer, then",
+        "  the request's bytes. With both builds alternating with dd in the same runs",
+        "  (load 8-19) the server's CPU per GiB fell from 1.58-1.72 s to 1.02-1.14 s;",
+        "  measured alone, 0.87-0.97 s before (load 1-2) and 0.50-0.62 s after (load 8-16).",
+        "  Freed buffers of up to 16 MiB are kept for reuse (glibc `mallopt`): without",
+        "  that, each 1 MiB buffer was mapped and unmapped again, about 1,000 page faults",
+        "  per 1 MiB SET + GET.",
+        "- What is left is kernel work that one server thread does one step after the",
+        "  other: dd's write plus the receipt of every byte, so the server needs about",
+        "  twice dd's CPU per byte, and the client a core of its own besides. On a VM",
+        "  whose two cores are taken by other runs (see the load) the server and its",
+        "  client lose more of their time than dd does. Writing one value while the next",
+        "  is received (a writer thread) would take the receipt off that path; the server",
+        "  does not do that.",
         "- Under `--sync` the writes that arrived together share one fsync of data and index",
         "  before their replies (group commit), where `dd oflag=dsync` makes each 1 MiB",
         "  block durable on its own.",
