@@ -40,6 +40,10 @@ class RecordingTransport:
     def resume_reading(self) -> None:
         pass
 
+    def set_protocol(self, protocol: object) -> None:
+        # (a large argument's bytes would be read by another protocol; no socket here)
+        pass
+
     def get_extra_info(self, name: str) -> None:
         return None
 

@@ -315,3 +315,67 @@ def test_both_parsers_answer_every_stream_alike(valid: list[list[bytes]], tokens
     points = sorted({c % len(data) for c in cuts} - {0})
     chunks = [data[a:b] for a, b in zip([0, *points], [*points, len(data)], strict=True)]
     assert outcome(False, chunks) == outcome(True, chunks)
+
+
+def receive(parser: RequestParser, data: bytes, read: int) -> list[list[bytes]]:
+    """Feed `data` the way the server reads a socket: into the unfinished large argument's
+    own buffer when the parser offers one (buffer() / filled()), else `read` bytes at most
+    through feed()."""
+    out: list[list[bytes]] = []
+    pos = 0
+    while pos < len(data):
+        view = parser.buffer()
+        if view is None:
+            out.extend(parser.feed(data[pos : pos + read]))
+            pos += min(read, len(data) - pos)
+            continue
+        n = min(len(view), len(data) - pos, read)
+        view[:n] = data[pos : pos + n]
+        view.release()
+        parser.filled(n)
+        pos += n
+    return out
+
+
+def test_large_arguments_received_into_their_own_buffer() -> None:
+    value = bytes(range(256)) * (LARGE_ARG // 256 * 3 + 1)
+    data = (encode_request("SET", "k", value) + encode_request("GET", "k")
+            + encode_request("SET", "k", value, "12") + encode_request("PING"))
+    want = [[b"SET", b"k", value], [b"GET", b"k"], [b"SET", b"k", value, b"12"], [b"PING"]]
+    for read in (1, 2, 3, 7, 1000, 4096, LARGE_ARG - 1, LARGE_ARG + 1, 10 * LARGE_ARG):
+        assert receive(new_parser(), data, read) == want, read
+    if not PARSER["typed"]:
+        assert new_parser().buffer() is None  # hiredis gathers everything itself
+
+
+def test_a_received_large_argument_must_end_with_crlf() -> None:
+    value = b"v" * (2 * LARGE_ARG)
+    frame = encode_request("SET", "k", value)
+    for bad in (frame[:-2] + b"XY", frame[:-1] + b"X", frame[:-2] + b"\n\r"):
+        for read in (1, 100, 4096):
+            with pytest.raises(ProtocolViolation) as info:
+                receive(new_parser(), bad, read)
+            assert info.value.message == MALFORMED_ARG
+
+
+def test_only_a_sets_value_is_kept_in_its_receive_buffer() -> None:
+    # With keep_values (the server's parser), the value of SET/SETX gathered as a large
+    # argument is handed over without a copy; every other argument is bytes.
+    value = b"x" * (2 * LARGE_ARG)
+    data = (encode_request("set", "k", value) + encode_request("SETX", "k", value)
+            + encode_request("SET", value, "v") + encode_request("NSSET", "ns", value)
+            + encode_request("SET", "k", value, value))
+    parser = RequestParser(typed=PARSER["typed"], keep_values=True)
+    got = receive(parser, data, 4096)
+    assert got == [[b"set", b"k", value], [b"SETX", b"k", value], [b"SET", value, b"v"],
+                   [b"NSSET", b"ns", value], [b"SET", b"k", value, value]]
+    types = [[type(arg) for arg in request] for request in got]
+    if PARSER["typed"]:
+        assert types[0][2] is bytearray and types[1][2] is bytearray
+        assert types[4][2] is bytearray and types[4][3] is bytes
+    else:
+        assert types[0][2] is bytes  # hiredis: bytes throughout
+    assert types[2] == [bytes, bytes, bytes] and types[3] == [bytes, bytes, bytes]
+    # Without keep_values (replication's parsers) every argument is bytes.
+    plain = receive(RequestParser(typed=PARSER["typed"]), data, 4096)
+    assert all(type(arg) is bytes for request in plain for arg in request)

@@ -10,6 +10,7 @@ import threading
 import time
 from pathlib import Path
 
+import hiredis
 import pytest
 import redis
 
@@ -529,3 +530,53 @@ def read_reply(reader: object) -> bytes:
     if line[:1] == b"$" and line[1:3] != b"-1":
         return line + reader.read(int(line[1:-2]) + 2)  # type: ignore[attr-defined]
     return line
+
+
+def test_pipelined_large_values_in_odd_sized_writes_are_stored_exactly(
+        zdb_start: ZdbStarter) -> None:
+    # Large values are received straight into their own buffers: values cut anywhere
+    # (inside a header, the payload, its CRLF), pipelined with small requests, must come
+    # back byte for byte, and the data file must hold valid 0-db entries for them.
+    from zerostack.zdb.engine.files import iter_data_entries
+
+    z = zdb_start()
+    rng = random.Random(12)
+    values = {b"big%d" % i: rng.randbytes(rng.choice([64 * 1024, 300_001, 1 << 20]))
+              for i in range(12)}
+    stream = b"".join(encode_request("SET" if i % 2 else "setx", key, value)
+                      + encode_request("GET", "small")
+                      for i, (key, value) in enumerate(values.items()))
+    stream = encode_request("SET", "small", "s") + stream
+    with socket.create_connection(("127.0.0.1", z.port), timeout=10) as s:
+        pos = 0
+        while pos < len(stream):
+            n = rng.choice([1, 2, 3, 5, 4093, 65_535, 65_537, 200_000])
+            s.sendall(stream[pos : pos + n])
+            pos += n
+            if rng.random() < 0.05:
+                time.sleep(0.01)  # let the server read what is there so far
+        reader = hiredis.Reader()
+        replies: list[object] = []
+        while len(replies) < 1 + 2 * len(values):
+            chunk = s.recv(65536)
+            assert chunk, replies
+            reader.feed(chunk)
+            while (reply := reader.gets()) is not False:
+                replies.append(reply)
+    assert replies == [b"small"] + [x for key in values for x in (key, b"s")]
+    r = z.client()
+    for key, value in values.items():
+        assert r.get(key) == value
+    # A value whose CRLF is wrong is refused and the connection closed; nothing stored.
+    bad = encode_request("SET", "broken", b"x" * 100_000)[:-2] + b"XY"
+    got, closed = raw(z.port, bad, wait=1.0)
+    assert got == b"-Malformed query string\r\n" and closed
+    assert r.get("broken") is None
+    r.close()
+    z.proc.terminate()
+    z.proc.wait(timeout=30)
+    files = list((z.data / "default").glob("d*"))
+    assert len(files) == 1
+    data = files[0].read_bytes()
+    lengths = [ln for _off, _kl, ln, *_rest in iter_data_entries(data)]
+    assert sorted(lengths) == sorted([1, *(len(v) for v in values.values())])

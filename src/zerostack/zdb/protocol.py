@@ -8,7 +8,7 @@ buffered: typed code in the native build (setup.py), hiredis in the pure-Python 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Final
+from typing import Any, Final
 
 import hiredis
 
@@ -30,6 +30,10 @@ _MAX_HEADER: Final = 32
 # An argument at least this large that a read leaves unfinished is gathered on its own
 # (see RequestParser.feed), so its bytes are copied once on their way to a request.
 LARGE_ARG: Final = 64 * 1024
+
+# Commands whose third argument is a value to store: with keep_values, one gathered as a
+# large argument is handed over in the buffer it was received into.
+VALUE_COMMANDS: Final = frozenset({b"SET", b"SETX"})
 
 OK: Final = b"+OK\r\n"
 PONG: Final = b"+PONG\r\n"
@@ -122,10 +126,10 @@ class RequestParser:
     number of times however the stream is cut.
     """
 
-    __slots__ = ("_args", "_count", "_hiredis", "_large", "_large_fill", "_large_size", "_need",
-                 "_pending")
+    __slots__ = ("_args", "_count", "_crlf", "_hiredis", "_keep", "_large", "_large_fill",
+                 "_large_size", "_need", "_pending")
 
-    def __init__(self, typed: bool | None = None) -> None:
+    def __init__(self, typed: bool | None = None, keep_values: bool = False) -> None:
         # Typed code parses in the native build; interpreted, hiredis is faster (None:
         # whichever suits this build; tests run both).
         self._hiredis = HiredisParser() if not (COMPILED if typed is None else typed) else None
@@ -137,11 +141,50 @@ class RequestParser:
         # header is not read yet).
         self._args: list[bytes] = []
         self._count = -1
-        # A large argument cut by a read: a buffer for its payload and CRLF, its declared
-        # size and how much of it arrived. Its bytes go there directly, not via `_pending`.
+        # A large argument cut by a read: a buffer of its declared size, and how much of it
+        # arrived. Its bytes go there directly (see buffer()), not via `_pending`; then the
+        # CRLF after it is due (`_crlf`: how many of its bytes are still to come).
         self._large: bytearray | None = None
         self._large_size = 0
         self._large_fill = 0
+        self._crlf = 0
+        # The value of a SET gathered as a large argument stays the bytearray it arrived in.
+        self._keep = keep_values
+
+    def receiving(self) -> bool:
+        """A large argument is unfinished: its bytes can be received with buffer()."""
+        return self._large is not None
+
+    def buffer(self) -> memoryview | None:
+        """Where the next bytes of the stream go when a large argument is unfinished: a view
+        of the part of its buffer still to fill, so a socket can receive straight into it
+        (then call filled()). None: read anywhere and feed() what arrived."""
+        large = self._large
+        if large is None:
+            return None
+        return memoryview(large)[self._large_fill:]
+
+    def filled(self, nbytes: int) -> None:
+        """`nbytes` were received into the view buffer() returned. The request they belong
+        to completes with the argument's CRLF, which comes with the next feed()."""
+        fill = self._large_fill + nbytes
+        self._large_fill = fill
+        if fill >= self._large_size:
+            self._take_large()
+
+    def _take_large(self) -> None:
+        """The large argument is whole: add it to the request; its CRLF is due next."""
+        large = self._large
+        assert large is not None
+        self._large = None
+        self._crlf = 2
+        args = self._args
+        if self._keep and len(args) == 2 and args[0].upper() in VALUE_COMMANDS:
+            # No copy of the value: SET reads it as it is (see commands.write.cmd_set).
+            kept: list[Any] = args
+            kept.append(large)
+        else:
+            args.append(bytes(large))
 
     def feed(self, data: bytes) -> list[list[bytes]]:
         if self._hiredis is not None:
@@ -149,20 +192,31 @@ class RequestParser:
         pos = 0
         large = self._large
         if large is not None:
-            size = self._large_size
             fill = self._large_fill
-            take = size + 2 - fill
+            take = self._large_size - fill
             if len(data) < take:
                 large[fill:fill + len(data)] = data
                 self._large_fill = fill + len(data)
                 return []
             large[fill:] = memoryview(data)[:take]
-            if large[size] != 13 or large[size + 1] != 10:
-                raise ProtocolViolation(MALFORMED_ARG, [])
-            del large[size:]
-            self._args.append(bytes(large))
-            self._large = None
+            self._take_large()
             pos = take
+        if self._crlf:
+            # The end of a large argument: its CRLF, possibly cut by a read.
+            end = len(data)
+            if self._crlf == 2:
+                if pos >= end:
+                    return []
+                if data[pos] != 13:
+                    raise ProtocolViolation(MALFORMED_ARG, [])
+                pos += 1
+                self._crlf = 1
+            if pos >= end:
+                return []
+            if data[pos] != 10:
+                raise ProtocolViolation(MALFORMED_ARG, [])
+            pos += 1
+            self._crlf = 0
         pending = self._pending
         if pending is not None:
             pending += data
@@ -208,12 +262,24 @@ class RequestParser:
                     if size >= LARGE_ARG:
                         # Gathered apart from here on, in a buffer of its final size: no
                         # copy of the whole stream tail, no copy as it grows.
-                        large = bytearray(size + 2)
-                        large[:end - start] = memoryview(buf)[start:end]
+                        large = bytearray(size)
+                        have = min(end, stop) - start
+                        large[:have] = memoryview(buf)[start:start + have]
                         self._large = large
                         self._large_size = size
-                        self._large_fill = end - start
-                        pos = end
+                        self._large_fill = have
+                        pos = start + have
+                        if have == size:
+                            # Only (part of) its CRLF is missing.
+                            self._args = args
+                            self._count = count
+                            self._take_large()
+                            args = self._args
+                            if pos < end:
+                                if buf[pos] != 13:
+                                    raise ProtocolViolation(MALFORMED_ARG, requests)
+                                pos += 1
+                                self._crlf = 1
                         need = -1
                         break
                     need = stop + 2

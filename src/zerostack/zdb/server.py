@@ -49,6 +49,9 @@ WRITE_NAMES: Final = frozenset({b"SET", b"SETX", b"DEL"})
 # Commands whose reply can come later (a job or WAIT): with --min-replicas they run only
 # after the writes before them were confirmed, so no reply overtakes a write's.
 LATER_NAMES: Final = frozenset({b"WAIT", b"REPLWAIT", b"PROMOTE", b"COMPACT"})
+# Bytes one read of a client's socket takes at most between two large arguments received
+# straight into their buffers (see ArgumentReceiver).
+READ_BUFFER: Final = 64 * 1024
 
 
 def log_event(event: str, level: int = logging.INFO, **fields: object) -> None:
@@ -102,12 +105,21 @@ class ServerConfig:
 
 
 class Connection(asyncio.Protocol):
-    """One client: parse what arrives, run each request, answer the whole batch at once."""
+    """One client: parse what arrives, run each request, answer the whole batch at once.
+
+    While a large argument is unfinished, an ArgumentReceiver stands in for the
+    connection as the transport's protocol, so the argument's bytes are received straight
+    into its buffer.
+    """
 
     def __init__(self, server: ZdbServer) -> None:
         self.server = server
         self.state = server.state
-        self.parser = RequestParser()
+        self.parser = RequestParser(keep_values=True)
+        # Receives large arguments (made on the first one); `direct` while it is the
+        # transport's protocol.
+        self.receiver: ArgumentReceiver | None = None
+        self.direct = False
         self.session = Session(server.state)
         self.transport: asyncio.Transport | None = None
         self.peer = "-"
@@ -196,6 +208,8 @@ class Connection(asyncio.Protocol):
         except ProtocolViolation as exc:
             self._received(exc.requests, exc.message)
             return
+        if self.parser.receiving() != self.direct:
+            self._receive_directly(not self.direct)
         if len(requests) == 1 and not self.waiting and not self.draining and not len(self.busy) \
                 and not self.durable:
             # One request per read, the common case without pipelining: served here,
@@ -240,6 +254,19 @@ class Connection(asyncio.Protocol):
                         server.send(self, reply)
                     return
         self._received(requests, None)
+
+    def _receive_directly(self, on: bool) -> None:
+        """Have the transport read into the unfinished large argument's buffer (on), or
+        hand reads to data_received() again."""
+        transport = self.transport
+        if transport is None:
+            return
+        receiver = self.receiver
+        if receiver is None:
+            receiver = self.receiver = ArgumentReceiver(self)
+        self.direct = on
+        # (a transport that is reading starts again with the new protocol's callbacks)
+        transport.set_protocol(receiver if on else self)
 
     def _received(self, requests: list[list[bytes]], violation: str | None) -> None:
         if self.waiting or self.draining:
@@ -511,6 +538,51 @@ class Connection(asyncio.Protocol):
             self.transport.resume_reading()
 
 
+class ArgumentReceiver(asyncio.BufferedProtocol):
+    """The transport's protocol while a connection's large argument arrives: the socket is
+    read straight into the part of the argument's buffer still to fill, and the reads
+    between two such arguments into the server's shared read buffer, passed on to the
+    connection. A stream of large values thus never passes through another buffer; the
+    connection takes the transport back after a read that leaves no argument unfinished.
+    Every other protocol callback goes to the connection."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.read_buffer = conn.server.read_buffer
+        self.into_argument = False  # the last get_buffer() gave out the argument's buffer
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        view = self.conn.parser.buffer()
+        if view is None:
+            self.into_argument = False
+            return self.read_buffer
+        self.into_argument = True
+        return view
+
+    def buffer_updated(self, nbytes: int) -> None:
+        conn = self.conn
+        if not self.into_argument:
+            # (copied out at once: the read buffer serves every connection)
+            conn.data_received(bytes(self.read_buffer[:nbytes]))
+            return
+        if conn.closing:
+            return
+        conn.state.network_rx += nbytes
+        conn.parser.filled(nbytes)
+
+    def eof_received(self) -> bool | None:
+        return self.conn.eof_received()
+
+    def pause_writing(self) -> None:
+        self.conn.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.conn.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.conn.connection_lost(exc)
+
+
 class ZdbServer:
     """Owns the engine and the listeners; `start()` then `serve_until_stopped()`."""
 
@@ -545,6 +617,10 @@ class ZdbServer:
         # namespace name -> connections blocked in WAIT on it
         self.waiters: dict[str, set[Connection]] = {}
         self._servers: list[asyncio.AbstractServer] = []
+        # Reads between large arguments land here (see ArgumentReceiver) and are copied out
+        # before the next read: get_buffer / buffer_updated run back to back, one
+        # connection at a time.
+        self.read_buffer = memoryview(bytearray(READ_BUFFER))
         # Replies waiting for the engine flush at the end of this event-loop pass (None: close).
         self._outbox: list[tuple[Connection, bytes | bytearray | None]] = []
         # Connections holding requests until their replies are sent (see Connection.drain).

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Any, Final
 
 from zerostack.zdb.commands.replication import seq_refusal
 from zerostack.zdb.commands.rules import (
@@ -43,9 +43,13 @@ def cmd_set(s: Session, args: list[bytes]) -> bytes:
         refused = seq_refusal(s)
         if refused is not None:
             return refused
+    # A large value may be the bytearray it was received into (RequestParser keep_values):
+    # read it untyped, it is handed over as it is.
+    request: list[Any] = args
+    value: bytes | bytearray = request[2]
     # The engine refuses the rest (frozen, locked, empty user key, worm, maxsize).
     try:
-        stored = s.ns.set(args[1], args[2], timestamp)
+        stored = s.ns.set(args[1], value, timestamp)
     except ZdbError as exc:
         return refusal(exc)
     if stored is None:

@@ -115,7 +115,7 @@ class AppendFile:
             self.disk_size += done
             del buf[:done]
 
-    def write_out_with(self, tail: bytes) -> None:
+    def write_out_with(self, tail: bytes | bytearray) -> None:
         """write_out() with `tail` appended after the buffered bytes, in one system call:
         a large value reaches the OS without being copied into the buffer first.
 

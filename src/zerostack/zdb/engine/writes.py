@@ -48,7 +48,8 @@ DIRECT_WRITE: Final = 128 * 1024
 class NamespaceWrites(NamespaceReads):
     """Appends of values and tombstones."""
 
-    def set(self, key: bytes, value: bytes, timestamp: int | None = None) -> bytes | None:
+    def set(self, key: bytes, value: bytes | bytearray,
+            timestamp: int | None = None) -> bytes | None:
         """SET: store `value`; returns the key, or None when the stored value is identical."""
         # The hot path of the server: attribute lookups and calls are kept to a minimum.
         if self.locked or self.frozen:
@@ -130,7 +131,8 @@ class NamespaceWrites(NamespaceReads):
                 self.write_out()
         return key
 
-    def _seq_set(self, key: bytes, value: bytes, timestamp: int | None) -> bytes | None:
+    def _seq_set(self, key: bytes, value: bytes | bytearray,
+                 timestamp: int | None) -> bytes | None:
         vl = len(value)
         crc = crc32(value)
         ts = (int(time.time()) if timestamp is None else timestamp) & U32
