@@ -1,6 +1,7 @@
 """Zero-DB server vs redis-server under redis-benchmark, in the same run; writes docs/benchmarks.md.
 
 usage: .venv/bin/python -m bench.zdb_bench [--requests N] [--rounds N] [--no-docs]
+       [--table-only {1,16}]...
 Both servers run on 127.0.0.1 with a fresh data directory; ours keeps its default
 durability (every write handed to the OS before the reply, no fsync), redis-server runs
 with persistence off (`--save "" --appendonly no`). Besides the 64-byte table: the same
@@ -157,7 +158,8 @@ def start_redis(work: Path) -> tuple[int, subprocess.Popen[bytes]]:
     return port, proc
 
 
-def measure(requests: int, work: Path, rounds: int) -> list[Result]:
+def measure(requests: int, work: Path, rounds: int,
+            pipelines: tuple[int, ...] = (1, 16)) -> list[Result]:
     zport, rport, pport = free_port(), free_port(), free_port()
     zdb = start([*zerostack_cli(), "zdb", "--listen", "127.0.0.1", "--port", str(zport),
                  "--data", str(work / "data"), "--index", str(work / "index")],
@@ -172,7 +174,7 @@ def measure(requests: int, work: Path, rounds: int) -> list[Result]:
     servers = ((rport, redis.pid), (zport, zdb.pid), (mport, many.pid), (pport, pure.pid))
     results: list[Result] = []
     try:
-        for pipeline in (1, 16):
+        for pipeline in pipelines:
             # Alternate the servers' order between rounds so all see the same machine load
             # as far as possible, and keep each one's median: the machine is shared.
             runs: dict[tuple[int, str], list[float]] = {}
@@ -521,7 +523,16 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=200_000, help="redis-benchmark -n")
     parser.add_argument("--rounds", type=int, default=3, help="runs per server, median kept")
     parser.add_argument("--no-docs", action="store_true", help="do not update docs/benchmarks.md")
+    parser.add_argument("--table-only", type=int, choices=(1, 16), action="append",
+                        metavar="PIPELINE", help="measure only the 64-byte table's rows of "
+                        "this -P (1 or 16; repeatable), print them, leave the docs alone")
     args = parser.parse_args()
+    if args.table_only:
+        with tempfile.TemporaryDirectory(prefix="zdb-bench-") as tmp:
+            rows = measure(args.requests, Path(tmp), args.rounds, tuple(args.table_only))
+        load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
+        print(f"\n{table(rows)}\n\n{many_table(rows)}\n\nload average at the end: {load}")
+        return
     for tool in ("redis-benchmark", "redis-server"):
         if shutil.which(tool) is None:
             raise SystemExit(f"{tool} is missing: run scripts/install-system-deps")
