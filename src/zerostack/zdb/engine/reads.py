@@ -41,6 +41,7 @@ LC_TAG_SHIFT: Final = 28        # tag from bits 28-59
 LC_MIN_SLOTS: Final = 1 << 12
 LC_MAX_SLOTS: Final = 1 << 21   # 32 MiB
 LC_SLOTS_PER_KEY: Final = 4
+LC_ONE_SLICE: Final = 4096      # values up to this size are sliced out with their key
 
 
 CURSOR: Final = struct.Struct("<BIIQ")  # version 1, index file id, index offset, reserved: 17 bytes
@@ -187,7 +188,13 @@ class NamespaceReads(NamespaceRecovery):
             dm = self._dmaps.get(fid)
             if dm is None or start + kl + ln > len(dm):
                 return None
-        if dm is None or dm[start:start + kl] != key:
+        if dm is None:
+            return None
+        if ln <= LC_ONE_SLICE:
+            # key and value in one slice: one copy out of the map instead of two
+            entry = dm[start:start + kl + ln]
+            return entry[kl:] if entry.startswith(key) else None
+        if dm[start:start + kl] != key:
             return None
         return dm[start + kl:start + kl + ln]
 
