@@ -1,7 +1,7 @@
 """Zero-DB server vs redis-server under redis-benchmark, in the same run; writes docs/benchmarks.md.
 
 usage: .venv/bin/python -m bench.zdb_bench [--requests N] [--rounds N] [--no-docs]
-                                           [--only appends]
+                                           [--only appends] [--table-only {1,16}]...
 Both servers run on 127.0.0.1 with a fresh data directory; ours keeps its default
 durability (every write handed to the OS before the reply, no fsync), redis-server runs
 with persistence off (`--save "" --appendonly no`). Besides the 64-byte table: the same
@@ -175,7 +175,8 @@ def start_redis(work: Path) -> tuple[int, subprocess.Popen[bytes]]:
     return port, proc
 
 
-def measure(requests: int, work: Path, rounds: int) -> list[Result]:
+def measure(requests: int, work: Path, rounds: int,
+            pipelines: tuple[int, ...] = (1, 16)) -> list[Result]:
     zport, rport, pport = free_port(), free_port(), free_port()
     zdb = start([*zerostack_cli(), "zdb", "--listen", "127.0.0.1", "--port", str(zport),
                  "--data", str(work / "data"), "--index", str(work / "index")],
@@ -190,7 +191,7 @@ def measure(requests: int, work: Path, rounds: int) -> list[Result]:
     servers = ((rport, redis.pid), (zport, zdb.pid), (mport, many.pid), (pport, pure.pid))
     results: list[Result] = []
     try:
-        for pipeline in (1, 16):
+        for pipeline in pipelines:
             # Alternate the servers' order between rounds so all see the same machine load
             # as far as possible, and keep each one's median: the machine is shared.
             runs: dict[tuple[int, str], list[float]] = {}
@@ -541,14 +542,18 @@ def write_docs(results: list[Result], large: list[Large], appends: list[Append],
         "",
         "Where the time goes (perf on this VM, Mon Nov 30 2026):",
         "",
-        "- `-P 16` GET: about half of the server's CPU is the GET itself, and most of that",
-        "  is waiting for memory: the key's slot in the key dictionary (22% of the server's",
-        "  samples), the index entry it points to (9%) and the value in the data map (9%) are",
-        "  three random reads over 100,000 keys. On this VM a random lookup in a",
-        "  100,000-key Python dict costs about 300 ns, against 90 ns in key order;",
-        "  redis-server's hash table pays the same kind of misses, in fewer, smaller objects.",
-        "  Replies of a batch are appended to one buffer (GET writes its reply straight",
-        "  into it) and leave in one write per connection and event-loop pass.",
+        "- `-P 16` GET: most of a GET's own time is waiting for memory, with 100,000",
+        "  keys spread over more than the CPU caches hold. Through the key dictionary a GET",
+        "  made five scattered reads (the dictionary's index, entry and key object, the",
+        "  index entry, the value): about half of the server's CPU (perf, Nov 30 2026). On",
+        "  this VM a random lookup in a 100,000-key Python dict costs about 300 ns, against",
+        "  60-90 ns in key order. GET now asks a location cache first (see",
+        "  [zdb.md](zdb.md#memory-for-reads)): one read of a 16-byte slot in huge pages,",
+        "  then one of the data entry, where the key is checked next to the value; in a",
+        "  same-run check (`-P 16` GET only) this cut the server's CPU per GET by a fifth.",
+        "  redis-server's hash table pays the same kind of misses, in fewer, smaller",
+        "  objects. Replies of a batch are appended to one buffer (GET writes its reply",
+        "  straight into it) and leave in one write per connection and event-loop pass.",
         "- Many files: GET reads an older file's entries through maps made once per file",
         "  (index at load, data on first read), so its CPU time per request is that of the",
         "  single-file server (see the CPU column); the ops/s ratio moves with the load of",
@@ -597,7 +602,16 @@ def main() -> None:
     parser.add_argument("--only", choices=["appends"],
                         help="run only these rows; only their part of docs/benchmarks.md "
                              "is rewritten")
+    parser.add_argument("--table-only", type=int, choices=(1, 16), action="append",
+                        metavar="PIPELINE", help="measure only the 64-byte table's rows of "
+                        "this -P (1 or 16; repeatable), print them, leave the docs alone")
     args = parser.parse_args()
+    if args.table_only:
+        with tempfile.TemporaryDirectory(prefix="zdb-bench-") as tmp:
+            rows = measure(args.requests, Path(tmp), args.rounds, tuple(args.table_only))
+        load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
+        print(f"\n{table(rows)}\n\n{many_table(rows)}\n\nload average at the end: {load}")
+        return
     date = subprocess.run(["date", "-u"], capture_output=True, text=True, check=True).stdout.strip()
     if args.only == "appends":
         load = " ".join(Path("/proc/loadavg").read_text().split()[:3])

@@ -68,3 +68,91 @@ def test_get_many_answers_as_get_does_and_stops_past_its_budget(tmp_path: Path) 
     assert got == [values[k] for k in stored[:len(got)]]
     assert sum(map(len, got[:-1])) <= 4000 < sum(map(len, got))  # type: ignore[arg-type]
     engine.close()
+
+
+def _slot_of(ns: object, key: bytes) -> tuple[int, int, int, int]:
+    """(byte offset, tag, value length, location) of `key`'s slot in the location cache."""
+    from zerostack.zdb.engine.reads import LC_HASH, LC_SLOT, LC_TAG_SHIFT
+
+    h = hash(key) & LC_HASH
+    at = (h & ns._lc_mask) * LC_SLOT.size  # type: ignore[attr-defined]
+    tag, ln, loc = LC_SLOT.unpack_from(ns._lc, at)  # type: ignore[attr-defined]
+    assert tag == 0 or loc != 0
+    return at, h >> LC_TAG_SHIFT, ln, loc
+
+
+def test_the_location_cache_follows_every_write_and_reload(tmp_path: Path) -> None:
+    """GETs answered from the location cache see each overwrite, delete, NSJUMP, FLUSH,
+    compaction and reload at once, in older files and in the newest one."""
+    engine = Engine(EngineConfig(data_dir=tmp_path / "data", index_dir=tmp_path / "index",
+                                 datasize=16 * 1024))
+    ns = engine.namespace("default")
+    rnd = random.Random(5)
+    values = {b"k%04d" % i: rnd.randbytes(rnd.randint(1, 600)) for i in range(400)}
+    for key, value in values.items():
+        ns.set(key, value)
+    engine.flush_all()
+    for _ in range(3):  # the first GETs fill the cache, later ones are answered from it
+        for key in values:
+            assert ns.get(key) == values[key]
+            assert ns.get_many([key, b"missing"], 1 << 20) == [values[key], None]
+    cached = [key for key in values if _slot_of(ns, key)[3]]
+    assert len(cached) > len(values) // 2, "the location cache is not used"
+    for round_ in range(4):
+        for key in rnd.sample(sorted(values), 60):
+            if rnd.random() < 0.3:
+                ns.delete(key)
+                del values[key]
+            else:
+                values[key] = rnd.randbytes(rnd.randint(1, 600))
+                ns.set(key, values[key])
+        for key in rnd.sample(sorted(values), 20):
+            values[b"new%d-" % round_ + key] = rnd.randbytes(40)
+            ns.set(b"new%d-" % round_ + key, values[b"new%d-" % round_ + key])
+        if round_ == 1:
+            ns.jump()
+        elif round_ == 2:
+            engine.compact_namespace("default")
+            ns = engine.namespace("default")
+        elif round_ == 3:
+            engine.close()
+            engine = Engine(EngineConfig(data_dir=tmp_path / "data",
+                                         index_dir=tmp_path / "index", datasize=16 * 1024))
+            ns = engine.namespace("default")
+        engine.flush_all()
+        for _ in range(2):
+            for key in [b"k%04d" % i for i in range(400)] + list(values):
+                assert ns.get(key) == values.get(key)
+            keys = list(values)
+            assert ns.get_many(keys, 1 << 30) == [values[k] for k in keys]
+    ns.flush()
+    for key in values:
+        assert ns.get(key) is None
+    engine.close()
+
+
+def test_a_cached_location_of_another_key_is_not_answered(tmp_path: Path) -> None:
+    """A slot whose tag matches but whose data entry holds another key (two keys whose
+    hashes share the slot and the tag) sends the GET through the key dict."""
+    engine = Engine(EngineConfig(data_dir=tmp_path / "data", index_dir=tmp_path / "index",
+                                 datasize=4096))
+    ns = engine.namespace("default")
+    for i in range(100):
+        ns.set(b"key-%03d" % i, b"value-%03d" % i)
+    engine.flush_all()
+    ns.jump()
+    for _ in range(2):  # the first maps the files, the second fills the cache
+        assert ns.get(b"key-001") == b"value-001"
+    _at, _tag, ln, loc = _slot_of(ns, b"key-001")
+    assert loc, "a GET of an older file did not fill the cache"
+    from zerostack.zdb.engine.reads import LC_SLOT
+
+    for other in (b"key-002", b"key-0020", b"absent"):
+        at, tag, _ln, _loc = _slot_of(ns, other)
+        LC_SLOT.pack_into(ns._lc, at, tag, ln, loc)  # key-001's entry, under other's tag
+        expected = b"value-002" if other == b"key-002" else None
+        assert ns.get(other) == expected
+        at, tag, _ln, _loc = _slot_of(ns, other)
+        LC_SLOT.pack_into(ns._lc, at, tag, ln, loc)
+        assert ns.get_many([other, b"key-001"], 1 << 20) == [expected, b"value-001"]
+    engine.close()

@@ -88,6 +88,11 @@ class NamespaceFiles:
         self._maps: dict[int, mmap.mmap] = {}             # index files, shared maps
         self._dmaps: dict[int, mmap.mmap] = {}            # closed data files, read-only maps
         self._imisses = 0  # reads of the current index file past its map since it was made
+        # GET's location cache (reads.py): made on the first read, for the key dict it names.
+        self._lc: mmap.mmap | None = None
+        self._lc_mask = 0
+        self._lc_grow = 0
+        self._lc_for: dict[bytes, int] | None = None
         self._early: list[tuple[int, int, bytes]] = []   # delete flags (before index appends)
         self._late: list[tuple[int, int, bytes]] = []    # superseded flags (after index appends)
         self._patched_paths: set[Path] = set()           # older index files to fsync

@@ -1,9 +1,21 @@
 """The read path of a namespace: GET and the lookups of EXISTS, CHECK, LENGTH, KEYTIME,
 KEYCUR and DBSIZE (the reference's index_get.c and the read side of data.c).
+
+GET goes through a location cache before the key dict: a flat table of 16-byte slots, one
+per hash of a key, each holding (part of the key's hash, value length, data file id and
+offset of its data entry). Most GETs then cost one read of the slot and one of the data
+entry, which holds the key (compared to the one asked for) next to the value; the dict
+lookup and the index entry it points to cost three or four reads from scattered memory
+more, and on a namespace larger than the CPU caches each of them waits for memory.
+A slot is filled when a GET reads the value through the dict, dropped by every write of
+the key (set, delete), and the whole table is made anew when the key dict is (load,
+compaction, FLUSH) or has outgrown it. A slot that names another key, or data not mapped
+yet, only sends that GET through the dict.
 """
 
 from __future__ import annotations
 
+import mmap
 import struct
 from typing import Final
 
@@ -20,6 +32,16 @@ from zerostack.zdb.engine.nsfiles import (
 from zerostack.zdb.engine.recovery import NamespaceRecovery
 
 _idx_head: Final = struct.Struct("<BII").unpack_from
+
+LC_SLOT: Final = struct.Struct("<IIQ")  # hash tag, value length, data file id << 32 | offset
+_lc_unpack: Final = LC_SLOT.unpack_from
+_lc_pack: Final = LC_SLOT.pack_into
+LC_HASH: Final = (1 << 60) - 1  # the bits of a key's hash used: slot from the low ones,
+LC_TAG_SHIFT: Final = 28        # tag from bits 28-59
+LC_MIN_SLOTS: Final = 1 << 12
+LC_MAX_SLOTS: Final = 1 << 21   # 32 MiB
+LC_SLOTS_PER_KEY: Final = 4
+LC_ONE_SLICE: Final = 4096      # values up to this size are sliced out with their key
 
 
 CURSOR: Final = struct.Struct("<BIIQ")  # version 1, index file id, index offset, reserved: 17 bytes
@@ -44,37 +66,72 @@ class NamespaceReads(NamespaceRecovery):
         """GET: the value of `key`, or None."""
         if self.frozen:
             raise ZdbError("Namespace is temporarily frozen (read-write disabled)")
-        p = self._keys.get(key)
+        if self._seqmode:
+            found = self._seq_entry(key)
+            if found is None:
+                return None
+            sfid, _soff, fields = found
+            return self._payload(fields[5] or sfid, fields[1], fields[0], fields[2])
+        table = self._keys
+        lc = self._lc
+        if lc is None or self._lc_for is not table or len(table) > self._lc_grow:
+            lc = self._lc_reset()
+        h: int = hash(key) & LC_HASH
+        at: int = (h & self._lc_mask) << 4
+        tag: int
+        ln: int
+        loc: int
+        tag, ln, loc = _lc_unpack(lc, at)
+        if loc and tag == h >> LC_TAG_SHIFT:
+            value = self._lc_value(key, loc, ln)
+            if value is not None:
+                return value
+        p = table.get(key)
         if p is None:
-            if self.mode is Mode.SEQ:
-                found = self._seq_entry(key)
-                if found is None:
-                    return None
-                sfid, _soff, fields = found
-                return self._payload(fields[5] or sfid, fields[1], fields[0], fields[2])
             return None
-        return self._value_at(p)
+        return self._value_at(p, lc, at, h >> LC_TAG_SHIFT)
 
     def get_many(self, keys: list[bytes], budget: int) -> list[bytes | None]:
         """GET of each key in `keys`, in order, stopping after the value that takes the
         bytes returned past `budget` (the caller GETs the rest later, or not).
 
-        The key lookups are made together before any value is read, so their cache
-        misses overlap instead of queueing one behind the other: pipelined GETs of random
-        keys spend most of their time waiting for memory (-24% CPU per GET measured)."""
+        The slots of the location cache are read together before any value is, so their
+        cache misses overlap instead of queueing one behind the other: pipelined GETs of
+        random keys spend most of their time waiting for memory."""
         if self.frozen:
             raise ZdbError("Namespace is temporarily frozen (read-write disabled)")
-        table = self._keys
-        found = [table.get(key) for key in keys]
         out: list[bytes | None] = []
         size = 0
-        for i, p in enumerate(found):
-            if p is not None:
-                value: bytes | None = self._value_at(p)
-            elif self.mode is Mode.SEQ:
-                value = self.get(keys[i])
-            else:
-                value = None
+        if self._seqmode:
+            for key in keys:
+                value = self.get(key)
+                out.append(value)
+                if value is not None:
+                    size += len(value)
+                    if size > budget:
+                        break
+            return out
+        table = self._keys
+        lc = self._lc
+        if lc is None or self._lc_for is not table or len(table) > self._lc_grow:
+            lc = self._lc_reset()
+        mask = self._lc_mask
+        hashes = [hash(key) & LC_HASH for key in keys]
+        slots = [_lc_unpack(lc, (h & mask) << 4) for h in hashes]
+        h: int
+        tag: int
+        ln: int
+        loc: int
+        for i, key in enumerate(keys):
+            h = hashes[i]
+            tag, ln, loc = slots[i]
+            value = None
+            if loc and tag == h >> LC_TAG_SHIFT:
+                value = self._lc_value(key, loc, ln)
+            if value is None:
+                p = table.get(key)
+                if p is not None:
+                    value = self._value_at(p, lc, (h & mask) << 4, h >> LC_TAG_SHIFT)
             out.append(value)
             if value is not None:
                 size += len(value)
@@ -82,8 +139,69 @@ class NamespaceReads(NamespaceRecovery):
                     break
         return out
 
-    def _value_at(self, p: int) -> bytes:
-        """The value of the live entry at `p` (`fid << 32 | index offset`)."""
+    # ---------------------------------------------------------- location cache
+
+    def _lc_reset(self) -> mmap.mmap:
+        """A new, empty location cache for the key dict as it is now: LC_SLOTS_PER_KEY
+        slots per key (a power of two, LC_MIN_SLOTS to LC_MAX_SLOTS), made again once the
+        keys pass half of that. Anonymous memory, so only the slots used take any."""
+        keys = self._keys
+        slots = LC_MIN_SLOTS
+        while slots < LC_SLOTS_PER_KEY * len(keys) and slots < LC_MAX_SLOTS:
+            slots <<= 1
+        old = self._lc
+        self._lc = None
+        if old is not None:
+            old.close()
+        # Private (a shared anonymous map gets no huge pages), in huge pages where the
+        # kernel has them: random reads over the table then miss the TLB far less.
+        lc = mmap.mmap(-1, slots * LC_SLOT.size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        try:
+            lc.madvise(mmap.MADV_HUGEPAGE)
+        except (AttributeError, OSError):
+            pass
+        self._lc = lc
+        self._lc_mask = slots - 1
+        self._lc_grow = slots // 2 if slots < LC_MAX_SLOTS else 1 << 62
+        self._lc_for = keys
+        return lc
+
+    def _lc_forget(self, key: bytes) -> None:
+        """Drop the cached location of `key`: every change of the key dict calls this.
+        (The slot is cleared whichever key it holds: one a GET fills again.)"""
+        lc = self._lc
+        if lc is not None:
+            _lc_pack(lc, ((hash(key) & LC_HASH) & self._lc_mask) << 4, 0, 0, 0)
+
+    def _lc_value(self, key: bytes, loc: int, ln: int) -> bytes | None:
+        """The value at data location `loc` when the entry there is `key`'s and mapped;
+        None otherwise (the caller goes through the key dict)."""
+        fid: int = loc >> 32
+        start: int = (loc & U32) + DENT
+        kl: int = len(key)
+        d = self._data
+        if fid == d.fileid:
+            if start + kl + ln > d.mapped:
+                return None
+            dm = d.map
+        else:
+            dm = self._dmaps.get(fid)
+            if dm is None or start + kl + ln > len(dm):
+                return None
+        if dm is None:
+            return None
+        if ln <= LC_ONE_SLICE:
+            # key and value in one slice: one copy out of the map instead of two
+            entry = dm[start:start + kl + ln]
+            return entry[kl:] if entry.startswith(key) else None
+        if dm[start:start + kl] != key:
+            return None
+        return dm[start + kl:start + kl + ln]
+
+    def _value_at(self, p: int, lc: mmap.mmap | None = None, at: int = 0,
+                  tag: int = 0) -> bytes:
+        """The value of the live entry at `p` (`fid << 32 | index offset`); a value read
+        from a map also fills the location cache `lc`'s slot at byte `at` with `tag`."""
         # inlined _ientry() + _payload() for the common cases: an entry of an older pair, or
         # of the current pair; both are slices of maps, without a system call.
         fid = p >> 32
@@ -105,6 +223,8 @@ class NamespaceReads(NamespaceRecovery):
                 start = doff + DENT + _kl
                 end = start + ln
                 if end <= len(dm):
+                    if lc is not None:
+                        _lc_pack(lc, at, tag, ln, fid << 32 | doff)
                     return dm[start:end]
         else:
             d = self._data
@@ -121,6 +241,8 @@ class NamespaceReads(NamespaceRecovery):
             end = start + ln
             if end <= d.mapped:
                 # most reads: a slice of the data file's map, no system call
+                if lc is not None:
+                    _lc_pack(lc, at, tag, ln, fid << 32 | doff)
                 return d.map[start:end]  # type: ignore[index]
             disk = d.disk_size
             if start >= disk:

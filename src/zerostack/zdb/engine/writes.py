@@ -121,6 +121,7 @@ class NamespaceWrites(NamespaceReads):
         self._idx_prev = ioff
         self._bytes += vl
         keys[key] = fid << 32 | ioff
+        self._lc_forget(key)
         if self._sync:
             self.fsync()
         else:
@@ -218,6 +219,7 @@ class NamespaceWrites(NamespaceReads):
             self._count -= 1
         else:
             del self._keys[key]
+            self._lc_forget(key)
         self._bytes -= ln
         self._written()
 
