@@ -133,24 +133,31 @@ class NamespaceHistory(NamespaceWrites):
         fields, ekey = self._entry_at(fid, off)
         if ekey != key:
             raise ZdbError("Invalid cursor")
-        _kl, doff, ln, _p, _fl, did, ts, _crc, pid, poff = fields
-        _dfid, value = self._versioned_payload(fid, did, doff, key, ln)
+        _kl, doff, ln, _p, _fl, did, ts, crc, pid, poff = fields
+        _dfid, value = self._versioned_payload(fid, did, doff, key, ln, crc)
         older = encode_cursor(pid, poff) if (pid or poff) else None
         return older, ts, value
 
-    def _versioned_payload(self, ifid: int, did: int, doff: int, key: bytes, ln: int
-                           ) -> tuple[int, bytes]:
+    def _versioned_payload(self, ifid: int, did: int, doff: int, key: bytes, ln: int,
+                           crc: int) -> tuple[int, bytes]:
         """(data file id, payload) of the version whose index entry sits in file `ifid`."""
         # The reference writes data_id 0 for first inserts: the payload then sits in the
         # data file of the index file's number. A sequential deleted copy may also point at
-        # an older file with data_id 0, so check the key and fall back to d0.
+        # an older file with data_id 0, so check the key, length and CRC and fall back to
+        # d0: the newer value of the same slot can sit at the same offset of the index
+        # file's own data file, with the same key and length (only its CRC differs).
         candidates = [did or ifid] + ([0] if did == 0 and ifid != 0 else [])
+        loose: tuple[int, bytes] | None = None  # key and length match, CRC does not
         for dfid in candidates:
             if dfid > self._data.fileid:
                 continue
             found = self._read_data_entry(dfid, doff)
             if found is not None and found[1] == key and found[0][1] == ln:
-                return dfid, found[2]
+                if found[0][3] == crc:
+                    return dfid, found[2]
+                loose = loose or (dfid, found[2])
+        if loose is not None:
+            return loose
         raise ZdbError(f"namespace {self.name}: history entry of {key!r} points at missing data")
 
     def version_chain(self, key: bytes) -> list[tuple[int, int, int]]:
@@ -167,7 +174,8 @@ class NamespaceHistory(NamespaceWrites):
             fields, ekey = self._entry_at(fid, off)
             if ekey != key:
                 break
-            dfid, _value = self._versioned_payload(fid, fields[5], fields[1], key, fields[2])
+            dfid, _value = self._versioned_payload(fid, fields[5], fields[1], key, fields[2],
+                                                   fields[7])
             out.append((dfid, fields[1], fields[6]))
             if not (fields[8] or fields[9]):
                 break
