@@ -114,6 +114,35 @@ def _eligible(part: PartPlan, node: NodeOffer) -> bool:
     return not (w.disk_type == "ssd" and node.capacity.sru == 0)
 
 
+def _swap_apart(part: PartPlan, cands: list[NodeOffer], avoid: set[int], plan: Plan,
+                out: dict[str, int], free: dict[int, Resources],
+                eligible: Mapping[str, list[NodeOffer]],
+                prices: Mapping[int, Prices | None]) -> tuple[NodeOffer, dict[str, int]] | None:
+    """Every node left for `part` holds what it must stay apart from (its primary or
+    replica): move an already placed copy of the same part to such a node and take that
+    copy's node instead, when both still meet every rule. Returns the node the other copy
+    moved to and the new prices of both (`out` and `free` updated), or None when no such
+    swap exists."""
+    by_key = {p.key: p for p in plan.parts}
+    for key, z in sorted(out.items()):
+        other = by_key[key]
+        if other.part != part.part or z in avoid:
+            continue
+        other_avoid = {out[k] for k in other.apart_from if k in out}
+        for y in cands:
+            if y.id in other_avoid or y not in eligible[other.key] \
+                    or other.resources.fits_in(free[y.id]) is not None:
+                continue
+            if part.resources.fits_in(free[z] + other.resources) is not None:
+                continue
+            free[y.id] = free[y.id] - other.resources
+            free[z] = free[z] + other.resources - part.resources
+            out[other.key], out[part.key] = y.id, z
+            return y, {other.key: part_hourly(other, prices.get(y.id)),
+                       part.key: part_hourly(part, prices.get(z))}
+    return None
+
+
 def place(plan: Plan, nodes: Sequence[NodeOffer],
           prices: Mapping[int, Prices | None] | None = None) -> Placed:
     """Assign every part copy of `plan` to a node; raise PlacementError naming the unmet
@@ -136,6 +165,21 @@ def place(plan: Plan, nodes: Sequence[NodeOffer],
         cands = [n for n in eligible[part.key]
                  if need.fits_in(free[n.id]) is None
                  and not (part.where.distinct and n.id in taken.get(part.part, set()))]
+        avoid = {out[k] for k in part.apart_from if k in out}
+        if cands and avoid and all(n.id in avoid for n in cands):
+            moved = _swap_apart(part, cands, avoid, plan, out, free, eligible, prices)
+            if moved is not None:
+                to, prices_now = moved
+                cost.update(prices_now)
+                used_nodes[to.id] = used_nodes.get(to.id, 0) + 1
+                used_farms.add(to.farm)
+                taken.setdefault(part.part, set()).add(to.id)
+                continue
+            raise PlacementError(f"no node for part copy {part.key!r} other than node "
+                                 f"{', '.join(map(str, sorted(avoid)))}, which holds "
+                                 f"{', '.join(k for k in part.apart_from if k in out)}: a "
+                                 "replica namespace must be on another node than its primary")
+        cands = [n for n in cands if n.id not in avoid]
         if not cands:
             fitting = {n.id for n in eligible[part.key] if need.fits_in(n.free) is None}
             msg = _need_text(part, copies[part.part] if part.where.distinct else 1)
