@@ -112,6 +112,7 @@ def test_archive_published_deployed_on_three_real_nodes_and_cancelled(
     out = zs(home, grid.url, "solution", "status", str(st["id"]), "-i", "alice").stdout
     assert out.count("deployed") >= 3 and "redis-cli" in out
     assert not any(pw in out for pw in passwords)
+    assert "(read-only replica of archive-0 on node" in out
     zs(home, grid.url, "solution", "cancel", str(st["id"]), "-i", "alice")
     for p in st["parts"]:
         assert grid.wait_contract(p["contract"], {"deleted"})["state"] == "deleted"
