@@ -310,3 +310,17 @@ def test_replicas_are_placed_apart_from_their_primaries() -> None:
     with pytest.raises(PlacementError, match="must be on another node than its primary"):
         place(expand(load_text(text), {}), nodes(1))
     assert len(set(place(expand(load_text(text), {}), nodes(2)).nodes.values())) == 2
+
+
+def test_a_primary_goes_only_to_a_node_its_replicas_can_reach() -> None:
+    plan = expand(load_text(REPLICATED), {})
+    assert [p.followed for p in plan.parts] == [True, True, False, False]
+    cap = Resources(8, 16 * GiB, 200 * GiB, 1000 * GiB)
+    hidden = [NodeOffer(i, 1, "BE", cap, cap, False, reachable=i > 2) for i in range(1, 5)]
+    placed = place(plan, hidden)
+    assert {placed.nodes["main-0"], placed.nodes["main-1"]} <= {3, 4}
+    with pytest.raises(PlacementError, match="an address its replicas reach"):
+        place(plan, hidden[:3])
+    view = {"id": 1, "farm": 1, "capacity": {}, "free": {}, "endpoint": ""}
+    assert not NodeOffer.of(view).reachable
+    assert NodeOffer.of({**view, "endpoint": "198.18.0.10"}).reachable

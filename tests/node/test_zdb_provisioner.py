@@ -210,3 +210,14 @@ def test_a_replica_is_refused_on_its_primarys_node_or_without_its_primary(
         _dep(loose, ZdbWorkload(name="a", size=1 << 20))
     with pytest.raises(Exception, match="replica of itself"):
         ZdbWorkload(name="a", size=1 << 20, replica_of={"workload": "a"})
+
+
+def test_the_primarys_address_is_read_from_its_registered_endpoint() -> None:
+    from zerostack.node.zdbd import endpoint_address
+
+    assert endpoint_address("198.18.0.10") == "198.18.0.10"
+    assert endpoint_address("198.18.0.10:7000") == "198.18.0.10"
+    assert endpoint_address("[fd00:5a::10]:7000") == "fd00:5a::10"
+    assert endpoint_address("fd00:5a::10") == "fd00:5a::10"
+    assert endpoint_address("http://10.0.0.1:80") == "10.0.0.1"
+    assert endpoint_address("") == endpoint_address("node.example") == ""

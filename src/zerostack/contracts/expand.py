@@ -67,6 +67,8 @@ class PartPlan:
     apart_from: tuple[str, ...] = ()
     """Keys of the part copies that must run on another node than this one: a replica
     namespace and its primary."""
+    followed: bool = False
+    """It holds a namespace that replicas follow: its node needs an address others reach."""
 
     @property
     def key(self) -> str:
@@ -203,6 +205,7 @@ def _pair_replicas(template: Template, parts: list[PartPlan],
             if isinstance(w, ZdbWorkload):
                 zdbs.setdefault(w.name, []).append((p.key, w))
     apart: dict[str, set[str]] = {}
+    followed: set[str] = set()
     for p in parts:
         for w in p.workloads:
             if not isinstance(w, ZdbWorkload):
@@ -240,8 +243,9 @@ def _pair_replicas(template: Template, parts: list[PartPlan],
                                      "part)", (*path, "replica_of", "workload"))
             apart.setdefault(p.key, set()).add(key)
             apart.setdefault(key, set()).add(p.key)
-    return [replace(p, apart_from=tuple(sorted(apart[p.key]))) if p.key in apart else p
-            for p in parts]
+            followed.add(key)
+    return [replace(p, apart_from=tuple(sorted(apart[p.key])), followed=p.key in followed)
+            if p.key in apart else p for p in parts]
 
 
 def expand(template: Template, given: Mapping[str, Any]) -> Plan:

@@ -31,6 +31,7 @@ class NodeOffer:
     public: bool
     up: bool = True
     gateway: bool = False  # its farmer made it a gateway (node.gateway with a domain)
+    reachable: bool = True  # it registered an address (a node behind NAT has none)
 
     @classmethod
     def of(cls, view: Mapping[str, Any]) -> NodeOffer:
@@ -40,7 +41,8 @@ class NodeOffer:
                    Resources(**{u: int(free.get(u, 0)) for u in ("cru", "mru", "sru", "hru")}),
                    Resources(**{u: int(cap.get(u, 0)) for u in ("cru", "mru", "sru", "hru")}),
                    bool(view.get("public_ips")), view.get("status", "up") == "up",
-                   bool((view.get("gateway") or {}).get("domain")))
+                   bool((view.get("gateway") or {}).get("domain")),
+                   bool(view.get("endpoint")))
 
 
 @dataclass(frozen=True)
@@ -89,6 +91,8 @@ def _need_text(part: PartPlan, copies: int) -> str:
         bits.append("a gateway")
     elif w.public_ip:
         bits.append("a public IP")
+    if part.followed:
+        bits.append("an address its replicas reach")
     if w.disk_type and not (r.hru or r.sru):
         bits.append(f"{w.disk_type.upper()} disks")
     what = " and ".join(bits) if bits else "room"
@@ -98,7 +102,7 @@ def _need_text(part: PartPlan, copies: int) -> str:
 
 def _eligible(part: PartPlan, node: NodeOffer) -> bool:
     w = part.where
-    if not node.up:
+    if not node.up or (part.followed and not node.reachable):
         return False
     if w.country is not None and node.country != w.country:
         return False
