@@ -159,6 +159,9 @@ def test_a_replica_on_another_node_follows_its_primary_namespace(tmp_path: Path)
                 assert time.monotonic() < deadline, "the replica did not catch up"
                 time.sleep(0.1)
         assert value == b"kept twice"
+        assert nodes[1].live_state(rwid, replica) == (
+            "ok", "read-only replica of arch-0 on node 1: link online")
+        assert nodes[0].live_state(pwid, primary) is None
         rconn.send_command("SET", "", b"no")
         with pytest.raises(redis.ResponseError, match="read-only"):
             rconn.read_response()
@@ -170,6 +173,7 @@ def test_a_replica_on_another_node_follows_its_primary_namespace(tmp_path: Path)
         server = nodes[1]._servers["c8-arch-0-r"]
         server.stop()
         assert not nodes[1].exists(rwid, replica)
+        assert nodes[1].live_state(rwid, replica)[0] == "error"  # type: ignore[index]
         nodes[1].provision(rwid, replica, _dep(replica))
         assert nodes[1].exists(rwid, replica)
         with pytest.raises(ProvisionError, match="cannot change in place"):

@@ -231,6 +231,23 @@ class ZdbProvisioner(Provisioner):
             return False
         return spec.replica_of is not None or spec.name in self.namespaces(server)
 
+    def live_state(self, wid: WorkloadID, spec: Workload) -> tuple[str, str] | None:
+        """A replicated namespace whose server is gone is an error until the next pass
+        starts it again; a replica says how its link to the primary stands (`connecting`,
+        `syncing`, `online`: a word that changes seldom, so reports stay few)."""
+        assert isinstance(spec, ZdbWorkload)
+        server = self._server(wid, spec)
+        if server is None:
+            return None
+        if not server.running():
+            return ("error", "its Zero-DB server is not running; the node starts it again")
+        r = spec.replica_of
+        if r is None:
+            return None
+        info = self._cmd("INFO", server=server)  # redis-py parses it into a dict
+        link = str(info.get("link", "unknown") if isinstance(info, dict) else "unknown").strip()[:20]
+        return ("ok", f"read-only replica of {r.workload} on node {r.node}: link {link}")
+
     def close(self) -> None:
         with self._lock:
             for conn in self._conns.values():
