@@ -206,6 +206,9 @@ def test_a_replica_is_refused_on_its_primarys_node_or_without_its_primary(
         prov.provision(WorkloadID(1, "r"), other, _dep(other))
     assert not (tmp_path / "hdd" / "zdb" / "replicated" / "c1-r" / "zdb.pid").exists()
     dep = _dep(spec)
+    from zerostack.workloads import summarize
+    shown = summarize(dep)["workloads"][0]
+    assert shown["replica_of"] == "a on node 1" and "p" * 16 not in str(shown)
     assert "on this same node 1" in (dep.replication_problem(1) or "")
     assert dep.replication_problem(2) is None
     loose = ZdbWorkload(name="r", size=1 << 20, replica_of={"workload": "a"})

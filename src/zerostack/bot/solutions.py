@@ -282,7 +282,7 @@ def _replication(plan: Plan, placed: Placed, deps: dict[int, dict[str, Any]]) ->
                 pairs.setdefault(w.replica_of.workload, []).append((placed.nodes[p.key], w.name))
     if not pairs:
         return
-    ports = secrets.SystemRandom().sample(REPLICATION_PORTS, 2 * len(pairs)
+    ports = secrets.SystemRandom().sample(REPLICATION_PORTS, len(pairs)
                                           + sum(map(len, pairs.values())))
 
     def find(nid: int, name: str) -> dict[str, Any]:
