@@ -49,7 +49,7 @@ def test_solution_is_approved_once_per_stakeholder_and_runs_everywhere(
             sol.draft(bot, template, {"size": "3M", "country": "CH"},
                       {"legal": legal_twin, "budget": budget_twin})
         assert grid.client.contracts(owner=bot.twin_id()) == []  # nothing was created
-        d = sol.draft(bot, template, {"size": "3M", "shards": "3"},
+        d = sol.draft(bot, template, {"size": "3M", "shards": "3", "replicas": "false"},
                       {"legal": legal_twin, "budget": budget_twin}, thash)
         assert len(d.deployments) == 3 and set(d.deployments) <= set(nodes)
         sid = sol.create(bot, d)
@@ -135,7 +135,7 @@ def test_the_budget_stakeholder_signs_only_within_its_monthly_cap(
         thash = sol.publish(bot, load_text(text))
     with grid.bot(user) as bot:
         template, _ = sol.load_template(bot, "archive")
-        d = sol.draft(bot, template, {"size": "3M"},
+        d = sol.draft(bot, template, {"size": "3M", "replicas": "false"},
                       {"legal": legal_twin, "budget": budget_twin}, thash)
         sid = sol.create(bot, d)
     with ThreeBot(grid.url, budget) as bb:

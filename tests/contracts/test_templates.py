@@ -43,11 +43,18 @@ def test_every_example_lints_and_expands_with_defaults(name: str) -> None:
 def test_archive_spreads_shards_over_distinct_nodes() -> None:
     plan = expand(load_text(example("archive")), {"size": "30G", "shards": "5",
                                                   "country": "CH"})
-    assert len(plan.parts) == 5
+    shards = [p for p in plan.parts if p.part == "shard"]
+    assert len(shards) == 5 and len(plan.parts) == 10
     assert all(isinstance(p.workloads[0], ZdbWorkload) for p in plan.parts)
-    assert sum(p.workloads[0].size for p in plan.parts) >= 30 * GiB  # type: ignore[union-attr]
-    placed = place(plan, nodes(6, "CH"))
-    assert len(set(placed.nodes.values())) == 5
+    assert sum(p.workloads[0].size for p in shards) >= 30 * GiB  # type: ignore[union-attr]
+    for n in (5, 6):
+        placed = place(plan, nodes(n, "CH"))
+        assert len({placed.nodes[p.key] for p in shards}) == 5
+        for i in range(5):  # each namespace's replica is on another node
+            assert placed.nodes[f"shard-{i}"] != placed.nodes[f"replica-{i}"]
+    plain = expand(load_text(example("archive")), {"size": "30G", "shards": "5",
+                                                   "replicas": "false"})
+    assert [p.part for p in plain.parts] == ["shard"] * 5
 
 
 def test_placement_names_the_unmet_constraint() -> None:
@@ -57,7 +64,7 @@ def test_placement_names_the_unmet_constraint() -> None:
 
 
 def test_placement_prefers_cheap_nodes_and_honours_max_cost() -> None:
-    plan = expand(load_text(example("archive")), {"size": "30G"})
+    plan = expand(load_text(example("archive")), {"size": "30G", "replicas": "false"})
     offers = nodes(6)
     cheap, dear = Prices(hru=1), Prices(hru=50)
     prices = {n.id: (cheap if n.id in (2, 4, 6) else dear) for n in offers}
@@ -162,8 +169,12 @@ def test_archive_expansion_properties(size_gib: int, shards: int, disk: str) -> 
     t = load_text(example("archive"))
     params = {"size": f"{size_gib}G", "shards": str(shards), "disk": disk}
     plan = expand(t, params)
-    zdbs = [p.workloads[0] for p in plan.parts]
+    zdbs = [p.workloads[0] for p in plan.parts if p.part == "shard"]
+    replicas = [p.workloads[0] for p in plan.parts if p.part == "replica"]
     assert len(zdbs) == shards
+    assert [r.replica_of.workload for r in replicas] == [  # type: ignore[union-attr]
+        w.name for w in zdbs]
+    assert [r.size for r in replicas] == [w.size for w in zdbs]  # type: ignore[union-attr]
     assert len({w.name for w in zdbs}) == shards
     total = sum(w.size for w in zdbs)  # type: ignore[union-attr]
     assert size_gib * GiB <= total < size_gib * GiB + shards
@@ -207,7 +218,10 @@ def test_placement_either_meets_every_rule_or_says_which_fails(
         return
     by_id = {n.id: n for n in nodes}
     assert set(placed.nodes) == {p.key for p in plan.parts}
-    assert len(set(placed.nodes.values())) == shards  # distinct copies
+    for part in ("shard", "replica"):  # distinct copies
+        assert len({n for k, n in placed.nodes.items() if k.startswith(part)}) == shards
+    for i in range(shards):  # a replica never shares its primary's node
+        assert placed.nodes[f"shard-{i}"] != placed.nodes[f"replica-{i}"]
     used: dict[int, int] = {}
     for p in plan.parts:
         node = by_id[placed.nodes[p.key]]
@@ -225,3 +239,88 @@ def test_placement_either_meets_every_rule_or_says_which_fails(
 def test_nested_and_multiplying_values_are_bounded_before_they_grow(expr: str) -> None:
     with pytest.raises(TemplateError, match="more than"):
         Sandbox().evaluate(expr, {})
+
+
+REPLICATED = """
+name: pair
+version: "1"
+parts:
+  - name: main
+    count: 2
+    workloads:
+      - type: zdb
+        name: "db-{{ index }}"
+        size: 1G
+  - name: copy
+    count: 2
+    workloads:
+      - type: zdb
+        name: "db-{{ index }}-copy"
+        size: 1G
+        replica_of: {workload: "db-{{ index }}"}
+"""
+
+
+@pytest.mark.parametrize(("old", "new", "message"), [
+    ('replica_of: {workload: "db-{{ index }}"}', 'replica_of: {workload: "dbx-{{ index }}"}',
+     "no part of the template has a zdb workload of that name"),
+    ('replica_of: {workload: "db-{{ index }}"}', 'replica_of: {workload: "db-{{ index }}-copy"}',
+     "cannot be a replica of itself"),
+    ('replica_of: {workload: "db-{{ index }}"}', 'replica_of: {workload: "db-{{ 1 - index }}-copy"}',
+     "itself a replica"),
+    ('replica_of: {workload: "db-{{ index }}"}',
+     'replica_of: {workload: "db-{{ index }}", node: 3}', "takes only `workload`"),
+    ('replica_of: {workload: "db-{{ index }}"}',
+     'replica_of: {workload: "db-{{ index }}"}\n        replication: {port: 24001, '
+     'password: aaaaaaaaaaaaaaaaaaaa}', "filled in by `zerostack deploy`"),
+    ('"db-{{ index }}"', '"db"', "2 part copies use"),
+])
+def test_replica_mistakes_are_refused_with_their_position(old: str, new: str,
+                                                          message: str) -> None:
+    text = REPLICATED.replace(old, new)
+    assert text != REPLICATED
+    with pytest.raises(TemplateError, match=message) as info:
+        expand(load_text(text), {})
+    assert info.value.line is not None
+
+
+def test_a_replica_in_the_same_part_copy_as_its_primary_is_refused() -> None:
+    text = REPLICATED.replace("""        replica_of: {workload: "db-{{ index }}"}
+""", "").replace("""        size: 1G
+  - name: copy""", """        size: 1G
+      - type: zdb
+        name: "db-{{ index }}-near"
+        size: 1G
+        replica_of: {workload: "db-{{ index }}"}
+  - name: copy""")
+    with pytest.raises(TemplateError, match="on the same node"):
+        expand(load_text(text), {})
+
+
+def test_replicas_are_placed_apart_from_their_primaries() -> None:
+    plan = expand(load_text(REPLICATED), {})
+    assert dict((p.key, p.apart_from) for p in plan.parts) == {
+        "main-0": ("copy-0",), "main-1": ("copy-1",),
+        "copy-0": ("main-0",), "copy-1": ("main-1",)}
+    placed = place(plan, nodes(2))
+    assert placed.nodes["main-0"] != placed.nodes["copy-0"]
+    assert placed.nodes["main-1"] != placed.nodes["copy-1"]
+    # sharing nodes is allowed, but never a primary's with its replica
+    text = REPLICATED.replace("    count: 2\n", "    count: 2\n    placement: {distinct: false}\n")
+    with pytest.raises(PlacementError, match="must be on another node than its primary"):
+        place(expand(load_text(text), {}), nodes(1))
+    assert len(set(place(expand(load_text(text), {}), nodes(2)).nodes.values())) == 2
+
+
+def test_a_primary_goes_only_to_a_node_its_replicas_can_reach() -> None:
+    plan = expand(load_text(REPLICATED), {})
+    assert [p.followed for p in plan.parts] == [True, True, False, False]
+    cap = Resources(8, 16 * GiB, 200 * GiB, 1000 * GiB)
+    hidden = [NodeOffer(i, 1, "BE", cap, cap, False, reachable=i > 2) for i in range(1, 5)]
+    placed = place(plan, hidden)
+    assert {placed.nodes["main-0"], placed.nodes["main-1"]} <= {3, 4}
+    with pytest.raises(PlacementError, match="an address its replicas reach"):
+        place(plan, hidden[:3])
+    view = {"id": 1, "farm": 1, "capacity": {}, "free": {}, "endpoint": ""}
+    assert not NodeOffer.of(view).reachable
+    assert NodeOffer.of({**view, "endpoint": "198.18.0.10"}).reachable

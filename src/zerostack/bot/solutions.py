@@ -34,10 +34,12 @@ from zerostack.workloads import (
     ContainerWorkload,
     Deployment,
     WorkloadError,
+    ZdbWorkload,
     open_instructions,
     priced_units,
     total_resources,
 )
+from zerostack.workloads.types import REPLICATION_PORTS
 
 MAX_NODES_LISTED = 5000
 FINAL = ("deleted", "expired", "cancelled")
@@ -207,6 +209,7 @@ def draft(bot: ThreeBot, template: Template, params: Mapping[str, Any],
                 raise BotError(f"two parts put workload {w.name!r} on node {nid}: name "
                                "workloads with {{ index }} or keep the parts on distinct nodes")
             d["workloads"].append(w.model_dump(mode="json"))
+    _replication(plan, placed, deps)
     endpoints = {o.id: "" for o in offers}
     for v in bot.ledger.nodes(status="up", limit=MAX_NODES_LISTED):
         endpoints[int(v["id"])] = str(v.get("endpoint") or "")
@@ -263,6 +266,40 @@ def draft(bot: ThreeBot, template: Template, params: Mapping[str, Any],
         except WorkloadError as exc:
             raise BotError(f"node {nid}: {exc}") from exc
     return Draft(template, template_hash, plan, placed, built, parts_on, names, layouts, ports)
+
+
+def _replication(plan: Plan, placed: Placed, deps: dict[int, dict[str, Any]]) -> None:
+    """Fill in every replica namespace's primary (its node and port) and give each
+    replicated namespace a port of its own and its set a fresh password, now that every
+    part copy has a node. The password goes only into the deployments, which are sealed
+    to their nodes."""
+    primaries = {w.name: p.key for p in plan.parts for w in p.workloads
+                 if isinstance(w, ZdbWorkload)}
+    pairs: dict[str, list[tuple[int, str]]] = {}  # primary name: replicas (node, name)
+    for p in plan.parts:
+        for w in p.workloads:
+            if isinstance(w, ZdbWorkload) and w.replica_of is not None:
+                pairs.setdefault(w.replica_of.workload, []).append((placed.nodes[p.key], w.name))
+    if not pairs:
+        return
+    ports = secrets.SystemRandom().sample(REPLICATION_PORTS, len(pairs)
+                                          + sum(map(len, pairs.values())))
+
+    def find(nid: int, name: str) -> dict[str, Any]:
+        return next(w for w in deps[nid]["workloads"] if w["name"] == name)
+
+    for primary, replicas in sorted(pairs.items()):
+        pnode = placed.nodes[primaries[primary]]
+        password = secrets.token_urlsafe(24)
+        pport = ports.pop()
+        find(pnode, primary)["replication"] = {"port": pport, "password": password}
+        for rnode, name in replicas:
+            if rnode == pnode:
+                raise BotError(f"zdb {name!r} was placed on node {pnode} with its primary "
+                               f"{primary!r}: a replica must be on another node")
+            entry = find(rnode, name)
+            entry["replication"] = {"port": ports.pop(), "password": password}
+            entry["replica_of"] = {"workload": primary, "node": pnode, "port": pport}
 
 
 def _host(endpoint: str) -> str:
@@ -432,6 +469,10 @@ def retry(bot: ThreeBot, sid: int, contract: int) -> int:
     if any(w.type == "network" for w in old.workloads):
         raise BotError("a part on a user network cannot move alone yet: cancel the solution "
                        "and deploy again")
+    if any(isinstance(w, ZdbWorkload) and w.replication is not None and w.replica_of is None
+           for w in old.workloads):
+        raise BotError("a part holding a namespace that replicas follow cannot move alone "
+                       "yet: cancel the solution and deploy again")
     need = total_resources(old.workloads)
     used = {int(p["node"]) for p in sol["parts"]}
     cands = [n for n in bot.ledger.nodes(status="up", free_cru=need.cru, free_mru=need.mru,

@@ -298,8 +298,11 @@ def print_result(st: dict[str, Any]) -> None:
         for w in p["workloads"]:
             d = w.get("data") or {}
             if w["type"] == "zdb" and w["state"] == "ok" and "port" in d:
+                of = d.get("replica_of") if isinstance(d.get("replica_of"), dict) else None
+                note = (f" (read-only replica of {of.get('workload')} on node {of.get('node')})"
+                        if of else "")
                 console.print(f"zdb {w['name']}: redis-cli -h {d.get('host')} -p {d['port']} "
-                              f"then SELECT {d.get('namespace')}", highlight=False)
+                              f"then SELECT {d.get('namespace')}{note}", highlight=False)
             elif w["type"] == "gateway_name_proxy" and w["state"] == "ok":
                 console.print(f"gateway {w['name']}: {d.get('url') or d.get('fqdn') or d}",
                               highlight=False)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
@@ -15,7 +15,13 @@ from zerostack.contracts.errors import TemplateError
 from zerostack.contracts.parameters import resolve
 from zerostack.contracts.sandbox import Sandbox
 from zerostack.contracts.template import Placement, Template
-from zerostack.workloads import ContainerWorkload, Resources, Workload, total_resources
+from zerostack.workloads import (
+    ContainerWorkload,
+    Resources,
+    Workload,
+    ZdbWorkload,
+    total_resources,
+)
 from zerostack.workloads.deployment import describe_validation_error
 from zerostack.workloads.types import NAME_PATTERN
 
@@ -58,6 +64,11 @@ class PartPlan:
     where: Where
     gateway: GatewayPlan | None = None
     """A gateway copy: its proxy workload is made once the backends' addresses are known."""
+    apart_from: tuple[str, ...] = ()
+    """Keys of the part copies that must run on another node than this one: a replica
+    namespace and its primary."""
+    followed: bool = False
+    """It holds a namespace that replicas follow: its node needs an address others reach."""
 
     @property
     def key(self) -> str:
@@ -183,6 +194,60 @@ class _Expander:
         return w
 
 
+def _pair_replicas(template: Template, parts: list[PartPlan],
+                   paths: Mapping[tuple[str, str], tuple[str | int, ...]]) -> list[PartPlan]:
+    """Check every `replica_of` against the whole plan and keep each replica's part copy
+    apart from its primary's. A template names only the primary workload: the node, port
+    and replication password are `zerostack deploy`'s to fill in once parts are placed."""
+    zdbs: dict[str, list[tuple[str, ZdbWorkload]]] = {}
+    for p in parts:
+        for w in p.workloads:
+            if isinstance(w, ZdbWorkload):
+                zdbs.setdefault(w.name, []).append((p.key, w))
+    apart: dict[str, set[str]] = {}
+    followed: set[str] = set()
+    for p in parts:
+        for w in p.workloads:
+            if not isinstance(w, ZdbWorkload):
+                continue
+            path = paths[(p.key, w.name)]
+            if w.replication is not None:
+                raise template.error("replication is filled in by `zerostack deploy` (a port "
+                                     "and a fresh password): leave it out of a template",
+                                     (*path, "replication"))
+            r = w.replica_of
+            if r is None:
+                continue
+            if r.node or r.port:
+                raise template.error("in a template replica_of takes only `workload`: the "
+                                     "node and port are filled in once the parts are placed",
+                                     (*path, "replica_of"))
+            found = zdbs.get(r.workload, [])
+            if not found:
+                raise template.error(f"zdb {w.name!r} is a replica of {r.workload!r}, but no "
+                                     "part of the template has a zdb workload of that name",
+                                     (*path, "replica_of", "workload"))
+            if len(found) > 1:
+                raise template.error(f"zdb {w.name!r} is a replica of {r.workload!r}, a name "
+                                     f"{len(found)} part copies use: name the primary with "
+                                     "{{ index }} so it is unique", (*path, "replica_of"))
+            (key, primary), = found
+            if primary.replica_of is not None:
+                raise template.error(f"zdb {w.name!r} is a replica of {r.workload!r}, itself "
+                                     "a replica: a replica follows a primary, not another "
+                                     "replica", (*path, "replica_of", "workload"))
+            if key == p.key:
+                raise template.error(f"zdb {w.name!r} is a replica of {r.workload!r} in the "
+                                     "same part copy, so on the same node: a replica must be "
+                                     "on another node than its primary (put it in another "
+                                     "part)", (*path, "replica_of", "workload"))
+            apart.setdefault(p.key, set()).add(key)
+            apart.setdefault(key, set()).add(p.key)
+            followed.add(key)
+    return [replace(p, apart_from=tuple(sorted(apart[p.key])), followed=p.key in followed)
+            if p.key in apart else p for p in parts]
+
+
 def expand(template: Template, given: Mapping[str, Any]) -> Plan:
     """The Plan for `given` parameters; raises TemplateError (with the template position
     of the failing expression) on any bad parameter, failing expression or invalid result."""
@@ -195,6 +260,7 @@ def expand(template: Template, given: Mapping[str, Any]) -> Plan:
         derived[key] = names[key] = x.eval(expr, names, ("derived", key))
     base = x.where(spec.placement, Where(), names, ("placement",))
     parts: list[PartPlan] = []
+    paths: dict[tuple[str, str], tuple[str | int, ...]] = {}  # (part key, workload): path
     for pi, part in enumerate(spec.parts):
         path: tuple[str | int, ...] = ("parts", pi)
         try:
@@ -214,11 +280,13 @@ def expand(template: Template, given: Mapping[str, Any]) -> Plan:
                                          f"{part.name} copy {index}: add {{{{ index }}}} to it",
                                          (*path, "workloads", wi, "name"))
                 seen.add(w.name)
+                paths[(f"{part.name}-{index}", w.name)] = (*path, "workloads", wi)
             parts.append(PartPlan(part.name, index, wls, where))
             if len(parts) > MAX_TOTAL_PARTS:
                 raise template.error(f"more than {MAX_TOTAL_PARTS} part copies", path)
     if not parts:
         raise template.error("the parameters give no part at all (every count is 0)", ("parts",))
+    parts = _pair_replicas(template, parts, paths)
     networks = []
     for i, n in enumerate(spec.networks):
         nname = x.eval(n.name, names, ("networks", i, "name"))

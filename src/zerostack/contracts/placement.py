@@ -31,6 +31,7 @@ class NodeOffer:
     public: bool
     up: bool = True
     gateway: bool = False  # its farmer made it a gateway (node.gateway with a domain)
+    reachable: bool = True  # it registered an address (a node behind NAT has none)
 
     @classmethod
     def of(cls, view: Mapping[str, Any]) -> NodeOffer:
@@ -40,7 +41,8 @@ class NodeOffer:
                    Resources(**{u: int(free.get(u, 0)) for u in ("cru", "mru", "sru", "hru")}),
                    Resources(**{u: int(cap.get(u, 0)) for u in ("cru", "mru", "sru", "hru")}),
                    bool(view.get("public_ips")), view.get("status", "up") == "up",
-                   bool((view.get("gateway") or {}).get("domain")))
+                   bool((view.get("gateway") or {}).get("domain")),
+                   bool(view.get("endpoint")))
 
 
 @dataclass(frozen=True)
@@ -89,6 +91,8 @@ def _need_text(part: PartPlan, copies: int) -> str:
         bits.append("a gateway")
     elif w.public_ip:
         bits.append("a public IP")
+    if part.followed:
+        bits.append("an address its replicas reach")
     if w.disk_type and not (r.hru or r.sru):
         bits.append(f"{w.disk_type.upper()} disks")
     what = " and ".join(bits) if bits else "room"
@@ -98,7 +102,7 @@ def _need_text(part: PartPlan, copies: int) -> str:
 
 def _eligible(part: PartPlan, node: NodeOffer) -> bool:
     w = part.where
-    if not node.up:
+    if not node.up or (part.followed and not node.reachable):
         return False
     if w.country is not None and node.country != w.country:
         return False
@@ -112,6 +116,35 @@ def _eligible(part: PartPlan, node: NodeOffer) -> bool:
     if w.disk_type == "hdd" and node.capacity.hru == 0:
         return False
     return not (w.disk_type == "ssd" and node.capacity.sru == 0)
+
+
+def _swap_apart(part: PartPlan, cands: list[NodeOffer], avoid: set[int], plan: Plan,
+                out: dict[str, int], free: dict[int, Resources],
+                eligible: Mapping[str, list[NodeOffer]],
+                prices: Mapping[int, Prices | None]) -> tuple[NodeOffer, dict[str, int]] | None:
+    """Every node left for `part` holds what it must stay apart from (its primary or
+    replica): move an already placed copy of the same part to such a node and take that
+    copy's node instead, when both still meet every rule. Returns the node the other copy
+    moved to and the new prices of both (`out` and `free` updated), or None when no such
+    swap exists."""
+    by_key = {p.key: p for p in plan.parts}
+    for key, z in sorted(out.items()):
+        other = by_key[key]
+        if other.part != part.part or z in avoid:
+            continue
+        other_avoid = {out[k] for k in other.apart_from if k in out}
+        for y in cands:
+            if y.id in other_avoid or y not in eligible[other.key] \
+                    or other.resources.fits_in(free[y.id]) is not None:
+                continue
+            if part.resources.fits_in(free[z] + other.resources) is not None:
+                continue
+            free[y.id] = free[y.id] - other.resources
+            free[z] = free[z] + other.resources - part.resources
+            out[other.key], out[part.key] = y.id, z
+            return y, {other.key: part_hourly(other, prices.get(y.id)),
+                       part.key: part_hourly(part, prices.get(z))}
+    return None
 
 
 def place(plan: Plan, nodes: Sequence[NodeOffer],
@@ -136,6 +169,21 @@ def place(plan: Plan, nodes: Sequence[NodeOffer],
         cands = [n for n in eligible[part.key]
                  if need.fits_in(free[n.id]) is None
                  and not (part.where.distinct and n.id in taken.get(part.part, set()))]
+        avoid = {out[k] for k in part.apart_from if k in out}
+        if cands and avoid and all(n.id in avoid for n in cands):
+            moved = _swap_apart(part, cands, avoid, plan, out, free, eligible, prices)
+            if moved is not None:
+                to, prices_now = moved
+                cost.update(prices_now)
+                used_nodes[to.id] = used_nodes.get(to.id, 0) + 1
+                used_farms.add(to.farm)
+                taken.setdefault(part.part, set()).add(to.id)
+                continue
+            raise PlacementError(f"no node for part copy {part.key!r} other than node "
+                                 f"{', '.join(map(str, sorted(avoid)))}, which holds "
+                                 f"{', '.join(k for k in part.apart_from if k in out)}: a "
+                                 "replica namespace must be on another node than its primary")
+        cands = [n for n in cands if n.id not in avoid]
         if not cands:
             fitting = {n.id for n in eligible[part.key] if need.fits_in(n.free) is None}
             msg = _need_text(part, copies[part.part] if part.where.distinct else 1)

@@ -43,12 +43,13 @@ from zerostack.node.provisioners import (
 from zerostack.node.provisioners.container import ContainerProvisioner
 from zerostack.node.state import ContractRecord, NodeState
 from zerostack.node.status import StatusServer
-from zerostack.node.zdbd import ZdbServer, connect_address
+from zerostack.node.zdbd import ZdbServer, connect_address, endpoint_address
 from zerostack.workloads import (
     Deployment,
     GatewayNameProxyWorkload,
     Resources,
     WorkloadError,
+    ZdbWorkload,
     diff,
     open_instructions,
     reserved_units,
@@ -149,7 +150,7 @@ class NodeAgent:
         zdb_host = connect_address(cfg.zdb_listen)
         self.context = NodeContext(cfg.data_dir, self.identity, self.pools,
                                    cfg.endpoint or zdb_host, zdb_host, cfg.zdb_port,
-                                   extra=dict(cfg.extra))
+                                   extra={**cfg.extra, "zdb_listen": cfg.zdb_listen})
         self.provisioners: dict[str, Provisioner] = {}
         self.executor: Executor | None = None
         self.node_id = 0
@@ -180,6 +181,7 @@ class NodeAgent:
         while True:
             try:
                 self.node_id = await self.register()
+                self.context.extra["node_id"] = self.node_id
                 break
             except LedgerRejected:
                 raise
@@ -315,6 +317,7 @@ class NodeAgent:
                     if view is None:
                         continue
                     await self._name_owners(view)
+                    await self._primaries(view)
                     if contract is not None:  # the pool addresses the ledger gave it
                         self.context.extra.setdefault("contract_ips", {})[cid] = [
                             str(a) for a in contract.get("public_ips") or []][:64]
@@ -362,6 +365,18 @@ class NodeAgent:
             if isinstance(w, GatewayNameProxyWorkload):
                 entry = await self.link.client.name(w.domain_name)
                 owners[w.domain_name] = int(entry["owner"]) if entry else None
+
+    async def _primaries(self, view: ContractView) -> None:
+        """The registered address of every node holding a primary namespace that one of
+        the contract's replicas follows, asked at every pass (a node may move)."""
+        if view.deployment is None or self.cfg.dry:
+            return
+        found: dict[int, str] = self.context.extra.setdefault("zdb_primaries", {})
+        for w in view.deployment.workloads:
+            if isinstance(w, ZdbWorkload) and w.replica_of is not None and w.replica_of.node:
+                node = await self.link.client.node(w.replica_of.node)
+                found[w.replica_of.node] = endpoint_address(str((node or {}).get("endpoint")
+                                                                or ""))
 
     async def _view(self, cid: int, c: dict[str, Any] | None) -> ContractView | None:
         local = self.state.contract(cid)
@@ -553,6 +568,9 @@ class NodeAgent:
     def _refuse_unprovisionable(self, dep: Deployment) -> None:
         """A type this node cannot run is refused before anything is provisioned or
         reserved: accepted, it would fail, hold its capacity and block its own removal."""
+        why = dep.replication_problem(self.node_id)
+        if why is not None:
+            raise Refused(why)
         missing = missing_provisioners(dep.workloads, self.provisioners)
         if missing:
             kind = "type" if len(missing) == 1 else "types"

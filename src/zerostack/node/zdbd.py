@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import ipaddress
 import logging
 import os
 import secrets
+import shutil
 import signal
 import socket
+import stat
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -173,3 +177,131 @@ class ZdbServer:
             except TimeoutError:
                 self.proc.kill()
                 await self.proc.wait()
+
+
+class NamespaceServer:
+    """The Zero-DB server of one replicated namespace (`zdb` workload with `replication`).
+
+    Replication in `zerostack zdb` follows a whole server, so a namespace that replicas
+    follow gets a server of its own, holding nothing else; a replica is a server started
+    with `--replica-of` the primary's. Each lives in `root` (0700): its data and index
+    files, its admin password (0600), log and pid file. The replication password and the
+    admin password go to the process in its environment, never in its argv.
+
+    Synchronous: the zdb provisioner calls it from the agent's worker thread. The process
+    is killed with the agent (as the node's own Zero-DB); the provisioner starts it again.
+    """
+
+    def __init__(self, root: Path, listen: str, port: int) -> None:
+        self.root = root
+        self.listen = listen
+        self.port = port
+        self.data, self.index = root / "data", root / "index"
+        self.log_path = root / "zdb.log"
+        self.pid_path = root / "zdb.pid"
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def address(self) -> str:
+        return connect_address(self.listen)
+
+    def admin(self) -> str:
+        return admin_password(self.root)
+
+    def _pid(self) -> int | None:
+        """The pid of this server's running process (from its pid file), if it runs."""
+        if self._proc is not None and self._proc.poll() is not None:
+            self._proc = None  # reaped
+        try:
+            pid = int(self.pid_path.read_text())
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except (OSError, ValueError):
+            return None
+        return pid if str(self.data).encode() in cmdline.split(b"\0") else None
+
+    def running(self) -> bool:
+        return self._pid() is not None and _listening(self.address, self.port)
+
+    def start(self, replication_password: str, replica_of: str = "",
+              timeout: float = 15.0) -> None:
+        """Start the server unless it runs already; wait until it listens."""
+        if self.running():
+            return
+        self.stop()
+        if _listening(self.address, self.port):
+            raise RuntimeError(f"port {self.port} is taken on this node: deploy again "
+                               "for another port")
+        for d in (self.root, self.data, self.index):
+            private_dir(d)
+        args = [sys.executable, "-m", "zerostack.cli.main", "zdb", "--listen", self.listen,
+                "--port", str(self.port), "--data", str(self.data), "--index", str(self.index),
+                "--protect"]
+        if replica_of:
+            args += ["--replica-of", replica_of]
+        env = {**os.environ, "ZEROSTACK_ZDB_ADMIN": self.admin(),
+               "ZEROSTACK_ZDB_REPLICATION_PASSWORD": replication_password}
+        env.pop("ZEROSTACK_ZDB_PRIMARY_AUTH", None)
+        with os.fdopen(create_private(self.log_path), "ab") as logf:
+            self._proc = subprocess.Popen(args, stdout=logf, stderr=logf,
+                                          stdin=subprocess.DEVNULL, env=env,
+                                          preexec_fn=_child_setup)
+        with os.fdopen(create_private(self.pid_path, os.O_WRONLY | os.O_TRUNC), "w") as f:
+            f.write(str(self._proc.pid))
+        log.info("event=zdb_namespace_server_started pid=%s port=%s replica=%s",
+                 self._proc.pid, self.port, bool(replica_of))
+        deadline = time.monotonic() + timeout
+        while not _listening(self.address, self.port):
+            if self._proc.poll() is not None:
+                raise RuntimeError(f"its Zero-DB exited with {self._proc.returncode} "
+                                   "(the node's log of it says why)")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"its Zero-DB did not listen on port {self.port} in "
+                                   f"{timeout:.0f}s")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        """Stop the process (if it runs); the files stay."""
+        pid = self._pid()
+        if pid is None:
+            return
+        for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                break
+            deadline = time.monotonic() + wait
+            while time.monotonic() < deadline:
+                if self._proc is not None and self._proc.pid == pid:
+                    if self._proc.poll() is not None:
+                        self._proc = None
+                        return
+                elif not Path(f"/proc/{pid}").exists():
+                    return
+                time.sleep(0.05)
+        self._proc = None
+
+    def remove(self) -> None:
+        """Stop the process and delete every file of the namespace."""
+        self.stop()
+        try:
+            st = os.lstat(self.root)
+        except FileNotFoundError:
+            return
+        if stat.S_ISDIR(st.st_mode):
+            shutil.rmtree(self.root)  # does not follow links below root
+        else:
+            self.root.unlink()
+
+
+def endpoint_address(endpoint: str) -> str:
+    """The IP address in a node's registered endpoint (`198.18.0.10`, `1.2.3.4:7000`,
+    `[fd00::1]:7000`, `http://…`), or '' when it holds none."""
+    host = endpoint.split("://", 1)[-1]
+    if host.startswith("["):
+        host = host[1:].split("]", 1)[0]
+    elif host.count(":") == 1:
+        host = host.split(":", 1)[0]
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        return ""

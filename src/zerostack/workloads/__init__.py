@@ -36,6 +36,8 @@ from zerostack.workloads.types import (
     VolumeWorkload,
     WireguardPeer,
     Workload,
+    ZdbReplicaOf,
+    ZdbReplication,
     ZdbWorkload,
     parse_size,
 )
@@ -61,6 +63,8 @@ __all__ = [
     "WireguardPeer",
     "Workload",
     "WorkloadError",
+    "ZdbReplicaOf",
+    "ZdbReplication",
     "ZdbWorkload",
     "diff",
     "open_instructions",

@@ -34,6 +34,7 @@ from zerostack.workloads.types import (
     NetworkWorkload,
     Spec,
     Workload,
+    ZdbWorkload,
 )
 
 
@@ -130,6 +131,11 @@ class Deployment(Spec):
         # A container may only mount volumes and join networks of its own deployment.
         kinds = {w.name: w.type for w in self.workloads}
         for w in self.workloads:
+            if isinstance(w, ZdbWorkload) and w.replica_of is not None \
+                    and w.replica_of.workload in kinds:
+                raise ValueError(f"zdb {w.name!r} is a replica of {w.replica_of.workload!r} "
+                                 "on the same node: a replica must be on another node than "
+                                 "its primary")
             via = getattr(w, "network", None)
             if w.type in GATEWAY_TYPES and via is not None and kinds.get(via) != "network":
                 raise ValueError(f"{w.type} {w.name!r} reaches its backends through {via!r}, "
@@ -149,6 +155,30 @@ class Deployment(Spec):
                                  f"{w.network.public_ip!r}, not a public_ip here")
         self._gateway_address_free()
         return self
+
+    def replication_problem(self, node: int) -> str | None:
+        """Why the node `node` cannot run this deployment's replicated namespaces as they
+        are written, or None. A template leaves a replica's primary node and port to
+        `zerostack deploy`; a node refuses one that still lacks them, or whose primary is
+        on this very node."""
+        ports: dict[int, str] = {}
+        for w in self.workloads:
+            if not isinstance(w, ZdbWorkload):
+                continue
+            r = w.replica_of
+            if r is not None and (not r.node or not r.port or w.replication is None):
+                return (f"zdb {w.name!r} is a replica of {r.workload!r} but names no primary "
+                        "node, port and replication password: deploy it with "
+                        "`zerostack deploy`, which fills them in")
+            if r is not None and r.node == node:
+                return (f"zdb {w.name!r} is a replica of {r.workload!r} on this same node "
+                        f"{node}: a replica must be on another node than its primary")
+            if w.replication is not None:
+                other = ports.setdefault(w.replication.port, w.name)
+                if other != w.name:
+                    return (f"zdb {w.name!r} and {other!r} both ask for port "
+                            f"{w.replication.port}")
+        return None
 
     def _gateway_address_free(self) -> None:
         """A node that reaches a network for a gateway workload (or a public address)

@@ -99,6 +99,11 @@ def summarize(deployment: Deployment) -> dict[str, Any]:
             line.update(size=_size(w.size))
             if isinstance(w, ZdbWorkload):
                 line.update(mode=w.mode, public=w.public, disk=w.disk_type)
+                if w.replica_of is not None:  # the replication password is not shown
+                    line.update(replica_of=f"{w.replica_of.workload} on node "
+                                           f"{w.replica_of.node}")
+                elif w.replication is not None:
+                    line.update(replicated=True)
         elif isinstance(w, NetworkWorkload):
             line.update(ip_range=w.ip_range, subnet=w.subnet, peers=len(w.peers))
         workloads.append(line)

@@ -15,7 +15,9 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    SerializerFunctionWrapHandler,
     field_validator,
+    model_serializer,
     model_validator,
 )
 
@@ -113,8 +115,44 @@ class VolumeWorkload(_WorkloadBase):
     size: Size = Field(gt=0)
 
 
+REPLICATION_PORTS = range(24000, 32000)
+"""Where a replicated namespace's own Zero-DB server may listen (TCP): below Linux's
+ephemeral ports and away from the node's own services."""
+
+
+class ZdbReplication(Spec):
+    """How a replicated namespace's own Zero-DB server is reached: the TCP port it listens
+    on (on the node's Zero-DB address) and the replication password that the primary and
+    its replicas share. The deployment is sealed to its node, so the password never
+    reaches the ledger in clear; the node never reports it."""
+
+    port: int = Field(ge=REPLICATION_PORTS.start, le=REPLICATION_PORTS.stop - 1)
+    password: str = Field(min_length=16, max_length=128, pattern=r"^[!-~]+$", repr=False)
+
+
+class ZdbReplicaOf(Spec):
+    """The primary namespace a replica follows: workload `workload` of the same owner on
+    node `node`, whose own server listens on `port` of that node's registered address.
+    In a template only `workload` is written; `zerostack deploy` fills in the rest once
+    the parts are placed."""
+
+    workload: WorkloadName
+    node: int = Field(default=0, ge=0, le=2**53)
+    port: int = Field(default=0, ge=0, le=REPLICATION_PORTS.stop - 1)
+
+    @field_validator("port")
+    @classmethod
+    def _port(cls, v: int) -> int:
+        if v and v not in REPLICATION_PORTS:
+            raise ValueError(f"port {v} is outside {REPLICATION_PORTS.start}-"
+                             f"{REPLICATION_PORTS.stop - 1}, where replicated namespaces listen")
+        return v
+
+
 class ZdbWorkload(_WorkloadBase):
-    """A namespace on the node's Zero-DB server."""
+    """A namespace on the node's Zero-DB server; with `replication`, a namespace on a
+    Zero-DB server of its own that replicas on other nodes follow (`replica_of`: this
+    namespace is such a read-only replica)."""
 
     type: Literal["zdb"] = "zdb"
     size: Size = Field(gt=0)
@@ -122,6 +160,24 @@ class ZdbWorkload(_WorkloadBase):
     password: str = Field(default="", max_length=128)
     public: bool = False
     disk_type: Literal["hdd", "ssd"] = "hdd"
+    replication: ZdbReplication | None = None
+    replica_of: ZdbReplicaOf | None = None
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # Unset replication fields are left out, so that the hash of a deployment written
+        # before they existed stays what its stakeholders signed.
+        out: dict[str, Any] = handler(self)
+        for key in ("replication", "replica_of"):
+            if out.get(key) is None:
+                out.pop(key, None)
+        return out
+
+    @model_validator(mode="after")
+    def _not_itself(self) -> ZdbWorkload:
+        if self.replica_of is not None and self.replica_of.workload == self.name:
+            raise ValueError(f"zdb {self.name!r} cannot be a replica of itself")
+        return self
 
 
 MAX_PEERS = 256
