@@ -4,7 +4,9 @@ the frames a node sends when it takes an address."""
 from __future__ import annotations
 
 import struct
+import subprocess
 
+from tests.conftest import require_root, require_tool
 from zerostack.node.network.announce import arp_frame, na_message
 from zerostack.node.network.vxlan import SegmentNames, plan
 
@@ -66,3 +68,18 @@ def test_gratuitous_arp_and_unsolicited_advertisement() -> None:
     assert na[0] == 136 and struct.unpack("!I", na[4:8])[0] == 0x20000000  # override
     assert na[8:24] == bytes.fromhex("fd00005a000000000000000000000200")
     assert na[24:26] == b"\x02\x01" and na[26:] == mac
+
+
+def test_the_filter_and_the_public_v6_rules_are_valid_nftables() -> None:
+    require_root()
+    require_tool("nft")
+    from zerostack.node.provisioners.public_ip import v6_rules
+
+    seg = plan(1, 1, gw(1, "198.18.0.10/24"), [gw(2, "198.18.1.11/24")], POOL)
+    assert seg is not None
+    for rules in (seg.filter_rules("wan0"), v6_rules("zgqtest", "fd00:5a::200", "zgqx", "wan0")):
+        # -c: checked by the kernel's parser, nothing applied
+        out = subprocess.run(["nft", "-c", "-f", "-"], input=rules.replace(
+            f"delete table bridge {seg.names.table}\n", "").replace(
+            "delete table ip6 zgqtest\n", ""), capture_output=True, text=True, check=False)
+        assert out.returncode == 0, out.stderr

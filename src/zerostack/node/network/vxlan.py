@@ -297,7 +297,10 @@ def converge(farm: int, node_id: int, own: dict[str, Any] | None,
             remove(SegmentNames(farm))
         return None
     if _link_with(seg.local) is None:
-        return None  # the gateway's address is not this namespace's (a grid on loopback)
+        # the gateway's address is not this namespace's (a grid on loopback, or a record
+        # that does not match the node): nothing to join from
+        log.debug("event=segment_skipped farm=%s local=%s", farm, seg.local)
+        return None
     ensure(seg)
     return seg
 

@@ -372,6 +372,8 @@ class PublicIpProvisioner(Provisioner):
         if made.get("remote"):
             route_remote(4, policy_table(self._key(), wid, 4), link,
                          self._pool_gateway(public), sources)
+        else:  # held over the segment before, perhaps
+            drop_remote(4, policy_table(self._key(), wid, 4), sources)
         _announce(link, public)
 
     def _provision_v6(self, wid: WorkloadID,
@@ -410,6 +412,8 @@ class PublicIpProvisioner(Provisioner):
         if made.get("remote6"):
             route_remote(6, policy_table(self._key(), wid, 6), link,
                          self._pool_gateway(public), [public])
+        else:
+            drop_remote(6, policy_table(self._key(), wid, 6), [public])
         _announce(link, public)
 
     def deprovision(self, wid: WorkloadID, spec: Workload) -> None:
