@@ -354,14 +354,18 @@ class NodeAgent:
             peers = [{"node": n["id"], **n["gateway"]} for n in farm
                      if n.get("gateway") and n["id"] != self.node_id][:16]
             self.context.extra["gateway_peers"] = peers
-        # the farm's public pool: where its addresses route (public_ip), what the VXLAN
-        # segment between the farm's gateways carries
+        if not gateway:
+            self.context.extra["farm_pool"] = []
+            await asyncio.to_thread(self._segment, None, [], [])
+            return
+        # a gateway: the farm's public pool, where its addresses route (public_ip) and
+        # what the VXLAN segment between the farm's gateways carries
         try:
             pool = await self.link.client.farm_pool(self.cfg.farm)
         except LedgerError as exc:
-            if exc.status != 404:
-                raise
-            pool = []
+            # the segment waits for a pool it could read (a guess could move the WAN link)
+            log.warning("event=farm_pool_unread farm=%s error=%r", self.cfg.farm, str(exc))
+            return
         self.context.extra["farm_pool"] = [p for p in pool if isinstance(p, dict)][:1024]
         await asyncio.to_thread(self._segment, gateway, peers,
                                 self.context.extra["farm_pool"])
