@@ -43,3 +43,10 @@ def test_gateway_commands(procs: ProcessGroup, tmp_path: Path) -> None:
     nope = zs(home, url, "gateway", "pool", str(farm), "--add", "198.18.0.201/24",
               "--identity", "farmer", check=False)
     assert nope.returncode != 0 and "ADDRESS/PREFIX=GATEWAY" in nope.stdout + nope.stderr
+    zs(home, url, "gateway", "pool", str(farm), "--add", "fd00:5a::200/64=fd00:5a::1",
+       "--identity", "farmer")
+    listed = zs_json(home, url, "gateway", "pool", str(farm), "--identity", "alice")
+    assert [(r["ip"], r["gateway"], r["contract"]) for r in listed] == [
+        ("198.18.0.200/24", "198.18.0.1", 0), ("fd00:5a::200/64", "fd00:5a::1", 0)]
+    assert "fd00:5a::200/64" in zs(home, url, "gateway", "pool", str(farm),
+                                   "--identity", "alice").stdout

@@ -1,11 +1,13 @@
 """Two deployments racing for a farm's last public address through a real ledger server:
-sent at the same moment from two threads, exactly one contract gets it."""
+sent at the same moment from two threads, exactly one contract gets it (IPv4 and IPv6)."""
 
 from __future__ import annotations
 
 import threading
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from tests.cli.test_billing_cli import start_ledger
 from tests.conftest import ProcessGroup
@@ -15,8 +17,9 @@ from zerostack.ledger import LedgerClient, LedgerRejected
 GiB = 1 << 30
 
 
-def test_racing_deployments_never_share_an_address(procs: ProcessGroup,
-                                                   tmp_path: Path) -> None:
+@pytest.mark.parametrize("version", [4, 6])
+def test_racing_deployments_never_share_an_address(procs: ProcessGroup, tmp_path: Path,
+                                                   version: int) -> None:
     url, _ = start_ledger(procs, tmp_path)
     client = LedgerClient(url)
     farmer = Identity.generate()
@@ -27,8 +30,10 @@ def test_racing_deployments_never_share_an_address(procs: ProcessGroup,
     taken: list[str] = []
     for round_ in range(4):
         # one more free address each round, and three deployments racing for it
+        address = (f"198.18.0.{200 + round_}/24" if version == 4
+                   else f"fd00:5a::{200 + round_:x}/64")
         client.send(farmer, "farm.public_ips", {"farm": farm, "add": [
-            {"ip": f"198.18.0.{200 + round_}/24", "gateway": "198.18.0.1"}]})
+            {"ip": address, "gateway": "198.18.0.1" if version == 4 else "fd00:5a::1"}]})
         users = [Identity.generate() for _ in range(3)]
         for u in users:
             client.register_twin(u)
@@ -46,7 +51,8 @@ def test_racing_deployments_never_share_an_address(procs: ProcessGroup,
             start.wait()
             try:
                 results[i] = mine.create_contract(u, node, dh, "aW5zdHJ1Y3Rpb25z", req,
-                                                  body_hash=body, ipv4=1)
+                                                  body_hash=body,
+                                                  **{f"ipv{version}": 1})
             except LedgerRejected as exc:
                 results[i] = exc
 
@@ -60,5 +66,9 @@ def test_racing_deployments_never_share_an_address(procs: ProcessGroup,
         assert len(won) == 1 and len(lost) == 2, results
         assert all("exhausted" in str(e) for e in lost), lost
         (ip,) = client.contract(won[0])["public_ips"]
-        assert ip == f"198.18.0.{200 + round_}/24" and ip not in taken
+        assert ip == address and ip not in taken
         taken.append(ip)
+        pool = {e["ip"]: e["contract"] for e in client.farm_pool(farm)}
+        assert pool[ip] == won[0]  # the pool on the ledger names its holder
+    # the pool lists every address with the one contract that won it
+    assert sorted(e["ip"] for e in client.farm_pool(farm) if e["contract"]) == sorted(taken)

@@ -73,7 +73,8 @@ def pool(
     ledger: str = LEDGER, identity: str = IDENTITY, json_out: bool = JSON,
     ledger_key: str | None = LEDGER_KEY,
 ) -> None:
-    """Add addresses to FARM's public pool or remove free ones (farm.public_ips)."""
+    """List FARM's public pool, or add addresses to it or remove free ones
+    (farm.public_ips)."""
     entries = []
     for item in add:
         ip, sep, gw = item.partition("=")
@@ -81,7 +82,15 @@ def pool(
             fail(f"--add {item[:60]!r} is not ADDRESS/PREFIX=GATEWAY")
         entries.append({"ip": ip, "gateway": gw})
     if not entries and not remove:
-        fail("nothing to do: give --add or --remove")
+        with _session(ledger, identity, ledger_key) as bot:
+            rows = bot.ledger.farm_pool(farm)
+        if json_out:
+            print_json(rows)
+        else:
+            print_table(f"farm {farm}'s public pool", ["address", "gateway", "contract"],
+                        [[str(r.get("ip")), str(r.get("gateway")),
+                          str(r.get("contract") or "free")] for r in rows])
+        return
     _send(ledger, identity, ledger_key, "farm.public_ips",
           {"farm": farm, "add": entries, "remove": list(remove)}, json_out,
           f"farm {farm}: {len(entries)} added, {len(remove)} removed")

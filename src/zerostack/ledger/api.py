@@ -362,6 +362,15 @@ def create_app(
         farm = service.chain.state.farms.get(farm_id)
         return _json(farm.to_dict()) if farm else _not_found(f"farm {farm_id}")
 
+    @app.get("/farms/{farm_id}/pool", summary="A farm's public address pool.")
+    async def get_farm_pool(farm_id: int) -> Response:
+        state = service.chain.state
+        if farm_id not in state.farms:
+            return _not_found(f"farm {farm_id}")
+        pool = sorted((e for e in state.public_ips.values() if e.farm == farm_id),
+                      key=lambda e: (":" in e.ip, e.ip))
+        return _json([e.to_dict() for e in pool])
+
     @app.get("/nodes", summary="Nodes by country, city, farm, twin, free capacity and status.")
     async def get_nodes(
         country: str | None = None,

@@ -252,6 +252,10 @@ class _Queries(Generic[MaybeT, ListT, OneT]):
     def farms(self, **filters: Any) -> ListT:
         return self._get_list("/farms", filters)
 
+    def farm_pool(self, farm_id: int) -> ListT:
+        """The farm's public address pool: [{ip, farm, gateway, contract}] (0: free)."""
+        return self._get_list(f"/farms/{farm_id}/pool", {})
+
     def node(self, node_id: int) -> MaybeT:
         return self._get_or_none(f"/nodes/{node_id}")
 

@@ -32,6 +32,7 @@ from zerostack.node.engine import (
 )
 from zerostack.node.hostfs import private_dir, restrict
 from zerostack.node.link import LedgerLink
+from zerostack.node.network import vxlan
 from zerostack.node.provisioners import (
     NodeContext,
     Pool,
@@ -349,11 +350,37 @@ class NodeAgent:
         node = await self.link.client.node(self.node_id)
         gateway = (node or {}).get("gateway")
         self.context.extra["gateway"] = gateway
+        self.context.extra["farm"] = self.cfg.farm
+        peers: list[dict[str, Any]] = []
         if gateway:  # the farm's other gateways: what the grid DNS checks and answers
             farm = await self.link.client.nodes(farm=self.cfg.farm, limit=1000)
-            self.context.extra["gateway_peers"] = [
-                {"node": n["id"], **n["gateway"]} for n in farm
-                if n.get("gateway") and n["id"] != self.node_id][:16]
+            peers = [{"node": n["id"], **n["gateway"]} for n in farm
+                     if n.get("gateway") and n["id"] != self.node_id][:16]
+            self.context.extra["gateway_peers"] = peers
+        if not gateway:
+            self.context.extra["farm_pool"] = []
+            await asyncio.to_thread(self._segment, None, [], [])
+            return
+        # a gateway: the farm's public pool, where its addresses route (public_ip) and
+        # what the VXLAN segment between the farm's gateways carries
+        try:
+            pool = await self.link.client.farm_pool(self.cfg.farm)
+        except LedgerError as exc:
+            # the segment waits for a pool it could read (a guess could move the WAN link)
+            log.warning("event=farm_pool_unread farm=%s error=%r", self.cfg.farm, str(exc))
+            return
+        self.context.extra["farm_pool"] = [p for p in pool if isinstance(p, dict)][:1024]
+        await asyncio.to_thread(self._segment, gateway, peers,
+                                self.context.extra["farm_pool"])
+
+    def _segment(self, gateway: dict[str, Any] | None, peers: list[dict[str, Any]],
+                 pool: list[dict[str, Any]]) -> None:
+        """Runs in a worker thread: the node's part of its farm's VXLAN segment, from the
+        ledger facts just read (made, changed or removed)."""
+        try:
+            vxlan.converge(self.cfg.farm, self.node_id, gateway, peers, pool)
+        except ProvisionError as exc:
+            log.warning("event=segment_failed farm=%s error=%r", self.cfg.farm, str(exc))
 
     async def _name_owners(self, view: ContractView) -> None:
         """Who owns each gateway name the contract proxies, asked at every pass: a name

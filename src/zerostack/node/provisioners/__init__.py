@@ -24,12 +24,14 @@ from zerostack.node.provisioners.volume import VolumeProvisioner
 from zerostack.node.provisioners.zdb import ZdbProvisioner
 
 # Storage before network before compute, then what exposes compute; removal runs reversed.
+# A public address comes after its container: an IPv6 one is a link into the container's
+# network namespace, which the container's attachment makes.
 INSTALL_ORDER: tuple[str, ...] = (
     "volume",
     "zdb",
     "network",
-    "public_ip",
     "container",
+    "public_ip",
     "gateway_name_proxy",
     "gateway_fqdn_proxy",
     "port_forward",

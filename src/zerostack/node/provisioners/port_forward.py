@@ -5,7 +5,10 @@ One nftables table per workload in the node's namespace (`zgfH`, H from the work
 so removing it removes exactly its rules: DNAT of the public port to the target, and
 masquerade of what goes to the target through the join, so replies come back through
 this node (the target sees the gateway's address on its network, not the client's).
-IPv6 is not forwarded: user networks are IPv4 and nftables does no NAT64.
+Over IPv6 (the gateway's public IPv6 address, when it has one) the port is relayed by
+the agent itself (`gateway.relay`): user networks are IPv4 and nftables does no NAT64.
+The relay lives in the agent's process: after an agent restart `exists` finds it gone
+and the workload is provisioned again.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ import subprocess
 import threading
 
 from zerostack.gateway.config import HTTP_PORT, HTTPS_PORT
+from zerostack.gateway.errors import GatewayError
+from zerostack.gateway.relay import Relay, RelaySpec
 from zerostack.node.network import join
 from zerostack.node.network.plan import resource_names
 from zerostack.node.provisioners.base import (
@@ -83,6 +88,7 @@ class PortForwardProvisioner(Provisioner):
         self.service = GatewayService.of(node)
         self._lock = threading.Lock()
         self._ports: dict[tuple[str, int], str] = {}  # (protocol, port) -> table
+        self._relays: dict[str, Relay] = {}  # table -> the port's IPv6 relay
 
     def _table(self, wid: WorkloadID) -> str:
         return table_name(self.node.identity.public_hex, wid)
@@ -90,9 +96,10 @@ class PortForwardProvisioner(Provisioner):
     def provision(self, wid: WorkloadID, spec: Workload, deployment: Deployment) -> Provisioned:
         if not isinstance(spec, PortForwardWorkload):
             raise ProvisionError(f"{wid}: not a port_forward workload")
-        public = self.service.public_addresses().get("ipv4")
-        if not public:
-            raise ProvisionError("this gateway has no public IPv4 address to forward from")
+        addresses = self.service.public_addresses()
+        public, public6 = addresses.get("ipv4"), addresses.get("ipv6")
+        if not public and not public6:
+            raise ProvisionError("this gateway has no public address to forward from")
         table = self._table(wid)
         key = (spec.protocol, spec.port)
         with self._lock:
@@ -122,12 +129,36 @@ class PortForwardProvisioner(Provisioner):
             if target in (join.join_address(res.subnet), res.bridge_address.split("/")[0]):
                 raise ProvisionError(f"target {spec.target} is this gateway node itself")
             join.ensure_join(res)
-            _nft("-f", "-", stdin=ruleset(table, public, spec, join.join_names(res.names).inner))
+            if public:
+                _nft("-f", "-", stdin=ruleset(table, public, spec,
+                                              join.join_names(res.names).inner))
+            if public6:
+                self._relay(table, RelaySpec(spec.protocol, public6, spec.port, target,
+                                             parse_endpoint(spec.target)[1]))
             self._ports[key] = table
             with self.service.lock:
                 self.service.joined[table] = res.names.tag
-        return Provisioned(data={"public": f"{public}:{spec.port}", "protocol": spec.protocol,
-                                 "target": spec.target})
+        data = {"protocol": spec.protocol, "target": spec.target}
+        if public:
+            data["public"] = f"{public}:{spec.port}"
+        if public6:
+            data["public6"] = f"[{public6}]:{spec.port}"
+        return Provisioned(data=data)
+
+    def _relay(self, table: str, want: RelaySpec) -> None:
+        """The port's IPv6 relay, started (or restarted when it changed or died)."""
+        relay = self._relays.get(table)
+        if relay is not None and relay.spec == want and relay.alive():
+            return
+        if relay is not None:
+            relay.stop()
+            self._relays.pop(table, None)
+        relay = Relay(want)
+        try:
+            relay.start()
+        except GatewayError as exc:
+            raise ProvisionError(str(exc)) from None
+        self._relays[table] = relay
 
     def update(self, wid: WorkloadID, old: Workload, new: Workload,
                deployment: Deployment) -> Provisioned:
@@ -138,6 +169,9 @@ class PortForwardProvisioner(Provisioner):
         table = self._table(wid)
         _nft("delete", "table", "ip", table, check=False)
         with self._lock:
+            relay = self._relays.pop(table, None)
+            if relay is not None:
+                relay.stop()
             for k, v in list(self._ports.items()):
                 if v == table:
                     del self._ports[k]
@@ -148,7 +182,15 @@ class PortForwardProvisioner(Provisioner):
 
     def exists(self, wid: WorkloadID, spec: Workload) -> bool:
         table = self._table(wid)
-        if not _nft("list", "table", "ip", table, check=False):
+        addresses = self.service.public_addresses()
+        if addresses.get("ipv4") and not _nft("list", "table", "ip", table, check=False):
+            return False
+        if addresses.get("ipv6"):
+            with self._lock:
+                relay = self._relays.get(table)
+                if relay is None or not relay.alive() or relay.spec.listen != addresses["ipv6"]:
+                    return False
+        if not addresses:
             return False
         if isinstance(spec, PortForwardWorkload):
             names = resource_names(self.node.identity.public_hex,

@@ -18,13 +18,14 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import json
+import logging
 import os
 import subprocess
 from pathlib import Path
 
 from zerostack.node.hostfs import create_private, private_dir
-from zerostack.node.network import join, resource
-from zerostack.node.network.plan import PREFIX, ResourceNames
+from zerostack.node.network import announce, join, resource, vxlan
+from zerostack.node.network.plan import PREFIX, ResourceNames, container_link_names
 from zerostack.node.provisioners.base import (
     Provisioned,
     Provisioner,
@@ -40,6 +41,7 @@ from zerostack.workloads import (
 )
 
 TIMEOUT = 15.0
+log = logging.getLogger("zerostack.node.public_ip")
 
 
 def _digest(node_key: str, wid: WorkloadID) -> str:
@@ -86,10 +88,10 @@ table ip {table} {{
 """
 
 
-def read_counters(table: str) -> tuple[int, int] | None:
+def read_counters(table: str, family: str = "ip") -> tuple[int, int] | None:
     """Bytes (in, out) the table's counters hold (they restart from 0 when the table is
     made again); None when the table is not there."""
-    out = _nft("-j", "list", "counters", "table", "ip", table, check=False)
+    out = _nft("-j", "list", "counters", "table", family, table, check=False)
     if not out:
         return None
     try:
@@ -143,44 +145,137 @@ def _nft(*args: str, stdin: str | None = None, check: bool = True) -> str:
     return out.stdout if out.returncode == 0 else ""
 
 
-def _wan_link(address: ipaddress.IPv4Interface) -> str:
-    """The node's link whose own address is in `address`'s network (its WAN side)."""
-    out = resource._ip(None, "-j", "-4", "addr", "show", check=False)
+def _wan_link(address: ipaddress.IPv4Interface | ipaddress.IPv6Interface,
+              farm: int = 0) -> tuple[str, bool]:
+    """The node's link for `address`: the one whose own address is in `address`'s network
+    (its WAN side), else the farm's public bridge (the VXLAN segment to the address's
+    site). The flag says the second: the node has no address of its own there, so the
+    address's traffic is routed to the pool's gateway by policy."""
+    family = "-4" if address.version == 4 else "-6"
+    out = resource._ip(None, "-j", family, "addr", "show", check=False)
     try:
         links = json.loads(out or "[]")
     except ValueError:
         links = []
     for link in links:
         for a in link.get("addr_info", []):
+            if a.get("scope") != "global":
+                continue
             try:
-                own = ipaddress.IPv4Interface(f"{a['local']}/{a['prefixlen']}")
+                own = ipaddress.ip_interface(f"{a['local']}/{a['prefixlen']}")
             except (KeyError, ValueError):
                 continue
             if own.ip != address.ip and address.ip in own.network:
-                return str(link["ifname"])
-    raise ProvisionError(f"public address {address} is not on a link of this node (its "
-                         "subnet is another site's: it needs the farm's VXLAN, not done yet)")
+                return str(link["ifname"]), False
+    bridge = vxlan.segment_bridge(farm) if farm else None
+    if bridge is not None:
+        return bridge, True
+    raise ProvisionError(f"public address {address} is not on a link of this node, and the "
+                         "node is on no VXLAN segment of its farm reaching its subnet")
+
+
+def policy_table(node_key: str, wid: WorkloadID, version: int) -> int:
+    """The node namespace's routing table of a public address held over the segment."""
+    return route_table(node_key, wid) + (1_000_000 if version == 6 else 0)
+
+
+def route_remote(version: int, table: int, bridge: str, gateway: str,
+                 sources: list[str]) -> None:
+    """Traffic from `sources` (the public address, the container behind it) leaves
+    through the farm's segment to the pool's gateway."""
+    family = "-6" if version == 6 else "-4"
+    drop_remote(version, table, sources)
+    resource._ip(None, family, "route", "replace", "default", "via", gateway, "dev", bridge,
+                 "onlink", "table", str(table))
+    for source in sources:
+        resource._ip(None, family, "rule", "add", "from", source, "lookup", str(table),
+                     "priority", "200")
+
+
+def drop_remote(version: int, table: int, sources: list[str]) -> None:
+    family = "-6" if version == 6 else "-4"
+    for source in sources:
+        for _ in range(8):
+            out = subprocess.run(["ip", family, "rule", "delete", "from", source,
+                                  "lookup", str(table), "priority", "200"],
+                                 capture_output=True, timeout=TIMEOUT, check=False)
+            if out.returncode != 0:
+                break
+    resource._ip(None, family, "route", "flush", "table", str(table), check=False)
+
+
+def v6_names(node_key: str, wid: WorkloadID) -> tuple[str, str]:
+    """The container's public IPv6 link: (node side, container side before renaming)."""
+    digest = _digest(node_key, wid)
+    return f"zgq{digest}", f"zgq{digest}c"
+
+
+V6_LINK = "pub6"  # the link's name in the container
+V6_GATEWAY = "fe80::1"  # the node side's address on it: the container's default route
+
+
+def v6_rules(table: str, public: str, link: str, wan: str) -> str:
+    """The node's filter of a container's public IPv6 link (pure): the container sends
+    from its address only and only to the WAN; it reaches the node itself only with
+    neighbour discovery and replies; two counters for billing."""
+    return f"""table ip6 {table}
+delete table ip6 {table}
+table ip6 {table} {{
+  counter in {{
+  }}
+  counter out {{
+  }}
+  chain input {{
+    type filter hook input priority 0; policy accept;
+    iifname "{link}" icmpv6 type {{ nd-neighbor-solicit, nd-neighbor-advert, nd-router-solicit }} accept
+    iifname "{link}" ct state established,related accept
+    iifname "{link}" drop
+  }}
+  chain forward {{
+    type filter hook forward priority 0; policy accept;
+    iifname "{link}" ip6 saddr != {public} drop
+    iifname "{link}" oifname != "{wan}" drop
+    oifname "{link}" ip6 daddr {public} counter name "in"
+    iifname "{link}" counter name "out"
+  }}
+}}
+"""
+
+
+def v6_table(node_key: str, wid: WorkloadID) -> str:
+    return f"zgq{_digest(node_key, wid)}"
 
 
 class PublicIpProvisioner(Provisioner):
     def _key(self) -> str:
         return self.node.identity.public_hex
 
-    def _address(self, wid: WorkloadID, spec: PublicIPWorkload,
-                 deployment: Deployment) -> ipaddress.IPv4Interface:
-        """The k-th IPv4 address the ledger gave the contract, for the k-th public_ip
-        workload asking for IPv4 (by name)."""
+    def _farm(self) -> int:
+        farm = self.node.extra.get("farm", 0)
+        return farm if type(farm) is int else 0
+
+    def _address(self, wid: WorkloadID, deployment: Deployment,
+                 version: int) -> ipaddress.IPv4Interface | ipaddress.IPv6Interface:
+        """The k-th address of `version` the ledger gave the contract, for the k-th
+        public_ip workload asking for that version (by name)."""
         held = (self.node.extra.get("contract_ips") or {}).get(wid.contract)
         if held is None:
             raise ProvisionError("the node does not know the contract's public addresses yet")
-        v4 = [ipaddress.IPv4Interface(a) for a in held if ":" not in a]
-        mine = sorted(w.name for w in deployment.workloads
-                      if isinstance(w, PublicIPWorkload) and w.v4)
-        k = mine.index(wid.name)
-        if k >= len(v4):
-            raise ProvisionError("the ledger gave this contract no public IPv4 address for "
-                                 f"{wid.name} (it holds {held})")
-        return v4[k]
+        mine_v = [ipaddress.ip_interface(a) for a in held]
+        mine_v = [a for a in mine_v if a.version == version]
+        names = sorted(w.name for w in deployment.workloads if isinstance(w, PublicIPWorkload)
+                       and (w.v4 if version == 4 else w.v6))
+        k = names.index(wid.name)
+        if k >= len(mine_v):
+            raise ProvisionError(f"the ledger gave this contract no public IPv{version} "
+                                 f"address for {wid.name} (it holds {held})")
+        return mine_v[k]
+
+    def _pool_gateway(self, address: str) -> str:
+        for entry in self.node.extra.get("farm_pool") or []:
+            if isinstance(entry, dict) and str(entry.get("ip", "")).split("/")[0] == address:
+                return str(entry.get("gateway", ""))
+        raise ProvisionError(f"{address} is not in the farm's pool on the ledger")
 
     def _container(self, wid: WorkloadID,
                    deployment: Deployment) -> tuple[ContainerWorkload, NetworkWorkload] | None:
@@ -222,15 +317,40 @@ class PublicIpProvisioner(Provisioner):
     def provision(self, wid: WorkloadID, spec: Workload, deployment: Deployment) -> Provisioned:
         if not isinstance(spec, PublicIPWorkload):
             raise ProvisionError(f"{wid}: not a public_ip workload")
-        if spec.v6:
-            raise ProvisionError("public IPv6 addresses for containers need IPv6 on user "
-                                 "networks, which Zero-Net does not have yet")
-        if not spec.v4:
-            raise ProvisionError("a public_ip workload asks for v4 (v6 is not supported)")
-        address = self._address(wid, spec, deployment)
-        link = _wan_link(address)
-        made = {"address": str(address.ip), "link": link}
+        if not spec.v4 and not spec.v6:
+            raise ProvisionError("a public_ip workload asks for v4, v6 or both")
         used = self._container(wid, deployment)
+        address4 = self._address(wid, deployment, 4) if spec.v4 else None
+        address6 = self._address(wid, deployment, 6) if spec.v6 else None
+        # everything this workload may have made is recorded before it is made
+        made = self._read(wid)
+        if address4 is not None:
+            link, remote = _wan_link(address4, self._farm())
+            made.update(address=str(address4.ip), link=link, remote="1" if remote else "")
+        if address6 is not None:
+            link6, remote6 = _wan_link(address6, self._farm())
+            made.update(address6=str(address6.ip), link6=link6, remote6="1" if remote6 else "")
+        if used is not None:
+            made.update(container=used[0].name)
+        self._write(wid, made)
+        data: dict[str, str] = {}
+        if address4 is not None:
+            self._provision_v4(wid, address4, made, used, deployment)
+            data["ipv4"] = str(address4)
+        if address6 is not None:
+            self._provision_v6(wid, address6, made, used)
+            data["ipv6"] = str(address6)
+        if used is not None:
+            data["container"] = used[0].name
+        return Provisioned(data=data)
+
+    def _provision_v4(self, wid: WorkloadID,
+                      address: ipaddress.IPv4Interface | ipaddress.IPv6Interface,
+                      made: dict[str, str],
+                      used: tuple[ContainerWorkload, NetworkWorkload] | None,
+                      deployment: Deployment) -> None:
+        public, link = str(address.ip), made["link"]
+        sources = [public]
         if used is not None:
             container, net = used
             netprov = self.node.extra.get("container_network")
@@ -239,49 +359,157 @@ class PublicIpProvisioner(Provisioner):
             res = netprov._plan(WorkloadID(wid.contract, net.name), net)
             with netprov._lock:
                 private = netprov._assign(res.names, net, deployment)[container.name]
-            made.update(namespace=res.names.namespace, private=private,
-                        container=container.name)
-            self._write(wid, made)  # before anything is made: a removal finds it all
+            made.update(namespace=res.names.namespace, private=private)
+            self._write(wid, made)
             join.ensure_join(res)
             route_out(res.names, str(route_table(self._key(), wid)), private,
                       join.join_address(res.subnet))
             join.route_to(res, private)
-            _nft("-f", "-", stdin=ruleset(table_name(self._key(), wid), str(address.ip),
-                                          private, join.join_names(res.names).inner))
+            _nft("-f", "-", stdin=ruleset(table_name(self._key(), wid), public, private,
+                                          join.join_names(res.names).inner))
+            sources.append(private)
+        resource._ip(None, "addr", "replace", f"{public}/32", "dev", link)
+        if made.get("remote"):
+            route_remote(4, policy_table(self._key(), wid, 4), link,
+                         self._pool_gateway(public), sources)
+        else:  # held over the segment before, perhaps
+            drop_remote(4, policy_table(self._key(), wid, 4), sources)
+        _announce(link, public)
+
+    def _provision_v6(self, wid: WorkloadID,
+                      address: ipaddress.IPv4Interface | ipaddress.IPv6Interface,
+                      made: dict[str, str],
+                      used: tuple[ContainerWorkload, NetworkWorkload] | None) -> None:
+        public, link = str(address.ip), made["link6"]
+        if used is None:  # the node itself answers on the address
+            resource._ip(None, "-6", "addr", "replace", f"{public}/128", "dev", link, "nodad")
         else:
+            ns = container_link_names(self._key(), WorkloadID(wid.contract, used[0].name)
+                                      ).namespace
+            if not resource.namespace_exists(ns):
+                raise ProvisionError(f"container {used[0].name} has no network namespace yet")
+            outer, inner = v6_names(self._key(), wid)
+            made.update(veth6=outer, namespace6=ns)
             self._write(wid, made)
-        resource._ip(None, "addr", "replace", f"{address.ip}/32", "dev", link)
-        return Provisioned(data={"ipv4": str(address), **(
-            {"container": made["container"]} if "container" in made else {})})
+            if outer not in resource._links(None) or V6_LINK not in resource._links(ns):
+                resource._ip(None, "link", "delete", outer, check=False)
+                resource._ip(ns, "link", "delete", V6_LINK, check=False)
+                resource._ip(None, "link", "add", outer, "type", "veth", "peer", "name", inner,
+                             "netns", ns)
+                resource._ip(ns, "link", "set", inner, "name", V6_LINK)
+            _nft("-f", "-", stdin=v6_rules(v6_table(self._key(), wid), public, outer, link))
+            resource._run(["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"])
+            resource._run(["sysctl", "-qw", f"net.ipv6.conf.{link}.proxy_ndp=1"])
+            resource._ip(None, "link", "set", outer, "up")
+            resource._ip(None, "-6", "addr", "replace", f"{V6_GATEWAY}/64", "dev", outer,
+                         "nodad")
+            resource._ip(ns, "link", "set", V6_LINK, "up")
+            resource._ip(ns, "-6", "addr", "replace", f"{public}/128", "dev", V6_LINK, "nodad")
+            resource._ip(ns, "-6", "route", "replace", "default", "via", V6_GATEWAY, "dev",
+                         V6_LINK)
+            resource._ip(None, "-6", "route", "replace", f"{public}/128", "dev", outer)
+            resource._ip(None, "-6", "neigh", "replace", "proxy", public, "dev", link)
+        if made.get("remote6"):
+            route_remote(6, policy_table(self._key(), wid, 6), link,
+                         self._pool_gateway(public), [public])
+        else:
+            drop_remote(6, policy_table(self._key(), wid, 6), [public])
+        _announce(link, public)
 
     def deprovision(self, wid: WorkloadID, spec: Workload) -> None:
         made = self._read(wid)
-        _nft("delete", "table", "ip", table_name(self._key(), wid), check=False)
+        key = self._key()
+        _nft("delete", "table", "ip", table_name(key, wid), check=False)
+        _nft("delete", "table", "ip6", v6_table(key, wid), check=False)
         if made.get("address") and made.get("link"):
             resource._ip(None, "addr", "delete", f"{made['address']}/32", "dev",
                          made["link"], check=False)
+            drop_remote(4, policy_table(key, wid, 4),
+                        [made["address"], *([made["private"]] if made.get("private") else [])])
+        if made.get("address6") and made.get("link6"):
+            public, link = made["address6"], made["link6"]
+            resource._ip(None, "-6", "addr", "delete", f"{public}/128", "dev", link,
+                         check=False)
+            resource._ip(None, "-6", "neigh", "delete", "proxy", public, "dev", link,
+                         check=False)
+            drop_remote(6, policy_table(key, wid, 6), [public])
+        if made.get("veth6"):
+            resource._ip(None, "link", "delete", made["veth6"], check=False)
+            ns6 = made.get("namespace6", "")
+            if ns6 and resource.namespace_exists(ns6):
+                resource._ip(ns6, "link", "delete", V6_LINK, check=False)
         ns = made.get("namespace", "")
         if ns and made.get("private") and resource.namespace_exists(ns):
-            drop_rules(ns, str(route_table(self._key(), wid)), made["private"])
+            drop_rules(ns, str(route_table(key, wid)), made["private"])
         if ns.startswith(f"{PREFIX}-") and made.get("private"):
             join.unroute(ResourceNames(ns[len(PREFIX) + 1:]), made["private"])
         self._record(wid).unlink(missing_ok=True)
 
     def traffic(self, wid: WorkloadID, spec: Workload) -> dict[str, tuple[int, int]] | None:
-        """Bytes (in, out) to and from the container through the public address, from
-        the table's counters; nothing while no container uses the address."""
-        if not self._read(wid).get("private"):
-            return {}
-        got = read_counters(table_name(self._key(), wid))
-        return {"nat": got} if got is not None else {}
+        """Bytes (in, out) to and from the container through the public addresses, from
+        the tables' counters; nothing while no container uses an address."""
+        made = self._read(wid)
+        got: dict[str, tuple[int, int]] = {}
+        if made.get("private"):
+            v4 = read_counters(table_name(self._key(), wid))
+            if v4 is not None:
+                got["nat"] = v4
+        if made.get("veth6"):
+            v6 = read_counters(v6_table(self._key(), wid), "ip6")
+            if v6 is not None:
+                got["v6"] = v6
+        return got
 
     def exists(self, wid: WorkloadID, spec: Workload) -> bool:
         made = self._read(wid)
-        if not made:
+        if not made or not isinstance(spec, PublicIPWorkload):
             return False
-        if made.get("private") and not _nft("list", "table", "ip",
-                                            table_name(self._key(), wid), check=False):
-            return False
-        out = resource._ip(None, "-o", "-4", "addr", "show", "dev", made.get("link", "lo"),
-                           check=False)
-        return f" {made.get('address')}/32 " in out
+        key = self._key()
+        if spec.v4:
+            if not made.get("address") or not _still(made["address"], 32, made.get("link", ""), self._farm()):
+                return False
+            if made.get("private") and not _nft("list", "table", "ip", table_name(key, wid),
+                                                 check=False):
+                return False
+            out = resource._ip(None, "-o", "-4", "addr", "show", "dev", made["link"],
+                               check=False)
+            if f" {made['address']}/32 " not in out:
+                return False
+        if spec.v6:
+            public = made.get("address6", "")
+            if not public or not _still(public, 128, made.get("link6", ""), self._farm()):
+                return False
+            if made.get("veth6"):
+                ns6 = made.get("namespace6", "")
+                if (made["veth6"] not in resource._links(None) or not ns6
+                        or not resource.namespace_exists(ns6)
+                        or V6_LINK not in resource._links(ns6)):
+                    return False
+                proxies = resource._ip(None, "-6", "neigh", "show", "proxy", "dev",
+                                       made["link6"], check=False)
+                if public not in proxies.split():
+                    return False
+            else:
+                out = resource._ip(None, "-o", "-6", "addr", "show", "dev", made["link6"],
+                                   check=False)
+                if f" {public}/128 " not in out:
+                    return False
+        return True
+
+
+def _still(address: str, prefix: int, link: str, farm: int) -> bool:
+    """Whether `link` is still the node's link for `address` (a VXLAN segment made or
+    removed since moves it: the workload is provisioned again on the new link)."""
+    try:
+        want, _ = _wan_link(ipaddress.ip_interface(f"{address}/{prefix}"), farm)
+    except ProvisionError:
+        return False
+    return want == link
+
+
+def _announce(link: str, address: str) -> None:
+    """Tell the link's neighbours (across the segment too) where the address is now."""
+    try:
+        announce.announce(link, address)
+    except ProvisionError as exc:
+        log.warning("event=announce_failed address=%s error=%r", address, str(exc))
