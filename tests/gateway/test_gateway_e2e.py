@@ -13,6 +13,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -67,10 +68,14 @@ class Setup:
                      self.caddy(node).root_certificate, timeout)
 
 
-@pytest.fixture
-def setup(tmp_path: Path) -> Iterator[Setup]:
+@contextmanager
+def grid_setup(tmp_path: Path, nodes: tuple[tuple[str, int], ...],
+               tools: tuple[str, ...] = ()) -> Iterator[Setup]:
+    """A grid of hosts with a busybox image on its hub, node agents named `nodes` (name,
+    site) and a client host on site 1; every network resource and container link the
+    test made (`Setup.made`) is removed afterwards, even when the test failed."""
     require_root()
-    for tool in ("runc", "nft", "wg", "wireguard-go", "caddy"):
+    for tool in ("runc", "nft", "wg", "wireguard-go", "caddy", *tools):
         require_tool(tool)
     publisher = Identity.generate()
     store = LocalStore(tmp_path / "store")
@@ -85,19 +90,25 @@ def setup(tmp_path: Path) -> Iterator[Setup]:
         hub = g.start_hub(free_port())
         with g.on_wan(), Hub(hub) as h:
             push_flist(flist, store, h)
-        for name, site in (("gw1", 0), ("web", 1)):
+        for name, site in nodes:
             g.start_node(client, name, "--hub", hub, "--flist-publisher",
                          publisher.public_hex, site=site)
         s = Setup(g, hub, flist.hash_hex, publisher, g._add_host("client", 1, False))
         yield s
     finally:
-        g.stop()
+        g.stop()  # the hosts' namespaces go, and every link in them
         for node, contract, containers in s.made if s else []:
             key = node_key(node)
             for c in containers:
                 resource.detach_container(container_link_names(key, WorkloadID(contract, c))
                                           .namespace)
             resource.remove(resource_names(key, WorkloadID(contract, "net")))
+
+
+@pytest.fixture
+def setup(tmp_path: Path) -> Iterator[Setup]:
+    with grid_setup(tmp_path, (("gw1", 0), ("web", 1))) as s:
+        yield s
 
 
 def until(what: str, check: Callable[[], bool], timeout: float = 60.0) -> None:

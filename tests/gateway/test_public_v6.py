@@ -16,17 +16,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_port, require_root, require_tool
-from tests.flist.image import busybox_rootfs
 from tests.gateway.client import fetch
-from tests.gateway.test_gateway_e2e import Setup, httpd, node_key, until
+from tests.gateway.test_gateway_e2e import Setup, grid_setup, httpd, node_key, until
 from zerostack.bot import ThreeBot
 from zerostack.bot.spec import BotError
-from zerostack.crypto import Identity
-from zerostack.flist import Hub, ImageConfig, LocalStore, SignedFlist, build_dir, push_flist
-from zerostack.grid import LocalGrid, inside
+from zerostack.grid import inside
 from zerostack.node.network import resource
-from zerostack.node.network.plan import container_link_names, resource_names
+from zerostack.node.network.plan import container_link_names
 from zerostack.node.provisioners import WorkloadID
 from zerostack.node.provisioners.public_ip import V6_LINK, v6_names, v6_table
 
@@ -36,34 +32,8 @@ PUB4, PUB6 = "198.18.0.201", "fd00:5a::201"
 
 @pytest.fixture
 def setup(tmp_path: Path) -> Iterator[Setup]:
-    require_root()
-    for tool in ("runc", "nft", "wg", "wireguard-go", "caddy"):
-        require_tool(tool)
-    publisher = Identity.generate()
-    store = LocalStore(tmp_path / "store")
-    manifest, _ = build_dir(busybox_rootfs(tmp_path / "img"), store,
-                            ImageConfig(entrypoint=("/bin/sh", "-c")))
-    flist = SignedFlist.sign(manifest, publisher)
-    g = LocalGrid(tmp_path / "grid", ledger_port=free_port(), netns=True,
-                  status_port=free_port())
-    s: Setup | None = None
-    try:
-        client = g.start_ledger()
-        hub = g.start_hub(free_port())
-        with g.on_wan(), Hub(hub) as h:
-            push_flist(flist, store, h)
-        g.start_node(client, "gw6", "--hub", hub, "--flist-publisher", publisher.public_hex,
-                     site=0)
-        s = Setup(g, hub, flist.hash_hex, publisher, g._add_host("client", 1, False))
+    with grid_setup(tmp_path, (("gw6", 0),)) as s:
         yield s
-    finally:
-        g.stop()
-        for node, contract, containers in s.made if s else []:
-            key = node_key(node)
-            for c in containers:
-                resource.detach_container(container_link_names(key, WorkloadID(contract, c))
-                                          .namespace)
-            resource.remove(resource_names(key, WorkloadID(contract, "net")))
 
 
 class UdpEcho:

@@ -18,53 +18,19 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import free_port, require_root, require_tool
-from tests.flist.image import busybox_rootfs
-from tests.gateway.test_gateway_e2e import Setup, httpd, node_key, until
+from tests.gateway.test_gateway_e2e import Setup, grid_setup, httpd, until
 from tests.gateway.test_public_v6 import _body
 from zerostack.bot import ThreeBot
-from zerostack.crypto import Identity
-from zerostack.flist import Hub, ImageConfig, LocalStore, SignedFlist, build_dir, push_flist
-from zerostack.grid import GridNode, LocalGrid, inside
-from zerostack.node.network import resource
-from zerostack.node.network.plan import container_link_names, resource_names
+from zerostack.grid import GridNode, inside
 from zerostack.node.network.vxlan import SegmentNames
-from zerostack.node.provisioners import WorkloadID
 
 PUB4, PUB6 = "198.18.0.202", "fd00:5a::202"
 
 
 @pytest.fixture
 def setup(tmp_path: Path) -> Iterator[Setup]:
-    require_root()
-    for tool in ("runc", "nft", "wg", "wireguard-go", "caddy", "bridge"):
-        require_tool(tool)
-    publisher = Identity.generate()
-    store = LocalStore(tmp_path / "store")
-    manifest, _ = build_dir(busybox_rootfs(tmp_path / "img"), store,
-                            ImageConfig(entrypoint=("/bin/sh", "-c")))
-    flist = SignedFlist.sign(manifest, publisher)
-    g = LocalGrid(tmp_path / "grid", ledger_port=free_port(), netns=True,
-                  status_port=free_port())
-    s: Setup | None = None
-    try:
-        client = g.start_ledger()
-        hub = g.start_hub(free_port())
-        with g.on_wan(), Hub(hub) as h:
-            push_flist(flist, store, h)
-        for name, site in (("gwa", 0), ("gwb", 1)):
-            g.start_node(client, name, "--hub", hub, "--flist-publisher",
-                         publisher.public_hex, site=site)
-        s = Setup(g, hub, flist.hash_hex, publisher, g._add_host("client", 1, False))
+    with grid_setup(tmp_path, (("gwa", 0), ("gwb", 1)), ("bridge",)) as s:
         yield s
-    finally:
-        g.stop()  # the hosts' namespaces go, and the segments' links in them
-        for node, contract, containers in s.made if s else []:
-            key = node_key(node)
-            for c in containers:
-                resource.detach_container(container_link_names(key, WorkloadID(contract, c))
-                                          .namespace)
-            resource.remove(resource_names(key, WorkloadID(contract, "net")))
 
 
 def ip_json(ns: str, *args: str) -> list[dict[str, Any]]:
