@@ -157,13 +157,7 @@ def failover(work: Path, cuts: int) -> list[float]:
                 except redis.ResponseError:
                     time.sleep(0.01)
             times.append(time.monotonic() - cut)
-            os.kill(primary.proc.pid, signal.SIGCONT)
-            deadline = time.monotonic() + 60
-            while not (primary.info().get("role") == "replica"
-                       and winner.info().get("connected_replicas") == "2"):
-                if time.monotonic() > deadline:
-                    raise RuntimeError("the old primary did not rejoin")
-                time.sleep(0.05)
+            rejoin(primary, winner)
             print(f"cut {i + 1}: first write on the new primary after {times[-1]:.3f} s",
                   flush=True)
             primary = winner
@@ -172,6 +166,17 @@ def failover(work: Path, cuts: int) -> list[float]:
             os.kill(n.proc.pid, signal.SIGCONT)
             stop(n.proc)
     return times
+
+
+def rejoin(primary: Node, winner: Node) -> None:
+    """Resume the stopped old primary and wait until it follows the new one."""
+    os.kill(primary.proc.pid, signal.SIGCONT)
+    deadline = time.monotonic() + 60
+    while not (primary.info().get("role") == "replica"
+               and winner.info().get("connected_replicas") == "2"):
+        if time.monotonic() > deadline:
+            raise RuntimeError("the old primary did not rejoin")
+        time.sleep(0.05)
 
 
 def failover_etcd(work: Path, cuts: int) -> list[float]:
@@ -218,13 +223,7 @@ def failover_etcd(work: Path, cuts: int) -> list[float]:
                         continue
                 time.sleep(0.005)
             times.append(time.monotonic() - cut)
-            os.kill(primary.proc.pid, signal.SIGCONT)
-            deadline = time.monotonic() + 60
-            while not (primary.info().get("role") == "replica"
-                       and winner.info().get("connected_replicas") == "2"):
-                if time.monotonic() > deadline:
-                    raise RuntimeError("the old primary did not rejoin")
-                time.sleep(0.05)
+            rejoin(primary, winner)
             print(f"cut {i + 1}: first write on the new primary after {times[-1]:.3f} s",
                   flush=True)
             primary = winner
