@@ -38,6 +38,7 @@ from pathlib import Path
 import redis
 
 from bench.zdb_replication_bench import free_port, stop, wait_port
+from zerostack.zdb.replication.handshake import call
 
 REPO = Path(__file__).resolve().parent.parent
 DOC = REPO / "docs" / "benchmarks.md"
@@ -141,14 +142,10 @@ def failover(work: Path, cuts: int) -> list[float]:
             winner = None
             while winner is None:
                 for node in others:
-                    c = node.client()
-                    try:
-                        c.execute_command("REPLAUTH", PASSWORD)
-                        c.execute_command("PROMOTE")
+                    said = call("127.0.0.1", node.port, PASSWORD, (b"PROMOTE",))[0]
+                    if said == b"OK":
                         winner = node
                         break
-                    except redis.ResponseError:
-                        continue
             c = winner.client()
             while True:
                 try:

@@ -328,7 +328,7 @@ class Cluster:
             for node in candidates:
                 out = subprocess.run(
                     ["ip", "netns", "exec", self.net.client, "redis-cli", "-h", node.address,
-                     "-p", str(PORT)], input=f"REPLAUTH {PASSWORD}\nPROMOTE\n",
+                     "-p", str(PORT)], input=f"AUTH {ADMIN}\nPROMOTE\n",
                     capture_output=True, text=True, timeout=20)
                 said = out.stdout.strip()
                 if said.endswith("OK\nOK") or said == "OK\nOK":
@@ -561,7 +561,7 @@ def scenario(cluster: Cluster, writers: Writers, name: str, load: float) -> list
             # A namespace big enough that copying it again takes a while; every replica
             # holds it before the compaction starts.
             cluster.fill(old, *FILLER)
-            said = cluster.script(old, [f"REPLAUTH {PASSWORD}",
+            said = cluster.script(old, [f"AUTH {ADMIN}",
                                         f"REPLWAIT {len(replicas)} 30000"])
             if said[-1:] != [str(len(replicas))]:
                 raise AssertionError(f"replicas did not confirm the filler: {said}")
@@ -652,7 +652,7 @@ def check(cluster: Cluster, writers: Writers, result: Result,
         keys = [(k, v) for (n, k), v in seen.items() if n == ns]
         for i in range(0, len(keys), 500):
             batch = keys[i:i + 500]
-            script = [f"REPLAUTH {PASSWORD}", f"SELECT {ns}"] + [
+            script = [f"AUTH {ADMIN}", f"SELECT {ns}"] + [
                 f"GET {k}" if ns == "default" else f'GET "{_escaped(k)}"' for k, _v in batch]
             out = subprocess.run(
                 ["ip", "netns", "exec", cluster.net.client, "redis-cli", "-h", primary.address,

@@ -228,3 +228,43 @@ def test_the_primarys_address_is_read_from_its_registered_endpoint() -> None:
     assert endpoint_address("fd00:5a::10") == "fd00:5a::10"
     assert endpoint_address("http://10.0.0.1:80") == "10.0.0.1"
     assert endpoint_address("") == endpoint_address("node.example") == ""
+
+
+def test_a_replica_pointed_at_a_server_without_the_password_sends_it_nothing(
+        tmp_path: Path) -> None:
+    """The node learns its primary's address from a ledger answer it cannot check: told a
+    wrong one, its replica's server gives that address no password and follows nothing."""
+    from tests.zdb.replication.test_replauth import FAKES, Listener, fake_primary
+
+    pport = _free_replication_port(set())
+    rport = _free_replication_port({pport})
+    password = "r3plication-" + "y" * 20
+    fake = Listener(fake_primary(FAKES["made-up proof"]), port=pport, host="127.0.0.2")
+    ctx = NodeContext(tmp_path / "n2", Identity.generate(),
+                      [Pool("hdd", tmp_path / "n2" / "hdd", "hdd")])
+    ctx.extra.update(node_id=2, zdb_primaries={1: "127.0.0.2"})  # the ledger's lie
+    node = ZdbProvisioner(ctx)
+    replica = ZdbWorkload(name="arch-0-r", size=1 << 20, mode="seq",
+                          replication={"port": rport, "password": password},
+                          replica_of={"workload": "arch-0", "node": 1, "port": pport})
+    wid = WorkloadID(8, "arch-0-r")
+    try:
+        node.provision(wid, replica, _dep(replica))
+        deadline = time.monotonic() + 30
+        while len([r for r in fake.received if r]) < 2:
+            assert time.monotonic() < deadline, "the replica never tried the address"
+            time.sleep(0.1)
+        assert node.live_state(wid, replica) == (
+            "ok", "read-only replica of arch-0 on node 1: link connecting")
+        with fake.lock:
+            everything = b"".join(fake.received)
+        assert password.encode() not in everything
+        assert b"CHALLENGE" in everything and b"PROOF" not in everything
+        log = (tmp_path / "n2" / "hdd" / "zdb" / "replicated" / "c8-arch-0-r" /
+               "zdb.log").read_text()
+        assert "event=zdb.replication.primary.unproven primary=127.0.0.2" in log
+        assert password not in log
+        node.deprovision(wid, replica)
+    finally:
+        node.close()
+        fake.close()

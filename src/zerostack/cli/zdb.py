@@ -345,13 +345,22 @@ def promote(
     (--peers) agrees; it stops following and accepts writes."""
     import redis
 
-    r = _client(host, port, None)
-    try:
-        if password:  # the admin or the replication password
-            r.execute_command("REPLAUTH", password)
-        r.execute_command("PROMOTE", *(["FORCE"] if force else []))
-    except redis.RedisError as exc:
-        fail(f"{host}:{port} was not promoted: {exc}")
+    from zerostack.zdb.replication.handshake import Unproven, call, escape
+
+    request = (b"PROMOTE", *([b"FORCE"] if force else []))
+    if password:  # the admin or the replication password, proven by the REPLAUTH handshake
+        try:
+            said = call(host, port, password, request, timeout=30)[0]
+        except (OSError, Unproven) as exc:
+            fail(f"{host}:{port} was not promoted: {escape(str(exc))}")
+        if isinstance(said, Exception):
+            fail(f"{host}:{port} was not promoted: {escape(str(said))}")
+    else:
+        r = _client(host, port, None)
+        try:
+            r.execute_command(*request)
+        except redis.RedisError as exc:
+            fail(f"{host}:{port} was not promoted: {exc}")
     console.print(f"{host}:{port} is now a primary", highlight=False)
 
 

@@ -6,9 +6,11 @@ import threading
 import time
 from collections.abc import Callable
 
+import hiredis
 import redis
 
 from tests.zdb.conftest import ZdbProcess
+from zerostack.zdb.replication.handshake import call
 
 REPL_AUTH = ("--replication-password", "repl-secret")
 """Replication needs a password: the same on every node of these tests."""
@@ -56,6 +58,16 @@ def wait_until(check: Callable[[], bool], timeout: float = 30, what: str = "") -
             pass
         time.sleep(0.1)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def repl_call(server: ZdbProcess, *request: bytes | str | int,
+              password: str = "repl-secret") -> object:
+    """One request on a connection authenticated with the REPLAUTH handshake; an error
+    reply is raised as redis.ResponseError, as redis-py does."""
+    reply = call("127.0.0.1", server.port, password, request)[0]
+    if isinstance(reply, hiredis.ReplyError):
+        raise redis.ResponseError(str(reply))
+    return reply
 
 
 def info(server: ZdbProcess) -> dict[str, str]:

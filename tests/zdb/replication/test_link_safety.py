@@ -15,6 +15,7 @@ import redis
 from tests.zdb.conftest import ZdbProcess, ZdbStarter
 from tests.zdb.replication.helpers import REPL_AUTH, info, wait_identical, wait_until
 from zerostack.zdb.protocol import encode_request
+from zerostack.zdb.replication.handshake import ClientHandshake, Unproven, address_text
 
 
 class RawLink:
@@ -55,6 +56,11 @@ class RawLink:
         except (TimeoutError, ConnectionResetError):
             return False
 
+    def auth(self, password: str) -> object:
+        """The REPLAUTH handshake on this connection; the reply to the proof."""
+        handshake = ClientHandshake(password, address_text(self.sock.getpeername()))
+        return self.call(*handshake.answer(self.call(*handshake.challenge())))
+
     def close(self) -> None:
         self.sock.close()
 
@@ -88,9 +94,11 @@ def test_replication_needs_the_replication_or_admin_password(zdb_start: ZdbStart
     link = RawLink(server)
     try:
         assert "Permission denied" in text(link.call("REPLSYNC", "x", 1))
-        assert "Access denied" in text(link.call("REPLAUTH", "wrong"))
+        assert "in clear is refused" in text(link.call("REPLAUTH", "repl-secret"))
+        with pytest.raises(Unproven, match="did not prove"):
+            link.auth("wrong")
         assert "Permission denied" in text(link.call("REPLINFO", 1))
-        assert link.call("REPLAUTH", "repl-secret") == b"OK"
+        assert link.auth("repl-secret") == b"OK"
         assert link.call("REPLINFO", 1)[2] == 1  # type: ignore[index]
     finally:
         link.close()
@@ -102,7 +110,7 @@ def test_replication_needs_the_replication_or_admin_password(zdb_start: ZdbStart
         link.close()
     # a replica with the wrong password never gets a byte
     bad = zdb_start("--replica-of", f"127.0.0.1:{server.port}", "--primary-auth", "nope")
-    wait_until(lambda: "Access denied" in info(bad).get("link_error", ""), 20, "refusal")
+    wait_until(lambda: "did not prove" in info(bad).get("link_error", ""), 20, "refusal")
     assert info(server)["connected_replicas"] == "0"
 
 
@@ -127,7 +135,7 @@ def test_bad_positions_get_a_clear_error_and_other_replicas_go_on(
     for (fid, off), why in cases.items():
         link = RawLink(primary)
         try:
-            assert link.call("REPLAUTH", "repl-secret") == b"OK"
+            assert link.auth("repl-secret") == b"OK"
             reply = link.call("REPLSYNC", "fake", 1, "default", fid, off)
             assert isinstance(reply, hiredis.ReplyError) and why in text(reply), (fid, off, reply)
             assert "Invalid replication position" in text(reply)
@@ -137,7 +145,7 @@ def test_bad_positions_get_a_clear_error_and_other_replicas_go_on(
     # a valid follower that then misbehaves (acknowledges in another term) is dropped alone
     link = RawLink(primary)
     try:
-        assert link.call("REPLAUTH", "repl-secret") == b"OK"
+        assert link.auth("repl-secret") == b"OK"
         link.send("REPLSYNC", "liar", 1, "default", 0, end)
         wait_until(lambda: info(primary).get("connected_replicas") == "2", 10, "liar attached")
         link.send("REPLACK", 0, "default", 0, end)
@@ -165,7 +173,7 @@ def test_replwait_counts_only_what_was_shipped_and_confirmed(
     link = RawLink(primary)
     os.kill(replica.proc.pid, signal.SIGSTOP)
     try:
-        assert link.call("REPLAUTH", "repl-secret") == b"OK"
+        assert link.auth("repl-secret") == b"OK"
         end = int(info(primary)["replica0"].split("default@0:")[1].split()[0])
         # claiming more than the primary holds is refused outright
         reply = link.call("REPLSYNC", "fake", 1, "default", 0, end + 10_000_000)

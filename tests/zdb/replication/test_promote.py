@@ -10,7 +10,14 @@ import redis
 
 from tests.conftest import ProcessGroup, zerostack_cmd
 from tests.zdb.conftest import ZdbProcess, ZdbStarter, start_zdb
-from tests.zdb.replication.helpers import REPL_AUTH, Writers, info, wait_identical, wait_until
+from tests.zdb.replication.helpers import (
+    REPL_AUTH,
+    Writers,
+    info,
+    repl_call,
+    wait_identical,
+    wait_until,
+)
 
 
 def hello_role(server: ZdbProcess) -> bytes | None:
@@ -93,8 +100,7 @@ def test_old_primary_with_a_diverged_tail_cuts_it_and_follows(
     # it was a replica: without --replica-of it refuses writes until promoted
     with pytest.raises(redis.ResponseError, match="Fenced: this server was not the primary"):
         cb.execute_command("SET", "x", "y")
-    assert cb.execute_command("REPLAUTH", "repl-secret") == b"OK"
-    assert cb.execute_command("PROMOTE", "FORCE") == b"OK"
+    assert repl_call(b, "PROMOTE", "FORCE") == b"OK"
     for i in range(25):
         cb.execute_command("SET", f"on-b{i}", "b")
     a = start_zdb(procs, a.data.parent, "--replica-of", f"127.0.0.1:{b.port}", *REPL_AUTH,

@@ -13,7 +13,13 @@ import redis
 
 from tests.conftest import ProcessGroup, free_port, wait_for_port
 from tests.zdb.conftest import ZdbProcess, ZdbStarter, start_zdb
-from tests.zdb.replication.helpers import REPL_AUTH, info, wait_identical, wait_until
+from tests.zdb.replication.helpers import (
+    REPL_AUTH,
+    info,
+    repl_call,
+    wait_identical,
+    wait_until,
+)
 
 
 def trio(zdb_start: ZdbStarter, *extra: str) -> list[ZdbProcess]:
@@ -38,9 +44,9 @@ def restart(procs: ProcessGroup, node: ZdbProcess) -> ZdbProcess:
 
 
 def promote(node: ZdbProcess, *force: str) -> bytes:
-    r = node.client()
-    r.execute_command("REPLAUTH", "repl-secret")
-    return r.execute_command("PROMOTE", *force)  # type: ignore[no-any-return]
+    said = repl_call(node, "PROMOTE", *force)
+    assert isinstance(said, bytes)
+    return said
 
 
 def test_replaced_primary_is_fenced_confirms_nothing_and_rejoins(

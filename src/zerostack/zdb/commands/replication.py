@@ -2,8 +2,9 @@
 REPLACK), durable writes (REPLWAIT), terms between nodes (REPLVOTE, REPLLEADER), PROMOTE,
 and INFO with its `# replication` section.
 
-Every replication command needs the replication password (`--replication-password`, given
-with REPLAUTH) or the admin password (AUTH or REPLAUTH); a server with neither refuses them.
+Every replication command needs the replication password (`--replication-password`, proven
+with the REPLAUTH handshake) or the admin password (AUTH, or the REPLAUTH handshake); a
+server with neither refuses them.
 
 WAIT already means "wait for a command" in 0-db, so waiting for replicas is REPLWAIT.
 """
@@ -16,7 +17,8 @@ from zerostack.zdb.commands.rules import atoll
 from zerostack.zdb.commands.session import Session
 from zerostack.zdb.engine import Mode, ZdbError
 from zerostack.zdb.engine.raw import entry_head, position_problem
-from zerostack.zdb.protocol import NIL, OK, bulk, error
+from zerostack.zdb.protocol import NIL, OK, array, bulk, error
+from zerostack.zdb.replication.handshake import PLAIN_REFUSED, ServerChallenge, escape
 from zerostack.zdb.replication.role import ReplicationRole, role_of
 
 REPLICA_READ_ONLY = error("Replica is read-only")
@@ -79,21 +81,46 @@ def seq_refusal(s: Session) -> bytes | None:
 
 
 def cmd_replauth(s: Session, args: list[bytes]) -> bytes:
-    """REPLAUTH password: allow replication commands on this connection (the replication
-    password or the admin password)."""
+    """REPLAUTH CHALLENGE nonce address | REPLAUTH PROOF proof: the mutual handshake that
+    allows replication commands on this connection (see replication/handshake.py); the
+    replication password or the admin password. A password in clear is refused."""
     role = _role(s)
-    if len(args) != 2:
-        return error("Invalid arguments")
     if s.state.admin_password is None and role.options.password is None:
         s.state.commands_unauthorized += 1
         return REPLICATION_DISABLED
-    if len(args[1]) > 128 or not role.check_password(args[1], s.state.admin_password):
-        s.state.commands_unauthorized += 1
-        return namespace.ACCESS_DENIED
-    live = s.state.sessions
-    role.repl_sessions.intersection_update(live)  # forget closed connections
-    role.repl_sessions.add(s)
-    return OK
+    step = args[1].upper() if len(args) >= 2 else b""
+    conn = role.connection_of(s)
+    peer = conn[1] if conn is not None else "-"
+    if step == b"CHALLENGE" and len(args) != 2:
+        challenge = ServerChallenge.parse(args)
+        if isinstance(challenge, str):
+            return error(challenge)
+        if conn is None or challenge.address not in role.own_addresses(conn[0]):
+            s.state.commands_unauthorized += 1
+            role.auth_refused(peer, f"challenge for another address {challenge.address}")
+            return error(f"Access denied: this server is not at {escape(challenge.address)} "
+                         "(a connection relayed through another address is refused)")
+        role.challenges = {k: v for k, v in role.challenges.items()
+                           if k in s.state.sessions}  # forget closed connections
+        role.challenges[s] = challenge
+        return array([bulk(item) for item in challenge.answer(role.keys(
+            s.state.admin_password))])
+    if step == b"PROOF" and len(args) != 2:
+        pending = role.challenges.pop(s, None)  # one proof per challenge
+        if pending is None:
+            s.state.commands_unauthorized += 1
+            return error("No REPLAUTH CHALLENGE pending on this connection: a challenge "
+                         "takes one proof")
+        if len(args) != 3 or not pending.check(role.keys(s.state.admin_password), args[2]):
+            s.state.commands_unauthorized += 1
+            role.auth_refused(peer, "wrong proof")
+            return namespace.ACCESS_DENIED
+        role.repl_sessions.intersection_update(s.state.sessions)  # forget closed ones
+        role.repl_sessions.add(s)
+        return OK
+    s.state.commands_unauthorized += 1
+    role.auth_refused(peer, "password in clear")
+    return error(PLAIN_REFUSED)
 
 
 def _term(arg: bytes) -> int | None:

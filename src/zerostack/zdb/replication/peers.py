@@ -1,6 +1,7 @@
 """Calls one Zero-DB node makes to another of its replica set: ask for a vote in a new
 term (REPLVOTE) and announce the primary of a term (REPLLEADER). Short-lived connections,
-authenticated with REPLAUTH, every reply bounded."""
+authenticated with the REPLAUTH handshake (both ends prove the password), every reply
+bounded."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import hiredis
 
 from zerostack.zdb.engine.raw import Position
 from zerostack.zdb.protocol import encode_request
+from zerostack.zdb.replication.handshake import ClientHandshake, Unproven, address_text, escape
 
 CALL_TIMEOUT = 2.0
 MAX_REPLY = 64 * 1024
@@ -24,25 +26,37 @@ async def _call(host: str, port: int, password: str | None,
     reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), CALL_TIMEOUT)
     try:
         parser = hiredis.Reader()
-        requests = [args]
-        if password:
-            requests.insert(0, (b"REPLAUTH", password))
-        writer.write(b"".join(encode_request(*r) for r in requests))
-        replies: list[object] = []
         received = 0
-        while len(replies) < len(requests):
-            data = await asyncio.wait_for(reader.read(MAX_REPLY), CALL_TIMEOUT)
-            if not data:
-                raise EOFError(f"{host}:{port} closed the connection")
-            received += len(data)
-            if received > MAX_REPLY:
-                raise PeerError(f"{host}:{port} answered more than {MAX_REPLY} bytes")
-            parser.feed(data)
-            while (reply := parser.gets()) is not False:
-                if isinstance(reply, hiredis.ReplyError):
-                    raise PeerError(str(reply))
-                replies.append(reply)
-        return replies[-1]
+
+        async def reply() -> object:
+            nonlocal received
+            while (got := parser.gets()) is False:
+                data = await asyncio.wait_for(reader.read(MAX_REPLY), CALL_TIMEOUT)
+                if not data:
+                    raise EOFError(f"{host}:{port} closed the connection")
+                received += len(data)
+                if received > MAX_REPLY:
+                    raise PeerError(f"{host}:{port} answered more than {MAX_REPLY} bytes")
+                parser.feed(data)
+            if isinstance(got, hiredis.ReplyError):
+                raise PeerError(escape(str(got)))
+            return got
+
+        if password:  # the peer proves it knows the password before this node does
+            sock = writer.get_extra_info("socket")
+            if sock is None:
+                raise PeerError(f"{host}:{port}: no socket address to authenticate")
+            handshake = ClientHandshake(password, address_text(sock.getpeername()))
+            writer.write(encode_request(*handshake.challenge()))
+            try:
+                proof = handshake.answer(await reply())
+            except (Unproven, PeerError) as exc:
+                raise PeerError(f"{host}:{port} is not a proven peer: {exc}") from exc
+            writer.write(encode_request(*proof) + encode_request(*args))
+            await reply()
+        else:
+            writer.write(encode_request(*args))
+        return await reply()
     finally:
         writer.close()
 

@@ -38,6 +38,7 @@ from zerostack.zdb.engine.raw import (
 )
 from zerostack.zdb.protocol import encode_request
 from zerostack.zdb.replication import frames
+from zerostack.zdb.replication.handshake import ClientHandshake, Unproven, address_text, escape
 from zerostack.zdb.replication.terms import Terms
 
 log = logging.getLogger("zerostack.zdb")
@@ -52,6 +53,10 @@ PROBE_BATCH = 256
 
 class ReplicationError(Exception):
     """The replication link cannot go on (refused by the primary, diverged files...)."""
+
+
+class PrimaryUnproven(ReplicationError):
+    """The server this replica was pointed at did not prove it knows the password."""
 
 
 @dataclass(eq=False)
@@ -145,13 +150,19 @@ class Replica:
                 await self._follow()
             except asyncio.CancelledError:
                 raise
+            except PrimaryUnproven as exc:
+                said = escape(str(exc), 400)
+                level = logging.INFO if said == self.error else logging.WARNING  # news only
+                self.error = said
+                log.log(level, "event=zdb.replication.primary.unproven primary=%s:%d "
+                        "reason=\"%s\"", escape(self.host, 80), self.port, self.error)
             except (OSError, EOFError, TimeoutError, ReplicationError, ZdbError,
                     hiredis.ProtocolError) as exc:
-                self.error = str(exc) or type(exc).__name__
+                self.error = escape(str(exc) or type(exc).__name__, 400)  # may quote the server
                 level = logging.WARNING if self.state != "connecting" else logging.INFO
                 log.log(level, "event=zdb.replication.link.down primary=%s:%d state=%s "
-                        "error=\"%s\"", self.host, self.port, self.state,
-                        self.error.replace('"', "'"))
+                        "error=\"%s\"", escape(self.host, 80), self.port, self.state,
+                        self.error)
             except Exception as exc:
                 # An unexpected failure (a bug, a frame cut in an unforeseen place) must not
                 # end following for good: log it with its type and reconnect like any drop.
@@ -177,7 +188,8 @@ class Replica:
             if reply is not False:
                 if isinstance(reply, hiredis.ReplyError):
                     hint = ""
-                    if "Permission denied" in str(reply) or "Access denied" in str(reply):
+                    if ("Permission denied" in str(reply) or "Access denied" in str(reply)) \
+                            and "is not at" not in str(reply):
                         hint = " (give the primary's admin password with --primary-auth)"
                     raise ReplicationError(f"primary refused: {reply}{hint}")
                 return reply
@@ -196,14 +208,16 @@ class Replica:
     async def _follow(self) -> None:
         self.state = "connecting"
         self._parser = hiredis.Reader()
+        if not self.password:
+            raise PrimaryUnproven("no password to authenticate the primary with (give "
+                                  "--replication-password or --primary-auth): not following")
         reader, writer = await asyncio.wait_for(
             asyncio.open_connection(self.host, self.port), SILENCE)
         self._reader, self._writer = reader, writer
         sock = writer.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if self.password:
-            await self._call(b"REPLAUTH", self.password)
+        await self._authenticate(sock)
         info = await self._call(b"REPLINFO", self.terms.term)
         if not isinstance(info, list) or len(info) < 3:
             raise ReplicationError(f"unexpected REPLINFO reply {info!r:.200}")
@@ -229,6 +243,26 @@ class Replica:
                  self.host, self.port, len(positions))
         self.error = ""
         await self._stream()
+
+    async def _authenticate(self, sock: socket.socket | None) -> None:
+        """The REPLAUTH handshake: the primary proves it knows the password before this
+        replica proves it does; the password itself is never sent."""
+        if sock is None or not self.password:
+            raise PrimaryUnproven("no socket address or password to authenticate with")
+        handshake = ClientHandshake(self.password, address_text(sock.getpeername()))
+        assert self._writer is not None
+        self._writer.write(encode_request(*handshake.challenge()))
+        try:
+            reply = await self._read_reply()
+        except ReplicationError as exc:
+            raise PrimaryUnproven(f"{self.host}:{self.port} refused the challenge: "
+                                  f"{exc}") from exc
+        try:
+            proof = handshake.answer(reply)
+        except Unproven as exc:
+            raise PrimaryUnproven(f"{exc}: not following it") from exc
+        if await self._call(*proof) != b"OK":
+            raise ReplicationError("unexpected REPLAUTH PROOF reply")
 
     async def _agree(self, name: str) -> Position:
         """The position up to which namespace `name` holds the same entries as the primary;

@@ -7,7 +7,6 @@ The command handlers reach it through `role_of(state)`.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import time
 from collections.abc import Callable
@@ -18,6 +17,7 @@ from zerostack.zdb.engine.format import FLAG_DELETED, SEQ_KEY
 from zerostack.zdb.engine.raw import START, Position
 from zerostack.zdb.replication import peers as peer_calls
 from zerostack.zdb.replication.failover import EtcdFailover, FailoverConfig, clock
+from zerostack.zdb.replication.handshake import ServerChallenge, address_text, escape, key_of
 from zerostack.zdb.replication.primary import Primary
 from zerostack.zdb.replication.replica import Replica
 from zerostack.zdb.replication.terms import MAX_TERM, Terms
@@ -69,6 +69,10 @@ class ReplicationRole:
         self.fenced = ""  # why this server refuses writes although it is not a replica
         self.replaced = ""  # set when a fenced primary turned into a replica: why
         self.repl_sessions: set[object] = set()
+        # REPLAUTH CHALLENGE answered, waiting for the client's proof (one per session).
+        self.challenges: dict[object, ServerChallenge] = {}
+        self._auth_logged = 0.0
+        self._auth_quiet = 0
         # Lease mode: why this primary takes no writes now (not holding the etcd key, or
         # its lease may be about to end), and until when it may (CLOCK_BOOTTIME; 0: none).
         self.lease_hold = ""
@@ -134,6 +138,10 @@ class ReplicationRole:
 
     def register(self, state: object) -> None:
         _ROLES[id(state)] = self
+        # Derive the keys now rather than in the event loop at the first handshake.
+        self.keys(getattr(state, "admin_password", None))
+        if self.auth:
+            key_of(self.auth)
 
     def unregister(self, state: object) -> None:
         _ROLES.pop(id(state), None)
@@ -160,15 +168,33 @@ class ReplicationRole:
             self.replica.drop_copies()
         await self.primary.stop()
 
-    # -- authentication of replication links ------------------------------------------
+    # -- authentication of replication links (handshake.py) -----------------------------
 
-    def check_password(self, given: bytes, admin_password: str | None) -> bool:
-        """REPLAUTH: the replication password or the admin password."""
-        ok = False
-        for secret in (self.options.password, admin_password):
-            if secret and hmac.compare_digest(given, secret.encode()):
-                ok = True
-        return ok
+    def keys(self, admin_password: str | None) -> list[bytes]:
+        """The keys of the passwords a replication link may prove: the replication
+        password and the admin password."""
+        return [key_of(p) for p in (self.options.password, admin_password) if p]
+
+    def own_addresses(self, transport: object) -> set[str]:
+        """The addresses a client may have dialed to reach this connection: its local
+        socket address, and the address this server advertises (for a port forward)."""
+        get = getattr(transport, "get_extra_info", None)
+        found = {address_text(get("sockname"))} if get is not None else set()
+        host, _, port = self.options.advertise.rpartition(":")
+        if host and port.isdigit():
+            found.add(address_text((host.strip("[]"), int(port))))
+        found.discard("")
+        return found
+
+    def auth_refused(self, peer: str, why: str) -> None:
+        """Log a refused REPLAUTH (at most one line a second, the others counted)."""
+        now = time.monotonic()
+        if now - self._auth_logged < 1.0:
+            self._auth_quiet += 1
+            return
+        log.warning("event=zdb.replication.auth.refused peer=%s reason=\"%s\" "
+                    "suppressed=%d", escape(peer, 80), escape(why), self._auth_quiet)
+        self._auth_logged, self._auth_quiet = now, 0
 
     # -- terms ---------------------------------------------------------------------------
 
