@@ -6,13 +6,14 @@ real replica still replicates with the handshake (through a port forward too).""
 from __future__ import annotations
 
 import socket
+import subprocess
 import threading
 from collections.abc import Callable, Iterator
 
 import hiredis
 import pytest
 
-from tests.conftest import free_port
+from tests.conftest import free_port, zerostack_cmd
 from tests.zdb.conftest import ZdbProcess, ZdbStarter
 from tests.zdb.replication.helpers import info, wait_identical, wait_until
 from zerostack.zdb.protocol import encode_request
@@ -335,3 +336,10 @@ def test_a_wrong_password_is_refused_by_both_ends(zdb_start: ZdbStarter) -> None
         link.close()
     assert info(primary)["connected_replicas"] == "0"
     assert replica.client().execute_command("DBSIZE") == 0
+    # the operator's tool: refused before PROMOTE is sent
+    done = subprocess.run([*zerostack_cmd(), "zdb", "promote", "--port", str(primary.port),
+                           "--password", "not-the-secret"], capture_output=True, text=True,
+                          timeout=60)
+    said = " ".join(done.stderr.split())
+    assert done.returncode != 0 and "did not prove" in said, said
+    assert info(primary)["role"] == "primary" and info(primary)["term"] == "1"
