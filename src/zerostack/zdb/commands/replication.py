@@ -91,7 +91,7 @@ def cmd_replauth(s: Session, args: list[bytes]) -> bytes:
     step = args[1].upper() if len(args) >= 2 else b""
     conn = role.connection_of(s)
     peer = conn[1] if conn is not None else "-"
-    if step == b"CHALLENGE" and len(args) != 2:
+    if step == b"CHALLENGE":
         challenge = ServerChallenge.parse(args)
         if isinstance(challenge, str):
             return error(challenge)
@@ -105,7 +105,7 @@ def cmd_replauth(s: Session, args: list[bytes]) -> bytes:
         role.challenges[s] = challenge
         return array([bulk(item) for item in challenge.answer(role.keys(
             s.state.admin_password))])
-    if step == b"PROOF" and len(args) != 2:
+    if step == b"PROOF":
         pending = role.challenges.pop(s, None)  # one proof per challenge
         if pending is None:
             s.state.commands_unauthorized += 1
