@@ -33,7 +33,6 @@ _MAX_HEADER: Final = 32
 LARGE_ARG: Final = 64 * 1024
 
 
-
 def _uninitialized_bytearray() -> Any:
     """CPython's PyByteArray_FromStringAndSize(NULL, n): a bytearray of n bytes that are
     not zeroed first (None where the C API is not reachable)."""
