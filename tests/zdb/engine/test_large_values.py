@@ -124,3 +124,26 @@ def test_preallocation_stays_within_the_datasize(tmp_path: Path) -> None:
     for path in (tmp_path / "data" / "default").glob("d*"):
         st = path.stat()
         assert st.st_blocks * 512 < st.st_size + 64 * 1024
+
+
+def test_closing_when_the_reserve_cannot_be_given_back_keeps_the_data(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    engine = engine_at(tmp_path)
+    ns = engine.namespace("default")
+    for i in range(4):
+        ns.set(b"k%d" % i, bytes([i]) * (1024 * 1024))
+    engine.flush_all()
+
+    def refuse(fd: int, size: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "ftruncate", refuse)
+    engine.close()  # the reserve stays, nothing else changes
+    monkeypatch.undo()
+    engine = engine_at(tmp_path)
+    ns = engine.namespace("default")
+    for i in range(4):
+        assert ns.get(b"k%d" % i) == bytes([i]) * (1024 * 1024)
+    engine.close()
+    report = check_files(tmp_path / "index", tmp_path / "data", "default")
+    assert report.ok and not report.findings, report.findings

@@ -141,9 +141,13 @@ class AppendFile:
         self.reserved = start + length
 
     def release(self) -> None:
-        """Give back the blocks reserved past the end of the file."""
+        """Give back the blocks reserved past the end of the file (if that fails, they
+        stay reserved: the file's content and size are not affected)."""
         if not self.buf:
-            os.ftruncate(self.fd, self.disk_size)
+            try:
+                os.ftruncate(self.fd, self.disk_size)
+            except OSError:
+                return
             self.reserved = self.disk_size
 
     def write_out(self) -> None:
