@@ -50,8 +50,10 @@ WRITE_NAMES: Final = frozenset({b"SET", b"SETX", b"DEL"})
 # after the writes before them were confirmed, so no reply overtakes a write's.
 LATER_NAMES: Final = frozenset({b"WAIT", b"REPLWAIT", b"PROMOTE", b"COMPACT"})
 # Bytes one read of a client's socket takes at most between two large arguments received
-# straight into their buffers (see ArgumentReceiver).
-READ_BUFFER: Final = 64 * 1024
+# straight into their buffers (see ArgumentReceiver): the CRLF of one and the next
+# request's header, with little of the next value: its bytes read here are copied twice
+# more on their way to its own buffer.
+READ_BUFFER: Final = 4 * 1024
 
 
 def log_event(event: str, level: int = logging.INFO, **fields: object) -> None:
@@ -554,6 +556,8 @@ class ArgumentReceiver(asyncio.BufferedProtocol):
     def get_buffer(self, sizehint: int) -> memoryview:
         view = self.conn.parser.buffer()
         if view is None:
+            # (right after a large argument: the transport reads on at once while the
+            # socket has data, into the next one's buffer once its header is parsed)
             self.into_argument = False
             return self.read_buffer
         self.into_argument = True

@@ -82,3 +82,68 @@ def test_a_failed_large_write_keeps_what_the_os_did_not_take_buffered(
     engine.close()
     report = check_files(tmp_path / "index", tmp_path / "data", "default")
     assert report.ok, report.findings
+
+
+def test_data_files_are_preallocated_ahead_and_given_back_on_close(tmp_path: Path) -> None:
+    mib = 1024 * 1024
+    engine = engine_at(tmp_path)
+    ns = engine.namespace("default")
+    data = tmp_path / "data" / "default" / "d0"
+    ahead = []
+    for i in range(10):
+        ns.set(b"k%d" % i, bytes([i]) * mib)
+        engine.flush_all()
+        st = data.stat()
+        # The size is where the entries end; the blocks reserved past it stay under the
+        # size of the file (a small file reserves little).
+        assert i * mib < st.st_size < (i + 1) * mib + 4096
+        ahead.append(st.st_blocks * 512 - st.st_size)
+        assert ahead[-1] <= st.st_size + 64 * 1024
+    assert max(ahead) >= 2 * mib  # reserved ahead of the appends
+    engine.close()
+    st = data.stat()
+    assert st.st_blocks * 512 < st.st_size + 64 * 1024  # given back on close
+    engine = engine_at(tmp_path)
+    ns = engine.namespace("default")
+    for i in range(10):
+        assert ns.get(b"k%d" % i) == bytes([i]) * mib
+    engine.close()
+    report = check_files(tmp_path / "index", tmp_path / "data", "default")
+    assert report.ok and not report.findings, report.findings
+
+
+def test_preallocation_stays_within_the_datasize(tmp_path: Path) -> None:
+    engine = engine_at(tmp_path, datasize=3 * 1024 * 1024)
+    ns = engine.namespace("default")
+    for i in range(12):
+        ns.set(b"k%d" % i, bytes([i]) * (700 * 1024))
+        engine.flush_all()
+        for path in (tmp_path / "data" / "default").glob("d*"):
+            assert path.stat().st_blocks * 512 <= 4 * 1024 * 1024, path
+    engine.close()
+    for path in (tmp_path / "data" / "default").glob("d*"):
+        st = path.stat()
+        assert st.st_blocks * 512 < st.st_size + 64 * 1024
+
+
+def test_closing_when_the_reserve_cannot_be_given_back_keeps_the_data(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    engine = engine_at(tmp_path)
+    ns = engine.namespace("default")
+    for i in range(4):
+        ns.set(b"k%d" % i, bytes([i]) * (1024 * 1024))
+    engine.flush_all()
+
+    def refuse(fd: int, size: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "ftruncate", refuse)
+    engine.close()  # the reserve stays, nothing else changes
+    monkeypatch.undo()
+    engine = engine_at(tmp_path)
+    ns = engine.namespace("default")
+    for i in range(4):
+        assert ns.get(b"k%d" % i) == bytes([i]) * (1024 * 1024)
+    engine.close()
+    report = check_files(tmp_path / "index", tmp_path / "data", "default")
+    assert report.ok and not report.findings, report.findings

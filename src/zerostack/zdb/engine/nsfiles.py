@@ -327,7 +327,7 @@ class NamespaceFiles:
         old_i.close()
         old_d.close()
         self._index = AppendFile(self._ipath(new), new)
-        self._data = AppendFile(self._dpath(new), new, mapped=True)
+        self._data = AppendFile(self._dpath(new), new, mapped=True, reserve=self._datasize)
         if self.mode is Mode.SEQ:
             self._seq_bases.append(self._seq_next)
         log.info("event=zdb.rotate namespace=%s fileid=%d", self.name, new)

@@ -314,7 +314,7 @@ class NamespaceRecovery(NamespaceFiles):
                 if fid != last:
                     self._seq_bases.append(self._seq_next)
         self._index = AppendFile(self._ipath(last), last)
-        self._data = AppendFile(self._dpath(last), last, mapped=True)
+        self._data = AppendFile(self._dpath(last), last, mapped=True, reserve=self._datasize)
         if self.mode is Mode.USER and unflagged != len(self._keys):
             self._finish_overwrites(pairs)
         if newest is not None and not self._verify_newest(newest):
