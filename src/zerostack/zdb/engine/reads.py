@@ -7,9 +7,11 @@ offset of its data entry). Most GETs then cost one read of the slot and one of t
 entry, which holds the key (compared to the one asked for) next to the value; the dict
 lookup and the index entry it points to cost three or four reads from scattered memory
 more, and on a namespace larger than the CPU caches each of them waits for memory.
-A slot is filled when a GET reads the value through the dict, dropped by every write of
-the key (set, delete), and the whole table is made anew when the key dict is (load,
-compaction, FLUSH) or has outgrown it. A slot that names another key, or data not mapped
+A slot is filled when a GET reads the value through the dict, written with the new
+location by a SET of the key, dropped by a delete, and the whole table is made anew when
+the key dict is (load, compaction, FLUSH) or has outgrown it. Whatever changes a key's
+entry in the dict must write or drop its slot (_lc_store, _lc_forget): a slot left
+pointing at an older entry of the same key would answer its old value. A slot that names another key, or data not mapped
 yet, only sends that GET through the dict.
 """
 
@@ -104,10 +106,10 @@ class NamespaceReads(NamespaceRecovery):
         size = 0
         if self._seqmode:
             for key in keys:
-                value = self.get(key)
-                out.append(value)
-                if value is not None:
-                    size += len(value)
+                got = self.get(key)
+                out.append(got)
+                if got is not None:
+                    size += len(got)
                     if size > budget:
                         break
             return out
@@ -115,23 +117,55 @@ class NamespaceReads(NamespaceRecovery):
         lc = self._lc
         if lc is None or self._lc_for is not table or len(table) > self._lc_grow:
             lc = self._lc_reset()
-        mask = self._lc_mask
-        hashes = [hash(key) & LC_HASH for key in keys]
-        slots = [_lc_unpack(lc, (h & mask) << 4) for h in hashes]
+        mask: int = self._lc_mask
+        # (hash() of a bytes object is computed once and kept in it: the loop below
+        # asks again rather than keep a list of them)
+        slots = [_lc_unpack(lc, (hash(key) & mask) << 4) for key in keys]
+        d = self._data
+        here: int = d.fileid
+        here_map = d.map
+        here_mapped: int = d.mapped
+        dmaps = self._dmaps
         h: int
         tag: int
         ln: int
         loc: int
-        for i, key in enumerate(keys):
-            h = hashes[i]
+        fid: int
+        start: int
+        end: int
+        kl: int
+        for i in range(len(keys)):
+            key = keys[i]
             tag, ln, loc = slots[i]
-            value = None
+            h = hash(key) & LC_HASH
+            value: bytes | None = None
             if loc and tag == h >> LC_TAG_SHIFT:
-                value = self._lc_value(key, loc, ln)
+                # _lc_value(), inlined
+                fid = loc >> 32
+                start = (loc & U32) + DENT
+                kl = len(key)
+                end = start + kl + ln
+                dm: mmap.mmap | None
+                if fid == here:
+                    dm = here_map if end <= here_mapped else None
+                else:
+                    dm = dmaps.get(fid)
+                    if dm is not None and end > len(dm):
+                        dm = None
+                if dm is not None:
+                    if ln <= LC_ONE_SLICE:
+                        entry = dm[start:end]
+                        if entry.startswith(key):
+                            value = entry[kl:]
+                    elif dm[start:start + kl] == key:
+                        value = dm[start + kl:end]
             if value is None:
                 p = table.get(key)
                 if p is not None:
                     value = self._value_at(p, lc, (h & mask) << 4, h >> LC_TAG_SHIFT)
+                    # (a read past the map maps the file again, closing the old map)
+                    here_map = d.map
+                    here_mapped = d.mapped
             out.append(value)
             if value is not None:
                 size += len(value)
@@ -172,6 +206,16 @@ class NamespaceReads(NamespaceRecovery):
         lc = self._lc
         if lc is not None:
             _lc_pack(lc, ((hash(key) & LC_HASH) & self._lc_mask) << 4, 0, 0, 0)
+
+    def _lc_store(self, key: bytes, loc: int, ln: int) -> None:
+        """SET stored `key`'s value (`ln` bytes) in the data entry at `loc` (data file id
+        << 32 | offset): its slot now says so, whichever key it held, so the GETs that
+        follow a write find it without the key dict. (Until the entry is mapped, a GET
+        reading the slot goes through the dict, see _lc_value.)"""
+        lc = self._lc
+        if lc is not None:
+            h: int = hash(key) & LC_HASH
+            _lc_pack(lc, (h & self._lc_mask) << 4, h >> LC_TAG_SHIFT, ln, loc)
 
     def _lc_value(self, key: bytes, loc: int, ln: int) -> bytes | None:
         """The value at data location `loc` when the entry there is `key`'s and mapped;
