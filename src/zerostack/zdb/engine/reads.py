@@ -42,7 +42,8 @@ LC_HASH: Final = (1 << 60) - 1  # the bits of a key's hash used: slot from the l
 LC_TAG_SHIFT: Final = 28        # tag from bits 28-59
 LC_MIN_SLOTS: Final = 1 << 12
 LC_MAX_SLOTS: Final = 1 << 21   # 32 MiB
-LC_SLOTS_PER_KEY: Final = 4
+LC_SLOTS_PER_KEY: Final = 8  # made anew once the keys pass a quarter of the slots:
+# 12-25% of the slots are in use, and at most about a fifth of the keys share theirs
 LC_ONE_SLICE: Final = 4096      # values up to this size are sliced out with their key
 
 
@@ -178,7 +179,7 @@ class NamespaceReads(NamespaceRecovery):
     def _lc_reset(self) -> mmap.mmap:
         """A new, empty location cache for the key dict as it is now: LC_SLOTS_PER_KEY
         slots per key (a power of two, LC_MIN_SLOTS to LC_MAX_SLOTS), made again once the
-        keys pass half of that. Anonymous memory, so only the slots used take any."""
+        keys pass a quarter of that. Anonymous memory, so only the slots used take any."""
         keys = self._keys
         slots = LC_MIN_SLOTS
         while slots < LC_SLOTS_PER_KEY * len(keys) and slots < LC_MAX_SLOTS:
@@ -196,7 +197,7 @@ class NamespaceReads(NamespaceRecovery):
             pass
         self._lc = lc
         self._lc_mask = slots - 1
-        self._lc_grow = slots // 2 if slots < LC_MAX_SLOTS else 1 << 62
+        self._lc_grow = slots // 4 if slots < LC_MAX_SLOTS else 1 << 62
         self._lc_for = keys
         return lc
 
