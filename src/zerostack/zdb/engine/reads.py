@@ -119,9 +119,10 @@ class NamespaceReads(NamespaceRecovery):
         if lc is None or self._lc_for is not table or len(table) > self._lc_grow:
             lc = self._lc_reset()
         mask: int = self._lc_mask
-        # (hash() of a bytes object is computed once and kept in it: the loop below
-        # asks again rather than keep a list of them)
-        slots = [_lc_unpack(lc, (hash(key) & mask) << 4) for key in keys]
+        # (hash() is taken once per key: half the hashes do not fit a machine integer of
+        # the native build, and each operation on those makes an object)
+        hashes = [hash(key) & LC_HASH for key in keys]
+        slots = [_lc_unpack(lc, (h & mask) << 4) for h in hashes]
         d = self._data
         here: int = d.fileid
         here_map = d.map
@@ -138,7 +139,7 @@ class NamespaceReads(NamespaceRecovery):
         for i in range(len(keys)):
             key = keys[i]
             tag, ln, loc = slots[i]
-            h = hash(key) & LC_HASH
+            h = hashes[i]
             value: bytes | None = None
             if loc and tag == h >> LC_TAG_SHIFT:
                 # _lc_value(), inlined
