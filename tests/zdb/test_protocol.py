@@ -379,3 +379,37 @@ def test_only_a_sets_value_is_kept_in_its_receive_buffer() -> None:
     # Without keep_values (replication's parsers) every argument is bytes.
     plain = receive(RequestParser(typed=PARSER["typed"]), data, 4096)
     assert all(type(arg) is bytes for request in plain for arg in request)
+
+
+GET_FRAMES = [
+    b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n",
+    b"*2\r\n$3\r\nGET\r\n$16\r\nkey:000000012345\r\n",
+    b"*2\r\n$3\r\nGET\r\n$4\r\na\r\nb\r\n",                 # CRLF inside the key
+    b"*2\r\n$3\r\nGET\r\n$0\r\n\r\n",                       # empty key: GET's own refusal
+    b"*2\r\n$3\r\nGET\r\n$1000\r\n" + b"k" * 1000 + b"\r\n",  # four digits
+    b"*2\r\n$3\r\nGET\r\n$10000\r\n" + b"k" * 10000 + b"\r\n",  # five: the general way
+    b"*2\r\n$3\r\nget\r\n$1\r\nk\r\n",
+    b"*3\r\n$3\r\nGET\r\n$1\r\nk\r\n$1\r\nx\r\n",
+    b"*2\r\n$3\r\nGET\r\n$01\r\nk\r\n",                     # leading zero
+    b"*2\r\n$3\r\nGET\r\n$2\r\nk\r\n",                      # shorter than declared
+    b"*2\r\n$3\r\nGET\r\n$1\r\nkk\r\n",                     # longer than declared
+    b"*2\r\n$3\r\nGET\r\n$1\r\nk\n\r",
+    b"*2\r\n$3\r\nGET\r\n$-1\r\n",
+    b"*2\r\n$3\r\nGET\r\n:1\r\n",
+    b"*2\r\n$3\r\nGEX\r\n$1\r\nk\r\n",
+    b"*2\r\n$4\r\nGET\r\n$1\r\nk\r\n",
+    b"*2\n\r$3\r\nGET\r\n$1\r\nk\r\n",
+]
+
+
+@pytest.mark.parametrize("frame", GET_FRAMES)
+def test_gets_read_in_one_step_parse_as_the_general_way(frame: bytes) -> None:
+    """The typed parser reads a whole GET framed the usual way in one step: every GET-like
+    frame, whole or cut at any byte, in a pipeline or alone, gives what hiredis gives
+    (the same requests, the same refusal)."""
+    other = encode_request(b"SET", b"a", b"b")
+    for stream in (frame, frame * 3, other + frame + frame, frame + other):
+        assert outcome(True, [stream]) == outcome(False, [stream])
+        for cut in range(1, len(stream)):
+            chunks = [stream[:cut], stream[cut:]]
+            assert outcome(True, chunks) == outcome(False, chunks), (stream, cut)

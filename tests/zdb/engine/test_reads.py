@@ -156,3 +156,60 @@ def test_a_cached_location_of_another_key_is_not_answered(tmp_path: Path) -> Non
         LC_SLOT.pack_into(ns._lc, at, tag, ln, loc)
         assert ns.get_many([other, b"key-001"], 1 << 20) == [expected, b"value-001"]
     engine.close()
+
+
+def test_a_set_leaves_its_new_location_in_the_cache(tmp_path: Path) -> None:
+    """SET writes the slot of its key (whichever key the slot held): the GETs after it
+    read the new value without the key dict once its entry is mapped, and never the old."""
+    engine = Engine(EngineConfig(data_dir=tmp_path / "data", index_dir=tmp_path / "index"))
+    ns = engine.namespace("default")
+    values = {b"k%04d" % i: b"first-%04d" % i * 20 for i in range(400)}
+    for key, value in values.items():
+        ns.set(key, value)
+    engine.flush_all()
+    assert ns.get_many(list(values), 1 << 30) == list(values.values())  # makes the cache
+    for i, key in enumerate(list(values)[::3]):
+        values[key] = b"second-%04d" % i * (i % 7 + 1)
+        ns.set(key, values[key])
+        _at, tag, ln, loc = _slot_of(ns, key)
+        assert tag and ln == len(values[key])
+        assert loc >> 32 == 0 and loc & 0xFFFFFFFF > 0  # the newest data file, at its entry
+    engine.flush_all()
+    # Not mapped yet: through the key dict, the slot left as it is.
+    for key in list(values)[::3]:
+        assert ns.get(key) == values[key]
+    # Mapped again (enough bytes written past the map): answered from the slot.
+    for i in range(400):
+        values[b"fill%04d" % i] = b"x" * 1000
+        ns.set(b"fill%04d" % i, values[b"fill%04d" % i])
+    engine.flush_all()
+    ns.get(b"fill0399")
+    assert ns._data.mapped == ns._data.disk_size  # type: ignore[attr-defined]
+    for key, value in values.items():
+        assert ns.get(key) == value
+    keys = list(values)
+    assert ns.get_many(keys, 1 << 30) == [values[k] for k in keys]
+    engine.close()
+
+
+def test_a_batch_that_maps_the_newest_file_again_reads_the_new_map(tmp_path: Path) -> None:
+    """One GET of a batch reads past the map of the newest data file, which maps it again
+    (the old map is closed); the GETs after it in the same batch read the new map."""
+    engine = Engine(EngineConfig(data_dir=tmp_path / "data", index_dir=tmp_path / "index"))
+    ns = engine.namespace("default")
+    old = {b"old%04d" % i: b"o%04d" % i * 200 for i in range(300)}
+    for key, value in old.items():
+        ns.set(key, value)
+    engine.flush_all()
+    assert ns.get_many(list(old), 1 << 30) == list(old.values())
+    assert ns.get_many(list(old), 1 << 30) == list(old.values())  # from the cache now
+    new = {b"new%04d" % i: b"n%04d" % i * 200 for i in range(300)}
+    for key, value in new.items():
+        ns.set(key, value)
+    engine.flush_all()
+    first_map = ns._data.map  # type: ignore[attr-defined]
+    keys = [b"old0001", b"new0007", b"old0002", b"old0003", b"new0100", b"old0299"]
+    both = {**old, **new}
+    assert ns.get_many(keys, 1 << 30) == [both[k] for k in keys]
+    assert ns._data.map is not first_map  # type: ignore[attr-defined]
+    engine.close()

@@ -7,9 +7,11 @@ offset of its data entry). Most GETs then cost one read of the slot and one of t
 entry, which holds the key (compared to the one asked for) next to the value; the dict
 lookup and the index entry it points to cost three or four reads from scattered memory
 more, and on a namespace larger than the CPU caches each of them waits for memory.
-A slot is filled when a GET reads the value through the dict, dropped by every write of
-the key (set, delete), and the whole table is made anew when the key dict is (load,
-compaction, FLUSH) or has outgrown it. A slot that names another key, or data not mapped
+A slot is filled when a GET reads the value through the dict, written with the new
+location by a SET of the key, dropped by a delete, and the whole table is made anew when
+the key dict is (load, compaction, FLUSH) or has outgrown it. Whatever changes a key's
+entry in the dict must write or drop its slot (_lc_store, _lc_forget): a slot left
+pointing at an older entry of the same key would answer its old value. A slot that names another key, or data not mapped
 yet, only sends that GET through the dict.
 """
 
@@ -40,7 +42,8 @@ LC_HASH: Final = (1 << 60) - 1  # the bits of a key's hash used: slot from the l
 LC_TAG_SHIFT: Final = 28        # tag from bits 28-59
 LC_MIN_SLOTS: Final = 1 << 12
 LC_MAX_SLOTS: Final = 1 << 21   # 32 MiB
-LC_SLOTS_PER_KEY: Final = 4
+LC_SLOTS_PER_KEY: Final = 8  # made anew once the keys pass a quarter of the slots:
+# 12-25% of the slots are in use, and at most about a fifth of the keys share theirs
 LC_ONE_SLICE: Final = 4096      # values up to this size are sliced out with their key
 
 
@@ -104,10 +107,10 @@ class NamespaceReads(NamespaceRecovery):
         size = 0
         if self._seqmode:
             for key in keys:
-                value = self.get(key)
-                out.append(value)
-                if value is not None:
-                    size += len(value)
+                got = self.get(key)
+                out.append(got)
+                if got is not None:
+                    size += len(got)
                     if size > budget:
                         break
             return out
@@ -115,23 +118,56 @@ class NamespaceReads(NamespaceRecovery):
         lc = self._lc
         if lc is None or self._lc_for is not table or len(table) > self._lc_grow:
             lc = self._lc_reset()
-        mask = self._lc_mask
+        mask: int = self._lc_mask
+        # (hash() is taken once per key: half the hashes do not fit a machine integer of
+        # the native build, and each operation on those makes an object)
         hashes = [hash(key) & LC_HASH for key in keys]
         slots = [_lc_unpack(lc, (h & mask) << 4) for h in hashes]
+        d = self._data
+        here: int = d.fileid
+        here_map = d.map
+        here_mapped: int = d.mapped
+        dmaps = self._dmaps
         h: int
         tag: int
         ln: int
         loc: int
-        for i, key in enumerate(keys):
-            h = hashes[i]
+        fid: int
+        start: int
+        end: int
+        kl: int
+        for i in range(len(keys)):
+            key = keys[i]
             tag, ln, loc = slots[i]
-            value = None
+            h = hashes[i]
+            value: bytes | None = None
             if loc and tag == h >> LC_TAG_SHIFT:
-                value = self._lc_value(key, loc, ln)
+                # _lc_value(), inlined
+                fid = loc >> 32
+                start = (loc & U32) + DENT
+                kl = len(key)
+                end = start + kl + ln
+                dm: mmap.mmap | None
+                if fid == here:
+                    dm = here_map if end <= here_mapped else None
+                else:
+                    dm = dmaps.get(fid)
+                    if dm is not None and end > len(dm):
+                        dm = None
+                if dm is not None:
+                    if ln <= LC_ONE_SLICE:
+                        entry = dm[start:end]
+                        if entry.startswith(key):
+                            value = entry[kl:]
+                    elif dm[start:start + kl] == key:
+                        value = dm[start + kl:end]
             if value is None:
                 p = table.get(key)
                 if p is not None:
                     value = self._value_at(p, lc, (h & mask) << 4, h >> LC_TAG_SHIFT)
+                    # (a read past the map maps the file again, closing the old map)
+                    here_map = d.map
+                    here_mapped = d.mapped
             out.append(value)
             if value is not None:
                 size += len(value)
@@ -144,7 +180,7 @@ class NamespaceReads(NamespaceRecovery):
     def _lc_reset(self) -> mmap.mmap:
         """A new, empty location cache for the key dict as it is now: LC_SLOTS_PER_KEY
         slots per key (a power of two, LC_MIN_SLOTS to LC_MAX_SLOTS), made again once the
-        keys pass half of that. Anonymous memory, so only the slots used take any."""
+        keys pass a quarter of that. Anonymous memory, so only the slots used take any."""
         keys = self._keys
         slots = LC_MIN_SLOTS
         while slots < LC_SLOTS_PER_KEY * len(keys) and slots < LC_MAX_SLOTS:
@@ -162,7 +198,7 @@ class NamespaceReads(NamespaceRecovery):
             pass
         self._lc = lc
         self._lc_mask = slots - 1
-        self._lc_grow = slots // 2 if slots < LC_MAX_SLOTS else 1 << 62
+        self._lc_grow = slots // 4 if slots < LC_MAX_SLOTS else 1 << 62
         self._lc_for = keys
         return lc
 
@@ -172,6 +208,16 @@ class NamespaceReads(NamespaceRecovery):
         lc = self._lc
         if lc is not None:
             _lc_pack(lc, ((hash(key) & LC_HASH) & self._lc_mask) << 4, 0, 0, 0)
+
+    def _lc_store(self, key: bytes, loc: int, ln: int) -> None:
+        """SET stored `key`'s value (`ln` bytes) in the data entry at `loc` (data file id
+        << 32 | offset): its slot now says so, whichever key it held, so the GETs that
+        follow a write find it without the key dict. (Until the entry is mapped, a GET
+        reading the slot goes through the dict, see _lc_value.)"""
+        lc = self._lc
+        if lc is not None:
+            h: int = hash(key) & LC_HASH
+            _lc_pack(lc, (h & self._lc_mask) << 4, h >> LC_TAG_SHIFT, ln, loc)
 
     def _lc_value(self, key: bytes, loc: int, ln: int) -> bytes | None:
         """The value at data location `loc` when the entry there is `key`'s and mapped;

@@ -121,7 +121,7 @@ class NamespaceWrites(NamespaceReads):
         self._idx_prev = ioff
         self._bytes += vl
         keys[key] = fid << 32 | ioff
-        self._lc_forget(key)
+        self._lc_store(key, fid << 32 | doff, vl)
         if self._sync:
             self.fsync()
         else:
