@@ -90,7 +90,7 @@ def _detach(device: str, folder: Path) -> str:
         except (OSError, subprocess.TimeoutExpired) as exc:
             return f"loop device {device} stays attached: {exc}"
         why = out.stderr.strip()[:200] if out.returncode != 0 else ""
-        time.sleep(0.05)
+        time.sleep(0.1)
     log.info("event=loop_detached device=%s", device)
     return ""
 
