@@ -222,6 +222,32 @@ def test_release_detaches_the_loop_devices_of_images_in_the_folder(tmp_path: Pat
             subprocess.run(["losetup", "-d", device], check=False)
 
 
+def test_release_waits_for_the_kernel_to_free_the_loop_devices_it_unmounted(
+        tmp_path: Path) -> None:
+    # The kernel frees a `-o loop` mount's device a little after the unmount returns, and
+    # refuses to detach it meanwhile: release waits for that instead of reporting it.
+    require_root()
+    require_tool("mkfs.ext4")
+    top = tmp_path / "grid"
+    image, point = top / "node1" / "vol.img", top / "node1" / "volumes" / "vol"
+    point.mkdir(parents=True)
+    with open(image, "wb") as f:
+        f.truncate(16 << 20)
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True, capture_output=True)
+    try:
+        for _ in range(20):  # the kernel is quick: one round alone rarely sees the race
+            subprocess.run(["mount", "-o", "loop", str(image), str(point)], check=True)
+            assert len(teardown.loop_devices_under(top)) == 1
+            assert release(top) == []
+            assert mounts_containing(str(top)) == []
+            assert teardown.loop_devices_under(top) == []
+    finally:
+        if mounts_containing(str(top)):
+            subprocess.run(["umount", "-l", str(point)], check=False)
+        for device in teardown.loop_devices_under(top):
+            subprocess.run(["losetup", "-d", device], check=False)
+
+
 def test_release_of_a_folder_without_containers_or_mounts_does_nothing(tmp_path: Path) -> None:
     (tmp_path / "node1" / "containers" / "runc").mkdir(parents=True)
     (tmp_path / "node1" / "x.log").write_text("log")

@@ -120,36 +120,55 @@ def proofs(tmp_path: Path) -> Iterator[str]:
     """A real name server (dnsmasq, loopback only) holding ownership proofs: twin 7's
     for shop.example.org, twin 9's for other.example.org; `IP#PORT`."""
     require_tool("dnsmasq")
-    port = free_udp_port()
-    proc = subprocess.Popen(
-        ["dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null", "--no-resolv",
-         "--no-hosts", "--bind-interfaces", "--listen-address=127.0.0.1", f"--port={port}",
-         "--user=root", "--pid-file=", "--log-facility=-",
-         "--local=/example.org/",  # its own zone: other names there do not exist
-         f"--txt-record=_zerostack.shop.example.org,zerostack-twin={OWNER}",
-         "--txt-record=_zerostack.other.example.org,zerostack-twin=9",
-         "--txt-record=_zerostack.other.example.org,something else"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                lookup_txt("_zerostack.shop.example.org", ["127.0.0.1"], timeout=0.2,
-                           port=port)
-                break
-            except GatewayError:
-                assert proc.poll() is None, f"dnsmasq exited with {proc.returncode}"
-                assert time.monotonic() < deadline, "dnsmasq did not answer in 15 s"
-        yield f"127.0.0.1#{port}"
-    finally:
-        proc.terminate()
-        proc.wait(5)
+    log = tmp_path / "dnsmasq.log"
+    # The port is free when picked, but on a busy machine another process may take it
+    # before dnsmasq binds it (dnsmasq then exits with 2): another port is tried.
+    for _ in range(5):
+        port = free_udp_port()
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(
+                ["dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null", "--no-resolv",
+                 "--no-hosts", "--bind-interfaces", "--listen-address=127.0.0.1",
+                 f"--port={port}", "--user=root", "--pid-file=", "--log-facility=-",
+                 "--local=/example.org/",  # its own zone: other names there do not exist
+                 f"--txt-record=_zerostack.shop.example.org,zerostack-twin={OWNER}",
+                 "--txt-record=_zerostack.other.example.org,zerostack-twin=9",
+                 "--txt-record=_zerostack.other.example.org,something else"],
+                stdout=out, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 15
+            while True:
+                try:
+                    lookup_txt("_zerostack.shop.example.org", ["127.0.0.1"], timeout=0.2,
+                               port=port)
+                    break
+                except GatewayError:
+                    if proc.poll() is not None:
+                        break
+                    assert time.monotonic() < deadline, "dnsmasq did not answer in 15 s"
+            if proc.poll() is None:
+                yield f"127.0.0.1#{port}"
+                return
+            assert proc.returncode == 2 and "in use" in log.read_text(), (
+                f"dnsmasq exited with {proc.returncode}: {log.read_text()}")
+        finally:
+            if proc.poll() is None:
+                proc.terminate()
+            proc.wait(5)
+    raise AssertionError(f"dnsmasq found no free port in 5 tries: {log.read_text()}")
 
 
 def free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port on 127.0.0.1 free for UDP and for TCP alike (a name server binds both)."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp, socket.socket() as tcp:
+            udp.bind(("127.0.0.1", 0))
+            port = int(udp.getsockname()[1])
+            try:
+                tcp.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
 
 
 @pytest.mark.parametrize("fqdn,acme,passthrough,words", [

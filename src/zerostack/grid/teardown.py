@@ -24,6 +24,7 @@ from pathlib import Path
 
 from zerostack.grid.errors import GridError
 from zerostack.grid.hosts import release_record
+from zerostack.node.hostfs import LOOP_FREE_WAIT, loop_devices
 from zerostack.node.runtime import ContainerError, ContainerRuntime, cgroup_dirs
 
 log = logging.getLogger("zerostack.grid.teardown")
@@ -70,26 +71,26 @@ def _unmount(point: Path) -> str:
 
 def loop_devices_under(folder: Path) -> list[str]:
     """Loop devices whose backing file is below `folder` (a volume or layer image)."""
-    prefix = os.path.realpath(folder).rstrip("/") + "/"
-    found = []
-    for dev in sorted(Path("/sys/block").glob("loop*")):
+    return loop_devices(folder, below=True)
+
+
+def _detach(device: str, folder: Path) -> str:
+    """Detach loop `device` (it backs a file below `folder`) and wait until it is gone.
+    The device of a `-o loop` mount just unmounted is being freed by the kernel,
+    asynchronously: until then it still names its file and refuses a detach (ENXIO), or
+    takes it as a request to free it once closed. So it is asked again until it is gone."""
+    deadline = time.monotonic() + LOOP_FREE_WAIT
+    why = ""
+    while device in loop_devices_under(folder):
+        if time.monotonic() > deadline:
+            return f"loop device {device} stays attached" + (f": {why}" if why else "")
         try:
-            backing = (dev / "loop" / "backing_file").read_text().rstrip("\n")
-        except OSError:
-            continue  # not attached
-        if backing.removesuffix(" (deleted)").startswith(prefix):
-            found.append(f"/dev/{dev.name}")
-    return found
-
-
-def _detach(device: str) -> str:
-    try:
-        out = subprocess.run(["losetup", "-d", device], capture_output=True, text=True,
-                             timeout=30, check=False)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return f"loop device {device} stays attached: {exc}"
-    if out.returncode != 0:
-        return f"loop device {device} stays attached: {out.stderr.strip()[:200]}"
+            out = subprocess.run(["losetup", "-d", device], capture_output=True, text=True,
+                                 timeout=30, check=False)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            return f"loop device {device} stays attached: {exc}"
+        why = out.stderr.strip()[:200] if out.returncode != 0 else ""
+        time.sleep(0.1)
     log.info("event=loop_detached device=%s", device)
     return ""
 
@@ -190,7 +191,7 @@ def release(folder: Path) -> list[str]:
             problems.append(f"{point} stays mounted: {why}")
     # A mount made with `-o loop` frees its device on unmount; one attached otherwise
     # would keep the image (and its data) in use.
-    problems += [p for p in map(_detach, loop_devices_under(top)) if p]
+    problems += [p for p in (_detach(d, top) for d in loop_devices_under(top)) if p]
     # the nodes' network namespaces (their containers are stopped): deleting a resource's
     # takes its links, and so its WireGuard interface, with it
     problems += [p for p in map(_delete_namespace, node_namespaces(top)) if p]

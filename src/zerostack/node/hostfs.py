@@ -1,5 +1,6 @@
 """How the node touches its own files on the host: private modes for everything holding
-keys, secrets or tenant data, and link-free opening of paths built from outside data.
+keys, secrets or tenant data, link-free opening of paths built from outside data, and the
+loop devices that back its filesystem images.
 
 Standard library only: the per-container shim imports it.
 """
@@ -8,12 +9,14 @@ from __future__ import annotations
 
 import os
 import stat
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
 PRIVATE_DIR = 0o700
 PRIVATE_FILE = 0o600
 _NO_LINKS = os.O_NOFOLLOW | os.O_CLOEXEC
+LOOP_FREE_WAIT = 30.0  # seconds for the kernel to free an unmounted image's loop device
 
 
 def check_component(name: str) -> str:
@@ -113,3 +116,37 @@ def create_private(path: Path, flags: int = os.O_WRONLY | os.O_APPEND) -> int:
         os.close(fd)
         raise
     return fd
+
+
+def loop_devices(path: Path, *, below: bool = False) -> list[str]:
+    """The loop devices (`/dev/loopN`) whose backing file is `path`, or with `below` any
+    file under the folder `path` (symlinks in `path` resolved)."""
+    target = os.path.realpath(path)
+    prefix = target.rstrip("/") + "/"
+    found = []
+    for dev in sorted(Path("/sys/block").glob("loop*")):
+        try:
+            backing = (dev / "loop" / "backing_file").read_text().rstrip("\n")
+        except OSError:
+            continue  # not attached
+        backing = backing.removesuffix(" (deleted)")
+        if backing.startswith(prefix) if below else backing == target:
+            found.append(f"/dev/{dev.name}")
+    return found
+
+
+def wait_loop_free(image: Path, timeout: float = LOOP_FREE_WAIT) -> list[str]:
+    """Wait until no loop device backs the file `image`; returns the devices that still
+    do after `timeout` seconds (empty: it is free).
+
+    Unmounting a `-o loop` mount returns before the kernel has freed its loop device: it
+    is detached automatically but asynchronously, tens of milliseconds later, longer on a
+    busy machine. Until then the device holds the image at its old size, so growing or
+    checking the image, or mounting it again (which may take that same device), must
+    wait for it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        devices = loop_devices(image)
+        if not devices or time.monotonic() >= deadline:
+            return devices
+        time.sleep(0.02)

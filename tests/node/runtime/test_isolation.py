@@ -28,6 +28,7 @@ from zerostack.flist import (
     build_dir,
     push_flist,
 )
+from zerostack.node.hostfs import loop_devices
 from zerostack.node.provisioners import NodeContext, Pool, WorkloadID
 from zerostack.node.provisioners.volume import VolumeProvisioner
 from zerostack.node.runtime import ContainerError, ContainerSpec, VolumeBind
@@ -280,3 +281,24 @@ def test_writable_layer_grows_with_its_spec_keeps_its_data_and_never_shrinks(
     assert out[0].strip() == "1" and out[2].strip() == "2", out  # the layer's data survived
     first, second = int(out[1].split()[1]), int(out[3].split()[1])
     assert first <= 32 << 10 < second <= 64 << 10
+
+
+def test_a_stopped_container_leaves_no_loop_device_on_its_layer(
+        env: Env, probe: CachedImage) -> None:
+    # The kernel frees a `-o loop` mount's device some time after the unmount returns;
+    # meanwhile a grow or a new mount of the layer would reach the old device, of the old
+    # size. So stop returns only once the device is gone, every time.
+    cid = env.new_id("loop")
+    spec = ContainerSpec(id=cid, image_hash=probe.hash, args=("exec sleep 1000",),
+                         disk=32 << 20, stop_timeout=0.2)
+    try:
+        env.runtime.start(spec, probe)
+        image = env.runtime.layout(cid).layer_image
+        for _ in range(5):
+            wait_for(lambda: len(loop_devices(image)) == 1, what="the layer's loop device")
+            env.runtime.stop(cid)
+            assert loop_devices(image) == []
+            env.runtime.start(spec, probe)
+    finally:
+        env.runtime.delete(cid)
+    assert loop_devices(image) == []

@@ -14,7 +14,7 @@ import os
 import subprocess
 from pathlib import Path
 
-from zerostack.node.hostfs import PRIVATE_FILE, private_dir, restrict
+from zerostack.node.hostfs import PRIVATE_FILE, private_dir, restrict, wait_loop_free
 from zerostack.node.provisioners.base import (
     NodeContext,
     Pool,
@@ -27,6 +27,16 @@ from zerostack.workloads import Deployment, VolumeWorkload, Workload
 
 MIN_SIZE = 8 << 20  # mkfs.ext4 needs room for its own metadata
 MOUNT_OPTIONS = "loop,nosuid,nodev"
+
+
+def _released(image: Path) -> None:
+    """Wait until the kernel has freed the loop device of the image's last mount: growing
+    the image or mounting it while that device still holds it would reach the old device,
+    of the old size."""
+    stays = wait_loop_free(image)
+    if stays:
+        raise ProvisionError(f"{', '.join(stays)} still holds volume image {image.name} "
+                             "after its unmount: the volume is in use")
 
 
 def _run(*args: str, ok: tuple[int, ...] = (0,)) -> str:
@@ -128,6 +138,7 @@ class VolumeProvisioner(Provisioner):
         private_dir(mnt.parent)
         mnt.mkdir(mode=0o700, exist_ok=True)
         if mounted_at(mnt) is None:
+            _released(image)
             _run("mount", "-o", MOUNT_OPTIONS, str(image), str(mnt))
         elif not {"nosuid", "nodev"} <= mount_flags(mnt):
             _run("mount", "-o", "remount,nosuid,nodev", str(mnt))  # mounted by an older node
@@ -139,6 +150,7 @@ class VolumeProvisioner(Provisioner):
         # Offline resize: online resize2fs needs an ioctl that sandboxed kernels refuse.
         if mounted_at(mnt) is not None:
             _run("umount", str(mnt))
+        _released(image)
         with open(image, "r+b") as f:
             f.truncate(size)
         _run("e2fsck", "-f", "-y", str(image), ok=(0, 1))  # 1 = fixed something, fine

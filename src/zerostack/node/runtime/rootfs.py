@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from zerostack.node.hostfs import wait_loop_free
 from zerostack.node.runtime.idmap import RANGE
 from zerostack.node.runtime.runc import is_mounted, unmount
 from zerostack.node.runtime.spec import ContainerError
@@ -111,6 +112,7 @@ def prepare_layer(layout: Layout, size: int) -> None:
     if image.exists():
         if size > image.stat().st_size:
             unmount(layout.layer)
+            _layer_released(layout)
             with open(image, "r+b") as f:
                 f.truncate(size)
             _run("e2fsck", "-f", "-y", str(image))
@@ -129,6 +131,16 @@ def prepare_layer(layout: Layout, size: int) -> None:
     os.replace(tmp, image)
 
 
+def _layer_released(layout: Layout) -> None:
+    """Wait until the kernel has freed the loop device of the layer's last mount: growing
+    the image or mounting it while that device still holds it would reach the old device,
+    of the old size."""
+    stays = wait_loop_free(layout.layer_image)
+    if stays:
+        raise ContainerError(f"{', '.join(stays)} still holds {layout.layer_image} after "
+                             "its unmount: the layer is in use")
+
+
 def mount_rootfs(layout: Layout, lower: Path, volumes: list[dict[str, Any]],
                  netns: str = "") -> None:
     """Mount the layer, the overlay, the volumes (and a sysfs of `netns`) under `stage`.
@@ -136,6 +148,7 @@ def mount_rootfs(layout: Layout, lower: Path, volumes: list[dict[str, Any]],
     Idempotent: what is already mounted stays; the id shift runs once per layer."""
     layout.layer.mkdir(mode=0o700, exist_ok=True)
     if not is_mounted(layout.layer):
+        _layer_released(layout)
         _run("mount", "-t", "ext4", "-o", "loop,nosuid,nodev,noexec", str(layout.layer_image),
              str(layout.layer))
     # the layer's root (mkfs makes it 0755) holds the tenant's files: the node's alone
@@ -188,6 +201,9 @@ def unmount_rootfs(layout: Layout) -> None:
             unmount(target)
     for target in (layout.sys, layout.rootfs, layout.layer):
         unmount(target)
+    # Stopped means stopped: the layer's loop device is gone too, not just its mount (a
+    # layer still in use after a lazy unmount keeps it; the next mount reports that).
+    wait_loop_free(layout.layer_image)
     if not layout.stage.is_dir():
         return
     # Only empty mount points are left: rmdir never deletes through a mount.
