@@ -22,6 +22,7 @@ import redis
 from tests.conftest import ProcessGroup
 from tests.zdb.conftest import ZdbStarter
 from tests.zdb.replication.helpers import (
+    REPL_AUTH,
     engine,
     frames_of,
     info,
@@ -34,6 +35,7 @@ from zerostack.zdb.engine import Engine
 from zerostack.zdb.engine.raw import START, Position
 from zerostack.zdb.replication.primary import Primary
 from zerostack.zdb.replication.role import NOTHING, ReplicationRole
+from zerostack.zdb.replication.terms import Terms
 
 
 def fill(e: Engine, name: str, count: int, start: int = 0) -> None:
@@ -231,3 +233,25 @@ def test_a_replica_that_missed_a_compaction_cannot_win_against_one_that_confirme
     assert r2.client().execute_command("GET", "k7") == b"b" * 4000
     wait_until(lambda: info(p).get("role") == "replica", 20, "old primary follows r1")
     wait_identical(r1, p)
+
+
+def test_a_namespace_created_again_is_a_new_generation_from_its_start(
+        zdb_start: ZdbStarter) -> None:
+    """After a compaction, a namespace deleted and created again under the same name is
+    another log: counted as a later generation that holds its writes from the start (not
+    as the start of the compacted files, which would hold nothing for certain)."""
+    p = zdb_start("--admin", "pw", *REPL_AUTH)
+    c = p.client()
+    c.execute_command("AUTH", "pw")
+    c.execute_command("NSNEW", "logs")
+    c.execute_command("SELECT", "logs")
+    for round_ in "ab":
+        for i in range(50):
+            c.execute_command("SET", f"k{i}", round_ * 1000)
+    c.execute_command("SELECT", "default")
+    assert b"reclaimed_bytes" in c.execute_command("COMPACT", "logs", 0)
+    compacted = Terms(p.index).generation("logs")
+    assert compacted[0] == 1 and compacted[1] > START
+    assert c.execute_command("NSDEL", "logs") == b"OK"
+    assert c.execute_command("NSNEW", "logs") == b"OK"
+    assert Terms(p.index).generation("logs") == (2, START)

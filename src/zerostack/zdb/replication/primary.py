@@ -183,6 +183,11 @@ class Primary:
             self._generations[name] = (generation, end)
         return generation
 
+    def deleted(self, name: str) -> None:
+        """Namespace `name` was deleted: one created later under that name is another log,
+        a new generation from its start (older files of that name count for less)."""
+        self._rewritten(name, START)
+
     def ack(self, session: object, term: int, positions: Confirmed) -> None:
         """A replica wrote these positions out: wake the writes waiting for it.
 
