@@ -694,7 +694,10 @@ def run_schedule(modes: list[str], scenarios: list[str], rounds: int = 1, load: 
             cluster.start()
             cluster.script(cluster.nodes[0], [f"AUTH {ADMIN}", "NSNEW seq",
                                               "NSSET seq mode seq"])
-            writers.start()
+            # the writers stop by themselves after this long, in case nobody else stops
+            # them: long enough for the whole schedule on a loaded machine (a fixed ten
+            # minutes ended them in the middle of longer runs)
+            writers.start(seconds=600 + 300 * rounds * len(scenarios))
             for _ in range(rounds):
                 for name in scenarios:
                     if name in LEASE_ONLY and not mode.startswith("lease"):
