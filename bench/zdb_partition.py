@@ -279,10 +279,15 @@ class Cluster:
         raise AssertionError(f"no node took over from node {old.index} in {timeout}s")
 
     def call(self, node: Node, *args: str, timeout: float = 5) -> str:
-        out = subprocess.run(
-            ["ip", "netns", "exec", self.net.client, "redis-cli", "-h", node.address, "-p",
-             str(PORT), *args],
-            capture_output=True, text=True, timeout=timeout + 5)
+        """One command's reply; "" when the node did not answer in time (a node busy
+        catching up on a loaded machine: the callers wait and ask again)."""
+        try:
+            out = subprocess.run(
+                ["ip", "netns", "exec", self.net.client, "redis-cli", "-h", node.address,
+                 "-p", str(PORT), *args],
+                capture_output=True, text=True, timeout=timeout + 5)
+        except subprocess.TimeoutExpired:
+            return ""
         return out.stdout.strip()
 
     def script(self, node: Node, lines: list[str], timeout: float = 60) -> list[str]:
@@ -306,9 +311,7 @@ class Cluster:
         return dict(line.split(": ", 1) for line in text.splitlines() if ": " in line)
 
     def role(self, node: Node) -> tuple[str, int]:
-        info = self.info(node)
-        return info.get("role", "?") + ("-fenced" if "fenced" in info else ""), \
-            int(info.get("term", "0"))
+        return role_in(self.info(node))
 
     def primary(self) -> Node:
         best: tuple[int, Node] | None = None
@@ -344,12 +347,13 @@ class Cluster:
         deadline = started + timeout
         last = ""
         while time.monotonic() < deadline:
-            roles = [self.role(n) for n in self.nodes]
+            infos = [self.info(n) for n in self.nodes]  # {} from a node that did not answer
+            roles = [role_in(i) for i in infos]
             terms = {t for _r, t in roles}
             primaries = [r for r, _t in roles if r == "primary"]
             if len(primaries) == 1 and len(terms) == 1 and all(
                     r in ("primary", "replica") for r, _t in roles) and all(
-                    self.info(n).get("link", "online") == "online" for n in self.nodes):
+                    i.get("link", "online") == "online" for i in infos):
                 if not identical:
                     return time.monotonic() - started
                 trees = [files(n) for n in self.nodes]
@@ -360,6 +364,12 @@ class Cluster:
                 last = f"roles {roles}"
             time.sleep(0.3)
         raise AssertionError(f"not converged after {timeout}s: {last}")
+
+
+def role_in(info: dict[str, str]) -> tuple[str, int]:
+    """A node's role (primary, primary-fenced, replica; ? when unknown) and term."""
+    return info.get("role", "?") + ("-fenced" if "fenced" in info else ""), \
+        int(info.get("term", "0"))
 
 
 def files(node: Node) -> dict[str, bytes]:
@@ -684,7 +694,10 @@ def run_schedule(modes: list[str], scenarios: list[str], rounds: int = 1, load: 
             cluster.start()
             cluster.script(cluster.nodes[0], [f"AUTH {ADMIN}", "NSNEW seq",
                                               "NSSET seq mode seq"])
-            writers.start()
+            # the writers stop by themselves after this long, in case nobody else stops
+            # them: long enough for the whole schedule on a loaded machine (a fixed ten
+            # minutes ended them in the middle of longer runs)
+            writers.start(seconds=600 + 300 * rounds * len(scenarios))
             for _ in range(rounds):
                 for name in scenarios:
                     if name in LEASE_ONLY and not mode.startswith("lease"):

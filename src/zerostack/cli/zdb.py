@@ -405,6 +405,7 @@ def compact(
             reports.append(compact_namespace(index, data, name, keep_history, size))
         except ZdbError as exc:
             fail(f"namespace {name}: {exc}")
+    _new_generations(data, index, size, [r.namespace for r in reports])
     rows: list[dict[str, Any]] = [{"namespace": r.namespace, "keys": r.keys, "versions": r.versions,
              "bytes_before": r.bytes_before, "bytes_after": r.bytes_after,
              "reclaimed_bytes": r.reclaimed_bytes, "seconds": round(r.seconds, 3)}
@@ -422,6 +423,28 @@ def compact(
     if skipped:
         console.print(f"skipped sequential namespaces (their keys are positions): "
                       f"{', '.join(skipped)}", highlight=False)
+
+
+def _new_generations(data: Path, index: Path, datasize: int, names: list[str]) -> None:
+    """A node of a replica set (it has a replication term file): each rewritten namespace
+    starts a new generation of its log, as with an online COMPACT, so that votes never
+    compare positions in the rewritten files with positions in a replica's older ones."""
+    from zerostack.zdb.engine import Engine, EngineConfig
+    from zerostack.zdb.replication.terms import TERM_FILE, TermError, Terms
+
+    if not names or not (index / TERM_FILE).exists():
+        return
+    try:
+        terms = Terms(index)
+        engine = Engine(EngineConfig(data_dir=data, index_dir=index, datasize=datasize))
+        try:
+            for name in names:
+                end = engine.namespace(name).position()
+                terms.set_generation(name, terms.generation(name)[0] + 1, end)
+        finally:
+            engine.close()
+    except TermError as exc:
+        fail(f"compacted, but the replication term file was not updated: {exc}")
 
 
 @app.command()

@@ -5,11 +5,14 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import hiredis
 import redis
 
 from tests.zdb.conftest import ZdbProcess
+from zerostack.zdb.engine import Engine, EngineConfig
+from zerostack.zdb.engine.raw import START, read_entries
 from zerostack.zdb.replication.handshake import call
 
 REPL_AUTH = ("--replication-password", "repl-secret")
@@ -125,3 +128,30 @@ class Writers:
             return  # the server went away (killed on purpose)
         finally:
             r.close()
+
+
+def engine(root: Path) -> Engine:
+    """An engine of its own (no server) with small data files, so that logs span several."""
+    return Engine(EngineConfig(data_dir=root / "data", index_dir=root / "index",
+                               datasize=16 * 1024))
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and p.name != "replication-term"}
+
+
+def frames_of(source: Engine, name: str, start: tuple[int, int] = START) -> list[list[bytes]]:
+    """DATA and JUMP frames shipping namespace `name` of `source` from `start`."""
+    ns = source.namespace(name)
+    out: list[list[bytes]] = []
+    pos = start
+    while pos < ns.position():
+        chunk = read_entries(ns, pos, 2000)
+        if not chunk:
+            pos = (pos[0] + 1, START[1])
+            out.append([b"JUMP", name.encode(), b"%d" % pos[0]])
+            continue
+        out.append([b"DATA", name.encode(), b"%d" % pos[0], b"%d" % pos[1], chunk])
+        pos = (pos[0], pos[1] + len(chunk))
+    return out

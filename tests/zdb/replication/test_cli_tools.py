@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 from zerostack.cli.zdb import app
 from zerostack.zdb.engine import Engine, EngineConfig
 from zerostack.zdb.engine.raw import DENT, DHEAD
+from zerostack.zdb.replication.terms import Terms
 
 
 def make_files(root: Path) -> tuple[Path, Path]:
@@ -92,3 +93,20 @@ def test_check_says_what_it_found_and_that_it_changed_nothing(tmp_path: Path) ->
     out = runner.invoke(app, ["check", "--data", str(data), "--index", str(index), "--json"])
     report = json.loads(out.stdout)
     assert report["repaired"] == 0 and report["harmless"] == 1
+
+
+def test_compact_starts_a_new_generation_on_a_node_of_a_replica_set(tmp_path: Path) -> None:
+    """Offline as online: the rewritten namespace's log is counted as a new generation in
+    votes, with the position where the rewritten files end (see test_generations.py)."""
+    data, index = make_files(tmp_path)
+    Terms(index).become_primary(3, {})  # the files of a node of a replica set
+    out = CliRunner().invoke(app, ["compact", "--data", str(data), "--index", str(index),
+                                   "--namespace", "logs", "--datasize", "64K"])
+    assert out.exit_code == 0, out.output
+    engine = Engine(EngineConfig(data_dir=data, index_dir=index, datasize=64 * 1024))
+    try:
+        end = engine.namespace("logs").position()
+    finally:
+        engine.close()
+    assert Terms(index).generation("logs") == (1, end)
+    assert Terms(index).generation("default") == (0, (0, DHEAD))

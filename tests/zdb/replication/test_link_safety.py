@@ -148,7 +148,7 @@ def test_bad_positions_get_a_clear_error_and_other_replicas_go_on(
         assert link.auth("repl-secret") == b"OK"
         link.send("REPLSYNC", "liar", 1, "default", 0, end)
         wait_until(lambda: info(primary).get("connected_replicas") == "2", 10, "liar attached")
-        link.send("REPLACK", 0, "default", 0, end)
+        link.send("REPLACK", 0, "default", 0, 0, end)  # term 0, generation 0
         assert link.closed()
     finally:
         link.close()
@@ -183,7 +183,7 @@ def test_replwait_counts_only_what_was_shipped_and_confirmed(
         for i in range(20):
             p.execute_command("SET", f"b{i}", "x" * 50)
         # the fake follower claims huge positions it was never shipped: not counted
-        link.send("REPLACK", 1, "default", 0, 1 << 40, "default", 5, 28)
+        link.send("REPLACK", 1, "default", 0, 0, 1 << 40, "default", 0, 5, 28)
         assert p.execute_command("REPLWAIT", 1, 300) == 0
         assert p.execute_command("REPLWAIT", 2, 300) == 0
     finally:

@@ -17,17 +17,10 @@ def namespaces() -> set[str]:
     return {line.split()[0] for line in out.stdout.splitlines() if line.strip()}
 
 
-# A failover during online compaction once lost 1 acknowledged write of ~4,000 under
-# --min-replicas 1 (docs/zdb-replication.md, "Open"): until that is found, the guaranteed
-# modes run every other scenario here and compact-failover runs in async mode.
-UNSETTLED = {"compact-failover"}
-
-
 @pytest.mark.parametrize("mode", ["async", "min1", "majority"])
 def test_partition_schedule(mode: str) -> None:
     require_root()
-    scenarios = [s for s in zdb_partition.SCENARIOS
-                 if mode not in zdb_partition.GUARANTEED or s not in UNSETTLED]
+    scenarios = list(zdb_partition.SCENARIOS)
     results = zdb_partition.run_schedule([mode], scenarios, load=0.4)
     assert [r.scenario for r in results] == scenarios
     for r in results:

@@ -1,42 +1,15 @@
 """A replica copies a namespace its primary rewrote (compaction) next to its old files and
 swaps the copy in only once complete; until then it serves the old files, confirms nothing
-of that namespace, and counts in votes as holding none of it."""
+of that namespace, and counts in votes with its old files (of the previous generation)."""
 
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
 
-from zerostack.zdb.engine import Engine, EngineConfig
-from zerostack.zdb.engine.raw import START, read_entries
+from tests.zdb.replication.helpers import engine, frames_of, tree
 from zerostack.zdb.replication.replica import Replica
 from zerostack.zdb.replication.role import ReplicationRole
-
-
-def engine(root: Path) -> Engine:
-    return Engine(EngineConfig(data_dir=root / "data", index_dir=root / "index",
-                               datasize=16 * 1024))
-
-
-def tree(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
-            if p.is_file() and p.name != "replication-term"}
-
-
-def frames_of(source: Engine, name: str) -> list[list[bytes]]:
-    """DATA and JUMP frames shipping namespace `name` of `source` from its start."""
-    ns = source.namespace(name)
-    out: list[list[bytes]] = []
-    pos = START
-    while pos < ns.position():
-        chunk = read_entries(ns, pos, 2000)
-        if not chunk:
-            pos = (pos[0] + 1, START[1])
-            out.append([b"JUMP", name.encode(), b"%d" % pos[0]])
-            continue
-        out.append([b"DATA", name.encode(), b"%d" % pos[0], b"%d" % pos[1], chunk])
-        pos = (pos[0], pos[1] + len(chunk))
-    return out
 
 
 def test_rewritten_namespace_is_swapped_in_only_when_complete(tmp_path: Path) -> None:
@@ -75,8 +48,7 @@ def test_rewritten_namespace_is_swapped_in_only_when_complete(tmp_path: Path) ->
     assert tree(tmp_path / "r") == tree(tmp_path / "p")
 
 
-def test_a_replica_still_copying_counts_as_holding_none_of_that_namespace(
-        tmp_path: Path) -> None:
+def test_a_replica_still_copying_counts_with_its_old_files_in_votes(tmp_path: Path) -> None:
     local = engine(tmp_path / "r")
     logs = local.create_namespace("logs")
     for i in range(50):
@@ -86,20 +58,25 @@ def test_a_replica_still_copying_counts_as_holding_none_of_that_namespace(
     replica = role.replica
     assert replica is not None
     ahead = logs.position()
-    behind = {"logs": START, "default": local.namespace("default").position()}
-    # Holding the old files, complete: a candidate holding less of them is refused.
-    assert role.positions()["logs"] == ahead
-    granted, why = role.vote(1, "candidate-a", 0, behind)
+    default = role.positions()["default"]
+    # Holding the old files (generation 0), complete: a candidate holding less of them is
+    # refused.
+    assert role.positions()["logs"] == (0, ahead)
+    granted, why = role.vote(1, "candidate-a", 0, {"logs": (0, (0, 200)), "default": default})
     assert not granted and "holds less of namespace logs" in why
-    # Rewritten by the primary and still being copied: it holds nothing of the new log,
-    # so a candidate that finished its copy (any position in it) wins its vote.
-    replica._apply([b"RESET", b"logs", b"0", b"%d" % (ahead[1] // 2)], set())
+    # Rewritten by the primary (generation 1) and still being copied: the old files are
+    # still this node's log and what it confirmed. A candidate holding less of them loses;
+    # one that finished the copy (any position past the rewrite's end) wins.
+    rewritten_end = (0, ahead[1] // 2)
+    replica._apply([b"RESET", b"logs", b"0", b"%d" % rewritten_end[1], b"1"], set())
     assert "logs" in replica.copies
-    assert role.positions()["logs"] == START
-    granted, why = role.vote(2, "candidate-b", 0, {"logs": (0, 200), **{
-        k: v for k, v in behind.items() if k != "logs"}})
+    assert role.positions()["logs"] == (0, ahead)
+    granted, why = role.vote(2, "candidate-b", 0, {"logs": (0, (0, 200)), "default": default})
+    assert not granted and "holds less of namespace logs" in why
+    granted, why = role.vote(3, "candidate-c", 0, {"logs": (1, rewritten_end),
+                                                   "default": default})
     assert granted, why
     replica.drop_copies()
-    assert not replica.copies and role.positions()["logs"] == ahead
+    assert not replica.copies and role.positions()["logs"] == (0, ahead)
     assert not (tmp_path / "r" / "data" / "logs" / "compact").exists()
     local.close()

@@ -15,7 +15,7 @@ from zerostack.zdb.commands.rules import atoll
 from zerostack.zdb.commands.session import Session
 from zerostack.zdb.engine import ZdbError
 from zerostack.zdb.engine.compact import CompactReport
-from zerostack.zdb.protocol import bulk, error
+from zerostack.zdb.protocol import OK, bulk, error
 from zerostack.zdb.replication.role import role_of
 
 BUSY = error("Namespace is being compacted, retry later")
@@ -79,7 +79,10 @@ def cmd_nsdel(s: Session, args: list[bytes]) -> bytes:
     role = role_of(s.state)
     if role is not None and len(args) > 1 and args[1].decode("utf-8", "surrogateescape") in role.busy:
         return BUSY
-    return namespace.cmd_nsdel(s, args)
+    reply = namespace.cmd_nsdel(s, args)
+    if reply == OK and role is not None:
+        role.primary.deleted(args[1].decode("utf-8", "surrogateescape"))
+    return reply
 
 
 HANDLERS = {b"COMPACT": cmd_compact, b"NSSET": cmd_nsset, b"NSDEL": cmd_nsdel}

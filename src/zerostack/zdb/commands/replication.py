@@ -186,6 +186,20 @@ def _positions(args: list[bytes]) -> dict[str, tuple[int, int]] | None:
     return out
 
 
+def _confirmed(args: list[bytes]) -> dict[str, tuple[int, tuple[int, int]]] | None:
+    """`ns generation fileid offset ...` (REPLACK, REPLVOTE): per namespace, the
+    generation of the files (see replication/terms.py) and a position in them."""
+    if len(args) % 4 or len(args) > 4 * MAX_NAMESPACES:
+        return None
+    out: dict[str, tuple[int, tuple[int, int]]] = {}
+    for i in range(0, len(args), 4):
+        if len(args[i + 1]) > 20 or len(args[i + 2]) > 20 or len(args[i + 3]) > 20:
+            return None
+        out[args[i].decode("utf-8", "surrogateescape")] = (
+            atoll(args[i + 1]), (atoll(args[i + 2]), atoll(args[i + 3])))
+    return out
+
+
 def cmd_replsync(s: Session, args: list[bytes]) -> bytes:
     """REPLSYNC replica-name term [ns fileid offset ...]: turn this connection into a
     replication link shipping from those positions (other namespaces from their start).
@@ -228,13 +242,13 @@ def cmd_replsync(s: Session, args: list[bytes]) -> bytes:
 
 
 def cmd_replack(s: Session, args: list[bytes]) -> bytes:
-    """REPLACK term [ns fileid offset ...]: a replica of that term wrote these positions
-    out (no reply)."""
+    """REPLACK term [ns generation fileid offset ...]: a replica of that term wrote these
+    positions of these generations out (no reply)."""
     role = role_of(s.state)
     if role is None or not role.primary.is_follower(s):
         return error("REPLACK is only sent by replicas on a replication link")
     term = _term(args[1]) if len(args) >= 2 else None
-    positions = _positions(args[2:])
+    positions = _confirmed(args[2:])
     if term is None or positions is None:
         return error("Invalid arguments")
     role.primary.ack(s, term, positions)
@@ -296,8 +310,8 @@ def _text(arg: bytes, limit: int = 300) -> str | None:
 
 
 def cmd_replvote(s: Session, args: list[bytes]) -> bytes:
-    """REPLVOTE term candidate log-term [ns fileid offset ...]: [granted 0/1, our term,
-    reason]. A node votes once per term, for a candidate whose log is at least as advanced
+    """REPLVOTE term candidate log-term [ns generation fileid offset ...]: [granted 0/1,
+    our term, reason]. A node votes once per term, for a candidate whose log is at least as advanced
     as its own; a newer term fences a primary and makes a replica follow the candidate."""
     bad = _repl(s)
     if bad is not None:
@@ -305,7 +319,7 @@ def cmd_replvote(s: Session, args: list[bytes]) -> bytes:
     if len(args) < 4:
         return error("Invalid arguments")
     term, candidate, log_term = _term(args[1]), _text(args[2]), _term(args[3])
-    positions = _positions(args[4:])
+    positions = _confirmed(args[4:])
     if term is None or candidate is None or log_term is None or positions is None:
         return error("Invalid arguments")
     role = _role(s)

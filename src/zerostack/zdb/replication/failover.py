@@ -486,9 +486,11 @@ class EtcdFailover:
     # -- campaigns ------------------------------------------------------------------------
 
     def progress(self) -> int:
-        """How much of the log this node holds: bytes over every namespace."""
+        """How much of the log this node holds: bytes over every namespace, a rewrite
+        (compaction, FLUSH) of a namespace counting as more than any of its older files."""
         size = self.role.engine.config.datasize
-        return sum(fid * size + off for fid, off in self.role.positions().values())
+        return sum((generation << 56) + fid * size + off
+                   for generation, (fid, off) in self.role.positions().values())
 
     async def _campaign(self) -> None:
         role, cfg = self.role, self.config

@@ -1,13 +1,19 @@
 """What a primary sends to its replicas on a replication link: RESP arrays of bulk strings.
 
-NS name mode password maxsize public worm locked frozen   settings (creates the namespace)
-DROP name                                                  the namespace was deleted
-RESET name fileid offset                                   flushed or compacted: start over;
-                                                           the rewritten files end there
-JUMP name fileid                                           the primary started file pair N
-DATA name fileid offset entries                            raw data entries from that position
-LAG bytes milliseconds                                     how far behind the primary sees it
-The replica answers with `REPLACK name fileid offset ...` after applying and writing out.
+NS name mode password maxsize public worm locked frozen generation fileid offset
+                                          settings (creates the namespace), and the
+                                          generation of its log (see terms.py): how many
+                                          times it was rewritten, and where the last
+                                          rewrite ended
+DROP name                                 the namespace was deleted
+RESET name fileid offset generation       flushed or compacted: start over; the rewritten
+                                          files end there and are of that generation
+JUMP name fileid                          the primary started file pair N
+DATA name fileid offset entries           raw data entries from that position
+LAG bytes milliseconds                    how far behind the primary sees it
+The replica answers with `REPLACK term name generation fileid offset ...` after applying
+and writing out; a confirmation of another generation than the primary's counts for
+nothing (it was sent before the replica read a RESET).
 """
 
 from __future__ import annotations

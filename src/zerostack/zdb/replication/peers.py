@@ -62,12 +62,13 @@ async def _call(host: str, port: int, password: str | None,
 
 
 async def request_vote(host: str, port: int, password: str | None, term: int, candidate: str,
-                       log_term: int, positions: dict[str, Position]
+                       log_term: int, positions: dict[str, tuple[int, Position]]
                        ) -> tuple[bool, int, str]:
-    """(granted, the peer's term, its reason)."""
+    """(granted, the peer's term, its reason). `positions`: per namespace, the generation
+    of the candidate's files and how much of them it holds (see role.positions)."""
     args: list[bytes | str | int] = [b"REPLVOTE", term, candidate, log_term]
-    for name, (fid, off) in positions.items():
-        args += [name.encode("utf-8", "surrogateescape"), fid, off]
+    for name, (generation, (fid, off)) in positions.items():
+        args += [name.encode("utf-8", "surrogateescape"), generation, fid, off]
     reply = await _call(host, port, password, *args)
     if not isinstance(reply, list) or len(reply) != 3:
         raise PeerError(f"unexpected REPLVOTE reply {reply!r:.100}")

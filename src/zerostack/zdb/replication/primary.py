@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from zerostack.zdb.engine import Engine, Namespace
 from zerostack.zdb.engine.raw import START, Position, distance, read_entries, settings
 from zerostack.zdb.replication import frames
+from zerostack.zdb.replication.terms import Terms
 
 log = logging.getLogger("zerostack.zdb")
 
@@ -37,6 +38,8 @@ SEQ_WINDOW = 2048            # sequential keys a primary may hand out past what 
 SEQ_SAMPLES = 20000          # (position, next key) samples kept per sequential namespace
 
 Positions = dict[str, Position]
+Confirmed = dict[str, tuple[int, Position]]
+"""What a replica confirms: per namespace, the generation of its files and its position."""
 
 
 @dataclass(eq=False)
@@ -98,6 +101,10 @@ class Primary:
         self._ticker: asyncio.Task[None] | None = None
         self._ship_timer: asyncio.TimerHandle | None = None
         self.term = 0  # set by the role: the term this primary ships in
+        # Set by the role: where each namespace's generation is kept (see terms.py);
+        # without it (tests of this class alone) generations are counted in memory.
+        self.terms: Terms | None = None
+        self._generations: dict[str, tuple[int, Position]] = {}
         # Replicas that must have confirmed a sequential key before this primary hands out
         # keys more than SEQ_WINDOW past it (0: no limit; set by the role from --peers).
         self.seq_k = 0
@@ -160,11 +167,33 @@ class Primary:
     def is_follower(self, session: object) -> bool:
         return any(f.session is session for f in self.followers)
 
-    def ack(self, session: object, term: int, positions: Positions) -> None:
+    def generation(self, name: str) -> tuple[int, Position]:
+        """(generation, end of the rewrite) of namespace `name` (see terms.py)."""
+        if self.terms is not None:
+            return self.terms.generation(name)
+        return self._generations.get(name, (0, START))
+
+    def _rewritten(self, name: str, end: Position) -> int:
+        """Namespace `name` was flushed or compacted and now ends at `end`: its next
+        generation starts (recorded before any replica hears of it)."""
+        generation = self.generation(name)[0] + 1
+        if self.terms is not None:
+            self.terms.set_generation(name, generation, end)
+        else:
+            self._generations[name] = (generation, end)
+        return generation
+
+    def deleted(self, name: str) -> None:
+        """Namespace `name` was deleted: one created later under that name is another log,
+        a new generation from its start (older files of that name count for less)."""
+        self._rewritten(name, START)
+
+    def ack(self, session: object, term: int, positions: Confirmed) -> None:
         """A replica wrote these positions out: wake the writes waiting for it.
 
-        Only positions this primary shipped to that replica count; an acknowledgement in
-        another term disconnects the replica (a newer term also fences this primary)."""
+        Only positions this primary shipped to that replica, in the namespace's current
+        generation, count; an acknowledgement in another term disconnects the replica (a
+        newer term also fences this primary)."""
         for f in list(self.followers):
             if f.session is not session:
                 continue
@@ -173,10 +202,13 @@ class Primary:
                     self.on_higher_term(term, f"replica {f.name}")
                 self.drop(f, f"acknowledged in term {term}, this primary's term is {self.term}")
                 return
-            for name, pos in positions.items():
-                # Beyond what was shipped (a lie, or an acknowledgement crossing a RESET or
-                # DROP on the way): not counted.
-                if name in f.sent and pos <= f.sent[name]:
+            for name, (generation, pos) in positions.items():
+                # Beyond what was shipped (a lie, or an acknowledgement crossing a DROP on
+                # the way), or of the files before a flush or compaction (sent before the
+                # replica read the RESET: its position in the old files may well lie
+                # inside what was shipped of the new ones): not counted.
+                if name in f.sent and pos <= f.sent[name] and \
+                        generation == self.generation(name)[0]:
                     f.acked[name] = pos
                 else:
                     f.ignored_acks += 1
@@ -235,10 +267,11 @@ class Primary:
         """Namespace `name` was flushed or rewritten (compaction): replicas start it over."""
         self._seq_samples.pop(name, None)
         ns = self.engine.namespaces.get(name)
+        end = ns.position() if ns is not None else START
+        generation = self._rewritten(name, end)
         if ns is not None:
             # Writes held before the rewrite are in the new files: a replica holds them
             # once it copied the namespace again up to where it ends now.
-            end = ns.position()
             for g in self._groups:
                 g.target = [(n, o, end if n == name else p) for n, o, p in g.target]
         for f in self.followers:
@@ -246,8 +279,7 @@ class Primary:
             f.acked[name] = START
             f.shipped.pop(name, None)
             if not f.transport.is_closing():
-                fid, off = ns.position() if ns is not None else START
-                f.transport.write(frames.frame(frames.RESET, name, fid, off))
+                f.transport.write(frames.frame(frames.RESET, name, end[0], end[1], generation))
         self._ship_now()
 
     # -- shipping ------------------------------------------------------------------------
@@ -312,7 +344,8 @@ class Primary:
                     out.append(frames.frame(frames.DROP, name))
                     self._forget(f, name)
                 f.ns_ids[name] = id(ns)
-            current = settings(ns)
+            generation, (bfid, boff) = self.generation(name)
+            current = (*settings(ns), generation, bfid, boff)
             if f.shipped.get(name) != current:
                 out.append(frames.frame(frames.NS, name, *_settings_args(current)))
                 f.shipped[name] = current
@@ -552,6 +585,7 @@ def _answer_all(callbacks: list[Callable[[bool], None]], ok: bool) -> None:
 
 
 def _settings_args(current: tuple[object, ...]) -> list[bytes | str | int]:
-    mode, password, maxsize, public, worm, locked, frozen = current
+    mode, password, maxsize, public, worm, locked, frozen, generation, bfid, boff = current
     return [str(mode), str(password), int(maxsize),  # type: ignore[call-overload]
-            int(bool(public)), int(bool(worm)), int(bool(locked)), int(bool(frozen))]
+            int(bool(public)), int(bool(worm)), int(bool(locked)), int(bool(frozen)),
+            int(generation), int(bfid), int(boff)]  # type: ignore[call-overload]

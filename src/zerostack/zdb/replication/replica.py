@@ -7,9 +7,10 @@ cut back to the last entry both hold, and the logs say so.
 
 A namespace the primary rewrote (compaction) is copied again next to the old files, which
 stay in place until the copy reaches the end the rewritten files had; then the copy is
-swapped in. Meanwhile the replica confirms nothing of that namespace and counts as holding
-none of it in votes: a failover in that window finds the old files on every replica, or
-the new ones complete.
+swapped in. Meanwhile the replica confirms nothing of that namespace and counts in votes
+with its old files, of the namespace's previous generation (see terms.py): a failover in
+that window promotes a node whose old files hold every write a majority confirmed before
+the rewrite, or one that holds the new files complete.
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ class Copy:
     ns: Namespace
     end: Position        # where the rewritten files ended: complete once copied up to it
     primary: tuple[str, int, int]  # host, port and term of the primary that rewrote it
+    generation: int      # the namespace's generation once the copy is swapped in
 
 
 class Replica:
@@ -392,7 +394,8 @@ class Replica:
                         continue  # holds none of the rewritten namespace yet
                     ns = self.engine.namespaces.get(name)
                     fid, off = ns.position() if ns is not None else START
-                    args += [name.encode("utf-8", "surrogateescape"), fid, off]
+                    args += [name.encode("utf-8", "surrogateescape"),
+                             self.terms.generation(name)[0], fid, off]
                 self._writer.write(encode_request(*args))
 
     def _apply(self, message: list[bytes], changed: set[str]) -> None:
@@ -418,6 +421,15 @@ class Replica:
             mode, password = message[2].decode(), message[3].decode("utf-8", "surrogateescape")
             apply_settings(found, mode, password, int(message[4]), message[5] == b"1",
                            message[6] == b"1", message[7] == b"1", message[8] == b"1")
+            if len(message) >= 12:
+                # The generation of the primary's files: ours (or the copy being made)
+                # are a prefix of them since the link started.
+                generation, base = int(message[9]), (int(message[10]), int(message[11]))
+                copy = self.copies.get(name)
+                if copy is not None:
+                    copy.generation = generation
+                else:
+                    self.terms.set_generation(name, generation, base)
             changed.add(name)
         elif kind == frames.JUMP:
             copy = self.copies.get(name)
@@ -436,15 +448,20 @@ class Replica:
         elif kind == frames.RESET:
             self.drop_copy(name)
             end = (int(message[2]), int(message[3])) if len(message) >= 4 else START
+            generation = int(message[4]) if len(message) >= 5 else \
+                self.terms.generation(name)[0] + 1
             found = engine.namespaces.get(name)
             if found is not None and end > START and found.position() > START:
-                # Keep the old files until the rewritten namespace is copied completely.
+                # Keep the old files until the rewritten namespace is copied completely:
+                # until then they (of the previous generation) are this node's log.
                 self.copies[name] = Copy(start_copy(engine, name), end,
-                                         (self.host, self.port, self.link_term))
+                                         (self.host, self.port, self.link_term), generation)
                 log.info("event=zdb.replication.namespace.recopy namespace=%s end=%d:%d",
                          name, end[0], end[1])
             elif found is not None:
                 found.flush()  # flushed (or rewritten empty): nothing to keep
+                # (holds nothing of the new generation until it reaches `end`)
+                self.terms.set_generation(name, generation, end)
                 log.info("event=zdb.replication.namespace.reset namespace=%s", name)
             changed.add(name)
         elif kind == frames.LAG:
@@ -457,6 +474,9 @@ class Replica:
     def _install(self, name: str, copy: Copy) -> None:
         del self.copies[name]
         install_copy(self.engine, name, copy.ns)
+        # (before anything of the new generation is confirmed; a crash between the two
+        # leaves new files counted in votes with the old generation: see the docs)
+        self.terms.set_generation(name, copy.generation, copy.end)
         fid, off = self.engine.namespace(name).position()
         log.info("event=zdb.replication.namespace.recopied namespace=%s position=%d:%d",
                  name, fid, off)

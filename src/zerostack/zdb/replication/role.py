@@ -28,6 +28,8 @@ _ROLES: dict[int, ReplicationRole] = {}
 
 SEQ_GAP = 4096
 """Sequential keys a new primary skips past the most advanced position it knows of."""
+NOTHING: tuple[int, Position] = (0, START)
+"""A namespace's log as counted in votes when the node holds nothing of it for certain."""
 ANNOUNCE_EVERY = 1.0
 """Seconds between a primary's announcements of its term to peers that do not follow it."""
 
@@ -90,6 +92,7 @@ class ReplicationRole:
                            "stopped; restart it with --replica-of the current primary, or "
                            "PROMOTE it")
         self.primary.term = self.terms.term
+        self.primary.terms = self.terms
         self.primary.on_higher_term = self.learn_term
         nodes = len(self.options.peers) + 1
         self.primary.seq_k = nodes - 1 - nodes // 2 if self.options.peers else 0
@@ -235,17 +238,29 @@ class ReplicationRole:
         log.warning("event=zdb.replication.demoted primary=%s:%d term=%d", host, port,
                     self.terms.term)
 
-    def positions(self) -> dict[str, Position]:
-        """Where each namespace's log stands, for votes; a namespace whose rewrite by the
-        primary is still being copied counts as holding nothing of the rewritten log."""
-        copying = self.replica.copies if self.replica is not None else {}
-        return {n: START if n in copying else ns.position()
-                for n, ns in self.engine.namespaces.items()}
+    def positions(self) -> dict[str, tuple[int, Position]]:
+        """Where each namespace's log stands, for votes: the generation of its files (how
+        many times the primary rewrote it, see terms.py) and the position in them.
+
+        Files of a generation that stop short of where the rewrite ended (a namespace
+        being copied from its start) hold nothing for certain: NOTHING. A namespace whose
+        rewrite is being copied aside counts with its old files (their generation and
+        position): they stay its log until the copy is complete, and they alone hold what
+        this node confirmed before the rewrite."""
+        out: dict[str, tuple[int, Position]] = {}
+        for name, ns in self.engine.namespaces.items():
+            generation, base = self.terms.generation(name)
+            pos = ns.position()
+            out[name] = (generation, pos) if pos >= base else NOTHING
+        return out
 
     def vote(self, term: int, candidate: str, log_term: int,
-             positions: dict[str, Position]) -> tuple[bool, str]:
+             positions: dict[str, tuple[int, Position]]) -> tuple[bool, str]:
         """REPLVOTE: grant `candidate` this node's vote for `term` when its log is at
-        least as advanced as ours (its log term, then every namespace's position)."""
+        least as advanced as ours: its log term, then every namespace's generation and
+        position (a later generation holds everything written before its rewrite, so it
+        is ahead of any position in an older one; positions of one generation compare as
+        they are)."""
         if term < self.terms.term:
             return False, f"term {term} is older than this node's term {self.terms.term}"
         if term == self.terms.term and self.terms.state.voted_for not in ("", candidate):
@@ -256,10 +271,12 @@ class ReplicationRole:
         if log_term < mine:
             return False, f"the candidate's log is of term {log_term}, this node's of {mine}"
         if log_term == mine:
-            for name, pos in self.positions().items():
-                if pos != START and positions.get(name, START) < pos:
+            for name, held in self.positions().items():
+                theirs = positions.get(name, NOTHING)
+                if held != NOTHING and theirs < held:
                     return False, (f"the candidate holds less of namespace {name} "
-                                   f"({positions.get(name, START)} < {pos})")
+                                   f"(generation {theirs[0]} at {theirs[1]} < generation "
+                                   f"{held[0]} at {held[1]})")
         self.terms.state.voted_for = candidate
         self.terms.save()
         host, port = _split(candidate)

@@ -13,6 +13,12 @@ renamed, then the directory fsynced):
 - `voted_for`: who got this node's vote in `term` (one vote per term).
 - `seq_floor`: per sequential namespace, the first key the primary of `term` may hand out
   (see docs/zdb-replication.md, "Sequential namespaces after a failover").
+- `generations`: per namespace, which rewrite of its log this node's files hold, as
+  `[generation, file id, offset]`: the primary counts every compaction or FLUSH of a
+  namespace (a new generation), and the files of that generation hold everything written
+  before the rewrite once they reach its end (file id, offset). Votes compare positions
+  only within one generation (see role.py); a replica adopts the primary's generation
+  with the rewritten files (or with the settings the primary sends when it connects).
 """
 
 from __future__ import annotations
@@ -22,6 +28,8 @@ import os
 from pathlib import Path
 
 from pydantic import BaseModel, Field, ValidationError
+
+from zerostack.zdb.engine.raw import START, Position
 
 TERM_FILE = "replication-term"
 MAX_TERM = (1 << 62)
@@ -39,6 +47,7 @@ class TermState(BaseModel):
     log_term: int = Field(default=0, ge=0, le=MAX_TERM)
     voted_for: str = Field(default="", max_length=300)
     seq_floor: dict[str, int] = Field(default_factory=dict)
+    generations: dict[str, tuple[int, int, int]] = Field(default_factory=dict)
 
 
 class Terms:
@@ -93,6 +102,23 @@ class Terms:
         self.state.voted_for = ""
         self.save()
         return True
+
+    def generation(self, name: str) -> tuple[int, Position]:
+        """(generation, end of the rewrite) of namespace `name`'s files: (0, START) for a
+        namespace never rewritten."""
+        found = self.state.generations.get(name)
+        if found is None:
+            return 0, START
+        return found[0], (found[1], found[2])
+
+    def set_generation(self, name: str, generation: int, base: Position) -> None:
+        """This node's files of namespace `name` are now of `generation`, rewritten up to
+        `base`; written at once when it changed."""
+        value = (generation, base[0], base[1])
+        if self.state.generations.get(name, (0, *START)) == value:
+            return
+        self.state.generations[name] = value
+        self.save()
 
     def become_primary(self, term: int, seq_floor: dict[str, int]) -> None:
         self.state.term = term
