@@ -28,8 +28,8 @@ MAX_TERM = 1 << 62
 REPLICATION_DISABLED = error("Replication is disabled: start this server with --admin or "
                              "--replication-password")
 
-WRITE_COMMANDS = frozenset({b"SET", b"SETX", b"DEL", b"NSNEW", b"NSDEL", b"NSSET", b"FLUSH",
-                            b"NSJUMP", b"COMPACT"})
+WRITE_COMMANDS: frozenset[bytes] = frozenset({
+    b"SET", b"SETX", b"DEL", b"NSNEW", b"NSDEL", b"NSSET", b"FLUSH", b"NSJUMP", b"COMPACT"})
 """Commands a replica refuses: every change comes from its primary."""
 
 
