@@ -7,6 +7,7 @@ import random
 import signal
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import hiredis
@@ -25,11 +26,14 @@ def value(n: int) -> bytes:
     return (b"value-%d-" % n) * (1 + n % 40)
 
 
-def write_until_killed(server: ZdbProcess, start: int, duration: float) -> tuple[int, int]:
-    """Pipeline SETs from key `start` on, kill -9 the server after `duration` seconds.
+def write_until_killed(server: ZdbProcess, start: int, duration: float,
+                       make: Callable[[int], bytes] = value, batch: int = 32,
+                       window: int = 96) -> tuple[int, int]:
+    """Pipeline SETs of `make(n)` from key `start` on, `batch` requests at a time and at
+    most about `window` unanswered, then kill -9 the server after `duration` seconds.
     Returns (acknowledged, sent): keys start..acknowledged-1 got their reply."""
     reader = hiredis.Reader()
-    sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
     sent = acked = start
     deadline = time.monotonic() + duration
 
@@ -49,10 +53,13 @@ def write_until_killed(server: ZdbProcess, start: int, duration: float) -> tuple
 
     try:
         while time.monotonic() < deadline:
-            sock.sendall(b"".join(encode_request(b"SET", key(n), value(n))
-                                  for n in range(sent, sent + 32)))
-            sent += 32
-            while acked < sent - 96 and read_some():
+            try:
+                sock.sendall(b"".join(encode_request(b"SET", key(n), make(n))
+                                      for n in range(sent, sent + batch)))
+            except (BrokenPipeError, ConnectionResetError):
+                break
+            sent += batch
+            while acked < sent - window and read_some():
                 pass
         os.killpg(server.proc.pid, signal.SIGKILL)
         server.proc.wait(timeout=10)
@@ -64,22 +71,26 @@ def write_until_killed(server: ZdbProcess, start: int, duration: float) -> tuple
     return acked, sent
 
 
-def check_after_restart(server: ZdbProcess, acked: int, sent: int) -> int:
-    """Every acknowledged key is served intact, and what is stored is a prefix of the writes.
-    Returns how many keys are stored."""
+def check_after_restart(server: ZdbProcess, acked: int, sent: int,
+                        make: Callable[[int], bytes] = value, chunk: int = 500) -> int:
+    """Every acknowledged key is served intact (`make(n)`, read `chunk` keys at a time),
+    and what is stored is a prefix of the writes. Returns how many keys are stored."""
     r = server.client()
-    for lo in range(0, acked, 500):
-        keys = [key(n) for n in range(lo, min(lo + 500, acked))]
+    for lo in range(0, acked, chunk):
+        keys = [key(n) for n in range(lo, min(lo + chunk, acked))]
         got = r.execute_command("MGET", *keys)
         for k, v in zip(keys, got, strict=True):
-            assert v == value(int(k[4:])), f"acknowledged {k!r} lost or damaged"
-    tail = r.execute_command("MGET", *[key(n) for n in range(acked, sent)]) if sent > acked else []
+            assert v == make(int(k[4:])), f"acknowledged {k!r} lost or damaged"
+    tail: list[bytes | None] = []
+    for lo in range(acked, sent, chunk):
+        tail += r.execute_command("MGET", *[key(n) for n in range(lo, min(lo + chunk, sent))])
     present = [v is not None for v in tail]
     stored = acked + (present.index(False) if False in present else len(present))
     assert not any(present[stored - acked :]), "stored keys are not a prefix of the writes"
     for n, v in zip(range(acked, stored), tail, strict=False):
-        assert v == value(n)
+        assert v == make(n)
     assert r.execute_command("DBSIZE") == stored
+    r.close()
     return stored
 
 

@@ -8,11 +8,9 @@ from __future__ import annotations
 import os
 import random
 import shutil
-import signal
 import socket
 import sys
 import threading
-import time
 from pathlib import Path
 
 import hiredis
@@ -20,6 +18,7 @@ import pytest
 
 from tests.conftest import ProcessGroup, free_port, wait_for_port
 from tests.zdb.conftest import ZdbProcess, start_zdb
+from tests.zdb.test_crash import check_after_restart, write_until_killed
 from zerostack.zdb.protocol import encode_request
 
 REPO = Path(__file__).resolve().parents[2]
@@ -176,46 +175,6 @@ def large_value(n: int) -> bytes:
     return (b"value-%08d-" % n) * (size // 15)
 
 
-def pipeline_until_killed(server: ZdbProcess, start: int, duration: float) -> tuple[int, int]:
-    """SET new keys with large values, up to 8 in flight, then kill -9 the server.
-    Returns (acknowledged, sent): keys start..acknowledged-1 got their reply."""
-    reader = hiredis.Reader()
-    sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
-    sent = acked = start
-    deadline = time.monotonic() + duration
-
-    def read_some() -> bool:
-        nonlocal acked
-        try:
-            data = sock.recv(1 << 16)
-        except (ConnectionResetError, TimeoutError):
-            return False
-        if not data:
-            return False
-        reader.feed(data)
-        while (reply := reader.gets()) is not False:
-            assert reply == b"key-%08d" % acked, (reply, acked)
-            acked += 1
-        return True
-
-    try:
-        while time.monotonic() < deadline:
-            try:
-                sock.sendall(encode_request(b"SET", b"key-%08d" % sent, large_value(sent)))
-            except (BrokenPipeError, ConnectionResetError):
-                break
-            sent += 1
-            while acked < sent - 8 and read_some():
-                pass
-        os.killpg(server.proc.pid, signal.SIGKILL)
-        server.proc.wait(timeout=10)
-        while read_some():  # replies sent before it died acknowledge writes too
-            pass
-    finally:
-        sock.close()
-    return acked, sent
-
-
 @pytest.mark.parametrize("sync", [True, False], ids=["sync", "nosync"])
 def test_kill_9_during_pipelined_large_sets_loses_no_acknowledged_write(
         tmp_path: Path, procs: ProcessGroup, sync: bool) -> None:
@@ -225,19 +184,9 @@ def test_kill_9_during_pipelined_large_sets_loses_no_acknowledged_write(
     server = start("native", procs, root, *extra)
     stored = 0
     for _ in range(3):
-        acked, sent = pipeline_until_killed(server, stored, rnd.uniform(0.1, 0.5))
+        # one large SET at a time, up to 8 in flight, each written directly
+        acked, sent = write_until_killed(server, stored, rnd.uniform(0.1, 0.5),
+                                         make=large_value, batch=1, window=8)
         server = start("native", procs, root, *extra, data=server.data, index=server.index)
-        r = server.client()
-        for n in range(acked):
-            assert r.execute_command("GET", b"key-%08d" % n) == large_value(n), \
-                f"acknowledged key {n} lost or damaged"
-        tail = [r.execute_command("GET", b"key-%08d" % n) for n in range(acked, sent)]
-        present = [v is not None for v in tail]
-        count = present.index(False) if False in present else len(present)
-        assert not any(present[count:]), "stored keys are not a prefix of the writes"
-        for n, v in zip(range(acked, acked + count), tail, strict=False):
-            assert v == large_value(n)
-        stored = acked + count
-        assert r.execute_command("DBSIZE") == stored
-        r.close()
+        stored = check_after_restart(server, acked, sent, make=large_value, chunk=8)
     assert stored > 0
