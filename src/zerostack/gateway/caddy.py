@@ -18,7 +18,7 @@ import httpx
 
 from zerostack.gateway.config import PUBLIC_HTTPS, Route, render
 from zerostack.gateway.errors import GatewayError
-from zerostack.gateway.stale import stop_stale
+from zerostack.gateway.stale import stop_child, stop_stale
 from zerostack.node.hostfs import create_private, private_dir
 
 log = logging.getLogger("zerostack.gateway")
@@ -122,13 +122,7 @@ class Caddy:
 
     def stop(self) -> None:
         with self._lock:
-            if self._proc is not None and self._proc.poll() is None:
-                self._proc.terminate()
-                try:
-                    self._proc.wait(5)
-                except subprocess.TimeoutExpired:
-                    self._proc.kill()
-                    self._proc.wait()
+            stop_child(self._proc)
             self._proc = None
 
     def log_tail(self, size: int = 600) -> str:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from zerostack.gateway.config import HEALTH_PATH
 from zerostack.gateway.errors import GatewayError
-from zerostack.gateway.stale import stop_stale
+from zerostack.gateway.stale import stop_child, stop_stale
 from zerostack.node.hostfs import private_dir
 
 log = logging.getLogger("zerostack.gateway.dns")
@@ -162,13 +162,7 @@ class Dnsmasq:
         return True
 
     def stop(self) -> None:
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
+        stop_child(self._proc)
         self._proc = None
 
 

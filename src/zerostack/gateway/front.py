@@ -31,7 +31,7 @@ from pathlib import Path
 from zerostack.gateway.caddy import Caddy
 from zerostack.gateway.config import BEHIND_FRONT, HTTPS_PORT, PUBLIC_HTTPS, Route
 from zerostack.gateway.errors import GatewayError
-from zerostack.gateway.stale import stop_stale
+from zerostack.gateway.stale import stop_child, stop_stale
 from zerostack.node.hostfs import create_private, private_dir
 
 log = logging.getLogger("zerostack.gateway.front")
@@ -254,13 +254,7 @@ class Front:
         """Stop taking connections; those open are finished by the old worker (SIGUSR1,
         soft stop), which is killed only if still there after 5 s."""
         with self._lock:
-            if self._proc is not None and self._proc.poll() is None:
-                self._proc.send_signal(signal.SIGUSR1)
-                try:
-                    self._proc.wait(5)
-                except subprocess.TimeoutExpired:
-                    self._proc.kill()
-                    self._proc.wait()
+            stop_child(self._proc, signal.SIGUSR1)
             self._proc = None
             self._served = ""
             stop_stale(self._pidfile, str(self.config_file))

@@ -1,10 +1,12 @@
-"""Stopping a gateway daemon (Caddy, dnsmasq) that an agent killed with -9 left running,
-and only when its pid file names a process that really is that daemon."""
+"""Stopping a gateway daemon (Caddy, HAProxy, dnsmasq): the agent's own child, and one
+that an agent killed with -9 left running, only when its pid file names a process that
+really is that daemon."""
 
 from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -27,3 +29,16 @@ def stop_stale(pidfile: Path, marker: str) -> None:
     deadline = time.monotonic() + 5
     while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
         time.sleep(0.02)
+
+
+def stop_child(proc: subprocess.Popen[bytes] | None, sig: int = signal.SIGTERM) -> None:
+    """Send `sig` to the agent's own daemon if it still runs; kill it if it has not
+    gone 5 s later."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(sig)
+    try:
+        proc.wait(5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
