@@ -1,5 +1,6 @@
 """What the benchmarks share: how to run the zerostack CLI, free ports, starting and
-stopping servers in their own process groups, percentiles."""
+stopping servers in their own process groups, percentiles, their blocks in
+docs/benchmarks.md."""
 
 from __future__ import annotations
 
@@ -140,3 +141,21 @@ def wait_node(client: Any, farm: int, timeout: float = 30.0) -> int:
         if time.monotonic() > deadline:
             raise TimeoutError(f"no node registered in farm {farm} after {timeout:g} s")
         time.sleep(0.05)
+
+
+def write_block(doc_path: Path, start: str, end: str, text: str, section: str,
+                after: str | None = None) -> None:
+    """Put `text` between the markers `start` and `end` of `doc_path`, replacing what was
+    there; a file without them gets the block after `after` (default: the `section`
+    heading), or `section` and the block at its end."""
+    doc = doc_path.read_text() if doc_path.exists() else "# Benchmarks\n"
+    block = f"{start}\n{text}{end}"
+    anchor = after or section
+    if start in doc and end in doc:
+        head, rest = doc.split(start, 1)
+        doc = head + block + rest.split(end, 1)[1]
+    elif anchor in doc:
+        doc = doc.replace(anchor, f"{anchor}\n\n{block}", 1)
+    else:
+        doc = doc.rstrip("\n") + f"\n\n{section}\n\n{block}\n"
+    doc_path.write_text(doc)

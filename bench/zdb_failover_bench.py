@@ -37,7 +37,8 @@ from pathlib import Path
 
 import redis
 
-from bench.zdb_replication_bench import free_port, stop, wait_port
+from bench.common import free_port, wait_port, write_block
+from bench.zdb_replication_bench import stop
 from zerostack.zdb.replication.handshake import call
 
 REPO = Path(__file__).resolve().parent.parent
@@ -275,17 +276,8 @@ vote (milliseconds: the stopped node's vote is not waited for once the other rep
 agreed).
 """
     print(text)
-    if docs:
-        doc = DOC.read_text()
-        block = f"{ETCD_START}\n{text}{ETCD_END}"
-        if ETCD_START in doc and ETCD_END in doc:
-            head, rest = doc.split(ETCD_START, 1)
-            doc = head + block + rest.split(ETCD_END, 1)[1]
-        elif END in doc:
-            doc = doc.replace(END, f"{END}\n\n{block}", 1)
-        else:
-            doc = doc.rstrip("\n") + f"\n\n{SECTION}\n\n{block}\n"
-        DOC.write_text(doc)
+    if docs:  # after the majority-writes block when it is there
+        write_block(DOC, ETCD_START, ETCD_END, text, SECTION, after=END)
 
 
 def _etcd_version() -> str:
@@ -303,16 +295,7 @@ def pct(values: list[float], p: float) -> float:
 
 
 def write_doc(text: str) -> None:
-    doc = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
-    block = f"{START}\n{text}{END}"
-    if START in doc and END in doc:
-        head, rest = doc.split(START, 1)
-        doc = head + block + rest.split(END, 1)[1]
-    elif SECTION in doc:
-        doc = doc.replace(SECTION, f"{SECTION}\n\n{block}", 1)
-    else:
-        doc = doc.rstrip("\n") + f"\n\n{SECTION}\n\n{block}\n"
-    DOC.write_text(doc)
+    write_block(DOC, START, END, text, SECTION)
 
 
 def ratios(rates: dict[str, list[tuple[float, float]]], a: str, b: str) -> list[float]:

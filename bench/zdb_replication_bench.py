@@ -14,7 +14,6 @@ import argparse
 import os
 import platform
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -25,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import redis
+
+from bench.common import free_port, wait_port, write_block
 
 REPO = Path(__file__).resolve().parent.parent
 DOC = REPO / "docs" / "benchmarks.md"
@@ -42,25 +43,6 @@ class Round:
     lag_bytes: list[int] = field(default_factory=list)
     lag_seconds: list[float] = field(default_factory=list)
     catch_up: float = 0.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"zdb exited with {proc.returncode} before listening")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"nothing listens on {port}")
 
 
 def start_server(root: Path, *extra: str) -> tuple[subprocess.Popen[bytes], int]:
@@ -177,16 +159,7 @@ def compaction_speed(work: Path, mib: int) -> tuple[float, int, int, float]:
 
 
 def write_doc(text: str) -> None:
-    doc = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
-    block = f"{START}\n{text}{END}"
-    if START in doc and END in doc:
-        head, rest = doc.split(START, 1)
-        doc = head + block + rest.split(END, 1)[1]
-    elif SECTION in doc:
-        doc = doc.replace(SECTION, f"{SECTION}\n\n{block}", 1)
-    else:
-        doc = doc.rstrip("\n") + f"\n\n{SECTION}\n\n{block}\n"
-    DOC.write_text(doc)
+    write_block(DOC, START, END, text, SECTION)
 
 
 def main() -> None:
