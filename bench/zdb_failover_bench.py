@@ -372,7 +372,8 @@ replica, and the next cut stops the new one.
 """)
     before_text = ("" if args.before is None else """
 `before` rows: the same rounds run the servers of another source tree (`--before SRC`,
-named below), alternating with the current one, so both see the same load.
+with its own native build; the text after this block says which), alternating with the
+current one, so both see the same load.
 """)
     text = f"""Command: {command} ({args.rounds} rounds of `redis-benchmark -c 50 -n
 {args.requests} -d 64 -r 100000 -t set -P 16` against a fresh primary: alone, with two
