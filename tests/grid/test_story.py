@@ -7,7 +7,7 @@ import os
 import subprocess
 from pathlib import Path
 
-from tests.conftest import free_port, require_root, require_tool, zerostack_cmd
+from tests.conftest import free_port, free_ports, require_root, require_tool, zerostack_cmd
 
 
 def test_story_walks_the_five_steps_and_stops_cleanly(tmp_path: Path) -> None:
@@ -17,7 +17,7 @@ def test_story_walks_the_five_steps_and_stops_cleanly(tmp_path: Path) -> None:
     folder = tmp_path / "grid"
     out = subprocess.run(
         [*zerostack_cmd(), "story", "--once", "--loopback", "--dir", str(folder),
-         "--ledger-port", str(free_port()), "--zdb-port", str(free_port()),
+         "--ledger-port", str(free_port()), "--zdb-port", str(free_ports(3)),
          "--hub-port", str(free_port())],
         capture_output=True, text=True, timeout=240, env={**os.environ, "COLUMNS": "200"},
     )

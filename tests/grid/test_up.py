@@ -9,7 +9,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from tests.conftest import REPO, free_port, require_root, require_tool, zerostack_cmd
+from tests.conftest import REPO, free_port, free_ports, require_root, require_tool, zerostack_cmd
 from zerostack.crypto import load_identity
 from zerostack.node.network.plan import resource_names
 from zerostack.node.provisioners import WorkloadID
@@ -42,7 +42,7 @@ def test_up_runs_a_batch_job_and_down_removes_everything(tmp_path: Path) -> None
     try:
         rec = json.loads(run(None, None, "up", "--dir", str(folder), "--nodes", "2",
                              "--loopback", "--ledger-port", str(free_port()),
-                             "--zdb-port", str(free_port()), "--hub-port", str(free_port()),
+                             "--zdb-port", str(free_ports(2)), "--hub-port", str(free_port()),
                              "--json").stdout)
         home, url = Path(rec["home"]), rec["url"]
         assert sorted(rec["twins"]) == ["alice", "budget", "expert", "legal"]
